@@ -1,0 +1,130 @@
+"""Build the aiohttp Application: routes, the middleware, the upstream's life.
+
+The middleware is the one place where errors become responses: every
+``GatewayError`` raised below it, aiohttp's own 404/405/413, and any bug,
+leave as the contract's JSON error. It also assigns the request id and
+writes the access log line and request metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gateway import errors, handlers
+from gateway.keys import CACHE_STATE, CALLER, REQUEST_ID, STATE, TRACE
+from gateway.logs import ACCESS_LOGGER, log_event
+from gateway.state import GatewayState
+from gateway.upstream import RequestTrace
+
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+BATCH_ROUTE = "/v2/batches/{id}"
+
+access_log = logging.getLogger(ACCESS_LOGGER)
+log = logging.getLogger("gateway")
+
+
+def request_id_for(request: web.BaseRequest) -> str:
+    """The caller's ``X-Request-ID`` if it is sane, else a fresh one."""
+    given = request.headers.getall("X-Request-ID", [])
+    if len(given) == 1 and _SANE_REQUEST_ID.fullmatch(given[0]):
+        return given[0]
+    return uuid.uuid4().hex
+
+
+def error_response(error: errors.GatewayError, request_id: str) -> web.Response:
+    """Render one row of the error table: the single JSON shape."""
+    response = web.Response(
+        status=error.status,
+        body=error.body(request_id),
+        content_type="application/json",
+        headers=error.headers(),
+    )
+    response.headers["X-Request-ID"] = request_id
+    return response
+
+
+def _from_http_exception(exc: web.HTTPException) -> errors.GatewayError:
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return errors.MethodNotAllowed(
+            f"Method {exc.method} is not allowed here; use {allowed}.", headers={"Allow": allowed}
+        )
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return errors.BodyTooLarge()
+    if isinstance(exc, web.HTTPNotFound):
+        return errors.RouteNotFound()
+    return errors.MalformedRequest(exc.reason)
+
+
+@web.middleware
+async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    request_id = request[REQUEST_ID] = request_id_for(request)
+    request[TRACE] = RequestTrace()
+    state = request.app[STATE]
+    try:
+        if (request.content_length or 0) > state.snapshot.config.server.max_body_bytes:
+            raise errors.BodyTooLarge()
+        response = await handler(request)
+    except errors.GatewayError as error:
+        response = error_response(error, request_id)
+    except web.HTTPException as exc:
+        response = error_response(_from_http_exception(exc), request_id)
+    except Exception:
+        log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
+        response = error_response(errors.InternalError(), request_id)
+    response.headers["X-Request-ID"] = request_id
+    _account(request, response, state, time.perf_counter() - started)
+    return response
+
+
+def _account(request: web.Request, response: web.StreamResponse, state: GatewayState, elapsed: float) -> None:
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    caller = request.get(CALLER, "-")
+    cache = request.get(CACHE_STATE, response.headers.get("X-Cache", "-"))
+    state.metrics.requests.labels(caller, route, str(response.status), cache).inc()
+    state.metrics.request_seconds.labels(route).observe(elapsed)
+    if not state.snapshot.config.logging.access_log:
+        return
+    trace: RequestTrace = request[TRACE]
+    log_event(
+        access_log,
+        logging.INFO,
+        "request",
+        request_id=request[REQUEST_ID],
+        caller=caller,
+        method=request.method,
+        path=request.path if route == "unmatched" else route,
+        batch_id=request.match_info.get("id"),
+        status=response.status,
+        cache=cache,
+        upstream_status=trace.upstream_status,
+        upstream_ms=trace.upstream_ms,
+        total_ms=round(elapsed * 1000, 2),
+    )
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    """The one upstream ``ClientSession`` lives as long as the app."""
+    upstream = app[STATE].upstream
+    await upstream.start()
+    yield
+    await upstream.close()
+
+
+def build_app(state: GatewayState) -> web.Application:
+    app = web.Application(middlewares=[gateway_middleware], client_max_size=state.snapshot.config.server.max_body_bytes)
+    app[STATE] = state
+    app.router.add_get(BATCH_ROUTE, handlers.get_batch, allow_head=False)
+    app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_get("/metrics", handlers.metrics)
+    app.cleanup_ctx.append(_upstream_session)
+    return app

@@ -1,0 +1,220 @@
+"""The answer cache: a bounded store with per-entry TTL, and single-flight.
+
+``MemoryStore`` holds at most ``cache.max_entries`` entries (cachetools'
+``TLRUCache``). An entry is *fresh* until ``fresh_until`` (its TTL, chosen
+from the batch's status) and is kept ``stale_if_error_s`` longer, so that it
+can still answer while the upstream fails. Past ``keep_until`` it expires;
+when the store is full, the least recently used entry is evicted.
+
+``BatchCache.get`` is the request path: a fresh entry answers at once (HIT);
+otherwise one upstream call per id is made however many callers ask
+(MISS); if that call fails in a way that allows it, a kept entry answers
+(STALE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import Enum
+from functools import partial
+from typing import Any, Protocol
+
+from cachetools import TLRUCache
+
+from gateway import errors
+from gateway.config import CacheSettings
+from gateway.protocol import Lifetime
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """One upstream answer: a 200 batch body, or a 404 error body."""
+
+    status: int
+    body: bytes
+    fetched_at: float
+    fresh_until: float
+    keep_until: float
+
+    def age_s(self, now: float) -> int:
+        return max(0, int(now - self.fetched_at))
+
+    def fresh_s(self, now: float) -> int:
+        return max(0, int(self.fresh_until - now))
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamReply:
+    """What the upstream client hands the cache: only cacheable answers."""
+
+    status: int
+    body: bytes
+    lifetime: Lifetime
+
+
+class CacheState(Enum):
+    HIT = "HIT"
+    MISS = "MISS"
+    STALE = "STALE"
+
+
+@dataclass(frozen=True, slots=True)
+class CacheResult:
+    entry: CacheEntry
+    state: CacheState
+
+
+class BatchStore(Protocol):
+    """Where entries live. A shared store (Redis, ...) would implement this."""
+
+    def get(self, batch_id: str) -> CacheEntry | None: ...
+
+    def put(self, batch_id: str, entry: CacheEntry) -> None: ...
+
+    def evict(self, batch_id: str) -> None: ...
+
+    def __len__(self) -> int: ...
+
+
+class _CountingTLRU(TLRUCache[str, CacheEntry]):
+    """TLRUCache that reports evictions (for room) and expiries."""
+
+    def __init__(self, maxsize: int, clock: Clock, on_remove: Callable[[str, int], None]) -> None:
+        super().__init__(maxsize, ttu=_keep_until, timer=clock)
+        self._on_remove = on_remove
+
+    def popitem(self) -> tuple[str, CacheEntry]:
+        item = super().popitem()
+        self._on_remove("evicted", 1)
+        return item
+
+    def expire(self, time: float | None = None) -> Any:
+        expired = super().expire(time)
+        if expired:
+            self._on_remove("expired", len(expired))
+        return expired
+
+
+def _keep_until(_key: str, entry: CacheEntry, _now: float) -> float:
+    return entry.keep_until
+
+
+class MemoryStore:
+    """The in-process store: bounded by ``max_entries``, LRU past that."""
+
+    def __init__(
+        self, max_entries: int, clock: Clock = time.monotonic, on_remove: Callable[[str, int], None] | None = None
+    ) -> None:
+        self._entries = _CountingTLRU(max_entries, clock, on_remove or (lambda _reason, _count: None))
+
+    def get(self, batch_id: str) -> CacheEntry | None:
+        return self._entries.get(batch_id)
+
+    def put(self, batch_id: str, entry: CacheEntry) -> None:
+        self._entries[batch_id] = entry
+
+    def evict(self, batch_id: str) -> None:
+        self._entries.pop(batch_id, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class SingleFlight:
+    """At most one call per key in flight; every caller for the key shares it.
+
+    The call runs in its own task, and each caller awaits it through
+    ``asyncio.shield``: a caller that goes away (the one that started it
+    included) never cancels it for the others. Each caller waits at most
+    ``wait_s``. The task leaves the table when it ends, success or error, so
+    a failed call leaves nothing behind.
+    """
+
+    def __init__(self) -> None:
+        self._calls: dict[str, asyncio.Task[CacheEntry]] = {}
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    async def run(self, key: str, start: Callable[[], Awaitable[CacheEntry]], wait_s: float) -> tuple[CacheEntry, bool]:
+        """Return the call's result and whether this caller joined a call already out."""
+        task = self._calls.get(key)
+        joined = task is not None
+        if task is None:
+            task = asyncio.ensure_future(start())
+            self._calls[key] = task
+            task.add_done_callback(partial(self._finished, key))
+        try:
+            async with asyncio.timeout(wait_s):
+                return await asyncio.shield(task), joined
+        except TimeoutError:
+            raise errors.UpstreamTimeout("Gave up waiting for the upstream's answer.") from None
+
+    def _finished(self, key: str, task: asyncio.Task[CacheEntry]) -> None:
+        if self._calls.get(key) is task:
+            del self._calls[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here, so asyncio never warns about it
+
+
+Fetch = Callable[[bool], Awaitable[UpstreamReply]]
+
+
+class BatchCache:
+    """Fresh entries, single-flight refreshes and stale-if-error, by batch id."""
+
+    def __init__(
+        self,
+        store: BatchStore,
+        settings: CacheSettings,
+        clock: Clock = time.monotonic,
+        jitter: Callable[[], float] = random.random,
+        on_join: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.flights = SingleFlight()
+        self._clock = clock
+        self._jitter = jitter
+        self._on_join = on_join or (lambda: None)
+
+    def ttl_s(self, lifetime: Lifetime) -> float:
+        ttl: float = getattr(self.settings.ttl_s, lifetime.value)
+        if lifetime is Lifetime.ACTIVE:
+            # Shorten by up to active_jitter so entries stored together spread out.
+            ttl *= 1 - self.settings.active_jitter * self._jitter()
+        return ttl
+
+    def _entry(self, reply: UpstreamReply) -> CacheEntry:
+        now = self._clock()
+        fresh_until = now + self.ttl_s(reply.lifetime)
+        return CacheEntry(reply.status, reply.body, now, fresh_until, fresh_until + self.settings.stale_if_error_s)
+
+    async def _refresh(self, batch_id: str, fetch: Fetch, has_stale: bool) -> CacheEntry:
+        entry = self._entry(await fetch(has_stale))
+        self.store.put(batch_id, entry)
+        return entry
+
+    async def get(self, batch_id: str, fetch: Fetch, wait_s: float) -> CacheResult:
+        """Answer from a fresh entry, one shared upstream call, or a kept entry."""
+        cached = self.store.get(batch_id)
+        if cached is not None and self._clock() < cached.fresh_until:
+            return CacheResult(cached, CacheState.HIT)
+        usable_stale = cached is not None and self.settings.stale_if_error_s > 0
+        try:
+            entry, joined = await self.flights.run(
+                batch_id, partial(self._refresh, batch_id, fetch, usable_stale), wait_s
+            )
+        except errors.UpstreamFailure:
+            if cached is not None and self._clock() < cached.keep_until:
+                return CacheResult(cached, CacheState.STALE)
+            raise
+        if joined:
+            self._on_join()
+        return CacheResult(entry, CacheState.MISS)

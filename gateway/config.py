@@ -1,0 +1,360 @@
+"""The gateway's configuration: load ``config.yaml``, interpolate, validate.
+
+The file is read once per start or reload into frozen objects. Validation
+reports every problem at once, each prefixed with the dotted path of its key
+(``callers.1.key_sha256: ...``), so an operator fixes the file in one pass.
+Secrets (the upstream token, caller keys) are held as ``SecretStr`` so that a
+stray ``repr`` or log line never shows them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_CALLER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# A caller key is a bearer secret: short ones can be guessed.
+MIN_CALLER_KEY_LENGTH = 16
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def _problem(path: str, text: str) -> PydanticCustomError:
+    # The message carries its own path: cross-field checks run on a parent
+    # model but must still name the exact key that is wrong.
+    return PydanticCustomError("config_problem", "{path}: {text}", {"path": path, "text": text})
+
+
+@dataclass(frozen=True, slots=True)
+class TokenFile:
+    """A token read from a file (a mounted secret); re-read on every reload."""
+
+    path: Path
+    token: SecretStr
+
+
+def _read_token_file(value: object) -> TokenFile:
+    if isinstance(value, TokenFile):
+        return value
+    if not isinstance(value, str | Path) or not str(value):
+        raise ValueError("must be a file path")
+    path = Path(value)
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not token:
+        raise ValueError(f"{path} is empty")
+    return TokenFile(path=path, token=SecretStr(token))
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+class RateLimit(_Section):
+    """A token bucket: ``requests_per_s`` refill, ``burst`` capacity."""
+
+    requests_per_s: PositiveSeconds
+    burst: Annotated[int, Field(ge=1)]
+
+
+class BreakerSettings(_Section):
+    """After ``failures`` consecutive upstream failures, fail fast for ``cooldown_s``."""
+
+    failures: Annotated[int, Field(ge=1)] = 5
+    cooldown_s: PositiveSeconds = 30
+
+
+class ServerSettings(_Section):
+    host: str = "0.0.0.0"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    shutdown_grace_s: PositiveSeconds = 10
+    keepalive_timeout_s: PositiveSeconds = 75
+    header_timeout_s: PositiveSeconds = 10
+    max_line_size: Annotated[int, Field(ge=256)] = 8190
+    max_field_size: Annotated[int, Field(ge=256)] = 8190
+    max_headers: Annotated[int, Field(ge=8)] = 64
+    max_body_bytes: Annotated[int, Field(ge=0)] = 1024
+
+
+class UpstreamSettings(_Section):
+    base_url: str = "https://api.cohere.com"
+    token: SecretStr | None = None
+    token_file: Annotated[TokenFile, PlainValidator(_read_token_file)] | None = None
+    timeout_s: PositiveSeconds = 15
+    connect_timeout_s: PositiveSeconds = 5
+    retries: Annotated[int, Field(ge=0, le=10)] = 2
+    retry_backoff_s: PositiveSeconds = 0.1
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 1048576
+    max_connections: Annotated[int, Field(ge=1)] = 100
+    rate_limit: RateLimit = RateLimit(requests_per_s=10, burst=20)
+    budget_wait_s: Annotated[float, Field(ge=0)] = 0.5
+    retry_after_default_s: PositiveSeconds = 5
+    retry_after_max_s: PositiveSeconds = 300
+    breaker: BreakerSettings = BreakerSettings()
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url_without_query(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/?#\s]+(/[^?#\s]*)?$", value):
+            raise ValueError("must be an http:// or https:// URL with no query or fragment")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _exactly_one_token_source(self) -> UpstreamSettings:
+        if self.token is not None and self.token_file is not None:
+            raise _problem("upstream.token", "set token or token_file, not both")
+        if self.token is None and self.token_file is None:
+            raise _problem("upstream.token", "required (or upstream.token_file)")
+        if self.token is not None and not self.token.get_secret_value().strip():
+            raise _problem("upstream.token", "is empty (is its environment variable set?)")
+        return self
+
+    @property
+    def token_value(self) -> str:
+        """The shared upstream token, whichever source it came from."""
+        if self.token_file is not None:
+            return self.token_file.token.get_secret_value()
+        assert self.token is not None  # guaranteed by the validator above
+        return self.token.get_secret_value().strip()
+
+
+class TtlSettings(_Section):
+    active: PositiveSeconds = 5
+    terminal: PositiveSeconds = 86400
+    not_found: PositiveSeconds = 10
+
+
+class CacheSettings(_Section):
+    max_entries: Annotated[int, Field(ge=1)] = 100000
+    ttl_s: TtlSettings = TtlSettings()
+    stale_if_error_s: Annotated[float, Field(ge=0)] = 600
+    # Active TTLs are spread by up to this fraction (0.1: 5 s becomes 4.5 to 5 s)
+    # so that entries cached together do not all expire together.
+    active_jitter: Annotated[float, Field(ge=0, lt=1)] = 0.1
+
+
+class LoggingSettings(_Section):
+    level: str = "INFO"
+    access_log: bool = True
+
+    @field_validator("level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
+
+class CallerSettings(_Section):
+    name: str
+    key: SecretStr | None = None
+    key_sha256: str | None = None
+    rate_limit: RateLimit | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _header_safe_name(cls, value: str) -> str:
+        if not _CALLER_NAME.match(value):
+            raise ValueError("must be 1 to 64 letters, digits, '.', '_' or '-' (it is sent as a header)")
+        return value
+
+    @field_validator("key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_CALLER_KEY_LENGTH:
+            raise ValueError(f"must be at least {MIN_CALLER_KEY_LENGTH} characters (is its environment variable set?)")
+        return value
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _hex_digest(cls, value: str | None) -> str | None:
+        if value is not None:
+            value = value.lower()
+            if not _SHA256_HEX.match(value):
+                raise ValueError("must be 64 hex digits (sha256 of the key)")
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one_key(self) -> CallerSettings:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError("set exactly one of key or key_sha256")
+        return self
+
+    @property
+    def key_digest(self) -> bytes:
+        """The sha256 of the caller's key: the only form the gateway compares."""
+        if self.key is not None:
+            return hashlib.sha256(self.key.get_secret_value().encode()).digest()
+        assert self.key_sha256 is not None  # guaranteed by _exactly_one_key
+        return bytes.fromhex(self.key_sha256)
+
+
+class GatewayConfig(_Section):
+    server: ServerSettings = ServerSettings()
+    upstream: UpstreamSettings
+    cache: CacheSettings = CacheSettings()
+    logging: LoggingSettings = LoggingSettings()
+    callers: Annotated[list[CallerSettings], Field(min_length=1)]
+
+    @property
+    def secrets(self) -> list[str]:
+        """Every secret this config knows in clear, for log redaction."""
+        found = [self.upstream.token_value]
+        found += [c.key.get_secret_value() for c in self.callers if c.key is not None]
+        return found
+
+
+def interpolate(value: Any, env: Mapping[str, str], path: str = "") -> tuple[Any, list[str]]:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of a YAML tree."""
+    problems: list[str] = []
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            problems.append(f"{path or 'config'}: environment variable {name} is not set")
+            return ""
+
+        return _ENV_REFERENCE.sub(substitute, value), problems
+    if isinstance(value, dict):
+        result: dict[Any, Any] = {}
+        for key, item in value.items():
+            result[key], found = interpolate(item, env, f"{path}.{key}" if path else str(key))
+            problems += found
+        return result, problems
+    if isinstance(value, list):
+        items = []
+        for index, item in enumerate(value):
+            interpolated, found = interpolate(item, env, f"{path}.{index}")
+            items.append(interpolated)
+            problems += found
+        return items, problems
+    return value, problems
+
+
+def duplicate_callers(callers: Any) -> list[str]:
+    """Callers sharing a name or a key, checked on the raw list.
+
+    This runs beside model validation rather than inside it, so that a
+    duplicate is reported even when another caller has a problem of its own.
+    """
+    if not isinstance(callers, list):
+        return []
+    problems: list[str] = []
+    names: dict[str, int] = {}
+    digests: dict[str, int] = {}
+    for index, caller in enumerate(callers):
+        if not isinstance(caller, dict):
+            continue
+        name, key, digest = caller.get("name"), caller.get("key"), caller.get("key_sha256")
+        if isinstance(name, str):
+            if name in names:
+                problems.append(f"callers.{index}.name: duplicate of callers.{names[name]}.name")
+            names.setdefault(name, index)
+        field, hexdigest = (
+            ("key", hashlib.sha256(key.encode()).hexdigest())
+            if isinstance(key, str) and key
+            else ("key_sha256", digest.lower() if isinstance(digest, str) else None)
+        )
+        if hexdigest:
+            if hexdigest in digests:
+                problems.append(f"callers.{index}.{field}: same key as callers.{digests[hexdigest]}")
+            digests.setdefault(hexdigest, index)
+    return problems
+
+
+def _format(error: Any) -> str:
+    if error["type"] == "config_problem":
+        return str(error["msg"])
+    path = ".".join(str(part) for part in error["loc"]) or "config"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    # Never echo the offending input: it may be a secret.
+    return f"{path}: {message}"
+
+
+def validate(raw: Any, env: Mapping[str, str]) -> GatewayConfig:
+    """Turn a parsed YAML document into a config, or raise ConfigError with every problem."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(["config: the file must be a YAML mapping of sections"])
+    data, problems = interpolate(raw, env)
+    problems += duplicate_callers(data.get("callers"))
+    try:
+        config = GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        problems += [_format(error) for error in exc.errors()]
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse the config file, turning I/O and syntax errors into ConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"config: cannot read {path}: {getattr(exc, 'strerror', None) or exc}"]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"config: {path} is not valid YAML{where}"]) from None
+
+
+def load_config(
+    path: Path, env: Mapping[str, str] | None = None, overrides: dict[str, Any] | None = None
+) -> GatewayConfig:
+    """Read, interpolate and validate ``path``; ``overrides`` replace whole sections' keys."""
+    raw = read_yaml(path) if path.exists() or overrides is None else {}
+    if overrides and isinstance(raw, dict):
+        raw = _merge(raw, overrides)
+    return validate(raw, os.environ if env is None else env)
+
+
+def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

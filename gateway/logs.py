@@ -1,0 +1,77 @@
+"""JSON logs, with one redaction step that every log line passes through.
+
+Every record, the gateway's own and aiohttp's (whose parser errors can echo
+raw header bytes), is rendered by ``JsonFormatter``, which removes every
+known secret (the upstream token, caller keys in clear) and anything shaped
+like a bearer credential before the line is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+ACCESS_LOGGER = "gateway.access"
+REDACTED = "[REDACTED]"
+_BEARER = re.compile(r"(?i)(bearer)(\s+|%20|\+)[^\s\"',;]+")
+_REDACTOR_LENGTH_FLOOR = 6  # shorter "secrets" would shred ordinary words
+
+
+class Redactor:
+    """Knows the secrets in force; config reloads update it."""
+
+    def __init__(self) -> None:
+        self._secrets: tuple[str, ...] = ()
+
+    def update(self, secrets: list[str]) -> None:
+        # Longest first, so that a secret containing another is removed whole.
+        kept = {s for s in secrets if len(s) >= _REDACTOR_LENGTH_FLOOR} | set(self._secrets)
+        self._secrets = tuple(sorted(kept, key=len, reverse=True))
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return _BEARER.sub(rf"\1 {REDACTED}", text)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, event, and any ``fields``."""
+
+    def __init__(self, redact: Redactor) -> None:
+        super().__init__()
+        self._redact = redact
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": self._redact(record.getMessage()),
+        }
+        for key, value in getattr(record, "fields", {}).items():
+            payload[key] = self._redact(value) if isinstance(value, str) else value
+        if record.exc_info:
+            payload["exception"] = self._redact(self.formatException(record.exc_info))
+        return json.dumps(payload, ensure_ascii=False, default=str)
+
+
+def configure_logging(level: str, redact: Redactor, stream: Any = None) -> None:
+    """Route every logger (ours and aiohttp's) through one redacting JSON handler."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter(redact))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def log_event(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:
+    """Log ``event`` with structured ``fields`` (rendered as JSON keys)."""
+    if logger.isEnabledFor(level):
+        logger.log(level, event, extra={"fields": fields})

@@ -1,0 +1,95 @@
+"""Prometheus collectors for the gateway, on a registry of the app's own.
+
+A registry per app (not the global one) lets tests and the benchmark run
+several gateways in one process. Labels are bounded: caller names come from
+config, routes from the router, statuses and outcomes from small sets;
+never a batch id.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """Every collector the gateway exports, named as README's metric table."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests",
+            "Requests answered, by caller, route, status and cache result.",
+            ["caller", "route", "status", "cache"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "gateway_request_duration_seconds",
+            "Time to answer a request, by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_calls = Counter(
+            "gateway_upstream_calls",
+            "HTTP calls made to the upstream (each retry is one), by outcome: an HTTP status or an error code.",
+            ["outcome"],
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "gateway_upstream_duration_seconds",
+            "Latency of one upstream HTTP call.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_retries = Counter("gateway_upstream_retries", "Upstream calls that were retries.", registry=r)
+        self.upstream_rejected = Counter(
+            "gateway_upstream_rejected",
+            "Upstream calls not made, by reason: budget, paused (after an upstream 429/503), breaker_open.",
+            ["reason"],
+            registry=r,
+        )
+        self.upstream_pauses = Counter(
+            "gateway_upstream_pauses",
+            "Times the upstream asked the gateway to pause (429, or 503 with Retry-After).",
+            registry=r,
+        )
+        self.budget_tokens = Gauge("gateway_upstream_budget_tokens", "Tokens left in the upstream budget.", registry=r)
+        self.breaker_state = Gauge(
+            "gateway_breaker_state", "Circuit breaker: 0 closed, 1 open, 2 half-open.", registry=r
+        )
+        self.paused_seconds = Gauge(
+            "gateway_upstream_paused_seconds", "Seconds left before upstream calls resume.", registry=r
+        )
+        self.cache_entries = Gauge("gateway_cache_entries", "Entries in the answer cache.", registry=r)
+        self.cache_removals = Counter(
+            "gateway_cache_removals",
+            "Entries removed from the cache: evicted (for room, at max_entries) or expired.",
+            ["reason"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "gateway_singleflight_inflight", "Upstream fetches in flight (one per batch id).", registry=r
+        )
+        self.coalesced = Counter(
+            "gateway_singleflight_coalesced", "Requests that waited on another request's upstream fetch.", registry=r
+        )
+        self.caller_rejections = Counter(
+            "gateway_caller_rate_limited",
+            "Requests refused for being over the caller's own limit.",
+            ["caller"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "gateway_config_reloads", "Config reloads, by result: ok or error.", ["result"], registry=r
+        )
+        self.last_reload_ok = Gauge(
+            "gateway_config_last_reload_success", "1 if the last reload succeeded (or none was tried).", registry=r
+        )
+        self.last_reload_ok.set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

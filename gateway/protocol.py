@@ -1,0 +1,116 @@
+"""Pure decisions about the upstream's protocol: no I/O, table-tested.
+
+Batch id validation, TTL choice from a batch's status, the mapping from an
+upstream answer to the contract's errors, and ``Retry-After`` parsing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from enum import Enum
+
+from gateway import errors
+
+BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+
+TERMINAL_STATUSES = frozenset({"BATCH_STATUS_COMPLETED", "BATCH_STATUS_FAILED", "BATCH_STATUS_CANCELED"})
+
+# The upstream's error message is shown to callers; bound what we pass on.
+MAX_UPSTREAM_MESSAGE = 500
+
+
+class Lifetime(Enum):
+    """Which TTL of ``cache.ttl_s`` an answer gets."""
+
+    ACTIVE = "active"
+    TERMINAL = "terminal"
+    NOT_FOUND = "not_found"
+
+
+def parse_batch_id(raw: str) -> str:
+    """Return the id if it is well formed (after URL decoding), else raise InvalidBatchId."""
+    if not BATCH_ID.fullmatch(raw):
+        raise errors.InvalidBatchId()
+    return raw
+
+
+def lifetime_of_status(status: object) -> Lifetime:
+    """Terminal statuses will not change; anything else, unknown included, may."""
+    return Lifetime.TERMINAL if status in TERMINAL_STATUSES else Lifetime.ACTIVE
+
+
+def parse_batch_body(body: bytes) -> Lifetime:
+    """Check a 200 body is ``{"batch": {...}}`` and read its lifetime from ``status``."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise errors.UpstreamInvalidResponse("The upstream's answer was not JSON.") from None
+    if not isinstance(document, dict) or not isinstance(document.get("batch"), dict):
+        raise errors.UpstreamInvalidResponse("The upstream's answer did not hold a batch object.")
+    return lifetime_of_status(document["batch"].get("status"))
+
+
+def upstream_message(body: bytes) -> str | None:
+    """The ``message`` of a Cohere error body, if there is a usable one."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    message = document.get("message") if isinstance(document, dict) else None
+    if not isinstance(message, str) or not message.strip():
+        return None
+    return message.strip()[:MAX_UPSTREAM_MESSAGE]
+
+
+def parse_retry_after(value: str | None, *, now: datetime, default_s: float, max_s: float) -> float:
+    """Seconds to wait from a ``Retry-After`` of delta-seconds or an HTTP date.
+
+    A missing or garbage value gets ``default_s``; every value is capped at
+    ``max_s`` so that one bad header cannot silence the gateway for a day.
+    """
+    if value is None:
+        return min(default_s, max_s)
+    value = value.strip()
+    seconds: float
+    if re.fullmatch(r"[0-9]{1,12}", value):
+        seconds = float(value)
+    else:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return min(default_s, max_s)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - now).total_seconds()
+    return min(max(seconds, 0.0), max_s)
+
+
+def error_for_status(status: int, body: bytes, retry_after_s: float | None) -> errors.GatewayError:
+    """The contract's error for a non-200 upstream answer (§5's tables)."""
+    message = upstream_message(body)
+    error: errors.GatewayError
+    if status == 400:
+        error = errors.BadRequest(message)
+    elif status == 404:
+        error = errors.NotFound(message)
+    elif status in (401, 403):
+        error = errors.UpstreamAuthFailed()
+    elif status == 429:
+        error = errors.UpstreamRateLimited(retry_after_s=retry_after_s)
+    elif status == 503:
+        error = errors.UpstreamUnavailable(retry_after_s=retry_after_s)
+    elif 200 <= status < 300:
+        error = errors.UpstreamInvalidResponse(f"The upstream answered {status} instead of 200.")
+    elif 300 <= status < 400:
+        error = errors.UpstreamError(f"The upstream answered with a redirect ({status}); redirects are not followed.")
+    else:
+        error = errors.UpstreamError(f"The upstream answered {status}.")
+    error.upstream_status = status
+    return error
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,179 @@
+"""Serve the app: the runner, JSON errors for unparseable requests, reload, stop.
+
+aiohttp answers requests it cannot parse (a request line or header past the
+configured sizes, broken framing) before any middleware runs, in text/plain.
+``_JsonErrorHandler`` renders those in the contract's JSON shape too, and
+closes connections that have not sent a whole request head within
+``server.header_timeout_s`` (slow, trickling clients).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from gateway import errors
+from gateway.app import build_app, error_response
+from gateway.config import ConfigError, GatewayConfig
+from gateway.logs import log_event
+from gateway.state import GatewayState
+
+log = logging.getLogger("gateway")
+
+
+def protocol_error(status: int, exc: BaseException | None) -> errors.GatewayError:
+    """The contract's error for a request aiohttp could not parse."""
+    text = str(getattr(exc, "message", "") or "")
+    if isinstance(exc, LineTooLong) or "too many headers" in text.lower():
+        return errors.RequestTooLarge()
+    if status == 413:
+        return errors.BodyTooLarge()
+    if isinstance(exc, HttpProcessingError) or 400 <= status < 500:
+        return errors.MalformedRequest()
+    return errors.InternalError()
+
+
+class _JsonErrorHandler(RequestHandler):
+    header_timeout_s: float = 10.0
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._head_timer = asyncio.get_running_loop().call_later(self.header_timeout_s, self._head_timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._head_timer is not None and self._request_count > 0:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+    def _head_timed_out(self) -> None:
+        if self._request_count == 0 and self.transport is not None:
+            log_event(log, logging.INFO, "closed a connection that sent no request head in time")
+            self.transport.close()
+
+    def handle_error(
+        self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("Response is sent already, cannot send another response with the error message")
+        error = protocol_error(status, exc)
+        level = logging.ERROR if isinstance(error, errors.InternalError) else logging.INFO
+        log_event(log, level, "could not handle request", code=error.code, reason=type(exc).__name__ if exc else None)
+        # The head could not be parsed, so no caller-sent request id can be trusted.
+        response = error_response(error, uuid.uuid4().hex)
+        response.force_close()
+        return response
+
+
+class _GatewayServer(web.Server):
+    header_timeout_s = 10.0
+
+    def __call__(self) -> RequestHandler:
+        handler = _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+        handler.header_timeout_s = self.header_timeout_s
+        return handler
+
+
+class GatewayRunner(web.AppRunner):
+    """AppRunner whose connections render protocol errors as JSON."""
+
+    def __init__(self, app: web.Application, header_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._header_timeout_s = header_timeout_s
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # aiohttp has no hook for its protocol-level error page; swapping the
+        # server's class keeps everything else of AppRunner's set-up intact.
+        server.__class__ = _GatewayServer
+        server.header_timeout_s = self._header_timeout_s  # type: ignore[attr-defined]
+        return server
+
+
+@dataclass
+class RunningGateway:
+    runner: GatewayRunner
+    state: GatewayState
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests in flight finish within the grace period, close."""
+        await self.runner.cleanup()
+
+
+async def start_gateway(
+    config: GatewayConfig, host: str | None = None, port: int | None = None, state: GatewayState | None = None
+) -> RunningGateway:
+    """Start serving ``config`` (``host``/``port`` override it; port 0 picks one)."""
+    state = state or GatewayState.create(config)
+    server = config.server
+    runner = GatewayRunner(
+        build_app(state),
+        header_timeout_s=server.header_timeout_s,
+        access_log=None,  # the middleware writes the access log, as JSON
+        shutdown_timeout=server.shutdown_grace_s,
+        keepalive_timeout=server.keepalive_timeout_s,
+        max_line_size=server.max_line_size,
+        max_field_size=server.max_field_size,
+        max_headers=server.max_headers,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host or server.host, server.port if port is None else port)
+    await site.start()
+    bound_host, bound_port = runner.addresses[0][:2]
+    return RunningGateway(runner, state, bound_host, bound_port)
+
+
+def reload_config(state: GatewayState, load: Callable[[], GatewayConfig]) -> bool:
+    """Re-read the config (and token file); swap it in if valid, else keep the old one."""
+    try:
+        config = load()
+    except ConfigError as exc:
+        state.metrics.reloads.labels("error").inc()
+        state.metrics.last_reload_ok.set(0)
+        log_event(log, logging.ERROR, "config reload refused; the old config keeps serving", problems=exc.problems)
+        return False
+    state.apply(config)
+    state.metrics.reloads.labels("ok").inc()
+    state.metrics.last_reload_ok.set(1)
+    log_event(log, logging.INFO, "config reloaded", callers=[c.name for c in config.callers])
+    return True
+
+
+async def serve_until_signalled(running: RunningGateway, load: Callable[[], GatewayConfig]) -> None:
+    """Serve until SIGTERM or SIGINT; SIGHUP reloads the config."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, reload_config, running.state, load)
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    loop.add_signal_handler(signal.SIGINT, stopping.set)
+    log_event(log, logging.INFO, "serving", url=running.url)
+    await stopping.wait()
+    log_event(
+        log,
+        logging.INFO,
+        "stopping: finishing requests in flight",
+        grace_s=running.state.snapshot.config.server.shutdown_grace_s,
+    )
+    await running.stop()
+    log_event(log, logging.INFO, "stopped")

@@ -1,0 +1,79 @@
+"""What one running gateway holds, and how a new config replaces the old.
+
+The config and the callers built from it travel together in a frozen
+``Snapshot``; a reload swaps the whole snapshot in one assignment, so a
+request that picked up the old one finishes with it. The cache, the upstream
+client and the budgets outlive reloads.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from gateway.auth import CallerDirectory
+from gateway.cache import BatchCache, MemoryStore
+from gateway.config import GatewayConfig, RateLimit
+from gateway.logs import Redactor
+from gateway.metrics import Metrics
+from gateway.protection import Clock, TokenBucket
+from gateway.upstream import UpstreamClient
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    config: GatewayConfig
+    callers: CallerDirectory
+
+
+@dataclass
+class GatewayState:
+    snapshot: Snapshot
+    upstream: UpstreamClient
+    cache: BatchCache
+    metrics: Metrics
+    redact: Redactor
+    clock: Clock = time.monotonic
+    caller_buckets: dict[str, TokenBucket] = field(default_factory=dict)
+
+    @classmethod
+    def create(
+        cls, config: GatewayConfig, redact: Redactor | None = None, clock: Clock = time.monotonic
+    ) -> GatewayState:
+        metrics = Metrics()
+        store = MemoryStore(
+            config.cache.max_entries, clock, on_remove=lambda reason, n: metrics.cache_removals.labels(reason).inc(n)
+        )
+        metrics.cache_entries.set_function(lambda: len(store))
+        cache = BatchCache(store, config.cache, clock, on_join=metrics.coalesced.inc)
+        metrics.inflight.set_function(lambda: len(cache.flights))
+        state = cls(
+            snapshot=Snapshot(config, CallerDirectory(config.callers)),
+            upstream=UpstreamClient(config.upstream, metrics, clock),
+            cache=cache,
+            metrics=metrics,
+            redact=redact or Redactor(),
+            clock=clock,
+        )
+        state.redact.update(config.secrets)
+        return state
+
+    def apply(self, config: GatewayConfig) -> None:
+        """Swap in a validated config. ``cache.max_entries`` and ``server`` keep start-up values."""
+        self.redact.update(config.secrets)
+        self.upstream.reconfigure(config.upstream)
+        self.cache.settings = config.cache
+        limits = {c.name: c.rate_limit for c in config.callers if c.rate_limit is not None}
+        for name in list(self.caller_buckets):
+            if name not in limits:
+                del self.caller_buckets[name]
+        for name, limit in limits.items():
+            if name in self.caller_buckets:
+                self.caller_buckets[name].reconfigure(limit.requests_per_s, limit.burst)
+        self.snapshot = Snapshot(config, CallerDirectory(config.callers))
+
+    def caller_bucket(self, name: str, limit: RateLimit) -> TokenBucket:
+        bucket = self.caller_buckets.get(name)
+        if bucket is None:
+            bucket = self.caller_buckets[name] = TokenBucket(limit.requests_per_s, limit.burst, self.clock)
+        return bucket
