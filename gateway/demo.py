@@ -48,6 +48,7 @@ class Simulator:
 
     def __init__(self, token: str | None = None, lifetime_s: float = 60.0, clock: Clock = time.monotonic) -> None:
         self.token = token or f"demo-upstream-{secrets.token_hex(8)}"
+        self.url = ""  # set by start_simulator
         self.lifetime_s = lifetime_s
         self._clock = clock
         self._first_seen: LRUCache[str, float] = LRUCache(MAX_TRACKED_IDS)
@@ -141,4 +142,5 @@ async def start_simulator(simulator: Simulator, host: str = "127.0.0.1", port: i
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound_host, bound_port = runner.addresses[0][:2]
-    return runner, f"http://{bound_host}:{bound_port}"
+    simulator.url = f"http://{bound_host}:{bound_port}"
+    return runner, simulator.url

@@ -8,11 +8,12 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from gateway.state import GatewayState
+    from gateway.upstream import RequestTrace
 
 STATE: web.AppKey[GatewayState] = web.AppKey("state")
 
 # Per-request values, set by the middleware and the handler.
-REQUEST_ID = "gateway.request_id"
-CALLER = "gateway.caller"
-CACHE_STATE = "gateway.cache_state"
-TRACE = "gateway.trace"
+REQUEST_ID = web.RequestKey("request_id", str)
+CALLER = web.RequestKey("caller", str)
+CACHE_STATE = web.RequestKey("cache_state", str)
+TRACE: web.RequestKey[RequestTrace] = web.RequestKey("trace")

@@ -1,0 +1,42 @@
+# Everything installs into .venv on first use; only python3 (3.11+) is needed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint bench bench-quick soak clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	touch $@ $(VENV)/.installed-run
+
+## run: the gateway on :8080; demo mode (simulated upstream) unless COHERE_API_KEY is set
+run: $(VENV)/.installed-run
+	@if [ -n "$$COHERE_API_KEY" ]; then exec $(BIN)/cohere-gateway; \
+	else echo "COHERE_API_KEY is not set: starting in --demo mode"; exec $(BIN)/cohere-gateway --demo; fi
+
+## test: lint, type-check, lint the Dockerfile, run the test suite
+test: $(VENV)/.installed-test lint
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
+
+## bench: the full benchmark (writes bench/RESULTS.md and the chart)
+bench: $(VENV)/.installed-test
+	$(BIN)/python bench/run.py
+
+bench-quick: $(VENV)/.installed-test
+	$(BIN)/python bench/run.py --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

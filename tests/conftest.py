@@ -1,0 +1,96 @@
+"""Fixtures: the event loop (uvloop and asyncio), the simulator, gateways, log capture."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+import uvloop
+
+from gateway.config import GatewayConfig
+from gateway.demo import Simulator, start_simulator
+from gateway.logs import Redactor
+from gateway.server import RunningGateway, start_gateway
+from gateway.state import GatewayState
+from tests.support import UPSTREAM_TOKEN, FakeUpstream, Handler, LogCapture, assert_no_secrets, attach_log_capture
+
+# The whole suite runs on each loop named here (DESIGN: the server runs on uvloop;
+# the default loop must work too). GATEWAY_TEST_LOOPS=uvloop narrows it.
+LOOPS = os.environ.get("GATEWAY_TEST_LOOPS", "uvloop,asyncio").split(",")
+
+
+LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "uvloop": uvloop.new_event_loop,
+    "asyncio": asyncio.new_event_loop,
+}
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    """Run every async test once per loop in LOOPS."""
+    return {name: LOOP_FACTORIES[name] for name in LOOPS}
+
+
+@pytest.fixture
+def redactor() -> Redactor:
+    return Redactor()
+
+
+@pytest.fixture
+def logs(redactor: Redactor) -> Iterator[LogCapture]:
+    """Captures every log line; at the end, asserts that none holds a secret."""
+    capture, handler = attach_log_capture(redactor)
+    yield capture
+    import logging
+
+    logging.getLogger().removeHandler(handler)
+    assert_no_secrets(capture.text)
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[Simulator]:
+    sim = Simulator(token=UPSTREAM_TOKEN, lifetime_s=60)
+    runner, _url = await start_simulator(sim)
+    yield sim
+    await runner.cleanup()
+
+
+GatewayFactory = Callable[[GatewayConfig], Awaitable[RunningGateway]]
+
+
+@pytest.fixture
+async def start(logs: LogCapture, redactor: Redactor) -> AsyncIterator[GatewayFactory]:
+    """Start gateways on 127.0.0.1 (port 0); all are stopped at the end."""
+    running: list[RunningGateway] = []
+
+    async def _start(config: GatewayConfig, **kwargs: Any) -> RunningGateway:
+        state = GatewayState.create(config, redactor, **kwargs)
+        gateway = await start_gateway(config, "127.0.0.1", 0, state)
+        running.append(gateway)
+        return gateway
+
+    yield _start
+    for gateway in running:
+        await gateway.stop()
+
+
+UpstreamFactory = Callable[[Handler], Awaitable[FakeUpstream]]
+
+
+@pytest.fixture
+async def fake_upstream() -> AsyncIterator[UpstreamFactory]:
+    """Start hand-written upstreams; all are stopped at the end."""
+    started: list[FakeUpstream] = []
+
+    async def _start(handler: Handler) -> FakeUpstream:
+        upstream = await FakeUpstream(handler).start()
+        started.append(upstream)
+        return upstream
+
+    yield _start
+    for upstream in started:
+        if upstream.release is not None:
+            upstream.release.set()
+        await upstream.stop()
