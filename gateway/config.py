@@ -25,6 +25,7 @@ from pydantic import (
     PlainValidator,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -77,6 +78,16 @@ def _read_token_file(value: object) -> TokenFile:
 class _Section(BaseModel):
     # Unknown keys are errors: a typo must not silently fall back to a default.
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        # Numbers stay lax (``${PORT}`` interpolates to a string), but YAML's
+        # ``yes``/``true`` must not silently become 1.
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and field.annotation in (int, float):
+            raise ValueError("must be a number, not true/false")
+        return value
 
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
@@ -209,8 +220,10 @@ class CallerSettings(_Section):
 
     @model_validator(mode="after")
     def _exactly_one_key(self) -> CallerSettings:
-        if (self.key is None) == (self.key_sha256 is None):
-            raise ValueError("set exactly one of key or key_sha256")
+        if self.key is not None and self.key_sha256 is not None:
+            raise ValueError("set key or key_sha256, not both")
+        if self.key is None and self.key_sha256 is None:
+            raise ValueError("key (or key_sha256) is required")
         return self
 
     @property
@@ -314,16 +327,23 @@ def validate(raw: Any, env: Mapping[str, str]) -> GatewayConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(["config: the file must be a YAML mapping of sections"])
-    data, problems = interpolate(raw, env)
-    problems += duplicate_callers(data.get("callers"))
+    data, unset = interpolate(raw, env)
+    problems = duplicate_callers(data.get("callers"))
     try:
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
         problems += [_format(error) for error in exc.errors()]
-        raise ConfigError(problems) from None
-    if problems:
-        raise ConfigError(problems)
-    return config
+    else:
+        if not unset and not problems:
+            return config
+    # An unset variable leaves its key empty, which then fails its own check
+    # too; the operator needs only the first reason for each key.
+    unset_paths = {_path_of(problem) for problem in unset}
+    raise ConfigError(unset + [p for p in problems if _path_of(p) not in unset_paths])
+
+
+def _path_of(problem: str) -> str:
+    return problem.partition(": ")[0]
 
 
 def read_yaml(path: Path) -> Any:
