@@ -20,6 +20,9 @@ TERMINAL_STATUSES = frozenset({"BATCH_STATUS_COMPLETED", "BATCH_STATUS_FAILED", 
 
 # The upstream's error message is shown to callers; bound what we pass on.
 MAX_UPSTREAM_MESSAGE = 500
+# What json.loads raises on bytes that are not JSON; RecursionError for deeply
+# nested arrays, which fit easily within upstream.max_body_bytes.
+_UNPARSEABLE = (ValueError, UnicodeDecodeError, RecursionError)
 
 
 class Lifetime(Enum):
@@ -39,14 +42,15 @@ def parse_batch_id(raw: str) -> str:
 
 def lifetime_of_status(status: object) -> Lifetime:
     """Terminal statuses will not change; anything else, unknown included, may."""
-    return Lifetime.TERMINAL if status in TERMINAL_STATUSES else Lifetime.ACTIVE
+    # The status comes from the upstream's JSON: it may be a list or an object.
+    return Lifetime.TERMINAL if isinstance(status, str) and status in TERMINAL_STATUSES else Lifetime.ACTIVE
 
 
 def parse_batch_body(body: bytes) -> Lifetime:
     """Check a 200 body is ``{"batch": {...}}`` and read its lifetime from ``status``."""
     try:
         document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except _UNPARSEABLE:
         raise errors.UpstreamInvalidResponse("The upstream's answer was not JSON.") from None
     if not isinstance(document, dict) or not isinstance(document.get("batch"), dict):
         raise errors.UpstreamInvalidResponse("The upstream's answer did not hold a batch object.")
@@ -57,7 +61,7 @@ def upstream_message(body: bytes) -> str | None:
     """The ``message`` of a Cohere error body, if there is a usable one."""
     try:
         document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except _UNPARSEABLE:
         return None
     message = document.get("message") if isinstance(document, dict) else None
     if not isinstance(message, str) or not message.strip():
