@@ -132,12 +132,14 @@ class SingleFlight:
     The call runs in its own task, and each caller awaits it through
     ``asyncio.shield``: a caller that goes away (the one that started it
     included) never cancels it for the others. Each caller waits at most
-    ``wait_s``. The task leaves the table when it ends, success or error, so
-    a failed call leaves nothing behind.
+    ``wait_s`` from the moment it asked. The task leaves the table when it
+    ends, success or error, so a failed call leaves nothing behind; every
+    caller that joins a call already out is reported to ``on_join``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_join: Callable[[], None] | None = None) -> None:
         self._calls: dict[str, asyncio.Task[CacheEntry]] = {}
+        self._on_join = on_join or (lambda: None)
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -145,11 +147,15 @@ class SingleFlight:
     async def run(self, key: str, start: Callable[[], Awaitable[CacheEntry]], wait_s: float) -> tuple[CacheEntry, bool]:
         """Return the call's result and whether this caller joined a call already out."""
         task = self._calls.get(key)
-        joined = task is not None
-        if task is None:
+        # A task that has ended but whose done callback has not run yet is not
+        # joined: a failure would otherwise reach a caller that came after it.
+        joined = task is not None and not task.done()
+        if task is None or task.done():
             task = asyncio.ensure_future(start())
             self._calls[key] = task
             task.add_done_callback(partial(self._finished, key))
+        else:
+            self._on_join()
         try:
             async with asyncio.timeout(wait_s):
                 return await asyncio.shield(task), joined
@@ -163,6 +169,8 @@ class SingleFlight:
             task.exception()  # retrieved here, so asyncio never warns about it
 
 
+# The upstream call; its argument says whether it may wait (briefly) for the
+# upstream budget. It may not when a kept entry can answer instead.
 Fetch = Callable[[bool], Awaitable[UpstreamReply]]
 
 
@@ -179,10 +187,9 @@ class BatchCache:
     ) -> None:
         self.store = store
         self.settings = settings
-        self.flights = SingleFlight()
+        self.flights = SingleFlight(on_join)
         self._clock = clock
         self._jitter = jitter
-        self._on_join = on_join or (lambda: None)
 
     def ttl_s(self, lifetime: Lifetime) -> float:
         ttl: float = getattr(self.settings.ttl_s, lifetime.value)
@@ -197,7 +204,9 @@ class BatchCache:
         return CacheEntry(reply.status, reply.body, now, fresh_until, fresh_until + self.settings.stale_if_error_s)
 
     async def _refresh(self, batch_id: str, fetch: Fetch, has_stale: bool) -> CacheEntry:
-        entry = self._entry(await fetch(has_stale))
+        # With a kept entry to fall back on, a spent budget answers STALE at
+        # once instead of making the caller wait for a token.
+        entry = self._entry(await fetch(not has_stale))
         self.store.put(batch_id, entry)
         return entry
 
@@ -208,13 +217,11 @@ class BatchCache:
             return CacheResult(cached, CacheState.HIT)
         usable_stale = cached is not None and self.settings.stale_if_error_s > 0
         try:
-            entry, joined = await self.flights.run(
+            entry, _joined = await self.flights.run(
                 batch_id, partial(self._refresh, batch_id, fetch, usable_stale), wait_s
             )
         except errors.UpstreamFailure:
             if cached is not None and self._clock() < cached.keep_until:
                 return CacheResult(cached, CacheState.STALE)
             raise
-        if joined:
-            self._on_join()
         return CacheResult(entry, CacheState.MISS)
