@@ -8,6 +8,7 @@ like a bearer credential before the line is written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -32,19 +33,40 @@ class Redactor:
         kept = {s for s in secrets if len(s) >= _REDACTOR_LENGTH_FLOOR} | set(self._secrets)
         self._secrets = tuple(sorted(kept, key=len, reverse=True))
 
-    def __call__(self, text: str) -> str:
+    def known(self, text: str) -> str:
+        """``text`` without the secrets in force (safe on rendered JSON)."""
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, REDACTED)
-        return _BEARER.sub(rf"\1 {REDACTED}", text)
+        return text
+
+    def __call__(self, text: str) -> str:
+        """``text`` without the known secrets and without any bearer credential."""
+        return _BEARER.sub(rf"\1 {REDACTED}", self.known(text))
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, event, and any ``fields``."""
+    """One JSON object per line: time, level, logger, event, and any ``fields``.
+
+    Every string is redacted, nested ones included, and then the whole line
+    once more (values rendered by ``str()`` never went through the first
+    pass). Non-ASCII is escaped, so a line never fails to encode: a header
+    decoded with surrogate escapes would otherwise break the handler, whose
+    fallback prints the raw record to stderr.
+    """
 
     def __init__(self, redact: Redactor) -> None:
         super().__init__()
         self._redact = redact
+
+    def _clean(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self._redact(value)
+        if isinstance(value, dict):
+            return {str(k): self._clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple | set | frozenset):
+            return [self._clean(v) for v in value]
+        return value
 
     def format(self, record: logging.LogRecord) -> str:
         payload: dict[str, Any] = {
@@ -54,21 +76,40 @@ class JsonFormatter(logging.Formatter):
             "event": self._redact(record.getMessage()),
         }
         for key, value in getattr(record, "fields", {}).items():
-            payload[key] = self._redact(value) if isinstance(value, str) else value
+            payload[key] = self._clean(value)
         if record.exc_info:
             payload["exception"] = self._redact(self.formatException(record.exc_info))
-        return json.dumps(payload, ensure_ascii=False, default=str)
+        # The bearer pattern is not applied to the rendered line: it could eat an escaping backslash.
+        return self._redact.known(json.dumps(payload, ensure_ascii=True, default=str))
+
+
+class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler whose failure report holds no part of the record.
+
+    ``logging.Handler.handleError`` prints the record's message and arguments
+    to stderr unformatted, that is, unredacted.
+    """
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        notice = {"level": "error", "logger": "gateway.logs", "event": "a log line could not be written"}
+        with contextlib.suppress(Exception):  # nothing is left to report it to
+            self.stream.write(json.dumps(notice) + self.terminator)
 
 
 def configure_logging(level: str, redact: Redactor, stream: Any = None) -> None:
     """Route every logger (ours and aiohttp's) through one redacting JSON handler."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = _JsonHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter(redact))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+
+
+def set_level(level: str) -> None:
+    """Apply ``logging.level`` (at start-up and on reload)."""
+    logging.getLogger().setLevel(level)
 
 
 def log_event(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:

@@ -24,10 +24,14 @@ from aiohttp.web_protocol import RequestHandler
 from gateway import errors
 from gateway.app import build_app, error_response
 from gateway.config import ConfigError, GatewayConfig
-from gateway.logs import log_event
+from gateway.keys import STATE
+from gateway.logs import ACCESS_LOGGER, log_event
 from gateway.state import GatewayState
 
 log = logging.getLogger("gateway")
+access_log = logging.getLogger(ACCESS_LOGGER)
+# The route label of requests aiohttp could not parse (they never reach the router).
+UNPARSED_ROUTE = "unparsed"
 
 
 def protocol_error(status: int, exc: BaseException | None) -> errors.GatewayError:
@@ -43,28 +47,52 @@ def protocol_error(status: int, exc: BaseException | None) -> errors.GatewayErro
 
 
 class _JsonErrorHandler(RequestHandler):
+    """A connection: JSON for unparseable requests, and a deadline for each request head.
+
+    The head deadline covers every request on the connection, not only the
+    first: it starts with the connection and again with the first bytes of
+    each later request, and it is met once the parser has a whole head.
+    """
+
     header_timeout_s: float = 10.0
+    state: GatewayState | None = None
     _head_timer: asyncio.TimerHandle | None = None
+    _heads_at_arming = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._head_timer = asyncio.get_running_loop().call_later(self.header_timeout_s, self._head_timed_out)
+        self._arm_head_timer()
 
     def data_received(self, data: bytes) -> None:
+        heads_before = self._request_count
         super().data_received(data)
-        if self._head_timer is not None and self._request_count > 0:
+        if self._request_count > heads_before:
+            self._disarm_head_timer()
+        elif data and self._head_timer is None:
+            # The first bytes of a later request on a kept-alive connection.
+            self._arm_head_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        self._heads_at_arming = self._request_count
+        self._head_timer = asyncio.get_running_loop().call_later(self.header_timeout_s, self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
 
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-        super().connection_lost(exc)
-
     def _head_timed_out(self) -> None:
-        if self._request_count == 0 and self.transport is not None:
-            log_event(log, logging.INFO, "closed a connection that sent no request head in time")
-            self.transport.close()
+        self._head_timer = None
+        # Only an idle connection (waiting for a head) is closed: bytes that
+        # armed the timer may have been a request body, with its handler busy.
+        idle = self._waiter is not None and not self._waiter.done()
+        if self._request_count == self._heads_at_arming and idle and self.transport is not None:
+            log_event(log, logging.INFO, "closed a connection that sent no whole request head in time")
+            self.force_close()
 
     def handle_error(
         self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
@@ -73,19 +101,46 @@ class _JsonErrorHandler(RequestHandler):
             raise ConnectionError("Response is sent already, cannot send another response with the error message")
         error = protocol_error(status, exc)
         level = logging.ERROR if isinstance(error, errors.InternalError) else logging.INFO
+        # Never the exception's text: parser errors quote the raw bytes, credentials included.
         log_event(log, level, "could not handle request", code=error.code, reason=type(exc).__name__ if exc else None)
         # The head could not be parsed, so no caller-sent request id can be trusted.
-        response = error_response(error, uuid.uuid4().hex)
+        request_id = uuid.uuid4().hex
+        response = error_response(error, request_id)
         response.force_close()
+        if self.state is not None:
+            _account_unparsed(self.state, request_id, error.status)
         return response
+
+
+def _account_unparsed(state: GatewayState, request_id: str, status: int) -> None:
+    """Metrics and the access log line for a request that never reached the app."""
+    state.metrics.requests.labels("-", UNPARSED_ROUTE, str(status), "-").inc()
+    if state.snapshot.config.logging.access_log:
+        log_event(
+            access_log,
+            logging.INFO,
+            "request",
+            request_id=request_id,
+            caller="-",
+            method=None,
+            path=None,
+            batch_id=None,
+            status=status,
+            cache="-",
+            upstream_status=None,
+            upstream_ms=None,
+            total_ms=None,
+        )
 
 
 class _GatewayServer(web.Server):
     header_timeout_s = 10.0
+    state: GatewayState | None = None
 
     def __call__(self) -> RequestHandler:
         handler = _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
         handler.header_timeout_s = self.header_timeout_s
+        handler.state = self.state
         return handler
 
 
@@ -102,6 +157,7 @@ class GatewayRunner(web.AppRunner):
         # server's class keeps everything else of AppRunner's set-up intact.
         server.__class__ = _GatewayServer
         server.header_timeout_s = self._header_timeout_s  # type: ignore[attr-defined]
+        server.state = self.app[STATE]  # type: ignore[attr-defined]
         return server
 
 

@@ -3,7 +3,8 @@
 The config and the callers built from it travel together in a frozen
 ``Snapshot``; a reload swaps the whole snapshot in one assignment, so a
 request that picked up the old one finishes with it. The cache, the upstream
-client and the budgets outlive reloads.
+client and the budgets outlive reloads. The redactor only ever learns
+secrets: a rotated-out token stays redacted for the life of the process.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from gateway.auth import CallerDirectory
 from gateway.cache import BatchCache, MemoryStore
 from gateway.config import GatewayConfig, RateLimit
-from gateway.logs import Redactor
+from gateway.logs import Redactor, set_level
 from gateway.metrics import Metrics
 from gateway.protection import Clock, TokenBucket
 from gateway.upstream import UpstreamClient
@@ -61,6 +62,8 @@ class GatewayState:
     def apply(self, config: GatewayConfig) -> None:
         """Swap in a validated config. ``cache.max_entries`` and ``server`` keep start-up values."""
         self.redact.update(config.secrets)
+        if config.logging.level != self.snapshot.config.logging.level:
+            set_level(config.logging.level)
         self.upstream.reconfigure(config.upstream)
         self.cache.settings = config.cache
         limits = {c.name: c.rate_limit for c in config.callers if c.rate_limit is not None}
