@@ -47,13 +47,16 @@ def lifetime_of_status(status: object) -> Lifetime:
 
 
 def parse_batch_body(body: bytes) -> Lifetime:
-    """Check a 200 body is ``{"batch": {...}}`` and read its lifetime from ``status``."""
+    """Check a 200 body is ``{"batch": {...}}`` and read its lifetime from ``status``.
+
+    The error it raises is derived from the upstream's 200, so it says so.
+    """
     try:
         document = json.loads(body)
     except _UNPARSEABLE:
-        raise errors.UpstreamInvalidResponse("The upstream's answer was not JSON.") from None
+        raise errors.UpstreamInvalidResponse("The upstream's answer was not JSON.", upstream_status=200) from None
     if not isinstance(document, dict) or not isinstance(document.get("batch"), dict):
-        raise errors.UpstreamInvalidResponse("The upstream's answer did not hold a batch object.")
+        raise errors.UpstreamInvalidResponse("The upstream's answer did not hold a batch object.", upstream_status=200)
     return lifetime_of_status(document["batch"].get("status"))
 
 

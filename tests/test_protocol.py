@@ -140,7 +140,11 @@ def test_a_batch_body_gets_its_lifetime_from_its_status(body: bytes, lifetime: L
 def test_a_200_body_without_a_batch_object_is_an_invalid_response(body: bytes) -> None:
     with pytest.raises(errors.UpstreamInvalidResponse) as raised:
         parse_batch_body(body)
-    assert (raised.value.status, raised.value.code) == (502, "upstream_invalid_response")
+    assert (raised.value.status, raised.value.code, raised.value.upstream_status) == (
+        502,
+        "upstream_invalid_response",
+        200,
+    )
 
 
 # --- the upstream's error message ---------------------------------------------
