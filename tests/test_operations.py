@@ -1,0 +1,446 @@
+"""Operating a running gateway: SIGHUP reload, SIGTERM/SIGINT stop, slow clients.
+
+Signals are tested on a real process (``python -m gateway --config FILE``)
+pointed at a fake upstream served by the test; reload is also tested
+in-process through ``reload_config``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import cohere
+import httpx
+import pytest
+import yaml
+from aiohttp import web
+
+from gateway.config import load_config
+from gateway.demo import Simulator
+from gateway.server import reload_config
+from tests.conftest import GatewayFactory, UpstreamFactory
+from tests.support import (
+    BILLING_KEY,
+    REPORTING_KEY,
+    UPSTREAM_TOKEN,
+    LogCapture,
+    assert_no_secrets,
+    batch_body,
+    json_handler,
+    make_config,
+    raw_config,
+    sdk,
+)
+
+# Secrets that only exist after a reload: they must stay out of logs as well.
+NEW_TOKEN = "rotated-upstream-token-91b3e7"
+ANALYTICS_KEY = "analytics-caller-key-5d2a9c"
+WAIT_S = 15.0  # bound on every wait for the child process (2 shared cores)
+
+
+def write_config(path: Path, raw: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def rotated(base_url: str, **sections: Any) -> dict[str, Any]:
+    """The config after an operator's edit: a new token, `reporting` removed, `analytics` added."""
+    raw = raw_config(base_url, **sections)
+    raw["upstream"]["token"] = NEW_TOKEN
+    raw["callers"] = [raw["callers"][0], {"name": "analytics", "key": ANALYTICS_KEY}]
+    return raw
+
+
+def assert_no_new_secrets(text: str) -> None:
+    assert_no_secrets(text)
+    for secret in (NEW_TOKEN, ANALYTICS_KEY):
+        assert secret not in text, "a secret leaked"
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@dataclass
+class GatewayProcess:
+    """``python -m gateway`` in a child process; its JSON log lines are collected as they come."""
+
+    proc: asyncio.subprocess.Process
+    lines: list[str] = field(default_factory=list)
+    url: str = ""
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _reader: asyncio.Task[None] | None = None
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.lines if line.startswith("{")]
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            async with self._changed:
+                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self._changed.notify_all()
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _find(self, event: str, after: int) -> dict[str, Any] | None:
+        return next((e for e in self.events[after:] if e["event"].startswith(event)), None)
+
+    async def wait_for_event(self, event: str, after: int = 0) -> dict[str, Any]:
+        """The first log line from the ``after``-th on whose event starts with ``event``."""
+        async with self._changed:
+            await asyncio.wait_for(
+                self._changed.wait_for(lambda: self._find(event, after) is not None or self._ended()), WAIT_S
+            )
+        found = self._find(event, after)
+        assert found is not None, f"the gateway ended without logging {event!r}:\n{self.text}"
+        return found
+
+    def _ended(self) -> bool:
+        return self._reader is not None and self._reader.done()
+
+    def signal(self, signum: int) -> int:
+        """Send ``signum``; returns the number of log lines so far (for ``wait_for_event(after=...)``)."""
+        mark = len(self.events)
+        self.proc.send_signal(signum)
+        return mark
+
+    async def exit_code(self, within_s: float) -> int:
+        code = await asyncio.wait_for(self.proc.wait(), within_s)
+        if self._reader is not None:
+            await asyncio.wait_for(self._reader, WAIT_S)
+        return code
+
+
+ProcessFactory = Callable[[Path], Awaitable[GatewayProcess]]
+
+
+@pytest.fixture
+async def gateway_process() -> AsyncIterator[ProcessFactory]:
+    """Start ``python -m gateway --config PATH``; wait (bounded) until it serves /healthz."""
+    started: list[GatewayProcess] = []
+
+    async def _start(config_path: Path) -> GatewayProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "COHERE_"))}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway",
+            "--config",
+            str(config_path),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        gateway = GatewayProcess(proc)
+        gateway._reader = asyncio.ensure_future(gateway._read())
+        started.append(gateway)
+        serving = await gateway.wait_for_event("serving")
+        gateway.url = serving["url"]
+        async with aiohttp.ClientSession() as session, session.get(f"{gateway.url}/healthz") as response:
+            assert response.status == 200
+        return gateway
+
+    yield _start
+    for gateway in started:
+        if gateway.proc.returncode is None:
+            gateway.proc.kill()
+            await gateway.proc.wait()
+        if gateway._reader is not None:
+            await asyncio.wait_for(gateway._reader, WAIT_S)
+        assert_no_new_secrets(gateway.text)
+
+
+def process_config(base_url: str, **sections: Any) -> dict[str, Any]:
+    return raw_config(base_url, server={"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 5}, **sections)
+
+
+# --- reload -------------------------------------------------------------------------------------
+
+
+async def test_sighup_swaps_in_the_new_token_and_callers_and_keeps_the_cache(
+    fake_upstream: UpstreamFactory, gateway_process: ProcessFactory, tmp_path: Path
+) -> None:
+    upstream = await fake_upstream(json_handler())
+    path = write_config(tmp_path / "config.yaml", process_config(upstream.url))
+    gateway = await gateway_process(path)
+    await sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-1")
+    assert upstream.headers[-1]["Authorization"] == f"Bearer {UPSTREAM_TOKEN}"
+
+    write_config(path, rotated(upstream.url, server={"host": "127.0.0.1", "port": 0}))
+    mark = gateway.signal(signal.SIGHUP)
+    reloaded = await gateway.wait_for_event("config reloaded", after=mark)
+    assert reloaded["callers"] == ["billing-service", "analytics"]
+
+    fresh = await sdk(gateway.url, ANALYTICS_KEY).batches.retrieve("batch-2")
+    assert fresh.batch.id == "batch-2"
+    assert upstream.headers[-1]["Authorization"] == f"Bearer {NEW_TOKEN}"
+    assert upstream.headers[-1]["X-Client-Name"] == "analytics"
+    with pytest.raises(cohere.UnauthorizedError):
+        await sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-1")
+    async with aiohttp.ClientSession(headers=bearer(BILLING_KEY)) as session:
+        async with session.get(f"{gateway.url}/v2/batches/batch-1") as response:
+            assert response.status == 200
+            assert response.headers["X-Cache"] == "HIT"
+        async with session.get(f"{gateway.url}/metrics") as response:
+            metrics = await response.text()
+    assert upstream.calls == 2
+    assert 'gateway_config_reloads_total{result="ok"} 1.0' in metrics
+    assert "gateway_config_last_reload_success 1.0" in metrics
+
+
+async def test_sighup_with_a_bad_config_names_the_key_and_keeps_serving_the_old_one(
+    fake_upstream: UpstreamFactory, gateway_process: ProcessFactory, tmp_path: Path
+) -> None:
+    upstream = await fake_upstream(json_handler())
+    path = write_config(tmp_path / "config.yaml", process_config(upstream.url))
+    gateway = await gateway_process(path)
+
+    broken = rotated(upstream.url, server={"host": "127.0.0.1", "port": 0})
+    broken["cache"] = {"ttl_s": {"active": -1}}
+    write_config(path, broken)
+    mark = gateway.signal(signal.SIGHUP)
+    refused = await gateway.wait_for_event("config reload refused", after=mark)
+    assert any(problem.startswith("cache.ttl_s.active") for problem in refused["problems"])
+
+    response = await sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-1")
+    assert response.batch.id == "batch-1"
+    assert upstream.headers[-1]["Authorization"] == f"Bearer {UPSTREAM_TOKEN}"
+    with pytest.raises(cohere.UnauthorizedError):
+        await sdk(gateway.url, ANALYTICS_KEY).batches.retrieve("batch-1")
+    async with aiohttp.ClientSession() as session, session.get(f"{gateway.url}/metrics") as metrics:
+        text = await metrics.text()
+    assert 'gateway_config_reloads_total{result="error"} 1.0' in text
+    assert "gateway_config_last_reload_success 0.0" in text
+
+
+async def test_reload_config_swaps_token_and_callers_in_process_and_the_cache_survives(
+    fake_upstream: UpstreamFactory, start: GatewayFactory, tmp_path: Path, logs: LogCapture
+) -> None:
+    upstream = await fake_upstream(json_handler())
+    path = write_config(tmp_path / "config.yaml", raw_config(upstream.url))
+    gateway = await start(load_config(path))
+    await sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-1")
+
+    write_config(path, rotated(upstream.url))
+    assert reload_config(gateway.state, partial(load_config, path))
+
+    await sdk(gateway.url, ANALYTICS_KEY).batches.retrieve("batch-2")
+    assert upstream.headers[-1]["Authorization"] == f"Bearer {NEW_TOKEN}"
+    with pytest.raises(cohere.UnauthorizedError):
+        await sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-2")
+    async with (
+        aiohttp.ClientSession(headers=bearer(ANALYTICS_KEY)) as session,
+        session.get(f"{gateway.url}/v2/batches/batch-1") as response,
+    ):
+        assert response.status == 200
+        assert response.headers["X-Cache"] == "HIT"
+    assert upstream.calls == 2
+    assert_no_new_secrets(logs.text)
+
+
+async def test_a_bad_reload_in_process_keeps_the_old_config_and_flags_the_metric(
+    fake_upstream: UpstreamFactory, start: GatewayFactory, tmp_path: Path, logs: LogCapture
+) -> None:
+    upstream = await fake_upstream(json_handler())
+    path = write_config(tmp_path / "config.yaml", raw_config(upstream.url))
+    gateway = await start(load_config(path))
+    broken = rotated(upstream.url)
+    broken["callers"][1]["key"] = "short"
+    write_config(path, broken)
+
+    assert not reload_config(gateway.state, partial(load_config, path))
+
+    [refused] = [e for e in logs.events("gateway") if e["event"].startswith("config reload refused")]
+    assert refused["level"] == "error"
+    assert any(problem.startswith("callers.1.key:") for problem in refused["problems"])
+    response = await sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-1")
+    assert response.batch.id == "batch-1"
+    assert upstream.headers[-1]["Authorization"] == f"Bearer {UPSTREAM_TOKEN}"
+    assert gateway.state.metrics.last_reload_ok._value.get() == 0
+
+    write_config(path, rotated(upstream.url))
+    assert reload_config(gateway.state, partial(load_config, path))
+    assert gateway.state.metrics.last_reload_ok._value.get() == 1
+
+
+async def test_token_file_is_read_again_on_reload(
+    fake_upstream: UpstreamFactory, gateway_process: ProcessFactory, tmp_path: Path
+) -> None:
+    upstream = await fake_upstream(json_handler())
+    token_file = tmp_path / "cohere-token"
+    token_file.write_text(UPSTREAM_TOKEN + "\n", encoding="utf-8")
+    raw = process_config(upstream.url)
+    del raw["upstream"]["token"]
+    raw["upstream"]["token_file"] = str(token_file)
+    gateway = await gateway_process(write_config(tmp_path / "config.yaml", raw))
+    await sdk(gateway.url).batches.retrieve("batch-1")
+    assert upstream.headers[-1]["Authorization"] == f"Bearer {UPSTREAM_TOKEN}"
+
+    # Only the secret changes, as when a secret store rotates a mounted file.
+    token_file.write_text(NEW_TOKEN + "\n", encoding="utf-8")
+    mark = gateway.signal(signal.SIGHUP)
+    await gateway.wait_for_event("config reloaded", after=mark)
+
+    await sdk(gateway.url).batches.retrieve("batch-2")
+    assert upstream.headers[-1]["Authorization"] == f"Bearer {NEW_TOKEN}"
+
+
+async def test_a_request_in_flight_during_a_reload_finishes_with_the_config_it_started_with(
+    fake_upstream: UpstreamFactory, start: GatewayFactory, tmp_path: Path, logs: LogCapture
+) -> None:
+    first_answer = asyncio.Event()
+
+    async def fails_once_when_released(request: web.Request) -> web.Response:
+        if len(upstream.requests) == 1:
+            await first_answer.wait()
+            return web.Response(status=502)
+        return web.Response(body=batch_body("batch-1"), content_type="application/json")
+
+    upstream = await fake_upstream(fails_once_when_released)
+    path = write_config(tmp_path / "config.yaml", raw_config(upstream.url, upstream={"retries": 2}))
+    gateway = await start(load_config(path))
+    in_flight = asyncio.ensure_future(sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-1"))
+    await asyncio.wait_for(upstream.arrived.wait(), WAIT_S)
+
+    # The new config drops the caller, rotates the token and forbids retries.
+    write_config(path, rotated(upstream.url, upstream={"retries": 0}))
+    assert reload_config(gateway.state, partial(load_config, path))
+    first_answer.set()
+
+    response = await asyncio.wait_for(in_flight, WAIT_S)
+    assert response.batch.id == "batch-1"
+    assert upstream.calls == 2, "the retry allowed by the old config was made"
+    assert upstream.headers[1]["Authorization"] == f"Bearer {UPSTREAM_TOKEN}"
+    assert upstream.headers[1]["X-Client-Name"] == "reporting"
+    with pytest.raises(cohere.UnauthorizedError):
+        await sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-1")
+    assert_no_new_secrets(logs.text)
+
+
+# --- stop ---------------------------------------------------------------------------------------
+
+
+async def connection_refused(url: str) -> bool:
+    """Whether the listening socket is gone (polled: closing it is not observable as an event)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    for _ in range(200):
+        try:
+            _reader, writer = await asyncio.open_connection(host, int(port))
+        except ConnectionRefusedError:
+            return True
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        await asyncio.sleep(0.025)
+    return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_stop_signal_lets_the_request_in_flight_finish_refuses_new_ones_and_exits_0(
+    signum: int, fake_upstream: UpstreamFactory, gateway_process: ProcessFactory, tmp_path: Path
+) -> None:
+    upstream = await fake_upstream(json_handler())
+    upstream.release = asyncio.Event()
+    grace_s = 5.0
+    gateway = await gateway_process(write_config(tmp_path / "config.yaml", process_config(upstream.url)))
+    in_flight = asyncio.ensure_future(sdk(gateway.url).batches.retrieve("batch-1"))
+    await asyncio.wait_for(upstream.arrived.wait(), WAIT_S)
+
+    mark = gateway.signal(signum)
+    await gateway.wait_for_event("stopping", after=mark)
+    assert await connection_refused(gateway.url)
+    upstream.release.set()
+
+    response = await asyncio.wait_for(in_flight, WAIT_S)
+    assert response.batch.id == "batch-1"
+    assert await gateway.exit_code(within_s=grace_s) == 0
+    await gateway.wait_for_event("stopped", after=mark)
+
+
+async def test_a_request_still_running_after_the_grace_period_is_cut_and_the_process_exits_0(
+    fake_upstream: UpstreamFactory, gateway_process: ProcessFactory, tmp_path: Path
+) -> None:
+    upstream = await fake_upstream(json_handler())
+    upstream.release = asyncio.Event()  # never set before the gateway has gone
+    raw = process_config(upstream.url)
+    raw["server"]["shutdown_grace_s"] = 0.5
+    gateway = await gateway_process(write_config(tmp_path / "config.yaml", raw))
+    in_flight = asyncio.ensure_future(sdk(gateway.url).batches.retrieve("batch-1"))
+    await asyncio.wait_for(upstream.arrived.wait(), WAIT_S)
+
+    gateway.signal(signal.SIGTERM)
+
+    assert await gateway.exit_code(within_s=WAIT_S) == 0
+    with pytest.raises(httpx.TransportError):
+        await asyncio.wait_for(in_flight, WAIT_S)
+
+
+# --- slow clients -------------------------------------------------------------------------------
+
+
+async def trickle_until_closed(url: str, first: bytes, drip: bytes, *, drips: int = 200) -> bool:
+    """Send ``first``, then ``drip`` every 50 ms or so; whether the gateway closed the connection meanwhile.
+
+    The drips stay within every size limit (one header value growing by a
+    byte), so only the head deadline can end the connection.
+    """
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(first)
+        for _ in range(drips):
+            try:
+                writer.write(drip)
+                await writer.drain()
+                answer = await asyncio.wait_for(reader.read(65536), 0.05)
+            except TimeoutError:
+                continue
+            except OSError:
+                return True
+            if not answer:  # end of stream: closed by the gateway
+                return True
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def test_a_client_trickling_its_request_head_is_closed_after_header_timeout(
+    simulator: Simulator, start: GatewayFactory, logs: LogCapture
+) -> None:
+    gateway = await start(make_config(simulator.url, server={"header_timeout_s": 0.3, "keepalive_timeout_s": 60}))
+
+    closed = await trickle_until_closed(gateway.url, b"GET /healthz HTTP/1.1\r\nX-Slow: ", b"a")
+
+    assert closed, "a trickling client held the connection for 10 s"
+    assert any("no whole request head in time" in e["event"] for e in logs.events("gateway"))
+
+
+async def test_a_kept_alive_connection_trickling_its_next_request_head_is_closed_too(
+    simulator: Simulator, start: GatewayFactory
+) -> None:
+    gateway = await start(make_config(simulator.url, server={"header_timeout_s": 0.3, "keepalive_timeout_s": 60}))
+    first_request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    closed = await trickle_until_closed(gateway.url, first_request + b"GET /healthz HTTP/1.1\r\nX-Slow: ", b"a")
+
+    assert closed, "a trickling client held a kept-alive connection for 10 s"
