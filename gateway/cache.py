@@ -189,13 +189,14 @@ class BatchCache:
         self.settings = settings
         self.flights = SingleFlight(on_join)
         self._clock = clock
-        self._jitter = jitter
+        # Draws in [0, 1) for the active TTL's spread; tests pin it.
+        self.jitter = jitter
 
     def ttl_s(self, lifetime: Lifetime) -> float:
         ttl: float = getattr(self.settings.ttl_s, lifetime.value)
         if lifetime is Lifetime.ACTIVE:
             # Shorten by up to active_jitter so entries stored together spread out.
-            ttl *= 1 - self.settings.active_jitter * self._jitter()
+            ttl *= 1 - self.settings.active_jitter * self.jitter()
         return ttl
 
     def _entry(self, reply: UpstreamReply) -> CacheEntry:
