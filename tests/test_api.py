@@ -1,0 +1,414 @@
+"""The batch route as a service sees it (the cohere SDK) and as the upstream sees it.
+
+The caller's side: the SDK round trip, the body byte for byte, the cache and
+request id headers. The upstream's side: exactly the shared token, the
+configured caller name, none of the caller's credentials, and a URL built
+from ``base_url`` and the validated id alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+
+import aiohttp
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.demo import Simulator
+from tests.conftest import GatewayFactory, UpstreamFactory
+from tests.support import (
+    BILLING_KEY,
+    REPORTING_KEY,
+    UPSTREAM_TOKEN,
+    FakeClock,
+    assert_no_secrets,
+    json_handler,
+    make_config,
+    sdk,
+)
+
+BOUND_S = 30
+CALLERS = [("billing-service", BILLING_KEY), ("reporting", REPORTING_KEY)]
+# Every header the upstream may receive; anything else is a leak of the caller's request.
+UPSTREAM_HEADER_ALLOWLIST = {
+    "host",
+    "authorization",
+    "x-client-name",
+    "x-request-id",
+    "user-agent",
+    "accept",
+    "accept-encoding",
+    "x-fern-language",
+    "x-fern-sdk-name",
+    "x-fern-sdk-version",
+}
+CACHE_CONTROL = re.compile(r"private, max-age=\d+")
+
+
+async def get(
+    url: str, key: str = BILLING_KEY, headers: Mapping[str, str] | None = None
+) -> tuple[int, CIMultiDict[str], bytes]:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND_S)) as session,
+        session.get(url, headers={"Authorization": f"Bearer {key}", **(headers or {})}) as response,
+    ):
+        return response.status, CIMultiDict(response.headers), await response.read()
+
+
+async def raw_get(port: int, head: bytes) -> tuple[int, bytes]:
+    """A request sent exactly as written: clients would normalise these targets and headers."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), BOUND_S)
+    finally:
+        writer.close()
+    status_line, _, rest = data.partition(b"\r\n")
+    return int(status_line.split(b" ")[1]), rest
+
+
+# --- the caller's side ------------------------------------------------------------------
+
+
+async def test_the_sdk_retrieves_a_batch_as_the_simulator_reports_it(
+    simulator: Simulator, start: GatewayFactory
+) -> None:
+    gateway = await start(make_config(simulator.url))
+    client = sdk(gateway.url)
+    raw = await asyncio.wait_for(client.batches.with_raw_response.retrieve("batch-round-trip"), BOUND_S)
+    batch = raw.data.batch
+    assert (batch.id, batch.name, batch.status) == ("batch-round-trip", "demo-batch-round-trip", "BATCH_STATUS_QUEUED")
+    assert batch.num_records == simulator.batch("batch-round-trip")["num_records"]
+    assert raw.response.headers["Content-Type"].split(";")[0] == "application/json"
+    assert raw.response.headers["X-Cache"] == "MISS"
+    assert raw.response.headers["Age"] == "0"
+    assert CACHE_CONTROL.fullmatch(raw.response.headers["Cache-Control"])
+    assert re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", raw.response.headers["X-Request-ID"])
+    assert simulator.calls == 1
+    assert_no_secrets(raw.response.content)
+
+
+ODD_BODY = (
+    b'{ "batch" :{"status":"BATCH_STATUS_COMPLETED" ,"id":"batch-1",\n'
+    b'"name":"caf\\u00e9 \xe2\x98\x95","num_records":1.50e1, "extra": [null, {}]} , "later": true}  '
+)
+
+
+async def test_a_200_body_is_passed_byte_for_byte(fake_upstream: UpstreamFactory, start: GatewayFactory) -> None:
+    upstream = await fake_upstream(json_handler(body=ODD_BODY))
+    gateway = await start(make_config(upstream.url), clock=FakeClock())
+    client = sdk(gateway.url)
+    first = await asyncio.wait_for(client.batches.with_raw_response.retrieve("batch-1"), BOUND_S)
+    second = await asyncio.wait_for(client.batches.with_raw_response.retrieve("batch-1"), BOUND_S)
+    assert first.response.content == ODD_BODY
+    assert second.response.content == ODD_BODY
+    assert first.data.batch.name == "caf\u00e9 \u2615"
+    assert [r.response.headers["X-Cache"] for r in (first, second)] == ["MISS", "HIT"]
+    assert upstream.calls == 1
+
+
+async def test_cache_headers_tell_the_age_and_the_freshness_left(
+    fake_upstream: UpstreamFactory, start: GatewayFactory
+) -> None:
+    upstream = await fake_upstream(json_handler())
+    clock = FakeClock()
+    config = make_config(upstream.url, cache={"ttl_s": {"active": 30}, "active_jitter": 0})
+    gateway = await start(config, clock=clock)
+    status, miss, _ = await get(f"{gateway.url}/v2/batches/batch-1")
+    clock.advance(12)
+    _, hit, _ = await get(f"{gateway.url}/v2/batches/batch-1")
+    assert status == 200
+    assert (miss["X-Cache"], miss["Age"], miss["Cache-Control"]) == ("MISS", "0", "private, max-age=30")
+    assert (hit["X-Cache"], hit["Age"], hit["Cache-Control"]) == ("HIT", "12", "private, max-age=18")
+
+
+# --- what the upstream sees ------------------------------------------------------------
+
+
+def assert_upstream_saw_only_the_gateways_identity(headers: Mapping[str, str], caller_name: str) -> None:
+    seen = CIMultiDict(headers)
+    assert seen.getall("Authorization") == [f"Bearer {UPSTREAM_TOKEN}"], "the upstream did not get the shared token"
+    assert seen.getall("X-Client-Name") == [caller_name]
+    unexpected = {name.lower() for name in seen} - UPSTREAM_HEADER_ALLOWLIST
+    assert not unexpected, f"caller headers reached the upstream: {sorted(unexpected)}"
+
+
+@pytest.mark.parametrize(("caller_name", "key"), CALLERS)
+async def test_the_upstream_sees_the_shared_token_and_the_configured_caller_name(
+    caller_name: str, key: str, simulator: Simulator, start: GatewayFactory
+) -> None:
+    gateway = await start(make_config(simulator.url))
+    await asyncio.wait_for(sdk(gateway.url, key, client_name="i-am-someone-else").batches.retrieve("b1"), BOUND_S)
+    [seen] = simulator.seen
+    assert_upstream_saw_only_the_gateways_identity(seen.headers, caller_name)
+    assert key not in str(dict(seen.headers)), "the caller's key reached the upstream"
+
+
+CALLER_EXTRAS = {
+    "Cookie": "session=caller-session-cookie",
+    "X-Client-Name": "impostor",
+    "X-Api-Key": "another-credential",
+    "Api-Key": "another-credential",
+    "Proxy-Authorization": "Basic cHJveHk6c2VjcmV0",
+    "X-Forwarded-For": "10.0.0.1",
+    "X-Forwarded-Host": "evil.example",
+    "Forwarded": "for=10.0.0.1;host=evil.example",
+    "X-Original-URL": "/v2/batches/other",
+    "X-Rewrite-URL": "/v2/batches/other",
+    "X-HTTP-Method-Override": "DELETE",
+    "Keep-Alive": "timeout=5",
+    "TE": "trailers",
+    "Upgrade": "h2c",
+    "Via": "1.1 somewhere",
+    "Origin": "https://evil.example",
+    "Referer": "https://evil.example/page",
+    "Cohere-Version": "2022-12-06",
+}
+
+
+async def test_no_cookie_credential_or_hop_by_hop_header_of_the_caller_reaches_the_upstream(
+    simulator: Simulator, start: GatewayFactory
+) -> None:
+    gateway = await start(make_config(simulator.url))
+    status, _, _ = await get(f"{gateway.url}/v2/batches/b1", headers=CALLER_EXTRAS)
+    assert status == 200
+    [seen] = simulator.seen
+    assert_upstream_saw_only_the_gateways_identity(seen.headers, "billing-service")
+    flattened = str(dict(seen.headers))
+    for value in CALLER_EXTRAS.values():
+        assert value not in flattened
+
+
+async def test_doubled_caller_identity_headers_are_replaced_not_appended(
+    simulator: Simulator, start: GatewayFactory
+) -> None:
+    gateway = await start(make_config(simulator.url))
+    head = b"\r\n".join(
+        [
+            b"GET /v2/batches/b1 HTTP/1.1",
+            b"Host: gateway",
+            b"Authorization: Bearer " + BILLING_KEY.encode(),
+            b"X-Client-Name: impostor-one",
+            b"X-Client-Name: impostor-two",
+            b"Cookie: a=1",
+            b"Cookie: b=2",
+            b"Connection: close, X-Client-Name",
+            b"",
+            b"",
+        ]
+    )
+    status, _ = await raw_get(gateway.port, head)
+    assert status == 200
+    [seen] = simulator.seen
+    assert_upstream_saw_only_the_gateways_identity(seen.headers, "billing-service")
+
+
+# --- X-Request-ID in, out and upstream --------------------------------------------------
+
+
+@pytest.mark.parametrize("request_id", ["req-123", "a", "A.b_c:d-9", "x" * 128, "0f8fad5b-d9cb-469f-a165-70867728950e"])
+async def test_a_sane_request_id_is_echoed_and_sent_upstream(
+    request_id: str, simulator: Simulator, start: GatewayFactory
+) -> None:
+    gateway = await start(make_config(simulator.url))
+    _, headers, _ = await get(f"{gateway.url}/v2/batches/b1", headers={"X-Request-ID": request_id})
+    assert headers["X-Request-ID"] == request_id
+    [seen] = simulator.seen
+    assert seen.headers.getall("X-Request-ID") == [request_id]
+
+
+@pytest.mark.parametrize(
+    "request_id",
+    [
+        b"",
+        b"has spaces",
+        b"x" * 129,
+        b"semi;colon",
+        b'quote"d',
+        b"caf\xc3\xa9",
+        b"\xff\xfe",
+        b"a,b",
+        BILLING_KEY.encode() + b"!",
+    ],
+)
+async def test_an_insane_request_id_is_replaced_by_a_fresh_one_everywhere(
+    request_id: bytes, simulator: Simulator, start: GatewayFactory
+) -> None:
+    gateway = await start(make_config(simulator.url))
+    head = b"\r\n".join(
+        [
+            b"GET /v2/batches/b1 HTTP/1.1",
+            b"Host: gateway",
+            b"Authorization: Bearer " + BILLING_KEY.encode(),
+            b"X-Request-ID: " + request_id,
+            b"Connection: close",
+            b"",
+            b"",
+        ]
+    )
+    status, rest = await raw_get(gateway.port, head)
+    assert status == 200
+    echoed = re.search(rb"(?im)^X-Request-ID: *([^\r\n]*)\r$", rest)
+    assert echoed is not None
+    fresh = echoed.group(1).decode()
+    assert fresh.encode() != request_id
+    assert re.fullmatch(r"[0-9a-f]{32}", fresh)
+    [seen] = simulator.seen
+    assert seen.headers.getall("X-Request-ID") == [fresh]
+
+
+async def test_two_request_ids_from_the_caller_are_replaced(simulator: Simulator, start: GatewayFactory) -> None:
+    gateway = await start(make_config(simulator.url))
+    head = b"\r\n".join(
+        [
+            b"GET /v2/batches/b1 HTTP/1.1",
+            b"Host: gateway",
+            b"Authorization: Bearer " + BILLING_KEY.encode(),
+            b"X-Request-ID: first",
+            b"X-Request-ID: second",
+            b"Connection: close",
+            b"",
+            b"",
+        ]
+    )
+    status, rest = await raw_get(gateway.port, head)
+    assert status == 200
+    [seen] = simulator.seen
+    sent = seen.headers.getall("X-Request-ID")
+    assert len(sent) == 1
+    assert sent[0] not in {"first", "second"}
+    assert b"X-Request-ID: " + sent[0].encode() in rest
+
+
+async def test_a_request_id_is_generated_when_none_is_sent(simulator: Simulator, start: GatewayFactory) -> None:
+    gateway = await start(make_config(simulator.url))
+    _, first, _ = await get(f"{gateway.url}/v2/batches/b1")
+    _, second, _ = await get(f"{gateway.url}/v2/batches/b2")
+    assert first["X-Request-ID"] != second["X-Request-ID"]
+    assert [s.headers["X-Request-ID"] for s in simulator.seen] == [first["X-Request-ID"], second["X-Request-ID"]]
+
+
+# --- the upstream URL --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "host"),
+    [
+        (b"/v2/batches/b1?x=1", b"gateway"),
+        (b"/v2/batches/b1?id=other&path=../jobs&url=http://evil.example/", b"gateway"),
+        (b"/v2/batches/b1?", b"gateway"),
+        (b"/v2/batches/b1#frag", b"gateway"),
+        (b"/v2/batches/b1", b"evil.example"),
+        (b"/v2/batches/b1", b"evil.example:443"),
+        (b"http://evil.example/v2/batches/b1", b"gateway"),
+        (b"http://evil.example:8080/v2/batches/b1?x=1", b"evil.example"),
+        (b"/v2/batches/%62%31", b"gateway"),
+    ],
+)
+async def test_the_upstream_url_is_built_from_base_url_and_the_id_alone(
+    target: bytes, host: bytes, fake_upstream: UpstreamFactory, start: GatewayFactory
+) -> None:
+    upstream = await fake_upstream(json_handler())
+    gateway = await start(make_config(upstream.url))
+    head = b"\r\n".join(
+        [
+            b"GET " + target + b" HTTP/1.1",
+            b"Host: " + host,
+            b"Authorization: Bearer " + BILLING_KEY.encode(),
+            b"Connection: close",
+            b"",
+            b"",
+        ]
+    )
+    status, _ = await raw_get(gateway.port, head)
+    assert status == 200
+    [request] = upstream.requests
+    assert request.raw_path == "/v2/batches/b1"
+    assert request.query_string == ""
+    assert request.headers["Host"] == upstream.url.removeprefix("http://")
+
+
+@pytest.mark.parametrize("prefix", ["/cohere", "/cohere/", "/a/b/c"])
+async def test_a_base_url_with_a_path_prefix_is_kept(
+    prefix: str, fake_upstream: UpstreamFactory, start: GatewayFactory
+) -> None:
+    upstream = await fake_upstream(json_handler())
+    gateway = await start(make_config(upstream.url + prefix))
+    response = await asyncio.wait_for(sdk(gateway.url).batches.retrieve("b1"), BOUND_S)
+    assert response.batch.id == "b1"
+    [request] = upstream.requests
+    assert request.raw_path == prefix.rstrip("/") + "/v2/batches/b1"
+
+
+async def test_the_upstream_is_asked_with_get_and_no_body(
+    fake_upstream: UpstreamFactory, start: GatewayFactory
+) -> None:
+    bodies: list[bytes] = []
+
+    async def record(request: web.Request) -> web.Response:
+        bodies.append(await request.read())
+        return await json_handler()(request)
+
+    upstream = await fake_upstream(record)
+    gateway = await start(make_config(upstream.url))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            f"{gateway.url}/v2/batches/b1", headers={"Authorization": f"Bearer {BILLING_KEY}"}, data=b"caller-body"
+        ) as response,
+    ):
+        assert response.status == 200
+    assert [r.method for r in upstream.requests] == ["GET"]
+    assert bodies == [b""]
+
+
+# --- a newcomer's first run ---------------------------------------------------------------
+
+
+async def test_the_sdk_retrieves_a_batch_through_demo_mode() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in {"COHERE_API_KEY", "GATEWAY_CONFIG"}}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "--demo",
+        "--config",
+        "/nonexistent/config.yaml",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        banner = b""
+        while b"Try:" not in banner:
+            line = await asyncio.wait_for(process.stdout.readline(), BOUND_S)
+            assert line, "the demo exited before printing its banner"
+            banner += line
+        url = re.search(rb"serving (http://\S+) ", banner)
+        key = re.search(rb"demo-billing: (\S+)", banner)
+        assert url is not None
+        assert key is not None
+        response = await asyncio.wait_for(
+            sdk(url.group(1).decode(), key.group(1).decode()).batches.retrieve("my-first-batch"), BOUND_S
+        )
+        assert response.batch.id == "my-first-batch"
+        assert response.batch.status == "BATCH_STATUS_QUEUED"
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), BOUND_S) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
