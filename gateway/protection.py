@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 
 Clock = Callable[[], float]
 
 
 class TokenBucket:
-    """``burst`` tokens, refilled at ``rate`` per second."""
+    """``burst`` tokens, refilled at ``rate`` per second.
+
+    Over any window of ``t`` seconds at most ``burst + rate * t`` tokens are
+    taken: the bound that keeps the gateway inside the upstream's limit.
+    """
 
     def __init__(self, rate: float, burst: int, clock: Clock = time.monotonic) -> None:
         self._clock = clock
@@ -31,8 +36,9 @@ class TokenBucket:
 
     def _refill(self) -> None:
         now = self._clock()
-        self._tokens = min(float(self.burst), self._tokens + (now - self._updated) * self.rate)
-        self._updated = now
+        # max(): a clock that steps back must not take tokens away.
+        self._tokens = min(float(self.burst), self._tokens + max(0.0, now - self._updated) * self.rate)
+        self._updated = max(now, self._updated)
 
     @property
     def tokens(self) -> float:
@@ -54,12 +60,34 @@ class BreakerState(Enum):
     HALF_OPEN = 2
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The breaker's answer to one call: go (``wait_s == 0``) or retry later.
+
+    ``probe`` marks the single call let through after a cooldown; only its
+    holder may give the probe slot back with ``abandon``.
+    """
+
+    wait_s: float
+    probe: bool = False
+
+    @property
+    def admitted(self) -> bool:
+        return self.wait_s == 0
+
+
+# While the probe is out, callers are asked to come back after this long.
+PROBE_RETRY_AFTER_S = 1.0
+
+
 class CircuitBreaker:
     """Fail fast after ``threshold`` consecutive failures, for ``cooldown_s``.
 
     After the cooldown a single probe is let through: its success closes the
     breaker, its failure opens it for another cooldown. While the probe is
-    out, everyone else still fails fast.
+    out, everyone else still fails fast. A probe that never reaches the
+    upstream (no budget, cancelled) is handed back with ``abandon`` so that
+    the next call probes instead.
     """
 
     def __init__(self, threshold: int, cooldown_s: float, clock: Clock = time.monotonic) -> None:
@@ -69,44 +97,49 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._probing = False
-        self.state = BreakerState.CLOSED
+        self._state = BreakerState.CLOSED
 
     def reconfigure(self, threshold: int, cooldown_s: float) -> None:
         self.threshold, self.cooldown_s = threshold, cooldown_s
 
-    def admit(self) -> float:
-        """Return 0 if a call may go out now, else the seconds until the next probe."""
-        if self.state is BreakerState.CLOSED:
-            return 0.0
-        remaining = self._opened_at + self.cooldown_s - self._clock()
-        if self.state is BreakerState.OPEN and remaining <= 0:
-            self.state = BreakerState.HALF_OPEN
+    @property
+    def state(self) -> BreakerState:
+        """The state now: an open breaker whose cooldown has passed is half-open."""
+        if self._state is BreakerState.OPEN and self._clock() >= self._opened_at + self.cooldown_s:
+            self._state = BreakerState.HALF_OPEN
             self._probing = False
-        if self.state is BreakerState.HALF_OPEN and not self._probing:
-            self._probing = True
-            return 0.0
-        # While the probe is out, ask callers to come back shortly.
-        return max(remaining, 1.0)
+        return self._state
 
-    def abandon(self) -> None:
-        """The admitted call never reached the upstream: free the probe slot."""
-        self._probing = False
+    def admit(self) -> Admission:
+        """Whether a call may go out now; if not, the seconds until it is worth asking again."""
+        state = self.state
+        if state is BreakerState.CLOSED:
+            return Admission(0.0)
+        if state is BreakerState.HALF_OPEN and not self._probing:
+            self._probing = True
+            return Admission(0.0, probe=True)
+        if state is BreakerState.OPEN:
+            return Admission(self._opened_at + self.cooldown_s - self._clock())
+        return Admission(PROBE_RETRY_AFTER_S)
+
+    def abandon(self, admission: Admission) -> None:
+        """The admitted call never got an answer from the upstream: free its probe slot."""
+        if admission.probe and self._state is BreakerState.HALF_OPEN:
+            self._probing = False
 
     def record_success(self) -> None:
+        """The upstream answered sanely: it is healthy."""
         self._failures = 0
         self._probing = False
-        self.state = BreakerState.CLOSED
+        self._state = BreakerState.CLOSED
 
     def record_failure(self) -> None:
+        """The upstream failed (5xx, unreachable, timeout, nonsense)."""
         self._failures += 1
-        if self.state is BreakerState.HALF_OPEN or self._failures >= self.threshold:
-            self.state = BreakerState.OPEN
+        state = self.state
+        if state is BreakerState.OPEN:
+            return  # a call sent before the breaker opened: the cooldown stands
+        if state is BreakerState.HALF_OPEN or self._failures >= self.threshold:
+            self._state = BreakerState.OPEN
             self._opened_at = self._clock()
             self._probing = False
-
-    def record_neutral(self) -> None:
-        """An answer that says nothing of the upstream's health (a 404, a 429)."""
-        if self.state is BreakerState.HALF_OPEN:
-            self.record_success()
-        else:
-            self._failures = 0

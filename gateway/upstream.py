@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -19,7 +20,7 @@ from gateway import errors
 from gateway.cache import UpstreamReply
 from gateway.config import UpstreamSettings
 from gateway.metrics import Metrics
-from gateway.protection import CircuitBreaker, Clock, TokenBucket
+from gateway.protection import Admission, CircuitBreaker, Clock, TokenBucket
 from gateway.protocol import Lifetime, error_for_status, now_utc, parse_batch_body, parse_retry_after
 
 USER_AGENT = "cohere-gateway/0.1"
@@ -50,6 +51,16 @@ class UpstreamRequest:
     trace: RequestTrace = field(default_factory=RequestTrace)
 
 
+@dataclass(slots=True)
+class _Tally:
+    """What one fetch has done so far: its deadline (loop time), HTTP calls made, and
+    whether the last answer showed a healthy upstream (``None``: no answer yet)."""
+
+    deadline: float
+    calls: int = 0
+    healthy: bool | None = None
+
+
 class _Retryable(Exception):
     """An attempt failed in a way that another attempt may fix."""
 
@@ -60,10 +71,18 @@ class _Retryable(Exception):
 class UpstreamClient:
     """Owns the ``ClientSession`` and the guards that keep upstream calls in check."""
 
-    def __init__(self, settings: UpstreamSettings, metrics: Metrics, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        metrics: Metrics,
+        clock: Clock = time.monotonic,
+        jitter: Callable[[float, float], float] = random.uniform,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self._clock = clock
+        # Draws a backoff in [low, high]; tests pin it to make retries deterministic.
+        self.jitter = jitter
         self.budget = TokenBucket(settings.rate_limit.requests_per_s, settings.rate_limit.burst, clock)
         self.breaker = CircuitBreaker(settings.breaker.failures, settings.breaker.cooldown_s, clock)
         self.paused_until = 0.0
@@ -104,33 +123,39 @@ class UpstreamClient:
         has a stale entry to fall back on is better served by it at once.
         """
         self._check_paused()
-        wait = self.breaker.admit()
-        if wait:
+        admission = self.breaker.admit()
+        if not admission.admitted:
             self.metrics.upstream_rejected.labels("breaker_open").inc()
             raise errors.UpstreamUnavailable(
-                "The upstream is failing; the gateway is failing fast.", retry_after_s=wait
+                "The upstream is failing; the gateway is failing fast.", retry_after_s=admission.wait_s
             )
+        tally = _Tally(deadline=asyncio.get_running_loop().time() + settings.timeout_s)
         try:
-            async with asyncio.timeout(settings.timeout_s):
-                reply = await self._attempts(request, settings, may_wait)
+            async with asyncio.timeout_at(tally.deadline):
+                reply = await self._attempts(request, settings, may_wait, tally)
         except TimeoutError:
-            self.breaker.record_failure()
-            self.metrics.upstream_calls.labels("upstream_timeout").inc()
+            self._judge(admission, tally, timed_out=True)
             raise errors.UpstreamTimeout(f"The upstream did not answer within {settings.timeout_s:g} s.") from None
-        except (errors.RateLimited, errors.UpstreamRateLimited):
-            self.breaker.record_neutral()
-            raise
-        except errors.GatewayError as error:
-            if isinstance(error, errors.UpstreamFailure) and error.upstream_status != 429:
-                self.breaker.record_failure()
-            else:
-                self.breaker.record_neutral()
-            raise
         except BaseException:
-            self.breaker.abandon()
+            self._judge(admission, tally)
             raise
-        self.breaker.record_success()
+        self._judge(admission, tally)
         return reply
+
+    def _judge(self, admission: Admission, tally: _Tally, timed_out: bool = False) -> None:
+        """Tell the breaker what this fetch learnt of the upstream's health.
+
+        The last HTTP answer decides. A fetch that learnt nothing (refused for
+        budget or a pause before any call, or cancelled) gives its probe slot
+        back; a deadline that cut a call short counts as a failure.
+        """
+        healthy = False if timed_out and tally.calls else tally.healthy
+        if healthy is None:
+            self.breaker.abandon(admission)
+        elif healthy:
+            self.breaker.record_success()
+        else:
+            self.breaker.record_failure()
 
     def _check_paused(self) -> None:
         remaining = self.paused_until - self._clock()
@@ -138,41 +163,74 @@ class UpstreamClient:
             self.metrics.upstream_rejected.labels("paused").inc()
             raise errors.UpstreamRateLimited(retry_after_s=remaining)
 
-    def _pause(self, seconds: float) -> None:
+    def _pause(self, seconds: float) -> float:
+        """Stop every upstream call for ``seconds``; return the time the pause has left."""
         self.metrics.upstream_pauses.inc()
-        self.paused_until = max(self.paused_until, self._clock() + seconds)
+        now = self._clock()
+        self.paused_until = max(self.paused_until, now + seconds)
+        return self.paused_until - now
 
-    async def _spend_budget(self, settings: UpstreamSettings, may_wait: bool) -> None:
-        """Take a budget token, waiting at most ``budget_wait_s`` if allowed."""
-        give_up_at = self._clock() + (settings.budget_wait_s if may_wait else 0.0)
+    async def _spend_budget(self, settings: UpstreamSettings, may_wait: bool, deadline: float) -> None:
+        """Take a budget token, waiting at most ``budget_wait_s`` (and never past the deadline) if allowed.
+
+        The time waited is counted in sleeps rather than read from the clock,
+        so a frozen test clock cannot make the wait endless.
+        """
+        loop = asyncio.get_running_loop()
+        allowed = min(settings.budget_wait_s, deadline - loop.time()) if may_wait else 0.0
+        waited = 0.0
         while (wait := self.budget.try_take()) > 0:
-            if self._clock() + wait > give_up_at:
+            if waited + wait > allowed:
                 self.metrics.upstream_rejected.labels("budget").inc()
                 raise errors.RateLimited(retry_after_s=wait)
             await asyncio.sleep(wait)
+            waited += wait
 
-    async def _attempts(self, request: UpstreamRequest, settings: UpstreamSettings, may_wait: bool) -> UpstreamReply:
+    def _backoff_s(self, settings: UpstreamSettings, retry: int) -> float:
+        """Full jitter: a random wait up to an exponential cap (``retry`` counts from 1)."""
+        return self.jitter(0.0, settings.retry_backoff_s * 2 ** (retry - 1))
+
+    async def _attempts(
+        self, request: UpstreamRequest, settings: UpstreamSettings, may_wait: bool, tally: _Tally
+    ) -> UpstreamReply:
+        loop = asyncio.get_running_loop()
         last: errors.GatewayError | None = None
         for attempt in range(settings.retries + 1):
             if last is not None:
-                self.metrics.upstream_retries.inc()
-                # Full jitter: a random wait up to an exponential cap.
-                await asyncio.sleep(random.uniform(0, settings.retry_backoff_s * 2 ** (attempt - 1)))
+                backoff = self._backoff_s(settings, attempt)
+                if loop.time() + backoff >= tally.deadline:
+                    raise last  # no time left for another try: report the real failure
+                await asyncio.sleep(backoff)
+            try:
+                self._check_paused()  # another request may have been told to pause meanwhile
+                await self._spend_budget(settings, may_wait or last is not None, tally.deadline)
                 self._check_paused()
-            try:
-                await self._spend_budget(settings, may_wait or last is not None)
-            except errors.RateLimited:
+            except (errors.RateLimited, errors.UpstreamRateLimited):
                 if last is not None:
-                    raise last from None  # out of budget for a retry: report the real failure
+                    raise last from None  # a retry refused: report the real failure
                 raise
+            if last is not None:
+                self.metrics.upstream_retries.inc()
+            tally.calls += 1
             try:
-                return await self._attempt(request, settings)
+                reply = await self._attempt(request, settings, tally.deadline)
             except _Retryable as retryable:
+                tally.healthy = False
                 last = retryable.error
+                continue
+            except errors.UpstreamFailure as error:
+                # A 429 is a healthy upstream saying "slow down"; any other failure is not.
+                tally.healthy = error.upstream_status == 429
+                raise
+            except errors.GatewayError:
+                tally.healthy = True  # an answer about the batch itself (400)
+                raise
+            tally.healthy = True
+            return reply
         assert last is not None
         raise last
 
-    async def _attempt(self, request: UpstreamRequest, settings: UpstreamSettings) -> UpstreamReply:
+    async def _attempt(self, request: UpstreamRequest, settings: UpstreamSettings, deadline: float) -> UpstreamReply:
         assert self._session is not None, "UpstreamClient.start() was not awaited"
         headers = {
             "Authorization": f"Bearer {settings.token_value}",
@@ -190,6 +248,10 @@ class UpstreamClient:
                 retry_after = response.headers.get("Retry-After")
         except errors.GatewayError as error:
             outcome = error.code
+            raise
+        except asyncio.CancelledError:
+            # Cut short: by the fetch's deadline, or by the gateway shutting down.
+            outcome = "upstream_timeout" if asyncio.get_running_loop().time() >= deadline else "cancelled"
             raise
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             outcome = "upstream_unreachable"
@@ -220,15 +282,18 @@ class UpstreamClient:
         if status == 404:
             return UpstreamReply(404, body, Lifetime.NOT_FOUND)
         wait = None
-        if status == 429 or (status == 503 and retry_after is not None):
-            wait = parse_retry_after(
+        # The upstream said when to come back: every id waits that long, and
+        # this call is not retried before then.
+        told_when = status == 429 or (status == 503 and retry_after is not None)
+        if told_when:
+            asked = parse_retry_after(
                 retry_after, now=now_utc(), default_s=settings.retry_after_default_s, max_s=settings.retry_after_max_s
             )
-            self._pause(wait)
+            wait = self._pause(asked)
         elif status == 503:
             wait = settings.retry_after_default_s
         error = error_for_status(status, body, wait)
-        if status in RETRYABLE_STATUSES and not self.paused_until > self._clock():
+        if status in RETRYABLE_STATUSES and not told_when:
             raise _Retryable(error)
         raise error
 
