@@ -1,0 +1,947 @@
+"""The benchmark: the gateway side by side with what users would run instead.
+
+    python bench/run.py            # full run (about 6 minutes): writes bench/RESULTS.md and bench/upstream_calls.png
+    python bench/run.py --quick    # under 3 minutes; results go to a temporary folder
+    python bench/run.py --smoke    # a few seconds: every scenario once, minimally (CI)
+
+Every server runs in its own process on 127.0.0.1: the simulated upstream
+(bench/sim_server.py, the gateway's own ``gateway.demo.Simulator``), the
+gateway (``python -m gateway --config <generated>``), the framework
+ceiling (bench/ceiling.py) and Debian's nginx (bench/nginx.conf.template).
+wrk generates the cache-hit load; the other scenarios use an aiohttp client
+in this process. Each comparison alternates its contenders within one run,
+for several rounds, and reports medians and ratios.
+
+The last line on stdout is one JSON object (see ``KEYS``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import re
+import secrets
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import uvloop
+
+BENCH = Path(__file__).resolve().parent
+KEYS = (
+    "hit_rps",
+    "ceiling_rps",
+    "nginx_rps",
+    "hit_vs_ceiling",
+    "hit_vs_nginx",
+    "upstream_amplification",
+    "upstream_calls_vs_nginx",
+    "miss_overhead_p50_ms",
+    "miss_overhead_p99_ms",
+    "bytes_per_entry",
+)
+# key: (comparison, bound)
+TARGETS = {
+    "hit_vs_ceiling": (">=", 0.9),
+    "upstream_amplification": ("<=", 1.05),
+    "miss_overhead_p50_ms": ("<=", 2.0),
+    "bytes_per_entry": ("<=", 2048.0),
+}
+TTL_ACTIVE_S = 5.0
+TTL_TERMINAL_S = 86400.0
+TTL_NOT_FOUND_S = 10.0
+HIT_BATCH_ID = "hit-batch-0001"
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    hit_rounds: int
+    hit_seconds: int
+    connections: tuple[int, ...]
+    pollers: int
+    batches: int
+    poll_interval_s: float
+    lifetime_s: float
+    window_s: float
+    miss_rounds: int
+    miss_per_round: int
+    memory_entries: int
+    install: bool
+
+
+MODES = {
+    "full": Mode("full", 5, 4, (64, 256), 200, 50, 0.5, 30.0, 38.0, 5, 400, 100_000, True),
+    "quick": Mode("quick", 3, 2, (64, 256), 200, 50, 0.5, 12.0, 16.0, 3, 300, 25_000, True),
+    "smoke": Mode("smoke", 1, 1, (64,), 20, 5, 0.5, 2.0, 3.0, 1, 30, 500, False),
+}
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- processes -----------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no VmRSS for {self.name}")
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=5)
+
+
+class Processes:
+    """Every process the benchmark starts; all are stopped on the way out."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.running: list[Proc] = []
+
+    def start(
+        self, name: str, cmd: list[str], port: int, env: dict[str, str] | None = None, user: str | None = None
+    ) -> Proc:
+        log_path = self.workdir / f"{name}.log"
+        with log_path.open("wb") as out:
+            popen = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+                user=user,
+                cwd=self.workdir,
+            )
+        proc = Proc(name, popen, f"http://127.0.0.1:{port}", log_path)
+        self.running.append(proc)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if popen.poll() is not None:
+                raise RuntimeError(f"{name} exited with {popen.returncode}: {tail(log_path)}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc
+            time.sleep(0.05)
+        raise RuntimeError(f"{name} did not start listening within 20 s: {tail(log_path)}")
+
+    def stop(self, proc: Proc) -> None:
+        proc.stop()
+        if proc in self.running:
+            self.running.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.running):
+            with contextlib.suppress(Exception):
+                proc.stop()
+        self.running.clear()
+
+
+def tail(path: Path, lines: int = 8) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclass
+class Env:
+    """What every scenario shares: the processes, the simulator, the secrets."""
+
+    mode: Mode
+    procs: Processes
+    workdir: Path
+    token: str
+    keys: dict[str, str]  # caller name -> key
+    sim: Proc | None = None
+    wrk: str | None = None
+    nginx: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return next(iter(self.keys.values()))
+
+    def start_simulator(self, lifetimes: dict[str, float]) -> None:
+        port = free_port()
+        cmd = [sys.executable, str(BENCH / "sim_server.py"), "--port", str(port)]
+        for ns, life in lifetimes.items():
+            cmd += ["--ns", f"{ns}={life}"]
+        self.sim = self.procs.start("simulator", cmd, port, env={"BENCH_UPSTREAM_TOKEN": self.token})
+
+    def start_gateway(self, name: str, ns: str, access_log: bool = True, max_entries: int = 100_000) -> Proc:
+        assert self.sim is not None
+        port = free_port()
+        config = {
+            "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_s": 2},
+            "upstream": {
+                "base_url": f"{self.sim.url}/{ns}",
+                "token": self.token,
+                "timeout_s": 15,
+                "max_connections": 100,
+                # High enough that the budget never shapes what is measured.
+                "rate_limit": {"requests_per_s": 1_000_000, "burst": 1_000_000},
+            },
+            "cache": {
+                "max_entries": max_entries,
+                "ttl_s": {"active": TTL_ACTIVE_S, "terminal": TTL_TERMINAL_S, "not_found": TTL_NOT_FOUND_S},
+            },
+            "logging": {"level": "INFO", "access_log": access_log},
+            "callers": [{"name": n, "key": k} for n, k in self.keys.items()],
+        }
+        path = self.workdir / f"{name}.yaml"
+        path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+        cmd = [sys.executable, "-m", "gateway", "--config", str(path)]
+        return self.procs.start(name, cmd, port)
+
+    def start_ceiling(self, body: bytes) -> Proc:
+        port = free_port()
+        body_file = self.workdir / "hit-body.json"
+        body_file.write_bytes(body)
+        cmd = [sys.executable, str(BENCH / "ceiling.py"), "--port", str(port)]
+        cmd += ["--body-file", str(body_file), "--batch-id", HIT_BATCH_ID]
+        return self.procs.start("ceiling", cmd, port, env={"BENCH_CALLER_KEYS": ",".join(self.keys.values())})
+
+    def start_nginx(self, name: str, ns: str, access_log: bool = True) -> Proc:
+        assert self.sim is not None
+        assert self.nginx is not None
+        port = free_port()
+        prefix = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.workdir))
+        for sub in ("logs", "tmp", "cache"):
+            (prefix / sub).mkdir()
+        caller_map = "\n".join(f'        "Bearer {k}" "{n}";' for n, k in self.keys.items())
+        conf = (BENCH / "nginx.conf.template").read_text()
+        for placeholder, value in {
+            "@PREFIX@": str(prefix),
+            "@ACCESS_LOG@": f"{prefix}/logs/access.log" if access_log else "off",
+            "@CALLER_MAP@": caller_map,
+            "@UPSTREAM_HOSTPORT@": self.sim.url.removeprefix("http://"),
+            "@UPSTREAM_PATH@": f"/{ns}",
+            "@UPSTREAM_TOKEN@": self.token,
+            "@PORT@": str(port),
+            "@TTL_ACTIVE@": str(int(TTL_ACTIVE_S)),
+            "@TTL_NOT_FOUND@": str(int(TTL_NOT_FOUND_S)),
+        }.items():
+            conf = conf.replace(placeholder, value)
+        (prefix / "nginx.conf").write_text(conf)
+        user = None
+        if os.geteuid() == 0:
+            # Unprivileged: the whole process tree runs as nobody, in its own prefix.
+            user = "nobody"
+            os.chmod(prefix.parent, 0o755)  # noqa: S103 (nobody must reach its prefix; no secret is world-readable)
+            for path in [prefix, *prefix.rglob("*")]:
+                os.chown(path, _nobody_uid(), -1)
+        cmd = [self.nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "logs/error.log")]
+        return self.procs.start(name, cmd, port, user=user)
+
+
+def _nobody_uid() -> int:
+    import pwd
+
+    return pwd.getpwnam("nobody").pw_uid
+
+
+# --- tools ---------------------------------------------------------------------------------------------------------
+
+
+def find_tools(allow_install: bool) -> tuple[str | None, str | None, list[str]]:
+    """wrk and nginx, installed from Debian if missing and allowed; and what was done."""
+    notes: list[str] = []
+
+    def found() -> tuple[str | None, str | None]:
+        nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
+        return shutil.which("wrk"), nginx
+
+    wrk, nginx = found()
+    if (wrk and nginx) or not allow_install:
+        if not (wrk and nginx):
+            notes.append("wrk/nginx missing and installing was not attempted (--smoke or --no-install)")
+        return wrk, nginx, notes
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        notes.append("wrk/nginx missing and cannot be installed here (not root, or no apt-get)")
+        return wrk, nginx, notes
+    log("installing wrk and nginx from Debian")
+    install = ["apt-get", "install", "-y", "-q", "wrk", "nginx"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        done = subprocess.run(install, capture_output=True, timeout=300, env=env, check=False)
+        if done.returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=300, env=env, check=False)
+            done = subprocess.run(install, capture_output=True, timeout=300, env=env, check=False)
+        notes.append(f"apt-get install wrk nginx: exit {done.returncode}")
+    except subprocess.TimeoutExpired:
+        notes.append("apt-get install wrk nginx timed out")
+    wrk, nginx = found()
+    return wrk, nginx, notes
+
+
+# --- scenario 1: cache hits ----------------------------------------------------------------------------------------
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def parse_wrk(text: str) -> dict[str, float]:
+    """Requests/sec, p50 and p99 (ms) and error counts from ``wrk --latency`` output."""
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    if rps is None:
+        raise RuntimeError(f"wrk gave no Requests/sec: {text[-400:]}")
+    result = {"rps": float(rps.group(1))}
+    for pct, key in (("50", "p50_ms"), ("99", "p99_ms")):
+        found = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", text, re.MULTILINE)
+        result[key] = float(found.group(1)) * _UNITS[found.group(2)] if found else math.nan
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    result["non2xx"] = float(non2xx.group(1)) if non2xx else 0.0
+    result["socket_errors"] = float(sum(int(g) for g in errors.groups())) if errors else 0.0
+    return result
+
+
+def run_wrk(env: Env, url: str, connections: int, seconds: int) -> dict[str, float]:
+    assert env.wrk is not None
+    cmd = [env.wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "--latency"]
+    cmd += ["-H", f"Authorization: Bearer {env.key}", url]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr[-400:]}")
+    return parse_wrk(done.stdout)
+
+
+def scenario_hits(env: Env) -> dict[str, Any]:
+    """Cache-hit throughput and latency, wrk against every contender in turn."""
+    mode = env.mode
+    if env.wrk is None:
+        env.notes.append("scenario 1 (cache hits) skipped: wrk is not installed")
+        return {}
+    assert env.sim is not None
+    contenders: dict[str, Proc] = {
+        "gateway": env.start_gateway("gateway-hit", "hit"),
+        "gateway (access_log off)": env.start_gateway("gateway-hit-nolog", "hit", access_log=False),
+    }
+    # Warm: one miss each, then the ceiling gets the very bytes the gateway serves.
+    body = uvloop.run(fetch_body(contenders["gateway"].url, env.key))
+    contenders["ceiling"] = env.start_ceiling(body)
+    if env.nginx is not None:
+        contenders["nginx"] = env.start_nginx("nginx-hit", "hit")
+    else:
+        env.notes.append("nginx contender skipped: nginx is not installed")
+    urls = {name: f"{p.url}/v2/batches/{HIT_BATCH_ID}" for name, p in contenders.items()}
+    for name, url in urls.items():
+        check = uvloop.run(fetch_status(url, env.key))
+        if check != 200:
+            raise RuntimeError(f"{name} answered {check} to the hit request")
+        if mode.name != "smoke":
+            run_wrk(env, url, mode.connections[0], 1)  # warm-up, discarded
+    samples: dict[tuple[str, int], list[dict[str, float]]] = {}
+    names = list(urls)
+    for round_no in range(mode.hit_rounds):
+        # Rotate the order each round, so no contender always follows the same one.
+        order = names[round_no % len(names) :] + names[: round_no % len(names)]
+        for conns in mode.connections:
+            for name in order:
+                samples.setdefault((name, conns), []).append(run_wrk(env, urls[name], conns, mode.hit_seconds))
+        log(f"hits: round {round_no + 1}/{mode.hit_rounds} done")
+    for proc in contenders.values():
+        env.procs.stop(proc)
+    table: dict[str, Any] = {}
+    for (name, conns), runs in samples.items():
+        table.setdefault(name, {})[conns] = {
+            "rps": statistics.median(r["rps"] for r in runs),
+            "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+            "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+            "errors": sum(r["non2xx"] + r["socket_errors"] for r in runs),
+            "rounds_rps": [round(r["rps"]) for r in runs],
+        }
+
+    def ratio(a: str, b: str, conns: int) -> float | None:
+        if (a, conns) not in samples or (b, conns) not in samples:
+            return None
+        # Ratio within each round (the two ran minutes apart at most), then the median.
+        pairs = zip(samples[(a, conns)], samples[(b, conns)], strict=True)
+        return statistics.median(x["rps"] / y["rps"] for x, y in pairs)
+
+    ratios = {
+        f"{a}/{b}@{c}": ratio(a, b, c)
+        for c in mode.connections
+        for a, b in (
+            ("gateway", "ceiling"),
+            ("gateway", "nginx"),
+            ("gateway (access_log off)", "ceiling"),
+            ("gateway (access_log off)", "nginx"),
+        )
+    }
+    return {"table": table, "ratios": ratios, "body_bytes": len(body)}
+
+
+async def fetch_body(url: str, key: str) -> bytes:
+    async with aiohttp.ClientSession() as session:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with session.get(f"{url}/v2/batches/{HIT_BATCH_ID}", headers=headers) as response:
+            response.raise_for_status()
+            return await response.read()
+
+
+async def fetch_status(url: str, key: str) -> int:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(url, headers={"Authorization": f"Bearer {key}"}) as response,
+    ):
+        await response.read()
+        return response.status
+
+
+# --- scenario 2: upstream amplification ----------------------------------------------------------------------------
+
+
+def lifecycle_ids(count: int) -> list[str]:
+    # Every tenth batch ends FAILED rather than COMPLETED (the Simulator's rule for ids with "fail").
+    return [f"life-fail-{i:03d}" if i % 10 == 9 else f"life-{i:03d}" for i in range(count)]
+
+
+def ideal_calls(first_seen: float, span_s: float, end: float, ttl_s: float) -> list[float]:
+    """The ideal cache's upstream calls for one batch, up to ``end``.
+
+    One call per active-TTL window while the batch is active (so no answer is
+    staler than the TTL), and one more, at the next window, that finds it
+    terminal; after that, nothing.
+    """
+    calls = []
+    t = first_seen
+    while t <= end:
+        calls.append(t)
+        if t >= first_seen + span_s:
+            break
+        t += ttl_s
+    return calls
+
+
+async def lifecycle(env: Env, targets: dict[str, tuple[str, str, dict[str, str]]]) -> dict[str, Any]:
+    """Pollers against every target at once; the simulator counts each target's upstream calls."""
+    mode = env.mode
+    assert env.sim is not None
+    sim_url = env.sim.url
+    ids = lifecycle_ids(mode.batches)
+    timeout = aiohttp.ClientTimeout(total=10)
+    polls = dict.fromkeys(targets, 0)
+    failures = dict.fromkeys(targets, 0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as control:
+        for _name, (ns, _url, _headers) in targets.items():
+            async with control.post(f"{sim_url}/_bench/reset", params={"ns": ns}) as r:
+                r.raise_for_status()
+        start = time.monotonic()
+        end = start + mode.window_s
+        timeline: list[tuple[float, dict[str, int]]] = []
+
+        async def poller(name: str, base: str, headers: dict[str, str], batch_id: str, phase: float) -> None:
+            connector = aiohttp.TCPConnector(limit=1)
+            async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+                next_at = start + phase
+                while True:
+                    await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                    if time.monotonic() >= end:
+                        return
+                    try:
+                        async with session.get(f"{base}/v2/batches/{batch_id}", headers=headers) as r:
+                            await r.read()
+                            polls[name] += 1
+                            failures[name] += r.status != 200
+                    except (aiohttp.ClientError, TimeoutError):
+                        failures[name] += 1
+                    # A late poller does not burst to catch up: it keeps its pace from now.
+                    next_at = max(next_at + mode.poll_interval_s, time.monotonic())
+
+        async def sampler() -> None:
+            while time.monotonic() < end + 0.5:
+                counts = {}
+                for name, (ns, _url, _headers) in targets.items():
+                    async with control.get(f"{sim_url}/_bench/stats", params={"ns": ns}) as r:
+                        counts[name] = (await r.json())["calls"]
+                timeline.append((time.monotonic() - start, counts))
+                await asyncio.sleep(0.5)
+
+        tasks = [asyncio.ensure_future(sampler())]
+        for name, (_ns, url, headers) in targets.items():
+            for p in range(mode.pollers):
+                phase = (p * 0.6180339887) % 1.0 * mode.poll_interval_s
+                tasks.append(asyncio.ensure_future(poller(name, url, headers, ids[p % len(ids)], phase)))
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=mode.window_s + 30)
+        details = {}
+        for name, (ns, _url, _headers) in targets.items():
+            async with control.get(f"{sim_url}/_bench/stats", params={"ns": ns, "detail": "1"}) as r:
+                details[name] = await r.json()
+    return {"timeline": timeline, "details": details, "polls": polls, "failures": failures, "start": start}
+
+
+def scenario_lifecycle(env: Env) -> dict[str, Any]:
+    assert env.sim is not None
+    gateway = env.start_gateway("gateway-life", "gw")
+    targets: dict[str, tuple[str, str, dict[str, str]]] = {}
+    keys = list(env.keys.values())
+    targets["gateway"] = ("gw", gateway.url, {"Authorization": f"Bearer {keys[0]}"})
+    nginx = None
+    if env.nginx is not None:
+        nginx = env.start_nginx("nginx-life", "nginx")
+        targets["nginx"] = ("nginx", nginx.url, {"Authorization": f"Bearer {keys[0]}"})
+    targets["direct"] = ("direct", f"{env.sim.url}/direct", {"Authorization": f"Bearer {env.token}"})
+    log(f"lifecycle: {env.mode.pollers} pollers x {len(targets)} targets for {env.mode.window_s:g} s")
+    result = uvloop.run(lifecycle(env, targets))
+    env.procs.stop(gateway)
+    if nginx is not None:
+        env.procs.stop(nginx)
+    # The ideal, from the batches' real lifecycles as the gateway's namespace saw them.
+    gw = result["details"]["gateway"]
+    ideal_times: list[float] = []
+    for batch_id, first in gw["first_seen"].items():
+        ideal_times += ideal_calls(first, gw["span_s"][batch_id], gw["now"], TTL_ACTIVE_S)
+    origin = min(gw["first_seen"].values())
+    result["ideal_times"] = sorted(t - origin for t in ideal_times)
+    result["ideal"] = len(ideal_times)
+    result["calls"] = {name: d["calls"] for name, d in result["details"].items()}
+    return result
+
+
+# --- scenario 3: miss-path overhead --------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, math.ceil(pct / 100 * len(ordered)) - 1))
+    return ordered[index]
+
+
+async def miss_latencies(env: Env, gateway_url: str) -> dict[str, Any]:
+    assert env.sim is not None
+    mode = env.mode
+    gw_headers = {"Authorization": f"Bearer {env.key}"}
+    direct_headers = {"Authorization": f"Bearer {env.token}"}
+    timeout = aiohttp.ClientTimeout(total=10)
+    rounds = []
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as gw_session,
+        aiohttp.ClientSession(timeout=timeout) as direct_session,
+    ):
+
+        async def timed(session: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> float:
+            began = time.perf_counter()
+            async with session.get(url, headers=headers) as r:
+                await r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"miss request answered {r.status}")
+                if "X-Cache" in r.headers and r.headers["X-Cache"] != "MISS":
+                    raise RuntimeError(f"miss request was a {r.headers['X-Cache']}")
+            return (time.perf_counter() - began) * 1000
+
+        for warm in range(20):
+            await timed(gw_session, f"{gateway_url}/v2/batches/warm-{warm}", gw_headers)
+            await timed(direct_session, f"{env.sim.url}/miss/v2/batches/warm-d-{warm}", direct_headers)
+        for round_no in range(mode.miss_rounds):
+            gw, direct = [], []
+            for i in range(mode.miss_per_round):
+                # Interleaved request by request; distinct ids, so every gateway request is a miss.
+                direct.append(
+                    await timed(direct_session, f"{env.sim.url}/miss/v2/batches/d-{round_no}-{i}", direct_headers)
+                )
+                gw.append(await timed(gw_session, f"{gateway_url}/v2/batches/g-{round_no}-{i}", gw_headers))
+            rounds.append(
+                {
+                    "gateway_p50": percentile(gw, 50),
+                    "gateway_p99": percentile(gw, 99),
+                    "direct_p50": percentile(direct, 50),
+                    "direct_p99": percentile(direct, 99),
+                }
+            )
+    return {"rounds": rounds}
+
+
+def scenario_miss(env: Env) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    configs = (("access_log on", True), ("access_log off", False))
+    for label, access_log in configs[:1] if env.mode.name == "smoke" else configs:
+        gateway = env.start_gateway(f"gateway-miss-{'log' if access_log else 'nolog'}", "miss", access_log=access_log)
+        measured = uvloop.run(miss_latencies(env, gateway.url))
+        env.procs.stop(gateway)
+        rounds = measured["rounds"]
+        summary = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+        summary["overhead_p50_ms"] = statistics.median(r["gateway_p50"] - r["direct_p50"] for r in rounds)
+        summary["overhead_p99_ms"] = statistics.median(r["gateway_p99"] - r["direct_p99"] for r in rounds)
+        result[label] = summary
+    return result
+
+
+# --- scenario 4: memory per entry ----------------------------------------------------------------------------------
+
+
+async def fill(url: str, key: str, prefix: str, count: int, concurrency: int = 48) -> int:
+    headers = {"Authorization": f"Bearer {key}"}
+    counter = iter(range(count))
+    errors = 0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        for i in counter:
+            async with session.get(f"{url}/v2/batches/{prefix}-{i:07d}", headers=headers) as r:
+                await r.read()
+                errors += r.status != 200
+
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    return errors
+
+
+async def cache_entries(url: str) -> int:
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as r:
+        text = await r.text()
+    found = re.search(r"^gateway_cache_entries\s+([\d.e+]+)$", text, re.MULTILINE)
+    return int(float(found.group(1))) if found else -1
+
+
+def scenario_memory(env: Env) -> dict[str, Any]:
+    """RSS of the real gateway process before and after caching N more entries (filled through requests)."""
+    entries = env.mode.memory_entries
+    warm = min(2000, entries)
+    gateway = env.start_gateway("gateway-mem", "mem", max_entries=entries + warm + 100)
+    uvloop.run(fill(gateway.url, env.key, "warm", warm))
+    time.sleep(0.5)
+    before = gateway.rss_bytes()
+    began = time.monotonic()
+    errors = uvloop.run(fill(gateway.url, env.key, "mem", entries))
+    took = time.monotonic() - began
+    time.sleep(0.5)
+    after = gateway.rss_bytes()
+    cached = uvloop.run(cache_entries(gateway.url))
+    body = uvloop.run(fetch_any(gateway.url, env.key, "mem-0000000"))
+    env.procs.stop(gateway)
+    if errors or cached != entries + warm:
+        raise RuntimeError(f"memory fill: {errors} errors, {cached} entries cached, {entries + warm} expected")
+    return {
+        "entries": entries,
+        "rss_before_mb": before / 2**20,
+        "rss_after_mb": after / 2**20,
+        "bytes_per_entry": (after - before) / entries,
+        "body_bytes": len(body),
+        "fill_rps": entries / took,
+    }
+
+
+async def fetch_any(url: str, key: str, batch_id: str) -> bytes:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{url}/v2/batches/{batch_id}", headers={"Authorization": f"Bearer {key}"}) as r,
+    ):
+        return await r.read()
+
+
+# --- report --------------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = "unknown"
+    with contextlib.suppress(OSError):
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kb / 2**20:.1f} GiB"
+    versions = {}
+    for tool, args in (("wrk", ["wrk", "--version"]), ("nginx", ["nginx", "-v"])):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(args, capture_output=True, text=True, timeout=5, check=False)
+            versions[tool] = (out.stdout + out.stderr).strip().splitlines()[0]
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "memory": mem,
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "os": platform.platform(),
+        **versions,
+    }
+
+
+def summarize(hits: dict[str, Any], life: dict[str, Any], miss: dict[str, Any], mem: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = dict.fromkeys(KEYS)
+    if hits:
+        table, ratios = hits["table"], hits["ratios"]
+        conns = min(next(iter(table.values())))
+        out["hit_rps"] = round(table["gateway"][conns]["rps"])
+        out["ceiling_rps"] = round(table["ceiling"][conns]["rps"])
+        out["nginx_rps"] = round(table["nginx"][conns]["rps"]) if "nginx" in table else None
+        out["hit_vs_ceiling"] = _round(ratios.get(f"gateway/ceiling@{conns}"), 3)
+        out["hit_vs_nginx"] = _round(ratios.get(f"gateway/nginx@{conns}"), 3)
+        out["hit_connections"] = conns
+        out["hit_rps_access_log_off"] = round(table["gateway (access_log off)"][conns]["rps"])
+        out["hit_vs_ceiling_access_log_off"] = _round(ratios.get(f"gateway (access_log off)/ceiling@{conns}"), 3)
+    if life:
+        calls = life["calls"]
+        out["upstream_amplification"] = round(calls["gateway"] / life["ideal"], 3)
+        out["upstream_calls_vs_nginx"] = round(calls["gateway"] / calls["nginx"], 3) if "nginx" in calls else None
+        out["upstream_calls"] = {**calls, "ideal": life["ideal"]}
+    if miss:
+        on = miss["access_log on"]
+        out["miss_overhead_p50_ms"] = round(on["overhead_p50_ms"], 3)
+        out["miss_overhead_p99_ms"] = round(on["overhead_p99_ms"], 3)
+    if mem:
+        out["bytes_per_entry"] = round(mem["bytes_per_entry"])
+    out["targets"] = {key: verdict(out.get(key), op, bound) for key, (op, bound) in TARGETS.items()}
+    return out
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def verdict(value: float | None, op: str, bound: float) -> str:
+    if value is None:
+        return "SKIPPED"
+    ok = value >= bound if op == ">=" else value <= bound
+    return "PASS" if ok else "MISS"
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "n/a (skipped)"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def report_lines(
+    env: Env, hits: dict[str, Any], life: dict[str, Any], miss: dict[str, Any], mem: dict[str, Any], out: dict[str, Any]
+) -> list[str]:
+    """The results as Markdown tables (printed as they are, and written to RESULTS.md)."""
+    lines = ["### 1. Cache-hit throughput and latency (wrk, 1 thread, keep-alive)", ""]
+    if hits:
+        lines += [
+            f"Body: {hits['body_bytes']} bytes. Median of {env.mode.hit_rounds} rounds of {env.mode.hit_seconds} s "
+            "each, contenders alternated.",
+            "",
+            "| contender | connections | req/s | p50 ms | p99 ms | errors | req/s per round |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for name, by_conns in hits["table"].items():
+            for conns, row in sorted(by_conns.items()):
+                lines.append(
+                    f"| {name} | {conns} | {row['rps']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
+                    f"{row['errors']:.0f} | {', '.join(map(str, row['rounds_rps']))} |"
+                )
+        lines += ["", "| ratio (median of per-round ratios) | value |", "|---|---:|"]
+        lines += [f"| {name} | {fmt(value, 3)} |" for name, value in hits["ratios"].items() if value is not None]
+    else:
+        lines.append("Skipped: wrk is not installed (hit_rps, ceiling_rps, nginx_rps and their ratios are null).")
+    lines += ["", "### 2. Upstream calls on a lifecycle workload", ""]
+    if life:
+        mode = env.mode
+        lines += [
+            f"{mode.pollers} pollers per contender poll {mode.batches} batches every {mode.poll_interval_s:g} s for "
+            f"{mode.window_s:g} s; each batch is active for 50-100% of {mode.lifetime_s:g} s from its first poll, "
+            f"then COMPLETED or FAILED. Active TTL {TTL_ACTIVE_S:g} s (nginx: a fixed {TTL_ACTIVE_S:g} s for every "
+            "answer). Ideal: per batch, one call per active-TTL window while active, plus one.",
+            "",
+            "| contender | upstream calls | vs ideal | polls served | failed polls |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, calls in life["calls"].items():
+            lines.append(
+                f"| {name} | {calls} | {calls / life['ideal']:.3f} | {life['polls'][name]} | {life['failures'][name]} |"
+            )
+        lines.append(f"| ideal | {life['ideal']} | 1.000 | | |")
+    lines += ["", "### 3. Miss-path overhead (sequential requests, distinct ids, interleaved with direct calls)", ""]
+    if miss:
+        lines += [
+            "| gateway config | gateway p50 ms | direct p50 ms | overhead p50 ms | gateway p99 ms | direct p99 ms "
+            "| overhead p99 ms |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for label, s in miss.items():
+            lines.append(
+                f"| {label} | {s['gateway_p50']:.3f} | {s['direct_p50']:.3f} | {s['overhead_p50_ms']:.3f} | "
+                f"{s['gateway_p99']:.3f} | {s['direct_p99']:.3f} | {s['overhead_p99_ms']:.3f} |"
+            )
+    lines += ["", "### 4. Memory per cached entry (RSS of the running gateway, filled through requests)", ""]
+    if mem:
+        lines += [
+            "| entries added | body bytes | RSS before MiB | RSS after MiB | bytes per entry | fill req/s |",
+            "|---:|---:|---:|---:|---:|---:|",
+            f"| {mem['entries']} | {mem['body_bytes']} | {mem['rss_before_mb']:.1f} | {mem['rss_after_mb']:.1f} | "
+            f"{mem['bytes_per_entry']:.0f} | {mem['fill_rps']:.0f} |",
+        ]
+    lines += ["", "### Targets", "", "| key | value | target | verdict |", "|---|---:|---|---|"]
+    for key, (op, bound) in TARGETS.items():
+        lines.append(f"| {key} | {fmt(out.get(key), 3)} | {op} {bound:g} | {out['targets'][key]} |")
+    if env.notes:
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in env.notes]
+    return lines
+
+
+def chart(life: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed (pip install '.[bench]'): no chart")
+        return False
+    fig, (cumulative, rate) = plt.subplots(1, 2, figsize=(12, 4.5))
+    times = [t for t, _ in life["timeline"]]
+    colors = {"gateway": "tab:blue", "nginx": "tab:orange", "direct": "tab:red"}
+    for name in life["calls"]:
+        counts = [c[name] for _, c in life["timeline"]]
+        cumulative.plot(times, counts, label=f"{name} ({life['calls'][name]})", color=colors.get(name))
+        per_s = [(counts[i] - counts[i - 1]) / (times[i] - times[i - 1]) for i in range(1, len(times))]
+        if name != "direct":
+            rate.plot(times[1:], per_s, label=name, color=colors.get(name))
+    ideal = life["ideal_times"]
+    cumulative.step(ideal, range(1, len(ideal) + 1), where="post", label=f"ideal ({len(ideal)})", color="gray", ls="--")
+    cumulative.set_yscale("log")
+    cumulative.set_xlabel("seconds")
+    cumulative.set_ylabel("upstream calls (cumulative, log scale)")
+    cumulative.set_title("Upstream calls so far")
+    cumulative.legend()
+    rate.set_xlabel("seconds")
+    rate.set_ylabel("upstream calls per second")
+    rate.set_title("Upstream call rate (direct polling left out)")
+    rate.legend()
+    fig.suptitle("200 pollers, 50 batches, polled every 0.5 s until past the last batch's end", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_results(path: Path, env: Env, lines: list[str], out: dict[str, Any], took_s: float, chart_name: str) -> None:
+    info = machine()
+    header = [
+        "# Benchmark results",
+        "",
+        f"Full run of `python bench/run.py` on {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}, "
+        f"took {took_s / 60:.1f} minutes.",
+        "",
+        f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['memory']} memory, {info['os']}; "
+        f"Python {info['python']}, aiohttp {info['aiohttp']}; {info.get('wrk', 'no wrk')}; "
+        f"{info.get('nginx', 'no nginx')}. The CPUs were shared with other work during the run, so absolute "
+        "numbers are noisy; the ratios compare contenders measured alternately within the run.",
+        "",
+        f"![upstream calls over time]({chart_name})",
+        "",
+    ]
+    footer = ["", "JSON line:", "", "```json", json.dumps(out), "```", ""]
+    path.write_text("\n".join(header + lines + footer))
+
+
+# --- main ----------------------------------------------------------------------------------------------------------
+
+
+def run(mode: Mode, out_dir: Path, allow_install: bool) -> int:
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
+        workdir = Path(tmp)
+        procs = Processes(workdir)
+        keys = {f"bench-caller-{n}": secrets.token_urlsafe(24) for n in range(2)}
+        env = Env(mode, procs, workdir, token=f"bench-upstream-{secrets.token_hex(12)}", keys=keys)
+        env.wrk, env.nginx, notes = find_tools(allow_install and mode.install)
+        env.notes += notes
+        try:
+            env.start_simulator(
+                {
+                    "hit": 0.001,
+                    "gw": mode.lifetime_s,
+                    "nginx": mode.lifetime_s,
+                    "direct": mode.lifetime_s,
+                    "miss": 60,
+                    "mem": 0.001,
+                }
+            )
+            hits = timed_step("scenario 1: cache hits", lambda: scenario_hits(env))
+            life = timed_step("scenario 2: upstream amplification", lambda: scenario_lifecycle(env))
+            miss = timed_step("scenario 3: miss-path overhead", lambda: scenario_miss(env))
+            mem = timed_step("scenario 4: memory per entry", lambda: scenario_memory(env))
+        finally:
+            procs.stop_all()
+        if env.nginx is None:
+            env.notes.append("nginx is not installed: nginx_rps, hit_vs_nginx and upstream_calls_vs_nginx are null")
+        out = summarize(hits, life, miss, mem)
+        out["mode"] = mode.name
+        lines = report_lines(env, hits, life, miss, mem, out)
+        print("\n".join(lines))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        chart_path = out_dir / "upstream_calls.png"
+        if life and chart(life, chart_path):
+            print(f"\nChart: {chart_path}")
+        if mode.name == "full":
+            write_results(out_dir / "RESULTS.md", env, lines, out, time.monotonic() - began, chart_path.name)
+            print(f"Results: {out_dir / 'RESULTS.md'}")
+        for key, verdict_ in out["targets"].items():
+            print(f"{verdict_}: {key} = {fmt(out.get(key), 3)} (target {TARGETS[key][0]} {TARGETS[key][1]:g})")
+        print(f"Took {time.monotonic() - began:.0f} s ({mode.name}).")
+        print(json.dumps(out))
+    return 0
+
+
+def timed_step(name: str, step: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    log(f"{name}...")
+    began = time.monotonic()
+    result = step()
+    log(f"{name}: {time.monotonic() - began:.0f} s")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="fewer, shorter rounds (under 3 minutes)")
+    group.add_argument("--smoke", action="store_true", help="every scenario once, minimally (a few seconds)")
+    parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk/nginx")
+    parser.add_argument("--out", type=Path, help="where the chart (and, in a full run, RESULTS.md) go")
+    args = parser.parse_args(argv)
+    mode = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    if args.out is None:
+        args.out = BENCH if mode.name == "full" else Path(tempfile.gettempdir()) / f"gateway-bench-{mode.name}"
+    return run(mode, args.out, allow_install=not args.no_install)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

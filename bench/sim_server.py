@@ -1,0 +1,93 @@
+"""The benchmark's upstream: the gateway's own Simulator, served in its own process.
+
+Each contender gets its own namespace (``/{ns}/v2/batches/{id}``), a fresh
+``gateway.demo.Simulator`` with its own lifetime, so that the same batch
+ids follow the same lifecycle for every contender and every contender's
+upstream calls are counted apart. ``/_bench/...`` routes (never counted)
+report and reset the counters.
+
+    BENCH_UPSTREAM_TOKEN=T python bench/sim_server.py --port 0 --ns hit=0.001 --ns gw=25
+
+prints ``listening <url>`` on stdout once it serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import sys
+
+import uvloop
+from aiohttp import web
+
+from gateway.demo import Simulator, _fraction
+
+
+def active_span_s(batch_id: str, lifetime_s: float) -> float:
+    """How long a batch stays active in the Simulator, from the first time it is asked for."""
+    return lifetime_s * (0.5 + 0.5 * _fraction(batch_id, "pace"))
+
+
+class Namespaces:
+    def __init__(self, token: str, lifetimes: dict[str, float]) -> None:
+        self.token = token
+        self.lifetimes = lifetimes
+        self.sims = {ns: Simulator(token=token, lifetime_s=life) for ns, life in lifetimes.items()}
+
+    async def get_batch(self, request: web.Request) -> web.Response:
+        sim = self.sims.get(request.match_info["ns"])
+        if sim is None:
+            raise web.HTTPNotFound()
+        return await sim.get_batch(request)
+
+    async def stats(self, request: web.Request) -> web.Response:
+        sim = self.sims[request.query["ns"]]
+        body: dict[str, object] = {"calls": sim.calls}
+        if request.query.get("detail"):
+            first = dict(sim._first_seen.items())
+            body["by_id"] = dict(sim.calls_by_id.items())
+            body["first_seen"] = first
+            body["span_s"] = {b: active_span_s(b, sim.lifetime_s) for b in first}
+            body["now"] = sim._clock()
+        return web.json_response(body)
+
+    async def reset(self, request: web.Request) -> web.Response:
+        ns = request.query["ns"]
+        self.sims[ns] = Simulator(token=self.token, lifetime_s=self.lifetimes[ns])
+        return web.json_response({"ok": True})
+
+
+async def serve(port: int, token: str, lifetimes: dict[str, float]) -> None:
+    spaces = Namespaces(token, lifetimes)
+    app = web.Application()
+    app.router.add_get("/{ns}/v2/batches/{id}", spaces.get_batch)
+    app.router.add_get("/_bench/stats", spaces.stats)
+    app.router.add_post("/_bench/reset", spaces.reset)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    host, bound = runner.addresses[0][:2]
+    print(f"listening http://{host}:{bound}", flush=True)
+    # The runner ends this process; the bound keeps a forgotten one from living forever.
+    await asyncio.sleep(3600)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--ns", action="append", default=[], help="name=lifetime_s")
+    args = parser.parse_args()
+    lifetimes = {}
+    for item in args.ns:
+        name, _, life = item.partition("=")
+        lifetimes[name] = float(life)
+        if not (math.isfinite(lifetimes[name]) and lifetimes[name] > 0):
+            parser.error(f"--ns {item}: the lifetime must be a positive number of seconds")
+    uvloop.run(serve(args.port, os.environ["BENCH_UPSTREAM_TOKEN"], lifetimes))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
