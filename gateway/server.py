@@ -205,15 +205,22 @@ def reload_config(state: GatewayState, load: Callable[[], GatewayConfig]) -> boo
     try:
         config = load()
     except ConfigError as exc:
-        state.metrics.reloads.labels("error").inc()
-        state.metrics.last_reload_ok.set(0)
-        log_event(log, logging.ERROR, "config reload refused; the old config keeps serving", problems=exc.problems)
-        return False
+        return _refuse_reload(state, exc.problems)
+    except Exception as exc:  # a reload must never take the serving gateway down
+        log.exception("config reload failed")
+        return _refuse_reload(state, [f"config: {type(exc).__name__}"])
     state.apply(config)
     state.metrics.reloads.labels("ok").inc()
     state.metrics.last_reload_ok.set(1)
     log_event(log, logging.INFO, "config reloaded", callers=[c.name for c in config.callers])
     return True
+
+
+def _refuse_reload(state: GatewayState, problems: list[str]) -> bool:
+    state.metrics.reloads.labels("error").inc()
+    state.metrics.last_reload_ok.set(0)
+    log_event(log, logging.ERROR, "config reload refused; the old config keeps serving", problems=problems)
+    return False
 
 
 async def serve_until_signalled(running: RunningGateway, load: Callable[[], GatewayConfig]) -> None:
