@@ -177,10 +177,11 @@ class UpstreamClient:
         so a frozen test clock cannot make the wait endless.
         """
         loop = asyncio.get_running_loop()
-        allowed = min(settings.budget_wait_s, deadline - loop.time()) if may_wait else 0.0
+        allowed = settings.budget_wait_s if may_wait else 0.0
         waited = 0.0
         while (wait := self.budget.try_take()) > 0:
-            if waited + wait > allowed:
+            # A sleep that would end at the deadline is pointless: the fetch would be cut off.
+            if waited + wait > allowed or loop.time() + wait >= deadline:
                 self.metrics.upstream_rejected.labels("budget").inc()
                 raise errors.RateLimited(retry_after_s=wait)
             await asyncio.sleep(wait)
