@@ -12,7 +12,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -38,11 +38,13 @@ def request_id_for(request: web.BaseRequest) -> str:
     return uuid.uuid4().hex
 
 
-def error_response(error: errors.GatewayError, request_id: str) -> web.Response:
-    """Render one row of the error table: the single JSON shape."""
+def error_response(
+    error: errors.GatewayError, request_id: str, redact: Callable[[str], str] | None = None
+) -> web.Response:
+    """Render one row of the error table: the single JSON shape, its message redacted."""
     response = web.Response(
         status=error.status,
-        body=error.body(request_id),
+        body=error.body(request_id, redact),
         content_type="application/json",
         headers=error.headers(),
     )
@@ -74,7 +76,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             raise errors.BodyTooLarge()
         response = await handler(request)
     except errors.GatewayError as error:
-        response = error_response(error, request_id)
+        response = error_response(error, request_id, state.redact)
     except web.HTTPException as exc:
         response = error_response(_from_http_exception(exc), request_id)
     except Exception:

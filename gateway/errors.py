@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import ClassVar
 
 
@@ -51,10 +52,14 @@ class GatewayError(Exception):
         # Retry-After is whole seconds; rounding up never invites an early retry.
         return {**self.extra_headers, "Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
-    def body(self, request_id: str) -> bytes:
-        """The one JSON error shape; ``message`` first so the SDK shows it."""
+    def body(self, request_id: str, redact: Callable[[str], str] | None = None) -> bytes:
+        """The one JSON error shape; ``message`` first so the SDK shows it.
+
+        ``redact`` cleans the message, which may quote the upstream (a 400's
+        or 404's own text), and an upstream may echo the token it was sent.
+        """
         payload: dict[str, object] = {
-            "message": self.message,
+            "message": self.message if redact is None else redact(self.message),
             "code": self.code,
             "request_id": request_id,
         }

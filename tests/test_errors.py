@@ -26,6 +26,7 @@ from tests.conftest import GatewayFactory, UpstreamFactory
 from tests.support import (
     BILLING_KEY,
     REPORTING_KEY,
+    UPSTREAM_TOKEN,
     FakeClock,
     FakeUpstream,
     assert_no_secrets,
@@ -471,3 +472,16 @@ async def test_an_upstream_that_drops_the_connection_is_502_not_500(
     assert type(exc) is ApiError
     assert_contract_error(answer, 502, answer.document["code"])
     assert answer.document["code"] in {"upstream_unreachable", "upstream_error", "upstream_invalid_response"}
+
+
+@pytest.mark.parametrize("status", [400, 404])
+async def test_an_upstream_message_that_echoes_the_token_is_kept_without_it(
+    status: int, fake_upstream: UpstreamFactory, start: GatewayFactory
+) -> None:
+    message = f"id rejected; you sent {UPSTREAM_TOKEN} as 'Bearer {UPSTREAM_TOKEN}'"
+    upstream = await fake_upstream(json_handler(status, json.dumps({"message": message}).encode()))
+    gateway = await start(make_config(upstream.url))
+    for _ in range(2):  # the second 404 comes from the cache
+        _exc, answer = await sdk_error(gateway.url, "batch-1")
+        document = assert_contract_error(answer, status, answer.document["code"], upstream_status=status)
+        assert document["message"].startswith("id rejected; you sent ")
