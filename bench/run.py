@@ -66,6 +66,7 @@ TTL_ACTIVE_S = 5.0
 TTL_TERMINAL_S = 86400.0
 TTL_NOT_FOUND_S = 10.0
 HIT_BATCH_ID = "hit-batch-0001"
+SCENARIOS = ("hits", "upstream", "miss", "memory")
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,8 @@ class Mode:
 
 
 MODES = {
-    "full": Mode("full", 5, 4, (64, 256), 200, 50, 0.5, 30.0, 38.0, 5, 400, 100_000, True),
-    "quick": Mode("quick", 3, 2, (64, 256), 200, 50, 0.5, 12.0, 16.0, 3, 300, 25_000, True),
+    "full": Mode("full", 5, 4, (64, 256), 200, 50, 0.5, 25.0, 45.0, 5, 400, 100_000, True),
+    "quick": Mode("quick", 3, 2, (64, 256), 200, 50, 0.5, 10.0, 20.0, 3, 300, 25_000, True),
     "smoke": Mode("smoke", 1, 1, (64,), 20, 5, 0.5, 2.0, 3.0, 1, 30, 500, False),
 }
 
@@ -122,6 +123,18 @@ class Proc:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
         raise RuntimeError(f"no VmRSS for {self.name}")
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) of the process and its children (nginx's worker)."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = stat.read_text().rpartition(")")[2].split()
+                pid, ppid = int(stat.parent.name), int(fields[1])
+                if self.pid in (pid, ppid):
+                    total += (int(fields[11]) + int(fields[12])) / ticks
+        return total
 
     def stop(self) -> None:
         if self.popen.poll() is None:
@@ -196,6 +209,7 @@ class Env:
     sim: Proc | None = None
     wrk: str | None = None
     nginx: str | None = None
+    candidate_python: str | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -209,7 +223,9 @@ class Env:
             cmd += ["--ns", f"{ns}={life}"]
         self.sim = self.procs.start("simulator", cmd, port, env={"BENCH_UPSTREAM_TOKEN": self.token})
 
-    def start_gateway(self, name: str, ns: str, access_log: bool = True, max_entries: int = 100_000) -> Proc:
+    def start_gateway(
+        self, name: str, ns: str, access_log: bool = True, max_entries: int = 100_000, python: str = sys.executable
+    ) -> Proc:
         assert self.sim is not None
         port = free_port()
         config = {
@@ -231,7 +247,7 @@ class Env:
         }
         path = self.workdir / f"{name}.yaml"
         path.write_text(json.dumps(config, indent=2))  # JSON is YAML
-        cmd = [sys.executable, "-m", "gateway", "--config", str(path)]
+        cmd = [python, "-m", "gateway", "--config", str(path)]
         return self.procs.start(name, cmd, port)
 
     def start_ceiling(self, body: bytes) -> Proc:
@@ -336,14 +352,20 @@ def parse_wrk(text: str) -> dict[str, float]:
     return result
 
 
-def run_wrk(env: Env, url: str, connections: int, seconds: int) -> dict[str, float]:
+def run_wrk(env: Env, url: str, connections: int, seconds: int, server: Proc | None = None) -> dict[str, float]:
+    """One wrk run; with ``server``, also the server's CPU microseconds per request."""
     assert env.wrk is not None
+    cpu_before = server.cpu_seconds() if server else 0.0
     cmd = [env.wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "--latency"]
     cmd += ["-H", f"Authorization: Bearer {env.key}", url]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr[-400:]}")
-    return parse_wrk(done.stdout)
+    result = parse_wrk(done.stdout)
+    if server is not None:
+        requests = result["rps"] * seconds
+        result["cpu_us"] = (server.cpu_seconds() - cpu_before) * 1e6 / requests if requests else math.nan
+    return result
 
 
 def scenario_hits(env: Env) -> dict[str, Any]:
@@ -357,6 +379,13 @@ def scenario_hits(env: Env) -> dict[str, Any]:
         "gateway": env.start_gateway("gateway-hit", "hit"),
         "gateway (access_log off)": env.start_gateway("gateway-hit-nolog", "hit", access_log=False),
     }
+    if env.candidate_python:
+        # Another install of the gateway (a patched copy), measured alongside.
+        python = env.candidate_python
+        contenders["candidate"] = env.start_gateway("candidate-hit", "hit", python=python)
+        contenders["candidate (access_log off)"] = env.start_gateway(
+            "candidate-hit-nolog", "hit", access_log=False, python=python
+        )
     # Warm: one miss each, then the ceiling gets the very bytes the gateway serves.
     body = uvloop.run(fetch_body(contenders["gateway"].url, env.key))
     contenders["ceiling"] = env.start_ceiling(body)
@@ -378,7 +407,9 @@ def scenario_hits(env: Env) -> dict[str, Any]:
         order = names[round_no % len(names) :] + names[: round_no % len(names)]
         for conns in mode.connections:
             for name in order:
-                samples.setdefault((name, conns), []).append(run_wrk(env, urls[name], conns, mode.hit_seconds))
+                samples.setdefault((name, conns), []).append(
+                    run_wrk(env, urls[name], conns, mode.hit_seconds, contenders[name])
+                )
         log(f"hits: round {round_no + 1}/{mode.hit_rounds} done")
     for proc in contenders.values():
         env.procs.stop(proc)
@@ -389,6 +420,7 @@ def scenario_hits(env: Env) -> dict[str, Any]:
             "p50_ms": statistics.median(r["p50_ms"] for r in runs),
             "p99_ms": statistics.median(r["p99_ms"] for r in runs),
             "errors": sum(r["non2xx"] + r["socket_errors"] for r in runs),
+            "cpu_us": statistics.median(r["cpu_us"] for r in runs),
             "rounds_rps": [round(r["rps"]) for r in runs],
         }
 
@@ -399,17 +431,20 @@ def scenario_hits(env: Env) -> dict[str, Any]:
         pairs = zip(samples[(a, conns)], samples[(b, conns)], strict=True)
         return statistics.median(x["rps"] / y["rps"] for x, y in pairs)
 
-    ratios = {
-        f"{a}/{b}@{c}": ratio(a, b, c)
-        for c in mode.connections
-        for a, b in (
-            ("gateway", "ceiling"),
-            ("gateway", "nginx"),
-            ("gateway (access_log off)", "ceiling"),
-            ("gateway (access_log off)", "nginx"),
-        )
-    }
-    return {"table": table, "ratios": ratios, "body_bytes": len(body)}
+    def cpu_ratio(a: str, b: str, conns: int) -> float | None:
+        if (a, conns) not in samples or (b, conns) not in samples:
+            return None
+        pairs = zip(samples[(a, conns)], samples[(b, conns)], strict=True)
+        return statistics.median(y["cpu_us"] / x["cpu_us"] for x, y in pairs)
+
+    pairs_to_compare = [
+        (g, other) for g in names if g.startswith(("gateway", "candidate")) for other in ("ceiling", "nginx")
+    ]
+    if "candidate" in names:
+        pairs_to_compare += [("candidate", "gateway"), ("candidate (access_log off)", "gateway (access_log off)")]
+    ratios = {f"{a}/{b}@{c}": ratio(a, b, c) for c in mode.connections for a, b in pairs_to_compare}
+    cpu_ratios = {f"{a}/{b}@{c}": cpu_ratio(a, b, c) for c in mode.connections for a, b in pairs_to_compare}
+    return {"table": table, "ratios": ratios, "cpu_ratios": cpu_ratios, "body_bytes": len(body)}
 
 
 async def fetch_body(url: str, key: str) -> bytes:
@@ -532,8 +567,8 @@ def scenario_lifecycle(env: Env) -> dict[str, Any]:
     ideal_times: list[float] = []
     for batch_id, first in gw["first_seen"].items():
         ideal_times += ideal_calls(first, gw["span_s"][batch_id], gw["now"], TTL_ACTIVE_S)
-    origin = min(gw["first_seen"].values())
-    result["ideal_times"] = sorted(t - origin for t in ideal_times)
+    result["ideal_times"] = sorted(t - result["start"] for t in ideal_times)
+    result["mode"] = env.mode
     result["ideal"] = len(ideal_times)
     result["calls"] = {name: d["calls"] for name, d in result["details"].items()}
     return result
@@ -714,6 +749,7 @@ def summarize(hits: dict[str, Any], life: dict[str, Any], miss: dict[str, Any], 
         out["hit_connections"] = conns
         out["hit_rps_access_log_off"] = round(table["gateway (access_log off)"][conns]["rps"])
         out["hit_vs_ceiling_access_log_off"] = _round(ratios.get(f"gateway (access_log off)/ceiling@{conns}"), 3)
+        out["hit_vs_ceiling_cpu"] = _round(hits["cpu_ratios"].get(f"gateway/ceiling@{conns}"), 3)
     if life:
         calls = life["calls"]
         out["upstream_amplification"] = round(calls["gateway"] / life["ideal"], 3)
@@ -758,17 +794,25 @@ def report_lines(
             f"Body: {hits['body_bytes']} bytes. Median of {env.mode.hit_rounds} rounds of {env.mode.hit_seconds} s "
             "each, contenders alternated.",
             "",
-            "| contender | connections | req/s | p50 ms | p99 ms | errors | req/s per round |",
-            "|---|---:|---:|---:|---:|---:|---|",
+            "| contender | connections | req/s | p50 ms | p99 ms | server CPU µs/req | errors | req/s per round |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
         ]
         for name, by_conns in hits["table"].items():
             for conns, row in sorted(by_conns.items()):
                 lines.append(
                     f"| {name} | {conns} | {row['rps']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
-                    f"{row['errors']:.0f} | {', '.join(map(str, row['rounds_rps']))} |"
+                    f"{row['cpu_us']:.1f} | {row['errors']:.0f} | {', '.join(map(str, row['rounds_rps']))} |"
                 )
-        lines += ["", "| ratio (median of per-round ratios) | value |", "|---|---:|"]
-        lines += [f"| {name} | {fmt(value, 3)} |" for name, value in hits["ratios"].items() if value is not None]
+        lines += [
+            "",
+            "| ratio (median over rounds) | throughput (req/s ratio) | CPU efficiency (inverse CPU µs/req ratio) |",
+            "|---|---:|---:|",
+        ]
+        lines += [
+            f"| {name} | {fmt(value, 3)} | {fmt(hits['cpu_ratios'][name], 3)} |"
+            for name, value in hits["ratios"].items()
+            if value is not None
+        ]
     else:
         lines.append("Skipped: wrk is not installed (hit_rps, ceiling_rps, nginx_rps and their ratios are null).")
     lines += ["", "### 2. Upstream calls on a lifecycle workload", ""]
@@ -825,27 +869,29 @@ def chart(life: dict[str, Any], path: Path) -> bool:
     except ImportError:
         log("matplotlib is not installed (pip install '.[bench]'): no chart")
         return False
-    fig, (cumulative, rate) = plt.subplots(1, 2, figsize=(12, 4.5))
-    times = [t for t, _ in life["timeline"]]
+    fig, (near, everything) = plt.subplots(1, 2, figsize=(12, 4.8))
+    times = [0.0] + [t for t, _ in life["timeline"]]
     colors = {"gateway": "tab:blue", "nginx": "tab:orange", "direct": "tab:red"}
-    for name in life["calls"]:
-        counts = [c[name] for _, c in life["timeline"]]
-        cumulative.plot(times, counts, label=f"{name} ({life['calls'][name]})", color=colors.get(name))
-        per_s = [(counts[i] - counts[i - 1]) / (times[i] - times[i - 1]) for i in range(1, len(times))]
-        if name != "direct":
-            rate.plot(times[1:], per_s, label=name, color=colors.get(name))
     ideal = life["ideal_times"]
-    cumulative.step(ideal, range(1, len(ideal) + 1), where="post", label=f"ideal ({len(ideal)})", color="gray", ls="--")
-    cumulative.set_yscale("log")
-    cumulative.set_xlabel("seconds")
-    cumulative.set_ylabel("upstream calls (cumulative, log scale)")
-    cumulative.set_title("Upstream calls so far")
-    cumulative.legend()
-    rate.set_xlabel("seconds")
-    rate.set_ylabel("upstream calls per second")
-    rate.set_title("Upstream call rate (direct polling left out)")
-    rate.legend()
-    fig.suptitle("200 pollers, 50 batches, polled every 0.5 s until past the last batch's end", fontsize=10)
+    for axis, names in ((near, [n for n in life["calls"] if n != "direct"]), (everything, list(life["calls"]))):
+        for name in names:
+            counts = [0] + [c[name] for _, c in life["timeline"]]
+            axis.plot(times, counts, label=f"{name}: {life['calls'][name]} calls", color=colors.get(name))
+        axis.step([0.0, *ideal], range(len(ideal) + 1), where="post", color="gray", ls="--")
+        axis.plot([], [], color="gray", ls="--", label=f"ideal: {len(ideal)} calls")
+        axis.set_xlabel("seconds since the pollers started")
+        axis.set_ylabel("upstream calls so far")
+        axis.legend(loc="upper left")
+        axis.grid(alpha=0.3)
+    near.set_title("Gateway and nginx (fixed TTL) against the ideal")
+    everything.set_yscale("log")
+    everything.set_title("With direct polling (log scale)")
+    mode = life["mode"]
+    fig.suptitle(
+        f"Upstream calls: {mode.pollers} pollers poll {mode.batches} batches every {mode.poll_interval_s:g} s; "
+        f"batches end within {mode.lifetime_s:g} s",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -875,13 +921,14 @@ def write_results(path: Path, env: Env, lines: list[str], out: dict[str, Any], t
 # --- main ----------------------------------------------------------------------------------------------------------
 
 
-def run(mode: Mode, out_dir: Path, allow_install: bool) -> int:
+def run(mode: Mode, out_dir: Path, allow_install: bool, only: set[str], candidate: str | None = None) -> int:
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
         workdir = Path(tmp)
         procs = Processes(workdir)
         keys = {f"bench-caller-{n}": secrets.token_urlsafe(24) for n in range(2)}
         env = Env(mode, procs, workdir, token=f"bench-upstream-{secrets.token_hex(12)}", keys=keys)
+        env.candidate_python = candidate
         env.wrk, env.nginx, notes = find_tools(allow_install and mode.install)
         env.notes += notes
         try:
@@ -895,10 +942,10 @@ def run(mode: Mode, out_dir: Path, allow_install: bool) -> int:
                     "mem": 0.001,
                 }
             )
-            hits = timed_step("scenario 1: cache hits", lambda: scenario_hits(env))
-            life = timed_step("scenario 2: upstream amplification", lambda: scenario_lifecycle(env))
-            miss = timed_step("scenario 3: miss-path overhead", lambda: scenario_miss(env))
-            mem = timed_step("scenario 4: memory per entry", lambda: scenario_memory(env))
+            hits = timed_step("hits", "scenario 1: cache hits", only, lambda: scenario_hits(env))
+            life = timed_step("upstream", "scenario 2: upstream amplification", only, lambda: scenario_lifecycle(env))
+            miss = timed_step("miss", "scenario 3: miss-path overhead", only, lambda: scenario_miss(env))
+            mem = timed_step("memory", "scenario 4: memory per entry", only, lambda: scenario_memory(env))
         finally:
             procs.stop_all()
         if env.nginx is None:
@@ -911,7 +958,7 @@ def run(mode: Mode, out_dir: Path, allow_install: bool) -> int:
         chart_path = out_dir / "upstream_calls.png"
         if life and chart(life, chart_path):
             print(f"\nChart: {chart_path}")
-        if mode.name == "full":
+        if mode.name == "full" and only == set(SCENARIOS):
             write_results(out_dir / "RESULTS.md", env, lines, out, time.monotonic() - began, chart_path.name)
             print(f"Results: {out_dir / 'RESULTS.md'}")
         for key, verdict_ in out["targets"].items():
@@ -921,7 +968,9 @@ def run(mode: Mode, out_dir: Path, allow_install: bool) -> int:
     return 0
 
 
-def timed_step(name: str, step: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def timed_step(key: str, name: str, only: set[str], step: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    if key not in only:
+        return {}
     log(f"{name}...")
     began = time.monotonic()
     result = step()
@@ -935,12 +984,22 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--quick", action="store_true", help="fewer, shorter rounds (under 3 minutes)")
     group.add_argument("--smoke", action="store_true", help="every scenario once, minimally (a few seconds)")
     parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk/nginx")
+    parser.add_argument(
+        "--only", default=",".join(SCENARIOS), help=f"comma-separated scenarios to run (default: all of {SCENARIOS})"
+    )
+    parser.add_argument(
+        "--candidate-python",
+        help="also measure cache hits of the gateway installed for this interpreter (e.g. a patched copy's venv)",
+    )
     parser.add_argument("--out", type=Path, help="where the chart (and, in a full run, RESULTS.md) go")
     args = parser.parse_args(argv)
     mode = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
     if args.out is None:
         args.out = BENCH if mode.name == "full" else Path(tempfile.gettempdir()) / f"gateway-bench-{mode.name}"
-    return run(mode, args.out, allow_install=not args.no_install)
+    only = set(args.only.split(","))
+    if only - set(SCENARIOS):
+        parser.error(f"--only: unknown scenario(s) {sorted(only - set(SCENARIOS))}")
+    return run(mode, args.out, allow_install=not args.no_install, only=only, candidate=args.candidate_python)
 
 
 if __name__ == "__main__":
