@@ -101,6 +101,12 @@ class UpstreamClient:
             auto_decompress=True,
             headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
         )
+        # aiohttp silently resends an idempotent request once when the connection
+        # drops (reset, closed before an answer). That second call would bypass the
+        # budget and the retry count, so retries stay ours alone. There is no public
+        # switch for it; the attribute is in ClientSession's own list of fields.
+        if hasattr(self._session, "_retry_connection"):
+            self._session._retry_connection = False
 
     @property
     def started(self) -> bool:
@@ -306,6 +312,8 @@ class UpstreamClient:
         async for chunk in response.content.iter_chunked(READ_CHUNK):
             size += len(chunk)
             if size > limit:
-                raise errors.UpstreamInvalidResponse(f"The upstream's answer is larger than {limit} bytes.")
+                raise errors.UpstreamInvalidResponse(
+                    f"The upstream's answer is larger than {limit} bytes.", upstream_status=response.status
+                )
             chunks.append(chunk)
         return b"".join(chunks)
