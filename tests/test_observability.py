@@ -434,9 +434,6 @@ async def test_no_secret_reaches_a_log_under_a_varied_workload(
     assert len(logs.events("gateway.access")) == 2 + 6 + 1 + len(MALFORMED_REQUESTS)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="an upstream 400/404 message is passed on as is; fix: scrub the token in upstream._interpret"
-)
 async def test_no_secret_reaches_a_response_under_a_varied_workload(
     fake_upstream: UpstreamFactory, start: GatewayFactory
 ) -> None:
