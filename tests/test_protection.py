@@ -412,6 +412,29 @@ async def test_every_retry_spends_budget(fake_upstream: UpstreamFactory, start: 
     assert await metric(gateway, "gateway_upstream_retries_total") == 1
 
 
+async def test_a_dropped_connection_costs_one_budget_token_per_try(start: GatewayFactory) -> None:
+    """No hidden resend below the gateway: every HTTP call upstream is one the budget paid for."""
+    connections = 0
+
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()  # the request arrived; no answer comes
+
+    server = await asyncio.start_server(drop, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        config = make_config(f"http://127.0.0.1:{port}", upstream=budget(0.5, 2, retries=5))
+        gateway = await start(config, clock=FakeClock())
+        answer = await get(gateway, "batch-1")
+    finally:
+        server.close()
+    assert (answer.status, answer.code) == (502, "upstream_unreachable")
+    assert connections == 2
+    assert await metric(gateway, "gateway_upstream_calls_total", outcome="upstream_unreachable") == 2
+
+
 async def test_retries_stop_before_the_deadline_and_report_the_real_failure(
     fake_upstream: UpstreamFactory, start: GatewayFactory
 ) -> None:
