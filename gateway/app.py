@@ -76,7 +76,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             raise errors.BodyTooLarge()
         response = await handler(request)
     except errors.GatewayError as error:
-        response = error_response(error, request_id, state.redact)
+        response = error_response(error, request_id, state.redact.known)
     except web.HTTPException as exc:
         response = error_response(_from_http_exception(exc), request_id)
     except Exception:
