@@ -67,6 +67,15 @@ TTL_TERMINAL_S = 86400.0
 TTL_NOT_FOUND_S = 10.0
 HIT_BATCH_ID = "hit-batch-0001"
 SCENARIOS = ("hits", "upstream", "miss", "memory")
+CONTENDERS = (
+    "Contenders: **gateway** is `python -m gateway` with a generated config (production defaults, access log on, "
+    "written to a file; upstream budget set high); **ceiling** is bench/ceiling.py, a bare aiohttp + uvloop handler "
+    "that looks the whole Authorization header up in a dict and returns the cached bytes (no hashing, middleware, "
+    "request id, metrics, log or cache headers); **nginx** is Debian's nginx, one worker, unprivileged, configured "
+    "by bench/nginx.conf.template (caller-key map, token injection, X-Client-Name, proxy_cache keyed by the id, "
+    "a fixed 5 s TTL, proxy_cache_lock, proxy_cache_use_stale), access log on; **direct** polls the simulator. "
+    "Every server runs in its own process; the simulator (gateway.demo.Simulator) in another.",
+)
 
 
 @dataclass(frozen=True)
@@ -912,6 +921,8 @@ def write_results(path: Path, env: Env, lines: list[str], out: dict[str, Any], t
         "numbers are noisy; the ratios compare contenders measured alternately within the run.",
         "",
         f"![upstream calls over time]({chart_name})",
+        "",
+        *CONTENDERS,
         "",
     ]
     footer = ["", "JSON line:", "", "```json", json.dumps(out), "```", ""]
