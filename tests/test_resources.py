@@ -1,0 +1,300 @@
+"""Resources: idle sockets, many ids and many misses leave the gateway serving and bounded.
+
+Bounds asserted here are the contract's (``max_entries``, ``max_connections``,
+``header_timeout_s``, nothing left in flight, no descriptor left open), not
+speed targets: those belong to the benchmark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from gateway.cache import BatchCache, MemoryStore, UpstreamReply
+from gateway.config import CacheSettings
+from gateway.demo import Simulator
+from gateway.logs import Redactor
+from gateway.protocol import Lifetime
+from gateway.server import RunningGateway, start_gateway
+from gateway.state import GatewayState
+from tests.conftest import GatewayFactory
+from tests.support import BILLING_KEY, FakeClock, LogCapture, assert_no_secrets, batch_body, make_config, sdk
+from tests.test_faults import RawUpstream, http_answer
+
+BOUND_S = 60.0
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    """Poll ``condition`` until it holds (the kernel closes sockets when it does, with no event to await)."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout_s
+    while not condition():
+        if loop.time() > give_up:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+async def get_many(url: str, ids: list[str], concurrency: int) -> list[int]:
+    """GET every id, ``concurrency`` at a time; the statuses, in order."""
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    statuses: list[int] = [0] * len(ids)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(index: int, batch_id: str) -> None:
+            headers = {"Authorization": f"Bearer {BILLING_KEY}"}
+            async with session.get(f"{url}/v2/batches/{batch_id}", headers=headers) as response:
+                assert_no_secrets(await response.read())
+                statuses[index] = response.status
+
+        await asyncio.wait_for(asyncio.gather(*(one(i, b) for i, b in enumerate(ids))), BOUND_S)
+    return statuses
+
+
+# ---------------------------------------------------------------------------
+# Slow and idle connections
+# ---------------------------------------------------------------------------
+
+
+async def _trickle_forever(writer: asyncio.StreamWriter, stop: asyncio.Event) -> None:
+    head = b"GET /v2/batches/batch-1 HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 10_000
+    with contextlib.suppress(ConnectionError):
+        for byte in head:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.1)
+            if stop.is_set():
+                return
+
+
+async def test_two_hundred_idle_or_trickling_connections_do_not_starve_a_normal_request_and_are_closed(
+    simulator: Simulator, start: GatewayFactory
+) -> None:
+    gateway = await start(make_config(simulator.url, server={"header_timeout_s": 2}))
+    host, port = gateway.host, gateway.port
+    stop = asyncio.Event()
+    sockets = [await asyncio.open_connection(host, port) for _ in range(200)]
+    trickling = [asyncio.ensure_future(_trickle_forever(writer, stop)) for _, writer in sockets[150:]]
+    try:
+        # A normal SDK request, while 150 sockets sit idle and 50 trickle their heads.
+        response = await asyncio.wait_for(sdk(gateway.url).batches.retrieve("batch-1"), 10)
+        assert response.batch.id == "batch-1"
+        assert simulator.calls == 1
+
+        # Every one of them is closed by the gateway after header_timeout_s, trickling or not.
+        async def closed(reader: asyncio.StreamReader) -> bool:
+            try:
+                rest = await asyncio.wait_for(reader.read(), 15)
+            except ConnectionError:
+                return True
+            assert_no_secrets(rest)
+            return True
+
+        results = await asyncio.gather(*(closed(reader) for reader, _ in sockets))
+        assert all(results)
+        # And the gateway still serves.
+        again = await asyncio.wait_for(sdk(gateway.url).batches.retrieve("batch-2"), 10)
+        assert again.batch.id == "batch-2"
+    finally:
+        stop.set()
+        await asyncio.gather(*trickling, return_exceptions=True)
+        for _, writer in sockets:
+            writer.close()
+
+
+async def test_clients_that_never_read_their_answers_do_not_block_others(
+    simulator: Simulator, start: GatewayFactory
+) -> None:
+    gateway = await start(make_config(simulator.url))
+    request = (
+        b"GET /v2/batches/batch-1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + BILLING_KEY.encode() + b"\r\n\r\n"
+    )
+    sockets = [await asyncio.open_connection(gateway.host, gateway.port) for _ in range(100)]
+    try:
+        for _, writer in sockets:
+            writer.write(request * 20)  # pipelined, and never read
+        response = await asyncio.wait_for(sdk(gateway.url).batches.retrieve("batch-2"), 10)
+        assert response.batch.id == "batch-2"
+    finally:
+        for _, writer in sockets:
+            writer.close()
+
+
+# ---------------------------------------------------------------------------
+# Many distinct ids
+# ---------------------------------------------------------------------------
+
+DISTINCT_IDS = 40_000
+WAVE = 1_000
+MAX_ENTRIES = 1_000
+
+
+async def test_forty_thousand_distinct_ids_in_concurrent_waves_keep_memory_flat_and_drain_in_flight() -> None:
+    clock = FakeClock()
+    store = MemoryStore(MAX_ENTRIES, clock)
+    cache = BatchCache(store, CacheSettings(max_entries=MAX_ENTRIES), clock)
+    reply = UpstreamReply(200, batch_body(), Lifetime.ACTIVE)
+    in_flight_seen = 0
+
+    async def fetch(_may_wait: bool) -> UpstreamReply:
+        nonlocal in_flight_seen
+        in_flight_seen = max(in_flight_seen, len(cache.flights))
+        await asyncio.sleep(0)  # every wave's calls are in flight together
+        return reply
+
+    largest = 0
+    traced: dict[int, int] = {}
+    gc.collect()
+    try:
+        for first in range(0, DISTINCT_IDS, WAVE):
+            if first == DISTINCT_IDS // 5:
+                # Past here, a bounded store only replaces what it evicts: the
+                # memory traced from now on stays at about one full store.
+                tracemalloc.start()
+            wave = [cache.get(f"batch-{i}", fetch, wait_s=5) for i in range(first, first + WAVE)]
+            results = await asyncio.gather(*wave)
+            assert len(results) == WAVE
+            largest = max(largest, len(store))
+            if first + WAVE in (2 * DISTINCT_IDS // 5, DISTINCT_IDS):
+                gc.collect()
+                traced[first + WAVE] = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert largest == MAX_ENTRIES
+    assert in_flight_seen == WAVE
+    assert len(cache.flights) == 0
+    early, late = traced[2 * DISTINCT_IDS // 5], traced[DISTINCT_IDS]
+    # Unbounded, the last 24,000 ids would add about ten megabytes.
+    assert late - early < 2_000_000, (early, late)
+
+
+async def test_distinct_ids_through_the_gateway_keep_the_cache_at_max_entries_and_nothing_in_flight(
+    simulator: Simulator, start: GatewayFactory
+) -> None:
+    config = make_config(
+        simulator.url, cache={"max_entries": 300}, upstream={"rate_limit": {"requests_per_s": 10_000, "burst": 5_000}}
+    )
+    gateway = await start(config)
+    ids = [f"distinct-{i}" for i in range(3_000)]
+    statuses = await get_many(gateway.url, ids, concurrency=100)
+    assert statuses == [200] * len(ids)
+    assert simulator.calls == len(ids)
+    registry = gateway.state.metrics.registry
+    assert registry.get_sample_value("gateway_cache_entries") == 300
+    assert registry.get_sample_value("gateway_singleflight_inflight") == 0
+    assert registry.get_sample_value("gateway_cache_removals_total", {"reason": "evicted"}) == len(ids) - 300
+
+
+# ---------------------------------------------------------------------------
+# Many concurrent misses: connection limit and descriptors
+# ---------------------------------------------------------------------------
+
+MAX_CONNECTIONS = 20
+MISSES = 1_000
+
+
+CONNECT_WAVE = 100  # below the listen backlog (128): a burst of SYNs past it waits for retransmits
+
+
+async def concurrent_misses(gateway: RunningGateway, ids: list[str]) -> list[int]:
+    """One connection per id, all open first, then every request at once; the statuses."""
+    server = gateway.runner.server
+    assert server is not None
+    baseline = len(server.connections)
+    connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    for first in range(0, len(ids), CONNECT_WAVE):
+        wave = min(CONNECT_WAVE, len(ids) - first)
+        connections += await asyncio.gather(*(asyncio.open_connection(gateway.host, gateway.port) for _ in range(wave)))
+        opened = baseline + len(connections)
+        assert await eventually(lambda: len(server.connections) >= opened)  # noqa: B023
+    key = BILLING_KEY.encode()
+    for (_, writer), batch_id in zip(connections, ids, strict=True):
+        writer.write(
+            b"GET /v2/batches/%s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nConnection: close\r\n\r\n"
+            % (batch_id.encode(), key)
+        )
+
+    async def status(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+        try:
+            raw = await reader.read()
+        finally:
+            writer.close()
+        assert_no_secrets(raw)
+        return int(raw.split(b" ", 2)[1]) if raw else 0
+
+    return list(await asyncio.wait_for(asyncio.gather(*(status(r, w) for r, w in connections)), BOUND_S))
+
+
+async def _start_own(config: Any, redactor: Redactor) -> RunningGateway:
+    return await start_gateway(config, "127.0.0.1", 0, GatewayState.create(config, redactor))
+
+
+async def test_a_thousand_concurrent_misses_stay_within_max_connections_and_leak_no_descriptors(
+    logs: LogCapture, redactor: Redactor
+) -> None:
+    def config_for(upstream: RawUpstream) -> Any:
+        limits = {"max_connections": MAX_CONNECTIONS, "rate_limit": {"requests_per_s": 10_000, "burst": 5_000}}
+        return make_config(upstream.url, upstream=limits)
+
+    # A first, small round opens what a process opens once (a library's /dev/null, ...).
+    upstream = await _counting_upstream()
+    gateway = await _start_own(config_for(upstream), redactor)
+    assert await concurrent_misses(gateway, [f"warm-{i}" for i in range(MAX_CONNECTIONS)]) == [200] * MAX_CONNECTIONS
+    await gateway.stop()
+    await upstream.stop()
+    gc.collect()
+    before = open_fds()
+
+    upstream = await _counting_upstream()
+    gateway = await _start_own(config_for(upstream), redactor)
+    try:
+        first = await concurrent_misses(gateway, [f"miss-{i}" for i in range(MISSES)])
+        assert first == [200] * MISSES
+        assert upstream.requests == MISSES
+        assert upstream.max_open == MAX_CONNECTIONS  # the limit was reached, and never passed
+        # Kept-alive upstream connections (both ends live in this process) and nothing else.
+        assert await eventually(lambda: open_fds() <= before + 2 * MAX_CONNECTIONS + 4), open_fds() - before
+        after_first = open_fds()
+
+        second = await concurrent_misses(gateway, [f"again-{i}" for i in range(MISSES)])
+        assert second == [200] * MISSES
+        assert upstream.max_open == MAX_CONNECTIONS
+        assert upstream.connections <= MAX_CONNECTIONS + 2  # the pool was reused, not reopened
+        assert await eventually(lambda: open_fds() <= after_first), open_fds() - after_first
+        assert gateway.state.metrics.registry.get_sample_value("gateway_singleflight_inflight") == 0
+    finally:
+        await gateway.stop()
+        await upstream.stop()
+    gc.collect()
+    assert await eventually(lambda: open_fds() <= before), open_fds() - before
+
+
+async def _counting_upstream() -> RawUpstream:
+    """A keep-alive upstream that holds answers until ``MAX_CONNECTIONS`` requests are open at once."""
+    in_progress = 0
+    release = asyncio.Event()
+
+    async def respond(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes) -> None:
+        nonlocal in_progress
+        in_progress += 1
+        if in_progress >= MAX_CONNECTIONS:
+            release.set()
+        await asyncio.wait_for(release.wait(), BOUND_S)
+        batch_id = head.split(b" ", 2)[1].rsplit(b"/", 1)[-1].decode()
+        writer.write(http_answer(200, batch_body(batch_id), reason="OK"))
+        await writer.drain()
+        in_progress -= 1
+
+    return await RawUpstream(respond).start()
