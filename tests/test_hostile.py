@@ -594,6 +594,16 @@ IDENTITIES: list[tuple[str, list[tuple[str | bytes, str | bytes]], str, int, str
     ),
     ("non-ASCII key", [("Authorization", "Bearer b\u00efllingcallerkey7a1e5b")], "", 401, None),
     ("non-UTF-8 key", [(b"Authorization", b"Bearer " + BILLING_KEY.encode() + b"\xff")], "", 401, None),
+    # HTTP trims only SP and HTAB around a value (RFC 9110 5.5): other space-like characters are part of it.
+    ("key and a no-break space", [(b"Authorization", b"Bearer " + BILLING_KEY.encode() + b"\xc2\xa0")], "", 401, None),
+    (
+        "key and a line separator",
+        [(b"Authorization", b"Bearer " + BILLING_KEY.encode() + b"\xe2\x80\xa8")],
+        "",
+        401,
+        None,
+    ),
+    ("no-break space as separator", [(b"Authorization", b"Bearer\xc2\xa0" + BILLING_KEY.encode())], "", 401, None),
     ("key in X-Api-Key", [("X-Api-Key", BILLING_KEY)], "", 401, None),
     ("key in a cookie", [("Cookie", f"api_key={BILLING_KEY}")], "", 401, None),
     ("key in Proxy-Authorization", [("Proxy-Authorization", f"Bearer {BILLING_KEY}")], "", 401, None),
