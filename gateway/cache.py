@@ -1,15 +1,19 @@
 """The answer cache: a bounded store with per-entry TTL, and single-flight.
 
 ``MemoryStore`` holds at most ``cache.max_entries`` entries (cachetools'
-``TLRUCache``). An entry is *fresh* until ``fresh_until`` (its TTL, chosen
-from the batch's status) and is kept ``stale_if_error_s`` longer, so that it
-can still answer while the upstream fails. Past ``keep_until`` it expires;
-when the store is full, the least recently used entry is evicted.
+``TLRUCache``): storing one more evicts the least recently used. An entry is
+*fresh* until ``fresh_until``: ``ttl_s.terminal`` for a terminal batch,
+``ttl_s.active`` (shortened by a random fraction of up to
+``active_jitter``, so that entries stored together do not expire together)
+for any other, ``ttl_s.not_found`` for an upstream 404. A batch entry is
+then kept ``stale_if_error_s`` longer, to answer while the upstream fails; a
+404 is not (a stale "not found" could make a poller give up on a batch that
+exists). Past ``keep_until`` an entry expires and is dropped.
 
 ``BatchCache.get`` is the request path: a fresh entry answers at once (HIT);
 otherwise one upstream call per id is made however many callers ask
 (MISS); if that call fails in a way that allows it, a kept entry answers
-(STALE).
+(STALE). Only 200 and 404 answers are ever stored.
 """
 
 from __future__ import annotations
@@ -202,7 +206,8 @@ class BatchCache:
     def _entry(self, reply: UpstreamReply) -> CacheEntry:
         now = self._clock()
         fresh_until = now + self.ttl_s(reply.lifetime)
-        return CacheEntry(reply.status, reply.body, now, fresh_until, fresh_until + self.settings.stale_if_error_s)
+        keep_s = self.settings.stale_if_error_s if reply.lifetime is not Lifetime.NOT_FOUND else 0.0
+        return CacheEntry(reply.status, reply.body, now, fresh_until, fresh_until + keep_s)
 
     async def _refresh(self, batch_id: str, fetch: Fetch, has_stale: bool) -> CacheEntry:
         # With a kept entry to fall back on, a spent budget answers STALE at

@@ -461,7 +461,8 @@ async def test_a_waiter_gives_up_at_its_own_deadline_and_the_call_goes_on() -> N
     patient = _spawn(flights, call, 1, wait_s=30)[0]
     await call.started.wait()
     with pytest.raises(errors.UpstreamTimeout):
-        await flights.run("k", call, wait_s=0.01)
+        # wait_for only bounds the test: the waiter's own deadline is 0.01 s.
+        await asyncio.wait_for(flights.run("k", call, wait_s=0.01), 5)
     assert not patient.done()
     call.release.set()
     result, _joined = await patient
@@ -484,8 +485,20 @@ async def test_a_waiter_past_its_deadline_is_served_a_kept_entry() -> None:
 
     patient = asyncio.ensure_future(cache.get("b", slow, 30))
     await asyncio.sleep(0)
-    hurried = await cache.get("b", slow, 0.01)
+    hurried = await asyncio.wait_for(cache.get("b", slow, 0.01), 5)
     assert hurried.state is CacheState.STALE
     release.set()
     assert (await patient).state is CacheState.MISS
     assert len(cache.flights) == 0
+
+
+async def test_a_cached_404_is_never_served_stale() -> None:
+    clock = FakeClock()
+    cache, store = make_cache(clock)
+    fetch = ScriptedFetch(NOT_FOUND_REPLY, errors.UpstreamError(upstream_status=500))
+    await cache.get("b", fetch, 1)
+    clock.advance(NOT_FOUND + 0.01)
+    assert store.get("b") is None  # dropped at the end of its TTL, not kept for stale-if-error
+    with pytest.raises(errors.UpstreamError):
+        await cache.get("b", fetch, 1)
+    assert fetch.may_wait == [True, True]

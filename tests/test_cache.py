@@ -1,0 +1,464 @@
+"""The cache as a poller sees it: through the real gateway, with a fake upstream.
+
+Time that decides freshness is a FakeClock; the upstream holds its answers
+(``up.release``) until every request a test sends is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import cohere
+import pytest
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.server import RunningGateway
+from tests.conftest import GatewayFactory, UpstreamFactory
+from tests.support import (
+    BILLING_KEY,
+    REPORTING_KEY,
+    FakeClock,
+    FakeUpstream,
+    batch_body,
+    json_handler,
+    make_config,
+    sdk,
+)
+
+ACTIVE, TERMINAL, NOT_FOUND, KEEP = 5, 3600, 10, 60
+AUTH = {"Authorization": f"Bearer {BILLING_KEY}"}
+
+
+def cache_config(url: str, **cache: Any) -> Any:
+    """Round TTLs, no jitter (tests that want it say so), one upstream call per failure."""
+    settings = {
+        "ttl_s": {"active": ACTIVE, "terminal": TERMINAL, "not_found": NOT_FOUND},
+        "stale_if_error_s": KEEP,
+        "active_jitter": 0,
+        **cache,
+    }
+    return make_config(url, cache=settings, upstream={"retries": 0})
+
+
+class Scripted:
+    """An upstream handler whose answer the test changes as it goes: (status, body)."""
+
+    def __init__(self, status: int = 200, body: bytes | None = None) -> None:
+        self.status = status
+        self.body = body
+
+    def answer(self, status: int, body: bytes | None = None) -> None:
+        self.status, self.body = status, body
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        batch_id = request.path.rsplit("/", 1)[-1]
+        body = self.body if self.body is not None else batch_body(batch_id)
+        if self.status != 200 and self.body is None:
+            body = json.dumps({"message": f"upstream says {self.status}"}).encode()
+        return web.Response(status=self.status, body=body, content_type="application/json")
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain HTTP client: no connection limit, so hundreds of requests can be in flight."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as client:
+        yield client
+
+
+async def ask(session: aiohttp.ClientSession, gateway: RunningGateway, batch_id: str) -> tuple[int, Any, bytes]:
+    async with session.get(f"{gateway.url}/v2/batches/{batch_id}", headers=AUTH) as response:
+        return response.status, response.headers, await response.read()
+
+
+def sample(gateway: RunningGateway, name: str, **labels: str) -> float:
+    return gateway.state.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Wait (bounded) for a state the gateway reaches with no event to await."""
+    async with asyncio.timeout(10):
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+
+
+async def scrape(
+    session: aiohttp.ClientSession, gateway: RunningGateway
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics, parsed: (sample name, sorted labels) -> value."""
+    async with session.get(f"{gateway.url}/metrics") as response:
+        text = await response.text()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def requests_with_cache(scraped: dict[tuple[str, tuple[tuple[str, str], ...]], float], cache: str) -> float:
+    return sum(
+        value
+        for (name, labels), value in scraped.items()
+        if name == "gateway_requests_total" and ("cache", cache) in labels and ("route", "/v2/batches/{id}") in labels
+    )
+
+
+def hold(up: FakeUpstream) -> asyncio.Event:
+    up.release = asyncio.Event()
+    return up.release
+
+
+# --- Single-flight ------------------------------------------------------------
+
+
+async def test_two_hundred_concurrent_requests_for_one_id_make_one_upstream_call(
+    start: GatewayFactory, fake_upstream: UpstreamFactory, session: aiohttp.ClientSession
+) -> None:
+    body = batch_body("batch-hot", status="BATCH_STATUS_IN_PROGRESS", name="the one answer")
+    up = await fake_upstream(json_handler(body=body))
+    release = hold(up)
+    gateway = await start(cache_config(up.url))
+    requests = [asyncio.ensure_future(ask(session, gateway, "batch-hot")) for _ in range(200)]
+    await up.arrived.wait()
+    await until(lambda: sample(gateway, "gateway_singleflight_coalesced_total") == 199)
+    assert len(gateway.state.cache.flights) == 1
+    release.set()
+    answers = await asyncio.gather(*requests)
+    assert up.calls == 1
+    assert {status for status, _headers, _body in answers} == {200}
+    assert {answer_body for _status, _headers, answer_body in answers} == {body}
+    assert {headers["X-Cache"] for _status, headers, _body in answers} == {"MISS"}
+    assert len(gateway.state.cache.flights) == 0
+    status, headers, again = await ask(session, gateway, "batch-hot")
+    assert (status, headers["X-Cache"], again, up.calls) == (200, "HIT", body, 1)
+
+
+async def test_leader_disconnect_does_not_cancel_the_shared_fetch(
+    start: GatewayFactory, fake_upstream: UpstreamFactory, session: aiohttp.ClientSession
+) -> None:
+    up = await fake_upstream(json_handler())
+    release = hold(up)
+    gateway = await start(cache_config(up.url))
+    leader = asyncio.ensure_future(ask(session, gateway, "batch-1"))
+    await up.arrived.wait()
+    waiters = [asyncio.ensure_future(ask(session, gateway, "batch-1")) for _ in range(5)]
+    await until(lambda: sample(gateway, "gateway_singleflight_coalesced_total") == 5)
+    leader.cancel()  # closes the leader's connection mid-fetch
+    await asyncio.gather(leader, return_exceptions=True)
+    release.set()
+    answers = await asyncio.gather(*waiters)
+    assert [status for status, _headers, _body in answers] == [200] * 5
+    assert {body for _status, _headers, body in answers} == {batch_body("batch-1")}
+    assert up.calls == 1
+    assert len(gateway.state.cache.flights) == 0
+
+
+async def test_a_fetch_whose_only_caller_left_still_fills_the_cache(
+    start: GatewayFactory, fake_upstream: UpstreamFactory, session: aiohttp.ClientSession
+) -> None:
+    up = await fake_upstream(json_handler())
+    release = hold(up)
+    gateway = await start(cache_config(up.url))
+    only = asyncio.ensure_future(ask(session, gateway, "batch-1"))
+    await up.arrived.wait()
+    only.cancel()
+    await asyncio.gather(only, return_exceptions=True)
+    release.set()
+    await until(lambda: len(gateway.state.cache.flights) == 0)
+    status, headers, _body = await ask(session, gateway, "batch-1")
+    assert (status, headers["X-Cache"], up.calls) == (200, "HIT", 1)
+
+
+async def test_concurrent_waiters_share_one_failure_and_the_next_request_tries_again(
+    start: GatewayFactory, fake_upstream: UpstreamFactory, session: aiohttp.ClientSession
+) -> None:
+    upstream = Scripted(500)
+    up = await fake_upstream(upstream)
+    release = hold(up)
+    gateway = await start(cache_config(up.url))
+    requests = [asyncio.ensure_future(ask(session, gateway, "batch-1")) for _ in range(20)]
+    await up.arrived.wait()
+    await until(lambda: sample(gateway, "gateway_singleflight_coalesced_total") == 19)
+    release.set()
+    answers = await asyncio.gather(*requests)
+    assert {status for status, _headers, _body in answers} == {502}
+    assert {json.loads(body)["code"] for _status, _headers, body in answers} == {"upstream_error"}
+    assert up.calls == 1
+    assert len(gateway.state.cache.flights) == 0  # nothing left behind
+    upstream.answer(200)
+    status, headers, body = await ask(session, gateway, "batch-1")
+    assert (status, headers["X-Cache"], body, up.calls) == (200, "MISS", batch_body("batch-1"), 2)
+
+
+# --- TTLs ---------------------------------------------------------------------
+
+
+async def test_active_entries_expire_after_the_active_ttl(
+    start: GatewayFactory, fake_upstream: UpstreamFactory
+) -> None:
+    up = await fake_upstream(json_handler())
+    clock = FakeClock()
+    gateway = await start(cache_config(up.url), clock=clock)
+    client = sdk(gateway.url)
+    first = await client.batches.with_raw_response.retrieve("batch-1")
+    assert (first.headers["x-cache"], first.headers["age"], first.headers["cache-control"]) == (
+        "MISS",
+        "0",
+        f"private, max-age={ACTIVE}",
+    )
+    clock.advance(ACTIVE - 0.5)
+    hit = await client.batches.with_raw_response.retrieve("batch-1")
+    assert (hit.headers["x-cache"], hit.headers["age"], hit.headers["cache-control"]) == (
+        "HIT",
+        "4",
+        "private, max-age=0",
+    )
+    assert up.calls == 1
+    clock.advance(1)
+    refreshed = await client.batches.with_raw_response.retrieve("batch-1")
+    assert (refreshed.headers["x-cache"], refreshed.headers["age"]) == ("MISS", "0")
+    assert refreshed.data.batch.id == "batch-1"
+    assert up.calls == 2
+
+
+async def test_terminal_entries_outlive_the_active_ttl(start: GatewayFactory, fake_upstream: UpstreamFactory) -> None:
+    up = await fake_upstream(json_handler(body=batch_body("batch-1", status="BATCH_STATUS_COMPLETED")))
+    clock = FakeClock()
+    gateway = await start(cache_config(up.url), clock=clock)
+    client = sdk(gateway.url)
+    await client.batches.retrieve("batch-1")
+    clock.advance(ACTIVE * 100)
+    late = await client.batches.with_raw_response.retrieve("batch-1")
+    assert late.headers["x-cache"] == "HIT"
+    assert late.headers["cache-control"] == f"private, max-age={TERMINAL - ACTIVE * 100}"
+    assert late.data.batch.status == "BATCH_STATUS_COMPLETED"
+    assert up.calls == 1
+    clock.advance(TERMINAL)
+    assert (await client.batches.with_raw_response.retrieve("batch-1")).headers["x-cache"] == "MISS"
+    assert up.calls == 2
+
+
+async def test_an_active_batch_turning_terminal_is_seen_at_the_next_refresh_then_pinned(
+    start: GatewayFactory, fake_upstream: UpstreamFactory
+) -> None:
+    upstream = Scripted(200, batch_body("batch-1", status="BATCH_STATUS_IN_PROGRESS"))
+    up = await fake_upstream(upstream)
+    clock = FakeClock()
+    gateway = await start(cache_config(up.url), clock=clock)
+    client = sdk(gateway.url)
+    assert (await client.batches.retrieve("batch-1")).batch.status == "BATCH_STATUS_IN_PROGRESS"
+    upstream.answer(200, batch_body("batch-1", status="BATCH_STATUS_COMPLETED"))
+    clock.advance(ACTIVE - 1)
+    assert (await client.batches.retrieve("batch-1")).batch.status == "BATCH_STATUS_IN_PROGRESS"  # still fresh
+    clock.advance(2)
+    seen = await client.batches.with_raw_response.retrieve("batch-1")
+    assert (seen.data.batch.status, seen.headers["x-cache"]) == ("BATCH_STATUS_COMPLETED", "MISS")
+    assert seen.headers["cache-control"] == f"private, max-age={TERMINAL}"
+    upstream.answer(500)  # the upstream is never asked again while the terminal TTL lasts
+    for _ in range(5):
+        clock.advance(TERMINAL / 6)
+        pinned = await client.batches.with_raw_response.retrieve("batch-1")
+        assert (pinned.data.batch.status, pinned.headers["x-cache"]) == ("BATCH_STATUS_COMPLETED", "HIT")
+    assert up.calls == 2
+
+
+async def test_a_404_is_cached_for_the_not_found_ttl(start: GatewayFactory, fake_upstream: UpstreamFactory) -> None:
+    up = await fake_upstream(json_handler(404, b'{"message": "batch missing-1 not found"}'))
+    clock = FakeClock()
+    gateway = await start(cache_config(up.url), clock=clock)
+    client = sdk(gateway.url)
+    with pytest.raises(cohere.NotFoundError) as first:
+        await client.batches.retrieve("missing-1")
+    assert first.value.headers is not None
+    assert first.value.headers["x-cache"] == "MISS"
+    assert first.value.body["code"] == "not_found"
+    clock.advance(NOT_FOUND - 1)
+    with pytest.raises(cohere.NotFoundError) as second:
+        await client.batches.retrieve("missing-1")
+    assert second.value.headers is not None
+    assert (second.value.headers["x-cache"], second.value.headers["age"]) == ("HIT", str(NOT_FOUND - 1))
+    assert second.value.body["message"] == "batch missing-1 not found"
+    assert up.calls == 1
+    clock.advance(2)
+    with pytest.raises(cohere.NotFoundError):
+        await client.batches.retrieve("missing-1")
+    assert up.calls == 2
+
+
+@pytest.mark.parametrize(
+    ("upstream_status", "gateway_status"),
+    [(400, 400), (401, 502), (403, 502), (500, 502), (502, 502), (503, 503), (504, 502)],
+)
+async def test_other_upstream_errors_are_not_cached(
+    start: GatewayFactory,
+    fake_upstream: UpstreamFactory,
+    session: aiohttp.ClientSession,
+    upstream_status: int,
+    gateway_status: int,
+) -> None:
+    upstream = Scripted(upstream_status)
+    up = await fake_upstream(upstream)
+    gateway = await start(cache_config(up.url))
+    for calls in (1, 2):
+        status, _headers, _body = await ask(session, gateway, "batch-1")
+        assert (status, up.calls) == (gateway_status, calls)
+    assert len(gateway.state.cache.flights) == 0
+    assert len(gateway.state.cache.store) == 0
+    upstream.answer(200)
+    status, headers, _body = await ask(session, gateway, "batch-1")
+    assert (status, headers["X-Cache"], up.calls) == (200, "MISS", 3)
+
+
+# --- Stale-if-error -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("upstream_status", [500, 502, 503, 504, 401, 403, 429])
+async def test_a_stale_entry_is_served_when_the_upstream_fails(
+    start: GatewayFactory, fake_upstream: UpstreamFactory, upstream_status: int
+) -> None:
+    upstream = Scripted(200)
+    up = await fake_upstream(upstream)
+    clock = FakeClock()
+    gateway = await start(cache_config(up.url), clock=clock)
+    client = sdk(gateway.url)
+    await client.batches.retrieve("batch-1")
+    upstream.answer(upstream_status)
+    clock.advance(ACTIVE + KEEP - 1)
+    stale = await client.batches.with_raw_response.retrieve("batch-1")
+    assert stale.data.batch.id == "batch-1"
+    assert (stale.headers["x-cache"], stale.headers["age"], stale.headers["cache-control"]) == (
+        "STALE",
+        str(ACTIVE + KEEP - 1),
+        "private, max-age=0",
+    )
+    assert up.calls == 2
+
+
+async def test_no_stale_entry_is_served_past_stale_if_error(
+    start: GatewayFactory, fake_upstream: UpstreamFactory, session: aiohttp.ClientSession
+) -> None:
+    upstream = Scripted(200)
+    up = await fake_upstream(upstream)
+    clock = FakeClock()
+    gateway = await start(cache_config(up.url), clock=clock)
+    await ask(session, gateway, "batch-1")
+    upstream.answer(500)
+    clock.advance(ACTIVE + KEEP + 0.5)
+    status, headers, body = await ask(session, gateway, "batch-1")
+    assert (status, json.loads(body)["code"]) == (502, "upstream_error")
+    assert "X-Cache" not in headers or headers["X-Cache"] != "STALE"
+    assert up.calls == 2
+
+
+async def test_an_upstream_400_is_passed_on_even_when_a_stale_entry_is_kept(
+    start: GatewayFactory, fake_upstream: UpstreamFactory, session: aiohttp.ClientSession
+) -> None:
+    upstream = Scripted(200)
+    up = await fake_upstream(upstream)
+    clock = FakeClock()
+    gateway = await start(cache_config(up.url), clock=clock)
+    await ask(session, gateway, "batch-1")
+    upstream.answer(400)
+    clock.advance(ACTIVE + 1)
+    status, _headers, body = await ask(session, gateway, "batch-1")
+    assert (status, json.loads(body)["code"]) == (400, "bad_request")
+
+
+# --- Spread expiry ------------------------------------------------------------
+
+
+async def test_active_ttls_are_shortened_by_the_configured_spread(
+    start: GatewayFactory, fake_upstream: UpstreamFactory, session: aiohttp.ClientSession
+) -> None:
+    up = await fake_upstream(json_handler())
+    clock = FakeClock()
+    gateway = await start(cache_config(up.url, ttl_s={"active": 10}, active_jitter=0.5), clock=clock)
+    gateway.state.cache.jitter = lambda: 0.5  # 10 s shortened by 0.5 * 0.5 = 25 %: 7.5 s
+    _status, headers, _body = await ask(session, gateway, "batch-1")
+    assert headers["Cache-Control"] == "private, max-age=7"
+    clock.advance(7.4)
+    assert (await ask(session, gateway, "batch-1"))[1]["X-Cache"] == "HIT"
+    clock.advance(0.2)
+    assert (await ask(session, gateway, "batch-1"))[1]["X-Cache"] == "MISS"
+    assert up.calls == 2
+
+
+# --- The bound, the budget, the metrics ---------------------------------------
+
+
+async def test_the_cache_never_holds_more_than_max_entries(
+    start: GatewayFactory, fake_upstream: UpstreamFactory, session: aiohttp.ClientSession
+) -> None:
+    up = await fake_upstream(json_handler())
+    gateway = await start(cache_config(up.url, max_entries=20))
+    for i in range(60):
+        status, _headers, _body = await ask(session, gateway, f"batch-{i}")
+        assert status == 200
+        assert len(gateway.state.cache.store) <= 20
+    scraped = await scrape(session, gateway)
+    assert scraped[("gateway_cache_entries", ())] == 20
+    assert scraped[("gateway_cache_removals_total", (("reason", "evicted"),))] == 40
+    # The least recently used went first: the newest answer is there, the oldest is asked again.
+    assert (await ask(session, gateway, "batch-59"))[1]["X-Cache"] == "HIT"
+    assert (await ask(session, gateway, "batch-0"))[1]["X-Cache"] == "MISS"
+    assert up.calls == 61
+
+
+async def test_a_poller_with_nothing_cached_waits_briefly_for_budget_instead_of_a_429(
+    start: GatewayFactory, fake_upstream: UpstreamFactory, session: aiohttp.ClientSession
+) -> None:
+    up = await fake_upstream(json_handler())
+    # Real clock: one token now, the next in 50 ms (well within budget_wait_s).
+    config = make_config(up.url, upstream={"rate_limit": {"requests_per_s": 20, "burst": 1}, "budget_wait_s": 5})
+    gateway = await start(config)
+    assert (await ask(session, gateway, "batch-1"))[0] == 200
+    status, headers, _body = await ask(session, gateway, "batch-2")
+    assert (status, headers["X-Cache"], up.calls) == (200, "MISS", 2)
+
+
+async def test_metrics_count_hits_misses_stale_answers_coalesced_waiters_entries_and_removals(
+    start: GatewayFactory, fake_upstream: UpstreamFactory, session: aiohttp.ClientSession
+) -> None:
+    upstream = Scripted(200)
+    up = await fake_upstream(upstream)
+    clock = FakeClock()
+    gateway = await start(cache_config(up.url, max_entries=2), clock=clock)
+    release = hold(up)
+    together = [asyncio.ensure_future(ask(session, gateway, "batch-a")) for _ in range(4)]
+    await up.arrived.wait()
+    await until(lambda: sample(gateway, "gateway_singleflight_coalesced_total") == 3)
+    release.set()
+    await asyncio.gather(*together)  # 4 MISS, 3 of them coalesced
+    for _ in range(2):
+        await ask(session, gateway, "batch-a")  # 2 HIT
+    clock.advance(ACTIVE + 1)
+    upstream.answer(503)
+    await ask(session, gateway, "batch-a")  # 1 STALE
+    upstream.answer(200)
+    await ask(session, gateway, "batch-b")  # 1 MISS
+    await ask(session, gateway, "batch-c")  # 1 MISS, evicts the least recently used (batch-a)
+    clock.advance(ACTIVE + KEEP + 1)  # batch-b and batch-c expire
+    scraped = await scrape(session, gateway)
+    assert requests_with_cache(scraped, "MISS") == 6
+    assert requests_with_cache(scraped, "HIT") == 2
+    assert requests_with_cache(scraped, "STALE") == 1
+    assert scraped[("gateway_singleflight_coalesced_total", ())] == 3
+    assert scraped[("gateway_cache_entries", ())] == 0
+    assert scraped[("gateway_cache_removals_total", (("reason", "evicted"),))] == 1
+    assert scraped[("gateway_cache_removals_total", (("reason", "expired"),))] == 2
+    assert scraped[("gateway_singleflight_inflight", ())] == 0
+    assert up.calls == 4
+
+
+async def test_every_caller_shares_one_entry_per_batch_id(
+    start: GatewayFactory, fake_upstream: UpstreamFactory
+) -> None:
+    up = await fake_upstream(json_handler())
+    gateway = await start(cache_config(up.url))
+    await sdk(gateway.url, BILLING_KEY).batches.retrieve("batch-1")
+    again = await sdk(gateway.url, REPORTING_KEY).batches.with_raw_response.retrieve("batch-1")
+    assert (again.headers["x-cache"], up.calls) == ("HIT", 1)
