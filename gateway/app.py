@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-from aiohttp import web
+from aiohttp import HttpVersion10, web
 from aiohttp.typedefs import Handler
 
 from gateway import errors, handlers
@@ -72,6 +72,10 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     request[TRACE] = RequestTrace()
     state = request.app[STATE]
     try:
+        if request.version < HttpVersion10:
+            # llhttp reads "GET /path" with no version as HTTP/0.9 and still parses
+            # headers after it; a proxy in front would not. Refuse it.
+            raise errors.MalformedRequest("The request line has no HTTP version.")
         if (request.content_length or 0) > state.snapshot.config.server.max_body_bytes:
             raise errors.BodyTooLarge()
         response = await handler(request)

@@ -37,8 +37,10 @@ class CallerDirectory:
                 if not authorization
                 else "Send exactly one Authorization header."
             )
-        scheme, _, key = authorization[0].strip().partition(" ")
-        key = key.strip()
+        # HTTP trims only SP and HTAB around a value (RFC 9110 5.5): any other
+        # space-like character (NBSP, U+2028, VT) is part of what was sent.
+        scheme, _, key = authorization[0].strip(" \t").partition(" ")
+        key = key.strip(" \t")
         if scheme.lower() != "bearer" or not key:
             raise errors.Unauthorized("The Authorization header must be 'Bearer <your caller key>'.")
         # Header bytes that are not UTF-8 arrive as surrogates; hash them as sent.
