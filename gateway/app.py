@@ -9,9 +9,9 @@ writes the access log line and request metrics.
 from __future__ import annotations
 
 import logging
+import random
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import HttpVersion10, web
@@ -30,12 +30,17 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 log = logging.getLogger("gateway")
 
 
+def new_request_id() -> str:
+    """A fresh request id: unique enough for tracing, with no syscall (uuid4 reads os.urandom)."""
+    return f"{random.getrandbits(128):032x}"
+
+
 def request_id_for(request: web.BaseRequest) -> str:
     """The caller's ``X-Request-ID`` if it is sane, else a fresh one."""
     given = request.headers.getall("X-Request-ID", [])
     if len(given) == 1 and _SANE_REQUEST_ID.fullmatch(given[0]):
         return given[0]
-    return uuid.uuid4().hex
+    return new_request_id()
 
 
 def error_response(
@@ -95,8 +100,17 @@ def _account(request: web.Request, response: web.StreamResponse, state: GatewayS
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
     caller = request.get(CALLER, "-")
     cache = request.get(CACHE_STATE, response.headers.get("X-Cache", "-"))
-    state.metrics.requests.labels(caller, route, str(response.status), cache).inc()
-    state.metrics.request_seconds.labels(route).observe(elapsed)
+    # labels() validates and locks on every call; the children are looked up once per label set.
+    children = state.metric_children
+    labels = (caller, route, response.status, cache)
+    counter = children.get(labels)
+    if counter is None:
+        counter = children[labels] = state.metrics.requests.labels(caller, route, str(response.status), cache)
+    counter.inc()
+    histogram = children.get(route)
+    if histogram is None:
+        histogram = children[route] = state.metrics.request_seconds.labels(route)
+    histogram.observe(elapsed)
     if not state.snapshot.config.logging.access_log:
         return
     trace: RequestTrace = request[TRACE]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from functools import partial
+from collections.abc import Awaitable
 
 from aiohttp import web
 
 from gateway import errors
 from gateway.auth import Caller
-from gateway.cache import CacheResult, CacheState
+from gateway.cache import CacheResult, CacheState, UpstreamReply
 from gateway.keys import CACHE_STATE, CALLER, REQUEST_ID, STATE, TRACE
 from gateway.protocol import parse_batch_id, upstream_message
 from gateway.state import GatewayState
@@ -35,15 +35,19 @@ async def get_batch(request: web.Request) -> web.Response:
     request[CALLER] = caller.name
     _check_caller_limit(state, caller)
     batch_id = parse_batch_id(request.match_info["id"])
-    upstream_request = UpstreamRequest(
-        batch_id=batch_id,
-        caller_name=caller.name,
-        request_id=request[REQUEST_ID],
-        caller_headers=tuple((h, request.headers[h]) for h in FORWARDED_CALLER_HEADERS if h in request.headers),
-        trace=request[TRACE],
-    )
     settings = snapshot.config.upstream
-    fetch = partial(state.upstream.fetch, upstream_request, settings)
+
+    def fetch(may_wait: bool) -> Awaitable[UpstreamReply]:
+        # Built only on a miss: a hit never needs it.
+        upstream_request = UpstreamRequest(
+            batch_id=batch_id,
+            caller_name=caller.name,
+            request_id=request[REQUEST_ID],
+            caller_headers=tuple((h, request.headers[h]) for h in FORWARDED_CALLER_HEADERS if h in request.headers),
+            trace=request[TRACE],
+        )
+        return state.upstream.fetch(upstream_request, settings, may_wait)
+
     result = await state.cache.get(batch_id, fetch, settings.timeout_s + WAIT_MARGIN_S)
     request[CACHE_STATE] = result.state.value
     return _render(result, state.clock())

@@ -8,6 +8,7 @@ like a bearer credential before the line is written.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -84,11 +85,52 @@ class JsonFormatter(logging.Formatter):
 
 
 class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A stream handler whose failure report holds no part of the record.
+    """A stream handler that writes lines in batches, and whose failure report holds no part of the record.
+
+    Inside a running event loop, formatted lines are collected and written
+    (one ``write``, one flush) at the loop's next turn, so that a busy
+    gateway makes one write per loop turn rather than one per request.
+    Outside a loop, each line is written at once. ``logging.shutdown``
+    (at exit) flushes whatever is pending.
 
     ``logging.Handler.handleError`` prints the record's message and arguments
-    to stderr unformatted, that is, unredacted.
+    to stderr unformatted, that is, unredacted: it is replaced.
     """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._flush_scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._pending.append(self.format(record))
+        except Exception:
+            self.handleError(record)
+            return
+        if self._flush_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._flush_scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._flush_scheduled = False
+            if self._pending:
+                lines, self._pending = self._pending, []
+                try:
+                    self.stream.write(self.terminator.join(lines) + self.terminator)
+                    self.stream.flush()
+                except Exception:
+                    self.handleError(None)  # type: ignore[arg-type]
+        finally:
+            self.release()
 
     def handleError(self, record: logging.LogRecord) -> None:
         notice = {"level": "error", "logger": "gateway.logs", "event": "a log line could not be written"}

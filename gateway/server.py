@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from gateway import errors
-from gateway.app import build_app, error_response
+from gateway.app import build_app, error_response, new_request_id
 from gateway.config import ConfigError, GatewayConfig
 from gateway.keys import STATE
 from gateway.logs import ACCESS_LOGGER, log_event
@@ -104,7 +103,7 @@ class _JsonErrorHandler(RequestHandler):
         # Never the exception's text: parser errors quote the raw bytes, credentials included.
         log_event(log, level, "could not handle request", code=error.code, reason=type(exc).__name__ if exc else None)
         # The head could not be parsed, so no caller-sent request id can be trusted.
-        request_id = uuid.uuid4().hex
+        request_id = new_request_id()
         response = error_response(error, request_id)
         response.force_close()
         if self.state is not None:

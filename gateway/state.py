@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.auth import CallerDirectory
 from gateway.cache import BatchCache, MemoryStore
@@ -36,6 +37,8 @@ class GatewayState:
     redact: Redactor
     clock: Clock = time.monotonic
     caller_buckets: dict[str, TokenBucket] = field(default_factory=dict)
+    # Prometheus children by label values (bounded: callers x routes x statuses x cache states).
+    metric_children: dict[object, Any] = field(default_factory=dict)
 
     @classmethod
     def create(
