@@ -86,6 +86,11 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         response = await handler(request)
     except errors.GatewayError as error:
         response = error_response(error, request_id, state.redact.known)
+        if CACHE_STATE in request and "X-Cache" not in response.headers:
+            # An upstream failure on the batch route: still a batch answer (DESIGN §5),
+            # but nothing was cached, so nothing may be reused.
+            response.headers["X-Cache"] = request[CACHE_STATE]
+            response.headers["Cache-Control"] = "no-store"
     except web.HTTPException as exc:
         response = error_response(_from_http_exception(exc), request_id)
     except Exception:

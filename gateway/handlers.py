@@ -48,6 +48,9 @@ async def get_batch(request: web.Request) -> web.Response:
         )
         return state.upstream.fetch(upstream_request, settings, may_wait)
 
+    # Until the cache says otherwise, this request is a miss: an upstream failure
+    # answered without a stale entry still reports X-Cache: MISS.
+    request[CACHE_STATE] = CacheState.MISS.value
     result = await state.cache.get(batch_id, fetch, settings.timeout_s + WAIT_MARGIN_S)
     request[CACHE_STATE] = result.state.value
     return _render(result, state.clock())

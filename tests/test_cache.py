@@ -304,8 +304,10 @@ async def test_other_upstream_errors_are_not_cached(
     up = await fake_upstream(upstream)
     gateway = await start(cache_config(up.url))
     for calls in (1, 2):
-        status, _headers, _body = await ask(session, gateway, "batch-1")
+        status, headers, _body = await ask(session, gateway, "batch-1")
         assert (status, up.calls) == (gateway_status, calls)
+        # Still a batch answer, but nothing was cached and nothing may be reused.
+        assert (headers["X-Cache"], headers["Cache-Control"]) == ("MISS", "no-store")
     assert len(gateway.state.cache.flights) == 0
     assert len(gateway.state.cache.store) == 0
     upstream.answer(200)
