@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
 
-.PHONY: run test lint bench bench-quick soak clean
+.PHONY: run test lint bench bench-quick bench-smoke soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +23,8 @@ run: $(VENV)/.installed-run
 	@if [ -n "$$COHERE_API_KEY" ]; then exec $(BIN)/cohere-gateway; \
 	else echo "COHERE_API_KEY is not set: starting in --demo mode"; exec $(BIN)/cohere-gateway --demo; fi
 
-## test: lint, type-check, lint the Dockerfile, run the test suite
-test: $(VENV)/.installed-test lint
+## test: lint, type-check, lint the Dockerfile, a 30 s soak, the benchmark smoke run, the test suite
+test: $(VENV)/.installed-test lint soak bench-smoke
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-test
@@ -37,6 +39,14 @@ bench: $(VENV)/.installed-test
 
 bench-quick: $(VENV)/.installed-test
 	$(BIN)/python bench/run.py --quick
+
+## bench-smoke: every benchmark scenario for a few seconds (CI: it runs, its JSON parses; numbers not checked)
+bench-smoke: $(VENV)/.installed-test
+	$(BIN)/python bench/run.py --smoke | tail -n 1 | $(BIN)/python -c 'import json, sys; json.loads(sys.stdin.read())'
+
+## soak: fixed mixed load, fails if memory, fds, threads or upstream calls keep growing (SOAK_S=600 for 10 minutes)
+soak: $(VENV)/.installed-test
+	$(BIN)/python bench/soak.py --duration $(or $(SOAK_S),30)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
