@@ -366,15 +366,16 @@ def load_config(
     """Read, interpolate and validate ``path``; ``overrides`` replace whole sections' keys."""
     raw = read_yaml(path) if path.exists() or overrides is None else {}
     if overrides and isinstance(raw, dict):
-        raw = _merge(raw, overrides)
+        raw = deep_merge(raw, overrides)
     return validate(raw, os.environ if env is None else env)
 
 
-def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` laid over it, mapping by mapping."""
     merged = dict(base)
     for key, value in overrides.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged

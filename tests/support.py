@@ -19,7 +19,7 @@ import cohere
 import httpx
 from aiohttp import web
 
-from gateway.config import GatewayConfig, validate
+from gateway.config import GatewayConfig, deep_merge, validate
 from gateway.logs import JsonFormatter, Redactor
 
 UPSTREAM_TOKEN = "upstream-secret-token-4f9d2c"
@@ -30,16 +30,6 @@ SECRETS = (UPSTREAM_TOKEN, BILLING_KEY, REPORTING_KEY)
 
 def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def raw_config(base_url: str, **sections: Any) -> dict[str, Any]:
@@ -57,7 +47,7 @@ def raw_config(base_url: str, **sections: Any) -> dict[str, Any]:
             {"name": "reporting", "key_sha256": sha256_hex(REPORTING_KEY)},
         ],
     }
-    return _merge(raw, sections)
+    return deep_merge(raw, sections)
 
 
 def make_config(base_url: str, **sections: Any) -> GatewayConfig:
