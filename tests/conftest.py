@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +18,20 @@ from gateway.demo import Simulator, start_simulator
 from gateway.logs import Redactor
 from gateway.server import RunningGateway, start_gateway
 from gateway.state import GatewayState
-from tests.support import UPSTREAM_TOKEN, FakeUpstream, Handler, LogCapture, assert_no_secrets, attach_log_capture
+from tests.support import (
+    PROCESS_WAIT_S,
+    UPSTREAM_TOKEN,
+    FakeUpstream,
+    GatewayProcess,
+    Handler,
+    LogCapture,
+    RawUpstream,
+    Respond,
+    assert_no_reload_secrets,
+    assert_no_secrets,
+    attach_log_capture,
+    serves_healthz,
+)
 
 # The whole suite runs on each loop named here (DESIGN: the server runs on uvloop;
 # the default loop must work too). GATEWAY_TEST_LOOPS=uvloop narrows it.
@@ -43,8 +59,6 @@ def logs(redactor: Redactor) -> Iterator[LogCapture]:
     """Captures every log line; at the end, asserts that none holds a secret."""
     capture, handler = attach_log_capture(redactor)
     yield capture
-    import logging
-
     logging.getLogger().removeHandler(handler)
     assert_no_secrets(capture.text)
 
@@ -94,3 +108,63 @@ async def fake_upstream() -> AsyncIterator[UpstreamFactory]:
         if upstream.release is not None:
             upstream.release.set()
         await upstream.stop()
+
+
+RawUpstreamFactory = Callable[[Respond], Awaitable[RawUpstream]]
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[RawUpstreamFactory]:
+    """Start byte-level upstreams; all are stopped at the end."""
+    started: list[RawUpstream] = []
+
+    async def _start(respond: Respond) -> RawUpstream:
+        upstream = await RawUpstream(respond).start()
+        started.append(upstream)
+        return upstream
+
+    yield _start
+    for upstream in started:
+        await upstream.stop()
+
+
+ProcessFactory = Callable[..., Awaitable[GatewayProcess]]
+
+
+@pytest.fixture
+async def gateway_process() -> AsyncIterator[ProcessFactory]:
+    """Start ``python -m gateway --config PATH``; wait (bounded) until it serves /healthz.
+
+    The URL is read from the gateway's "serving" log line, or given by the
+    test when the configured log level hides that line.
+    """
+    started: list[GatewayProcess] = []
+
+    async def _start(config_path: Path, url: str | None = None) -> GatewayProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "COHERE_"))}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway",
+            "--config",
+            str(config_path),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        gateway = GatewayProcess(proc)
+        gateway._reader = asyncio.ensure_future(gateway._read())
+        started.append(gateway)
+        gateway.url = url or (await gateway.wait_for_event("serving"))["url"]
+        assert await serves_healthz(gateway.url), f"the gateway never served /healthz:\n{gateway.text}"
+        return gateway
+
+    yield _start
+    for gateway in started:
+        if gateway.proc.returncode is None:
+            gateway.proc.kill()
+            await gateway.proc.wait()
+        if gateway._reader is not None:
+            await asyncio.wait_for(gateway._reader, PROCESS_WAIT_S)
+        assert_no_reload_secrets(gateway.text)

@@ -1,7 +1,9 @@
-"""Shared test furniture: secrets, configs, fake upstreams, log capture.
+"""Shared test furniture: secrets, configs, clients, fake upstreams, metrics, log capture.
 
-Everything runs on 127.0.0.1: the simulator or a hand-written fake upstream,
-the gateway served for real by ``start_gateway``, and the cohere SDK.
+Everything runs on 127.0.0.1: the simulator or a hand-written fake upstream
+(aiohttp's ``FakeUpstream`` or the byte-level ``RawUpstream``), the gateway
+served for real by ``start_gateway`` or as a child process
+(``GatewayProcess``), and the cohere SDK, aiohttp or a raw socket as client.
 """
 
 from __future__ import annotations
@@ -11,21 +13,36 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
+import aiohttp
 import cohere
 import httpx
+import yaml
 from aiohttp import web
+from multidict import CIMultiDict
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import GatewayConfig, deep_merge, validate
 from gateway.logs import JsonFormatter, Redactor
+
+if TYPE_CHECKING:
+    from gateway.server import RunningGateway
 
 UPSTREAM_TOKEN = "upstream-secret-token-4f9d2c"
 BILLING_KEY = "billing-caller-key-7a1e5b"
 REPORTING_KEY = "reporting-caller-key-3c8d0f"
 SECRETS = (UPSTREAM_TOKEN, BILLING_KEY, REPORTING_KEY)
+# Secrets that only exist after a reload (tests/test_operations.py): they must stay out of logs as well.
+NEW_TOKEN = "rotated-upstream-token-91b3e7"
+ANALYTICS_KEY = "analytics-caller-key-5d2a9c"
+
+EXCHANGE_TIMEOUT_S = 30.0  # default bound on one exchange with a gateway (2 shared cores)
 
 
 def sha256_hex(text: str) -> str:
@@ -169,3 +186,356 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (a gateway may bind it; a client is refused)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    """Poll ``condition`` until it holds, for states with no event to await; whether it came in time."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout_s
+    while not condition():
+        if loop.time() > give_up:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+# ---------------------------------------------------------------------------
+# Answers, and the clients that get them: aiohttp and a raw socket
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    """One HTTP answer, whichever client received it; ``raw`` holds the bytes off a raw socket."""
+
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+    raw: bytes = b""
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name)
+
+    def all(self, name: str) -> list[str]:
+        return self.headers.getall(name, [])
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def document(self) -> dict[str, Any]:
+        document: dict[str, Any] = self.json
+        return document
+
+    @property
+    def code(self) -> str | None:
+        """The JSON ``code`` of an error answer; None for an answer without one."""
+        if not self.body:
+            return None
+        document = self.json
+        return document.get("code") if isinstance(document, dict) else None
+
+    @property
+    def retry_after(self) -> str | None:
+        return self.headers.get("Retry-After")
+
+
+async def http(
+    url: str,
+    *,
+    method: str = "GET",
+    key: str | None = BILLING_KEY,
+    headers: Mapping[str, str] | None = None,
+    data: bytes | None = None,
+    timeout_s: float = EXCHANGE_TIMEOUT_S,
+) -> Answer:
+    """One request with aiohttp (which shows every header) as the caller with ``key`` (None: no Authorization)."""
+    sent = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
+        session.request(method, url, headers={**sent, **(headers or {})}, data=data, allow_redirects=False) as response,
+    ):
+        return Answer(response.status, CIMultiDict(response.headers), await response.read())
+
+
+def request_bytes(
+    target: str | bytes = "/v2/batches/batch-1",
+    headers: list[tuple[str | bytes, str | bytes] | bytes] | None = None,
+    *,
+    method: str | bytes = "GET",
+    version: str | bytes = "HTTP/1.1",
+    host: str | bytes | None = "gateway.internal",
+    key: str | None = BILLING_KEY,
+    close: bool = True,
+    body: bytes = b"",
+) -> bytes:
+    """A request head built byte for byte, so that nothing normalises it on the way."""
+
+    def b(value: str | bytes) -> bytes:
+        return value if isinstance(value, bytes) else value.encode()
+
+    lines = [b(method) + b" " + b(target) + b" " + b(version)]
+    if host is not None:
+        lines.append(b"Host: " + b(host))
+    if key is not None:
+        lines.append(b"Authorization: Bearer " + key.encode())
+    # A header given as bytes is a raw line, sent as is.
+    lines += [h if isinstance(h, bytes) else b(h[0]) + b": " + b(h[1]) for h in headers or []]
+    if close:
+        lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+async def send_raw(url: str, data: bytes, *, read_all: bool = True, timeout_s: float = EXCHANGE_TIMEOUT_S) -> bytes:
+    """Write ``data`` to the server at ``url`` and read until it closes (each read bounded by ``timeout_s``).
+
+    With ``read_all=False``, stop once a whole answer head has arrived (for
+    answers that have no body to end them, such as HEAD's).
+    """
+    parts = urlsplit(url)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port), timeout_s)
+    try:
+        writer.write(data)
+        await writer.drain()
+        received = bytearray()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(reader.read(65536), timeout_s)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            received += chunk
+            if not read_all and b"\r\n\r\n" in received:
+                break
+        return bytes(received)
+    finally:
+        writer.close()
+
+
+def parse_response(raw: bytes) -> Answer:
+    """One HTTP/1.1 answer as it came off the socket; the body cut at Content-Length."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in lines[1:]:
+        if ":" in line:
+            name, _, value = line.partition(":")
+            headers.add(name.strip(), value.strip())
+    length = headers.get("Content-Length")
+    if length is not None:
+        body = body[: int(length)]
+    return Answer(status, headers, body, raw)
+
+
+async def raw_request(url: str, data: bytes, *, timeout_s: float = EXCHANGE_TIMEOUT_S) -> Answer:
+    """Send bytes as they are (no client normalises them); the answer, checked for secrets."""
+    raw = await send_raw(url, data, timeout_s=timeout_s)
+    assert raw, "the gateway closed the connection without answering"
+    assert_no_secrets(raw)
+    return parse_response(raw)
+
+
+# ---------------------------------------------------------------------------
+# A byte-level upstream, for what aiohttp cannot produce
+# ---------------------------------------------------------------------------
+
+Respond = Callable[[asyncio.StreamReader, asyncio.StreamWriter, bytes], Awaitable[None]]
+
+
+@dataclass
+class RawUpstream:
+    """An upstream on 127.0.0.1 that answers each request head with ``respond`` (raw bytes)."""
+
+    respond: Respond
+    heads: list[bytes] = field(default_factory=list)
+    connections: int = 0
+    open_now: int = 0
+    max_open: int = 0
+    url: str = ""
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    _server: asyncio.Server | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def requests(self) -> int:
+        return len(self.heads)
+
+    async def start(self) -> RawUpstream:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.connections += 1
+        self.open_now += 1
+        self.max_open = max(self.max_open, self.open_now)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                self.heads.append(head)
+                await self.respond(reader, writer, head)
+                if writer.is_closing():
+                    return
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self.open_now -= 1
+            self._tasks.discard(task)
+            writer.close()
+
+    async def stop(self) -> None:
+        self.done.set()
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+def http_answer(status: int, body: bytes, headers: dict[str, str] | None = None, reason: str = "X") -> bytes:
+    """An upstream's HTTP/1.1 answer as bytes, with Content-Length and a JSON content type."""
+    lines = [f"HTTP/1.1 {status} {reason}", f"Content-Length: {len(body)}", "Content-Type: application/json"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+# ---------------------------------------------------------------------------
+# Metrics, as a scrape of /metrics or from the in-process registry
+# ---------------------------------------------------------------------------
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape_metrics(url: str) -> tuple[str, Samples]:
+    """``GET /metrics``: the text, and every sample parsed by prometheus-client's own parser."""
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as response:
+        assert response.status == 200
+        assert response.content_type == "text/plain"
+        text = await response.text()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return text, samples
+
+
+def sample_value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def registry_value(gateway: RunningGateway, name: str, **labels: str) -> float:
+    """A sample read from an in-process gateway's registry (0 when it was never recorded)."""
+    return gateway.state.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+# ---------------------------------------------------------------------------
+# The gateway as a child process
+# ---------------------------------------------------------------------------
+
+PROCESS_WAIT_S = 15.0  # bound on every wait for the child process (2 shared cores)
+
+
+def write_config(path: Path, raw: Any) -> Path:
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def process_config(base_url: str, **sections: Any) -> dict[str, Any]:
+    """A config for ``python -m gateway``: port 0 on 127.0.0.1, a short shutdown grace."""
+    return raw_config(base_url, server={"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 5}, **sections)
+
+
+def assert_no_reload_secrets(text: str) -> None:
+    """No secret of the first config, nor of the rotated one, appears in ``text``."""
+    assert_no_secrets(text)
+    for secret in (NEW_TOKEN, ANALYTICS_KEY):
+        assert secret not in text, "a secret leaked"
+
+
+@dataclass
+class GatewayProcess:
+    """``python -m gateway`` in a child process; its JSON log lines are collected as they come."""
+
+    proc: asyncio.subprocess.Process
+    lines: list[str] = field(default_factory=list)
+    url: str = ""
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _reader: asyncio.Task[None] | None = None
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.lines if line.startswith("{")]
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            async with self._changed:
+                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self._changed.notify_all()
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _find(self, event: str, after: int) -> dict[str, Any] | None:
+        return next((e for e in self.events[after:] if e["event"].startswith(event)), None)
+
+    async def wait_for_event(self, event: str, after: int = 0) -> dict[str, Any]:
+        """The first log line from the ``after``-th on whose event starts with ``event``."""
+        async with self._changed:
+            await asyncio.wait_for(
+                self._changed.wait_for(lambda: self._find(event, after) is not None or self._ended()), PROCESS_WAIT_S
+            )
+        found = self._find(event, after)
+        assert found is not None, f"the gateway ended without logging {event!r}:\n{self.text}"
+        return found
+
+    def _ended(self) -> bool:
+        return self._reader is not None and self._reader.done()
+
+    def signal(self, signum: int) -> int:
+        """Send ``signum``; returns the number of log lines so far (for ``wait_for_event(after=...)``)."""
+        mark = len(self.events)
+        self.proc.send_signal(signum)
+        return mark
+
+    async def exit_code(self, within_s: float) -> int:
+        code = await asyncio.wait_for(self.proc.wait(), within_s)
+        if self._reader is not None:
+            await asyncio.wait_for(self._reader, PROCESS_WAIT_S)
+        return code
+
+
+async def serves_healthz(url: str) -> bool:
+    """Whether ``url`` answers /healthz, polled (bounded) while the process starts."""
+    async with aiohttp.ClientSession() as session:
+        for _ in range(300):
+            try:
+                async with session.get(f"{url}/healthz") as response:
+                    return response.status == 200
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
+    return False

@@ -16,7 +16,6 @@ import subprocess
 import sys
 from collections.abc import Mapping
 
-import aiohttp
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
@@ -29,8 +28,11 @@ from tests.support import (
     UPSTREAM_TOKEN,
     FakeClock,
     assert_no_secrets,
+    http,
     json_handler,
     make_config,
+    raw_request,
+    request_bytes,
     sdk,
 )
 
@@ -50,29 +52,6 @@ UPSTREAM_HEADER_ALLOWLIST = {
     "x-fern-sdk-version",
 }
 CACHE_CONTROL = re.compile(r"private, max-age=\d+")
-
-
-async def get(
-    url: str, key: str = BILLING_KEY, headers: Mapping[str, str] | None = None
-) -> tuple[int, CIMultiDict[str], bytes]:
-    async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND_S)) as session,
-        session.get(url, headers={"Authorization": f"Bearer {key}", **(headers or {})}) as response,
-    ):
-        return response.status, CIMultiDict(response.headers), await response.read()
-
-
-async def raw_get(port: int, head: bytes) -> tuple[int, bytes]:
-    """A request sent exactly as written: clients would normalise these targets and headers."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(head)
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), BOUND_S)
-    finally:
-        writer.close()
-    status_line, _, rest = data.partition(b"\r\n")
-    return int(status_line.split(b" ")[1]), rest
 
 
 # --- the caller's side ------------------------------------------------------------------
@@ -122,10 +101,11 @@ async def test_cache_headers_tell_the_age_and_the_freshness_left(
     clock = FakeClock()
     config = make_config(upstream.url, cache={"ttl_s": {"active": 30}, "active_jitter": 0})
     gateway = await start(config, clock=clock)
-    status, miss, _ = await get(f"{gateway.url}/v2/batches/batch-1")
+    first = await http(f"{gateway.url}/v2/batches/batch-1")
     clock.advance(12)
-    _, hit, _ = await get(f"{gateway.url}/v2/batches/batch-1")
-    assert status == 200
+    second = await http(f"{gateway.url}/v2/batches/batch-1")
+    miss, hit = first.headers, second.headers
+    assert first.status == 200
     assert (miss["X-Cache"], miss["Age"], miss["Cache-Control"]) == ("MISS", "0", "private, max-age=30")
     assert (hit["X-Cache"], hit["Age"], hit["Cache-Control"]) == ("HIT", "12", "private, max-age=18")
 
@@ -178,8 +158,8 @@ async def test_no_cookie_credential_or_hop_by_hop_header_of_the_caller_reaches_t
     simulator: Simulator, start: GatewayFactory
 ) -> None:
     gateway = await start(make_config(simulator.url))
-    status, _, _ = await get(f"{gateway.url}/v2/batches/b1", headers=CALLER_EXTRAS)
-    assert status == 200
+    answer = await http(f"{gateway.url}/v2/batches/b1", headers=CALLER_EXTRAS)
+    assert answer.status == 200
     [seen] = simulator.seen
     assert_upstream_saw_only_the_gateways_identity(seen.headers, "billing-service")
     flattened = str(dict(seen.headers))
@@ -191,22 +171,15 @@ async def test_doubled_caller_identity_headers_are_replaced_not_appended(
     simulator: Simulator, start: GatewayFactory
 ) -> None:
     gateway = await start(make_config(simulator.url))
-    head = b"\r\n".join(
-        [
-            b"GET /v2/batches/b1 HTTP/1.1",
-            b"Host: gateway",
-            b"Authorization: Bearer " + BILLING_KEY.encode(),
-            b"X-Client-Name: impostor-one",
-            b"X-Client-Name: impostor-two",
-            b"Cookie: a=1",
-            b"Cookie: b=2",
-            b"Connection: close, X-Client-Name",
-            b"",
-            b"",
-        ]
-    )
-    status, _ = await raw_get(gateway.port, head)
-    assert status == 200
+    doubled = [
+        b"X-Client-Name: impostor-one",
+        b"X-Client-Name: impostor-two",
+        b"Cookie: a=1",
+        b"Cookie: b=2",
+        b"Connection: close, X-Client-Name",
+    ]
+    answer = await raw_request(gateway.url, request_bytes("/v2/batches/b1", doubled, host="gateway", close=False))
+    assert answer.status == 200
     [seen] = simulator.seen
     assert_upstream_saw_only_the_gateways_identity(seen.headers, "billing-service")
 
@@ -219,8 +192,8 @@ async def test_a_sane_request_id_is_echoed_and_sent_upstream(
     request_id: str, simulator: Simulator, start: GatewayFactory
 ) -> None:
     gateway = await start(make_config(simulator.url))
-    _, headers, _ = await get(f"{gateway.url}/v2/batches/b1", headers={"X-Request-ID": request_id})
-    assert headers["X-Request-ID"] == request_id
+    answer = await http(f"{gateway.url}/v2/batches/b1", headers={"X-Request-ID": request_id})
+    assert answer.headers["X-Request-ID"] == request_id
     [seen] = simulator.seen
     assert seen.headers.getall("X-Request-ID") == [request_id]
 
@@ -243,20 +216,10 @@ async def test_an_insane_request_id_is_replaced_by_a_fresh_one_everywhere(
     request_id: bytes, simulator: Simulator, start: GatewayFactory
 ) -> None:
     gateway = await start(make_config(simulator.url))
-    head = b"\r\n".join(
-        [
-            b"GET /v2/batches/b1 HTTP/1.1",
-            b"Host: gateway",
-            b"Authorization: Bearer " + BILLING_KEY.encode(),
-            b"X-Request-ID: " + request_id,
-            b"Connection: close",
-            b"",
-            b"",
-        ]
-    )
-    status, rest = await raw_get(gateway.port, head)
-    assert status == 200
-    echoed = re.search(rb"(?im)^X-Request-ID: *([^\r\n]*)\r$", rest)
+    head = request_bytes("/v2/batches/b1", [b"X-Request-ID: " + request_id], host="gateway")
+    answer = await raw_request(gateway.url, head)
+    assert answer.status == 200
+    echoed = re.search(rb"(?im)^X-Request-ID: *([^\r\n]*)\r$", answer.raw)
     assert echoed is not None
     fresh = echoed.group(1).decode()
     assert fresh.encode() != request_id
@@ -267,31 +230,20 @@ async def test_an_insane_request_id_is_replaced_by_a_fresh_one_everywhere(
 
 async def test_two_request_ids_from_the_caller_are_replaced(simulator: Simulator, start: GatewayFactory) -> None:
     gateway = await start(make_config(simulator.url))
-    head = b"\r\n".join(
-        [
-            b"GET /v2/batches/b1 HTTP/1.1",
-            b"Host: gateway",
-            b"Authorization: Bearer " + BILLING_KEY.encode(),
-            b"X-Request-ID: first",
-            b"X-Request-ID: second",
-            b"Connection: close",
-            b"",
-            b"",
-        ]
-    )
-    status, rest = await raw_get(gateway.port, head)
-    assert status == 200
+    head = request_bytes("/v2/batches/b1", [b"X-Request-ID: first", b"X-Request-ID: second"], host="gateway")
+    answer = await raw_request(gateway.url, head)
+    assert answer.status == 200
     [seen] = simulator.seen
     sent = seen.headers.getall("X-Request-ID")
     assert len(sent) == 1
     assert sent[0] not in {"first", "second"}
-    assert b"X-Request-ID: " + sent[0].encode() in rest
+    assert b"X-Request-ID: " + sent[0].encode() in answer.raw
 
 
 async def test_a_request_id_is_generated_when_none_is_sent(simulator: Simulator, start: GatewayFactory) -> None:
     gateway = await start(make_config(simulator.url))
-    _, first, _ = await get(f"{gateway.url}/v2/batches/b1")
-    _, second, _ = await get(f"{gateway.url}/v2/batches/b2")
+    first = (await http(f"{gateway.url}/v2/batches/b1")).headers
+    second = (await http(f"{gateway.url}/v2/batches/b2")).headers
     assert first["X-Request-ID"] != second["X-Request-ID"]
     assert [s.headers["X-Request-ID"] for s in simulator.seen] == [first["X-Request-ID"], second["X-Request-ID"]]
 
@@ -318,18 +270,8 @@ async def test_the_upstream_url_is_built_from_base_url_and_the_id_alone(
 ) -> None:
     upstream = await fake_upstream(json_handler())
     gateway = await start(make_config(upstream.url))
-    head = b"\r\n".join(
-        [
-            b"GET " + target + b" HTTP/1.1",
-            b"Host: " + host,
-            b"Authorization: Bearer " + BILLING_KEY.encode(),
-            b"Connection: close",
-            b"",
-            b"",
-        ]
-    )
-    status, _ = await raw_get(gateway.port, head)
-    assert status == 200
+    answer = await raw_request(gateway.url, request_bytes(target, host=host))
+    assert answer.status == 200
     [request] = upstream.requests
     assert request.raw_path == "/v2/batches/b1"
     assert request.query_string == ""
@@ -359,13 +301,8 @@ async def test_the_upstream_is_asked_with_get_and_no_body(
 
     upstream = await fake_upstream(record)
     gateway = await start(make_config(upstream.url))
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(
-            f"{gateway.url}/v2/batches/b1", headers={"Authorization": f"Bearer {BILLING_KEY}"}, data=b"caller-body"
-        ) as response,
-    ):
-        assert response.status == 200
+    answer = await http(f"{gateway.url}/v2/batches/b1", data=b"caller-body")
+    assert answer.status == 200
     assert [r.method for r in upstream.requests] == ["GET"]
     assert bodies == [b""]
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import cohere
 import pytest
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.server import RunningGateway
 from tests.conftest import GatewayFactory, UpstreamFactory
@@ -24,9 +23,13 @@ from tests.support import (
     REPORTING_KEY,
     FakeClock,
     FakeUpstream,
+    Samples,
     batch_body,
+    eventually,
     json_handler,
     make_config,
+    registry_value,
+    scrape_metrics,
     sdk,
 )
 
@@ -75,31 +78,7 @@ async def ask(session: aiohttp.ClientSession, gateway: RunningGateway, batch_id:
         return response.status, response.headers, await response.read()
 
 
-def sample(gateway: RunningGateway, name: str, **labels: str) -> float:
-    return gateway.state.metrics.registry.get_sample_value(name, labels) or 0.0
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    """Wait (bounded) for a state the gateway reaches with no event to await."""
-    async with asyncio.timeout(10):
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.005)
-
-
-async def scrape(
-    session: aiohttp.ClientSession, gateway: RunningGateway
-) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """GET /metrics, parsed: (sample name, sorted labels) -> value."""
-    async with session.get(f"{gateway.url}/metrics") as response:
-        text = await response.text()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def requests_with_cache(scraped: dict[tuple[str, tuple[tuple[str, str], ...]], float], cache: str) -> float:
+def requests_with_cache(scraped: Samples, cache: str) -> float:
     return sum(
         value
         for (name, labels), value in scraped.items()
@@ -124,7 +103,7 @@ async def test_two_hundred_concurrent_requests_for_one_id_make_one_upstream_call
     gateway = await start(cache_config(up.url))
     requests = [asyncio.ensure_future(ask(session, gateway, "batch-hot")) for _ in range(200)]
     await up.arrived.wait()
-    await until(lambda: sample(gateway, "gateway_singleflight_coalesced_total") == 199)
+    assert await eventually(lambda: registry_value(gateway, "gateway_singleflight_coalesced_total") == 199)
     assert len(gateway.state.cache.flights) == 1
     release.set()
     answers = await asyncio.gather(*requests)
@@ -146,7 +125,7 @@ async def test_leader_disconnect_does_not_cancel_the_shared_fetch(
     leader = asyncio.ensure_future(ask(session, gateway, "batch-1"))
     await up.arrived.wait()
     waiters = [asyncio.ensure_future(ask(session, gateway, "batch-1")) for _ in range(5)]
-    await until(lambda: sample(gateway, "gateway_singleflight_coalesced_total") == 5)
+    assert await eventually(lambda: registry_value(gateway, "gateway_singleflight_coalesced_total") == 5)
     leader.cancel()  # closes the leader's connection mid-fetch
     await asyncio.gather(leader, return_exceptions=True)
     release.set()
@@ -168,7 +147,7 @@ async def test_a_fetch_whose_only_caller_left_still_fills_the_cache(
     only.cancel()
     await asyncio.gather(only, return_exceptions=True)
     release.set()
-    await until(lambda: len(gateway.state.cache.flights) == 0)
+    assert await eventually(lambda: len(gateway.state.cache.flights) == 0)
     status, headers, _body = await ask(session, gateway, "batch-1")
     assert (status, headers["X-Cache"], up.calls) == (200, "HIT", 1)
 
@@ -182,7 +161,7 @@ async def test_concurrent_waiters_share_one_failure_and_the_next_request_tries_a
     gateway = await start(cache_config(up.url))
     requests = [asyncio.ensure_future(ask(session, gateway, "batch-1")) for _ in range(20)]
     await up.arrived.wait()
-    await until(lambda: sample(gateway, "gateway_singleflight_coalesced_total") == 19)
+    assert await eventually(lambda: registry_value(gateway, "gateway_singleflight_coalesced_total") == 19)
     release.set()
     answers = await asyncio.gather(*requests)
     assert {status for status, _headers, _body in answers} == {502}
@@ -401,9 +380,9 @@ async def test_the_cache_never_holds_more_than_max_entries(
         status, _headers, _body = await ask(session, gateway, f"batch-{i}")
         assert status == 200
         assert len(gateway.state.cache.store) <= 20
-    scraped = await scrape(session, gateway)
-    assert scraped[("gateway_cache_entries", ())] == 20
-    assert scraped[("gateway_cache_removals_total", (("reason", "evicted"),))] == 40
+    _, scraped = await scrape_metrics(gateway.url)
+    assert scraped[("gateway_cache_entries", frozenset())] == 20
+    assert scraped[("gateway_cache_removals_total", frozenset({("reason", "evicted")}))] == 40
     # The least recently used went first: the newest answer is there, the oldest is asked again.
     assert (await ask(session, gateway, "batch-59"))[1]["X-Cache"] == "HIT"
     assert (await ask(session, gateway, "batch-0"))[1]["X-Cache"] == "MISS"
@@ -432,7 +411,7 @@ async def test_metrics_count_hits_misses_stale_answers_coalesced_waiters_entries
     release = hold(up)
     together = [asyncio.ensure_future(ask(session, gateway, "batch-a")) for _ in range(4)]
     await up.arrived.wait()
-    await until(lambda: sample(gateway, "gateway_singleflight_coalesced_total") == 3)
+    assert await eventually(lambda: registry_value(gateway, "gateway_singleflight_coalesced_total") == 3)
     release.set()
     await asyncio.gather(*together)  # 4 MISS, 3 of them coalesced
     for _ in range(2):
@@ -444,15 +423,15 @@ async def test_metrics_count_hits_misses_stale_answers_coalesced_waiters_entries
     await ask(session, gateway, "batch-b")  # 1 MISS
     await ask(session, gateway, "batch-c")  # 1 MISS, evicts the least recently used (batch-a)
     clock.advance(ACTIVE + KEEP + 1)  # batch-b and batch-c expire
-    scraped = await scrape(session, gateway)
+    _, scraped = await scrape_metrics(gateway.url)
     assert requests_with_cache(scraped, "MISS") == 6
     assert requests_with_cache(scraped, "HIT") == 2
     assert requests_with_cache(scraped, "STALE") == 1
-    assert scraped[("gateway_singleflight_coalesced_total", ())] == 3
-    assert scraped[("gateway_cache_entries", ())] == 0
-    assert scraped[("gateway_cache_removals_total", (("reason", "evicted"),))] == 1
-    assert scraped[("gateway_cache_removals_total", (("reason", "expired"),))] == 2
-    assert scraped[("gateway_singleflight_inflight", ())] == 0
+    assert scraped[("gateway_singleflight_coalesced_total", frozenset())] == 3
+    assert scraped[("gateway_cache_entries", frozenset())] == 0
+    assert scraped[("gateway_cache_removals_total", frozenset({("reason", "evicted")}))] == 1
+    assert scraped[("gateway_cache_removals_total", frozenset({("reason", "expired")}))] == 2
+    assert scraped[("gateway_singleflight_inflight", frozenset())] == 0
     assert up.calls == 4
 
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from gateway.config import ConfigError, load_config, validate
-from tests.support import BILLING_KEY, REPORTING_KEY, UPSTREAM_TOKEN, raw_config, sha256_hex
+from tests.support import BILLING_KEY, REPORTING_KEY, UPSTREAM_TOKEN, free_port, raw_config, sha256_hex
 
 BASE = "https://api.cohere.com"
 # Secret-looking values used in broken configs: no message may echo them.
@@ -346,13 +346,6 @@ def test_check_config_on_a_missing_file_names_it_without_a_traceback(tmp_path: P
     assert result.returncode != 0
     assert "nope.yaml" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def test_starting_with_a_bad_config_exits_non_zero_and_never_listens(tmp_path: Path) -> None:

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 from cohere.core.api_error import ApiError
@@ -27,30 +24,21 @@ from tests.support import (
     BILLING_KEY,
     REPORTING_KEY,
     UPSTREAM_TOKEN,
+    Answer,
     FakeClock,
     FakeUpstream,
     assert_no_secrets,
     batch_body,
+    free_port,
+    http,
     json_handler,
     make_config,
+    raw_request,
+    request_bytes,
     sdk,
 )
 
 BOUND_S = 30  # no single exchange in this file may take longer
-
-
-@dataclass
-class Answer:
-    """A gateway response, whichever client received it."""
-
-    status: int
-    headers: CIMultiDict[str]
-    body: bytes
-
-    @property
-    def document(self) -> dict[str, Any]:
-        document: dict[str, Any] = json.loads(self.body)
-        return document
 
 
 def assert_contract_error(
@@ -87,36 +75,8 @@ async def sdk_error(url: str, batch_id: str, key: str = BILLING_KEY) -> tuple[Ap
     return exc, answer
 
 
-async def http(method: str, url: str, headers: Mapping[str, str] | None = None, data: bytes | None = None) -> Answer:
-    async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND_S)) as session,
-        session.request(method, url, headers=headers, data=data, allow_redirects=False) as response,
-    ):
-        return Answer(response.status, CIMultiDict(response.headers), await response.read())
-
-
-async def raw(port: int, head: bytes) -> Answer:
-    """Send bytes as they are (no client normalises them) and read the whole answer."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(head)
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), BOUND_S)
-    finally:
-        writer.close()
-    head_bytes, _, body = data.partition(b"\r\n\r\n")
-    status_line, *lines = head_bytes.decode("latin-1").split("\r\n")
-    headers: CIMultiDict[str] = CIMultiDict()
-    for line in lines:
-        name, _, value = line.partition(":")
-        headers.add(name.strip(), value.strip())
-    length = int(headers.get("Content-Length", len(body)))
-    return Answer(int(status_line.split(" ")[1]), headers, body[:length])
-
-
 def get_head(target: bytes, *extra: bytes, key: str = BILLING_KEY) -> bytes:
-    lines = [b"GET " + target + b" HTTP/1.1", b"Host: gateway", b"Authorization: Bearer " + key.encode()]
-    return b"\r\n".join([*lines, *extra, b"Connection: close", b"", b""])
+    return request_bytes(target, list(extra), host="gateway", key=key)
 
 
 @pytest.fixture
@@ -155,10 +115,8 @@ async def test_a_missing_or_malformed_authorization_is_401_never_500(
     authorization: bytes | None, upstream: FakeUpstream, start: GatewayFactory
 ) -> None:
     gateway = await start(make_config(upstream.url))
-    lines = [b"GET /v2/batches/batch-1 HTTP/1.1", b"Host: gateway"]
-    if authorization is not None:
-        lines.append(b"Authorization: " + authorization)
-    answer = await raw(gateway.port, b"\r\n".join([*lines, b"Connection: close", b"", b""]))
+    extra = [] if authorization is None else [b"Authorization: " + authorization]
+    answer = await raw_request(gateway.url, request_bytes(b"/v2/batches/batch-1", extra, host="gateway", key=None))
     document = assert_contract_error(answer, 401, "unauthorized")
     assert "REDACTED" not in document["message"]  # our own hints reach the caller intact
     assert upstream.calls == 0
@@ -173,7 +131,9 @@ async def test_a_doubled_authorization_is_401_never_500(
     second: str, upstream: FakeUpstream, start: GatewayFactory
 ) -> None:
     gateway = await start(make_config(upstream.url))
-    answer = await raw(gateway.port, get_head(b"/v2/batches/batch-1", b"Authorization: Bearer " + second.encode()))
+    answer = await raw_request(
+        gateway.url, get_head(b"/v2/batches/batch-1", b"Authorization: Bearer " + second.encode())
+    )
     assert_contract_error(answer, 401, "unauthorized")
     assert upstream.calls == 0
 
@@ -231,7 +191,7 @@ async def test_ids_that_try_to_escape_are_refused_and_never_reach_the_upstream(
     target: bytes, upstream: FakeUpstream, start: GatewayFactory
 ) -> None:
     gateway = await start(make_config(upstream.url))
-    answer = await raw(gateway.port, get_head(target))
+    answer = await raw_request(gateway.url, get_head(target))
     assert answer.status in (400, 404)
     code = answer.document["code"]
     assert code in {"invalid_batch_id", "route_not_found", "malformed_request"}
@@ -244,7 +204,7 @@ async def test_ids_that_try_to_escape_are_refused_and_never_reach_the_upstream(
 )
 async def test_an_unknown_path_is_404_route_not_found(path: str, upstream: FakeUpstream, start: GatewayFactory) -> None:
     gateway = await start(make_config(upstream.url))
-    answer = await http("GET", gateway.url + path, {"Authorization": f"Bearer {BILLING_KEY}"})
+    answer = await http(gateway.url + path)
     assert_contract_error(answer, 404, "route_not_found")
     assert upstream.calls == 0
 
@@ -254,7 +214,7 @@ async def test_a_wrong_method_on_a_known_path_is_405_with_allow(
     method: str, upstream: FakeUpstream, start: GatewayFactory
 ) -> None:
     gateway = await start(make_config(upstream.url))
-    answer = await http(method, gateway.url + "/v2/batches/batch-1", {"Authorization": f"Bearer {BILLING_KEY}"})
+    answer = await http(gateway.url + "/v2/batches/batch-1", method=method)
     assert_contract_error(answer, 405, "method_not_allowed")
     assert answer.headers["Allow"] == "GET"
     assert upstream.calls == 0
@@ -275,16 +235,14 @@ async def test_an_oversized_request_head_is_431_json(
     head: bytes, upstream: FakeUpstream, start: GatewayFactory
 ) -> None:
     gateway = await start(make_config(upstream.url))
-    answer = await raw(gateway.port, head)
+    answer = await raw_request(gateway.url, head)
     assert_contract_error(answer, 431, "request_too_large")
     assert upstream.calls == 0
 
 
 async def test_an_oversized_body_is_413_request_too_large(upstream: FakeUpstream, start: GatewayFactory) -> None:
     gateway = await start(make_config(upstream.url, server={"max_body_bytes": 1024}))
-    answer = await http(
-        "GET", gateway.url + "/v2/batches/batch-1", {"Authorization": f"Bearer {BILLING_KEY}"}, data=b"x" * 4096
-    )
+    answer = await http(gateway.url + "/v2/batches/batch-1", data=b"x" * 4096)
     assert_contract_error(answer, 413, "request_too_large")
     assert upstream.calls == 0
 
@@ -446,15 +404,8 @@ async def test_an_upstream_that_does_not_answer_in_time_is_504_upstream_timeout(
     assert upstream.calls >= 1
 
 
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
 async def test_an_unreachable_upstream_is_502_upstream_unreachable(start: GatewayFactory) -> None:
-    gateway = await start(make_config(f"http://127.0.0.1:{closed_port()}"))
+    gateway = await start(make_config(f"http://127.0.0.1:{free_port()}"))
     exc, answer = await sdk_error(gateway.url, "batch-1")
     assert type(exc) is ApiError
     assert_contract_error(answer, 502, "upstream_unreachable")

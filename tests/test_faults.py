@@ -17,8 +17,6 @@ import json
 import socket
 import struct
 import zlib
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from functools import cache
@@ -27,99 +25,30 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from gateway.server import RunningGateway
-from tests.conftest import GatewayFactory, UpstreamFactory
-from tests.support import BILLING_KEY, UPSTREAM_TOKEN, FakeClock, assert_no_secrets, batch_body, make_config
+from tests.conftest import GatewayFactory, RawUpstreamFactory, UpstreamFactory
+from tests.support import (
+    BILLING_KEY,
+    UPSTREAM_TOKEN,
+    Answer,
+    FakeClock,
+    Respond,
+    assert_no_secrets,
+    batch_body,
+    free_port,
+    http_answer,
+    make_config,
+    registry_value,
+)
 
 WAITERS = 50
 BOUND_S = 30.0
 
 # ---------------------------------------------------------------------------
-# Furniture: a raw upstream, the hold, the fan-out
+# Furniture: raw answers, the hold, the fan-out
 # ---------------------------------------------------------------------------
-
-Respond = Callable[[asyncio.StreamReader, asyncio.StreamWriter, bytes], Awaitable[None]]
-
-
-@dataclass
-class RawUpstream:
-    """An upstream on 127.0.0.1 that answers each request head with ``respond`` (raw bytes)."""
-
-    respond: Respond
-    heads: list[bytes] = field(default_factory=list)
-    connections: int = 0
-    open_now: int = 0
-    max_open: int = 0
-    url: str = ""
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    _server: asyncio.Server | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-
-    @property
-    def requests(self) -> int:
-        return len(self.heads)
-
-    async def start(self) -> RawUpstream:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self.connections += 1
-        self.open_now += 1
-        self.max_open = max(self.max_open, self.open_now)
-        try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return
-                self.heads.append(head)
-                await self.respond(reader, writer, head)
-                if writer.is_closing():
-                    return
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            self.open_now -= 1
-            self._tasks.discard(task)
-            writer.close()
-
-    async def stop(self) -> None:
-        self.done.set()
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=5)
-        if self._server is not None:
-            await self._server.wait_closed()
-
-
-@pytest.fixture
-async def raw_upstream() -> Any:
-    started: list[RawUpstream] = []
-
-    async def _start(respond: Respond) -> RawUpstream:
-        upstream = await RawUpstream(respond).start()
-        started.append(upstream)
-        return upstream
-
-    yield _start
-    for upstream in started:
-        await upstream.stop()
-
-
-def http_answer(status: int, body: bytes, headers: dict[str, str] | None = None, reason: str = "X") -> bytes:
-    lines = [f"HTTP/1.1 {status} {reason}", f"Content-Length: {len(body)}", "Content-Type: application/json"]
-    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
 def answer_with(data: bytes, *, close: bool = False) -> Respond:
@@ -169,22 +98,6 @@ class HeldFetch:
         upstream.fetch = held_fetch  # type: ignore[method-assign]
 
 
-@dataclass
-class Answer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    @property
-    def code(self) -> str | None:
-        document = json.loads(self.body)
-        return document.get("code") if isinstance(document, dict) else None
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
 async def ask(url: str, batch_id: str = "batch-1", waiters: int = 1) -> list[Answer]:
     """``waiters`` concurrent requests for one id; every answer, secrets checked."""
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
@@ -196,7 +109,7 @@ async def ask(url: str, batch_id: str = "batch-1", waiters: int = 1) -> list[Ans
                 body = await response.read()
                 assert_no_secrets(body)
                 assert_no_secrets(str(response.headers))
-                return Answer(response.status, dict(response.headers), body)
+                return Answer(response.status, CIMultiDict(response.headers), body)
 
         return await asyncio.wait_for(asyncio.gather(*(one() for _ in range(waiters))), BOUND_S)
 
@@ -219,11 +132,6 @@ def assert_all(answers: list[Answer], status: int, code: str | None, upstream_st
             assert answer.json["message"]
 
 
-def upstream_calls(gateway: RunningGateway, outcome: str) -> float:
-    value = gateway.state.metrics.registry.get_sample_value("gateway_upstream_calls_total", {"outcome": outcome})
-    return value or 0.0
-
-
 def fault_config(base_url: str, **upstream: Any) -> Any:
     settings = {"timeout_s": 0.5, "retries": 2, "retry_backoff_s": 0.01, "max_body_bytes": 65536, **upstream}
     return make_config(base_url, upstream=settings)
@@ -234,23 +142,18 @@ def fault_config(base_url: str, **upstream: Any) -> Any:
 # ---------------------------------------------------------------------------
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_a_refused_connection_is_502_unreachable_for_every_waiter_after_the_retries(
     start: GatewayFactory,
 ) -> None:
-    gateway = await start(fault_config(f"http://127.0.0.1:{closed_port()}"))
+    gateway = await start(fault_config(f"http://127.0.0.1:{free_port()}"))
     answers = await fan_out(gateway)
     assert_all(answers, 502, "upstream_unreachable")
-    assert upstream_calls(gateway, "upstream_unreachable") == 3  # one call and two retries, shared by all
+    # One call and two retries, shared by all.
+    assert registry_value(gateway, "gateway_upstream_calls_total", outcome="upstream_unreachable") == 3
 
 
 async def test_an_upstream_that_accepts_and_stays_silent_is_504_for_every_waiter(
-    start: GatewayFactory, raw_upstream: Any
+    start: GatewayFactory, raw_upstream: RawUpstreamFactory
 ) -> None:
     async def silent(_reader: asyncio.StreamReader, _writer: asyncio.StreamWriter, _head: bytes) -> None:
         await upstream.done.wait()
@@ -284,7 +187,7 @@ async def _trickle(writer: asyncio.StreamWriter, data: bytes, done: asyncio.Even
 
 @pytest.mark.parametrize("where", ["head", "body"])
 async def test_an_answer_that_trickles_past_the_deadline_is_504_for_every_waiter(
-    start: GatewayFactory, raw_upstream: Any, where: str
+    start: GatewayFactory, raw_upstream: RawUpstreamFactory, where: str
 ) -> None:
     answer = http_answer(200, batch_body() + b" " * 200)
 
@@ -304,7 +207,7 @@ async def test_an_answer_that_trickles_past_the_deadline_is_504_for_every_waiter
 
 
 async def test_a_reset_before_any_answer_is_502_unreachable_after_the_retries(
-    start: GatewayFactory, raw_upstream: Any
+    start: GatewayFactory, raw_upstream: RawUpstreamFactory
 ) -> None:
     async def reset_at_once(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _head: bytes) -> None:
         reset(writer)
@@ -317,7 +220,7 @@ async def test_a_reset_before_any_answer_is_502_unreachable_after_the_retries(
 
 
 async def test_a_close_before_any_answer_is_502_unreachable_after_the_retries(
-    start: GatewayFactory, raw_upstream: Any
+    start: GatewayFactory, raw_upstream: RawUpstreamFactory
 ) -> None:
     upstream = await raw_upstream(answer_with(b"", close=True))
     gateway = await start(fault_config(upstream.url))
@@ -329,7 +232,7 @@ async def test_a_close_before_any_answer_is_502_unreachable_after_the_retries(
 # A 200 whose body does not arrive whole is a 2xx that is not the expected JSON:
 # 502 upstream_invalid_response, not retried (the upstream did answer).
 async def test_a_reset_mid_body_is_502_invalid_response_for_every_waiter(
-    start: GatewayFactory, raw_upstream: Any
+    start: GatewayFactory, raw_upstream: RawUpstreamFactory
 ) -> None:
     async def reset_mid_body(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _head: bytes) -> None:
         writer.write(http_answer(200, batch_body() + b" " * 1000)[:150])
@@ -354,7 +257,7 @@ async def test_a_reset_mid_body_is_502_invalid_response_for_every_waiter(
     ids=["short-by-10", "length-larger-than-sent", "chunked-without-end", "broken-chunk-size"],
 )
 async def test_a_truncated_or_misframed_body_is_502_invalid_response_for_every_waiter(
-    start: GatewayFactory, raw_upstream: Any, data: bytes
+    start: GatewayFactory, raw_upstream: RawUpstreamFactory, data: bytes
 ) -> None:
     upstream = await raw_upstream(answer_with(data, close=True))
     gateway = await start(fault_config(upstream.url))
@@ -375,7 +278,7 @@ async def test_a_truncated_or_misframed_body_is_502_invalid_response_for_every_w
     ids=["non-numeric-status", "unknown-version", "not-http", "two-content-lengths", "bad-header"],
 )
 async def test_an_answer_that_is_not_http_is_502_for_every_waiter_and_never_a_500(
-    start: GatewayFactory, raw_upstream: Any, data: bytes
+    start: GatewayFactory, raw_upstream: RawUpstreamFactory, data: bytes
 ) -> None:
     upstream = await raw_upstream(answer_with(data, close=True))
     gateway = await start(fault_config(upstream.url))
@@ -467,7 +370,7 @@ CAP = 65536
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked", "close-delimited"])
 async def test_a_body_past_max_body_bytes_is_502_for_every_waiter(
-    start: GatewayFactory, raw_upstream: Any, framing: str
+    start: GatewayFactory, raw_upstream: RawUpstreamFactory, framing: str
 ) -> None:
     body = b'{"batch": {"id": "batch-1", "pad": "' + b"x" * (4 * CAP) + b'"}}'
 
@@ -519,7 +422,7 @@ def gzip_bomb(inflated_mb: int = 64) -> bytes:
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
 async def test_a_compressed_body_that_inflates_past_the_cap_is_502_for_every_waiter(
-    start: GatewayFactory, raw_upstream: Any, encoding: str
+    start: GatewayFactory, raw_upstream: RawUpstreamFactory, encoding: str
 ) -> None:
     bomb = gzip_bomb()
     if encoding == "deflate":
@@ -532,7 +435,9 @@ async def test_a_compressed_body_that_inflates_past_the_cap_is_502_for_every_wai
     assert upstream.requests == 1
 
 
-async def test_a_compressed_body_within_the_cap_is_served_inflated(start: GatewayFactory, raw_upstream: Any) -> None:
+async def test_a_compressed_body_within_the_cap_is_served_inflated(
+    start: GatewayFactory, raw_upstream: RawUpstreamFactory
+) -> None:
     body = batch_body(status="BATCH_STATUS_COMPLETED")
     upstream = await raw_upstream(answer_with(http_answer(200, gzip.compress(body), {"Content-Encoding": "gzip"})))
     gateway = await start(fault_config(upstream.url, max_body_bytes=CAP))
@@ -542,7 +447,7 @@ async def test_a_compressed_body_within_the_cap_is_served_inflated(start: Gatewa
 
 
 async def test_a_body_that_claims_gzip_but_is_not_is_502_for_every_waiter(
-    start: GatewayFactory, raw_upstream: Any
+    start: GatewayFactory, raw_upstream: RawUpstreamFactory
 ) -> None:
     upstream = await raw_upstream(answer_with(http_answer(200, batch_body(), {"Content-Encoding": "gzip"})))
     gateway = await start(fault_config(upstream.url, max_body_bytes=CAP))
@@ -573,7 +478,7 @@ async def test_a_redirect_is_502_for_every_waiter_and_never_followed(
 
 @pytest.mark.parametrize("interim", [b"100 Continue", b"102 Processing", b"103 Early Hints\r\nLink: </x>; rel=preload"])
 async def test_interim_1xx_answers_are_skipped_and_the_final_answer_served(
-    start: GatewayFactory, raw_upstream: Any, interim: bytes
+    start: GatewayFactory, raw_upstream: RawUpstreamFactory, interim: bytes
 ) -> None:
     body = batch_body()
     data = b"HTTP/1.1 " + interim + b"\r\n\r\n" + http_answer(200, body)
@@ -585,7 +490,7 @@ async def test_interim_1xx_answers_are_skipped_and_the_final_answer_served(
 
 
 async def test_an_interim_answer_with_no_final_answer_is_502_for_every_waiter(
-    start: GatewayFactory, raw_upstream: Any
+    start: GatewayFactory, raw_upstream: RawUpstreamFactory
 ) -> None:
     upstream = await raw_upstream(answer_with(b"HTTP/1.1 100 Continue\r\n\r\n", close=True))
     gateway = await start(fault_config(upstream.url))
@@ -596,7 +501,7 @@ async def test_an_interim_answer_with_no_final_answer_is_502_for_every_waiter(
 
 
 async def test_an_unasked_101_switching_protocols_is_502_for_every_waiter(
-    start: GatewayFactory, raw_upstream: Any
+    start: GatewayFactory, raw_upstream: RawUpstreamFactory
 ) -> None:
     data = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n" + batch_body()
     upstream = await raw_upstream(answer_with(data, close=True))
@@ -631,7 +536,7 @@ ODD_STATUSES = [
 
 @pytest.mark.parametrize(("status", "gateway_status", "code", "calls"), ODD_STATUSES)
 async def test_odd_statuses_get_their_row_of_the_error_table_for_every_waiter(
-    start: GatewayFactory, raw_upstream: Any, status: int, gateway_status: int, code: str, calls: int
+    start: GatewayFactory, raw_upstream: RawUpstreamFactory, status: int, gateway_status: int, code: str, calls: int
 ) -> None:
     body = b"" if status in (204, 304) else json.dumps({"message": f"status {status}"}).encode()
     upstream = await raw_upstream(answer_with(http_answer(status, body)))
@@ -645,7 +550,7 @@ async def test_odd_statuses_get_their_row_of_the_error_table_for_every_waiter(
 
 @pytest.mark.parametrize("status", [600, 999])
 async def test_a_status_past_599_is_502_for_every_waiter_and_never_a_500(
-    start: GatewayFactory, raw_upstream: Any, status: int
+    start: GatewayFactory, raw_upstream: RawUpstreamFactory, status: int
 ) -> None:
     upstream = await raw_upstream(answer_with(http_answer(status, b"{}")))
     gateway = await start(fault_config(upstream.url))
@@ -714,7 +619,7 @@ RETRY_AFTER: list[tuple[str | HttpDate | None, int, int, bool]] = [
 @pytest.mark.parametrize(("value", "low", "high", "pauses"), RETRY_AFTER, ids=[repr(r[0]) for r in RETRY_AFTER])
 async def test_retry_after_in_every_form_reaches_every_waiter_capped_and_pauses_the_upstream(
     start: GatewayFactory,
-    raw_upstream: Any,
+    raw_upstream: RawUpstreamFactory,
     upstream_status: int,
     value: str | HttpDate | None,
     low: int,

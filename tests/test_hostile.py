@@ -9,11 +9,7 @@ upstream (usually nothing), and that no secret is in the answer. The
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import json
-from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -26,105 +22,14 @@ from tests.support import (
     UPSTREAM_TOKEN,
     assert_no_secrets,
     make_config,
+    parse_response,
+    raw_request,
+    request_bytes,
+    send_raw,
     sha256_hex,
 )
 
-RAW_TIMEOUT_S = 10.0
-
-
-@dataclass
-class RawResponse:
-    """One HTTP/1.1 answer as it came off the socket."""
-
-    raw: bytes
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        values = self.all(name)
-        return values[0] if values else None
-
-    def all(self, name: str) -> list[str]:
-        return [value for key, value in self.headers if key.lower() == name.lower()]
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    @property
-    def code(self) -> str | None:
-        return self.json.get("code") if self.body else None
-
-
-def parse_response(raw: bytes) -> RawResponse:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
-    headers = [tuple(part.strip() for part in line.split(":", 1)) for line in lines[1:] if ":" in line]
-    length = dict((k.lower(), v) for k, v in headers).get("content-length")
-    if length is not None:
-        body = body[: int(length)]
-    return RawResponse(raw, status, headers, body)  # type: ignore[arg-type]
-
-
-async def send_raw(url: str, data: bytes, *, read_all: bool = True) -> bytes:
-    """Write ``data`` to the server at ``url`` and read until it closes (bounded in time)."""
-    parts = urlsplit(url)
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port), RAW_TIMEOUT_S)
-    try:
-        writer.write(data)
-        await writer.drain()
-        received = bytearray()
-        while True:
-            try:
-                chunk = await asyncio.wait_for(reader.read(65536), RAW_TIMEOUT_S)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            received += chunk
-            if not read_all and b"\r\n\r\n" in received:
-                break
-        return bytes(received)
-    finally:
-        writer.close()
-
-
-def request_bytes(
-    target: str | bytes = "/v2/batches/batch-1",
-    headers: list[tuple[str | bytes, str | bytes] | bytes] | None = None,
-    *,
-    method: str | bytes = "GET",
-    version: str | bytes = "HTTP/1.1",
-    host: str | bytes | None = "gateway.internal",
-    key: str | None = BILLING_KEY,
-    close: bool = True,
-    body: bytes = b"",
-) -> bytes:
-    """A request head built byte for byte, so that nothing normalises it on the way."""
-
-    def b(value: str | bytes) -> bytes:
-        return value if isinstance(value, bytes) else value.encode()
-
-    lines = [b(method) + b" " + b(target) + b" " + b(version)]
-    if host is not None:
-        lines.append(b"Host: " + b(host))
-    if key is not None:
-        lines.append(b"Authorization: Bearer " + key.encode())
-    # A header given as bytes is a raw line, sent as is.
-    lines += [h if isinstance(h, bytes) else b(h[0]) + b": " + b(h[1]) for h in headers or []]
-    if close:
-        lines.append(b"Connection: close")
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
-
-
-async def raw_request(url: str, data: bytes) -> RawResponse:
-    raw = await send_raw(url, data)
-    assert raw, "the gateway closed the connection without answering"
-    response = parse_response(raw)
-    assert_no_secrets(raw)
-    return response
+RAW_TIMEOUT_S = 10.0  # bound on each read from the gateway
 
 
 def assert_upstream_saw_only(simulator: Simulator, batch_id: str | None, caller: str = "billing-service") -> None:
@@ -223,7 +128,7 @@ async def test_paths_and_ids_reach_the_upstream_only_as_a_valid_batch_id(
     upstream_id: str | None,
 ) -> None:
     gateway = await start(make_config(simulator.url))
-    response = await raw_request(gateway.url, request_bytes(target))
+    response = await raw_request(gateway.url, request_bytes(target), timeout_s=RAW_TIMEOUT_S)
     assert response.status == status, response.raw[:300]
     if code is None:
         assert response.json["batch"]["id"] == upstream_id
@@ -261,7 +166,9 @@ async def test_methods_the_route_does_not_serve_are_refused_without_an_upstream_
     gateway = await start(make_config(simulator.url))
     body = b'{"input_dataset_id": "x"}'
     headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-    response = await raw_request(gateway.url, request_bytes(target, headers, method=method, body=body))
+    response = await raw_request(
+        gateway.url, request_bytes(target, headers, method=method, body=body), timeout_s=RAW_TIMEOUT_S
+    )
     assert response.status == status, response.raw[:300]
     assert response.code == code
     if status == 405:
@@ -273,7 +180,7 @@ async def test_head_on_the_batch_route_is_refused_without_an_upstream_call(
     simulator: Simulator, start: GatewayFactory
 ) -> None:
     gateway = await start(make_config(simulator.url))
-    raw = await send_raw(gateway.url, request_bytes(method="HEAD"), read_all=False)
+    raw = await send_raw(gateway.url, request_bytes(method="HEAD"), read_all=False, timeout_s=RAW_TIMEOUT_S)
     response = parse_response(raw)
     assert response.status == 405
     assert response.header("Allow") == "GET"
@@ -416,7 +323,7 @@ async def test_request_lines_hosts_and_framing_cannot_redirect_or_smuggle(
     gateway = await start(make_config(simulator.url))
     simulator_host = urlsplit(simulator.url).netloc
     _, data, status, code, upstream_id = next(c for c in _framing_cases(simulator_host) if c[0] == name)
-    response = await raw_request(gateway.url, data)
+    response = await raw_request(gateway.url, data, timeout_s=RAW_TIMEOUT_S)
     assert response.status == status, response.raw[:300]
     if code is not None:
         assert response.code == code
@@ -431,7 +338,7 @@ async def test_a_request_smuggled_behind_a_chunked_body_is_parsed_as_its_own_una
     gateway = await start(make_config(simulator.url))
     smuggled = b"GET /v2/batches/smuggled HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     first = request_bytes(headers=[("Transfer-Encoding", "chunked")], close=False, body=b"0\r\n\r\n")
-    raw = await send_raw(gateway.url, first + smuggled)
+    raw = await send_raw(gateway.url, first + smuggled, timeout_s=RAW_TIMEOUT_S)
     assert_no_secrets(raw)
     assert raw.count(b"HTTP/1.1 ") == 2
     assert raw.startswith(b"HTTP/1.1 200 ")
@@ -501,7 +408,7 @@ async def test_duplicated_oversized_and_malformed_headers_get_a_clean_answer(
     reaches_upstream: bool,
 ) -> None:
     gateway = await start(make_config(simulator.url))
-    response = await raw_request(gateway.url, request_bytes(headers=headers))
+    response = await raw_request(gateway.url, request_bytes(headers=headers), timeout_s=RAW_TIMEOUT_S)
     assert response.status == status, response.raw[:300]
     if code is not None:
         assert response.code == code
@@ -637,7 +544,9 @@ async def test_only_a_valid_key_reaches_the_upstream_and_only_under_its_own_name
     caller: str | None,
 ) -> None:
     gateway = await start(make_config(simulator.url))
-    response = await raw_request(gateway.url, request_bytes("/v2/batches/batch-1" + query, headers, key=None))
+    response = await raw_request(
+        gateway.url, request_bytes("/v2/batches/batch-1" + query, headers, key=None), timeout_s=RAW_TIMEOUT_S
+    )
     assert response.status == status, response.raw[:300]
     if status == 401:
         assert response.code == "unauthorized"
@@ -652,7 +561,9 @@ async def test_an_unknown_key_is_refused_before_the_id_is_even_looked_at(
 ) -> None:
     gateway = await start(make_config(simulator.url))
     for target in ("/v2/batches/batch-1", "/v2/batches/..%2fadmin", "/v2/batches/missing-1"):
-        response = await raw_request(gateway.url, request_bytes(target, key="not-a-key-at-all-123"))
+        response = await raw_request(
+            gateway.url, request_bytes(target, key="not-a-key-at-all-123"), timeout_s=RAW_TIMEOUT_S
+        )
         assert (response.status, response.code) == (401, "unauthorized")
     assert_upstream_saw_only(simulator, None)
 
@@ -668,6 +579,6 @@ async def test_error_answers_never_echo_what_the_caller_sent_as_a_key(
         [("Authorization", f"Bearer {probe}"), ("Authorization", f"Bearer {probe}")],
         [("Authorization", f"Bearer {probe}"), ("X-Big", "a" * 9000)],
     ):
-        response = await raw_request(gateway.url, request_bytes(headers=headers, key=None))
+        response = await raw_request(gateway.url, request_bytes(headers=headers, key=None), timeout_s=RAW_TIMEOUT_S)
         assert response.status in (401, 431)
         assert probe.encode() not in response.raw

@@ -23,26 +23,30 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.config import load_config, validate
 from gateway.demo import Simulator
 from gateway.server import reload_config
-from tests import test_operations
-from tests.conftest import GatewayFactory, UpstreamFactory
+from tests.conftest import GatewayFactory, ProcessFactory, UpstreamFactory
 from tests.support import (
     BILLING_KEY,
+    PROCESS_WAIT_S,
     REPORTING_KEY,
     UPSTREAM_TOKEN,
     FakeClock,
     LogCapture,
+    Samples,
     assert_no_secrets,
     batch_body,
+    free_port,
+    http,
     json_handler,
     make_config,
+    process_config,
     raw_config,
+    raw_request,
+    sample_value,
+    scrape_metrics,
     sdk,
     sha256_hex,
+    write_config,
 )
-from tests.test_operations import WAIT_S, ProcessFactory, free_port, process_config, write_config
-
-# The child-process fixture lives with the signal tests; the log tests use it too.
-gateway_process = test_operations.gateway_process
 
 BATCH_ROUTE = "/v2/batches/{id}"
 ACCESS_FIELDS = {
@@ -58,48 +62,6 @@ ACCESS_FIELDS = {
     "total_ms",
 }
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-async def scrape(url: str) -> tuple[str, Samples]:
-    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as response:
-        assert response.status == 200
-        assert response.content_type == "text/plain"
-        text = await response.text()
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return text, samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-async def get(url: str, path: str, key: str | None = BILLING_KEY) -> aiohttp.ClientResponse:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    async with aiohttp.ClientSession(headers=headers) as session, session.get(f"{url}{path}") as response:
-        await response.read()
-        return response
-
-
-async def send_raw(url: str, data: bytes) -> bytes:
-    """Write ``data`` on a fresh connection; everything the gateway answers until it closes."""
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), WAIT_S)
-    finally:
-        writer.close()
-
-
-def status_of(answer: bytes) -> int:
-    return int(answer.split(b" ", 2)[1])
-
-
 # --- metrics ------------------------------------------------------------------------------------
 
 
@@ -113,13 +75,13 @@ async def test_metrics_count_requests_by_caller_route_status_and_cache(
     await sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-1")
     with pytest.raises(cohere.UnauthorizedError):
         await sdk(gateway.url, "not-a-caller-key-at-all").batches.retrieve("batch-1")
-    assert (await get(gateway.url, "/v2/batches/bad%20id")).status == 400
-    assert (await get(gateway.url, "/v2/other")).status == 404
+    assert (await http(f"{gateway.url}/v2/batches/bad%20id")).status == 400
+    assert (await http(f"{gateway.url}/v2/other")).status == 404
 
-    _, samples = await scrape(gateway.url)
+    _, samples = await scrape_metrics(gateway.url)
 
     def requests(caller: str, route: str, status: str, cache: str) -> float:
-        return value(samples, "gateway_requests_total", caller=caller, route=route, status=status, cache=cache)
+        return sample_value(samples, "gateway_requests_total", caller=caller, route=route, status=status, cache=cache)
 
     assert requests("billing-service", BATCH_ROUTE, "200", "MISS") == 1
     assert requests("billing-service", BATCH_ROUTE, "200", "HIT") == 1
@@ -127,7 +89,7 @@ async def test_metrics_count_requests_by_caller_route_status_and_cache(
     assert requests("-", BATCH_ROUTE, "401", "-") == 1
     assert requests("billing-service", BATCH_ROUTE, "400", "-") == 1
     assert requests("-", "unmatched", "404", "-") == 1
-    assert value(samples, "gateway_request_duration_seconds_count", route=BATCH_ROUTE) == 5
+    assert sample_value(samples, "gateway_request_duration_seconds_count", route=BATCH_ROUTE) == 5
 
 
 async def test_metrics_count_upstream_calls_by_status_and_time_them(
@@ -145,13 +107,13 @@ async def test_metrics_count_upstream_calls_by_status_and_time_them(
     with pytest.raises(ApiError):
         await sdk(gateway.url).batches.retrieve("boom")
 
-    _, samples = await scrape(gateway.url)
+    _, samples = await scrape_metrics(gateway.url)
 
-    assert value(samples, "gateway_upstream_calls_total", outcome="200") == 2
-    assert value(samples, "gateway_upstream_calls_total", outcome="500") == 1
-    assert value(samples, "gateway_upstream_duration_seconds_count") == upstream.calls == 3
-    assert value(samples, "gateway_upstream_duration_seconds_bucket", le="+Inf") == 3
-    assert value(samples, "gateway_upstream_duration_seconds_sum") > 0
+    assert sample_value(samples, "gateway_upstream_calls_total", outcome="200") == 2
+    assert sample_value(samples, "gateway_upstream_calls_total", outcome="500") == 1
+    assert sample_value(samples, "gateway_upstream_duration_seconds_count") == upstream.calls == 3
+    assert sample_value(samples, "gateway_upstream_duration_seconds_bucket", le="+Inf") == 3
+    assert sample_value(samples, "gateway_upstream_duration_seconds_sum") > 0
 
 
 async def test_metrics_report_cache_entries_evictions_and_expiries(simulator: Simulator, start: GatewayFactory) -> None:
@@ -160,22 +122,22 @@ async def test_metrics_report_cache_entries_evictions_and_expiries(simulator: Si
     for batch_id in ("batch-1", "batch-2", "batch-3"):
         await sdk(gateway.url).batches.retrieve(batch_id)
 
-    _, samples = await scrape(gateway.url)
-    assert value(samples, "gateway_cache_entries") == 2
-    assert value(samples, "gateway_cache_removals_total", reason="evicted") == 1
+    _, samples = await scrape_metrics(gateway.url)
+    assert sample_value(samples, "gateway_cache_entries") == 2
+    assert sample_value(samples, "gateway_cache_removals_total", reason="evicted") == 1
 
     clock.advance(10_000)  # past every entry's ttl and stale_if_error_s
     await sdk(gateway.url).batches.retrieve("batch-4")
-    _, samples = await scrape(gateway.url)
-    assert value(samples, "gateway_cache_removals_total", reason="expired") == 2
-    assert value(samples, "gateway_cache_entries") == 1
+    _, samples = await scrape_metrics(gateway.url)
+    assert sample_value(samples, "gateway_cache_removals_total", reason="expired") == 2
+    assert sample_value(samples, "gateway_cache_entries") == 1
 
 
 async def wait_for_metric(url: str, name: str, expected: float, **labels: str) -> Samples:
     """Scrape until ``name`` reaches ``expected`` (polled: no event marks a waiter joining)."""
     for _ in range(200):
-        _, samples = await scrape(url)
-        if value(samples, name, **labels) == expected:
+        _, samples = await scrape_metrics(url)
+        if sample_value(samples, name, **labels) == expected:
             return samples
         await asyncio.sleep(0.01)
     raise AssertionError(f"{name} never reached {expected}")
@@ -188,16 +150,16 @@ async def test_metrics_show_single_flight_fetches_in_flight_and_the_requests_tha
     upstream.release = asyncio.Event()
     gateway = await start(make_config(upstream.url))
     waiting = [asyncio.ensure_future(sdk(gateway.url).batches.retrieve("batch-1")) for _ in range(3)]
-    await asyncio.wait_for(upstream.arrived.wait(), WAIT_S)
+    await asyncio.wait_for(upstream.arrived.wait(), PROCESS_WAIT_S)
 
     during = await wait_for_metric(gateway.url, "gateway_singleflight_coalesced_total", 2)
-    assert value(during, "gateway_singleflight_inflight") == 1
+    assert sample_value(during, "gateway_singleflight_inflight") == 1
     upstream.release.set()
-    await asyncio.wait_for(asyncio.gather(*waiting), WAIT_S)
+    await asyncio.wait_for(asyncio.gather(*waiting), PROCESS_WAIT_S)
 
-    _, after = await scrape(gateway.url)
-    assert value(after, "gateway_singleflight_inflight") == 0
-    assert value(after, "gateway_upstream_calls_total", outcome="200") == upstream.calls == 1
+    _, after = await scrape_metrics(gateway.url)
+    assert sample_value(after, "gateway_singleflight_inflight") == 0
+    assert sample_value(after, "gateway_upstream_calls_total", outcome="200") == upstream.calls == 1
 
 
 async def test_metrics_show_the_budget_and_the_breaker(fake_upstream: UpstreamFactory, start: GatewayFactory) -> None:
@@ -213,9 +175,9 @@ async def test_metrics_show_the_budget_and_the_breaker(fake_upstream: UpstreamFa
         upstream={"retries": 0, "rate_limit": {"requests_per_s": 0.001, "burst": 3}, "breaker": {"failures": 1}},
     )
     gateway = await start(config, clock=clock)
-    _, fresh = await scrape(gateway.url)
-    assert value(fresh, "gateway_upstream_budget_tokens") == 3
-    assert value(fresh, "gateway_breaker_state") == 0
+    _, fresh = await scrape_metrics(gateway.url)
+    assert sample_value(fresh, "gateway_upstream_budget_tokens") == 3
+    assert sample_value(fresh, "gateway_breaker_state") == 0
 
     await sdk(gateway.url).batches.retrieve("batch-1")
     await sdk(gateway.url).batches.retrieve("batch-2")
@@ -224,17 +186,17 @@ async def test_metrics_show_the_budget_and_the_breaker(fake_upstream: UpstreamFa
     with pytest.raises(ApiError):
         await sdk(gateway.url).batches.retrieve("batch-3")  # refused by the open breaker
 
-    _, samples = await scrape(gateway.url)
-    assert value(samples, "gateway_breaker_state") == 1
-    assert value(samples, "gateway_upstream_budget_tokens") < 1
-    assert value(samples, "gateway_upstream_rejected_total", reason="breaker_open") == 1
+    _, samples = await scrape_metrics(gateway.url)
+    assert sample_value(samples, "gateway_breaker_state") == 1
+    assert sample_value(samples, "gateway_upstream_budget_tokens") < 1
+    assert sample_value(samples, "gateway_upstream_rejected_total", reason="breaker_open") == 1
 
     clock.advance(config.upstream.breaker.cooldown_s)  # half-open: one probe, but no budget left for it
     with pytest.raises(ApiError) as refused:
         await sdk(gateway.url).batches.retrieve("batch-4")
     assert refused.value.status_code == 429
-    _, samples = await scrape(gateway.url)
-    assert value(samples, "gateway_upstream_rejected_total", reason="budget") == 1
+    _, samples = await scrape_metrics(gateway.url)
+    assert sample_value(samples, "gateway_upstream_rejected_total", reason="budget") == 1
 
 
 async def test_metrics_count_callers_over_their_own_limit(simulator: Simulator, start: GatewayFactory) -> None:
@@ -246,9 +208,9 @@ async def test_metrics_count_callers_over_their_own_limit(simulator: Simulator, 
         await sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-1")
     assert refused.value.status_code == 429
 
-    _, samples = await scrape(gateway.url)
-    assert value(samples, "gateway_caller_rate_limited_total", caller="reporting") == 1
-    assert value(samples, "gateway_caller_rate_limited_total", caller="billing-service") == 0
+    _, samples = await scrape_metrics(gateway.url)
+    assert sample_value(samples, "gateway_caller_rate_limited_total", caller="reporting") == 1
+    assert sample_value(samples, "gateway_caller_rate_limited_total", caller="billing-service") == 0
 
 
 async def test_metrics_count_reloads_and_whether_the_last_one_succeeded(
@@ -256,20 +218,20 @@ async def test_metrics_count_reloads_and_whether_the_last_one_succeeded(
 ) -> None:
     path = write_config(tmp_path / "config.yaml", raw_config(simulator.url))
     gateway = await start(load_config(path))
-    _, before = await scrape(gateway.url)
-    assert value(before, "gateway_config_last_reload_success") == 1
+    _, before = await scrape_metrics(gateway.url)
+    assert sample_value(before, "gateway_config_last_reload_success") == 1
 
     path.write_text("callers: [", encoding="utf-8")
     reload_config(gateway.state, lambda: load_config(path))
-    _, failed = await scrape(gateway.url)
+    _, failed = await scrape_metrics(gateway.url)
     write_config(path, raw_config(simulator.url))
     reload_config(gateway.state, lambda: load_config(path))
-    _, recovered = await scrape(gateway.url)
+    _, recovered = await scrape_metrics(gateway.url)
 
-    assert value(failed, "gateway_config_last_reload_success") == 0
-    assert value(failed, "gateway_config_reloads_total", result="error") == 1
-    assert value(recovered, "gateway_config_last_reload_success") == 1
-    assert value(recovered, "gateway_config_reloads_total", result="ok") == 1
+    assert sample_value(failed, "gateway_config_last_reload_success") == 0
+    assert sample_value(failed, "gateway_config_reloads_total", result="error") == 1
+    assert sample_value(recovered, "gateway_config_last_reload_success") == 1
+    assert sample_value(recovered, "gateway_config_reloads_total", result="ok") == 1
 
 
 EXPECTED_FAMILIES = {
@@ -302,10 +264,10 @@ async def test_metrics_hold_every_documented_family_and_never_a_secret_or_a_batc
     for batch_id in ids:
         await sdk(gateway.url).batches.retrieve(batch_id)
         await sdk(gateway.url, REPORTING_KEY).batches.retrieve(batch_id)
-    await get(gateway.url, f"/v2/batches/{ids[0]}", key="wrong-key-that-is-long-enough")
-    await get(gateway.url, f"/nowhere/{ids[1]}/{BILLING_KEY}")
+    await http(f"{gateway.url}/v2/batches/{ids[0]}", key="wrong-key-that-is-long-enough")
+    await http(f"{gateway.url}/nowhere/{ids[1]}/{BILLING_KEY}")
 
-    text, _ = await scrape(gateway.url)
+    text, _ = await scrape_metrics(gateway.url)
 
     families = {family.name for family in text_string_to_metric_families(text)}
     assert families >= EXPECTED_FAMILIES
@@ -323,9 +285,9 @@ async def test_the_access_log_has_one_line_per_request_with_every_field(
 ) -> None:
     upstream = await fake_upstream(json_handler())
     gateway = await start(make_config(upstream.url))
-    miss = await get(gateway.url, "/v2/batches/batch-1")
-    hit = await get(gateway.url, "/v2/batches/batch-1", key=REPORTING_KEY)
-    denied = await get(gateway.url, "/v2/batches/batch-1", key=None)
+    miss = await http(f"{gateway.url}/v2/batches/batch-1")
+    hit = await http(f"{gateway.url}/v2/batches/batch-1", key=REPORTING_KEY)
+    denied = await http(f"{gateway.url}/v2/batches/batch-1", key=None)
 
     first, second, third = logs.events("gateway.access")
 
@@ -348,15 +310,17 @@ async def test_a_request_aiohttp_cannot_parse_gets_an_access_log_line_and_is_cou
 ) -> None:
     gateway = await start(make_config(simulator.url))
 
-    answer = await send_raw(gateway.url, b"GET /healthz HTTP/1.1\r\nBad Header Name: x\r\n\r\n")
+    answer = await raw_request(
+        gateway.url, b"GET /healthz HTTP/1.1\r\nBad Header Name: x\r\n\r\n", timeout_s=PROCESS_WAIT_S
+    )
 
-    assert status_of(answer) == 400
+    assert answer.status == 400
     [line] = logs.events("gateway.access")
     assert line.keys() >= ACCESS_FIELDS
     assert line["status"] == 400
-    assert line["request_id"].encode() in answer
-    _, samples = await scrape(gateway.url)
-    assert value(samples, "gateway_requests_total", caller="-", route="unparsed", status="400", cache="-") == 1
+    assert line["request_id"].encode() in answer.raw
+    _, samples = await scrape_metrics(gateway.url)
+    assert sample_value(samples, "gateway_requests_total", caller="-", route="unparsed", status="400", cache="-") == 1
 
 
 def echoing_upstream() -> Any:
@@ -415,9 +379,9 @@ async def run_varied_workload(url: str) -> list[bytes]:
     with pytest.raises(ApiError):
         await sdk(url).batches.retrieve("invalid-body")
     for raw in MALFORMED_REQUESTS:
-        answer = await send_raw(url, raw)
-        assert 400 <= status_of(answer) < 500
-        answers.append(answer)
+        answer = await raw_request(url, raw, timeout_s=PROCESS_WAIT_S)
+        assert 400 <= answer.status < 500
+        answers.append(answer.raw)
     return answers
 
 
@@ -456,7 +420,7 @@ async def test_the_process_writes_only_json_lines_and_no_secret_under_a_varied_w
 
     await run_varied_workload(gateway.url)
     gateway.signal(signal.SIGTERM)
-    assert await gateway.exit_code(within_s=WAIT_S) == 0
+    assert await gateway.exit_code(within_s=PROCESS_WAIT_S) == 0
 
     assert gateway.lines
     for line in gateway.lines:

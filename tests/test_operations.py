@@ -10,15 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,35 +23,29 @@ import aiohttp
 import cohere
 import httpx
 import pytest
-import yaml
 from aiohttp import web
 
 from gateway.config import load_config
 from gateway.demo import Simulator
 from gateway.server import reload_config
-from tests.conftest import GatewayFactory, UpstreamFactory
+from tests.conftest import GatewayFactory, ProcessFactory, UpstreamFactory
 from tests.support import (
+    ANALYTICS_KEY,
     BILLING_KEY,
+    NEW_TOKEN,
+    PROCESS_WAIT_S,
     REPORTING_KEY,
     UPSTREAM_TOKEN,
     LogCapture,
-    assert_no_secrets,
+    assert_no_reload_secrets,
     batch_body,
     json_handler,
     make_config,
+    process_config,
     raw_config,
     sdk,
+    write_config,
 )
-
-# Secrets that only exist after a reload: they must stay out of logs as well.
-NEW_TOKEN = "rotated-upstream-token-91b3e7"
-ANALYTICS_KEY = "analytics-caller-key-5d2a9c"
-WAIT_S = 15.0  # bound on every wait for the child process (2 shared cores)
-
-
-def write_config(path: Path, raw: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    return path
 
 
 def rotated(base_url: str, **sections: Any) -> dict[str, Any]:
@@ -66,135 +56,8 @@ def rotated(base_url: str, **sections: Any) -> dict[str, Any]:
     return raw
 
 
-def assert_no_new_secrets(text: str) -> None:
-    assert_no_secrets(text)
-    for secret in (NEW_TOKEN, ANALYTICS_KEY):
-        assert secret not in text, "a secret leaked"
-
-
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-@dataclass
-class GatewayProcess:
-    """``python -m gateway`` in a child process; its JSON log lines are collected as they come."""
-
-    proc: asyncio.subprocess.Process
-    lines: list[str] = field(default_factory=list)
-    url: str = ""
-    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-    _reader: asyncio.Task[None] | None = None
-
-    @property
-    def events(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.lines if line.startswith("{")]
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-    async def _read(self) -> None:
-        assert self.proc.stderr is not None
-        async for raw in self.proc.stderr:
-            async with self._changed:
-                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-                self._changed.notify_all()
-        async with self._changed:
-            self._changed.notify_all()
-
-    def _find(self, event: str, after: int) -> dict[str, Any] | None:
-        return next((e for e in self.events[after:] if e["event"].startswith(event)), None)
-
-    async def wait_for_event(self, event: str, after: int = 0) -> dict[str, Any]:
-        """The first log line from the ``after``-th on whose event starts with ``event``."""
-        async with self._changed:
-            await asyncio.wait_for(
-                self._changed.wait_for(lambda: self._find(event, after) is not None or self._ended()), WAIT_S
-            )
-        found = self._find(event, after)
-        assert found is not None, f"the gateway ended without logging {event!r}:\n{self.text}"
-        return found
-
-    def _ended(self) -> bool:
-        return self._reader is not None and self._reader.done()
-
-    def signal(self, signum: int) -> int:
-        """Send ``signum``; returns the number of log lines so far (for ``wait_for_event(after=...)``)."""
-        mark = len(self.events)
-        self.proc.send_signal(signum)
-        return mark
-
-    async def exit_code(self, within_s: float) -> int:
-        code = await asyncio.wait_for(self.proc.wait(), within_s)
-        if self._reader is not None:
-            await asyncio.wait_for(self._reader, WAIT_S)
-        return code
-
-
-ProcessFactory = Callable[..., Awaitable[GatewayProcess]]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-async def serves_healthz(url: str) -> bool:
-    """Whether ``url`` answers /healthz, polled (bounded) while the process starts."""
-    async with aiohttp.ClientSession() as session:
-        for _ in range(300):
-            try:
-                async with session.get(f"{url}/healthz") as response:
-                    return response.status == 200
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.05)
-    return False
-
-
-@pytest.fixture
-async def gateway_process() -> AsyncIterator[ProcessFactory]:
-    """Start ``python -m gateway --config PATH``; wait (bounded) until it serves /healthz.
-
-    The URL is read from the gateway's "serving" log line, or given by the
-    test when the configured log level hides that line.
-    """
-    started: list[GatewayProcess] = []
-
-    async def _start(config_path: Path, url: str | None = None) -> GatewayProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "COHERE_"))}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            "--config",
-            str(config_path),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-        )
-        gateway = GatewayProcess(proc)
-        gateway._reader = asyncio.ensure_future(gateway._read())
-        started.append(gateway)
-        gateway.url = url or (await gateway.wait_for_event("serving"))["url"]
-        assert await serves_healthz(gateway.url), f"the gateway never served /healthz:\n{gateway.text}"
-        return gateway
-
-    yield _start
-    for gateway in started:
-        if gateway.proc.returncode is None:
-            gateway.proc.kill()
-            await gateway.proc.wait()
-        if gateway._reader is not None:
-            await asyncio.wait_for(gateway._reader, WAIT_S)
-        assert_no_new_secrets(gateway.text)
-
-
-def process_config(base_url: str, **sections: Any) -> dict[str, Any]:
-    return raw_config(base_url, server={"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 5}, **sections)
 
 
 # --- reload -------------------------------------------------------------------------------------
@@ -278,7 +141,7 @@ async def test_reload_config_swaps_token_and_callers_in_process_and_the_cache_su
         assert response.status == 200
         assert response.headers["X-Cache"] == "HIT"
     assert upstream.calls == 2
-    assert_no_new_secrets(logs.text)
+    assert_no_reload_secrets(logs.text)
 
 
 async def test_a_bad_reload_in_process_keeps_the_old_config_and_flags_the_metric(
@@ -343,21 +206,21 @@ async def test_a_request_in_flight_during_a_reload_finishes_with_the_config_it_s
     path = write_config(tmp_path / "config.yaml", raw_config(upstream.url, upstream={"retries": 2}))
     gateway = await start(load_config(path))
     in_flight = asyncio.ensure_future(sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-1"))
-    await asyncio.wait_for(upstream.arrived.wait(), WAIT_S)
+    await asyncio.wait_for(upstream.arrived.wait(), PROCESS_WAIT_S)
 
     # The new config drops the caller, rotates the token and forbids retries.
     write_config(path, rotated(upstream.url, upstream={"retries": 0}))
     assert reload_config(gateway.state, partial(load_config, path))
     first_answer.set()
 
-    response = await asyncio.wait_for(in_flight, WAIT_S)
+    response = await asyncio.wait_for(in_flight, PROCESS_WAIT_S)
     assert response.batch.id == "batch-1"
     assert upstream.calls == 2, "the retry allowed by the old config was made"
     assert upstream.headers[1]["Authorization"] == f"Bearer {UPSTREAM_TOKEN}"
     assert upstream.headers[1]["X-Client-Name"] == "reporting"
     with pytest.raises(cohere.UnauthorizedError):
         await sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-1")
-    assert_no_new_secrets(logs.text)
+    assert_no_reload_secrets(logs.text)
 
 
 # --- stop ---------------------------------------------------------------------------------------
@@ -387,14 +250,14 @@ async def test_a_stop_signal_lets_the_request_in_flight_finish_refuses_new_ones_
     grace_s = 5.0
     gateway = await gateway_process(write_config(tmp_path / "config.yaml", process_config(upstream.url)))
     in_flight = asyncio.ensure_future(sdk(gateway.url).batches.retrieve("batch-1"))
-    await asyncio.wait_for(upstream.arrived.wait(), WAIT_S)
+    await asyncio.wait_for(upstream.arrived.wait(), PROCESS_WAIT_S)
 
     mark = gateway.signal(signum)
     await gateway.wait_for_event("stopping", after=mark)
     assert await connection_refused(gateway.url)
     upstream.release.set()
 
-    response = await asyncio.wait_for(in_flight, WAIT_S)
+    response = await asyncio.wait_for(in_flight, PROCESS_WAIT_S)
     assert response.batch.id == "batch-1"
     assert await gateway.exit_code(within_s=grace_s) == 0
     await gateway.wait_for_event("stopped", after=mark)
@@ -409,13 +272,13 @@ async def test_a_request_still_running_after_the_grace_period_is_cut_and_the_pro
     raw["server"]["shutdown_grace_s"] = 0.5
     gateway = await gateway_process(write_config(tmp_path / "config.yaml", raw))
     in_flight = asyncio.ensure_future(sdk(gateway.url).batches.retrieve("batch-1"))
-    await asyncio.wait_for(upstream.arrived.wait(), WAIT_S)
+    await asyncio.wait_for(upstream.arrived.wait(), PROCESS_WAIT_S)
 
     gateway.signal(signal.SIGTERM)
 
-    assert await gateway.exit_code(within_s=WAIT_S) == 0
+    assert await gateway.exit_code(within_s=PROCESS_WAIT_S) == 0
     with pytest.raises(httpx.TransportError):
-        await asyncio.wait_for(in_flight, WAIT_S)
+        await asyncio.wait_for(in_flight, PROCESS_WAIT_S)
 
 
 # --- slow clients -------------------------------------------------------------------------------

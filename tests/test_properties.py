@@ -40,9 +40,9 @@ from tests.support import (
     LogCapture,
     assert_no_secrets,
     make_config,
+    parse_response,
     raw_config,
 )
-from tests.test_hostile import parse_response
 
 # DESIGN.md §5, read as "the whole string" (Python's ``$`` would also let a trailing newline through).
 CONTRACT_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z")

@@ -21,8 +21,6 @@ import pytest
 from aiohttp import web
 from cohere.core.api_error import ApiError
 from cohere.errors import BadRequestError
-from multidict import CIMultiDictProxy
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.protection import BreakerState
 from gateway.server import RunningGateway
@@ -30,10 +28,14 @@ from tests.conftest import GatewayFactory, UpstreamFactory
 from tests.support import (
     BILLING_KEY,
     REPORTING_KEY,
+    Answer,
     FakeClock,
     FakeUpstream,
     batch_body,
+    http,
     make_config,
+    sample_value,
+    scrape_metrics,
     sdk,
 )
 
@@ -43,49 +45,14 @@ BOUND_S = 20  # no exchange in this file may take longer
 # --- helpers -----------------------------------------------------------------------
 
 
-@dataclass
-class Answer:
-    status: int
-    headers: CIMultiDictProxy[str]
-    body: bytes
-
-    @property
-    def code(self) -> str | None:
-        if self.status == 200:
-            return None
-        code: str = json.loads(self.body)["code"]
-        return code
-
-    @property
-    def retry_after(self) -> str | None:
-        return self.headers.get("Retry-After")
-
-
 async def get(gateway: RunningGateway, batch_id: str, key: str = BILLING_KEY) -> Answer:
     """One ``GET /v2/batches/{id}`` with aiohttp, which shows every header."""
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(
-            f"{gateway.url}/v2/batches/{batch_id}",
-            headers={"Authorization": f"Bearer {key}"},
-            timeout=aiohttp.ClientTimeout(total=BOUND_S),
-        ) as response,
-    ):
-        return Answer(response.status, response.headers, await response.read())
-
-
-async def metrics(gateway: RunningGateway) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    async with aiohttp.ClientSession() as session, session.get(f"{gateway.url}/metrics") as response:
-        text = await response.text()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
+    return await http(f"{gateway.url}/v2/batches/{batch_id}", key=key, timeout_s=BOUND_S)
 
 
 async def metric(gateway: RunningGateway, name: str, **labels: str) -> float:
-    return (await metrics(gateway)).get((name, frozenset(labels.items())), 0.0)
+    _, samples = await scrape_metrics(gateway.url)
+    return sample_value(samples, name, **labels)
 
 
 @dataclass

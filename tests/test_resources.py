@@ -12,7 +12,6 @@ import contextlib
 import gc
 import os
 import tracemalloc
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -25,25 +24,24 @@ from gateway.protocol import Lifetime
 from gateway.server import RunningGateway, start_gateway
 from gateway.state import GatewayState
 from tests.conftest import GatewayFactory
-from tests.support import BILLING_KEY, FakeClock, LogCapture, assert_no_secrets, batch_body, make_config, sdk
-from tests.test_faults import RawUpstream, http_answer
+from tests.support import (
+    BILLING_KEY,
+    FakeClock,
+    LogCapture,
+    RawUpstream,
+    assert_no_secrets,
+    batch_body,
+    eventually,
+    http_answer,
+    make_config,
+    sdk,
+)
 
 BOUND_S = 60.0
 
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-async def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    """Poll ``condition`` until it holds (the kernel closes sockets when it does, with no event to await)."""
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + timeout_s
-    while not condition():
-        if loop.time() > give_up:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 async def get_many(url: str, ids: list[str], concurrency: int) -> list[int]:
