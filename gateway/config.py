@@ -117,6 +117,9 @@ class ServerSettings(_Section):
     max_field_size: Annotated[int, Field(ge=256)] = 8190
     max_headers: Annotated[int, Field(ge=8)] = 64
     max_body_bytes: Annotated[int, Field(ge=0)] = 1024
+    # Connections the kernel queues before the gateway accepts them; past it a
+    # burst of connects is dropped and waits for the client's SYN retry (1 s, 3 s...).
+    backlog: Annotated[int, Field(ge=1)] = 1024
 
 
 class UpstreamSettings(_Section):

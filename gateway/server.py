@@ -193,7 +193,7 @@ async def start_gateway(
         max_headers=server.max_headers,
     )
     await runner.setup()
-    site = web.TCPSite(runner, host or server.host, server.port if port is None else port)
+    site = web.TCPSite(runner, host or server.host, server.port if port is None else port, backlog=server.backlog)
     await site.start()
     bound_host, bound_port = runner.addresses[0][:2]
     return RunningGateway(runner, state, bound_host, bound_port)

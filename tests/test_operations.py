@@ -312,6 +312,26 @@ async def trickle_until_closed(url: str, first: bytes, drip: bytes, *, drips: in
             await writer.wait_closed()
 
 
+async def test_the_listen_backlog_is_the_configured_one_not_aiohttps_128(
+    simulator: Simulator, start: GatewayFactory
+) -> None:
+    # A burst of connects past the backlog is dropped by the kernel and waits for
+    # the client's SYN retry (1 s, then 3 s): operators size it in server.backlog.
+    gateway = await start(make_config(simulator.url, server={"backlog": 700}))
+
+    ss = shutil.which("ss")
+    assert ss is not None, "iproute2's ss is needed to read the listening socket"
+    process = await asyncio.create_subprocess_exec(
+        ss, "-Hltn", f"sport = :{gateway.port}", stdout=asyncio.subprocess.PIPE
+    )
+    stdout, _ = await asyncio.wait_for(process.communicate(), 10)
+    listing = stdout.decode().split()
+
+    # For a listening socket, ss shows the backlog in the Send-Q column.
+    assert listing[0] == "LISTEN", listing
+    assert listing[2] == "700", listing
+
+
 async def test_a_client_trickling_its_request_head_is_closed_after_header_timeout(
     simulator: Simulator, start: GatewayFactory, logs: LogCapture
 ) -> None:
