@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import uvloop
+from hypothesis import settings
 
 from gateway.config import GatewayConfig
 from gateway.demo import Simulator, start_simulator
@@ -168,3 +169,10 @@ async def gateway_process() -> AsyncIterator[ProcessFactory]:
         if gateway._reader is not None:
             await asyncio.wait_for(gateway._reader, PROCESS_WAIT_S)
         assert_no_reload_secrets(gateway.text)
+
+
+# In CI, hypothesis draws the same examples every run, so a red build is
+# reproducible; locally it explores new ones each time.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
