@@ -34,6 +34,7 @@ from tests.support import (
     UPSTREAM_TOKEN,
     Answer,
     FakeClock,
+    RawUpstream,
     Respond,
     assert_no_secrets,
     batch_body,
@@ -137,6 +138,15 @@ def fault_config(base_url: str, **upstream: Any) -> Any:
     return make_config(base_url, upstream=settings)
 
 
+async def fan_out_through(
+    start: GatewayFactory, raw_upstream: RawUpstreamFactory, respond: Respond, **upstream: Any
+) -> tuple[RawUpstream, list[Answer]]:
+    """A gateway in front of a raw upstream that answers with ``respond``; every waiter's answer."""
+    raw = await raw_upstream(respond)
+    gateway = await start(fault_config(raw.url, **upstream))
+    return raw, await fan_out(gateway)
+
+
 # ---------------------------------------------------------------------------
 # The connection fails
 # ---------------------------------------------------------------------------
@@ -206,25 +216,15 @@ async def test_an_answer_that_trickles_past_the_deadline_is_504_for_every_waiter
     assert upstream.requests == 1
 
 
-async def test_a_reset_before_any_answer_is_502_unreachable_after_the_retries(
-    start: GatewayFactory, raw_upstream: RawUpstreamFactory
+async def reset_at_once(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _head: bytes) -> None:
+    reset(writer)
+
+
+@pytest.mark.parametrize("respond", [reset_at_once, answer_with(b"", close=True)], ids=["reset", "close"])
+async def test_a_reset_or_close_before_any_answer_is_502_unreachable_after_the_retries(
+    start: GatewayFactory, raw_upstream: RawUpstreamFactory, respond: Respond
 ) -> None:
-    async def reset_at_once(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _head: bytes) -> None:
-        reset(writer)
-
-    upstream = await raw_upstream(reset_at_once)
-    gateway = await start(fault_config(upstream.url))
-    answers = await fan_out(gateway)
-    assert_all(answers, 502, "upstream_unreachable")
-    assert upstream.requests == 3
-
-
-async def test_a_close_before_any_answer_is_502_unreachable_after_the_retries(
-    start: GatewayFactory, raw_upstream: RawUpstreamFactory
-) -> None:
-    upstream = await raw_upstream(answer_with(b"", close=True))
-    gateway = await start(fault_config(upstream.url))
-    answers = await fan_out(gateway)
+    upstream, answers = await fan_out_through(start, raw_upstream, respond)
     assert_all(answers, 502, "upstream_unreachable")
     assert upstream.requests == 3
 
@@ -239,9 +239,7 @@ async def test_a_reset_mid_body_is_502_invalid_response_for_every_waiter(
         await writer.drain()
         reset(writer)
 
-    upstream = await raw_upstream(reset_mid_body)
-    gateway = await start(fault_config(upstream.url))
-    answers = await fan_out(gateway)
+    upstream, answers = await fan_out_through(start, raw_upstream, reset_mid_body)
     assert_all(answers, 502, "upstream_invalid_response", None)
     assert upstream.requests == 1
 
@@ -249,40 +247,34 @@ async def test_a_reset_mid_body_is_502_invalid_response_for_every_waiter(
 @pytest.mark.parametrize(
     "data",
     [
+        # A body that does not arrive whole or whose framing is broken.
         http_answer(200, batch_body())[:-10],
         b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + batch_body(),
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n" + batch_body()[:16],
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nnot chunked\r\n",
-    ],
-    ids=["short-by-10", "length-larger-than-sent", "chunked-without-end", "broken-chunk-size"],
-)
-async def test_a_truncated_or_misframed_body_is_502_invalid_response_for_every_waiter(
-    start: GatewayFactory, raw_upstream: RawUpstreamFactory, data: bytes
-) -> None:
-    upstream = await raw_upstream(answer_with(data, close=True))
-    gateway = await start(fault_config(upstream.url))
-    answers = await fan_out(gateway)
-    assert_all(answers, 502, "upstream_invalid_response", None)
-    assert upstream.requests == 1
-
-
-@pytest.mark.parametrize(
-    "data",
-    [
+        # An answer that is not HTTP at all.
         b"HTTP/1.1 abc OK\r\nContent-Length: 0\r\n\r\n",
         b"HTTP/9.9 200 OK\r\nContent-Length: 0\r\n\r\n",
         b"this is not http\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
         b"HTTP/1.1 200 OK\r\nBad Header\r\nContent-Length: 2\r\n\r\n{}",
     ],
-    ids=["non-numeric-status", "unknown-version", "not-http", "two-content-lengths", "bad-header"],
+    ids=[
+        "short-by-10",
+        "length-larger-than-sent",
+        "chunked-without-end",
+        "broken-chunk-size",
+        "non-numeric-status",
+        "unknown-version",
+        "not-http",
+        "two-content-lengths",
+        "bad-header",
+    ],
 )
-async def test_an_answer_that_is_not_http_is_502_for_every_waiter_and_never_a_500(
+async def test_a_truncated_misframed_or_non_http_answer_is_502_invalid_response_for_every_waiter_never_a_500(
     start: GatewayFactory, raw_upstream: RawUpstreamFactory, data: bytes
 ) -> None:
-    upstream = await raw_upstream(answer_with(data, close=True))
-    gateway = await start(fault_config(upstream.url))
-    answers = await fan_out(gateway)
+    upstream, answers = await fan_out_through(start, raw_upstream, answer_with(data, close=True))
     assert_all(answers, 502, "upstream_invalid_response", None)
     assert upstream.requests == 1
 
@@ -389,9 +381,7 @@ async def test_a_body_past_max_body_bytes_is_502_for_every_waiter(
             await writer.drain()
         writer.close()
 
-    upstream = await raw_upstream(huge)
-    gateway = await start(fault_config(upstream.url, max_body_bytes=CAP))
-    answers = await fan_out(gateway)
+    upstream, answers = await fan_out_through(start, raw_upstream, huge, max_body_bytes=CAP)
     assert_all(answers, 502, "upstream_invalid_response", 200)
     assert upstream.requests == 1
 
@@ -428,9 +418,9 @@ async def test_a_compressed_body_that_inflates_past_the_cap_is_502_for_every_wai
     if encoding == "deflate":
         bomb = zlib.compress(gzip.decompress(bomb)[: 8 * CAP], 9)
     assert len(bomb) < CAP  # small on the wire: only the inflated size is past the cap
-    upstream = await raw_upstream(answer_with(http_answer(200, bomb, {"Content-Encoding": encoding})))
-    gateway = await start(fault_config(upstream.url, max_body_bytes=CAP))
-    answers = await fan_out(gateway)
+    upstream, answers = await fan_out_through(
+        start, raw_upstream, answer_with(http_answer(200, bomb, {"Content-Encoding": encoding})), max_body_bytes=CAP
+    )
     assert_all(answers, 502, "upstream_invalid_response", 200)
     assert upstream.requests == 1
 
@@ -439,9 +429,12 @@ async def test_a_compressed_body_within_the_cap_is_served_inflated(
     start: GatewayFactory, raw_upstream: RawUpstreamFactory
 ) -> None:
     body = batch_body(status="BATCH_STATUS_COMPLETED")
-    upstream = await raw_upstream(answer_with(http_answer(200, gzip.compress(body), {"Content-Encoding": "gzip"})))
-    gateway = await start(fault_config(upstream.url, max_body_bytes=CAP))
-    answers = await fan_out(gateway)
+    _, answers = await fan_out_through(
+        start,
+        raw_upstream,
+        answer_with(http_answer(200, gzip.compress(body), {"Content-Encoding": "gzip"})),
+        max_body_bytes=CAP,
+    )
     assert all(answer.status == 200 and answer.body == body for answer in answers)
     assert all("Content-Encoding" not in answer.headers for answer in answers)
 
@@ -449,9 +442,12 @@ async def test_a_compressed_body_within_the_cap_is_served_inflated(
 async def test_a_body_that_claims_gzip_but_is_not_is_502_for_every_waiter(
     start: GatewayFactory, raw_upstream: RawUpstreamFactory
 ) -> None:
-    upstream = await raw_upstream(answer_with(http_answer(200, batch_body(), {"Content-Encoding": "gzip"})))
-    gateway = await start(fault_config(upstream.url, max_body_bytes=CAP))
-    answers = await fan_out(gateway)
+    upstream, answers = await fan_out_through(
+        start,
+        raw_upstream,
+        answer_with(http_answer(200, batch_body(), {"Content-Encoding": "gzip"})),
+        max_body_bytes=CAP,
+    )
     assert_all(answers, 502, "upstream_invalid_response", None)
     assert upstream.requests == 1
 
@@ -482,9 +478,7 @@ async def test_interim_1xx_answers_are_skipped_and_the_final_answer_served(
 ) -> None:
     body = batch_body()
     data = b"HTTP/1.1 " + interim + b"\r\n\r\n" + http_answer(200, body)
-    upstream = await raw_upstream(answer_with(data))
-    gateway = await start(fault_config(upstream.url))
-    answers = await fan_out(gateway)
+    upstream, answers = await fan_out_through(start, raw_upstream, answer_with(data))
     assert all(answer.status == 200 and answer.body == body for answer in answers)
     assert upstream.requests == 1
 
@@ -492,9 +486,7 @@ async def test_interim_1xx_answers_are_skipped_and_the_final_answer_served(
 async def test_an_interim_answer_with_no_final_answer_is_502_for_every_waiter(
     start: GatewayFactory, raw_upstream: RawUpstreamFactory
 ) -> None:
-    upstream = await raw_upstream(answer_with(b"HTTP/1.1 100 Continue\r\n\r\n", close=True))
-    gateway = await start(fault_config(upstream.url))
-    answers = await fan_out(gateway)
+    _, answers = await fan_out_through(start, raw_upstream, answer_with(b"HTTP/1.1 100 Continue\r\n\r\n", close=True))
     for answer in answers:
         assert answer.status == 502
         assert answer.code in ("upstream_unreachable", "upstream_invalid_response")
@@ -504,9 +496,7 @@ async def test_an_unasked_101_switching_protocols_is_502_for_every_waiter(
     start: GatewayFactory, raw_upstream: RawUpstreamFactory
 ) -> None:
     data = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n" + batch_body()
-    upstream = await raw_upstream(answer_with(data, close=True))
-    gateway = await start(fault_config(upstream.url))
-    answers = await fan_out(gateway)
+    upstream, answers = await fan_out_through(start, raw_upstream, answer_with(data, close=True))
     assert_all(answers, 502, "upstream_error", 101)
     assert upstream.requests == 1
 
@@ -552,9 +542,7 @@ async def test_odd_statuses_get_their_row_of_the_error_table_for_every_waiter(
 async def test_a_status_past_599_is_502_for_every_waiter_and_never_a_500(
     start: GatewayFactory, raw_upstream: RawUpstreamFactory, status: int
 ) -> None:
-    upstream = await raw_upstream(answer_with(http_answer(status, b"{}")))
-    gateway = await start(fault_config(upstream.url))
-    answers = await fan_out(gateway)
+    _, answers = await fan_out_through(start, raw_upstream, answer_with(http_answer(status, b"{}")))
     for answer in answers:
         assert answer.status == 502
         assert answer.code in ("upstream_error", "upstream_invalid_response")
