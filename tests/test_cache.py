@@ -319,17 +319,26 @@ async def test_a_stale_entry_is_served_when_the_upstream_fails(
     assert up.calls == 2
 
 
-async def test_no_stale_entry_is_served_past_stale_if_error(
-    start: GatewayFactory, fake_upstream: UpstreamFactory, session: aiohttp.ClientSession
-) -> None:
+async def ask_again_after_a_failure(
+    start: GatewayFactory, fake_upstream: UpstreamFactory, session: aiohttp.ClientSession, status: int, after_s: float
+) -> tuple[FakeUpstream, tuple[int, Any, bytes]]:
+    """Cache batch-1, let the upstream answer ``status`` from now on, move ``after_s`` on and ask again."""
     upstream = Scripted(200)
     up = await fake_upstream(upstream)
     clock = FakeClock()
     gateway = await start(cache_config(up.url), clock=clock)
     await ask(session, gateway, "batch-1")
-    upstream.answer(500)
-    clock.advance(ACTIVE + KEEP + 0.5)
-    status, headers, body = await ask(session, gateway, "batch-1")
+    upstream.answer(status)
+    clock.advance(after_s)
+    return up, await ask(session, gateway, "batch-1")
+
+
+async def test_no_stale_entry_is_served_past_stale_if_error(
+    start: GatewayFactory, fake_upstream: UpstreamFactory, session: aiohttp.ClientSession
+) -> None:
+    up, (status, headers, body) = await ask_again_after_a_failure(
+        start, fake_upstream, session, 500, ACTIVE + KEEP + 0.5
+    )
     assert (status, json.loads(body)["code"]) == (502, "upstream_error")
     assert "X-Cache" not in headers or headers["X-Cache"] != "STALE"
     assert up.calls == 2
@@ -338,14 +347,7 @@ async def test_no_stale_entry_is_served_past_stale_if_error(
 async def test_an_upstream_400_is_passed_on_even_when_a_stale_entry_is_kept(
     start: GatewayFactory, fake_upstream: UpstreamFactory, session: aiohttp.ClientSession
 ) -> None:
-    upstream = Scripted(200)
-    up = await fake_upstream(upstream)
-    clock = FakeClock()
-    gateway = await start(cache_config(up.url), clock=clock)
-    await ask(session, gateway, "batch-1")
-    upstream.answer(400)
-    clock.advance(ACTIVE + 1)
-    status, _headers, body = await ask(session, gateway, "batch-1")
+    _up, (status, _headers, body) = await ask_again_after_a_failure(start, fake_upstream, session, 400, ACTIVE + 1)
     assert (status, json.loads(body)["code"]) == (400, "bad_request")
 
 
