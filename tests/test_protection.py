@@ -90,6 +90,16 @@ def budget(requests_per_s: float, burst: int, wait_s: float = 0.0, **upstream: A
 NO_JITTER = {"active_jitter": 0}  # active entries live exactly ttl_s.active (5 s)
 
 
+async def start_scripted(
+    fake_upstream: UpstreamFactory, start: GatewayFactory, *answers: int | tuple[int, dict[str, str]], **sections: Any
+) -> tuple[FakeUpstream, Script, FakeClock, RunningGateway]:
+    """A scripted upstream and a gateway in front of it on a FakeClock; ``sections`` go to ``make_config``."""
+    upstream, script = await scripted(fake_upstream, *answers)
+    clock = FakeClock()
+    gateway = await start(make_config(upstream.url, **sections), clock=clock)
+    return upstream, script, clock, gateway
+
+
 # --- the budget --------------------------------------------------------------------
 
 
@@ -146,10 +156,9 @@ async def test_cache_hits_are_served_while_the_budget_is_empty(
 async def test_a_kept_entry_answers_at_once_while_a_request_without_one_waits_for_budget(
     fake_upstream: UpstreamFactory, start: GatewayFactory
 ) -> None:
-    upstream, script = await scripted(fake_upstream, 200)
-    clock = FakeClock()
-    config = make_config(upstream.url, upstream=budget(1, 2, wait_s=4), cache=NO_JITTER)
-    gateway = await start(config, clock=clock)
+    _, script, clock, gateway = await start_scripted(
+        fake_upstream, start, 200, upstream=budget(1, 2, wait_s=4), cache=NO_JITTER
+    )
     assert (await get(gateway, "kept")).status == 200
     clock.advance(6)  # "kept" is stale now; the budget is full again
     for batch_id in ("spend-1", "spend-2"):
@@ -188,9 +197,7 @@ async def test_a_budget_wait_never_outlasts_the_upstream_deadline(
 async def test_after_an_upstream_429_no_id_is_fetched_until_retry_after_has_passed(
     fake_upstream: UpstreamFactory, start: GatewayFactory
 ) -> None:
-    upstream, script = await scripted(fake_upstream, (429, {"Retry-After": "2"}), 200)
-    clock = FakeClock()
-    gateway = await start(make_config(upstream.url), clock=clock)
+    _, script, clock, gateway = await start_scripted(fake_upstream, start, (429, {"Retry-After": "2"}), 200)
 
     first = await get(gateway, "batch-a")
     assert (first.status, first.code, first.retry_after) == (429, "upstream_rate_limited", "2")
@@ -214,9 +221,9 @@ async def test_after_an_upstream_429_no_id_is_fetched_until_retry_after_has_pass
 
 
 async def test_during_a_pause_a_kept_entry_answers_stale(fake_upstream: UpstreamFactory, start: GatewayFactory) -> None:
-    upstream, script = await scripted(fake_upstream, 200, (429, {"Retry-After": "30"}))
-    clock = FakeClock()
-    gateway = await start(make_config(upstream.url, cache=NO_JITTER), clock=clock)
+    _, script, clock, gateway = await start_scripted(
+        fake_upstream, start, 200, (429, {"Retry-After": "30"}), cache=NO_JITTER
+    )
     assert (await get(gateway, "kept")).status == 200
     clock.advance(6)
     assert (await get(gateway, "other")).status == 429
@@ -248,10 +255,9 @@ async def test_retry_after_dates_garbage_and_huge_values_pause_as_long_as_they_s
     if retry_after is not None and retry_after.startswith("date"):
         retry_after = http_date(float(retry_after.removeprefix("date")))
     headers = {} if retry_after is None else {"Retry-After": retry_after}
-    upstream, script = await scripted(fake_upstream, (429, headers), 200)
-    clock = FakeClock()
-    config = make_config(upstream.url, upstream={"retry_after_default_s": 7, "retry_after_max_s": 60})
-    gateway = await start(config, clock=clock)
+    _, script, clock, gateway = await start_scripted(
+        fake_upstream, start, (429, headers), 200, upstream={"retry_after_default_s": 7, "retry_after_max_s": 60}
+    )
 
     answer = await get(gateway, "batch-a")
     assert (answer.status, answer.code) == (429, "upstream_rate_limited")
@@ -330,9 +336,9 @@ async def test_an_upstream_400_is_called_exactly_once_and_its_message_reaches_th
 async def test_a_503_with_retry_after_is_not_retried_and_pauses_every_id(
     fake_upstream: UpstreamFactory, start: GatewayFactory
 ) -> None:
-    upstream, script = await scripted(fake_upstream, (503, {"Retry-After": "3"}), 200)
-    clock = FakeClock()
-    gateway = await start(make_config(upstream.url, upstream={"retries": 2}), clock=clock)
+    _, script, clock, gateway = await start_scripted(
+        fake_upstream, start, (503, {"Retry-After": "3"}), 200, upstream={"retries": 2}
+    )
     answer = await get(gateway, "batch-a")
     assert (answer.status, answer.code, answer.retry_after) == (503, "upstream_unavailable", "3")
     clock.advance(1)
@@ -443,9 +449,9 @@ async def open_the_breaker(gateway: RunningGateway, script: Script) -> None:
 async def test_the_breaker_opens_after_consecutive_failures_and_fails_fast_or_stale(
     fake_upstream: UpstreamFactory, start: GatewayFactory
 ) -> None:
-    upstream, script = await scripted(fake_upstream, 200)
-    clock = FakeClock()
-    gateway = await start(make_config(upstream.url, upstream=BREAKER, cache=NO_JITTER), clock=clock)
+    upstream, script, clock, gateway = await start_scripted(
+        fake_upstream, start, 200, upstream=BREAKER, cache=NO_JITTER
+    )
     assert (await get(gateway, "kept")).status == 200
     clock.advance(6)  # "kept" is stale
     await open_the_breaker(gateway, script)
@@ -477,9 +483,7 @@ async def test_after_the_cooldown_exactly_one_probe_goes_upstream(
     state_after: BreakerState,
     next_answer: tuple[int, str | None],
 ) -> None:
-    upstream, script = await scripted(fake_upstream, 200)
-    clock = FakeClock()
-    gateway = await start(make_config(upstream.url, upstream=BREAKER), clock=clock)
+    upstream, script, clock, gateway = await start_scripted(fake_upstream, start, 200, upstream=BREAKER)
     await open_the_breaker(gateway, script)
     clock.advance(10)
     assert await metric(gateway, "gateway_breaker_state") == BreakerState.HALF_OPEN.value
@@ -504,9 +508,7 @@ async def test_after_the_cooldown_exactly_one_probe_goes_upstream(
 async def test_a_probe_refused_for_budget_neither_closes_the_breaker_nor_keeps_the_slot(
     fake_upstream: UpstreamFactory, start: GatewayFactory
 ) -> None:
-    upstream, script = await scripted(fake_upstream, 200)
-    clock = FakeClock()
-    gateway = await start(make_config(upstream.url, upstream={**BREAKER, **budget(0.01, 3)}), clock=clock)
+    _, script, clock, gateway = await start_scripted(fake_upstream, start, 200, upstream={**BREAKER, **budget(0.01, 3)})
     await open_the_breaker(gateway, script)  # spends the 3 tokens
     clock.advance(10)  # cooldown over; 0.1 token back
 
@@ -525,9 +527,7 @@ async def test_a_cancelled_probe_frees_the_slot_for_the_next_call(
     fake_upstream: UpstreamFactory, start: GatewayFactory
 ) -> None:
     """A probe cut off mid-call (the gateway shutting down) must not leave the breaker stuck."""
-    upstream, script = await scripted(fake_upstream, 200)
-    clock = FakeClock()
-    gateway = await start(make_config(upstream.url, upstream=BREAKER), clock=clock)
+    upstream, script, clock, gateway = await start_scripted(fake_upstream, start, 200, upstream=BREAKER)
     await open_the_breaker(gateway, script)
     clock.advance(10)
     client = gateway.state.upstream
