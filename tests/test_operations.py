@@ -27,7 +27,7 @@ from aiohttp import web
 
 from gateway.config import load_config
 from gateway.demo import Simulator
-from gateway.server import reload_config
+from gateway.server import RunningGateway, reload_config
 from tests.conftest import GatewayFactory, ProcessFactory, UpstreamFactory
 from tests.support import (
     ANALYTICS_KEY,
@@ -36,6 +36,7 @@ from tests.support import (
     PROCESS_WAIT_S,
     REPORTING_KEY,
     UPSTREAM_TOKEN,
+    GatewayProcess,
     LogCapture,
     assert_no_reload_secrets,
     batch_body,
@@ -60,6 +61,22 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+async def process_from_a_config_file(
+    gateway_process: ProcessFactory, tmp_path: Path, base_url: str
+) -> tuple[Path, GatewayProcess]:
+    """A gateway process started from a config file in ``tmp_path``; the file's path, to edit before a SIGHUP."""
+    path = write_config(tmp_path / "config.yaml", process_config(base_url))
+    return path, await gateway_process(path)
+
+
+async def gateway_from_a_config_file(
+    start: GatewayFactory, tmp_path: Path, base_url: str, **sections: Any
+) -> tuple[Path, RunningGateway]:
+    """An in-process gateway started from a config file in ``tmp_path``; the file's path, to edit before a reload."""
+    path = write_config(tmp_path / "config.yaml", raw_config(base_url, **sections))
+    return path, await start(load_config(path))
+
+
 # --- reload -------------------------------------------------------------------------------------
 
 
@@ -67,8 +84,7 @@ async def test_sighup_swaps_in_the_new_token_and_callers_and_keeps_the_cache(
     fake_upstream: UpstreamFactory, gateway_process: ProcessFactory, tmp_path: Path
 ) -> None:
     upstream = await fake_upstream(json_handler())
-    path = write_config(tmp_path / "config.yaml", process_config(upstream.url))
-    gateway = await gateway_process(path)
+    path, gateway = await process_from_a_config_file(gateway_process, tmp_path, upstream.url)
     await sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-1")
     assert upstream.headers[-1]["Authorization"] == f"Bearer {UPSTREAM_TOKEN}"
 
@@ -98,8 +114,7 @@ async def test_sighup_with_a_bad_config_names_the_key_and_keeps_serving_the_old_
     fake_upstream: UpstreamFactory, gateway_process: ProcessFactory, tmp_path: Path
 ) -> None:
     upstream = await fake_upstream(json_handler())
-    path = write_config(tmp_path / "config.yaml", process_config(upstream.url))
-    gateway = await gateway_process(path)
+    path, gateway = await process_from_a_config_file(gateway_process, tmp_path, upstream.url)
 
     broken = rotated(upstream.url, server={"host": "127.0.0.1", "port": 0})
     broken["cache"] = {"ttl_s": {"active": -1}}
@@ -123,8 +138,7 @@ async def test_reload_config_swaps_token_and_callers_in_process_and_the_cache_su
     fake_upstream: UpstreamFactory, start: GatewayFactory, tmp_path: Path, logs: LogCapture
 ) -> None:
     upstream = await fake_upstream(json_handler())
-    path = write_config(tmp_path / "config.yaml", raw_config(upstream.url))
-    gateway = await start(load_config(path))
+    path, gateway = await gateway_from_a_config_file(start, tmp_path, upstream.url)
     await sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-1")
 
     write_config(path, rotated(upstream.url))
@@ -148,8 +162,7 @@ async def test_a_bad_reload_in_process_keeps_the_old_config_and_flags_the_metric
     fake_upstream: UpstreamFactory, start: GatewayFactory, tmp_path: Path, logs: LogCapture
 ) -> None:
     upstream = await fake_upstream(json_handler())
-    path = write_config(tmp_path / "config.yaml", raw_config(upstream.url))
-    gateway = await start(load_config(path))
+    path, gateway = await gateway_from_a_config_file(start, tmp_path, upstream.url)
     broken = rotated(upstream.url)
     broken["callers"][1]["key"] = "short"
     write_config(path, broken)
@@ -203,8 +216,7 @@ async def test_a_request_in_flight_during_a_reload_finishes_with_the_config_it_s
         return web.Response(body=batch_body("batch-1"), content_type="application/json")
 
     upstream = await fake_upstream(fails_once_when_released)
-    path = write_config(tmp_path / "config.yaml", raw_config(upstream.url, upstream={"retries": 2}))
-    gateway = await start(load_config(path))
+    path, gateway = await gateway_from_a_config_file(start, tmp_path, upstream.url, upstream={"retries": 2})
     in_flight = asyncio.ensure_future(sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-1"))
     await asyncio.wait_for(upstream.arrived.wait(), PROCESS_WAIT_S)
 
