@@ -148,12 +148,11 @@ class SingleFlight:
     def __len__(self) -> int:
         return len(self._calls)
 
-    async def run(self, key: str, start: Callable[[], Awaitable[CacheEntry]], wait_s: float) -> tuple[CacheEntry, bool]:
-        """Return the call's result and whether this caller joined a call already out."""
+    async def run(self, key: str, start: Callable[[], Awaitable[CacheEntry]], wait_s: float) -> CacheEntry:
+        """Return the result of the call for ``key``, starting one if none is out."""
         task = self._calls.get(key)
         # A task that has ended but whose done callback has not run yet is not
         # joined: a failure would otherwise reach a caller that came after it.
-        joined = task is not None and not task.done()
         if task is None or task.done():
             task = asyncio.ensure_future(start())
             self._calls[key] = task
@@ -162,7 +161,7 @@ class SingleFlight:
             self._on_join()
         try:
             async with asyncio.timeout(wait_s):
-                return await asyncio.shield(task), joined
+                return await asyncio.shield(task)
         except TimeoutError:
             raise errors.UpstreamTimeout("Gave up waiting for the upstream's answer.") from None
 
@@ -223,9 +222,7 @@ class BatchCache:
             return CacheResult(cached, CacheState.HIT)
         usable_stale = cached is not None and self.settings.stale_if_error_s > 0
         try:
-            entry, _joined = await self.flights.run(
-                batch_id, partial(self._refresh, batch_id, fetch, usable_stale), wait_s
-            )
+            entry = await self.flights.run(batch_id, partial(self._refresh, batch_id, fetch, usable_stale), wait_s)
         except errors.UpstreamFailure:
             if cached is not None and self._clock() < cached.keep_until:
                 return CacheResult(cached, CacheState.STALE)
