@@ -116,13 +116,9 @@ def _account(request: web.Request, response: web.StreamResponse, state: GatewayS
     if histogram is None:
         histogram = children[route] = state.metrics.request_seconds.labels(route)
     histogram.observe(elapsed)
-    if not state.snapshot.config.logging.access_log:
-        return
     trace: RequestTrace = request[TRACE]
-    log_event(
-        access_log,
-        logging.INFO,
-        "request",
+    log_access(
+        state,
         request_id=request[REQUEST_ID],
         caller=caller,
         method=request.method,
@@ -130,9 +126,41 @@ def _account(request: web.Request, response: web.StreamResponse, state: GatewayS
         batch_id=request.match_info.get("id"),
         status=response.status,
         cache=cache,
-        upstream_status=trace.upstream_status,
-        upstream_ms=trace.upstream_ms,
+        trace=trace,
         total_ms=round(elapsed * 1000, 2),
+    )
+
+
+def log_access(
+    state: GatewayState,
+    *,
+    request_id: str,
+    caller: str,
+    method: str | None,
+    path: str | None,
+    batch_id: str | None,
+    status: int,
+    cache: str,
+    trace: RequestTrace | None,
+    total_ms: float | None,
+) -> None:
+    """The one access-log line (README "Logs"), unless ``logging.access_log`` is off."""
+    if not state.snapshot.config.logging.access_log:
+        return
+    log_event(
+        access_log,
+        logging.INFO,
+        "request",
+        request_id=request_id,
+        caller=caller,
+        method=method,
+        path=path,
+        batch_id=batch_id,
+        status=status,
+        cache=cache,
+        upstream_status=trace.upstream_status if trace else None,
+        upstream_ms=trace.upstream_ms if trace else None,
+        total_ms=total_ms,
     )
 
 

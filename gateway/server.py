@@ -21,14 +21,13 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from gateway import errors
-from gateway.app import build_app, error_response, new_request_id
+from gateway.app import build_app, error_response, log_access, new_request_id
 from gateway.config import ConfigError, GatewayConfig
 from gateway.keys import STATE
-from gateway.logs import ACCESS_LOGGER, log_event
+from gateway.logs import log_event
 from gateway.state import GatewayState
 
 log = logging.getLogger("gateway")
-access_log = logging.getLogger(ACCESS_LOGGER)
 # The route label of requests aiohttp could not parse (they never reach the router).
 UNPARSED_ROUTE = "unparsed"
 
@@ -114,22 +113,18 @@ class _JsonErrorHandler(RequestHandler):
 def _account_unparsed(state: GatewayState, request_id: str, status: int) -> None:
     """Metrics and the access log line for a request that never reached the app."""
     state.metrics.requests.labels("-", UNPARSED_ROUTE, str(status), "-").inc()
-    if state.snapshot.config.logging.access_log:
-        log_event(
-            access_log,
-            logging.INFO,
-            "request",
-            request_id=request_id,
-            caller="-",
-            method=None,
-            path=None,
-            batch_id=None,
-            status=status,
-            cache="-",
-            upstream_status=None,
-            upstream_ms=None,
-            total_ms=None,
-        )
+    log_access(
+        state,
+        request_id=request_id,
+        caller="-",
+        method=None,
+        path=None,
+        batch_id=None,
+        status=status,
+        cache="-",
+        trace=None,
+        total_ms=None,
+    )
 
 
 class _GatewayServer(web.Server):
