@@ -134,11 +134,11 @@ class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
                     self.stream.write(self.terminator.join(lines) + self.terminator)
                     self.stream.flush()
                 except Exception:
-                    self.handleError(None)  # type: ignore[arg-type]
+                    self.handleError(None)
         finally:
             self.release()
 
-    def handleError(self, record: logging.LogRecord) -> None:
+    def handleError(self, record: logging.LogRecord | None) -> None:
         notice = {"level": "error", "logger": "gateway.logs", "event": "a log line could not be written"}
         with contextlib.suppress(Exception):  # nothing is left to report it to
             self.stream.write(json.dumps(notice) + self.terminator)
