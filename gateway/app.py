@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import HttpVersion10, web
 from aiohttp.typedefs import Handler
+from multidict import CIMultiDictProxy
 
 from gateway import errors, handlers
 from gateway.keys import CACHE_STATE, CALLER, REQUEST_ID, STATE, TRACE
@@ -35,9 +36,9 @@ def new_request_id() -> str:
     return f"{random.getrandbits(128):032x}"
 
 
-def request_id_for(request: web.BaseRequest) -> str:
+def request_id_for(headers: CIMultiDictProxy[str]) -> str:
     """The caller's ``X-Request-ID`` if it is sane, else a fresh one."""
-    given = request.headers.getall("X-Request-ID", [])
+    given = headers.getall("X-Request-ID", [])
     if len(given) == 1 and _SANE_REQUEST_ID.fullmatch(given[0]):
         return given[0]
     return new_request_id()
@@ -73,7 +74,7 @@ def _from_http_exception(exc: web.HTTPException) -> errors.GatewayError:
 @web.middleware
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
-    request_id = request[REQUEST_ID] = request_id_for(request)
+    request_id = request[REQUEST_ID] = request_id_for(request.headers)
     request[TRACE] = RequestTrace()
     state = request.app[STATE]
     try:
@@ -103,31 +104,58 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 def _account(request: web.Request, response: web.StreamResponse, state: GatewayState, elapsed: float) -> None:
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
-    caller = request.get(CALLER, "-")
-    cache = request.get(CACHE_STATE, response.headers.get("X-Cache", "-"))
+    record_request(
+        state,
+        request_id=request[REQUEST_ID],
+        caller=request.get(CALLER, "-"),
+        route=route,
+        path=request.path if route == "unmatched" else route,
+        batch_id=request.match_info.get("id"),
+        status=response.status,
+        cache=request.get(CACHE_STATE, response.headers.get("X-Cache", "-")),
+        trace=request[TRACE],
+        elapsed_s=elapsed,
+        method=request.method,
+    )
+
+
+def record_request(
+    state: GatewayState,
+    *,
+    request_id: str,
+    caller: str,
+    route: str,
+    path: str,
+    batch_id: str | None,
+    status: int,
+    cache: str,
+    trace: RequestTrace | None,
+    elapsed_s: float,
+    method: str = "GET",
+) -> None:
+    """Request metrics and the access log line of one answered request."""
     # labels() validates and locks on every call; the children are looked up once per label set.
     children = state.metric_children
-    labels = (caller, route, response.status, cache)
+    labels = (caller, route, status, cache)
     counter = children.get(labels)
     if counter is None:
-        counter = children[labels] = state.metrics.requests.labels(caller, route, str(response.status), cache)
+        counter = children[labels] = state.metrics.requests.labels(caller, route, str(status), cache)
     counter.inc()
     histogram = children.get(route)
     if histogram is None:
         histogram = children[route] = state.metrics.request_seconds.labels(route)
-    histogram.observe(elapsed)
-    trace: RequestTrace = request[TRACE]
+    histogram.observe(elapsed_s)
     log_access(
         state,
-        request_id=request[REQUEST_ID],
+        request_id=request_id,
         caller=caller,
-        method=request.method,
-        path=request.path if route == "unmatched" else route,
-        batch_id=request.match_info.get("id"),
-        status=response.status,
+        method=method,
+        path=path,
+        batch_id=batch_id,
+        status=status,
         cache=cache,
         trace=trace,
-        total_ms=round(elapsed * 1000, 2),
+        total_ms=round(elapsed_s * 1000, 2),
     )
 
 

@@ -215,6 +215,13 @@ class BatchCache:
         self.store.put(batch_id, entry)
         return entry
 
+    def fresh(self, batch_id: str) -> CacheEntry | None:
+        """The entry for ``batch_id`` if it is still fresh: a hit, with no waiting."""
+        cached = self.store.get(batch_id)
+        if cached is not None and self._clock() < cached.fresh_until:
+            return cached
+        return None
+
     async def get(self, batch_id: str, fetch: Fetch, wait_s: float) -> CacheResult:
         """Answer from a fresh entry, one shared upstream call, or a kept entry."""
         cached = self.store.get(batch_id)

@@ -56,14 +56,20 @@ async def get_batch(request: web.Request) -> web.Response:
     return _render(result, state.clock())
 
 
-def _render(result: CacheResult, now: float) -> web.Response:
+def cache_headers(result: CacheResult, now: float) -> dict[str, str]:
+    """The cache's headers on a batch answer (DESIGN §5), for both ways a hit is served."""
     entry = result.entry
     fresh_s = 0 if result.state is CacheState.STALE else entry.fresh_s(now)
-    headers = {
+    return {
         "X-Cache": result.state.value,
         "Age": str(entry.age_s(now)),
         "Cache-Control": f"private, max-age={fresh_s}",
     }
+
+
+def _render(result: CacheResult, now: float) -> web.Response:
+    entry = result.entry
+    headers = cache_headers(result, now)
     if entry.status == 200:
         return web.Response(body=entry.body, headers=headers, content_type="application/json")
     # A cached 404: rendered as the contract's error, with the cache headers kept.

@@ -4,7 +4,8 @@ aiohttp answers requests it cannot parse (a request line or header past the
 configured sizes, broken framing) before any middleware runs, in text/plain.
 ``_JsonErrorHandler`` renders those in the contract's JSON shape too, and
 closes connections that have not sent a whole request head within
-``server.header_timeout_s`` (slow, trickling clients).
+``server.header_timeout_s`` (slow, trickling clients). It also answers
+plain fresh cache hits as soon as they are parsed (``gateway.fastpath``).
 """
 
 from __future__ import annotations
@@ -12,17 +13,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from gateway import errors
 from gateway.app import build_app, error_response, log_access, new_request_id
 from gateway.config import ConfigError, GatewayConfig
+from gateway.fastpath import answer_fresh_hit
 from gateway.keys import STATE
 from gateway.logs import log_event
 from gateway.state import GatewayState
@@ -56,14 +60,23 @@ class _JsonErrorHandler(RequestHandler):
     state: GatewayState | None = None
     _head_timer: asyncio.TimerHandle | None = None
     _heads_at_arming = 0
+    # Requests queued for the app and not yet answered: while any is, a hit
+    # answered inline would overtake it.
+    _app_requests = 0
+    # Off for good once the connection is closing, was upgraded, or its parser failed.
+    _inline_ok = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if self.state is not None and self._parser is not None:
+            self._parser = _HitAnsweringParser(self._parser, self)  # type: ignore[assignment]
         self._arm_head_timer()
 
     def data_received(self, data: bytes) -> None:
         heads_before = self._request_count
+        queued_before = len(self._messages)
         super().data_received(data)
+        self._app_requests += len(self._messages) - queued_before
         if self._request_count > heads_before:
             self._disarm_head_timer()
         elif data and self._head_timer is None:
@@ -73,6 +86,48 @@ class _JsonErrorHandler(RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm_head_timer()
         super().connection_lost(exc)
+
+    async def _handle_request(
+        self,
+        request: web.BaseRequest,
+        start_time: float | None,
+        request_handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+    ) -> tuple[web.StreamResponse, bool]:
+        try:
+            response, reset = await super()._handle_request(request, start_time, request_handler)
+        finally:
+            self._app_requests -= 1
+        if reset or not response.keep_alive:
+            self._inline_ok = False  # start() closes the connection after this answer
+        return response, reset
+
+    def answer_inline(self, message: RawRequestMessage, payload: StreamReader) -> bool:
+        """Answer ``message`` here if it is a plain fresh hit and no request is before it."""
+        if (
+            not self._inline_ok
+            or self._app_requests
+            or message.upgrade
+            or payload is not EMPTY_PAYLOAD
+            or self._paused  # the client is not reading: the app's writer waits for it
+            or self._close
+            or self._force_close
+            or self.transport is None
+            or self.state is None
+        ):
+            return False
+        response = answer_fresh_hit(self.state, message)
+        if response is None:
+            return False
+        self.transport.write(response)
+        # What start() does for each request it handles, as far as a hit needs it.
+        self._request_count += 1
+        if self._manager is not None:
+            self._manager.requests_count += 1
+        if self._keepalive_timeout > 0:
+            self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+            if self._keepalive_handle is None:
+                self._keepalive_handle = self._loop.call_at(self._next_keepalive_close_time, self._process_keepalive)
+        return True
 
     def _arm_head_timer(self) -> None:
         self._heads_at_arming = self._request_count
@@ -125,6 +180,40 @@ def _account_unparsed(state: GatewayState, request_id: str, status: int) -> None
         trace=None,
         total_ms=None,
     )
+
+
+class _HitAnsweringParser:
+    """A connection's request parser that hands on only what its connection did not answer.
+
+    aiohttp's ``data_received`` queues every parsed request for the app; the
+    requests answered inline never reach that queue. The first request that
+    is not answered inline stops it, so later ones queue behind it.
+    """
+
+    def __init__(self, parser: Any, connection: _JsonErrorHandler) -> None:
+        self._parser = parser
+        self._connection = connection
+
+    def feed_data(self, data: bytes) -> tuple[list[tuple[RawRequestMessage, StreamReader]], bool, bytes]:
+        try:
+            messages, upgraded, tail = self._parser.feed_data(data)
+        except Exception:
+            self._connection._inline_ok = False
+            raise
+        if upgraded:
+            # What follows an upgrade request is queued by aiohttp itself, uncounted.
+            self._connection._inline_ok = False
+        answered = 0
+        for message, payload in messages:
+            if not self._connection.answer_inline(message, payload):
+                break
+            # Frees the parser's slot as start() does for the requests it takes.
+            self._parser.message_consumed()
+            answered += 1
+        return (messages[answered:] if answered else messages), upgraded, tail
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._parser, name)
 
 
 class _GatewayServer(web.Server):
