@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +100,11 @@ class _JsonErrorHandler(RequestHandler):
         if reset or not response.keep_alive:
             self._inline_ok = False  # start() closes the connection after this answer
         return response, reset
+
+    @property
+    def max_queued_requests(self) -> int:
+        """How many parsed requests the parser hands over before it waits for them to be taken."""
+        return self._max_msg_queue_size
 
     def answer_inline(self, message: RawRequestMessage, payload: StreamReader) -> bool:
         """Answer ``message`` here if it is a plain fresh hit and no request is before it."""
@@ -194,23 +199,28 @@ class _HitAnsweringParser:
         self._parser = parser
         self._connection = connection
 
-    def feed_data(self, data: bytes) -> tuple[list[tuple[RawRequestMessage, StreamReader]], bool, bytes]:
-        try:
-            messages, upgraded, tail = self._parser.feed_data(data)
-        except Exception:
-            self._connection._inline_ok = False
-            raise
-        if upgraded:
-            # What follows an upgrade request is queued by aiohttp itself, uncounted.
-            self._connection._inline_ok = False
-        answered = 0
-        for message, payload in messages:
-            if not self._connection.answer_inline(message, payload):
-                break
-            # Frees the parser's slot as start() does for the requests it takes.
-            self._parser.message_consumed()
-            answered += 1
-        return (messages[answered:] if answered else messages), upgraded, tail
+    def feed_data(self, data: bytes) -> tuple[Sequence[tuple[RawRequestMessage, StreamReader]], bool, bytes]:
+        while True:
+            try:
+                messages, upgraded, tail = self._parser.feed_data(data)
+            except Exception:
+                self._connection._inline_ok = False
+                raise
+            if upgraded:
+                # What follows an upgrade request is queued by aiohttp itself, uncounted.
+                self._connection._inline_ok = False
+            answered = 0
+            for message, payload in messages:
+                if not self._connection.answer_inline(message, payload):
+                    break
+                # Frees the parser's slot as start() does for the requests it takes.
+                self._parser.message_consumed()
+                answered += 1
+            if answered < len(messages) or len(messages) < self._connection.max_queued_requests:
+                return (messages[answered:] if answered else messages), upgraded, tail
+            # Every request was answered, and the parser stopped at its queue limit
+            # with more buffered: start() would resume it, but nothing reached start().
+            data = b""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._parser, name)

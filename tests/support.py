@@ -346,6 +346,28 @@ async def raw_request(url: str, data: bytes, *, timeout_s: float = EXCHANGE_TIME
     return parse_response(raw)
 
 
+async def read_answer(reader: asyncio.StreamReader, timeout_s: float = EXCHANGE_TIMEOUT_S) -> Answer:
+    """The next answer on a kept-alive connection: its head, then as many body bytes as it announces."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout_s)
+    answer = parse_response(head)
+    length = int(answer.header("Content-Length") or 0)
+    answer.body = await asyncio.wait_for(reader.readexactly(length), timeout_s)
+    answer.raw = head + answer.body
+    assert_no_secrets(answer.raw)
+    return answer
+
+
+async def pipelined(url: str, data: bytes, answers: int, *, timeout_s: float = EXCHANGE_TIMEOUT_S) -> list[Answer]:
+    """Send ``data`` (one or more requests, in one write) on a kept-alive connection; read ``answers`` answers."""
+    parts = urlsplit(url)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port), timeout_s)
+    try:
+        writer.write(data)
+        return [await read_answer(reader, timeout_s) for _ in range(answers)]
+    finally:
+        writer.close()
+
+
 # ---------------------------------------------------------------------------
 # A byte-level upstream, for what aiohttp cannot produce
 # ---------------------------------------------------------------------------

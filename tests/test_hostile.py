@@ -15,14 +15,18 @@ from urllib.parse import urlsplit
 import pytest
 
 from gateway.demo import Simulator
+from gateway.server import RunningGateway
 from tests.conftest import GatewayFactory
 from tests.support import (
     BILLING_KEY,
     REPORTING_KEY,
     UPSTREAM_TOKEN,
+    Answer,
     assert_no_secrets,
+    http,
     make_config,
     parse_response,
+    pipelined,
     raw_request,
     request_bytes,
     send_raw,
@@ -582,3 +586,94 @@ async def test_error_answers_never_echo_what_the_caller_sent_as_a_key(
         response = await raw_request(gateway.url, request_bytes(headers=headers, key=None), timeout_s=RAW_TIMEOUT_S)
         assert response.status in (401, 431)
         assert probe.encode() not in response.raw
+
+
+# ---------------------------------------------------------------------------
+# The same cases with batch-1 fresh in the cache
+#
+# A plain fresh hit is answered as soon as its request is parsed, before
+# aiohttp's Application (gateway/fastpath.py). Each case is sent again on a
+# kept-alive connection (where that can happen) after batch-1 was fetched
+# once: it must get the answer it gets uncached, and cause no other call.
+# ---------------------------------------------------------------------------
+
+
+async def cached_gateway(simulator: Simulator, start: GatewayFactory) -> RunningGateway:
+    """A gateway in front of the simulator that holds a fresh batch-1."""
+    gateway = await start(make_config(simulator.url))
+    warm = await http(f"{gateway.url}/v2/batches/batch-1")
+    assert (warm.status, warm.header("X-Cache"), simulator.calls) == (200, "MISS", 1)
+    return gateway
+
+
+async def kept_alive_request(gateway: RunningGateway, data: bytes) -> Answer:
+    [answer] = await pipelined(gateway.url, data, 1, timeout_s=RAW_TIMEOUT_S)
+    return answer
+
+
+@pytest.mark.parametrize(("target", "status", "code", "upstream_id"), PATHS)
+async def test_paths_and_ids_get_the_same_answer_when_batch_1_is_cached(
+    simulator: Simulator,
+    start: GatewayFactory,
+    target: str | bytes,
+    status: int,
+    code: str | None,
+    upstream_id: str | None,
+) -> None:
+    gateway = await cached_gateway(simulator, start)
+    response = await kept_alive_request(gateway, request_bytes(target, close=False))
+    assert response.status == status, response.raw[:300]
+    if code is None:
+        assert response.json["batch"]["id"] == upstream_id
+        assert response.header("X-Cache") == ("HIT" if upstream_id == "batch-1" else "MISS")
+    else:
+        assert response.code == code
+    assert simulator.calls == (1 if upstream_id in (None, "batch-1") else 2)
+
+
+@pytest.mark.parametrize(
+    ("name", "headers", "status", "code", "reaches_upstream"), HEADERS, ids=[h[0] for h in HEADERS]
+)
+async def test_headers_get_the_same_answer_when_batch_1_is_cached(
+    simulator: Simulator,
+    start: GatewayFactory,
+    name: str,
+    headers: list[tuple[str | bytes, str | bytes] | bytes],
+    status: int,
+    code: str | None,
+    reaches_upstream: bool,
+) -> None:
+    gateway = await cached_gateway(simulator, start)
+    response = await kept_alive_request(gateway, request_bytes(headers=headers, close=False))
+    assert response.status == status, response.raw[:300]
+    if code is not None:
+        assert response.code == code
+    else:
+        assert response.header("X-Cache") == "HIT"
+    request_id = response.header("X-Request-ID")
+    assert request_id is not None
+    assert "\r" not in request_id
+    assert len(request_id) <= 128
+    assert simulator.calls == 1
+
+
+@pytest.mark.parametrize(("name", "headers", "query", "status", "caller"), IDENTITIES, ids=[i[0] for i in IDENTITIES])
+async def test_only_a_valid_key_gets_a_cached_batch(
+    simulator: Simulator,
+    start: GatewayFactory,
+    name: str,
+    headers: list[tuple[str | bytes, str | bytes]],
+    query: str,
+    status: int,
+    caller: str | None,
+) -> None:
+    gateway = await cached_gateway(simulator, start)
+    response = await kept_alive_request(
+        gateway, request_bytes("/v2/batches/batch-1" + query, headers, key=None, close=False)
+    )
+    assert response.status == status, response.raw[:300]
+    if status == 401:
+        assert response.code == "unauthorized"
+    else:
+        assert (response.header("X-Cache"), response.json["batch"]["id"]) == ("HIT", "batch-1")
+    assert simulator.calls == 1
