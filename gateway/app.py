@@ -20,14 +20,12 @@ from multidict import CIMultiDictProxy
 
 from gateway import errors, handlers
 from gateway.keys import CACHE_STATE, CALLER, REQUEST_ID, STATE, TRACE
-from gateway.logs import ACCESS_LOGGER, log_event
 from gateway.state import GatewayState
 from gateway.upstream import RequestTrace
 
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 BATCH_ROUTE = "/v2/batches/{id}"
 
-access_log = logging.getLogger(ACCESS_LOGGER)
 log = logging.getLogger("gateway")
 
 
@@ -175,10 +173,7 @@ def log_access(
     """The one access-log line (README "Logs"), unless ``logging.access_log`` is off."""
     if not state.snapshot.config.logging.access_log:
         return
-    log_event(
-        access_log,
-        logging.INFO,
-        "request",
+    state.access_log.add(
         request_id=request_id,
         caller=caller,
         method=method,

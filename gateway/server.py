@@ -268,6 +268,7 @@ class RunningGateway:
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish within the grace period, close."""
         await self.runner.cleanup()
+        self.state.access_log.flush()
 
 
 async def start_gateway(

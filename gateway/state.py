@@ -16,7 +16,7 @@ from typing import Any
 from gateway.auth import CallerDirectory
 from gateway.cache import BatchCache, MemoryStore
 from gateway.config import GatewayConfig, RateLimit
-from gateway.logs import Redactor, set_level
+from gateway.logs import AccessLog, Redactor, set_level
 from gateway.metrics import Metrics
 from gateway.protection import Clock, TokenBucket
 from gateway.upstream import UpstreamClient
@@ -36,6 +36,7 @@ class GatewayState:
     metrics: Metrics
     redact: Redactor
     clock: Clock = time.monotonic
+    access_log: AccessLog = field(default_factory=AccessLog)
     caller_buckets: dict[str, TokenBucket] = field(default_factory=dict)
     # Prometheus children by label values (bounded: callers x routes x statuses x cache states).
     metric_children: dict[object, Any] = field(default_factory=dict)

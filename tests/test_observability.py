@@ -12,6 +12,7 @@ import json
 import signal
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import cohere
@@ -41,6 +42,7 @@ from tests.support import (
     process_config,
     raw_config,
     raw_request,
+    request_bytes,
     sample_value,
     scrape_metrics,
     sdk,
@@ -408,6 +410,36 @@ async def test_no_secret_reaches_a_response_under_a_varied_workload(
 
     for answer in answers:
         assert_no_secrets(answer)
+
+
+async def test_a_key_that_json_escapes_is_kept_out_of_the_log_in_every_form(
+    simulator: Simulator, start: GatewayFactory, logs: LogCapture
+) -> None:
+    odd_key = 'odd"key\\with-caf\u00e9-and-\u2603-0001'
+    callers = [{"name": "billing-service", "key": BILLING_KEY}, {"name": "odd", "key": odd_key}]
+    gateway = await start(make_config(simulator.url, callers=callers))
+
+    # The key sent as a batch id: refused, and the access log records the id as sent.
+    answer = await raw_request(gateway.url, request_bytes("/v2/batches/" + quote(odd_key, safe="")))
+
+    assert (answer.status, answer.code) == (400, "invalid_batch_id")
+    [line] = logs.events("gateway.access")
+    assert line["batch_id"] == "[REDACTED]"
+    for form in (odd_key, json.dumps(odd_key)[1:-1], json.dumps(odd_key, ensure_ascii=False)[1:-1]):
+        assert form not in logs.text
+
+
+async def test_a_bearer_credential_in_a_logged_path_is_removed(
+    simulator: Simulator, start: GatewayFactory, logs: LogCapture
+) -> None:
+    gateway = await start(make_config(simulator.url))
+
+    answer = await raw_request(gateway.url, request_bytes("/v2/Bearer%20never-configured-credential-77/x"))
+
+    assert (answer.status, answer.code) == (404, "route_not_found")
+    [line] = logs.events("gateway.access")
+    assert line["path"] == "/v2/Bearer [REDACTED]"  # the pattern takes the rest of the path with it
+    assert "never-configured-credential-77" not in logs.text
 
 
 async def test_the_process_writes_only_json_lines_and_no_secret_under_a_varied_workload(
