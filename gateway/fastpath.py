@@ -23,7 +23,7 @@ from aiohttp.http_parser import RawRequestMessage
 
 from gateway import errors
 from gateway.app import BATCH_ROUTE, record_request, request_id_for
-from gateway.cache import CacheResult, CacheState
+from gateway.cache import CacheState
 from gateway.handlers import cache_headers
 from gateway.protocol import BATCH_ID
 from gateway.state import GatewayState
@@ -59,7 +59,7 @@ def answer_fresh_hit(state: GatewayState, message: RawRequestMessage) -> bytes |
     if caller.rate_limit is not None and state.caller_bucket(caller.name, caller.rate_limit).try_take():
         return None
     request_id = request_id_for(message.headers)
-    headers = cache_headers(CacheResult(entry, CacheState.HIT), state.clock())
+    headers = cache_headers(entry, CacheState.HIT, state.clock())
     head = (
         "HTTP/1.1 200 OK\r\n"
         f"X-Cache: {headers['X-Cache']}\r\n"

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from gateway import errors
 from gateway.auth import Caller
-from gateway.cache import CacheResult, CacheState, UpstreamReply
+from gateway.cache import CacheEntry, CacheResult, CacheState, UpstreamReply
 from gateway.keys import CACHE_STATE, CALLER, REQUEST_ID, STATE, TRACE
 from gateway.protocol import parse_batch_id, upstream_message
 from gateway.state import GatewayState
@@ -56,12 +56,11 @@ async def get_batch(request: web.Request) -> web.Response:
     return _render(result, state.clock())
 
 
-def cache_headers(result: CacheResult, now: float) -> dict[str, str]:
+def cache_headers(entry: CacheEntry, state: CacheState, now: float) -> dict[str, str]:
     """The cache's headers on a batch answer (DESIGN §5), for both ways a hit is served."""
-    entry = result.entry
-    fresh_s = 0 if result.state is CacheState.STALE else entry.fresh_s(now)
+    fresh_s = 0 if state is CacheState.STALE else entry.fresh_s(now)
     return {
-        "X-Cache": result.state.value,
+        "X-Cache": state.value,
         "Age": str(entry.age_s(now)),
         "Cache-Control": f"private, max-age={fresh_s}",
     }
@@ -69,7 +68,7 @@ def cache_headers(result: CacheResult, now: float) -> dict[str, str]:
 
 def _render(result: CacheResult, now: float) -> web.Response:
     entry = result.entry
-    headers = cache_headers(result, now)
+    headers = cache_headers(entry, result.state, now)
     if entry.status == 200:
         return web.Response(body=entry.body, headers=headers, content_type="application/json")
     # A cached 404: rendered as the contract's error, with the cache headers kept.
