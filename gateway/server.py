@@ -106,6 +106,11 @@ class _JsonErrorHandler(RequestHandler):
         """How many parsed requests the parser hands over before it waits for them to be taken."""
         return self._max_msg_queue_size
 
+    def hold_reading_until_drained(self) -> None:
+        """Pause reading as a full request queue does: start() resumes it (and the parser) as it drains."""
+        if not self._buffer_paused:
+            self._pause_reading_for_buffer()
+
     def answer_inline(self, message: RawRequestMessage, payload: StreamReader) -> bool:
         """Answer ``message`` here if it is a plain fresh hit and no request is before it."""
         if (
@@ -200,27 +205,34 @@ class _HitAnsweringParser:
         self._connection = connection
 
     def feed_data(self, data: bytes) -> tuple[Sequence[tuple[RawRequestMessage, StreamReader]], bool, bytes]:
+        connection = self._connection
         while True:
             try:
                 messages, upgraded, tail = self._parser.feed_data(data)
             except Exception:
-                self._connection._inline_ok = False
+                connection._inline_ok = False
                 raise
             if upgraded:
                 # What follows an upgrade request is queued by aiohttp itself, uncounted.
-                self._connection._inline_ok = False
+                connection._inline_ok = False
             answered = 0
             for message, payload in messages:
-                if not self._connection.answer_inline(message, payload):
+                if not connection.answer_inline(message, payload):
                     break
                 # Frees the parser's slot as start() does for the requests it takes.
                 self._parser.message_consumed()
                 answered += 1
-            if answered < len(messages) or len(messages) < self._connection.max_queued_requests:
-                return (messages[answered:] if answered else messages), upgraded, tail
-            # Every request was answered, and the parser stopped at its queue limit
-            # with more buffered: start() would resume it, but nothing reached start().
-            data = b""
+            # The parser stops at its queue limit, with the rest buffered, until start() takes some.
+            parser_held = len(messages) >= connection.max_queued_requests
+            if answered == len(messages) and parser_held:
+                # All were answered here: nothing reached start() to resume the parser.
+                data = b""
+                continue
+            if answered and parser_held:
+                # start() resumes the parser only after a full queue paused reading,
+                # and the requests answered here kept the queue from filling.
+                connection.hold_reading_until_drained()
+            return (messages[answered:] if answered else messages), upgraded, tail
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._parser, name)
