@@ -55,7 +55,9 @@ def answer_fresh_hit(state: GatewayState, message: RawRequestMessage) -> bytes |
     entry = state.cache.fresh(batch_id)
     if entry is None or entry.status != 200:
         return None
-    # A refused token is not spent: the Application asks again and refuses with 429.
+    # The app takes the caller's token before looking in the cache; taking it only
+    # for a fresh hit gives the same outcome, as a refused token is not spent: the
+    # app asks again and answers 429.
     if caller.rate_limit is not None and state.caller_bucket(caller.name, caller.rate_limit).try_take():
         return None
     request_id = request_id_for(message.headers)

@@ -28,27 +28,36 @@ _REDACTOR_LENGTH_FLOOR = 6  # shorter "secrets" would shred ordinary words
 _ENCODER = json.JSONEncoder(ensure_ascii=True, default=str)
 
 
+def _longest_first(secrets: set[str]) -> tuple[str, ...]:
+    # So that a secret containing another is removed whole.
+    return tuple(sorted(secrets, key=len, reverse=True))
+
+
 class Redactor:
     """Knows the secrets in force; config reloads update it."""
 
     def __init__(self) -> None:
         self._secrets: tuple[str, ...] = ()
+        # The same secrets as they read inside a JSON string (a quote or a
+        # backslash escaped, non-ASCII as \uXXXX), for rendered lines.
+        self._in_json: tuple[str, ...] = ()
 
     def update(self, secrets: list[str]) -> None:
-        kept = {s for s in secrets if len(s) >= _REDACTOR_LENGTH_FLOOR}
-        # Each secret also as it reads inside a JSON string (a quote or a
-        # backslash escaped, non-ASCII as \uXXXX), so that one pass over a
-        # rendered line finds it however it was escaped.
-        kept |= {_ENCODER.encode(s)[1:-1] for s in kept}
-        # Longest first, so that a secret containing another is removed whole.
-        self._secrets = tuple(sorted(kept | set(self._secrets), key=len, reverse=True))
+        kept = {s for s in secrets if len(s) >= _REDACTOR_LENGTH_FLOOR} | set(self._secrets)
+        self._secrets = _longest_first(kept)
+        self._in_json = _longest_first({_ENCODER.encode(s)[1:-1] for s in kept})
 
     def known(self, text: str) -> str:
-        """``text`` without the secrets in force (safe on rendered JSON)."""
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, REDACTED)
-        return text
+        """``text`` without the secrets in force."""
+        return _replace_all(text, self._secrets)
+
+    def known_in_json(self, line: str) -> str:
+        """A rendered JSON line without the secrets in force, in whatever string they were escaped.
+
+        Only the escaped forms are looked for: a secret holding a quote could
+        otherwise match across the line's own quotes and break its JSON.
+        """
+        return _replace_all(line, self._in_json)
 
     def __call__(self, text: str) -> str:
         """``text`` without the known secrets and without any bearer credential."""
@@ -70,11 +79,19 @@ def _timestamp(created: float) -> str:
     return f"{_utc_second(second)}.{int((created - second) * 1000):03d}+00:00"
 
 
+def _replace_all(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, event, and any ``fields``.
 
-    The line is rendered, then the known secrets are removed from it (the
-    redactor knows them as JSON escapes them too). Only a line that holds
+    The line is rendered, then the known secrets are removed from it, as
+    JSON escapes them (escaping maps each character on its own, so a string
+    holding a secret renders holding its escaped form). Only a line that holds
     the word "bearer" has each of its strings, nested ones included,
     redacted again before rendering: the bearer pattern cannot run on the
     rendered line, where it could eat an escaping backslash.
@@ -118,7 +135,7 @@ class JsonFormatter(logging.Formatter):
         # The substring test is far cheaper than cleaning every string, and nearly always false.
         if "bearer" in line.lower():
             line = _ENCODER.encode(self._clean(payload))
-        return self._redact.known(line)
+        return self._redact.known_in_json(line)
 
 
 class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -188,25 +205,26 @@ class AccessLog:
     def __init__(self) -> None:
         self._logger = logging.getLogger(ACCESS_LOGGER)
         self._pending: list[tuple[float, dict[str, Any]]] = []
-        self._flush_scheduled = False
+        # The loop a flush is scheduled on: one closed before running it does
+        # not keep later lines waiting.
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
 
     def add(self, **fields: Any) -> None:
         if not self._logger.isEnabledFor(logging.INFO):
             return
         self._pending.append((time.time(), fields))
-        if self._flush_scheduled:
-            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.flush()
             return
-        self._flush_scheduled = True
-        loop.call_soon(self.flush)
+        if self._flush_loop is not loop:
+            self._flush_loop = loop
+            loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Log the lines added so far."""
-        self._flush_scheduled = False
+        self._flush_loop = None
         if self._pending:
             batch, self._pending = self._pending, []
             self._logger.info("request", extra={"batch": batch})

@@ -6,6 +6,13 @@ configured sizes, broken framing) before any middleware runs, in text/plain.
 closes connections that have not sent a whole request head within
 ``server.header_timeout_s`` (slow, trickling clients). It also answers
 plain fresh cache hits as soon as they are parsed (``gateway.fastpath``).
+
+aiohttp has no public hook for either, so this module leans on
+``RequestHandler`` internals: ``_messages``, ``_handle_request``,
+``_parser`` and its queue limit, the keep-alive and flow-control fields.
+``pyproject.toml`` pins aiohttp to the minor version this was written
+against; ``tests/test_inline_hits.py`` and ``tests/test_hostile.py`` fail
+loudly if any of it changes.
 """
 
 from __future__ import annotations
@@ -106,13 +113,21 @@ class _JsonErrorHandler(RequestHandler):
         """How many parsed requests the parser hands over before it waits for them to be taken."""
         return self._max_msg_queue_size
 
+    def resume_parsing_soon(self) -> None:
+        """Feed the parser what it holds at the loop's next turn (a no-op on a closed connection)."""
+        self._loop.call_soon(self.data_received, b"")
+
     def hold_reading_until_drained(self) -> None:
         """Pause reading as a full request queue does: start() resumes it (and the parser) as it drains."""
         if not self._buffer_paused:
             self._pause_reading_for_buffer()
 
     def answer_inline(self, message: RawRequestMessage, payload: StreamReader) -> bool:
-        """Answer ``message`` here if it is a plain fresh hit and no request is before it."""
+        """Answer ``message`` here if it is a plain fresh hit and no request is before it.
+
+        Not while the client is not reading what it was sent (writing paused):
+        from then on requests queue for the app, whose writer waits for the client.
+        """
         if (
             not self._inline_ok
             or self._app_requests
@@ -125,7 +140,14 @@ class _JsonErrorHandler(RequestHandler):
             or self.state is None
         ):
             return False
-        response = answer_fresh_hit(self.state, message)
+        try:
+            response = answer_fresh_hit(self.state, message)
+        except Exception:
+            # A bug here would otherwise abort the connection with no answer at all;
+            # the app answers this request (with a JSON 500 if the bug is shared).
+            log.exception("could not answer a cache hit inline; the app answers it")
+            self._inline_ok = False
+            return False
         if response is None:
             return False
         self.transport.write(response)
@@ -206,33 +228,33 @@ class _HitAnsweringParser:
 
     def feed_data(self, data: bytes) -> tuple[Sequence[tuple[RawRequestMessage, StreamReader]], bool, bytes]:
         connection = self._connection
-        while True:
-            try:
-                messages, upgraded, tail = self._parser.feed_data(data)
-            except Exception:
-                connection._inline_ok = False
-                raise
-            if upgraded:
-                # What follows an upgrade request is queued by aiohttp itself, uncounted.
-                connection._inline_ok = False
-            answered = 0
-            for message, payload in messages:
-                if not connection.answer_inline(message, payload):
-                    break
-                # Frees the parser's slot as start() does for the requests it takes.
-                self._parser.message_consumed()
-                answered += 1
-            # The parser stops at its queue limit, with the rest buffered, until start() takes some.
-            parser_held = len(messages) >= connection.max_queued_requests
-            if answered == len(messages) and parser_held:
-                # All were answered here: nothing reached start() to resume the parser.
-                data = b""
-                continue
-            if answered and parser_held:
-                # start() resumes the parser only after a full queue paused reading,
-                # and the requests answered here kept the queue from filling.
-                connection.hold_reading_until_drained()
-            return (messages[answered:] if answered else messages), upgraded, tail
+        try:
+            messages, upgraded, tail = self._parser.feed_data(data)
+        except Exception:
+            connection._inline_ok = False
+            raise
+        if upgraded:
+            # What follows an upgrade request is queued by aiohttp itself, uncounted.
+            connection._inline_ok = False
+        answered = 0
+        for message, payload in messages:
+            if not connection.answer_inline(message, payload):
+                break
+            # Frees the parser's slot as start() does for the requests it takes.
+            self._parser.message_consumed()
+            answered += 1
+        # The parser stops at its queue limit, with the rest buffered, until start() takes some.
+        parser_held = len(messages) >= connection.max_queued_requests
+        if answered == len(messages) and parser_held:
+            # All were answered here, so nothing reached start() to resume the parser.
+            # Resume it at the loop's next turn, as start() would: one long pipeline
+            # does not hold the loop from other connections.
+            connection.resume_parsing_soon()
+        elif answered and parser_held:
+            # start() resumes the parser only after a full queue paused reading,
+            # and the requests answered here kept the queue from filling.
+            connection.hold_reading_until_drained()
+        return (messages[answered:] if answered else messages), upgraded, tail
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._parser, name)

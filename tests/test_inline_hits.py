@@ -12,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
+from gateway import server as gateway_server
 from gateway.demo import Simulator
 from tests.conftest import GatewayFactory, UpstreamFactory
 from tests.support import (
@@ -166,3 +169,19 @@ async def test_every_pipelined_hit_gets_its_own_access_line_and_metric(
     }
     labels = {"caller": "reporting", "route": "/v2/batches/{id}", "status": "200", "cache": "HIT"}
     assert registry_value(gateway, "gateway_requests_total", **labels) == 80
+
+
+async def test_a_hit_the_inline_path_fails_on_is_still_answered_by_the_app(
+    simulator: Simulator, start: GatewayFactory, logs: LogCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway = await start(make_config(simulator.url))
+    await sdk(gateway.url).batches.retrieve("batch-1")
+
+    def broken(*_args: object) -> bytes:
+        raise RuntimeError("a bug in the inline path")
+
+    monkeypatch.setattr(gateway_server, "answer_fresh_hit", broken)
+    [answer] = await pipelined(gateway.url, kept_alive(), 1)
+
+    assert (answer.status, answer.header("X-Cache")) == (200, "HIT")
+    assert any("could not answer a cache hit inline" in line["event"] for line in logs.events("gateway"))
