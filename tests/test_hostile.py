@@ -53,6 +53,13 @@ def assert_upstream_saw_only(simulator: Simulator, batch_id: str | None, caller:
     assert "evil" not in seen.headers.get("Host", "")
 
 
+def assert_sane_request_id(request_id: str | None) -> None:
+    """A request id a caller's header could not have bent: present, one line, bounded."""
+    assert request_id is not None
+    assert "\r" not in request_id
+    assert len(request_id) <= 128
+
+
 # ---------------------------------------------------------------------------
 # Paths and ids
 # ---------------------------------------------------------------------------
@@ -422,8 +429,7 @@ async def test_duplicated_oversized_and_malformed_headers_get_a_clean_answer(
     assert request_id is not None
     if reaches_upstream:
         assert simulator.seen[-1].headers.getall("X-Request-ID") == [request_id]
-        assert "\r" not in request_id
-        assert len(request_id) <= 128
+        assert_sane_request_id(request_id)
 
 
 # ---------------------------------------------------------------------------
@@ -650,10 +656,7 @@ async def test_headers_get_the_same_answer_when_batch_1_is_cached(
         assert response.code == code
     else:
         assert response.header("X-Cache") == "HIT"
-    request_id = response.header("X-Request-ID")
-    assert request_id is not None
-    assert "\r" not in request_id
-    assert len(request_id) <= 128
+    assert_sane_request_id(response.header("X-Request-ID"))
     assert simulator.calls == 1
 
 
