@@ -72,6 +72,10 @@ class _JsonErrorHandler(RequestHandler):
     _app_requests = 0
     # Off for good once the connection is closing, was upgraded, or its parser failed.
     _inline_ok = True
+    # The parser held back requests after a batch answered inline: resumed here.
+    _resume_handle: asyncio.Handle | None = None
+    # The parser held back requests behind ones for the app: start() resumes it.
+    _held_for_app = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -92,6 +96,9 @@ class _JsonErrorHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm_head_timer()
+        if self._resume_handle is not None:
+            self._resume_handle.cancel()
+            self._resume_handle = None
         super().connection_lost(exc)
 
     async def _handle_request(
@@ -114,11 +121,36 @@ class _JsonErrorHandler(RequestHandler):
         return self._max_msg_queue_size
 
     def resume_parsing_soon(self) -> None:
-        """Feed the parser what it holds at the loop's next turn (a no-op on a closed connection)."""
-        self._loop.call_soon(self.data_received, b"")
+        """Stop reading; feed the parser what it holds at the loop's next turn, then read again.
+
+        Reading stops as it does for a full request queue, so what the parser
+        holds is never more than one read, however fast a client pipelines.
+        """
+        if not self._buffer_paused:
+            self._pause_reading_for_buffer()
+        if self._resume_handle is None:
+            self._resume_handle = self._loop.call_soon(self._resume_parsing)
+
+    def _resume_parsing(self) -> None:
+        self._resume_handle = None
+        if self._force_close or self._close or self.transport is None:
+            return
+        self._held_for_app = False
+        self.data_received(b"")
+        # Read again unless the parser is still held: by hits (a resume is pending
+        # again), by requests for the app (start() resumes as it drains them), or by
+        # a full queue.
+        if (
+            self._resume_handle is None
+            and not self._held_for_app
+            and self._buffer_paused
+            and len(self._messages) < self._max_msg_queue_size
+        ):
+            self._resume_reading_for_buffer()
 
     def hold_reading_until_drained(self) -> None:
         """Pause reading as a full request queue does: start() resumes it (and the parser) as it drains."""
+        self._held_for_app = True
         if not self._buffer_paused:
             self._pause_reading_for_buffer()
 

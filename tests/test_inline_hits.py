@@ -185,3 +185,37 @@ async def test_a_hit_the_inline_path_fails_on_is_still_answered_by_the_app(
 
     assert (answer.status, answer.header("X-Cache")) == (200, "HIT")
     assert any("could not answer a cache hit inline" in line["event"] for line in logs.events("gateway"))
+
+
+async def test_a_client_pipelining_hits_cannot_make_the_gateway_hold_what_it_sends(
+    simulator: Simulator, start: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the gateway has read but not parsed stays within about one read, as in aiohttp's own path."""
+    gateway = await start(make_config(simulator.url, logging={"access_log": False}))
+    await sdk(gateway.url).batches.retrieve("batch-1")
+    request = kept_alive()
+    received: dict[int, int] = {}
+    most_held = 0
+    answer_data = gateway_server._JsonErrorHandler.data_received
+
+    def measured(connection: gateway_server._JsonErrorHandler, data: bytes) -> None:
+        nonlocal most_held
+        received[id(connection)] = received.get(id(connection), 0) + len(data)
+        answer_data(connection, data)
+        most_held = max(most_held, received[id(connection)] - connection._request_count * len(request))
+
+    monkeypatch.setattr(gateway_server._JsonErrorHandler, "data_received", measured)
+    count = 36_000  # about 4 MB, sent at once; the answers are read as they come
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    try:
+        writer.write(request * count)
+        answered, tail = 0, b""
+        while answered < count:
+            chunk = await asyncio.wait_for(reader.read(1 << 20), 30)
+            assert chunk, f"closed after {answered} answers"
+            answered += (tail + chunk).count(b"HTTP/1.1 200 ")
+            tail = chunk[-12:]
+    finally:
+        writer.close()
+
+    assert most_held <= 300_000  # one read is at most 256 KiB
