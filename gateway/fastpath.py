@@ -55,11 +55,6 @@ def answer_fresh_hit(state: GatewayState, message: RawRequestMessage) -> bytes |
     entry = state.cache.fresh(batch_id)
     if entry is None or entry.status != 200:
         return None
-    # The app takes the caller's token before looking in the cache; taking it only
-    # for a fresh hit gives the same outcome, as a refused token is not spent: the
-    # app asks again and answers 429.
-    if caller.rate_limit is not None and state.caller_bucket(caller.name, caller.rate_limit).try_take():
-        return None
     request_id = request_id_for(message.headers)
     headers = cache_headers(entry, CacheState.HIT, state.clock())
     head = (
@@ -73,6 +68,14 @@ def answer_fresh_hit(state: GatewayState, message: RawRequestMessage) -> bytes |
         f"Date: {rfc822_formatted_time()}\r\n"
         f"Server: {SERVER_SOFTWARE}\r\n\r\n"
     )
+    response = head.encode("latin-1") + entry.body
+    # Only once nothing can fail before the answer is written: a request handed on
+    # to the app must not have spent a token or been counted.
+    # The app takes the caller's token before looking in the cache; taking it only
+    # for a fresh hit gives the same outcome, as a refused token is not spent: the
+    # app asks again and answers 429.
+    if caller.rate_limit is not None and state.caller_bucket(caller.name, caller.rate_limit).try_take():
+        return None
     record_request(
         state,
         request_id=request_id,
@@ -85,4 +88,4 @@ def answer_fresh_hit(state: GatewayState, message: RawRequestMessage) -> bytes |
         trace=None,
         elapsed_s=time.perf_counter() - started,
     )
-    return head.encode("latin-1") + entry.body
+    return response

@@ -31,6 +31,9 @@ _REDACTOR_LENGTH_FLOOR = 6  # shorter "secrets" would shred ordinary words
 _FALLBACK_ENCODER = json.JSONEncoder(ensure_ascii=True, default=str, separators=(",", ":"))
 
 
+_ORJSON_AS_JSON = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+
+
 def render_json(value: Any) -> str:
     """``value`` as compact JSON, with non-ASCII escaped.
 
@@ -41,7 +44,8 @@ def render_json(value: Any) -> str:
     for anything non-ASCII, which orjson leaves unescaped.
     """
     try:
-        rendered = orjson.dumps(value, default=str)
+        # Dataclasses and datetimes go to default=str, as with json, not field by field.
+        rendered = orjson.dumps(value, default=str, option=_ORJSON_AS_JSON)
     except TypeError:
         return _FALLBACK_ENCODER.encode(value)
     return rendered.decode("ascii") if rendered.isascii() else _FALLBACK_ENCODER.encode(value)
@@ -73,15 +77,14 @@ class Redactor:
 
     def known(self, text: str) -> str:
         """``text`` without the secrets in force."""
-        return _replace_all(text, self._secrets)
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
 
-    def known_in_json(self, line: str) -> str:
-        """A rendered JSON line without the secrets in force, in whatever string they were escaped.
-
-        Only the escaped forms are looked for: a secret holding a quote could
-        otherwise match across the line's own quotes and break its JSON.
-        """
-        return _replace_all(line, self._in_json)
+    def found_in_json(self, text: str) -> bool:
+        """Whether rendered JSON holds a secret in force, in whatever string it was escaped."""
+        return any(secret in text for secret in self._in_json)
 
     def __call__(self, text: str) -> str:
         """``text`` without the known secrets and without any bearer credential."""
@@ -103,22 +106,17 @@ def _timestamp(created: float) -> str:
     return f"{_utc_second(second)}.{int((created - second) * 1000):03d}+00:00"
 
 
-def _replace_all(text: str, secrets: tuple[str, ...]) -> str:
-    for secret in secrets:
-        if secret in text:
-            text = text.replace(secret, REDACTED)
-    return text
-
-
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, event, and any ``fields``.
 
-    The line is rendered, then the known secrets are removed from it, as
-    JSON escapes them (escaping maps each character on its own, so a string
-    holding a secret renders holding its escaped form). Only a line that holds
-    the word "bearer" has each of its strings, nested ones included,
-    redacted again before rendering: the bearer pattern cannot run on the
-    rendered line, where it could eat an escaping backslash.
+    The line is rendered, then searched for the known secrets as JSON
+    escapes them (escaping maps each character on its own, so a string
+    holding a secret renders holding its escaped form) and for the word
+    "bearer". Only a line holding either is rendered again, from values
+    cleaned one by one: every string (keys and nested ones included)
+    redacted, anything that is not plain JSON made a redacted string first.
+    Neither replacement can run on the rendered line, where it could start
+    inside an escape sequence and break the JSON.
 
     Non-ASCII is escaped, so a line never fails to encode: a header decoded
     with surrogate escapes would otherwise break the handler, whose fallback
@@ -134,10 +132,12 @@ class JsonFormatter(logging.Formatter):
         if isinstance(value, str):
             return self._redact(value)
         if isinstance(value, dict):
-            return {str(k): self._clean(v) for k, v in value.items()}
+            return {self._redact(str(k)): self._clean(v) for k, v in value.items()}
         if isinstance(value, list | tuple | set | frozenset):
             return [self._clean(v) for v in value]
-        return value
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        return self._redact(str(value))
 
     def format(self, record: logging.LogRecord) -> str:
         batch: list[tuple[float, dict[str, Any]]] | None = getattr(record, "batch", None)
@@ -147,11 +147,11 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             payloads[-1]["exception"] = self.formatException(record.exc_info)
         text = "\n".join(map(render_json, payloads))
-        # The substring test is far cheaper than cleaning every string, and nearly always false.
-        if "bearer" in text.lower():
-            text = "\n".join(render_json(self._clean(payload)) for payload in payloads)
+        # Two substring searches are far cheaper than cleaning every value, and nearly always false.
         # Rendered lines hold no raw newline, so no secret spans two of them.
-        return self._redact.known_in_json(text)
+        if "bearer" in text.lower() or self._redact.found_in_json(text):
+            text = "\n".join(render_json(self._clean(payload)) for payload in payloads)
+        return text
 
 
 class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -170,7 +170,9 @@ class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self._pending: list[str] = []
-        self._flush_scheduled = False
+        # The loop a flush is scheduled on: one closed before running it does
+        # not keep later lines waiting.
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -178,20 +180,19 @@ class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
-        if self._flush_scheduled:
-            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.flush()
             return
-        self._flush_scheduled = True
-        loop.call_soon(self.flush)
+        if self._flush_loop is not loop:
+            self._flush_loop = loop
+            loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self.acquire()
         try:
-            self._flush_scheduled = False
+            self._flush_loop = None
             if self._pending:
                 lines, self._pending = self._pending, []
                 try:
