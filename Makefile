@@ -18,10 +18,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	touch $@ $(VENV)/.installed-run
 
-## run: the gateway on :8080; demo mode (simulated upstream) unless COHERE_API_KEY is set
+## run: the gateway on :8080; demo mode (simulated upstream) unless COHERE_API_KEY is set; ARGS: more options
 run: $(VENV)/.installed-run
-	@if [ -n "$$COHERE_API_KEY" ]; then exec $(BIN)/cohere-gateway; \
-	else echo "COHERE_API_KEY is not set: starting in --demo mode"; exec $(BIN)/cohere-gateway --demo; fi
+	@if [ -n "$${COHERE_API_KEY:-}" ]; then exec $(BIN)/cohere-gateway $(ARGS); \
+	else echo "COHERE_API_KEY is not set: starting in --demo mode"; exec $(BIN)/cohere-gateway --demo $(ARGS); fi
 
 ## test: lint, type-check, lint the Dockerfile, a 30 s soak, the benchmark smoke run, the test suite
 test: $(VENV)/.installed-test lint soak bench-smoke
