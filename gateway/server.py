@@ -56,17 +56,19 @@ def protocol_error(status: int, exc: BaseException | None) -> errors.GatewayErro
 
 
 class _JsonErrorHandler(RequestHandler):
-    """A connection: JSON for unparseable requests, and a deadline for each request head.
+    """A connection: JSON for unparseable requests, a deadline for each request head, inline hits.
 
     The head deadline covers every request on the connection, not only the
     first: it starts with the connection and again with the first bytes of
-    each later request, and it is met once the parser has a whole head.
+    each later request (also when they come in the same read as a whole
+    request), and it is met once the parser has a whole head.
     """
 
     header_timeout_s: float = 10.0
     state: GatewayState | None = None
     _head_timer: asyncio.TimerHandle | None = None
     _heads_at_arming = 0
+    _read_ends_mid_request = False
     # Requests queued for the app and not yet answered: while any is, a hit
     # answered inline would overtake it.
     _app_requests = 0
@@ -86,10 +88,15 @@ class _JsonErrorHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         heads_before = self._request_count
         queued_before = len(self._messages)
+        if data:  # empty when the parser is resumed on what it holds from the last read
+            self._read_ends_mid_request = not data.endswith(b"\r\n\r\n")
         super().data_received(data)
         self._app_requests += len(self._messages) - queued_before
         if self._request_count > heads_before:
             self._disarm_head_timer()
+            if self._read_ends_mid_request:
+                # Part of the next request came with this one: its head has a deadline too.
+                self._arm_head_timer()
         elif data and self._head_timer is None:
             # The first bytes of a later request on a kept-alive connection.
             self._arm_head_timer()
@@ -112,8 +119,12 @@ class _JsonErrorHandler(RequestHandler):
         finally:
             self._app_requests -= 1
         if reset or not response.keep_alive:
-            self._inline_ok = False  # start() closes the connection after this answer
+            self.stop_answering_inline()  # start() closes the connection after this answer
         return response, reset
+
+    def stop_answering_inline(self) -> None:
+        """From now on every request on this connection goes through the app."""
+        self._inline_ok = False
 
     @property
     def max_queued_requests(self) -> int:
@@ -178,7 +189,7 @@ class _JsonErrorHandler(RequestHandler):
             # A bug here would otherwise abort the connection with no answer at all;
             # the app answers this request (with a JSON 500 if the bug is shared).
             log.exception("could not answer a cache hit inline; the app answers it")
-            self._inline_ok = False
+            self.stop_answering_inline()
             return False
         if response is None:
             return False
@@ -263,11 +274,11 @@ class _HitAnsweringParser:
         try:
             messages, upgraded, tail = self._parser.feed_data(data)
         except Exception:
-            connection._inline_ok = False
+            connection.stop_answering_inline()
             raise
         if upgraded:
             # What follows an upgrade request is queued by aiohttp itself, uncounted.
-            connection._inline_ok = False
+            connection.stop_answering_inline()
         answered = 0
         for message, payload in messages:
             if not connection.answer_inline(message, payload):

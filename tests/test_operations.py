@@ -44,6 +44,8 @@ from tests.support import (
     make_config,
     process_config,
     raw_config,
+    read_answer,
+    request_bytes,
     sdk,
     write_config,
 )
@@ -322,6 +324,26 @@ async def trickle_until_closed(url: str, first: bytes, drip: bytes, *, drips: in
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+@pytest.mark.parametrize(
+    "first", ["/healthz", "/v2/batches/batch-1"], ids=["answered by the app", "a hit answered inline"]
+)
+async def test_part_of_a_request_head_sent_with_a_whole_request_is_held_no_longer_than_header_timeout(
+    simulator: Simulator, start: GatewayFactory, first: str
+) -> None:
+    gateway = await start(make_config(simulator.url, server={"header_timeout_s": 0.3, "keepalive_timeout_s": 60}))
+    await sdk(gateway.url).batches.retrieve("batch-1")
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    try:
+        # A whole request and the start of the next, in one write; then nothing.
+        writer.write(request_bytes(first, close=False) + b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+        assert (await read_answer(reader)).status == 200
+
+        # Closed by the head deadline (0.3 s), long before the keep-alive timeout (60 s).
+        assert await asyncio.wait_for(reader.read(1), 10) == b""
+    finally:
+        writer.close()
 
 
 async def test_the_listen_backlog_is_the_configured_one_not_aiohttps_128(
