@@ -17,6 +17,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,24 +57,20 @@ def _json_forms(secret: str) -> set[str]:
     return {render_json(secret)[1:-1], _FALLBACK_ENCODER.encode(secret)[1:-1]}
 
 
-def _longest_first(secrets: set[str]) -> tuple[str, ...]:
-    # So that a secret containing another is removed whole.
-    return tuple(sorted(secrets, key=len, reverse=True))
-
-
 class Redactor:
     """Knows the secrets in force; config reloads update it."""
 
     def __init__(self) -> None:
         self._secrets: tuple[str, ...] = ()
         # The same secrets as they read inside a JSON string (a quote or a
-        # backslash escaped, non-ASCII as \uXXXX), for rendered lines.
+        # backslash escaped, non-ASCII as \uXXXX), to find them in rendered lines.
         self._in_json: tuple[str, ...] = ()
 
     def update(self, secrets: list[str]) -> None:
         kept = {s for s in secrets if len(s) >= _REDACTOR_LENGTH_FLOOR} | set(self._secrets)
-        self._secrets = _longest_first(kept)
-        self._in_json = _longest_first(set().union(*map(_json_forms, kept)))
+        # Longest first, so that a secret containing another is removed whole.
+        self._secrets = tuple(sorted(kept, key=len, reverse=True))
+        self._in_json = tuple(set().union(*map(_json_forms, kept)))
 
     def known(self, text: str) -> str:
         """``text`` without the secrets in force."""
@@ -154,6 +151,32 @@ class JsonFormatter(logging.Formatter):
         return text
 
 
+class _FlushAtTurnEnd:
+    """Calls ``flush`` once at the end of the running event loop's turn, however often asked; at once outside a loop.
+
+    The loop a flush is scheduled on is remembered, not a flag: a loop
+    closed before running it does not keep later flushes from being scheduled.
+    ``flush`` calls ``done`` first, whoever called it.
+    """
+
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self._flush = flush
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def request(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._flush()
+            return
+        if self._loop is not loop:
+            self._loop = loop
+            loop.call_soon(self._flush)
+
+    def done(self) -> None:
+        self._loop = None
+
+
 class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A stream handler that writes lines in batches, and whose failure report holds no part of the record.
 
@@ -170,9 +193,7 @@ class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self._pending: list[str] = []
-        # The loop a flush is scheduled on: one closed before running it does
-        # not keep later lines waiting.
-        self._flush_loop: asyncio.AbstractEventLoop | None = None
+        self._flush_soon = _FlushAtTurnEnd(self.flush)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -180,19 +201,12 @@ class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
-        if self._flush_loop is not loop:
-            self._flush_loop = loop
-            loop.call_soon(self.flush)
+        self._flush_soon.request()
 
     def flush(self) -> None:
         self.acquire()
         try:
-            self._flush_loop = None
+            self._flush_soon.done()
             if self._pending:
                 lines, self._pending = self._pending, []
                 try:
@@ -222,26 +236,17 @@ class AccessLog:
     def __init__(self) -> None:
         self._logger = logging.getLogger(ACCESS_LOGGER)
         self._pending: list[tuple[float, dict[str, Any]]] = []
-        # The loop a flush is scheduled on: one closed before running it does
-        # not keep later lines waiting.
-        self._flush_loop: asyncio.AbstractEventLoop | None = None
+        self._flush_soon = _FlushAtTurnEnd(self.flush)
 
     def add(self, **fields: Any) -> None:
         if not self._logger.isEnabledFor(logging.INFO):
             return
         self._pending.append((time.time(), fields))
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
-        if self._flush_loop is not loop:
-            self._flush_loop = loop
-            loop.call_soon(self.flush)
+        self._flush_soon.request()
 
     def flush(self) -> None:
         """Log the lines added so far."""
-        self._flush_loop = None
+        self._flush_soon.done()
         if self._pending:
             batch, self._pending = self._pending, []
             self._logger.info("request", extra={"batch": batch})
