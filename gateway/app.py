@@ -123,15 +123,19 @@ def record_request(
     request_id: str,
     caller: str,
     route: str,
-    path: str,
+    path: str | None,
     batch_id: str | None,
     status: int,
     cache: str,
     trace: RequestTrace | None,
-    elapsed_s: float,
-    method: str = "GET",
+    elapsed_s: float | None,
+    method: str | None = "GET",
 ) -> None:
-    """Request metrics and the access log line of one answered request."""
+    """Request metrics and the access log line (README "Logs") of one answered request.
+
+    ``elapsed_s`` is None for a request aiohttp could not parse: it is
+    counted, but not timed.
+    """
     # labels() validates and locks on every call; the children are looked up once per label set.
     children = state.metric_children
     labels = (caller, route, status, cache)
@@ -139,38 +143,11 @@ def record_request(
     if counter is None:
         counter = children[labels] = state.metrics.requests.labels(caller, route, str(status), cache)
     counter.inc()
-    histogram = children.get(route)
-    if histogram is None:
-        histogram = children[route] = state.metrics.request_seconds.labels(route)
-    histogram.observe(elapsed_s)
-    log_access(
-        state,
-        request_id=request_id,
-        caller=caller,
-        method=method,
-        path=path,
-        batch_id=batch_id,
-        status=status,
-        cache=cache,
-        trace=trace,
-        total_ms=round(elapsed_s * 1000, 2),
-    )
-
-
-def log_access(
-    state: GatewayState,
-    *,
-    request_id: str,
-    caller: str,
-    method: str | None,
-    path: str | None,
-    batch_id: str | None,
-    status: int,
-    cache: str,
-    trace: RequestTrace | None,
-    total_ms: float | None,
-) -> None:
-    """The one access-log line (README "Logs"), unless ``logging.access_log`` is off."""
+    if elapsed_s is not None:
+        histogram = children.get(route)
+        if histogram is None:
+            histogram = children[route] = state.metrics.request_seconds.labels(route)
+        histogram.observe(elapsed_s)
     if not state.snapshot.config.logging.access_log:
         return
     state.access_log.add(
@@ -183,7 +160,7 @@ def log_access(
         cache=cache,
         upstream_status=trace.upstream_status if trace else None,
         upstream_ms=trace.upstream_ms if trace else None,
-        total_ms=total_ms,
+        total_ms=round(elapsed_s * 1000, 2) if elapsed_s is not None else None,
     )
 
 

@@ -31,7 +31,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from gateway import errors
-from gateway.app import build_app, error_response, log_access, new_request_id
+from gateway.app import build_app, error_response, new_request_id, record_request
 from gateway.config import ConfigError, GatewayConfig
 from gateway.fastpath import answer_fresh_hit
 from gateway.keys import STATE
@@ -242,18 +242,18 @@ class _JsonErrorHandler(RequestHandler):
 
 def _account_unparsed(state: GatewayState, request_id: str, status: int) -> None:
     """Metrics and the access log line for a request that never reached the app."""
-    state.metrics.requests.labels("-", UNPARSED_ROUTE, str(status), "-").inc()
-    log_access(
+    record_request(
         state,
         request_id=request_id,
         caller="-",
-        method=None,
+        route=UNPARSED_ROUTE,
         path=None,
         batch_id=None,
         status=status,
         cache="-",
         trace=None,
-        total_ms=None,
+        elapsed_s=None,
+        method=None,
     )
 
 
