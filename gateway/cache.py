@@ -224,9 +224,10 @@ class BatchCache:
 
     async def get(self, batch_id: str, fetch: Fetch, wait_s: float) -> CacheResult:
         """Answer from a fresh entry, one shared upstream call, or a kept entry."""
-        cached = self.store.get(batch_id)
-        if cached is not None and self._clock() < cached.fresh_until:
-            return CacheResult(cached, CacheState.HIT)
+        fresh = self.fresh(batch_id)
+        if fresh is not None:
+            return CacheResult(fresh, CacheState.HIT)
+        cached = self.store.get(batch_id)  # past its freshness, kept for stale-if-error
         usable_stale = cached is not None and self.settings.stale_if_error_s > 0
         try:
             entry = await self.flights.run(batch_id, partial(self._refresh, batch_id, fetch, usable_stale), wait_s)
