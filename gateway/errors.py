@@ -7,7 +7,10 @@ and ``code`` are one row of DESIGN.md §5::
     ├── CallerError            caused by the caller; never answered from stale
     │   ├── Unauthorized, InvalidBatchId, RouteNotFound, MethodNotAllowed,
     │   ├── MalformedRequest (not in the contract's table: unparseable HTTP),
-    │   └── RequestTooLarge (BodyTooLarge), CallerRateLimited
+    │   ├── RequestTooLarge (BodyTooLarge), CallerRateLimited, ExpectationFailed,
+    │   ├── OperationNotAllowed, InvalidRequest, NotVisible (an ``own`` caller's 404),
+    │   └── IdempotencyKeyReused, IdempotencyKeyInUse
+    ├── StoreUnavailable       the gateway's own store cannot answer (§8, §10)
     ├── UpstreamAnswer         the upstream answered about the batch itself
     │   └── BadRequest, NotFound
     └── UpstreamFailure        the upstream failed or must be spared; a stale
@@ -123,6 +126,52 @@ class CallerRateLimited(CallerError):
     status = 429
     code = "caller_rate_limited"
     default_message = "This caller is over its own rate limit."
+
+
+class ExpectationFailed(CallerError):
+    status = 417
+    code = "expectation_failed"
+    default_message = "The gateway only understands 'Expect: 100-continue'."
+
+
+class OperationNotAllowed(CallerError):
+    status = 403
+    code = "operation_not_allowed"
+    default_message = "This caller may not use this operation."
+
+
+class InvalidRequest(CallerError):
+    status = 400
+    code = "invalid_request"
+    default_message = "The request is not valid."
+
+
+class NotVisible(CallerError):
+    """A batch an ``own``-scoped caller did not create: the same answer as a batch that does not exist."""
+
+    status = 404
+    code = "not_found"
+    default_message = "No batch with this id."
+
+
+class IdempotencyKeyReused(CallerError):
+    status = 422
+    code = "idempotency_key_reused"
+    default_message = "This Idempotency-Key was already used with another request body."
+
+
+class IdempotencyKeyInUse(CallerError):
+    status = 409
+    code = "idempotency_key_in_use"
+    default_message = "A request with this Idempotency-Key is still running. Retry after the given time."
+
+
+class StoreUnavailable(GatewayError):
+    """The gateway's own record store cannot answer: never a guess."""
+
+    status = 503
+    code = "store_unavailable"
+    default_message = "The gateway cannot read its own records right now. Retry later."
 
 
 class UpstreamAnswer(GatewayError):
