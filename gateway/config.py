@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -116,7 +116,8 @@ class ServerSettings(_Section):
     max_line_size: Annotated[int, Field(ge=256)] = 8190
     max_field_size: Annotated[int, Field(ge=256)] = 8190
     max_headers: Annotated[int, Field(ge=8)] = 64
-    max_body_bytes: Annotated[int, Field(ge=0)] = 1024
+    # A create's JSON body (DESIGN §8); larger is 413 request_too_large.
+    max_body_bytes: Annotated[int, Field(ge=0)] = 65536
     # Connections the kernel queues before the gateway accepts them; past it a
     # burst of connects is dropped and waits for the client's SYN retry (1 s, 3 s...).
     backlog: Annotated[int, Field(ge=1)] = 1024
@@ -192,11 +193,28 @@ class LoggingSettings(_Section):
         return level
 
 
+# The batch API's operations (DESIGN §8), as named in ``callers[].allow``.
+Operation = Literal["retrieve", "list", "create", "cancel"]
+OPERATIONS: tuple[Operation, ...] = ("retrieve", "list", "create", "cancel")
+# ``all``: every batch of the organisation; ``own``: only those the caller created through the gateway.
+Scope = Literal["all", "own"]
+
+
 class CallerSettings(_Section):
     name: str
     key: SecretStr | None = None
     key_sha256: str | None = None
     rate_limit: RateLimit | None = None
+    allow: frozenset[Operation] = frozenset({"retrieve", "list"})
+    batches: Scope = "all"
+
+    @field_validator("allow", mode="before")
+    @classmethod
+    def _list_of_operations(cls, value: Any) -> Any:
+        # A YAML list, not a string (which pydantic would read letter by letter) or a mapping.
+        if not isinstance(value, list | tuple | set | frozenset):
+            raise ValueError(f"must be a list of operations: {', '.join(OPERATIONS)}")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -238,11 +256,24 @@ class CallerSettings(_Section):
         return bytes.fromhex(self.key_sha256)
 
 
+class StoreSettings(_Section):
+    """Where ownership and idempotency records live (DESIGN §8): a SQLite file."""
+
+    path: Annotated[str, Field(min_length=1)] = "./cohere-gateway.db"
+
+
+class BatchesSettings(_Section):
+    # How long an Idempotency-Key's outcome is kept and replayed.
+    idempotency_ttl_s: PositiveSeconds = 86400
+
+
 class GatewayConfig(_Section):
     server: ServerSettings = ServerSettings()
     upstream: UpstreamSettings
     cache: CacheSettings = CacheSettings()
     logging: LoggingSettings = LoggingSettings()
+    store: StoreSettings = StoreSettings()
+    batches: BatchesSettings = BatchesSettings()
     callers: Annotated[list[CallerSettings], Field(min_length=1)]
 
     @property

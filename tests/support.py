@@ -9,11 +9,15 @@ served for real by ``start_gateway`` or as a child process
 from __future__ import annotations
 
 import asyncio
+import atexit
 import hashlib
 import io
+import itertools
 import json
 import logging
+import shutil
 import socket
+import tempfile
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +53,23 @@ def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+# Every config gets a store file of its own (DESIGN §8), so that no test sees
+# another's ownership or idempotency records; a test that restarts a gateway
+# on the same store passes ``store={"path": ...}`` itself.
+_STORE_ROOT = Path(tempfile.mkdtemp(prefix="cohere-gateway-tests-"))
+atexit.register(shutil.rmtree, _STORE_ROOT, ignore_errors=True)
+_STORE_NUMBERS = itertools.count()
+
+
+def fresh_store_path() -> str:
+    """A store path no other config in this test run uses."""
+    return str(_STORE_ROOT / f"store-{next(_STORE_NUMBERS)}.db")
+
+
 def raw_config(base_url: str, **sections: Any) -> dict[str, Any]:
     """A valid config document for tests; ``sections`` deep-merge over it."""
     raw: dict[str, Any] = {
+        "store": {"path": fresh_store_path()},
         "upstream": {
             "base_url": base_url,
             "token": UPSTREAM_TOKEN,
