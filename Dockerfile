@@ -13,6 +13,13 @@
 # variable or a file (upstream.token_file, e.g. /run/secrets/cohere-token).
 # The container always listens on 8080 (--port overrides server.port), so
 # EXPOSE and HEALTHCHECK hold whatever the config says.
+#
+# The record store (DESIGN §8: who created which batch, Idempotency-Key
+# records) lives in the volume /var/lib/cohere-gateway, the working
+# directory, so the default store.path ./cohere-gateway.db lands there and
+# survives a new container. Give it a named volume (or a host directory
+# writable by uid 10001):
+#   docker run ... -v cohere-gateway-store:/var/lib/cohere-gateway cohere-gateway
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -37,8 +44,15 @@ ENV PATH=/opt/venv/bin:$PATH \
     GATEWAY_CONFIG=/etc/cohere-gateway/config.yaml
 RUN groupadd --system --gid 10001 gateway \
     && useradd --system --uid 10001 --gid gateway --no-create-home --shell /usr/sbin/nologin gateway \
-    && mkdir -p /etc/cohere-gateway
+    && mkdir -p /etc/cohere-gateway /var/lib/cohere-gateway \
+    && chown 10001:10001 /var/lib/cohere-gateway \
+    && chmod 0750 /var/lib/cohere-gateway
 COPY --from=builder /opt/venv /opt/venv
+# The store's directory must exist before start (a missing one is an error,
+# not silently created), so the image makes it and owns it to the runtime
+# user; a named volume starts as a copy of it, ownership included.
+WORKDIR /var/lib/cohere-gateway
+VOLUME ["/var/lib/cohere-gateway"]
 USER 10001:10001
 EXPOSE 8080
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
