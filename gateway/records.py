@@ -1,0 +1,400 @@
+"""Ownership and idempotency records (DESIGN §8 "Store" and "Idempotency-Key").
+
+``Records`` is the interface the handlers use without knowing the backend:
+``SqliteRecords`` here (the embedded default, at ``store.path``), and a Redis
+implementation of the same Protocol for replicas (§10). Two kinds of record:
+
+- **owners**: which caller (by configured ``name``) created which batch id.
+  Written once per create, never changed, read by every ``own``-scoped check.
+- **idempotency keys**: per (caller, key), the body's fingerprint and the
+  state of the create that claimed it::
+
+      (none) ──claim──▶ running ──settle──▶ settled      (replayed until expiry)
+                           │  ──release─▶ (none), or ambiguous if an earlier try was
+                           │  ──mark_ambiguous / lease passes──▶ ambiguous
+      ambiguous ──claim──▶ running again, Claimed(ambiguous_since=first try)
+
+  Every record expires ``idempotency_ttl_s`` after its first attempt.
+
+Failure policy: a read that fails raises ``StoreUnavailable`` (never a guess);
+a write is retried a few times with a short backoff, then raises it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from cachetools import LRUCache
+
+from gateway.errors import StoreUnavailable
+
+__all__ = [
+    "Claim",
+    "Claimed",
+    "InUse",
+    "Records",
+    "Replay",
+    "Reused",
+    "SqliteRecords",
+    "StoreUnavailable",
+    "body_fingerprint",
+]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """The key is now ours: go ahead and create.
+
+    ``ambiguous_since`` is the wall-clock time (epoch seconds) of the first
+    attempt when an earlier attempt ended ambiguously (a timeout, a connection
+    lost after sending, a holder that died): the batch may exist, so the caller
+    must first look for one created since then.
+    """
+
+    ambiguous_since: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """A definite outcome is recorded: answer it again, with no upstream call."""
+
+    status: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class InUse:
+    """The first request with this key is still running (409 with ``Retry-After``)."""
+
+    retry_after_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Reused:
+    """The key was used with another body fingerprint (422)."""
+
+
+Claim = Claimed | Replay | InUse | Reused
+
+
+class Records(Protocol):
+    """Who created which batch, and the Idempotency-Key records: one interface, any backend."""
+
+    async def start(self) -> None:
+        """Open the store (and create its schema); raise StoreUnavailable if it cannot be opened."""
+
+    async def close(self) -> None:
+        """Release the store; calls after this raise StoreUnavailable."""
+
+    async def owner_of(self, batch_id: str) -> str | None:
+        """The name of the caller that created ``batch_id``, or None if none did through the gateway."""
+
+    async def record_owner(self, batch_id: str, caller: str) -> None:
+        """Record ``caller`` as the creator of ``batch_id``; durable before it returns."""
+
+    async def claim_key(self, caller: str, key: str, fingerprint: str) -> Claim:
+        """Atomically take ``key`` for a create, or say why not (replay, in use, reused)."""
+
+    async def settle_key(self, caller: str, key: str, status: int, body: bytes) -> None:
+        """Record a definite outcome: replayable until the record expires."""
+
+    async def mark_ambiguous(self, caller: str, key: str) -> None:
+        """The attempt ended without a definite outcome: the batch may exist."""
+
+    async def release_key(self, caller: str, key: str) -> None:
+        """The attempt certainly created nothing (429, 5xx, failed before sending): free the key."""
+
+
+def body_fingerprint(document: object) -> str:
+    """The sha256 hex of ``document``'s canonical JSON: key order and whitespace do not count, values do."""
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS owners (
+    batch_id TEXT PRIMARY KEY,
+    caller TEXT NOT NULL,
+    recorded_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    caller TEXT NOT NULL,
+    key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('running', 'ambiguous', 'settled')),
+    first_attempt_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    lease_until REAL NOT NULL,
+    was_ambiguous INTEGER NOT NULL DEFAULT 0,
+    status INTEGER,
+    body BLOB,
+    PRIMARY KEY (caller, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_keys_expiry ON idempotency_keys (expires_at);
+"""
+
+# Expired idempotency rows are purged by claims, at most this many per claim:
+# each claim adds at most one row, so the purge keeps up, and no claim ever
+# does unbounded work or needs a timer of its own.
+_PURGE_BATCH = 64
+# Failing writes are tried this many times in all, sleeping between tries.
+_WRITE_ATTEMPTS = 3
+_WRITE_BACKOFF_S = 0.05
+
+
+class SqliteRecords:
+    """``Records`` in a SQLite file, reached through one dedicated worker thread.
+
+    The standard library's sqlite3 on one thread (rather than aiosqlite, which
+    would be a new dependency doing the same thing) owns the connection, so
+    the event loop never blocks on the disk and every operation is serialised
+    in this process; ``BEGIN IMMEDIATE`` serialises it against other processes
+    on the same file. Rollback journal with ``synchronous=FULL``: a commit is
+    on disk before the call returns, and writes are rare (about one per create).
+
+    Each operation may take at most ``busy_timeout_s`` from the moment it is
+    asked for, queueing behind others included: when another connection
+    holds a lock, operations fail in bounded time rather than piling up
+    behind one another's busy waits.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        idempotency_ttl_s: float,
+        lease_s: float,
+        *,
+        clock: Callable[[], float] = time.time,
+        busy_timeout_s: float = 1.0,
+        owner_cache_size: int = 100_000,
+    ) -> None:
+        self.path = path
+        self.idempotency_ttl_s = idempotency_ttl_s
+        self.lease_s = lease_s
+        self.busy_timeout_s = busy_timeout_s
+        self._clock = clock
+        # Ownership never changes once recorded, so a positive answer can be
+        # cached forever (bounded by LRU). Negative ones are not: another
+        # process (or replica) may record the id a moment later. Only touched
+        # on the event loop's thread.
+        self._owners: LRUCache[str, str] = LRUCache(maxsize=owner_cache_size)
+        self._executor: ThreadPoolExecutor | None = None
+        self._connection: sqlite3.Connection | None = None
+
+    # --- life -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        directory = Path(self.path).parent
+        if not directory.is_dir():
+            # A missing directory usually means a missing volume: refuse to
+            # start rather than quietly keeping records somewhere they vanish.
+            raise StoreUnavailable(f"store.path: the directory {directory} does not exist")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="records")
+        try:
+            await self._run(self._open, self.busy_timeout_s + 5.0)
+        except StoreUnavailable as exc:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise StoreUnavailable(f"store.path: cannot open {self.path}: {exc.__cause__ or exc}") from exc
+
+    def _open(self) -> None:
+        # isolation_level=None: no implicit transactions; each method says BEGIN itself.
+        connection = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
+        try:
+            connection.execute("PRAGMA journal_mode = DELETE")
+            connection.execute("PRAGMA synchronous = FULL")
+            connection.executescript(_SCHEMA)
+        except BaseException:
+            connection.close()
+            raise
+        self._connection = connection
+
+    async def close(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        await asyncio.get_running_loop().run_in_executor(executor, self._close_connection)
+        executor.shutdown(wait=True)
+
+    def _close_connection(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    # --- running one operation on the worker thread ---------------------------
+
+    async def _run(self, operation: Callable[[], T], budget_s: float | None = None) -> T:
+        """Run ``operation`` on the worker thread within ``budget_s``; any sqlite3 error is StoreUnavailable.
+
+        A cancelled caller does not cancel an operation already handed to the
+        thread: a write in progress still commits (or rolls back) whole.
+        """
+        if self._executor is None:
+            raise StoreUnavailable("the record store is not open")
+        deadline = time.monotonic() + (self.busy_timeout_s if budget_s is None else budget_s)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._within, deadline, operation)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable() from exc
+
+    def _within(self, deadline: float, operation: Callable[[], T]) -> T:
+        # Worker thread. The time spent queued counts against the operation's
+        # budget: what is left becomes SQLite's busy timeout for this call.
+        left_ms = int((deadline - time.monotonic()) * 1000)
+        if left_ms <= 0:
+            raise sqlite3.OperationalError("the record store did not answer in time")
+        connection = self._connection
+        if connection is not None:
+            connection.execute(f"PRAGMA busy_timeout = {left_ms}")
+        return operation()
+
+    async def _write(self, operation: Callable[[], T]) -> T:
+        """A write, retried with a short backoff; StoreUnavailable once every attempt failed."""
+        for attempt in range(1, _WRITE_ATTEMPTS + 1):
+            try:
+                return await self._run(operation)
+            except StoreUnavailable:
+                if attempt == _WRITE_ATTEMPTS or self._executor is None:
+                    raise
+                await asyncio.sleep(_WRITE_BACKOFF_S * attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _db(self) -> sqlite3.Connection:
+        if self._connection is None:
+            raise sqlite3.ProgrammingError("the record store is not open")
+        return self._connection
+
+    def _transaction(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        """``body`` in one BEGIN IMMEDIATE transaction: committed before returning, rolled back on error."""
+        connection = self._db()
+        # IMMEDIATE takes the write lock up front, so a read-then-write
+        # (claim) cannot interleave with another process's.
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            result = body(connection)
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+        return result
+
+    # --- owners -----------------------------------------------------------------
+
+    async def owner_of(self, batch_id: str) -> str | None:
+        cached = self._owners.get(batch_id)
+        if cached is not None:
+            return cached
+        owner = await self._run(lambda: self._select_owner(batch_id))
+        if owner is not None:
+            self._owners[batch_id] = owner
+        return owner
+
+    def _select_owner(self, batch_id: str) -> str | None:
+        row = self._db().execute("SELECT caller FROM owners WHERE batch_id = ?", (batch_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    async def record_owner(self, batch_id: str, caller: str) -> None:
+        now = self._clock()
+
+        def insert(db: sqlite3.Connection) -> None:
+            # Upstream ids are unique, so a row already there is this very
+            # record written by an earlier attempt: keep the first one.
+            db.execute(
+                "INSERT OR IGNORE INTO owners (batch_id, caller, recorded_at) VALUES (?, ?, ?)",
+                (batch_id, caller, now),
+            )
+
+        await self._write(lambda: self._transaction(insert))
+        self._owners[batch_id] = caller
+
+    # --- idempotency keys -------------------------------------------------------
+
+    async def claim_key(self, caller: str, key: str, fingerprint: str) -> Claim:
+        now = self._clock()
+        return await self._run(lambda: self._transaction(lambda db: self._claim(db, caller, key, fingerprint, now)))
+
+    def _claim(self, db: sqlite3.Connection, caller: str, key: str, fingerprint: str, now: float) -> Claim:
+        db.execute(
+            "DELETE FROM idempotency_keys WHERE (caller, key) IN"
+            " (SELECT caller, key FROM idempotency_keys WHERE expires_at <= ? LIMIT ?)",
+            (now, _PURGE_BATCH),
+        )
+        row = db.execute(
+            "SELECT fingerprint, state, first_attempt_at, expires_at, lease_until, status, body"
+            " FROM idempotency_keys WHERE caller = ? AND key = ?",
+            (caller, key),
+        ).fetchone()
+        lease_until = now + self.lease_s
+        if row is None or row[3] <= now:
+            db.execute(
+                "INSERT OR REPLACE INTO idempotency_keys"
+                " (caller, key, fingerprint, state, first_attempt_at, expires_at, lease_until)"
+                " VALUES (?, ?, ?, 'running', ?, ?, ?)",
+                (caller, key, fingerprint, now, now + self.idempotency_ttl_s, lease_until),
+            )
+            return Claimed(ambiguous_since=None)
+        stored_fingerprint, state, first_attempt_at, _expires_at, held_until, status, body = row
+        if stored_fingerprint != fingerprint:
+            return Reused()
+        if state == "settled":
+            return Replay(status=int(status), body=bytes(body))
+        if state == "running" and held_until > now:
+            return InUse(retry_after_s=max(1.0, held_until - now))
+        # Ambiguous, or running past its lease: the holder died or hung after
+        # possibly sending, so the batch may exist. Take it over and say since when.
+        db.execute(
+            "UPDATE idempotency_keys SET state = 'running', was_ambiguous = 1, lease_until = ?"
+            " WHERE caller = ? AND key = ?",
+            (lease_until, caller, key),
+        )
+        return Claimed(ambiguous_since=float(first_attempt_at))
+
+    async def settle_key(self, caller: str, key: str, status: int, body: bytes) -> None:
+        def settle(db: sqlite3.Connection) -> None:
+            # Whatever the state: a definite outcome is the best thing to
+            # replay, even if a lease-expired takeover is running meanwhile.
+            db.execute(
+                "UPDATE idempotency_keys SET state = 'settled', status = ?, body = ? WHERE caller = ? AND key = ?",
+                (status, body, caller, key),
+            )
+
+        await self._write(lambda: self._transaction(settle))
+
+    async def mark_ambiguous(self, caller: str, key: str) -> None:
+        def mark(db: sqlite3.Connection) -> None:
+            # Only a running record: a settled outcome is never downgraded.
+            db.execute(
+                "UPDATE idempotency_keys SET state = 'ambiguous', was_ambiguous = 1"
+                " WHERE caller = ? AND key = ? AND state = 'running'",
+                (caller, key),
+            )
+
+        # If this fails for good, the lease runs out and the next claim treats the record as ambiguous anyway.
+        await self._write(lambda: self._transaction(mark))
+
+    async def release_key(self, caller: str, key: str) -> None:
+        def release(db: sqlite3.Connection) -> None:
+            # A key whose earlier attempt was ambiguous stays ambiguous: this
+            # attempt created nothing, but that one still may have.
+            db.execute(
+                "DELETE FROM idempotency_keys WHERE caller = ? AND key = ? AND state = 'running' AND was_ambiguous = 0",
+                (caller, key),
+            )
+            db.execute(
+                "UPDATE idempotency_keys SET state = 'ambiguous' WHERE caller = ? AND key = ? AND state = 'running'",
+                (caller, key),
+            )
+
+        await self._write(lambda: self._transaction(release))

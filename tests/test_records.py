@@ -1,0 +1,391 @@
+"""Ownership and idempotency records on SQLite (DESIGN §8 "Store" and "Idempotency-Key").
+
+Failures are real, not mocked: ``store_locked`` holds a lock on the database
+file from another connection, as another process would, so that the store's
+reads and writes fail after their busy timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.errors import StoreUnavailable
+from gateway.records import Claimed, InUse, Records, Replay, Reused, SqliteRecords, body_fingerprint
+from tests.support import FakeClock
+
+
+@contextmanager
+def store_locked(path: str | Path, *, reads: bool = True) -> Iterator[None]:
+    """Make the store at ``path`` fail, for real, while the ``with`` block runs.
+
+    Another connection takes a lock on the database file, as another process
+    would (the store keeps a rollback journal, so locks are whole-file):
+
+    - ``reads=True``: ``BEGIN EXCLUSIVE``. Nobody else can read or write:
+      ``owner_of`` (past its cache), ``claim_key`` and every write raise
+      ``StoreUnavailable`` once their busy timeout has passed.
+    - ``reads=False``: ``BEGIN IMMEDIATE`` (a RESERVED lock). Reads still
+      work; every write raises ``StoreUnavailable`` after its retries.
+
+    The file must exist already (start the store, or the gateway, first). It
+    works for a store in this process (the gateway started in-process with
+    ``store.path`` from its config) and in a child process alike. Give the
+    store a short busy timeout to keep the test fast.
+    """
+    connection = sqlite3.connect(str(path), isolation_level=None, timeout=5)
+    try:
+        connection.execute("BEGIN EXCLUSIVE" if reads else "BEGIN IMMEDIATE")
+        yield
+        connection.execute("ROLLBACK")
+    finally:
+        connection.close()
+
+
+BUSY_S = 0.05  # the stores' busy timeout in these tests: failures come quickly
+TTL_S = 3600.0
+LEASE_S = 20.0
+FP = body_fingerprint({"name": "nightly", "input_dataset_id": "ds-1", "model": "m"})
+OTHER_FP = body_fingerprint({"name": "nightly", "input_dataset_id": "ds-2", "model": "m"})
+
+OpenRecords = Callable[..., Awaitable[SqliteRecords]]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(now=1_700_000_000.0)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> str:
+    return str(tmp_path / "records.db")
+
+
+@pytest.fixture
+async def open_records(db_path: str, clock: FakeClock) -> AsyncIterator[OpenRecords]:
+    """Open stores (on ``db_path`` unless told otherwise), started; all closed at the end."""
+    opened: list[SqliteRecords] = []
+
+    async def _open(path: str | None = None, **kwargs: Any) -> SqliteRecords:
+        settings: dict[str, Any] = {"clock": clock, "busy_timeout_s": BUSY_S, **kwargs}
+        records = SqliteRecords(path or db_path, TTL_S, LEASE_S, **settings)
+        await records.start()
+        opened.append(records)
+        return records
+
+    yield _open
+    for records in opened:
+        await records.close()
+
+
+@pytest.fixture
+async def records(open_records: OpenRecords) -> SqliteRecords:
+    return await open_records()
+
+
+def test_sqlite_records_implements_the_protocol() -> None:
+    store: Records = SqliteRecords(":unused:", TTL_S, LEASE_S)
+    assert isinstance(store, SqliteRecords)
+
+
+# --- owners -------------------------------------------------------------------
+
+
+async def test_an_owner_recorded_is_answered_and_unknown_ids_have_none(records: SqliteRecords) -> None:
+    await records.record_owner("batch-1", "billing-service")
+    assert await records.owner_of("batch-1") == "billing-service"
+    assert await records.owner_of("batch-2") is None
+
+
+async def test_ownership_survives_a_restart(open_records: OpenRecords, db_path: str) -> None:
+    first = await open_records()
+    await first.record_owner("batch-1", "billing-service")
+    await first.close()
+    again = await open_records()
+    assert await again.owner_of("batch-1") == "billing-service"
+
+
+async def test_an_owner_recorded_by_another_process_is_seen_although_a_miss_came_first(
+    open_records: OpenRecords,
+) -> None:
+    reader, writer = await open_records(), await open_records()
+    assert await reader.owner_of("batch-1") is None  # not cached: a negative answer may change
+    await writer.record_owner("batch-1", "reporting")
+    assert await reader.owner_of("batch-1") == "reporting"
+
+
+async def test_recording_an_owner_twice_keeps_the_first(records: SqliteRecords, open_records: OpenRecords) -> None:
+    await records.record_owner("batch-1", "billing-service")
+    await records.record_owner("batch-1", "billing-service")
+    fresh = await open_records()
+    assert await fresh.owner_of("batch-1") == "billing-service"
+
+
+async def test_the_owner_cache_stays_within_its_bound(open_records: OpenRecords) -> None:
+    records = await open_records(owner_cache_size=2)
+    for number in range(5):
+        await records.record_owner(f"batch-{number}", "billing-service")
+    assert len(records._owners) == 2
+    assert await records.owner_of("batch-0") == "billing-service"  # evicted from memory, still on disk
+
+
+# --- idempotency keys -----------------------------------------------------------
+
+
+async def test_a_settled_key_is_replayed_with_its_status_and_body(records: SqliteRecords) -> None:
+    assert await records.claim_key("billing-service", "k1", FP) == Claimed(ambiguous_since=None)
+    await records.settle_key("billing-service", "k1", 200, b'{"batch": {"id": "b1"}}')
+    assert await records.claim_key("billing-service", "k1", FP) == Replay(200, b'{"batch": {"id": "b1"}}')
+
+
+async def test_a_settled_key_is_replayed_after_a_restart(open_records: OpenRecords) -> None:
+    first = await open_records()
+    await first.claim_key("billing-service", "k1", FP)
+    await first.settle_key("billing-service", "k1", 400, b'{"message": "bad model"}')
+    await first.close()
+    again = await open_records()
+    assert await again.claim_key("billing-service", "k1", FP) == Replay(400, b'{"message": "bad model"}')
+
+
+@pytest.mark.parametrize("state", ["running", "ambiguous", "settled"])
+async def test_a_key_used_with_another_body_is_reused_whatever_its_state(records: SqliteRecords, state: str) -> None:
+    await records.claim_key("billing-service", "k1", FP)
+    if state == "ambiguous":
+        await records.mark_ambiguous("billing-service", "k1")
+    elif state == "settled":
+        await records.settle_key("billing-service", "k1", 200, b"{}")
+    assert await records.claim_key("billing-service", "k1", OTHER_FP) == Reused()
+
+
+async def test_a_running_key_is_in_use_for_what_is_left_of_its_lease(records: SqliteRecords, clock: FakeClock) -> None:
+    await records.claim_key("billing-service", "k1", FP)
+    clock.advance(5)
+    assert await records.claim_key("billing-service", "k1", FP) == InUse(retry_after_s=LEASE_S - 5)
+    clock.advance(LEASE_S - 5.5)
+    assert await records.claim_key("billing-service", "k1", FP) == InUse(retry_after_s=1.0)  # at least 1 s
+
+
+async def test_a_running_key_past_its_lease_is_claimed_as_ambiguous_since_the_first_attempt(
+    records: SqliteRecords, clock: FakeClock
+) -> None:
+    first_attempt = clock.now
+    await records.claim_key("billing-service", "k1", FP)
+    clock.advance(LEASE_S + 1)
+    assert await records.claim_key("billing-service", "k1", FP) == Claimed(ambiguous_since=first_attempt)
+    # The takeover holds a fresh lease.
+    assert isinstance(await records.claim_key("billing-service", "k1", FP), InUse)
+
+
+async def test_an_ambiguous_key_is_claimed_again_with_the_first_attempts_time(
+    records: SqliteRecords, clock: FakeClock
+) -> None:
+    first_attempt = clock.now
+    await records.claim_key("billing-service", "k1", FP)
+    clock.advance(30)
+    await records.mark_ambiguous("billing-service", "k1")
+    clock.advance(2)
+    assert await records.claim_key("billing-service", "k1", FP) == Claimed(ambiguous_since=first_attempt)
+    # A second ambiguous ending still points at the first attempt.
+    await records.mark_ambiguous("billing-service", "k1")
+    clock.advance(2)
+    assert await records.claim_key("billing-service", "k1", FP) == Claimed(ambiguous_since=first_attempt)
+
+
+async def test_a_released_key_is_free_again(records: SqliteRecords) -> None:
+    await records.claim_key("billing-service", "k1", FP)
+    await records.release_key("billing-service", "k1")
+    assert await records.claim_key("billing-service", "k1", FP) == Claimed(ambiguous_since=None)
+    # Free means free: another body may now use the key.
+    await records.release_key("billing-service", "k1")
+    assert await records.claim_key("billing-service", "k1", OTHER_FP) == Claimed(ambiguous_since=None)
+
+
+async def test_releasing_a_retry_of_an_ambiguous_attempt_keeps_it_ambiguous(
+    records: SqliteRecords, clock: FakeClock
+) -> None:
+    first_attempt = clock.now
+    await records.claim_key("billing-service", "k1", FP)
+    await records.mark_ambiguous("billing-service", "k1")
+    assert await records.claim_key("billing-service", "k1", FP) == Claimed(ambiguous_since=first_attempt)
+    await records.release_key("billing-service", "k1")  # the retry got a 429: it created nothing, the first may have
+    assert await records.claim_key("billing-service", "k1", FP) == Claimed(ambiguous_since=first_attempt)
+
+
+async def test_a_settled_outcome_is_never_downgraded(records: SqliteRecords) -> None:
+    await records.claim_key("billing-service", "k1", FP)
+    await records.settle_key("billing-service", "k1", 200, b"{}")
+    await records.mark_ambiguous("billing-service", "k1")
+    await records.release_key("billing-service", "k1")
+    assert await records.claim_key("billing-service", "k1", FP) == Replay(200, b"{}")
+
+
+@pytest.mark.parametrize("state", ["running", "ambiguous", "settled"])
+async def test_a_key_expires_idempotency_ttl_after_its_first_attempt(
+    records: SqliteRecords, clock: FakeClock, state: str
+) -> None:
+    await records.claim_key("billing-service", "k1", FP)
+    if state == "ambiguous":
+        await records.mark_ambiguous("billing-service", "k1")
+    elif state == "settled":
+        await records.settle_key("billing-service", "k1", 200, b"{}")
+    clock.advance(TTL_S - 1)
+    assert not isinstance(await records.claim_key("billing-service", "k1", OTHER_FP), Claimed)
+    clock.advance(1)
+    assert await records.claim_key("billing-service", "k1", OTHER_FP) == Claimed(ambiguous_since=None)
+
+
+async def test_expired_keys_are_purged_a_bounded_batch_at_a_time(
+    records: SqliteRecords, clock: FakeClock, db_path: str
+) -> None:
+    for number in range(100):
+        await records.claim_key("billing-service", f"old-{number}", FP)
+    clock.advance(TTL_S)
+    await records.claim_key("billing-service", "new-1", FP)
+    await records.claim_key("billing-service", "new-2", FP)
+    with sqlite3.connect(db_path) as check:
+        (rows,) = check.execute("SELECT count(*) FROM idempotency_keys").fetchone()
+    assert rows == 2  # 100 expired: 64 purged by the first claim, 36 by the second
+
+
+async def test_the_same_key_for_two_callers_is_two_records(records: SqliteRecords) -> None:
+    assert await records.claim_key("billing-service", "k1", FP) == Claimed(ambiguous_since=None)
+    assert await records.claim_key("reporting", "k1", OTHER_FP) == Claimed(ambiguous_since=None)
+    await records.settle_key("billing-service", "k1", 200, b"billing")
+    assert isinstance(await records.claim_key("reporting", "k1", OTHER_FP), InUse)
+    await records.settle_key("reporting", "k1", 200, b"reporting")
+    assert await records.claim_key("billing-service", "k1", FP) == Replay(200, b"billing")
+    assert await records.claim_key("reporting", "k1", OTHER_FP) == Replay(200, b"reporting")
+
+
+async def test_concurrent_claims_of_one_key_give_exactly_one_claim(open_records: OpenRecords) -> None:
+    # Three stores on one file stand for three processes: atomicity must hold across them.
+    stores = [await open_records(busy_timeout_s=5.0) for _ in range(3)]
+    claims = await asyncio.gather(*(stores[number % 3].claim_key("billing-service", "k1", FP) for number in range(60)))
+    assert sum(isinstance(claim, Claimed) for claim in claims) == 1
+    assert sum(isinstance(claim, InUse) for claim in claims) == 59
+
+
+# --- the fingerprint --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "same"),
+    [
+        ('{"name": "a", "model": "m"}', '{"model":"m","name":"a"}', True),
+        ('{"name": "a", "meta": {"x": 1, "y": [1, 2]}}', '{"meta":{"y":[1,2],"x":1},"name":"a"}', True),
+        ('{"name": "caf\\u00e9"}', '{"name": "café"}', True),
+        ('{"name": "a"}', '{"name": "b"}', False),
+        ('{"name": "a", "list": [1, 2]}', '{"name": "a", "list": [2, 1]}', False),
+        ('{"name": "a"}', '{"name": "a", "model": null}', False),
+        ('{"n": 1}', '{"n": "1"}', False),
+    ],
+)
+def test_the_fingerprint_ignores_key_order_and_whitespace_but_not_values(first: str, second: str, same: bool) -> None:
+    import json
+
+    assert (body_fingerprint(json.loads(first)) == body_fingerprint(json.loads(second))) is same
+
+
+def test_the_fingerprint_is_sha256_hex() -> None:
+    fingerprint = body_fingerprint({"name": "a"})
+    assert len(fingerprint) == 64
+    assert int(fingerprint, 16) >= 0
+
+
+# --- failures ------------------------------------------------------------------------
+
+
+async def test_reads_fail_as_store_unavailable_while_the_file_is_locked(records: SqliteRecords, db_path: str) -> None:
+    await records.record_owner("batch-1", "billing-service")
+    with store_locked(db_path):
+        with pytest.raises(StoreUnavailable):
+            await records.owner_of("batch-2")
+        with pytest.raises(StoreUnavailable):
+            await records.claim_key("billing-service", "k1", FP)
+        # Ownership never changes, so the cache still answers what it knows.
+        assert await records.owner_of("batch-1") == "billing-service"
+    assert await records.owner_of("batch-2") is None  # and the store recovers by itself
+
+
+async def test_a_known_owner_is_answered_from_cache_by_a_store_that_never_read_it(
+    open_records: OpenRecords, db_path: str
+) -> None:
+    other = await open_records()
+    await other.record_owner("batch-1", "billing-service")
+    records = await open_records()
+    assert await records.owner_of("batch-1") == "billing-service"  # read once, then cached
+    with store_locked(db_path):
+        assert await records.owner_of("batch-1") == "billing-service"
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        pytest.param(lambda r: r.record_owner("batch-1", "billing-service"), id="record_owner"),
+        pytest.param(lambda r: r.settle_key("billing-service", "k1", 200, b"{}"), id="settle_key"),
+        pytest.param(lambda r: r.mark_ambiguous("billing-service", "k1"), id="mark_ambiguous"),
+        pytest.param(lambda r: r.release_key("billing-service", "k1"), id="release_key"),
+    ],
+)
+async def test_writes_fail_as_store_unavailable_after_their_retries(
+    records: SqliteRecords, db_path: str, write: Callable[[SqliteRecords], Awaitable[None]]
+) -> None:
+    await records.claim_key("billing-service", "k1", FP)
+    with store_locked(db_path, reads=False):
+        assert await records.owner_of("batch-2") is None  # reads still work under a write lock
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await write(records)
+        # Three attempts, each waiting out its busy timeout, with backoff between them.
+        assert time.monotonic() - started >= 3 * BUSY_S
+    await write(records)  # the same write succeeds once the lock is gone
+
+
+async def test_a_write_that_fails_once_is_retried_and_succeeds(records: SqliteRecords, db_path: str) -> None:
+    lock = sqlite3.connect(db_path, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    loop = asyncio.get_running_loop()
+    loop.call_later(BUSY_S * 1.5, lambda: (lock.execute("ROLLBACK"), lock.close()))
+    await records.record_owner("batch-1", "billing-service")
+    assert await records.owner_of("batch-1") == "billing-service"
+
+
+async def test_operations_queued_behind_a_lock_fail_in_bounded_time(records: SqliteRecords, db_path: str) -> None:
+    with store_locked(db_path):
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(records.owner_of(f"batch-{number}") for number in range(50)), return_exceptions=True
+        )
+        elapsed = time.monotonic() - started
+    assert all(isinstance(result, StoreUnavailable) for result in results)
+    assert elapsed < 10 * BUSY_S  # not 50 busy timeouts in a row
+
+
+async def test_a_store_whose_directory_is_missing_does_not_start(tmp_path: Path) -> None:
+    records = SqliteRecords(str(tmp_path / "missing" / "records.db"), TTL_S, LEASE_S)
+    with pytest.raises(StoreUnavailable, match="does not exist"):
+        await records.start()
+
+
+async def test_a_store_file_that_is_not_a_database_does_not_start(tmp_path: Path) -> None:
+    path = tmp_path / "records.db"
+    path.write_bytes(b"this is not a database\n" * 200)
+    records = SqliteRecords(str(path), TTL_S, LEASE_S)
+    with pytest.raises(StoreUnavailable, match="cannot open"):
+        await records.start()
+
+
+async def test_a_closed_store_refuses_to_answer(open_records: OpenRecords) -> None:
+    records = await open_records()
+    await records.close()
+    with pytest.raises(StoreUnavailable):
+        await records.owner_of("batch-1")
+    with pytest.raises(StoreUnavailable):
+        await records.record_owner("batch-1", "billing-service")
