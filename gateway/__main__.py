@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import secrets
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -11,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
+from pydantic import ValidationError
 
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config import OPERATIONS, CallerSettings, ConfigError, GatewayConfig, load_config
 from gateway.demo import DEMO_CALLERS, Simulator, demo_overrides, start_simulator
 from gateway.logs import Redactor, configure_logging
 from gateway.server import serve_until_signalled, start_gateway
@@ -37,7 +40,57 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--demo", action="store_true", help="run against an in-process simulated upstream (no Cohere account needed)"
     )
+    # Without a command the gateway runs, as it always did.
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    new_caller = commands.add_parser(
+        "new-caller",
+        help="print a fresh caller key and the config lines for it",
+        description="Print a fresh random caller key, its sha256, and the lines to paste under callers:.",
+    )
+    new_caller.add_argument("name", metavar="NAME", type=caller_name, help="the caller's name (sent as X-Client-Name)")
     return parser.parse_args(argv)
+
+
+# A caller key: 32 random bytes, URL-safe base64 (43 characters, well past MIN_CALLER_KEY_LENGTH).
+NEW_CALLER_KEY_BYTES = 32
+
+
+def caller_name(value: str) -> str:
+    """``value`` if config.yaml would accept it as ``callers[].name``; argparse's error (exit 2) if not."""
+    try:
+        # The config's own check, message included; the placeholder digest only completes the entry.
+        CallerSettings(name=value, key_sha256="0" * 64)
+    except ValidationError as exc:
+        reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors() if e["loc"] == ("name",))
+        raise argparse.ArgumentTypeError(f"{value!r} is not a valid caller name: {reasons}") from None
+    return value
+
+
+def new_caller_text(name: str, key: str) -> str:
+    """What ``new-caller`` prints: the key, once, and the config lines that hold only its sha256."""
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    others = ", ".join(OPERATIONS)
+    return "\n".join(
+        [
+            f"Caller key for {name} (give it to the service as its Bearer token; it is shown only this once):",
+            "",
+            f"    {key}",
+            "",
+            "Paste under callers: in config.yaml (only the key's sha256 is kept there):",
+            "",
+            f"  - name: {name}",
+            f"    key_sha256: {digest}",
+            f"    # allow: [retrieve, list]   # the default; any of: {others}",
+            "    # batches: all              # the default; own: only the batches this caller creates",
+            "",
+        ]
+    )
+
+
+def new_caller(name: str) -> int:
+    key = secrets.token_urlsafe(NEW_CALLER_KEY_BYTES)
+    print(new_caller_text(name, key), end="", flush=True)
+    return 0
 
 
 def report(problems: list[str]) -> None:
@@ -86,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     redact = Redactor()
     configure_logging("INFO", redact)
+    if args.command == "new-caller":
+        return new_caller(args.name)
     if args.check_config:
         try:
             load_config(args.config)
