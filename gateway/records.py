@@ -25,17 +25,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from cachetools import LRUCache
 
 from gateway.errors import StoreUnavailable
+from gateway.logs import log_event
 
 __all__ = [
     "Claim",
@@ -50,6 +52,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+log = logging.getLogger("gateway.records")
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +205,7 @@ class SqliteRecords:
             raise StoreUnavailable(f"store.path: the directory {directory} does not exist")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="records")
         try:
-            await self._run(self._open, self.busy_timeout_s + 5.0)
+            await self._run("open", self._open, self.busy_timeout_s + 5.0)
         except StoreUnavailable as exc:
             self._executor.shutdown(wait=False)
             self._executor = None
@@ -234,7 +237,7 @@ class SqliteRecords:
 
     # --- running one operation on the worker thread ---------------------------
 
-    async def _run(self, operation: Callable[[], T], budget_s: float | None = None) -> T:
+    async def _run(self, name: str, operation: Callable[[], T], budget_s: float | None = None) -> T:
         """Run ``operation`` on the worker thread within ``budget_s``; any sqlite3 error is StoreUnavailable.
 
         A cancelled caller does not cancel an operation already handed to the
@@ -247,6 +250,9 @@ class SqliteRecords:
         try:
             return await loop.run_in_executor(self._executor, self._within, deadline, operation)
         except sqlite3.Error as exc:
+            # Only SQLite's own words (locked, I/O error, not a database): the
+            # callers see the contract's generic message, ops see the reason.
+            log_event(log, logging.WARNING, "record store failed", operation=name, reason=str(exc))
             raise StoreUnavailable() from exc
 
     def _within(self, deadline: float, operation: Callable[[], T]) -> T:
@@ -260,11 +266,11 @@ class SqliteRecords:
             connection.execute(f"PRAGMA busy_timeout = {left_ms}")
         return operation()
 
-    async def _write(self, operation: Callable[[], T]) -> T:
+    async def _write(self, name: str, operation: Callable[[], T]) -> T:
         """A write, retried with a short backoff; StoreUnavailable once every attempt failed."""
         for attempt in range(1, _WRITE_ATTEMPTS + 1):
             try:
-                return await self._run(operation)
+                return await self._run(name, operation)
             except StoreUnavailable:
                 if attempt == _WRITE_ATTEMPTS or self._executor is None:
                     raise
@@ -296,7 +302,7 @@ class SqliteRecords:
         cached = self._owners.get(batch_id)
         if cached is not None:
             return cached
-        owner = await self._run(lambda: self._select_owner(batch_id))
+        owner = await self._run("owner_of", lambda: self._select_owner(batch_id))
         if owner is not None:
             self._owners[batch_id] = owner
         return owner
@@ -308,22 +314,25 @@ class SqliteRecords:
     async def record_owner(self, batch_id: str, caller: str) -> None:
         now = self._clock()
 
-        def insert(db: sqlite3.Connection) -> None:
+        def insert(db: sqlite3.Connection) -> str:
             # Upstream ids are unique, so a row already there is this very
-            # record written by an earlier attempt: keep the first one.
+            # record written by an earlier attempt: the first one stays, and
+            # the cache learns what is stored, whatever was asked.
             db.execute(
                 "INSERT OR IGNORE INTO owners (batch_id, caller, recorded_at) VALUES (?, ?, ?)",
                 (batch_id, caller, now),
             )
+            return str(db.execute("SELECT caller FROM owners WHERE batch_id = ?", (batch_id,)).fetchone()[0])
 
-        await self._write(lambda: self._transaction(insert))
-        self._owners[batch_id] = caller
+        self._owners[batch_id] = await self._write("record_owner", lambda: self._transaction(insert))
 
     # --- idempotency keys -------------------------------------------------------
 
     async def claim_key(self, caller: str, key: str, fingerprint: str) -> Claim:
         now = self._clock()
-        return await self._run(lambda: self._transaction(lambda db: self._claim(db, caller, key, fingerprint, now)))
+        return await self._run(
+            "claim_key", lambda: self._transaction(lambda db: self._claim(db, caller, key, fingerprint, now))
+        )
 
     def _claim(self, db: sqlite3.Connection, caller: str, key: str, fingerprint: str, now: float) -> Claim:
         db.execute(
@@ -370,7 +379,7 @@ class SqliteRecords:
                 (status, body, caller, key),
             )
 
-        await self._write(lambda: self._transaction(settle))
+        await self._write("settle_key", lambda: self._transaction(settle))
 
     async def mark_ambiguous(self, caller: str, key: str) -> None:
         def mark(db: sqlite3.Connection) -> None:
@@ -382,7 +391,7 @@ class SqliteRecords:
             )
 
         # If this fails for good, the lease runs out and the next claim treats the record as ambiguous anyway.
-        await self._write(lambda: self._transaction(mark))
+        await self._write("mark_ambiguous", lambda: self._transaction(mark))
 
     async def release_key(self, caller: str, key: str) -> None:
         def release(db: sqlite3.Connection) -> None:
@@ -397,4 +406,9 @@ class SqliteRecords:
                 (caller, key),
             )
 
-        await self._write(lambda: self._transaction(release))
+        await self._write("release_key", lambda: self._transaction(release))
+
+
+if TYPE_CHECKING:
+    # mypy checks here that SqliteRecords has every method of Records, with the same signatures.
+    _conforms: Records = SqliteRecords(":memory:", 1.0, 1.0)

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from gateway.errors import StoreUnavailable
-from gateway.records import Claimed, InUse, Records, Replay, Reused, SqliteRecords, body_fingerprint
-from tests.support import FakeClock
+from gateway.records import Claimed, InUse, Replay, Reused, SqliteRecords, body_fingerprint
+from tests.support import FakeClock, LogCapture
 
 
 @contextmanager
@@ -90,11 +90,6 @@ async def records(open_records: OpenRecords) -> SqliteRecords:
     return await open_records()
 
 
-def test_sqlite_records_implements_the_protocol() -> None:
-    store: Records = SqliteRecords(":unused:", TTL_S, LEASE_S)
-    assert isinstance(store, SqliteRecords)
-
-
 # --- owners -------------------------------------------------------------------
 
 
@@ -124,6 +119,8 @@ async def test_an_owner_recorded_by_another_process_is_seen_although_a_miss_came
 async def test_recording_an_owner_twice_keeps_the_first(records: SqliteRecords, open_records: OpenRecords) -> None:
     await records.record_owner("batch-1", "billing-service")
     await records.record_owner("batch-1", "billing-service")
+    await records.record_owner("batch-1", "reporting")  # cannot happen with unique upstream ids; the first stays
+    assert await records.owner_of("batch-1") == "billing-service"
     fresh = await open_records()
     assert await fresh.owner_of("batch-1") == "billing-service"
 
@@ -312,6 +309,16 @@ async def test_reads_fail_as_store_unavailable_while_the_file_is_locked(records:
         # Ownership never changes, so the cache still answers what it knows.
         assert await records.owner_of("batch-1") == "billing-service"
     assert await records.owner_of("batch-2") is None  # and the store recovers by itself
+
+
+async def test_a_failure_is_logged_with_the_operation_and_sqlites_reason(
+    records: SqliteRecords, db_path: str, logs: LogCapture
+) -> None:
+    with store_locked(db_path), pytest.raises(StoreUnavailable):
+        await records.owner_of("batch-1")
+    (event,) = [e for e in logs.events("gateway.records") if e["event"] == "record store failed"]
+    assert event["operation"] == "owner_of"
+    assert "locked" in event["reason"]
 
 
 async def test_a_known_owner_is_answered_from_cache_by_a_store_that_never_read_it(
