@@ -23,6 +23,7 @@ a write is retried a few times with a short backoff, then raises it too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -198,6 +199,8 @@ class SqliteRecords:
     # --- life -----------------------------------------------------------------
 
     async def start(self) -> None:
+        if self._executor is not None:
+            return
         directory = Path(self.path).parent
         if not directory.is_dir():
             # A missing directory usually means a missing volume: refuse to
@@ -263,6 +266,9 @@ class SqliteRecords:
             raise sqlite3.OperationalError("the record store did not answer in time")
         connection = self._connection
         if connection is not None:
+            # A transaction left open by a failed rollback would make every
+            # later BEGIN fail: end it first, so the store heals by itself.
+            _roll_back(connection)
             connection.execute(f"PRAGMA busy_timeout = {left_ms}")
         return operation()
 
@@ -290,10 +296,12 @@ class SqliteRecords:
         connection.execute("BEGIN IMMEDIATE")
         try:
             result = body(connection)
+            # COMMIT itself can fail: in rollback-journal mode it must wait
+            # for readers (other processes' SHARED locks) to finish.
+            connection.execute("COMMIT")
         except BaseException:
-            connection.execute("ROLLBACK")
+            _roll_back(connection)
             raise
-        connection.execute("COMMIT")
         return result
 
     # --- owners -----------------------------------------------------------------
@@ -407,6 +415,13 @@ class SqliteRecords:
             )
 
         await self._write("release_key", lambda: self._transaction(release))
+
+
+def _roll_back(connection: sqlite3.Connection) -> None:
+    """End the connection's open transaction, if any, keeping nothing of it."""
+    if connection.in_transaction:
+        with contextlib.suppress(sqlite3.Error):  # it is retried before the next operation
+            connection.execute("ROLLBACK")
 
 
 if TYPE_CHECKING:

@@ -355,6 +355,25 @@ async def test_writes_fail_as_store_unavailable_after_their_retries(
     await write(records)  # the same write succeeds once the lock is gone
 
 
+async def test_a_write_that_cannot_commit_past_a_reader_fails_and_leaves_no_transaction_open(
+    records: SqliteRecords, db_path: str
+) -> None:
+    # Another process in the middle of a read (a backup, an operator's sqlite3
+    # shell) holds a SHARED lock: a commit must wait for it, and gives up.
+    reader = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM owners").fetchone()
+        with pytest.raises(StoreUnavailable):
+            await records.record_owner("batch-1", "billing-service")
+        reader.execute("ROLLBACK")
+    finally:
+        reader.close()
+    assert await records.owner_of("batch-1") is None  # nothing of the failed write was kept
+    await records.record_owner("batch-1", "billing-service")
+    assert await records.owner_of("batch-1") == "billing-service"
+
+
 async def test_a_write_that_fails_once_is_retried_and_succeeds(records: SqliteRecords, db_path: str) -> None:
     lock = sqlite3.connect(db_path, isolation_level=None)
     lock.execute("BEGIN IMMEDIATE")
