@@ -41,7 +41,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--demo", action="store_true", help="run against an in-process simulated upstream (no Cohere account needed)"
     )
     # Without a command the gateway runs, as it always did.
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", title="commands", metavar="[COMMAND]", description="without one, the gateway runs"
+    )
     new_caller = commands.add_parser(
         "new-caller",
         help="print a fresh caller key and the config lines for it",
