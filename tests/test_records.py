@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -319,6 +320,37 @@ async def test_a_failure_is_logged_with_the_operation_and_sqlites_reason(
     (event,) = [e for e in logs.events("gateway.records") if e["event"] == "record store failed"]
     assert event["operation"] == "owner_of"
     assert "locked" in event["reason"]
+
+
+# Another process: takes an exclusive lock on the file, says so, holds it until its stdin closes.
+_LOCK_HOLDER = """
+import sqlite3, sys
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+async def test_a_lock_held_by_another_process_makes_the_store_unavailable_until_it_ends(
+    records: SqliteRecords, db_path: str
+) -> None:
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _LOCK_HOLDER, db_path, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    assert holder.stdin is not None
+    assert holder.stdout is not None
+    try:
+        assert await asyncio.wait_for(holder.stdout.readline(), 30) == b"locked\n"
+        with pytest.raises(StoreUnavailable):
+            await records.owner_of("batch-1")
+        with pytest.raises(StoreUnavailable):
+            await records.record_owner("batch-1", "billing-service")
+    finally:
+        holder.stdin.close()
+        await asyncio.wait_for(holder.wait(), 30)
+    await records.record_owner("batch-1", "billing-service")
+    assert await records.owner_of("batch-1") == "billing-service"
 
 
 async def test_a_known_owner_is_answered_from_cache_by_a_store_that_never_read_it(
