@@ -4,6 +4,13 @@ Order of guards for every fetch: the upstream's own pause (after a 429, or a
 503 with ``Retry-After``), the circuit breaker, then the budget (a token per
 HTTP call, retries included). The whole fetch, retries and budget waits
 included, runs inside ``upstream.timeout_s``.
+
+Every call of the batch API goes through ``fetch``: retrieve, list, create
+and cancel. Each says what answer it accepts (``Accept``); everything else
+becomes the contract's error in one place. Writes (create, cancel) come
+first for the budget: they may wait for it up to the deadline, and while
+one waits, reads take no token. A create is never retried once a byte of
+it may have reached the upstream (DESIGN §8); only a failed connect is.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import aiohttp
 
@@ -30,25 +38,50 @@ USER_AGENT = "cohere-gateway/0.1"
 FORWARDED_CALLER_HEADERS = ("X-Fern-Language", "X-Fern-SDK-Name", "X-Fern-SDK-Version")
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
 READ_CHUNK = 65536
+BATCHES_PATH = "/v2/batches"
+
+R = TypeVar("R")
+# What a call accepts as its answer: the value for a status and body it
+# understands, else None (the answer then becomes the contract's error).
+# It may raise UpstreamInvalidResponse for a 2xx it cannot use.
+Accept = Callable[[int, bytes], R | None]
 
 
 @dataclass(slots=True)
 class RequestTrace:
-    """What the access log reports of the upstream call a request led."""
+    """What the access log reports of the upstream call a request led.
+
+    ``outcome_unknown`` is set while an HTTP call may have reached the
+    upstream without its answer being read: a timeout or a connection lost
+    after connecting. A create that ends so may have made a batch.
+    """
 
     upstream_status: int | None = None
     upstream_ms: float | None = None
+    outcome_unknown: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamRequest:
-    """Who is asking for which batch; the id is already validated."""
+    """One call of the batch API, built from the config and validated parts only."""
 
-    batch_id: str
+    path: str
     caller_name: str
     request_id: str
     caller_headers: tuple[tuple[str, str], ...] = ()
     trace: RequestTrace = field(default_factory=RequestTrace)
+    method: str = "GET"
+    query: tuple[tuple[str, str], ...] = ()
+    body: bytes | None = None
+    # False for a create: a second try could make a second batch.
+    retry_after_sending: bool = True
+    # Creates and cancels: first in line for the budget.
+    write: bool = False
+
+
+def batch_path(batch_id: str) -> str:
+    """The upstream path of one batch; ``batch_id`` is already validated."""
+    return f"{BATCHES_PATH}/{batch_id}"
 
 
 @dataclass(slots=True)
@@ -86,6 +119,8 @@ class UpstreamClient:
         self.budget = TokenBucket(settings.rate_limit.requests_per_s, settings.rate_limit.burst, clock)
         self.breaker = CircuitBreaker(settings.breaker.failures, settings.breaker.cooldown_s, clock)
         self.paused_until = 0.0
+        # Writes waiting for a budget token: reads take none meanwhile.
+        self._writes_waiting = 0
         self._session: aiohttp.ClientSession | None = None
         metrics.budget_tokens.set_function(lambda: self.budget.tokens)
         metrics.breaker_state.set_function(lambda: self.breaker.state.value)
@@ -122,8 +157,8 @@ class UpstreamClient:
         self.budget.reconfigure(settings.rate_limit.requests_per_s, settings.rate_limit.burst)
         self.breaker.reconfigure(settings.breaker.failures, settings.breaker.cooldown_s)
 
-    async def fetch(self, request: UpstreamRequest, settings: UpstreamSettings, may_wait: bool) -> UpstreamReply:
-        """One logical fetch of a batch, with the guards, retries and deadline.
+    async def fetch(self, request: UpstreamRequest, settings: UpstreamSettings, may_wait: bool, accept: Accept[R]) -> R:
+        """One logical call, with the guards, retries and deadline; ``accept`` reads its answer.
 
         ``may_wait`` says whether to wait (briefly) for budget: a caller that
         has a stale entry to fall back on is better served by it at once.
@@ -138,7 +173,7 @@ class UpstreamClient:
         tally = _Tally(deadline=asyncio.get_running_loop().time() + settings.timeout_s)
         try:
             async with asyncio.timeout_at(tally.deadline):
-                reply = await self._attempts(request, settings, may_wait, tally)
+                reply = await self._attempts(request, settings, may_wait, accept, tally)
         except TimeoutError:
             self._judge(admission, tally, timed_out=True)
             raise errors.UpstreamTimeout(f"The upstream did not answer within {settings.timeout_s:g} s.") from None
@@ -176,16 +211,27 @@ class UpstreamClient:
         self.paused_until = max(self.paused_until, now + seconds)
         return self.paused_until - now
 
-    async def _spend_budget(self, settings: UpstreamSettings, may_wait: bool, deadline: float) -> None:
+    async def _spend_budget(self, settings: UpstreamSettings, may_wait: bool, write: bool, deadline: float) -> None:
         """Take a budget token, waiting at most ``budget_wait_s`` (and never past the deadline) if allowed.
 
-        The time waited is counted in sleeps rather than read from the clock,
-        so a frozen test clock cannot make the wait endless.
+        A write may wait until the deadline, and reads take no token while
+        one waits (DESIGN §8: writes come first). The time waited is counted
+        in sleeps rather than read from the clock, so a frozen test clock
+        cannot make the wait endless.
         """
+        if write:
+            self._writes_waiting += 1
+        try:
+            await self._take_token(settings, may_wait, write, deadline)
+        finally:
+            if write:
+                self._writes_waiting -= 1
+
+    async def _take_token(self, settings: UpstreamSettings, may_wait: bool, write: bool, deadline: float) -> None:
         loop = asyncio.get_running_loop()
-        allowed = settings.budget_wait_s if may_wait else 0.0
+        allowed = settings.timeout_s if write else settings.budget_wait_s if may_wait else 0.0
         waited = 0.0
-        while (wait := self.budget.try_take()) > 0:
+        while (wait := self._token_wait(write)) > 0:
             # A sleep that would end at the deadline is pointless: the fetch would be cut off.
             if waited + wait > allowed or loop.time() + wait >= deadline:
                 self.metrics.upstream_rejected.labels("budget").inc()
@@ -193,13 +239,19 @@ class UpstreamClient:
             await asyncio.sleep(wait)
             waited += wait
 
+    def _token_wait(self, write: bool) -> float:
+        """0 with a token taken, or the seconds until one is due (for a read, while no write waits)."""
+        if not write and self._writes_waiting:
+            return 1 / self.budget.rate
+        return self.budget.try_take()
+
     def _backoff_s(self, settings: UpstreamSettings, retry: int) -> float:
         """Full jitter: a random wait up to an exponential cap (``retry`` counts from 1)."""
         return self.jitter(0.0, settings.retry_backoff_s * 2 ** (retry - 1))
 
     async def _attempts(
-        self, request: UpstreamRequest, settings: UpstreamSettings, may_wait: bool, tally: _Tally
-    ) -> UpstreamReply:
+        self, request: UpstreamRequest, settings: UpstreamSettings, may_wait: bool, accept: Accept[R], tally: _Tally
+    ) -> R:
         loop = asyncio.get_running_loop()
         last: errors.GatewayError | None = None
         for attempt in range(settings.retries + 1):
@@ -210,7 +262,7 @@ class UpstreamClient:
                 await asyncio.sleep(backoff)
             try:
                 self._check_paused()  # another request may have been told to pause meanwhile
-                await self._spend_budget(settings, may_wait or last is not None, tally.deadline)
+                await self._spend_budget(settings, may_wait or last is not None, request.write, tally.deadline)
                 self._check_paused()
             except (errors.RateLimited, errors.UpstreamRateLimited):
                 if last is not None:
@@ -220,7 +272,7 @@ class UpstreamClient:
                 self.metrics.upstream_retries.inc()
             tally.calls += 1
             try:
-                reply = await self._attempt(request, settings, tally.deadline)
+                reply = await self._attempt(request, settings, accept, tally.deadline)
             except _Retryable as retryable:
                 tally.healthy = False
                 last = retryable.error
@@ -237,7 +289,9 @@ class UpstreamClient:
         assert last is not None
         raise last
 
-    async def _attempt(self, request: UpstreamRequest, settings: UpstreamSettings, deadline: float) -> UpstreamReply:
+    async def _attempt(
+        self, request: UpstreamRequest, settings: UpstreamSettings, accept: Accept[R], deadline: float
+    ) -> R:
         assert self._session is not None, "UpstreamClient.start() was not awaited"
         headers = {
             "Authorization": f"Bearer {settings.token_value}",
@@ -245,26 +299,47 @@ class UpstreamClient:
             "X-Request-ID": request.request_id,
             **dict(request.caller_headers),
         }
-        url = f"{settings.base_url}/v2/batches/{request.batch_id}"
+        if request.body is not None:
+            headers["Content-Type"] = "application/json"
+        url = f"{settings.base_url}{request.path}"
         started = time.perf_counter()
         outcome = "unknown"
+        trace = request.trace
+        trace.outcome_unknown = True  # until an answer is read, or the connect is known to have failed
         try:
-            async with self._session.get(url, headers=headers, allow_redirects=False) as response:
+            async with self._session.request(
+                request.method,
+                url,
+                params=request.query or None,
+                data=request.body,
+                headers=headers,
+                allow_redirects=False,
+            ) as response:
                 outcome = str(response.status)
                 body = await self._read_capped(response, settings.max_body_bytes)
                 retry_after = response.headers.get("Retry-After")
+            trace.outcome_unknown = False
         except errors.GatewayError as error:
             outcome = error.code
+            trace.outcome_unknown = False  # an answer came, too large to read
             raise
         except asyncio.CancelledError:
             # Cut short: by the fetch's deadline, or by the gateway shutting down.
             outcome = "upstream_timeout" if asyncio.get_running_loop().time() >= deadline else "cancelled"
             raise
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+        except aiohttp.ClientConnectorError as exc:
+            # No connection: nothing was sent, so every call may be tried again.
             outcome = "upstream_unreachable"
+            trace.outcome_unknown = False
             raise _Retryable(
                 errors.UpstreamUnreachable(f"The upstream could not be reached ({type(exc).__name__}).")
             ) from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            outcome = "upstream_unreachable"
+            lost = errors.UpstreamUnreachable(f"The upstream could not be reached ({type(exc).__name__}).")
+            if not request.retry_after_sending:
+                raise lost from None  # the request may have arrived: a create is not sent twice
+            raise _Retryable(lost) from None
         except (aiohttp.ClientPayloadError, aiohttp.ClientResponseError) as exc:
             outcome = "upstream_invalid_response"
             raise errors.UpstreamInvalidResponse(
@@ -277,17 +352,22 @@ class UpstreamClient:
             elapsed = time.perf_counter() - started
             self.metrics.upstream_calls.labels(outcome).inc()
             self.metrics.upstream_seconds.observe(elapsed)
-            request.trace.upstream_ms = round(elapsed * 1000, 2)
-            request.trace.upstream_status = int(outcome) if outcome.isdigit() else None
-        return self._interpret(response.status, body, retry_after, settings)
+            trace.upstream_ms = round(elapsed * 1000, 2)
+            trace.upstream_status = int(outcome) if outcome.isdigit() else None
+        return self._interpret(request, response.status, body, retry_after, settings, accept)
 
     def _interpret(
-        self, status: int, body: bytes, retry_after: str | None, settings: UpstreamSettings
-    ) -> UpstreamReply:
-        if status == 200:
-            return UpstreamReply(200, body, parse_batch_body(body))
-        if status == 404:
-            return UpstreamReply(404, body, Lifetime.NOT_FOUND)
+        self,
+        request: UpstreamRequest,
+        status: int,
+        body: bytes,
+        retry_after: str | None,
+        settings: UpstreamSettings,
+        accept: Accept[R],
+    ) -> R:
+        accepted = accept(status, body)
+        if accepted is not None:
+            return accepted
         wait = None
         # The upstream said when to come back: every id waits that long, and
         # this call is not retried before then.
@@ -300,7 +380,7 @@ class UpstreamClient:
         elif status == 503:
             wait = settings.retry_after_default_s
         error = error_for_status(status, body, wait)
-        if status in RETRYABLE_STATUSES and not told_when:
+        if status in RETRYABLE_STATUSES and not told_when and request.retry_after_sending:
             raise _Retryable(error)
         raise error
 
@@ -317,3 +397,12 @@ class UpstreamClient:
                 )
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def accept_batch(status: int, body: bytes) -> UpstreamReply | None:
+    """Retrieve: a 200 batch, or a 404 (both cached)."""
+    if status == 200:
+        return UpstreamReply(200, body, parse_batch_body(body))
+    if status == 404:
+        return UpstreamReply(404, body, Lifetime.NOT_FOUND)
+    return None
