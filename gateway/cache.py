@@ -13,7 +13,10 @@ exists). Past ``keep_until`` an entry expires and is dropped.
 ``BatchCache.get`` is the request path: a fresh entry answers at once (HIT);
 otherwise one upstream call per id is made however many callers ask
 (MISS); if that call fails in a way that allows it, a kept entry answers
-(STALE). Only 200 and 404 answers are ever stored.
+(STALE). Only 200 and 404 answers are ever stored. ``put`` stores what a
+create answered; ``evict`` drops an id after a cancel, and a refresh
+already in flight for it then answers its waiters but stores nothing, so
+the state from before the cancel never comes back.
 """
 
 from __future__ import annotations
@@ -165,6 +168,14 @@ class SingleFlight:
         except TimeoutError:
             raise errors.UpstreamTimeout("Gave up waiting for the upstream's answer.") from None
 
+    def current(self, key: str) -> asyncio.Task[CacheEntry] | None:
+        """The call out for ``key``, if any."""
+        return self._calls.get(key)
+
+    def forget(self, key: str) -> None:
+        """The call out for ``key`` (if any) answers those already waiting; later callers start another."""
+        self._calls.pop(key, None)
+
     def _finished(self, key: str, task: asyncio.Task[CacheEntry]) -> None:
         if self._calls.get(key) is task:
             del self._calls[key]
@@ -212,8 +223,20 @@ class BatchCache:
         # With a kept entry to fall back on, a spent budget answers STALE at
         # once instead of making the caller wait for a token.
         entry = self._entry(await fetch(not has_stale))
-        self.store.put(batch_id, entry)
+        # Evicted while this call was out (a cancel): its answer may predate the change.
+        if self.flights.current(batch_id) is asyncio.current_task():
+            self.store.put(batch_id, entry)
         return entry
+
+    def put(self, batch_id: str, reply: UpstreamReply) -> None:
+        """Store an answer got outside ``get`` (a create's); it replaces any call out for the id."""
+        self.flights.forget(batch_id)
+        self.store.put(batch_id, self._entry(reply))
+
+    def evict(self, batch_id: str) -> None:
+        """Drop the id's entry; a call out for it stores nothing (see the module's docstring)."""
+        self.flights.forget(batch_id)
+        self.store.evict(batch_id)
 
     def fresh(self, batch_id: str) -> CacheEntry | None:
         """The entry for ``batch_id`` if it is still fresh: a hit, with no waiting."""
