@@ -18,13 +18,15 @@ from aiohttp import HttpVersion10, web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDictProxy
 
-from gateway import errors, handlers
+from gateway import create, errors, handlers
 from gateway.keys import CACHE_STATE, CALLER, REQUEST_ID, STATE, TRACE
 from gateway.state import GatewayState
 from gateway.upstream import RequestTrace
 
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 BATCH_ROUTE = "/v2/batches/{id}"
+BATCHES_ROUTE = "/v2/batches"
+CANCEL_ROUTE = "/v2/batches/{id}:cancel"
 
 log = logging.getLogger("gateway")
 
@@ -172,12 +174,24 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     await upstream.close()
 
 
+async def _record_store(app: web.Application) -> AsyncIterator[None]:
+    """The ownership and idempotency store is open as long as the app."""
+    records = app[STATE].records
+    await records.start()
+    yield
+    await records.close()
+
+
 def build_app(state: GatewayState) -> web.Application:
     app = web.Application(middlewares=[gateway_middleware], client_max_size=state.snapshot.config.server.max_body_bytes)
     app[STATE] = state
     app.router.add_get(BATCH_ROUTE, handlers.get_batch, allow_head=False)
+    app.router.add_get(BATCHES_ROUTE, handlers.list_batches, allow_head=False)
+    app.router.add_post(BATCHES_ROUTE, create.create_batch)
+    app.router.add_post(CANCEL_ROUTE, handlers.cancel_batch)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics)
+    app.cleanup_ctx.append(_record_store)
     app.cleanup_ctx.append(_upstream_session)
     return app

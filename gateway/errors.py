@@ -96,7 +96,10 @@ class InvalidBatchId(CallerError):
 class RouteNotFound(CallerError):
     status = 404
     code = "route_not_found"
-    default_message = "No such route. The gateway serves GET /v2/batches/{id}."
+    default_message = (
+        "No such route. The gateway serves GET and POST /v2/batches, GET /v2/batches/{id}"
+        " and POST /v2/batches/{id}:cancel."
+    )
 
 
 class MalformedRequest(CallerError):

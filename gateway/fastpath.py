@@ -7,9 +7,12 @@ three times the gateway's own work (``bench/run.py``, ``hit_vs_ceiling``).
 
 It answers only the plainest case: ``GET /v2/batches/<well-formed id>``
 over HTTP/1.1 on a kept-alive connection, no body, no ``Expect``, one
-valid caller key, a caller within its rate limit, and a fresh 200 in the
-cache. For anything else it returns None and the request goes through the
-Application unchanged, which gives the same answer, every error included.
+valid caller key, a caller within its rate limit and allowed to retrieve
+the batch (``gateway.policy``, the rules the app applies too), and a fresh
+200 in the cache. For anything else it returns None and the request goes
+through the Application unchanged, which gives the same answer, every error
+included: a refusal, or an ``own`` caller whose ownership of the batch is
+not in memory, is the app's to answer.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_parser import RawRequestMessage
 
-from gateway import errors
+from gateway import errors, policy
 from gateway.app import BATCH_ROUTE, record_request, request_id_for
 from gateway.cache import CacheState
 from gateway.handlers import cache_headers
@@ -50,7 +53,10 @@ def answer_fresh_hit(state: GatewayState, message: RawRequestMessage) -> bytes |
         return None
     try:
         caller = state.snapshot.callers.authenticate(message.headers.getall("Authorization", []))
-    except errors.Unauthorized:
+        policy.authorize(caller, "retrieve")
+    except errors.GatewayError:
+        return None
+    if not policy.sees_every_batch(caller) and not policy.may_see(caller, state.records.known_owner(batch_id)):
         return None
     entry = state.cache.fresh(batch_id)
     if entry is None or entry.status != 200:

@@ -1,21 +1,56 @@
-"""The routes: the batch route, and the service endpoints."""
+"""The batch API's routes (retrieve, list, cancel; create is in ``gateway.create``) and the service endpoints.
+
+Each batch route starts with ``admit``: the caller key, the caller's own
+rate limit, then the operation's permission (``gateway.policy``), in that
+order, before its input is checked and anything reaches the upstream.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
-from gateway import errors
+from gateway import errors, policy
 from gateway.auth import Caller
 from gateway.cache import CacheEntry, CacheResult, CacheState, UpstreamReply
+from gateway.config import Operation
 from gateway.keys import CACHE_STATE, CALLER, REQUEST_ID, STATE, TRACE
 from gateway.protocol import parse_batch_id, upstream_message
-from gateway.state import GatewayState
-from gateway.upstream import FORWARDED_CALLER_HEADERS, UpstreamRequest
+from gateway.state import GatewayState, Snapshot
+from gateway.upstream import (
+    BATCHES_PATH,
+    FORWARDED_CALLER_HEADERS,
+    UpstreamRequest,
+    accept_batch,
+    batch_path,
+)
 
 # A waiter gives up a little after the fetch's own deadline would have fired.
 WAIT_MARGIN_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A request whose caller is known, within its limit and allowed the operation."""
+
+    state: GatewayState
+    snapshot: Snapshot  # this request's config, whatever a reload does meanwhile
+    caller: Caller
+
+
+def admit(request: web.Request, operation: Operation) -> Admitted:
+    """Authenticate, apply the caller's rate limit, then its permission for ``operation``."""
+    state = request.app[STATE]
+    snapshot = state.snapshot
+    caller = snapshot.callers.authenticate(request.headers.getall("Authorization", []))
+    request[CALLER] = caller.name
+    _check_caller_limit(state, caller)
+    policy.authorize(caller, operation)
+    return Admitted(state, snapshot, caller)
 
 
 def _check_caller_limit(state: GatewayState, caller: Caller) -> None:
@@ -27,26 +62,40 @@ def _check_caller_limit(state: GatewayState, caller: Caller) -> None:
         raise errors.CallerRateLimited(retry_after_s=wait)
 
 
+async def check_scope(state: GatewayState, caller: Caller, batch_id: str) -> None:
+    """404 ``not_found`` for a batch an ``own`` caller did not create; the store answers (503 if it cannot)."""
+    if not policy.sees_every_batch(caller):
+        policy.check_visible(caller, await state.records.owner_of(batch_id))
+
+
+def upstream_request(request: web.Request, caller: Caller, path: str, **call: Any) -> UpstreamRequest:
+    """The upstream call for ``request``: the caller's name and request id, the SDK's own headers."""
+    return UpstreamRequest(
+        path=path,
+        caller_name=caller.name,
+        request_id=request[REQUEST_ID],
+        caller_headers=tuple((h, request.headers[h]) for h in FORWARDED_CALLER_HEADERS if h in request.headers),
+        trace=request[TRACE],
+        **call,
+    )
+
+
+def json_answer(status: int, body: bytes, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=body, headers=headers, content_type="application/json")
+
+
 async def get_batch(request: web.Request) -> web.Response:
     """``GET /v2/batches/{id}``: authenticate, validate, answer from the cache."""
-    state = request.app[STATE]
-    snapshot = state.snapshot  # this request's config, whatever a reload does meanwhile
-    caller = snapshot.callers.authenticate(request.headers.getall("Authorization", []))
-    request[CALLER] = caller.name
-    _check_caller_limit(state, caller)
+    admitted = admit(request, "retrieve")
+    state, caller = admitted.state, admitted.caller
     batch_id = parse_batch_id(request.match_info["id"])
-    settings = snapshot.config.upstream
+    await check_scope(state, caller, batch_id)
+    settings = admitted.snapshot.config.upstream
 
     def fetch(may_wait: bool) -> Awaitable[UpstreamReply]:
         # Built only on a miss: a hit never needs it.
-        upstream_request = UpstreamRequest(
-            batch_id=batch_id,
-            caller_name=caller.name,
-            request_id=request[REQUEST_ID],
-            caller_headers=tuple((h, request.headers[h]) for h in FORWARDED_CALLER_HEADERS if h in request.headers),
-            trace=request[TRACE],
-        )
-        return state.upstream.fetch(upstream_request, settings, may_wait)
+        call = upstream_request(request, caller, batch_path(batch_id))
+        return state.upstream.fetch(call, settings, may_wait, accept_batch)
 
     # Until the cache says otherwise, this request is a miss: an upstream failure
     # answered without a stale entry still reports X-Cache: MISS.
@@ -73,6 +122,58 @@ def _render(result: CacheResult, now: float) -> web.Response:
         return web.Response(body=entry.body, headers=headers, content_type="application/json")
     # A cached 404: rendered as the contract's error, with the cache headers kept.
     raise errors.NotFound(upstream_message(entry.body), upstream_status=404, headers=headers)
+
+
+@dataclass(frozen=True, slots=True)
+class JsonAnswer:
+    """A 2xx upstream answer whose body is a JSON object."""
+
+    status: int
+    body: bytes
+    document: dict[str, Any]
+
+
+def accept_json_object(status: int, body: bytes) -> JsonAnswer | None:
+    """List and cancel: any 2xx whose body is a JSON object."""
+    if not 200 <= status < 300:
+        return None
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        document = None
+    if not isinstance(document, dict):
+        raise errors.UpstreamInvalidResponse("The upstream's answer was not a JSON object.", upstream_status=status)
+    return JsonAnswer(status, body, document)
+
+
+async def list_batches(request: web.Request) -> web.Response:
+    """``GET /v2/batches``: the upstream's page; an ``own`` caller sees only its batches in it."""
+    admitted = admit(request, "list")
+    state, caller = admitted.state, admitted.caller
+    query = policy.list_query(request.query)
+    call = upstream_request(request, caller, BATCHES_PATH, query=query)
+    page = await state.upstream.fetch(call, admitted.snapshot.config.upstream, True, accept_json_object)
+    if policy.sees_every_batch(caller):
+        return json_answer(page.status, page.body)
+    batches = policy.batches_of(page.document)
+    owners = {batch_id: await state.records.owner_of(batch_id) for batch_id in policy.ids_of(batches)}
+    # A page may come back shorter or empty; next_page_token is kept, as the upstream allows.
+    mine = [b for b in batches if isinstance(b, dict) and policy.may_see(caller, owners.get(b.get("id")))]  # type: ignore[arg-type]
+    return json_answer(page.status, json.dumps({**page.document, "batches": mine}).encode())
+
+
+async def cancel_batch(request: web.Request) -> web.Response:
+    """``POST /v2/batches/{id}:cancel``: cancel upstream, then evict the id's cache entry."""
+    admitted = admit(request, "cancel")
+    state, caller = admitted.state, admitted.caller
+    batch_id = parse_batch_id(request.match_info["id"])
+    policy.check_cancel_body(await request.read())
+    await check_scope(state, caller, batch_id)
+    # Cancelling twice is harmless, so a cancel may be retried like a read.
+    call = upstream_request(request, caller, f"{batch_path(batch_id)}:cancel", method="POST", write=True)
+    answer = await state.upstream.fetch(call, admitted.snapshot.config.upstream, True, accept_json_object)
+    state.cache.evict(batch_id)
+    return json_answer(answer.status, answer.body)
 
 
 async def healthz(_request: web.Request) -> web.Response:

@@ -83,6 +83,17 @@ class Metrics:
             ["caller"],
             registry=r,
         )
+        self.store_write_failures = Counter(
+            "gateway_store_write_failures",
+            "Records the store could not write: a new batch's owner, an idempotent create's outcome.",
+            registry=r,
+        )
+        self.idempotency = Counter(
+            "gateway_idempotency_keys",
+            "Creates with an Idempotency-Key, by what the store said: new, replayed, in_use, reused.",
+            ["outcome"],
+            registry=r,
+        )
         self.reloads = Counter(
             "gateway_config_reloads", "Config reloads, by result: ok or error.", ["result"], registry=r
         )

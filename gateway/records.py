@@ -101,6 +101,9 @@ class Records(Protocol):
     async def close(self) -> None:
         """Release the store; calls after this raise StoreUnavailable."""
 
+    def known_owner(self, batch_id: str) -> str | None:
+        """The owner if this process knows it without waiting (the inline path), else None."""
+
     async def owner_of(self, batch_id: str) -> str | None:
         """The name of the caller that created ``batch_id``, or None if none did through the gateway."""
 
@@ -305,6 +308,9 @@ class SqliteRecords:
         return result
 
     # --- owners -----------------------------------------------------------------
+
+    def known_owner(self, batch_id: str) -> str | None:
+        return self._owners.get(batch_id)
 
     async def owner_of(self, batch_id: str) -> str | None:
         cached = self._owners.get(batch_id)

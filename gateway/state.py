@@ -19,7 +19,12 @@ from gateway.config import GatewayConfig, RateLimit
 from gateway.logs import AccessLog, Redactor, set_level
 from gateway.metrics import Metrics
 from gateway.protection import Clock, TokenBucket
+from gateway.records import Records, SqliteRecords
 from gateway.upstream import UpstreamClient
+
+# How long past upstream.timeout_s a create may hold its Idempotency-Key: its
+# search for an earlier try's batch and the create each take up to one timeout.
+CLAIM_MARGIN_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +40,7 @@ class GatewayState:
     cache: BatchCache
     metrics: Metrics
     redact: Redactor
+    records: Records
     clock: Clock = time.monotonic
     access_log: AccessLog = field(default_factory=AccessLog)
     caller_buckets: dict[str, TokenBucket] = field(default_factory=dict)
@@ -58,13 +64,21 @@ class GatewayState:
             cache=cache,
             metrics=metrics,
             redact=redact or Redactor(),
+            records=SqliteRecords(
+                config.store.path,
+                config.batches.idempotency_ttl_s,
+                lease_s=2 * config.upstream.timeout_s + CLAIM_MARGIN_S,
+            ),
             clock=clock,
         )
         state.redact.update(config.secrets)
         return state
 
     def apply(self, config: GatewayConfig) -> None:
-        """Swap in a validated config. ``cache.max_entries`` and ``server`` keep start-up values."""
+        """Swap in a validated config.
+
+        ``cache.max_entries``, ``server``, ``store`` and ``batches`` keep their start-up values.
+        """
         self.redact.update(config.secrets)
         if config.logging.level != self.snapshot.config.logging.level:
             set_level(config.logging.level)

@@ -200,7 +200,7 @@ async def test_ids_that_try_to_escape_are_refused_and_never_reach_the_upstream(
 
 
 @pytest.mark.parametrize(
-    "path", ["/", "/v1/batches/batch-1", "/v2/batches", "/v2/batches/batch-1/cancel", "/v2/chat", "/V2/batches/b"]
+    "path", ["/", "/v1/batches/batch-1", "/v2/batches/", "/v2/batches/batch-1/cancel", "/v2/chat", "/V2/batches/b"]
 )
 async def test_an_unknown_path_is_404_route_not_found(path: str, upstream: FakeUpstream, start: GatewayFactory) -> None:
     gateway = await start(make_config(upstream.url))

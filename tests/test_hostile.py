@@ -117,9 +117,9 @@ PATHS = [
     ("/v2/batches/batch-1/cancel", 404, "route_not_found", None),
     ("/v2/batches/-batch", 400, "invalid_batch_id", None),
     ("/v2/batches/_batch", 400, "invalid_batch_id", None),
-    ("/v2/batches", 404, "route_not_found", None),
     ("/v2/batches/", 404, "route_not_found", None),
-    ("/v2/batches?id=batch-1", 404, "route_not_found", None),
+    # The list route takes three known parameters; anything else is refused before the upstream.
+    ("/v2/batches?id=batch-1", 400, "invalid_request", None),
     ("/v1/batches/batch-1", 404, "route_not_found", None),
     ("/v2/datasets/batch-1", 404, "route_not_found", None),
     ("/v2/batches/batch-1?x=1", 200, None, "batch-1"),
@@ -163,11 +163,15 @@ METHODS = [
     ("TRACE", "/v2/batches/batch-1", 405, "method_not_allowed"),
     ("PROPFIND", "/v2/batches/batch-1", 405, "method_not_allowed"),
     ("get", "/v2/batches/batch-1", 400, "malformed_request"),
-    ("POST", "/v2/batches/batch-1:cancel", 405, "method_not_allowed"),
-    ("POST", "/v2/batches", 404, "route_not_found"),
-    ("DELETE", "/v2/batches", 404, "route_not_found"),
+    # Create and cancel exist, but this caller has the default permissions (retrieve, list).
+    ("POST", "/v2/batches/batch-1:cancel", 403, "operation_not_allowed"),
+    ("POST", "/v2/batches", 403, "operation_not_allowed"),
+    ("DELETE", "/v2/batches", 405, "method_not_allowed"),
+    ("PUT", "/v2/batches/batch-1:cancel", 405, "method_not_allowed"),
     ("POST", "/healthz", 405, "method_not_allowed"),
 ]
+# The Allow header of each route's 405.
+ALLOWED = {"/healthz": "GET, HEAD", "/v2/batches": "GET, POST", "/v2/batches/batch-1:cancel": "GET, POST"}
 
 
 @pytest.mark.parametrize(("method", "target", "status", "code"), METHODS)
@@ -183,7 +187,7 @@ async def test_methods_the_route_does_not_serve_are_refused_without_an_upstream_
     assert response.status == status, response.raw[:300]
     assert response.code == code
     if status == 405:
-        assert response.header("Allow") == ("GET, HEAD" if target == "/healthz" else "GET")
+        assert response.header("Allow") == ALLOWED.get(target, "GET")
     assert_upstream_saw_only(simulator, None)
 
 

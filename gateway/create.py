@@ -1,0 +1,190 @@
+"""``POST /v2/batches``: create a batch, at most once per ``Idempotency-Key`` (DESIGN §8).
+
+A create is never retried once a byte of it may have reached the upstream.
+On success the new id is recorded as the caller's before the answer
+leaves, and the answer becomes the id's cache entry. With an
+``Idempotency-Key``, the store says whether this key is new, replays a
+finished answer, or is still in use; only definite outcomes are recorded.
+When an earlier try ended without an answer (a timeout, a connection lost
+after sending), the batch may exist: a retry first looks for it in the
+upstream's list, and replays it if found, rather than create a second one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+from gateway import errors, policy
+from gateway.cache import UpstreamReply
+from gateway.handlers import Admitted, JsonAnswer, accept_json_object, admit, json_answer, upstream_request
+from gateway.keys import REQUEST_ID, TRACE
+from gateway.logs import log_event
+from gateway.protocol import BATCH_ID, lifetime_of_status
+from gateway.records import Claimed, InUse, Replay, Reused, body_fingerprint
+from gateway.upstream import BATCHES_PATH
+
+log = logging.getLogger("gateway")
+
+REPLAYED = {"Idempotent-Replayed": "true"}
+# The idempotency metric's label for each answer of the store.
+CLAIM_OUTCOMES = {Claimed: "new", Replay: "replayed", InUse: "in_use", Reused: "reused"}
+# Upstream answers to a create that are definite: the same request would get them again.
+DEFINITE_ERRORS = frozenset({400, 404, 422})
+# Looking for a batch an ambiguous try may have made: pages of this size, at most this many.
+SEARCH_PAGE_SIZE = 100
+SEARCH_MAX_PAGES = 5
+# The upstream's clock and ours may disagree: a batch created this long before the first try still counts.
+CLOCK_SKEW_S = 120.0
+
+
+async def create_batch(request: web.Request) -> web.Response:
+    admitted = admit(request, "create")
+    key = policy.idempotency_key(request.headers.getall("Idempotency-Key", []))
+    body = await request.read()
+    document = policy.create_document(request.content_type, body)
+    if key is None:
+        reply = await _create(request, admitted, body)
+        return json_answer(reply.status, reply.body)
+    records, caller = admitted.state.records, admitted.caller.name
+    claim = await records.claim_key(caller, key, body_fingerprint(document))
+    admitted.state.metrics.idempotency.labels(CLAIM_OUTCOMES[type(claim)]).inc()
+    if isinstance(claim, Replay):
+        return json_answer(claim.status, claim.body, REPLAYED)
+    if isinstance(claim, InUse):
+        raise errors.IdempotencyKeyInUse(retry_after_s=claim.retry_after_s)
+    if isinstance(claim, Reused):
+        raise errors.IdempotencyKeyReused()
+    return await _create_claimed(request, admitted, key, body, document, claim)
+
+
+async def _create_claimed(
+    request: web.Request, admitted: Admitted, key: str, body: bytes, document: dict[str, Any], claim: Claimed
+) -> web.Response:
+    """Create under a claimed key, and record the outcome as definite, ambiguous or free."""
+    state, caller = admitted.state, admitted.caller.name
+    replayed = False
+    try:
+        found = None
+        if claim.ambiguous_since is not None:
+            found = await _find_created(request, admitted, document, claim.ambiguous_since)
+        if found is not None:
+            reply, replayed = found, True
+            await _keep(admitted, reply)
+        else:
+            reply = await _create(request, admitted, body)
+    except errors.GatewayError as error:
+        if error.upstream_status in DEFINITE_ERRORS:
+            rendered = error.body(request[REQUEST_ID], state.redact.known)
+            await _settle(admitted, key, error.status, rendered)
+        elif _may_have_created(request, error):
+            await _unless_store_fails(state.records.mark_ambiguous(caller, key))
+        else:
+            await _unless_store_fails(state.records.release_key(caller, key))
+        raise
+    except BaseException:
+        # Cancelled (the gateway is stopping), or a bug: the upstream may have the batch.
+        await _unless_store_fails(state.records.mark_ambiguous(caller, key))
+        raise
+    await _settle(admitted, key, reply.status, reply.body)
+    return json_answer(reply.status, reply.body, REPLAYED if replayed else None)
+
+
+async def _unless_store_fails(update: Awaitable[None]) -> None:
+    """A key's state change that may fail: the key then stays claimed until its lease ends,
+    after which a retry treats it as ambiguous and looks before it creates."""
+    try:
+        await update
+    except errors.StoreUnavailable:
+        log_event(log, logging.ERROR, "could not update an idempotency key's state")
+
+
+def _may_have_created(request: web.Request, error: errors.GatewayError) -> bool:
+    """Whether the create may have made a batch whose answer we never read."""
+    answered_2xx = error.upstream_status is not None and 200 <= error.upstream_status < 300
+    return request[TRACE].outcome_unknown or answered_2xx
+
+
+async def _create(request: web.Request, admitted: Admitted, body: bytes) -> JsonAnswer:
+    """One create upstream; the new id is recorded as the caller's and cached before this returns."""
+    call = upstream_request(
+        request, admitted.caller, BATCHES_PATH, method="POST", body=body, retry_after_sending=False, write=True
+    )
+    reply = await admitted.state.upstream.fetch(call, admitted.snapshot.config.upstream, True, accept_json_object)
+    await _keep(admitted, reply)
+    return reply
+
+
+async def _keep(admitted: Admitted, reply: JsonAnswer) -> None:
+    """Record a created batch as the caller's (durably, before its answer leaves) and cache it."""
+    batch = reply.document.get("batch")
+    batch_id = batch.get("id") if isinstance(batch, dict) else None
+    if not isinstance(batch, dict) or not isinstance(batch_id, str) or not BATCH_ID.fullmatch(batch_id):
+        raise errors.UpstreamInvalidResponse(
+            "The upstream's answer to a create held no batch id.", upstream_status=reply.status
+        )
+    state, caller = admitted.state, admitted.caller.name
+    try:
+        await state.records.record_owner(batch_id, caller)
+    except errors.StoreUnavailable:
+        # The batch exists: the caller still gets it, and ops learn whose it is from the log.
+        state.metrics.store_write_failures.inc()
+        log_event(log, logging.ERROR, "could not record a new batch's owner", batch_id=batch_id, caller=caller)
+    cached = json.dumps({"batch": batch}).encode() if set(reply.document) != {"batch"} else reply.body
+    state.cache.put(batch_id, UpstreamReply(200, cached, lifetime_of_status(batch.get("status"))))
+
+
+async def _settle(admitted: Admitted, key: str, status: int, body: bytes) -> None:
+    """Record a definite outcome for ``key``; if that fails, the key's lease runs out and a retry looks first."""
+    try:
+        await admitted.state.records.settle_key(admitted.caller.name, key, status, body)
+    except errors.StoreUnavailable:
+        admitted.state.metrics.store_write_failures.inc()
+        log_event(log, logging.ERROR, "could not record an idempotent create's outcome", caller=admitted.caller.name)
+
+
+async def _find_created(
+    request: web.Request, admitted: Admitted, document: dict[str, Any], since: float
+) -> JsonAnswer | None:
+    """The batch an earlier, ambiguous try made, looked for in the list ordered by ``created_at``.
+
+    The upstream does not document the sort direction, so pages are read
+    until one holds nothing created since the first try and runs newest
+    first, or until ``SEARCH_MAX_PAGES``.
+    """
+    page_token: str | None = None
+    for _ in range(SEARCH_MAX_PAGES):
+        query = [("order_by", "created_at"), ("page_size", str(SEARCH_PAGE_SIZE))]
+        if page_token:
+            query.append(("page_token", page_token))
+        call = upstream_request(request, admitted.caller, BATCHES_PATH, query=tuple(query))
+        page = await admitted.state.upstream.fetch(call, admitted.snapshot.config.upstream, True, accept_json_object)
+        batches = policy.batches_of(page.document)
+        created = [_created_at(b) for b in batches]
+        for batch, when in zip(batches, created, strict=True):
+            if policy.matches_create(batch, document) and (when is None or when >= since - CLOCK_SKEW_S):
+                body = json.dumps({"batch": batch}).encode()
+                return JsonAnswer(200, body, {"batch": batch})
+        token = page.document.get("next_page_token")
+        newest_first = len(created) > 1 and None not in created and created[0] >= created[-1]  # type: ignore[operator]
+        all_older = bool(created) and all(w is not None and w < since - CLOCK_SKEW_S for w in created)
+        if not isinstance(token, str) or not token or (newest_first and all_older):
+            return None
+        page_token = token
+    return None
+
+
+def _created_at(batch: object) -> float | None:
+    """A listed batch's ``created_at`` as epoch seconds; None if it has none that parses."""
+    value = batch.get("created_at") if isinstance(batch, dict) else None
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None

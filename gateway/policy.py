@@ -1,0 +1,155 @@
+"""The rules of the batch API (DESIGN §8), as pure functions both answer paths call.
+
+A hit is answered inline (``gateway.fastpath``) or by the app
+(``gateway.handlers``); each rule lives here once, so the two cannot
+disagree. Where the inline path cannot carry a rule's outcome out (a
+refusal, a look-up in the store), it hands the request to the app, which
+applies the same rule again and answers.
+
+Also here: what a caller may send. The list query, the create body, the
+cancel body and the ``Idempotency-Key`` are checked before anything
+reaches the upstream, and every problem is named in one 400
+``invalid_request``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from multidict import MultiMapping
+
+from gateway import errors
+from gateway.auth import Caller
+from gateway.config import Operation
+
+# What json.loads raises on bytes that are not JSON (RecursionError: deeply nested arrays).
+_UNPARSEABLE = (ValueError, UnicodeDecodeError, RecursionError)
+# 1 to 255 visible ASCII characters (DESIGN §8).
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+_PAGE_TOKEN = re.compile(r"[A-Za-z0-9._~=-]{1,1024}")
+_PAGE_SIZE = re.compile(r"[0-9]{1,4}")
+MAX_PAGE_SIZE = 1000
+ORDERS = ("created_at", "updated_at")
+LIST_PARAMETERS = ("page_size", "page_token", "order_by")
+CREATE_FIELDS = ("name", "input_dataset_id", "model")
+
+
+def authorize(caller: Caller, operation: Operation) -> None:
+    """Raise 403 ``operation_not_allowed`` unless ``callers[].allow`` lists ``operation``."""
+    if operation not in caller.allow:
+        raise errors.OperationNotAllowed(
+            f"This caller may not {operation} batches. Ops can allow it in the gateway's config (callers[].allow)."
+        )
+
+
+def sees_every_batch(caller: Caller) -> bool:
+    """``batches: all``: no ownership check is needed for this caller."""
+    return caller.batches == "all"
+
+
+def may_see(caller: Caller, owner: str | None) -> bool:
+    """Whether ``caller`` may see a batch created by ``owner`` (None: not created through the gateway)."""
+    return caller.batches == "all" or owner == caller.name
+
+
+def check_visible(caller: Caller, owner: str | None) -> None:
+    """Raise 404 ``not_found`` for a batch this caller may not see: the answer a missing batch gets."""
+    if not may_see(caller, owner):
+        raise errors.NotVisible()
+
+
+def list_query(query: MultiMapping[str]) -> tuple[tuple[str, str], ...]:
+    """The list call's query as it goes upstream: only the three known parameters, each checked."""
+    problems = [f"unknown parameter '{_shown(name)}'" for name in query if name not in LIST_PARAMETERS]
+    given: list[tuple[str, str]] = []
+    for name in LIST_PARAMETERS:
+        values = query.getall(name, [])
+        if len(values) > 1:
+            problems.append(f"'{name}' given more than once")
+        elif values:
+            problem = _list_parameter_problem(name, values[0])
+            if problem:
+                problems.append(problem)
+            given.append((name, values[0]))
+    if problems:
+        raise errors.InvalidRequest("Bad list query: " + "; ".join(dict.fromkeys(problems)) + ".")
+    return tuple(given)
+
+
+def _list_parameter_problem(name: str, value: str) -> str | None:
+    if name == "page_size":
+        if not _PAGE_SIZE.fullmatch(value) or not 1 <= int(value) <= MAX_PAGE_SIZE:
+            return f"page_size must be an integer from 1 to {MAX_PAGE_SIZE}"
+    elif name == "page_token":
+        if not _PAGE_TOKEN.fullmatch(value):
+            return "page_token must be 1 to 1024 characters of letters, digits and '._~=-'"
+    elif value not in ORDERS:
+        return "order_by must be created_at or updated_at"
+    return None
+
+
+def _shown(text: str) -> str:
+    """A caller-sent name, bounded and printable, for an error message."""
+    return text[:64].encode("ascii", "backslashreplace").decode("ascii")
+
+
+def idempotency_key(values: list[str]) -> str | None:
+    """The create's ``Idempotency-Key``, if it sent one; 400 ``invalid_request`` if it is malformed."""
+    if not values:
+        return None
+    if len(values) > 1:
+        raise errors.InvalidRequest("Send at most one Idempotency-Key header.")
+    if not _IDEMPOTENCY_KEY.fullmatch(values[0]):
+        raise errors.InvalidRequest("Idempotency-Key must be 1 to 255 visible ASCII characters.")
+    return values[0]
+
+
+def create_document(content_type: str, body: bytes) -> dict[str, Any]:
+    """The create's body as JSON: an object with non-empty string ``name``, ``input_dataset_id`` and ``model``."""
+    if content_type != "application/json":
+        raise errors.InvalidRequest("Send the batch as JSON, with 'Content-Type: application/json'.")
+    document = _json_object(body, "The body must be a JSON object describing the batch.")
+    bad = [name for name in CREATE_FIELDS if not _non_empty_string(document.get(name))]
+    if bad:
+        raise errors.InvalidRequest(
+            "Each of these fields must be a non-empty string: " + ", ".join(bad) + ".",
+        )
+    return document
+
+
+def check_cancel_body(body: bytes) -> None:
+    """A cancel takes no body: empty, or ``{}``."""
+    if body.strip() and _json_object(body, "A cancel takes no body (or '{}').") != {}:
+        raise errors.InvalidRequest("A cancel takes no body (or '{}').")
+
+
+def _json_object(body: bytes, message: str) -> dict[str, Any]:
+    try:
+        document = json.loads(body)
+    except _UNPARSEABLE:
+        raise errors.InvalidRequest(message) from None
+    if not isinstance(document, dict):
+        raise errors.InvalidRequest(message)
+    return document
+
+
+def _non_empty_string(value: object) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def matches_create(batch: object, document: dict[str, Any]) -> bool:
+    """Whether a listed batch is the one a create with ``document`` would have made."""
+    return isinstance(batch, dict) and all(batch.get(name) == document[name] for name in ("name", "input_dataset_id"))
+
+
+def batches_of(page: dict[str, Any]) -> list[Any]:
+    """The ``batches`` of a list page (absent: none)."""
+    batches = page.get("batches")
+    return batches if isinstance(batches, list) else []
+
+
+def ids_of(batches: Iterable[Any]) -> list[str]:
+    return [b["id"] for b in batches if isinstance(b, dict) and isinstance(b.get("id"), str)]
