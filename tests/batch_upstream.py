@@ -99,14 +99,14 @@ class BatchUpstream:
 
     # --- what tests read -------------------------------------------------------------
 
-    def calls(self, endpoint: Endpoint | None = None) -> list[Seen]:
+    def calls(self, endpoint: str | None = None) -> list[Seen]:
         """Every request for ``endpoint`` (None: every request at all), in order."""
         return [seen for seen in self.requests if endpoint is None or seen.endpoint == endpoint]
 
-    def count(self, endpoint: Endpoint | None = None) -> int:
+    def count(self, endpoint: str | None = None) -> int:
         return len(self.calls(endpoint))
 
-    async def arrival(self, endpoint: Endpoint | None, count: int = 1, timeout_s: float = WAIT_S) -> Seen:
+    async def arrival(self, endpoint: str | None, count: int = 1, timeout_s: float = WAIT_S) -> Seen:
         """Wait until ``count`` requests for ``endpoint`` have arrived; the ``count``-th."""
         async with self._changed:
             await asyncio.wait_for(self._changed.wait_for(lambda: self.count(endpoint) >= count), timeout_s)
@@ -304,8 +304,10 @@ class BatchUpstream:
     def _list(self, query: MultiDict[str]) -> tuple[int, bytes]:
         order = query.get("order_by", "created_at")
         ordered = sorted(self.batches.values(), key=lambda b: b.get(order, ""), reverse=True)
-        size = int(query.get("page_size", "50"))
-        offset = int(query["page_token"].removeprefix("page.")) if "page_token" in query else 0
+        size_text = query.get("page_size", "50")
+        size = int(size_text) if size_text.isdigit() and int(size_text) > 0 else 50
+        token = query.get("page_token", "page.0").removeprefix("page.")
+        offset = int(token) if token.isdigit() else 0  # a token the fake never gave: the first page
         page: dict[str, Any] = {"batches": ordered[offset : offset + size]}
         if offset + size < len(ordered):
             page["next_page_token"] = f"page.{offset + size}"
