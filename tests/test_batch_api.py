@@ -721,6 +721,20 @@ async def test_ownership_survives_a_restart_on_the_same_store(
     assert upstream.count("cancel") == 0
 
 
+async def test_renaming_a_caller_hands_its_batches_to_no_one(
+    upstream: BatchUpstream, start: GatewayFactory, tmp_path: Path
+) -> None:
+    store = {"path": str(tmp_path / "s.db")}
+    first = await start(make_config(upstream.url, callers=write_callers("own", "own"), store=store))
+    mine = await create(first, BILLING_KEY)
+    await first.stop()
+
+    renamed = [caller("billing-v2", BILLING_KEY, ALL_OPERATIONS, "own"), *write_callers("own", "own")[1:]]
+    second = await start(make_config(upstream.url, callers=renamed, store=store))
+    assert_error(await retrieve(second, mine, BILLING_KEY), 404, "not_found")
+    assert upstream.count("retrieve") == 0
+
+
 # --- every rule on both ways a hit is answered -------------------------------------------
 #
 # A plain fresh hit on a kept-alive connection may be answered below the
