@@ -55,7 +55,7 @@ async def create_batch(request: web.Request) -> web.Response:
     claim = await records.claim_key(caller, key, body_fingerprint(document))
     admitted.state.metrics.idempotency.labels(CLAIM_OUTCOMES[type(claim)]).inc()
     if isinstance(claim, Replay):
-        return json_answer(claim.status, claim.body, REPLAYED)
+        return json_answer(claim.status, _for_this_request(claim, request[REQUEST_ID]), REPLAYED)
     if isinstance(claim, InUse):
         raise errors.IdempotencyKeyInUse(retry_after_s=claim.retry_after_s)
     if isinstance(claim, Reused):
@@ -93,6 +93,14 @@ async def _create_claimed(
         raise
     await _settle(admitted, key, reply.status, reply.body)
     return json_answer(reply.status, reply.body, REPLAYED if replayed else None)
+
+
+def _for_this_request(replay: Replay, request_id: str) -> bytes:
+    """A replayed error names this request's id, as its ``X-Request-ID`` does; a batch is replayed as it was."""
+    if replay.status < 400:
+        return replay.body
+    document = json.loads(replay.body)
+    return json.dumps({**document, "request_id": request_id}).encode()
 
 
 async def _unless_store_fails(update: Awaitable[None]) -> None:

@@ -166,6 +166,10 @@ async def cancel_batch(request: web.Request) -> web.Response:
     """``POST /v2/batches/{id}:cancel``: cancel upstream, then evict the id's cache entry."""
     admitted = admit(request, "cancel")
     state, caller = admitted.state, admitted.caller
+    if not request.raw_path.partition("?")[0].endswith(":cancel"):
+        # The router matched a decoded path: '/v2/batches/a%3Acancel' names a batch
+        # whose id is 'a:cancel' (a percent-encoded ':' is not a delimiter), not a cancel.
+        raise errors.InvalidBatchId()
     batch_id = parse_batch_id(request.match_info["id"])
     policy.check_cancel_body(await request.read())
     await check_scope(state, caller, batch_id)

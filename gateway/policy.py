@@ -128,7 +128,9 @@ def check_cancel_body(body: bytes) -> None:
 
 def _json_object(body: bytes, message: str) -> dict[str, Any]:
     try:
-        document = json.loads(body)
+        # JSON between systems is UTF-8 (RFC 8259); json.loads would also guess
+        # UTF-16 and UTF-32 from bytes, and the upstream would get what it cannot read.
+        document = json.loads(body.decode("utf-8"))
     except _UNPARSEABLE:
         raise errors.InvalidRequest(message) from None
     if not isinstance(document, dict):

@@ -17,8 +17,10 @@ import json
 import logging
 import shutil
 import socket
+import sqlite3
 import tempfile
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -579,3 +581,37 @@ async def serves_healthz(url: str) -> bool:
             except aiohttp.ClientConnectionError:
                 await asyncio.sleep(0.05)
     return False
+
+
+# ---------------------------------------------------------------------------
+# The record store, made to fail for real
+# ---------------------------------------------------------------------------
+
+BUSY_S = 0.05  # a store's busy timeout in tests that make it fail: failures come quickly
+
+
+@contextmanager
+def store_locked(path: str | Path, *, reads: bool = True) -> Iterator[None]:
+    """Make the store at ``path`` fail, for real, while the ``with`` block runs.
+
+    Another connection takes a lock on the database file, as another process
+    would (the store keeps a rollback journal, so locks are whole-file):
+
+    - ``reads=True``: ``BEGIN EXCLUSIVE``. Nobody else can read or write:
+      ``owner_of`` (past its cache), ``claim_key`` and every write raise
+      ``StoreUnavailable`` once their busy timeout has passed.
+    - ``reads=False``: ``BEGIN IMMEDIATE`` (a RESERVED lock). Reads still
+      work; every write raises ``StoreUnavailable`` after its retries.
+
+    The file must exist already (start the store, or the gateway, first). It
+    works for a store in this process (the gateway started in-process with
+    ``store.path`` from its config) and in a child process alike. Give the
+    store a short busy timeout to keep the test fast.
+    """
+    connection = sqlite3.connect(str(path), isolation_level=None, timeout=5)
+    try:
+        connection.execute("BEGIN EXCLUSIVE" if reads else "BEGIN IMMEDIATE")
+        yield
+        connection.execute("ROLLBACK")
+    finally:
+        connection.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import string
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from tests.batch_upstream import (
 from tests.conftest import GatewayFactory
 from tests.support import (
     BILLING_KEY,
+    BUSY_S,
     REPORTING_KEY,
     Answer,
     FakeClock,
@@ -40,6 +42,7 @@ from tests.support import (
     registry_value,
     request_bytes,
     sdk,
+    store_locked,
 )
 
 BOUND_S = 30
@@ -47,14 +50,16 @@ KEY = "create-nightly-2026-12-01"
 
 
 # The store's failures are made at merge, where the store's interface is known.
-def break_store_reads(gateway: RunningGateway) -> None:
-    """From now on, every read of ``gateway``'s ownership and idempotency records fails."""
-    raise NotImplementedError("filled in at merge")
+def break_store_reads(gateway: RunningGateway) -> AbstractContextManager[None]:
+    """While the block runs, every read and write of ``gateway``'s records fails (another process's lock)."""
+    gateway.state.records.busy_timeout_s = BUSY_S  # type: ignore[attr-defined]
+    return store_locked(gateway.state.snapshot.config.store.path, reads=True)
 
 
-def break_store_writes(gateway: RunningGateway) -> None:
-    """From now on, every write of ``gateway``'s ownership and idempotency records fails (retries included)."""
-    raise NotImplementedError("filled in at merge")
+def break_store_writes(gateway: RunningGateway) -> AbstractContextManager[None]:
+    """While the block runs, every write of ``gateway``'s records fails, retries included; reads still work."""
+    gateway.state.records.busy_timeout_s = BUSY_S  # type: ignore[attr-defined]
+    return store_locked(gateway.state.snapshot.config.store.path, reads=False)
 
 
 async def writer_gateway(
@@ -395,8 +400,8 @@ async def test_a_create_whose_record_cannot_be_written_still_answers_and_is_logg
     upstream: BatchUpstream, start: GatewayFactory, logs: LogCapture
 ) -> None:
     gateway = await writer_gateway(start, upstream, billing="own")
-    break_store_writes(gateway)
-    answer = await keyed_create(gateway)
+    with break_store_writes(gateway):
+        answer = await post_json(f"{gateway.url}/v2/batches", create_body())
     assert answer.status == 200, answer.body[:300]
     batch_id = answer.json["batch"]["id"]
     assert registry_value(gateway, "gateway_store_write_failures_total") == 1
@@ -414,17 +419,17 @@ async def test_an_own_callers_retrieve_when_the_store_cannot_be_read_is_503_neve
     await first_gateway.stop()
 
     gateway = await writer_gateway(start, upstream, billing="own", store=store)  # nothing of it in memory
-    break_store_reads(gateway)
-    for batch_id in (mine, "seeded-1"):
-        answer = await http(f"{gateway.url}/v2/batches/{batch_id}")
-        assert_error(answer, 503, "store_unavailable")
-        assert "batch" not in answer.document
+    with break_store_reads(gateway):
+        for batch_id in (mine, "seeded-1"):
+            answer = await http(f"{gateway.url}/v2/batches/{batch_id}")
+            assert_error(answer, 503, "store_unavailable")
+            assert "batch" not in answer.document
 
 
 async def test_a_keyed_create_when_the_store_cannot_be_read_is_503_without_an_upstream_call(
     upstream: BatchUpstream, start: GatewayFactory
 ) -> None:
     gateway = await writer_gateway(start, upstream)
-    break_store_reads(gateway)
-    assert_error(await keyed_create(gateway), 503, "store_unavailable")
+    with break_store_reads(gateway):
+        assert_error(await keyed_create(gateway), 503, "store_unavailable")
     assert upstream.count("create") == 0

@@ -11,8 +11,7 @@ import asyncio
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,37 +19,8 @@ import pytest
 
 from gateway.errors import StoreUnavailable
 from gateway.records import Claimed, InUse, Replay, Reused, SqliteRecords, body_fingerprint
-from tests.support import FakeClock, LogCapture
+from tests.support import BUSY_S, FakeClock, LogCapture, store_locked
 
-
-@contextmanager
-def store_locked(path: str | Path, *, reads: bool = True) -> Iterator[None]:
-    """Make the store at ``path`` fail, for real, while the ``with`` block runs.
-
-    Another connection takes a lock on the database file, as another process
-    would (the store keeps a rollback journal, so locks are whole-file):
-
-    - ``reads=True``: ``BEGIN EXCLUSIVE``. Nobody else can read or write:
-      ``owner_of`` (past its cache), ``claim_key`` and every write raise
-      ``StoreUnavailable`` once their busy timeout has passed.
-    - ``reads=False``: ``BEGIN IMMEDIATE`` (a RESERVED lock). Reads still
-      work; every write raises ``StoreUnavailable`` after its retries.
-
-    The file must exist already (start the store, or the gateway, first). It
-    works for a store in this process (the gateway started in-process with
-    ``store.path`` from its config) and in a child process alike. Give the
-    store a short busy timeout to keep the test fast.
-    """
-    connection = sqlite3.connect(str(path), isolation_level=None, timeout=5)
-    try:
-        connection.execute("BEGIN EXCLUSIVE" if reads else "BEGIN IMMEDIATE")
-        yield
-        connection.execute("ROLLBACK")
-    finally:
-        connection.close()
-
-
-BUSY_S = 0.05  # the stores' busy timeout in these tests: failures come quickly
 TTL_S = 3600.0
 LEASE_S = 20.0
 FP = body_fingerprint({"name": "nightly", "input_dataset_id": "ds-1", "model": "m"})
