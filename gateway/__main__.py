@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from gateway.config import OPERATIONS, CallerSettings, ConfigError, GatewayConfig, load_config
 from gateway.demo import DEMO_CALLERS, Simulator, demo_overrides, start_simulator
+from gateway.errors import StoreUnavailable
 from gateway.logs import Redactor, configure_logging
 from gateway.server import serve_until_signalled, start_gateway
 from gateway.state import GatewayState
@@ -126,6 +127,10 @@ async def run(args: argparse.Namespace, redact: Redactor) -> int:
     configure_logging(config.logging.level, redact)
     try:
         running = await start_gateway(config, args.host, args.port, GatewayState.create(config, redact))
+    except StoreUnavailable as exc:
+        # The record store cannot be opened: as bad as a bad config (DESIGN §3).
+        report([exc.message])
+        return 2
     except OSError as exc:
         print(f"cohere-gateway: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -432,3 +432,20 @@ def test_the_image_runs_as_non_root_with_a_healthcheck_and_an_exec_form_command(
     assert not any(tool in " ".join(stage) for tool in ("gcc", "build-essential", "pip install")), (
         "the final stage only copies the built venv"
     )
+
+
+def test_a_store_path_in_a_missing_directory_stops_the_gateway_naming_the_key(tmp_path: Path) -> None:
+    """A missing volume must not leave the gateway running with ownership records it will lose."""
+    config = write_config(
+        tmp_path / "config.yaml", process_config("http://127.0.0.1:9", store={"path": str(tmp_path / "gone" / "s.db")})
+    )
+    result = subprocess.run(  # noqa: S603 (a fixed argument list)
+        [sys.executable, "-m", "gateway", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_WAIT_S,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "store.path" in result.stderr
+    assert "does not exist" in result.stderr
