@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from cohere.batches import Batch
+from cohere.errors import BadRequestError, ForbiddenError, NotFoundError
 
 from gateway.server import RunningGateway
 from tests.batch_upstream import (
@@ -299,6 +300,25 @@ async def test_an_upstream_400_on_create_is_a_bad_request_with_the_upstreams_mes
     assert_error(answer, 400, "bad_request")
     assert "model command-zzz does not exist" in answer.document["message"]
     assert upstream.count("create") == 1
+
+
+async def test_the_sdk_raises_its_own_error_classes_with_the_gateways_message_for_refused_writes(
+    upstream: BatchUpstream, start: GatewayFactory
+) -> None:
+    upstream.seed("seeded-1")
+    callers = [caller("billing-service", BILLING_KEY), caller("reporting", REPORTING_KEY, ALL_OPERATIONS, "own")]
+    gateway = await start(make_config(upstream.url, callers=callers))
+    with pytest.raises(ForbiddenError) as forbidden:
+        await asyncio.wait_for(sdk(gateway.url, BILLING_KEY).batches.create(request=batch()), BOUND_S)
+    with pytest.raises(NotFoundError) as hidden:
+        await asyncio.wait_for(sdk(gateway.url, REPORTING_KEY).batches.cancel("seeded-1"), BOUND_S)
+    with pytest.raises(BadRequestError) as invalid:
+        await asyncio.wait_for(sdk(gateway.url, REPORTING_KEY).batches.create(request=batch(name="")), BOUND_S)
+    assert forbidden.value.body["code"] == "operation_not_allowed"
+    assert hidden.value.body["code"] == "not_found"
+    assert invalid.value.body["code"] == "invalid_request"
+    assert "name" in invalid.value.body["message"]
+    assert upstream.count() == 0
 
 
 # --- what the upstream sees, for every operation ----------------------------------------
