@@ -15,7 +15,7 @@ from typing import Any
 import uvloop
 from pydantic import ValidationError
 
-from gateway.config import OPERATIONS, CallerSettings, ConfigError, GatewayConfig, load_config
+from gateway.config import DEFAULT_ALLOW, OPERATIONS, CallerSettings, ConfigError, GatewayConfig, load_config
 from gateway.demo import DEMO_CALLERS, Simulator, demo_overrides, start_simulator
 from gateway.errors import StoreUnavailable
 from gateway.logs import Redactor, configure_logging
@@ -106,9 +106,15 @@ def print_demo_banner(url: str) -> None:
     print(f"cohere-gateway demo: serving {url} against a simulated upstream.", flush=True)
     print("Demo caller keys (valid only in demo mode):", flush=True)
     for caller in DEMO_CALLERS:
-        print(f"  {caller['name']}: {caller['key']}", flush=True)
-    key = DEMO_CALLERS[0]["key"]
-    print(f"Try: curl -H 'Authorization: Bearer {key}' {url}/v2/batches/my-first-batch", flush=True)
+        allow = ", ".join(op for op in OPERATIONS if op in caller.get("allow", DEFAULT_ALLOW))
+        print(f"  {caller['name']}: {caller['key']}  (may {allow}; sees {caller.get('batches', 'all')} batches)")
+    reader = next(c for c in DEMO_CALLERS if c.get("batches", "all") == "all")
+    writer = next(c for c in DEMO_CALLERS if "create" in c.get("allow", ()))
+    print(f"Try: curl -H 'Authorization: Bearer {reader['key']}' {url}/v2/batches/my-first-batch")
+    print("Or, with the cohere SDK (pip install cohere):")
+    print(f"  co = cohere.ClientV2(api_key={writer['key']!r}, base_url={url!r})")
+    print('  batch = co.batches.create(request=cohere.Batch(name="n", input_dataset_id="ds", model="m")).batch')
+    print("  co.batches.retrieve(batch.id); co.batches.list(); co.batches.cancel(batch.id)", flush=True)
 
 
 async def run(args: argparse.Namespace, redact: Redactor) -> int:

@@ -7,7 +7,7 @@ import hmac
 from dataclasses import dataclass
 
 from gateway import errors
-from gateway.config import CallerSettings, Operation, RateLimit, Scope
+from gateway.config import DEFAULT_ALLOW, CallerSettings, Operation, RateLimit, Scope
 
 # Compared against when no configured digest matched, so that a miss costs one compare too.
 _NO_DIGEST = bytes(32)
@@ -19,7 +19,7 @@ class Caller:
 
     name: str
     rate_limit: RateLimit | None
-    allow: frozenset[Operation] = frozenset({"retrieve", "list"})
+    allow: frozenset[Operation] = DEFAULT_ALLOW
     batches: Scope = "all"
 
 

@@ -196,6 +196,8 @@ class LoggingSettings(_Section):
 # The batch API's operations (DESIGN §8), as named in ``callers[].allow``.
 Operation = Literal["retrieve", "list", "create", "cancel"]
 OPERATIONS: tuple[Operation, ...] = ("retrieve", "list", "create", "cancel")
+# What a caller may do unless its ``allow`` says otherwise: what every caller could do before §8.
+DEFAULT_ALLOW: frozenset[Operation] = frozenset({"retrieve", "list"})
 # ``all``: every batch of the organisation; ``own``: only those the caller created through the gateway.
 Scope = Literal["all", "own"]
 
@@ -205,7 +207,7 @@ class CallerSettings(_Section):
     key: SecretStr | None = None
     key_sha256: str | None = None
     rate_limit: RateLimit | None = None
-    allow: frozenset[Operation] = frozenset({"retrieve", "list"})
+    allow: frozenset[Operation] = DEFAULT_ALLOW
     batches: Scope = "all"
 
     @field_validator("allow", mode="before")
