@@ -3,6 +3,7 @@
     python bench/run.py            # full run (about 6 minutes): writes bench/RESULTS.md and bench/upstream_calls.png
     python bench/run.py --quick    # under 3 minutes; results go to a temporary folder
     python bench/run.py --smoke    # a few seconds: every scenario once, minimally (CI)
+    python bench/run.py --quick --only callers,config   # just some scenarios (see --help)
 
 Every server runs in its own process on 127.0.0.1: the simulated upstream
 (bench/sim_server.py, the gateway's own ``gateway.demo.Simulator``), the
@@ -10,7 +11,8 @@ gateway (``python -m gateway --config <generated>``), the framework
 ceiling (bench/ceiling.py) and Debian's nginx (bench/nginx.conf.template).
 wrk generates the cache-hit load; the other scenarios use an aiohttp client
 in this process. Each comparison alternates its contenders within one run,
-for several rounds, and reports medians and ratios.
+for several rounds, and reports medians and ratios. The config scenario
+times ``gateway.config.validate`` in this process.
 
 The last line on stdout is one JSON object (see ``KEYS``).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -36,11 +39,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import uvloop
+import yaml
 
 BENCH = Path(__file__).resolve().parent
 KEYS = (
@@ -54,6 +59,8 @@ KEYS = (
     "miss_overhead_p50_ms",
     "miss_overhead_p99_ms",
     "bytes_per_entry",
+    "hit_rps_many_callers_ratio",
+    "config_load_s_10k_callers",
 )
 # key: (comparison, bound)
 TARGETS = {
@@ -61,12 +68,16 @@ TARGETS = {
     "upstream_amplification": ("<=", 1.05),
     "miss_overhead_p50_ms": ("<=", 2.0),
     "bytes_per_entry": ("<=", 2048.0),
+    "hit_rps_many_callers_ratio": (">=", 0.9),
+    "config_load_s_10k_callers": ("<=", 0.5),
 }
 TTL_ACTIVE_S = 5.0
 TTL_TERMINAL_S = 86400.0
 TTL_NOT_FOUND_S = 10.0
 HIT_BATCH_ID = "hit-batch-0001"
-SCENARIOS = ("hits", "upstream", "miss", "memory")
+SCENARIOS = ("hits", "upstream", "miss", "memory", "callers", "config")
+MANY_CALLERS = 2_000  # scenario 5: hits with this many callers configured, against 2
+CONFIG_CALLERS = 10_000  # scenario 6: a config with this many callers, loaded and validated
 CONTENDERS = (
     "Contenders: **gateway** is `python -m gateway` with a generated config (production defaults, access log on, "
     "written to a file; upstream budget set high); **ceiling** is bench/ceiling.py, a bare aiohttp + uvloop handler "
@@ -236,7 +247,13 @@ class Env:
         self.sim = self.procs.start("simulator", cmd, port, env={"BENCH_UPSTREAM_TOKEN": self.token})
 
     def start_gateway(
-        self, name: str, ns: str, access_log: bool = True, max_entries: int = 100_000, python: str = sys.executable
+        self,
+        name: str,
+        ns: str,
+        access_log: bool = True,
+        max_entries: int = 100_000,
+        python: str = sys.executable,
+        callers: list[dict[str, str]] | None = None,
     ) -> Proc:
         assert self.sim is not None
         port = free_port()
@@ -255,7 +272,7 @@ class Env:
                 "ttl_s": {"active": TTL_ACTIVE_S, "terminal": TTL_TERMINAL_S, "not_found": TTL_NOT_FOUND_S},
             },
             "logging": {"level": "INFO", "access_log": access_log},
-            "callers": [{"name": n, "key": k} for n, k in self.keys.items()],
+            "callers": callers if callers is not None else [{"name": n, "key": k} for n, k in self.keys.items()],
         }
         path = self.workdir / f"{name}.yaml"
         path.write_text(json.dumps(config, indent=2))  # JSON is YAML
@@ -364,12 +381,14 @@ def parse_wrk(text: str) -> dict[str, float]:
     return result
 
 
-def run_wrk(env: Env, url: str, connections: int, seconds: int, server: Proc | None = None) -> dict[str, float]:
-    """One wrk run; with ``server``, also the server's CPU microseconds per request."""
+def run_wrk(
+    env: Env, url: str, connections: int, seconds: int, server: Proc | None = None, key: str | None = None
+) -> dict[str, float]:
+    """One wrk run (as the caller with ``key``, default the first); with ``server``, also its CPU µs per request."""
     assert env.wrk is not None
     cpu_before = server.cpu_seconds() if server else 0.0
     cmd = [env.wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "--latency"]
-    cmd += ["-H", f"Authorization: Bearer {env.key}", url]
+    cmd += ["-H", f"Authorization: Bearer {key or env.key}", url]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr[-400:]}")
@@ -718,6 +737,112 @@ async def fetch_any(url: str, key: str, batch_id: str) -> bytes:
         return await r.read()
 
 
+# --- scenario 5: many callers --------------------------------------------------------------------------------------
+
+
+def filler_callers(count: int) -> list[dict[str, str]]:
+    """``count`` made-up callers, every other one by ``key_sha256``, as a large organisation would list them."""
+    callers = []
+    for n in range(count):
+        key = secrets.token_urlsafe(24)
+        if n % 2:
+            callers.append({"name": f"filler-{n:05d}", "key_sha256": hashlib.sha256(key.encode()).hexdigest()})
+        else:
+            callers.append({"name": f"filler-{n:05d}", "key": key})
+    return callers
+
+
+def scenario_callers(env: Env) -> dict[str, Any]:
+    """Cache hits with MANY_CALLERS callers configured against 2, alternated, as the last caller configured."""
+    mode = env.mode
+    if env.wrk is None:
+        env.notes.append("scenario 5 (many callers) skipped: wrk is not installed")
+        return {}
+    few = [{"name": n, "key": k} for n, k in env.keys.items()]
+    key = few[-1]["key"]  # the last caller in both configs: a caller list walked in order would find it last
+    many = filler_callers(MANY_CALLERS - len(few)) + few
+    contenders = {
+        f"{len(few)} callers": env.start_gateway("gateway-few-callers", "hit", callers=few),
+        f"{len(many)} callers": env.start_gateway("gateway-many-callers", "hit", callers=many),
+    }
+    urls = {name: f"{p.url}/v2/batches/{HIT_BATCH_ID}" for name, p in contenders.items()}
+    conns = mode.connections[0]
+    for name, url in urls.items():
+        check = uvloop.run(fetch_status(url, key))  # the miss that fills the cache
+        if check != 200:
+            raise RuntimeError(f"{name} answered {check} to the hit request")
+        if mode.name != "smoke":
+            run_wrk(env, url, conns, 1, key=key)  # warm-up, discarded
+    names = list(urls)
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for round_no in range(mode.hit_rounds):
+        order = names[round_no % 2 :] + names[: round_no % 2]
+        for name in order:
+            samples[name].append(run_wrk(env, urls[name], conns, mode.hit_seconds, contenders[name], key=key))
+        log(f"callers: round {round_no + 1}/{mode.hit_rounds} done")
+    for proc in contenders.values():
+        env.procs.stop(proc)
+    table = {
+        name: {
+            "rps": statistics.median(r["rps"] for r in runs),
+            "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+            "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+            "errors": sum(r["non2xx"] + r["socket_errors"] for r in runs),
+            "cpu_us": statistics.median(r["cpu_us"] for r in runs),
+            "rounds_rps": [round(r["rps"]) for r in runs],
+        }
+        for name, runs in samples.items()
+    }
+    # Ratio within each round, then the median, as for the hit comparisons.
+    pairs = zip(samples[names[1]], samples[names[0]], strict=True)
+    ratio = statistics.median(m["rps"] / f["rps"] for m, f in pairs)
+    return {"table": table, "ratio": ratio, "connections": conns, "many": len(many), "few": len(few)}
+
+
+# --- scenario 6: loading a large config ----------------------------------------------------------------------------
+
+
+def scenario_config(env: Env) -> dict[str, Any]:
+    """Seconds to validate a config of CONFIG_CALLERS callers in this process; and with reading its YAML too."""
+    from gateway.config import load_config, validate
+
+    raw: dict[str, Any] = {
+        "upstream": {"base_url": "http://127.0.0.1:9", "token": env.token},
+        "store": {"path": str(env.workdir / "config-bench.db")},
+        "callers": filler_callers(CONFIG_CALLERS),
+    }
+    path = env.workdir / "config-10k.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    rounds = 1 if env.mode.name == "smoke" else max(3, env.mode.hit_rounds)
+    # Reading the YAML takes seconds at this size (pure-Python PyYAML): not in a smoke run.
+    read_yaml = env.mode.name != "smoke"
+    validate_s, validate_cpu_s, load_s = [], [], []
+    for _ in range(rounds):
+        document = json.loads(json.dumps(raw))  # a fresh document each time, copied outside the timing
+        began, began_cpu = time.perf_counter(), time.process_time()
+        config = validate(document, {})
+        validate_s.append(time.perf_counter() - began)
+        # CPU time too: on a shared machine the wall clock also counts waiting for a core.
+        validate_cpu_s.append(time.process_time() - began_cpu)
+        if len(config.callers) != CONFIG_CALLERS:
+            raise RuntimeError(f"validate kept {len(config.callers)} of {CONFIG_CALLERS} callers")
+        if read_yaml:
+            began = time.perf_counter()
+            load_config(path, {})
+            load_s.append(time.perf_counter() - began)
+    load_yaml_s = statistics.median(load_s) if load_s else None
+    log(f"config: validate {statistics.median(validate_s):.3f} s, with YAML {fmt(load_yaml_s, 3)} s")
+    return {
+        "callers": CONFIG_CALLERS,
+        "rounds": rounds,
+        "validate_s": statistics.median(validate_s),
+        "validate_max_s": max(validate_s),
+        "validate_cpu_s": statistics.median(validate_cpu_s),
+        "load_yaml_s": load_yaml_s,
+        "yaml_bytes": path.stat().st_size,
+    }
+
+
 # --- report --------------------------------------------------------------------------------------------------------
 
 
@@ -748,7 +873,10 @@ def machine() -> dict[str, str]:
     }
 
 
-def summarize(hits: dict[str, Any], life: dict[str, Any], miss: dict[str, Any], mem: dict[str, Any]) -> dict[str, Any]:
+def summarize(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The JSON line: every key of KEYS (None when its scenario was skipped), a few more, and the verdicts."""
+    hits, life, miss, mem = (results[key] for key in ("hits", "upstream", "miss", "memory"))
+    callers, config = results["callers"], results["config"]
     out: dict[str, Any] = dict.fromkeys(KEYS)
     if hits:
         table, ratios = hits["table"], hits["ratios"]
@@ -773,6 +901,13 @@ def summarize(hits: dict[str, Any], life: dict[str, Any], miss: dict[str, Any], 
         out["miss_overhead_p99_ms"] = round(on["overhead_p99_ms"], 3)
     if mem:
         out["bytes_per_entry"] = round(mem["bytes_per_entry"])
+    if callers:
+        out["hit_rps_many_callers_ratio"] = round(callers["ratio"], 3)
+        out["hit_rps_many_callers"] = round(callers["table"][f"{callers['many']} callers"]["rps"])
+    if config:
+        out["config_load_s_10k_callers"] = round(config["validate_s"], 3)
+        out["config_load_cpu_s_10k_callers"] = round(config["validate_cpu_s"], 3)
+        out["config_load_s_10k_callers_yaml"] = _round(config["load_yaml_s"], 3)
     out["targets"] = {key: verdict(out.get(key), op, bound) for key, (op, bound) in TARGETS.items()}
     return out
 
@@ -796,10 +931,9 @@ def fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
-def report_lines(
-    env: Env, hits: dict[str, Any], life: dict[str, Any], miss: dict[str, Any], mem: dict[str, Any], out: dict[str, Any]
-) -> list[str]:
+def report_lines(env: Env, results: dict[str, dict[str, Any]], out: dict[str, Any]) -> list[str]:
     """The results as Markdown tables (printed as they are, and written to RESULTS.md)."""
+    hits, life, miss, mem = (results[key] for key in ("hits", "upstream", "miss", "memory"))
     lines = ["### 1. Cache-hit throughput and latency (wrk, 1 thread, keep-alive)", ""]
     if hits:
         lines += [
@@ -864,12 +998,51 @@ def report_lines(
             f"| {mem['entries']} | {mem['body_bytes']} | {mem['rss_before_mb']:.1f} | {mem['rss_after_mb']:.1f} | "
             f"{mem['bytes_per_entry']:.0f} | {mem['fill_rps']:.0f} |",
         ]
+    lines += callers_lines(env, results["callers"]) + config_lines(results["config"])
     lines += ["", "### Targets", "", "| key | value | target | verdict |", "|---|---:|---|---|"]
     for key, (op, bound) in TARGETS.items():
         lines.append(f"| {key} | {fmt(out.get(key), 3)} | {op} {bound:g} | {out['targets'][key]} |")
     if env.notes:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in env.notes]
     return lines
+
+
+def callers_lines(env: Env, callers: dict[str, Any]) -> list[str]:
+    lines = ["", f"### 5. Cache hits with {MANY_CALLERS} callers configured against 2 (wrk, as the last caller)", ""]
+    if not callers:
+        return [*lines, "Skipped (wrk is not installed, or not asked for)."]
+    lines += [
+        f"Two gateways, alike but for their caller lists, alternated; {env.mode.hit_rounds} rounds of "
+        f"{env.mode.hit_seconds} s at {callers['connections']} connections; every request uses the key of the last "
+        f"caller configured (of {MANY_CALLERS}: half by key, half by key_sha256). Ratio: {callers['many']}-caller "
+        f"req/s over {callers['few']}-caller req/s, within each round, median.",
+        "",
+        "| gateway | req/s | p50 ms | p99 ms | server CPU µs/req | errors | req/s per round |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, row in callers["table"].items():
+        lines.append(
+            f"| {name} | {row['rps']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['cpu_us']:.1f} | "
+            f"{row['errors']:.0f} | {', '.join(map(str, row['rounds_rps']))} |"
+        )
+    return [*lines, "", f"Ratio: {callers['ratio']:.3f}."]
+
+
+def config_lines(config: dict[str, Any]) -> list[str]:
+    lines = ["", f"### 6. Loading a config with {CONFIG_CALLERS} callers (in-process)", ""]
+    if not config:
+        return [*lines, "Skipped (not asked for)."]
+    return [
+        *lines,
+        f"Callers half by key, half by key_sha256; median of {config['rounds']} runs.",
+        "",
+        "| step | seconds (median) | seconds (max) | CPU seconds (median) |",
+        "|---|---:|---:|---:|",
+        f"| gateway.config.validate | {config['validate_s']:.3f} | {config['validate_max_s']:.3f} | "
+        f"{config['validate_cpu_s']:.3f} |",
+        f"| load_config: read {config['yaml_bytes'] / 2**20:.1f} MiB of YAML, then validate | "
+        f"{fmt(config['load_yaml_s'], 3)} | | |",
+    ]
 
 
 def chart(life: dict[str, Any], path: Path) -> bool:
@@ -956,17 +1129,23 @@ def run(mode: Mode, out_dir: Path, allow_install: bool, only: set[str], candidat
                     "mem": 0.001,
                 }
             )
-            hits = timed_step("hits", "scenario 1: cache hits", only, lambda: scenario_hits(env))
-            life = timed_step("upstream", "scenario 2: upstream amplification", only, lambda: scenario_lifecycle(env))
-            miss = timed_step("miss", "scenario 3: miss-path overhead", only, lambda: scenario_miss(env))
-            mem = timed_step("memory", "scenario 4: memory per entry", only, lambda: scenario_memory(env))
+            steps: dict[str, tuple[str, Callable[[Env], dict[str, Any]]]] = {
+                "hits": ("scenario 1: cache hits", scenario_hits),
+                "upstream": ("scenario 2: upstream amplification", scenario_lifecycle),
+                "miss": ("scenario 3: miss-path overhead", scenario_miss),
+                "memory": ("scenario 4: memory per entry", scenario_memory),
+                "callers": (f"scenario 5: hits with {MANY_CALLERS} callers", scenario_callers),
+                "config": (f"scenario 6: loading {CONFIG_CALLERS} callers", scenario_config),
+            }
+            results = {key: timed_step(key, name, only, partial(step, env)) for key, (name, step) in steps.items()}
         finally:
             procs.stop_all()
         if env.nginx is None:
             env.notes.append("nginx is not installed: nginx_rps, hit_vs_nginx and upstream_calls_vs_nginx are null")
-        out = summarize(hits, life, miss, mem)
+        out = summarize(results)
         out["mode"] = mode.name
-        lines = report_lines(env, hits, life, miss, mem, out)
+        lines = report_lines(env, results, out)
+        life = results["upstream"]
         print("\n".join(lines))
         out_dir.mkdir(parents=True, exist_ok=True)
         chart_path = out_dir / "upstream_calls.png"

@@ -1,6 +1,7 @@
 """The benchmark's upstream: the gateway's own Simulator, served in its own process.
 
-Each contender gets its own namespace (``/{ns}/v2/batches/{id}``), a fresh
+Each contender gets its own namespace (``/{ns}/v2/batches...``: the whole
+batch API), a fresh
 ``gateway.demo.Simulator`` with its own lifetime, so that the same batch
 ids follow the same lifecycle for every contender and every contender's
 upstream calls are counted apart. ``/_bench/...`` routes (never counted)
@@ -18,16 +19,21 @@ import asyncio
 import math
 import os
 import sys
+from collections.abc import Awaitable, Callable
 
 import uvloop
 from aiohttp import web
 
-from gateway.demo import Simulator, _fraction
+from gateway.demo import Simulator
 
-
-def active_span_s(batch_id: str, lifetime_s: float) -> float:
-    """How long a batch stays active in the Simulator, from the first time it is asked for."""
-    return lifetime_s * (0.5 + 0.5 * _fraction(batch_id, "pace"))
+Route = Callable[[Simulator], Callable[[web.Request], Awaitable[web.Response]]]
+ROUTES: tuple[tuple[str, str, Route], ...] = (
+    # {id}:cancel first, so that {id} does not claim it.
+    ("POST", "/v2/batches/{id}:cancel", lambda sim: sim.cancel_batch),
+    ("GET", "/v2/batches/{id}", lambda sim: sim.get_batch),
+    ("GET", "/v2/batches", lambda sim: sim.list_batches),
+    ("POST", "/v2/batches", lambda sim: sim.create_batch),
+)
 
 
 class Namespaces:
@@ -36,21 +42,26 @@ class Namespaces:
         self.lifetimes = lifetimes
         self.sims = {ns: Simulator(token=token, lifetime_s=life) for ns, life in lifetimes.items()}
 
-    async def get_batch(self, request: web.Request) -> web.Response:
-        sim = self.sims.get(request.match_info["ns"])
-        if sim is None:
-            raise web.HTTPNotFound()
-        return await sim.get_batch(request)
+    def route(self, handler: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """``handler`` of the namespace's current Simulator (a reset replaces it)."""
+
+        async def dispatch(request: web.Request) -> web.Response:
+            sim = self.sims.get(request.match_info["ns"])
+            if sim is None:
+                raise web.HTTPNotFound()
+            return await handler(sim)(request)
+
+        return dispatch
 
     async def stats(self, request: web.Request) -> web.Response:
         sim = self.sims[request.query["ns"]]
         body: dict[str, object] = {"calls": sim.calls}
         if request.query.get("detail"):
-            first = dict(sim._first_seen.items())
+            first = sim.first_seen()
             body["by_id"] = dict(sim.calls_by_id.items())
             body["first_seen"] = first
-            body["span_s"] = {b: active_span_s(b, sim.lifetime_s) for b in first}
-            body["now"] = sim._clock()
+            body["span_s"] = {b: sim.span_s(b) for b in first}
+            body["now"] = sim.now()
         return web.json_response(body)
 
     async def reset(self, request: web.Request) -> web.Response:
@@ -62,7 +73,8 @@ class Namespaces:
 async def serve(port: int, token: str, lifetimes: dict[str, float]) -> None:
     spaces = Namespaces(token, lifetimes)
     app = web.Application()
-    app.router.add_get("/{ns}/v2/batches/{id}", spaces.get_batch)
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, "/{ns}" + path, spaces.route(handler))
     app.router.add_get("/_bench/stats", spaces.stats)
     app.router.add_post("/_bench/reset", spaces.reset)
     runner = web.AppRunner(app, access_log=None)

@@ -1,20 +1,38 @@
-"""A simulated Cohere batch endpoint, for ``--demo``, the tests and the benchmark.
+"""A simulated Cohere batch API, for ``--demo``, the tests and the benchmark.
 
-Any id starts QUEUED when first asked for, moves to IN_PROGRESS with growing
-record counters, and ends COMPLETED within about ``lifetime_s`` (each id
-gets its own pace). Ids containing ``fail`` end FAILED; ids starting with
-``missing`` answer 404. A wrong token gets 401, as upstream does.
+It serves the four batch endpoints as upstream does (DESIGN §2):
+
+- ``GET /v2/batches/{id}``: any id starts QUEUED when first asked for, moves
+  to IN_PROGRESS with growing record counters, and ends COMPLETED within
+  about ``lifetime_s`` (each id gets its own pace). Ids containing ``fail``
+  end FAILED; ids starting with ``missing`` answer 404.
+- ``POST /v2/batches``: creates a batch (fresh id, QUEUED) from a JSON body
+  with non-empty string ``name``, ``input_dataset_id`` and ``model``; it then
+  moves on as a retrieved one does.
+- ``GET /v2/batches``: the batches it knows (created or first seen by
+  retrieve), newest first by ``created_at`` or ``updated_at``, in pages.
+- ``POST /v2/batches/{id}:cancel``: an active batch goes CANCELING, with its
+  counters frozen, and CANCELED ``cancel_s`` later; a terminal one stays.
+
+``updated_at`` is the moment the status or a counter last changed, so it
+moves exactly when the answer does. A wrong token gets 401, and an invalid
+request 400 ``{"message": ...}``, as upstream does.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import copy
 import hashlib
 import hmac
 import json
 import secrets
 import time
+import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -26,6 +44,16 @@ from gateway.protection import Clock
 # Bounds for what the simulator remembers, so long benchmark runs stay flat.
 MAX_TRACKED_IDS = 200_000
 MAX_RECORDED_REQUESTS = 10_000
+# List paging, as upstream: the default and the largest page.
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+ORDERS = ("created_at", "updated_at")
+CREATE_FIELDS = ("name", "input_dataset_id", "model")
+
+ACTIVE_STATUSES = frozenset({"BATCH_STATUS_QUEUED", "BATCH_STATUS_IN_PROGRESS", "BATCH_STATUS_CANCELING"})
+# Upstream's ids for who made the batches; fixed, as for one organisation.
+CREATOR_ID = "b5e1ffb9-49a1-4653-9927-94083316309d"
+ORG_ID = "62603116-1750-4c04-b1b6-9d5046764bc4"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +64,26 @@ class SeenRequest:
     path: str
     query: str
     headers: CIMultiDictProxy[str]
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatedBatch:
+    """What the simulator remembers of one batch; its state follows from these and the clock."""
+
+    id: str
+    started: float  # clock time it was created or first asked for
+    name: str
+    input_dataset_id: str
+    model: str
+    canceled_at: float | None = None  # clock time a cancel arrived while it was active
+
+
+@dataclass(frozen=True, slots=True)
+class _Progress:
+    status: str
+    done: int
+    changed: float  # seconds after ``started`` when status or counters last changed
 
 
 def _fraction(batch_id: str, salt: str) -> float:
@@ -43,86 +91,248 @@ def _fraction(batch_id: str, salt: str) -> float:
     return int.from_bytes(digest[:4], "big") / 2**32
 
 
+def rfc3339(epoch_s: float) -> str:
+    """``2026-12-01T22:40:03.123456Z``: UTC with microseconds, as upstream writes its timestamps."""
+    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 class Simulator:
     """The simulated upstream's state; ``app()`` serves it."""
 
-    def __init__(self, token: str | None = None, lifetime_s: float = 60.0, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        token: str | None = None,
+        lifetime_s: float = 60.0,
+        clock: Clock = time.monotonic,
+        cancel_s: float = 1.0,
+    ) -> None:
         self.token = token or f"demo-upstream-{secrets.token_hex(8)}"
         self.url = ""  # set by start_simulator
         self.lifetime_s = lifetime_s
+        self.cancel_s = cancel_s
         self._clock = clock
-        self._first_seen: LRUCache[str, float] = LRUCache(MAX_TRACKED_IDS)
+        # Wall time = clock time + this, so timestamps follow an injected clock.
+        self._epoch_offset = time.time() - clock()
+        self._batches: LRUCache[str, SimulatedBatch] = LRUCache(MAX_TRACKED_IDS)
         self.calls = 0
         self.calls_by_id: LRUCache[str, int] = LRUCache(MAX_TRACKED_IDS)
         self.seen: deque[SeenRequest] = deque(maxlen=MAX_RECORDED_REQUESTS)
 
+    # --- state ---------------------------------------------------------------------------------------------------
+
+    def span_s(self, batch_id: str) -> float:
+        """How long the batch stays active: between 50% and 100% of ``lifetime_s``, fixed per id."""
+        return self.lifetime_s * (0.5 + 0.5 * _fraction(batch_id, "pace"))
+
+    def first_seen(self) -> dict[str, float]:
+        """Each known id and the clock time it was created or first asked for."""
+        return {batch_id: known.started for batch_id, known in self._batches.items()}
+
+    def now(self) -> float:
+        return self._clock()
+
+    def _known(self, batch_id: str) -> SimulatedBatch:
+        known = self._batches.get(batch_id)
+        if known is None:
+            known = SimulatedBatch(batch_id, self._clock(), f"demo-{batch_id}", f"{batch_id}-requests", "batch-command")
+            self._batches[batch_id] = known
+        return known
+
     def batch(self, batch_id: str) -> dict[str, Any]:
         """The batch's state now, advancing from the first time it was asked for."""
+        return self._render(self._known(batch_id))
+
+    def _progress(self, known: SimulatedBatch, records: int) -> _Progress:
+        span = self.span_s(known.id)
         now = self._clock()
-        started = self._first_seen.setdefault(batch_id, now)
-        # Each id gets a lifetime between 50% and 100% of lifetime_s.
-        span = self.lifetime_s * (0.5 + 0.5 * _fraction(batch_id, "pace"))
-        progress = min(1.0, (now - started) / span)
-        records = 1000 + int(9000 * _fraction(batch_id, "size"))
+        # A cancel freezes the counters where they were when it arrived.
+        elapsed = (min(now, known.canceled_at) if known.canceled_at is not None else now) - known.started
+        progress = min(1.0, elapsed / span)
         done = int(records * max(0.0, (progress - 0.1) / 0.9))
         if progress < 0.1:
-            status = "BATCH_STATUS_QUEUED"
+            status, changed = "BATCH_STATUS_QUEUED", 0.0
         elif progress < 1.0:
-            status = "BATCH_STATUS_IN_PROGRESS"
+            # The moment ``done`` reached its current value (or the start of IN_PROGRESS).
+            status, changed = "BATCH_STATUS_IN_PROGRESS", span * (0.1 + 0.9 * done / records)
         else:
-            status = "BATCH_STATUS_FAILED" if "fail" in batch_id else "BATCH_STATUS_COMPLETED"
+            status = "BATCH_STATUS_FAILED" if "fail" in known.id else "BATCH_STATUS_COMPLETED"
+            done, changed = records, span
+        if known.canceled_at is not None:
+            canceled = known.canceled_at - known.started
+            if now - known.canceled_at >= self.cancel_s:
+                status, changed = "BATCH_STATUS_CANCELED", canceled + self.cancel_s
+            else:
+                status, changed = "BATCH_STATUS_CANCELING", canceled
+        return _Progress(status, done, changed)
+
+    def _render(self, known: SimulatedBatch) -> dict[str, Any]:
+        batch_id = known.id
+        records = 1000 + int(9000 * _fraction(batch_id, "size"))
+        progress = self._progress(known, records)
+        done = progress.done
         failed = done // 50 if "fail" in batch_id else 0
-        stamp = "2026-01-15T09:30:00Z"
+        created = known.started + self._epoch_offset
         return {
             "id": batch_id,
-            "name": f"demo-{batch_id}",
-            "creator_id": "b5e1ffb9-49a1-4653-9927-94083316309d",
-            "org_id": "62603116-1750-4c04-b1b6-9d5046764bc4",
-            "status": status,
-            "created_at": stamp,
-            "updated_at": stamp,
-            "input_dataset_id": f"{batch_id}-requests",
+            "name": known.name,
+            "creator_id": CREATOR_ID,
+            "org_id": ORG_ID,
+            "status": progress.status,
+            "created_at": rfc3339(created),
+            "updated_at": rfc3339(created + progress.changed),
+            "input_dataset_id": known.input_dataset_id,
             "output_dataset_id": f"{batch_id}-output",
             "input_tokens": str(done * 120),
             "output_tokens": str(done * 80),
-            "model": "batch-command",
+            "model": known.model,
             "num_records": records,
             "num_successful_records": done - failed,
             "num_failed_records": failed,
             "status_reason": "some records failed" if failed else "",
         }
 
+    def create(self, name: str, input_dataset_id: str, model: str) -> dict[str, Any]:
+        """A new batch, QUEUED now."""
+        known = SimulatedBatch(str(uuid.uuid4()), self._clock(), name, input_dataset_id, model)
+        self._batches[known.id] = known
+        return self._render(known)
+
+    def cancel(self, batch_id: str) -> bool:
+        """Cancel a known batch if it is still active; whether the id is known."""
+        known = self._batches.get(batch_id)
+        if known is None:
+            return False
+        if known.canceled_at is None and self._render(known)["status"] in ACTIVE_STATUSES:
+            self._batches[batch_id] = replace(known, canceled_at=self._clock())
+        return True
+
+    def page(self, order_by: str, page_size: int, after: tuple[str, str] | None) -> tuple[list[dict[str, Any]], bool]:
+        """One page, newest first by ``order_by``, after the (timestamp, id) ``after``; and whether more follow."""
+        rendered = sorted(
+            (self._render(known) for known in list(self._batches.values())),
+            key=lambda batch: (batch[order_by], batch["id"]),
+            reverse=True,
+        )
+        if after is not None:
+            rendered = [batch for batch in rendered if (batch[order_by], batch["id"]) < after]
+        return rendered[:page_size], len(rendered) > page_size
+
+    # --- HTTP ----------------------------------------------------------------------------------------------------
+
     def _authorized(self, request: web.Request) -> bool:
         given = request.headers.get("Authorization", "").encode()
         return hmac.compare_digest(given, f"Bearer {self.token}".encode())
 
-    async def get_batch(self, request: web.Request) -> web.Response:
+    async def _record(self, request: web.Request) -> bytes:
         self.calls += 1
-        self.seen.append(
-            SeenRequest(
-                request.method, request.path, request.query_string, CIMultiDictProxy(CIMultiDict(request.headers))
-            )
-        )
-        batch_id = request.match_info["id"]
-        self.calls_by_id[batch_id] = self.calls_by_id.get(batch_id, 0) + 1
+        body = await request.read()
+        headers = CIMultiDictProxy(CIMultiDict(request.headers))
+        self.seen.append(SeenRequest(request.method, request.path, request.query_string, headers, body))
+        batch_id = request.match_info.get("id")
+        if batch_id is not None:
+            self.calls_by_id[batch_id] = self.calls_by_id.get(batch_id, 0) + 1
+        return body
+
+    async def get_batch(self, request: web.Request) -> web.Response:
+        await self._record(request)
         if not self._authorized(request):
             return _error(401, "invalid api token")
+        batch_id = request.match_info["id"]
         if batch_id.startswith("missing"):
             return _error(404, f"batch {batch_id} not found")
         return web.json_response({"batch": self.batch(batch_id)})
 
+    async def create_batch(self, request: web.Request) -> web.Response:
+        body = await self._record(request)
+        if not self._authorized(request):
+            return _error(401, "invalid api token")
+        try:
+            document = json.loads(body)
+        except ValueError:
+            return _error(400, "the body must be a JSON object")
+        if not isinstance(document, dict):
+            return _error(400, "the body must be a JSON object")
+        bad = [name for name in CREATE_FIELDS if not (isinstance(document.get(name), str) and document[name])]
+        if bad:
+            return _error(400, f"invalid or missing field(s): {', '.join(bad)} (each must be a non-empty string)")
+        return web.json_response({"batch": self.create(*(document[name] for name in CREATE_FIELDS))})
+
+    async def list_batches(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        if not self._authorized(request):
+            return _error(401, "invalid api token")
+        query = request.query
+        order_by = query.get("order_by", "created_at")
+        if order_by not in ORDERS:
+            return _error(400, f"order_by must be one of {', '.join(ORDERS)}")
+        size = query.get("page_size", "0")
+        if not size.isdigit():
+            return _error(400, "page_size must be a non-negative integer")
+        # As upstream documents: unset (or 0) is 50, and above 1000 is 1000.
+        page_size = min(int(size), MAX_PAGE_SIZE) or DEFAULT_PAGE_SIZE
+        after = None
+        if query.get("page_token"):
+            after = _read_token(query["page_token"], order_by)
+            if after is None:
+                return _error(400, "invalid page_token")
+        batches, more = self.page(order_by, page_size, after)
+        answer: dict[str, Any] = {"batches": batches}
+        if more:
+            answer["next_page_token"] = _page_token(order_by, batches[-1][order_by], batches[-1]["id"])
+        return web.json_response(answer)
+
+    async def cancel_batch(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        if not self._authorized(request):
+            return _error(401, "invalid api token")
+        batch_id = request.match_info["id"]
+        if not self.cancel(batch_id):
+            return _error(404, f"batch {batch_id} not found")
+        return web.json_response({})
+
+    def add_routes(self, router: web.UrlDispatcher, prefix: str = "") -> None:
+        """The batch API's routes, under ``prefix``. ``{id}:cancel`` matches before ``{id}`` can claim it."""
+        router.add_post(prefix + "/v2/batches/{id}:cancel", self.cancel_batch)
+        router.add_get(prefix + "/v2/batches/{id}", self.get_batch)
+        router.add_get(prefix + "/v2/batches", self.list_batches)
+        router.add_post(prefix + "/v2/batches", self.create_batch)
+
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_get("/v2/batches/{id}", self.get_batch)
+        self.add_routes(app.router)
         return app
+
+
+def _page_token(order_by: str, stamp: str, batch_id: str) -> str:
+    """An opaque token (URL-safe base64) for the page after ``(stamp, batch_id)`` in ``order_by`` order."""
+    return base64.urlsafe_b64encode(json.dumps([order_by, stamp, batch_id]).encode()).decode()
+
+
+def _read_token(token: str, order_by: str) -> tuple[str, str] | None:
+    try:
+        decoded = json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (ValueError, binascii.Error):
+        return None
+    if not (isinstance(decoded, list) and len(decoded) == 3 and all(isinstance(part, str) for part in decoded)):
+        return None
+    if decoded[0] != order_by:
+        return None
+    return decoded[1], decoded[2]
 
 
 def _error(status: int, message: str) -> web.Response:
     return web.Response(status=status, body=json.dumps({"message": message}), content_type="application/json")
 
 
-DEMO_CALLERS = (
-    {"name": "demo-billing", "key": "demo-billing-key-0001"},
+DEMO_CALLERS: tuple[dict[str, Any], ...] = (
+    # Runs batches: all four operations, and sees only the batches it created.
+    {
+        "name": "demo-billing",
+        "key": "demo-billing-key-0001",
+        "allow": ["retrieve", "list", "create", "cancel"],
+        "batches": "own",
+    },
+    # Reads: the defaults (retrieve and list, every batch).
     {"name": "demo-reporting", "key": "demo-reporting-key-0002"},
 )
 
@@ -131,7 +341,7 @@ def demo_overrides(simulator_url: str, token: str) -> dict[str, Any]:
     """Point a config at the simulator, with its token and the demo callers."""
     return {
         "upstream": {"base_url": simulator_url, "token": token, "token_file": None},
-        "callers": [dict(c) for c in DEMO_CALLERS],
+        "callers": copy.deepcopy(list(DEMO_CALLERS)),
     }
 
 

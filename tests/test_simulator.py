@@ -1,0 +1,329 @@
+"""The simulated upstream serves the whole batch API as Cohere does (DESIGN §2): create, list, retrieve, cancel.
+
+These drive the simulator directly, with the cohere SDK and aiohttp, on
+127.0.0.1; the gateway is not involved.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import cohere
+import pytest
+from cohere.batches import Batch
+
+from gateway.config import validate
+from gateway.demo import DEMO_CALLERS, MAX_TRACKED_IDS, SimulatedBatch, Simulator, demo_overrides, start_simulator
+from tests.support import UPSTREAM_TOKEN, FakeClock, fresh_store_path, http, sdk
+
+FIELDS = {
+    "id",
+    "name",
+    "creator_id",
+    "org_id",
+    "status",
+    "created_at",
+    "updated_at",
+    "input_dataset_id",
+    "output_dataset_id",
+    "input_tokens",
+    "output_tokens",
+    "model",
+    "num_records",
+    "num_successful_records",
+    "num_failed_records",
+    "status_reason",
+}
+NEW_BATCH = {"name": "nightly-embeddings", "input_dataset_id": "dataset-42", "model": "command-a"}
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def sim(clock: FakeClock) -> AsyncIterator[Simulator]:
+    """A simulator on a clock the test moves: batches live 10 to 20 s, a cancel takes 1 s."""
+    simulator = Simulator(token=UPSTREAM_TOKEN, lifetime_s=20, clock=clock, cancel_s=1.0)
+    runner, _url = await start_simulator(simulator)
+    yield simulator
+    await runner.cleanup()
+
+
+def client(simulator: Simulator) -> cohere.AsyncClientV2:
+    return sdk(simulator.url, key=simulator.token)
+
+
+async def create(simulator: Simulator, **fields: str) -> Batch:
+    answer = await client(simulator).batches.create(request=Batch(**{**NEW_BATCH, **fields}))
+    batch: Batch | None = answer.batch
+    assert batch is not None
+    return batch
+
+
+def parse_rfc3339(stamp: str) -> datetime:
+    assert stamp.endswith("Z"), stamp
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+async def test_a_created_batch_is_queued_with_every_field_and_real_timestamps(sim: Simulator) -> None:
+    answer = await http(f"{sim.url}/v2/batches", method="POST", key=sim.token, data=json.dumps(NEW_BATCH).encode())
+    assert answer.status == 200
+    batch = answer.document["batch"]
+    assert set(batch) == FIELDS
+    assert batch["status"] == "BATCH_STATUS_QUEUED"
+    assert {k: batch[k] for k in NEW_BATCH} == NEW_BATCH
+    assert batch["created_at"] == batch["updated_at"]
+    assert abs((parse_rfc3339(batch["created_at"]) - datetime.now(UTC)).total_seconds()) < 60
+    [seen] = sim.seen
+    assert (seen.method, seen.path, json.loads(seen.body)) == ("POST", "/v2/batches", NEW_BATCH)
+
+
+async def test_each_create_gets_a_fresh_id(sim: Simulator) -> None:
+    first, second = await create(sim), await create(sim)
+    assert first.id
+    assert second.id
+    assert first.id != second.id
+
+
+async def test_a_created_batch_runs_its_course_and_updated_at_moves_with_it(sim: Simulator, clock: FakeClock) -> None:
+    created = await create(sim)
+    assert created.id is not None
+    co = client(sim)
+    seen: list[tuple[str | None, int | None, datetime | None]] = []
+    for _ in range(30):
+        batch = (await co.batches.retrieve(created.id)).batch
+        assert batch is not None
+        assert (batch.name, batch.input_dataset_id, batch.model) == tuple(NEW_BATCH.values())
+        seen.append((batch.status, batch.num_successful_records, batch.updated_at))
+        clock.advance(1.0)
+    statuses = [status for status, _, _ in seen]
+    assert statuses[0] == "BATCH_STATUS_QUEUED"
+    assert "BATCH_STATUS_IN_PROGRESS" in statuses
+    assert statuses[-1] == "BATCH_STATUS_COMPLETED"
+    for (status, done, updated), (next_status, next_done, next_updated) in itertools.pairwise(seen):
+        assert updated is not None
+        assert next_updated is not None
+        changed = (status, done) != (next_status, next_done)
+        assert (next_updated > updated) == changed, "updated_at moves exactly when the status or counters do"
+        assert next_updated >= updated
+
+
+async def test_the_same_state_gives_the_same_answer(sim: Simulator, clock: FakeClock) -> None:
+    clock.advance(0)
+    first = await http(f"{sim.url}/v2/batches/steady-1", key=sim.token)
+    again = await http(f"{sim.url}/v2/batches/steady-1", key=sim.token)
+    assert first.body == again.body
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (b"", "JSON object"),
+        (b"not json", "JSON object"),
+        (b"[1, 2]", "JSON object"),
+        (json.dumps({}).encode(), "name, input_dataset_id, model"),
+        (json.dumps({**NEW_BATCH, "name": ""}).encode(), "name"),
+        (json.dumps({**NEW_BATCH, "model": 7}).encode(), "model"),
+        (json.dumps({"name": "x", "model": "m"}).encode(), "input_dataset_id"),
+    ],
+)
+async def test_an_invalid_create_is_400_naming_what_is_wrong(sim: Simulator, body: bytes, named: str) -> None:
+    answer = await http(f"{sim.url}/v2/batches", method="POST", key=sim.token, data=body)
+    assert answer.status == 400
+    assert named in answer.document["message"]
+    listed = await http(f"{sim.url}/v2/batches", key=sim.token)
+    assert listed.document == {"batches": []}
+
+
+async def test_the_sdk_sees_a_400_for_an_invalid_create(sim: Simulator) -> None:
+    with pytest.raises(cohere.BadRequestError):
+        await create(sim, model="")
+
+
+async def test_list_pages_through_every_known_batch_newest_first(sim: Simulator, clock: FakeClock) -> None:
+    created = []
+    for _ in range(5):
+        created.append((await create(sim)).id)
+        clock.advance(0.5)
+    await client(sim).batches.retrieve("seen-by-retrieve")  # known from its first retrieve on
+    co = client(sim)
+    ids: list[str | None] = []
+    token: str | None = None
+    pages = 0
+    while True:
+        page = await co.batches.list(page_size=2, page_token=token, order_by="created_at")
+        assert page.batches is not None
+        assert len(page.batches) <= 2
+        ids += [batch.id for batch in page.batches]
+        pages += 1
+        token = page.next_page_token
+        if token is None:
+            break
+    assert ids == ["seen-by-retrieve", *reversed(created)]
+    assert pages == 3
+
+
+async def test_list_by_updated_at_puts_the_latest_change_first(sim: Simulator, clock: FakeClock) -> None:
+    older = await create(sim)
+    clock.advance(1)
+    newer = await create(sim)
+    assert older.id is not None
+    assert newer.id is not None
+    clock.advance(1)
+    assert sim.cancel(older.id)  # a change: CANCELING now
+    by_created = await client(sim).batches.list(order_by="created_at")
+    by_updated = await client(sim).batches.list(order_by="updated_at")
+    assert [b.id for b in by_created.batches or []] == [newer.id, older.id]
+    assert [b.id for b in by_updated.batches or []] == [older.id, newer.id]
+    assert by_updated.next_page_token is None
+
+
+async def test_list_answers_the_default_page_of_50_and_keeps_the_token_off_the_last_page(sim: Simulator) -> None:
+    for n in range(51):
+        sim.batch(f"known-{n:02d}")
+    first = await http(f"{sim.url}/v2/batches", key=sim.token)
+    assert len(first.document["batches"]) == 50
+    token = first.document["next_page_token"]
+    last = await http(f"{sim.url}/v2/batches?page_token={token}", key=sim.token)
+    assert len(last.document["batches"]) == 1
+    assert "next_page_token" not in last.document
+
+
+@pytest.mark.parametrize(
+    "query", ["order_by=name", "page_size=-1", "page_size=ten", "page_token=not-a-token", "page_token=%21%21"]
+)
+async def test_an_invalid_list_query_is_400(sim: Simulator, query: str) -> None:
+    answer = await http(f"{sim.url}/v2/batches?{query}", key=sim.token)
+    assert answer.status == 400
+    assert answer.document["message"]
+
+
+async def test_a_page_token_is_only_good_for_its_own_order(sim: Simulator) -> None:
+    for n in range(3):
+        sim.batch(f"known-{n}")
+    page = await http(f"{sim.url}/v2/batches?page_size=1&order_by=created_at", key=sim.token)
+    token = page.document["next_page_token"]
+    assert (await http(f"{sim.url}/v2/batches?page_token={token}&order_by=updated_at", key=sim.token)).status == 400
+
+
+async def test_a_cancelled_batch_is_canceling_then_canceled_with_its_counters_frozen(
+    sim: Simulator, clock: FakeClock
+) -> None:
+    created = await create(sim)
+    assert created.id is not None
+    clock.advance(sim.span_s(created.id) / 2)
+    co = client(sim)
+    running = (await co.batches.retrieve(created.id)).batch
+    assert running is not None
+    assert running.status == "BATCH_STATUS_IN_PROGRESS"
+    clock.advance(0.25)
+    answer = await http(f"{sim.url}/v2/batches/{created.id}:cancel", method="POST", key=sim.token)
+    assert (answer.status, answer.document) == (200, {})
+    assert sim.seen[-1].path == f"/v2/batches/{created.id}:cancel"
+    canceling = (await co.batches.retrieve(created.id)).batch
+    assert canceling is not None
+    assert canceling.status == "BATCH_STATUS_CANCELING"
+    assert canceling.updated_at is not None
+    assert running.updated_at is not None
+    assert canceling.updated_at > running.updated_at
+    clock.advance(sim.cancel_s)
+    canceled = (await co.batches.retrieve(created.id)).batch
+    assert canceled is not None
+    assert canceled.status == "BATCH_STATUS_CANCELED"
+    assert canceled.updated_at is not None
+    assert canceled.updated_at > canceling.updated_at
+    clock.advance(sim.lifetime_s)
+    later = (await co.batches.retrieve(created.id)).batch
+    assert later == canceled
+    assert canceled.num_successful_records == canceling.num_successful_records
+
+
+async def test_the_sdk_cancels_a_batch(sim: Simulator, clock: FakeClock) -> None:
+    created = await create(sim)
+    assert created.id is not None
+    co = client(sim)
+    await co.batches.cancel(created.id)
+    clock.advance(sim.cancel_s)
+    batch = (await co.batches.retrieve(created.id)).batch
+    assert batch is not None
+    assert batch.status == "BATCH_STATUS_CANCELED"
+
+
+async def test_cancelling_twice_or_a_finished_batch_changes_nothing(sim: Simulator, clock: FakeClock) -> None:
+    finished = sim.batch("finished-1")
+    clock.advance(sim.lifetime_s)
+    finished = sim.batch("finished-1")
+    assert finished["status"] == "BATCH_STATUS_COMPLETED"
+    answer = await http(f"{sim.url}/v2/batches/finished-1:cancel", method="POST", key=sim.token)
+    assert (answer.status, answer.document) == (200, {})
+    assert sim.batch("finished-1") == finished
+    created = await create(sim)
+    assert created.id is not None
+    for _ in range(2):
+        assert (await http(f"{sim.url}/v2/batches/{created.id}:cancel", method="POST", key=sim.token)).status == 200
+    assert sim.batch(created.id)["status"] == "BATCH_STATUS_CANCELING"
+
+
+async def test_cancelling_an_unknown_batch_is_404(sim: Simulator) -> None:
+    answer = await http(f"{sim.url}/v2/batches/never-seen:cancel", method="POST", key=sim.token)
+    assert answer.status == 404
+    assert "never-seen" in answer.document["message"]
+    with pytest.raises(cohere.NotFoundError):
+        await client(sim).batches.cancel("never-seen-either")
+
+
+async def test_a_colon_in_a_retrieve_path_is_not_a_cancel(sim: Simulator) -> None:
+    answer = await http(f"{sim.url}/v2/batches/abc:cancel", key=sim.token)
+    assert answer.status == 200
+    assert answer.document["batch"]["id"] == "abc:cancel"
+    assert (await http(f"{sim.url}/v2/batches/abc", method="POST", key=sim.token)).status == 405
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/v2/batches/b-1"), ("GET", "/v2/batches"), ("POST", "/v2/batches"), ("POST", "/v2/batches/b-1:cancel")],
+)
+async def test_every_route_refuses_a_wrong_token(sim: Simulator, method: str, path: str) -> None:
+    answer = await http(f"{sim.url}{path}", method=method, key="not-the-token", data=json.dumps(NEW_BATCH).encode())
+    assert answer.status == 401
+    assert answer.document == {"message": "invalid api token"}
+    assert sim.first_seen() == {}
+
+
+async def test_missing_ids_are_404_as_before(sim: Simulator) -> None:
+    answer = await http(f"{sim.url}/v2/batches/missing-1", key=sim.token)
+    assert answer.status == 404
+    assert sim.calls == 1
+    assert sim.calls_by_id["missing-1"] == 1
+
+
+def test_created_batches_share_the_bound_on_what_is_remembered() -> None:
+    simulator = Simulator(token=UPSTREAM_TOKEN)
+    bound = MAX_TRACKED_IDS
+    assert simulator._batches.maxsize == bound
+    simulator._batches.update({f"old-{n}": SimulatedBatch(f"old-{n}", 0.0, "n", "d", "m") for n in range(bound)})
+    fresh = simulator.create("name", "dataset", "model")
+    assert len(simulator._batches) == bound
+    assert fresh["id"] in simulator._batches
+    assert "old-0" not in simulator._batches
+
+
+def test_the_demo_callers_are_a_valid_config() -> None:
+    config = validate({**demo_overrides("http://127.0.0.1:1", "token"), "store": {"path": fresh_store_path()}}, {})
+    billing, reporting = config.callers
+    assert (billing.name, billing.allow, billing.batches) == (
+        "demo-billing",
+        frozenset({"retrieve", "list", "create", "cancel"}),
+        "own",
+    )
+    assert (reporting.name, reporting.allow, reporting.batches) == (
+        "demo-reporting",
+        frozenset({"retrieve", "list"}),
+        "all",
+    )
+    assert [c["name"] for c in DEMO_CALLERS] == ["demo-billing", "demo-reporting"]
