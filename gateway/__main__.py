@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import secrets
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -118,12 +120,20 @@ def print_demo_banner(url: str) -> None:
 
 
 async def run(args: argparse.Namespace, redact: Redactor) -> int:
+    with contextlib.ExitStack() as stack:
+        return await _serve(args, redact, stack)
+
+
+async def _serve(args: argparse.Namespace, redact: Redactor, stack: contextlib.ExitStack) -> int:
     overrides: dict[str, Any] | None = None
     simulator_runner = None
     if args.demo:
         simulator = Simulator()
         simulator_runner, simulator_url = await start_simulator(simulator)
         overrides = demo_overrides(simulator_url, simulator.token)
+        # The demo's batches are not the organisation's: never mix their owners into a real store.
+        demo_store = stack.enter_context(tempfile.TemporaryDirectory(prefix="cohere-gateway-demo-"))
+        overrides["store"] = {"path": str(Path(demo_store) / "records.db")}
     load: Callable[[], GatewayConfig] = partial(load_config, args.config, None, overrides)
     try:
         config = load()

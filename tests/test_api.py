@@ -17,6 +17,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+import cohere
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
@@ -320,8 +321,23 @@ DEMO_LAUNCHES = {
 }
 
 
+async def the_readme_workflow(co: cohere.AsyncClientV2) -> None:
+    batch = (
+        await co.batches.create(
+            request=cohere.Batch(name="nightly-embed", input_dataset_id="my-dataset", model="embed-v4.0"),
+            request_options={"additional_headers": {"Idempotency-Key": "nightly-embed-2026-12-01"}},
+        )
+    ).batch
+    assert batch.id is not None
+    assert (await co.batches.retrieve(batch.id)).batch.status == "BATCH_STATUS_QUEUED"
+    page = await co.batches.list(page_size=10)
+    assert [b.id for b in page.batches or []] == [batch.id], "demo-billing sees only its own batches"
+    await co.batches.cancel(batch.id)
+    assert (await co.batches.retrieve(batch.id)).batch.status in {"BATCH_STATUS_CANCELING", "BATCH_STATUS_CANCELED"}
+
+
 @pytest.mark.parametrize("launch", DEMO_LAUNCHES)
-async def test_the_sdk_retrieves_a_batch_through_demo_mode(launch: str) -> None:
+async def test_the_sdk_runs_the_readme_workflow_through_demo_mode(launch: str) -> None:
     env = {k: v for k, v in os.environ.items() if k not in {"COHERE_API_KEY", "GATEWAY_CONFIG"}}
     argv = DEMO_LAUNCHES[launch]
     listen = ["--host", "127.0.0.1", "--port", "0"]
@@ -337,14 +353,19 @@ async def test_the_sdk_retrieves_a_batch_through_demo_mode(launch: str) -> None:
             assert line, "the demo exited before printing its banner"
             banner += line
         url = re.search(rb"serving (http://\S+) ", banner)
-        key = re.search(rb"demo-billing: (\S+)", banner)
+        writer = re.search(rb"demo-billing: (\S+)", banner)
+        reader = re.search(rb"demo-reporting: (\S+)", banner)
         assert url is not None
-        assert key is not None
+        assert writer is not None
+        assert reader is not None
+        gateway_url = url.group(1).decode()
         response = await asyncio.wait_for(
-            sdk(url.group(1).decode(), key.group(1).decode()).batches.retrieve("my-first-batch"), BOUND_S
+            sdk(gateway_url, reader.group(1).decode()).batches.retrieve("my-first-batch"), BOUND_S
         )
         assert response.batch.id == "my-first-batch"
         assert response.batch.status == "BATCH_STATUS_QUEUED"
+        # The README's workflow: demo-billing creates, polls, lists and cancels its own batch.
+        await asyncio.wait_for(the_readme_workflow(sdk(gateway_url, writer.group(1).decode())), BOUND_S)
         # Ctrl-C in a terminal signals the whole process group: make and the gateway.
         os.killpg(process.pid, signal.SIGINT)
         exit_code = await asyncio.wait_for(process.wait(), BOUND_S)
