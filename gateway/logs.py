@@ -21,6 +21,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import ahocorasick_rs
 import orjson
 
 ACCESS_LOGGER = "gateway.access"
@@ -57,6 +58,18 @@ def _json_forms(secret: str) -> set[str]:
     return {render_json(secret)[1:-1], _FALLBACK_ENCODER.encode(secret)[1:-1]}
 
 
+# Up to this many secret forms, a substring test per form is fastest (memchr);
+# past it, one pass of an Aho-Corasick automaton over the text: with 2,000
+# caller keys in clear, the per-form test cost 150 µs an access line, the
+# automaton 2 µs (bench: hit_rps_many_callers_ratio).
+_SCAN_EACH_UP_TO = 16
+
+
+def _utf8(text: str) -> bytes:
+    # Header bytes that were not UTF-8 arrive as surrogates: kept, not refused.
+    return text.encode("utf-8", "surrogatepass")
+
+
 class Redactor:
     """Knows the secrets in force; config reloads update it."""
 
@@ -65,15 +78,32 @@ class Redactor:
         # The same secrets as they read inside a JSON string (a quote or a
         # backslash escaped, non-ASCII as \uXXXX), to find them in rendered lines.
         self._in_json: tuple[str, ...] = ()
+        # Finds any form of any secret in one pass, once there are many.
+        self._finder: ahocorasick_rs.BytesAhoCorasick | None = None
 
     def update(self, secrets: list[str]) -> None:
         kept = {s for s in secrets if len(s) >= _REDACTOR_LENGTH_FLOOR} | set(self._secrets)
         # Longest first, so that a secret containing another is removed whole.
         self._secrets = tuple(sorted(kept, key=len, reverse=True))
         self._in_json = tuple(set().union(*map(_json_forms, kept)))
+        forms = set(self._secrets) | set(self._in_json)
+        self._finder = (
+            ahocorasick_rs.BytesAhoCorasick(
+                [_utf8(form) for form in forms], implementation=ahocorasick_rs.Implementation.ContiguousNFA
+            )
+            if len(forms) > _SCAN_EACH_UP_TO
+            else None
+        )
+
+    def _holds_any(self, text: str, forms: tuple[str, ...]) -> bool:
+        if self._finder is None:
+            return any(form in text for form in forms)
+        return bool(self._finder.find_matches_as_indexes(_utf8(text)))
 
     def known(self, text: str) -> str:
         """``text`` without the secrets in force."""
+        if not self._holds_any(text, self._secrets):
+            return text
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, REDACTED)
@@ -81,7 +111,7 @@ class Redactor:
 
     def found_in_json(self, text: str) -> bool:
         """Whether rendered JSON holds a secret in force, in whatever string it was escaped."""
-        return any(secret in text for secret in self._in_json)
+        return self._holds_any(text, self._in_json)
 
     def __call__(self, text: str) -> str:
         """``text`` without the known secrets and without any bearer credential."""
