@@ -9,7 +9,6 @@ writes the access log line and request metrics.
 from __future__ import annotations
 
 import logging
-import random
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +19,7 @@ from multidict import CIMultiDictProxy
 
 from gateway import create, errors, handlers
 from gateway.keys import CACHE_STATE, CALLER, REQUEST_ID, STATE, TRACE
+from gateway.protocol import new_request_id as new_request_id  # server.py takes it from here
 from gateway.state import GatewayState
 from gateway.upstream import RequestTrace
 
@@ -29,11 +29,6 @@ BATCHES_ROUTE = "/v2/batches"
 CANCEL_ROUTE = "/v2/batches/{id}:cancel"
 
 log = logging.getLogger("gateway")
-
-
-def new_request_id() -> str:
-    """A fresh request id: unique enough for tracing, with no syscall (uuid4 reads os.urandom)."""
-    return f"{random.getrandbits(128):032x}"
 
 
 def request_id_for(headers: CIMultiDictProxy[str]) -> str:
@@ -174,6 +169,16 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     await upstream.close()
 
 
+async def _answer_waiters(app: web.Application) -> None:
+    """On SIGTERM every held request is answered at once, before in-flight requests are drained."""
+    app[STATE].waiters.release_all()
+
+
+async def _refresher(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[STATE].refresher.close()
+
+
 async def _record_store(app: web.Application) -> AsyncIterator[None]:
     """The ownership and idempotency store is open as long as the app."""
     records = app[STATE].records
@@ -194,4 +199,6 @@ def build_app(state: GatewayState) -> web.Application:
     app.router.add_get("/metrics", handlers.metrics)
     app.cleanup_ctx.append(_record_store)
     app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_refresher)
+    app.on_shutdown.append(_answer_waiters)
     return app

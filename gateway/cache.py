@@ -17,15 +17,25 @@ otherwise one upstream call per id is made however many callers ask
 create answered; ``evict`` drops an id after a cancel, and a refresh
 already in flight for it then answers its waiters but stores nothing, so
 the state from before the cancel never comes back.
+
+Answers only move forward (DESIGN §9): an upstream answer older than the
+entry held (an earlier ``updated_at``, or an active status after a terminal
+one) is not stored; the held entry keeps serving, fresh again, and the
+regression is counted. Every stored answer whose body differs from the one
+before (and every eviction) is reported to ``on_change``, which wakes the
+requests waiting on that batch. The active TTL stretches by ``stretch()``
+when the upstream budget cannot refresh every active batch that often
+(``gateway.refresh``), never past ``ttl_s.active_max``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from functools import partial
 from typing import Any, Protocol
@@ -41,13 +51,21 @@ Clock = Callable[[], float]
 
 @dataclass(frozen=True, slots=True)
 class CacheEntry:
-    """One upstream answer: a 200 batch body, or a 404 error body."""
+    """One upstream answer: a 200 batch body, or a 404 error body.
+
+    ``etag`` is a strong validator derived from the body (DESIGN §9);
+    ``updated_at`` (epoch seconds) and ``terminal`` are read from a batch's
+    body, to refuse answers older than this one.
+    """
 
     status: int
     body: bytes
     fetched_at: float
     fresh_until: float
     keep_until: float
+    etag: str = ""
+    updated_at: float | None = None
+    terminal: bool = False
 
     def age_s(self, now: float) -> int:
         return max(0, int(now - self.fetched_at))
@@ -63,6 +81,21 @@ class UpstreamReply:
     status: int
     body: bytes
     lifetime: Lifetime
+    updated_at: float | None = None
+
+
+def etag_of(body: bytes) -> str:
+    """A strong ETag for ``body``: equal bodies, equal tags."""
+    return '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+
+
+def is_older(new: CacheEntry, held: CacheEntry) -> bool:
+    """Whether ``new`` describes the batch as it was before ``held`` did (DESIGN §9)."""
+    if new.status != 200 or held.status != 200:
+        return False
+    if held.terminal and not new.terminal:
+        return True
+    return new.updated_at is not None and held.updated_at is not None and new.updated_at < held.updated_at
 
 
 class CacheState(Enum):
@@ -205,38 +238,82 @@ class BatchCache:
         self._clock = clock
         # Draws in [0, 1) for the active TTL's spread; tests pin it.
         self.jitter = jitter
+        # Hooks set by the gateway's state (gateway.refresh); no-ops for a bare cache.
+        self.on_change: Callable[[str], None] = lambda _batch_id: None
+        self.on_regression: Callable[[], None] = lambda: None
+        self.on_active: Callable[[str], None] = lambda _batch_id: None
+        self.on_terminal: Callable[[str], None] = lambda _batch_id: None
+        self.stretch: Callable[[], float] = lambda: 1.0
+
+    def active_interval_s(self, target_s: float) -> float:
+        """``target_s`` stretched as the upstream budget requires, never past ``ttl_s.active_max``."""
+        return min(max(target_s, target_s * self.stretch()), self.settings.ttl_s.active_max)
 
     def ttl_s(self, lifetime: Lifetime) -> float:
-        ttl: float = getattr(self.settings.ttl_s, lifetime.value)
-        if lifetime is Lifetime.ACTIVE:
-            # Shorten by up to active_jitter so entries stored together spread out.
-            ttl *= 1 - self.settings.active_jitter * self.jitter()
-        return ttl
+        if lifetime is not Lifetime.ACTIVE:
+            ttl: float = getattr(self.settings.ttl_s, lifetime.value)
+            return ttl
+        # Shorten by up to active_jitter so entries stored together spread out.
+        return self.active_interval_s(self.settings.ttl_s.active) * (1 - self.settings.active_jitter * self.jitter())
 
     def _entry(self, reply: UpstreamReply) -> CacheEntry:
         now = self._clock()
         fresh_until = now + self.ttl_s(reply.lifetime)
         keep_s = self.settings.stale_if_error_s if reply.lifetime is not Lifetime.NOT_FOUND else 0.0
-        return CacheEntry(reply.status, reply.body, now, fresh_until, fresh_until + keep_s)
+        return CacheEntry(
+            reply.status,
+            reply.body,
+            now,
+            fresh_until,
+            fresh_until + keep_s,
+            etag_of(reply.body),
+            reply.updated_at,
+            reply.lifetime is Lifetime.TERMINAL,
+        )
 
     async def _refresh(self, batch_id: str, fetch: Fetch, has_stale: bool) -> CacheEntry:
         # With a kept entry to fall back on, a spent budget answers STALE at
         # once instead of making the caller wait for a token.
-        entry = self._entry(await fetch(not has_stale))
+        reply = await fetch(not has_stale)
+        entry = self._entry(reply)
         # Evicted while this call was out (a cancel): its answer may predate the change.
         if self.flights.current(batch_id) is asyncio.current_task():
-            self.store.put(batch_id, entry)
+            entry = self._store(batch_id, entry)
+        if reply.lifetime is Lifetime.ACTIVE:
+            self.on_active(batch_id)
+        elif reply.lifetime is Lifetime.TERMINAL:
+            self.on_terminal(batch_id)
+        return entry
+
+    def _store(self, batch_id: str, entry: CacheEntry) -> CacheEntry:
+        """Store ``entry`` unless it is older than the one held; return what is held now."""
+        held = self.store.get(batch_id)
+        if held is not None and is_older(entry, held):
+            self.on_regression()
+            # The held answer keeps serving, as fresh as the upstream's answer would have been.
+            entry = replace(held, fresh_until=entry.fresh_until, keep_until=entry.keep_until)
+        self.store.put(batch_id, entry)
+        if held is None or held.etag != entry.etag:
+            self.on_change(batch_id)
         return entry
 
     def put(self, batch_id: str, reply: UpstreamReply) -> None:
         """Store an answer got outside ``get`` (a create's); it replaces any call out for the id."""
         self.flights.forget(batch_id)
-        self.store.put(batch_id, self._entry(reply))
+        self._store(batch_id, self._entry(reply))
 
     def evict(self, batch_id: str) -> None:
         """Drop the id's entry; a call out for it stores nothing (see the module's docstring)."""
         self.flights.forget(batch_id)
         self.store.evict(batch_id)
+        self.on_change(batch_id)
+
+    async def refresh(self, batch_id: str, fetch: Fetch, wait_s: float) -> CacheEntry:
+        """Fetch ``batch_id`` again now, fresh or not (a batch with waiters), under single-flight.
+
+        It never waits for budget: a refresh refused one round is tried the next.
+        """
+        return await self.flights.run(batch_id, partial(self._refresh, batch_id, fetch, True), wait_s)
 
     def fresh(self, batch_id: str) -> CacheEntry | None:
         """The entry for ``batch_id`` if it is still fresh: a hit, with no waiting."""

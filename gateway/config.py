@@ -170,6 +170,16 @@ class TtlSettings(_Section):
     active: PositiveSeconds = 5
     terminal: PositiveSeconds = 86400
     not_found: PositiveSeconds = 10
+    # A batch with waiters is refreshed this often while the budget allows (DESIGN §9)...
+    active_min: PositiveSeconds = 1
+    # ...and no active interval stretches past this when the budget is short.
+    active_max: PositiveSeconds = 60
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TtlSettings:
+        if not self.active_min <= self.active <= self.active_max:
+            raise _problem("cache.ttl_s", "needs active_min <= active <= active_max")
+        return self
 
 
 class CacheSettings(_Section):
@@ -179,6 +189,10 @@ class CacheSettings(_Section):
     # Active TTLs are spread by up to this fraction (0.1: 5 s becomes 4.5 to 5 s)
     # so that entries cached together do not all expire together.
     active_jitter: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    # Prefer: wait=N is capped here (under the 60 s idle timeouts of common proxies).
+    max_wait_s: PositiveSeconds = 55
+    # Requests held at once; past this, a new one is answered at once.
+    max_waiters: Annotated[int, Field(ge=0)] = 10000
 
 
 class LoggingSettings(_Section):

@@ -25,7 +25,7 @@ from gateway.cache import UpstreamReply
 from gateway.handlers import Admitted, JsonAnswer, accept_json_object, admit, json_answer, upstream_request
 from gateway.keys import REQUEST_ID, TRACE
 from gateway.logs import log_event
-from gateway.protocol import BATCH_ID, lifetime_of_status
+from gateway.protocol import BATCH_ID, lifetime_of_status, parse_timestamp
 from gateway.records import Claimed, InUse, Replay, Reused, body_fingerprint
 from gateway.upstream import BATCHES_PATH
 
@@ -144,7 +144,10 @@ async def _keep(admitted: Admitted, reply: JsonAnswer) -> None:
         state.metrics.store_write_failures.inc()
         log_event(log, logging.ERROR, "could not record a new batch's owner", batch_id=batch_id, caller=caller)
     cached = json.dumps({"batch": batch}).encode() if set(reply.document) != {"batch"} else reply.body
-    state.cache.put(batch_id, UpstreamReply(200, cached, lifetime_of_status(batch.get("status"))))
+    reply_facts = UpstreamReply(
+        200, cached, lifetime_of_status(batch.get("status")), parse_timestamp(batch.get("updated_at"))
+    )
+    state.cache.put(batch_id, reply_facts)
 
 
 async def _settle(admitted: Admitted, key: str, status: int, body: bytes) -> None:

@@ -8,8 +8,10 @@ three times the gateway's own work (``bench/run.py``, ``hit_vs_ceiling``).
 It answers only the plainest case: ``GET /v2/batches/<well-formed id>``
 over HTTP/1.1 on a kept-alive connection, no body, no ``Expect``, one
 valid caller key, a caller within its rate limit and allowed to retrieve
-the batch (``gateway.policy``, the rules the app applies too), and a fresh
-200 in the cache. For anything else it returns None and the request goes
+the batch (``gateway.policy``, the rules the app applies too), no
+``Prefer: wait`` (a wait is held by the app), and a fresh 200 in the
+cache; it is a 304 when ``If-None-Match`` names its ETag, by the same rule
+as the app's. For anything else it returns None and the request goes
 through the Application unchanged, which gives the same answer, every error
 included: a refusal, or an ``own`` caller whose ownership of the batch is
 not in memory, is the app's to answer.
@@ -32,6 +34,10 @@ from gateway.protocol import BATCH_ID
 from gateway.state import GatewayState
 
 BATCH_PATH_PREFIX = BATCH_ROUTE.removesuffix("{id}")
+OK = "HTTP/1.1 200 OK\r\n"
+NOT_MODIFIED = "HTTP/1.1 304 Not Modified\r\n"
+JSON_BODY = "Content-Type: application/json\r\n"
+CRLF = "\r\n"
 
 
 def answer_fresh_hit(state: GatewayState, message: RawRequestMessage) -> bytes | None:
@@ -58,23 +64,30 @@ def answer_fresh_hit(state: GatewayState, message: RawRequestMessage) -> bytes |
         return None
     if not policy.sees_every_batch(caller) and not policy.may_see(caller, state.records.known_owner(batch_id)):
         return None
+    if "Prefer" in message.headers and policy.requested_wait(message.headers.getall("Prefer")) is not None:
+        return None  # a wait is held by the app
     entry = state.cache.fresh(batch_id)
     if entry is None or entry.status != 200:
         return None
     request_id = request_id_for(message.headers)
     headers = cache_headers(entry, CacheState.HIT, state.clock())
+    unchanged = "If-None-Match" in message.headers and policy.not_modified(
+        message.headers.getall("If-None-Match"), entry.etag
+    )
     head = (
-        "HTTP/1.1 200 OK\r\n"
+        f"{NOT_MODIFIED if unchanged else OK}"
         f"X-Cache: {headers['X-Cache']}\r\n"
         f"Age: {headers['Age']}\r\n"
         f"Cache-Control: {headers['Cache-Control']}\r\n"
-        "Content-Type: application/json\r\n"
+        f"ETag: {headers['ETag']}\r\n"
+        f"{'' if unchanged else JSON_BODY}"
         f"X-Request-ID: {request_id}\r\n"
-        f"Content-Length: {len(entry.body)}\r\n"
+        f"{'' if unchanged else f'Content-Length: {len(entry.body)}{CRLF}'}"
         f"Date: {rfc822_formatted_time()}\r\n"
         f"Server: {SERVER_SOFTWARE}\r\n\r\n"
     )
-    response = head.encode("latin-1") + entry.body
+    response = head.encode("latin-1") + (b"" if unchanged else entry.body)
+    status = 304 if unchanged else 200
     # Only once nothing can fail before the answer is written: a request handed on
     # to the app must not have spent a token or been counted.
     # The app takes the caller's token before looking in the cache; taking it only
@@ -89,7 +102,7 @@ def answer_fresh_hit(state: GatewayState, message: RawRequestMessage) -> bytes |
         route=BATCH_ROUTE,
         path=BATCH_ROUTE,
         batch_id=batch_id,
-        status=200,
+        status=status,
         cache=CacheState.HIT.value,
         trace=None,
         elapsed_s=time.perf_counter() - started,

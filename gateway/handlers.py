@@ -8,8 +8,9 @@ order, before its input is checked and anything reaches the upstream.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -19,7 +20,7 @@ from gateway.auth import Caller
 from gateway.cache import CacheEntry, CacheResult, CacheState, UpstreamReply
 from gateway.config import Operation
 from gateway.keys import CACHE_STATE, CALLER, REQUEST_ID, STATE, TRACE
-from gateway.protocol import parse_batch_id, upstream_message
+from gateway.protocol import new_request_id, parse_batch_id, upstream_message
 from gateway.state import GatewayState, Snapshot
 from gateway.upstream import (
     BATCHES_PATH,
@@ -85,40 +86,85 @@ def json_answer(status: int, body: bytes, headers: dict[str, str] | None = None)
 
 
 async def get_batch(request: web.Request) -> web.Response:
-    """``GET /v2/batches/{id}``: authenticate, validate, answer from the cache."""
+    """``GET /v2/batches/{id}``: authenticate, validate, answer from the cache; wait for a change if asked."""
     admitted = admit(request, "retrieve")
     state, caller = admitted.state, admitted.caller
     batch_id = parse_batch_id(request.match_info["id"])
     await check_scope(state, caller, batch_id)
-    settings = admitted.snapshot.config.upstream
+    config = admitted.snapshot.config
+    settings = config.upstream
+    wait_s = settings.timeout_s + WAIT_MARGIN_S
 
     def fetch(may_wait: bool) -> Awaitable[UpstreamReply]:
         # Built only on a miss: a hit never needs it.
         call = upstream_request(request, caller, batch_path(batch_id))
         return state.upstream.fetch(call, settings, may_wait, accept_batch)
 
+    if_none_match = request.headers.getall("If-None-Match", [])
+    wants_wait = policy.requested_wait(request.headers.getall("Prefer", []))
+    # Without If-None-Match, a wait is for a change from what the cache held on arrival.
+    held_on_arrival = state.cache.store.get(batch_id) if wants_wait and not if_none_match else None
     # Until the cache says otherwise, this request is a miss: an upstream failure
     # answered without a stale entry still reports X-Cache: MISS.
     request[CACHE_STATE] = CacheState.MISS.value
-    result = await state.cache.get(batch_id, fetch, settings.timeout_s + WAIT_MARGIN_S)
+    result = await state.cache.get(batch_id, fetch, wait_s)
+    applied: int | None = None
+    if wants_wait and policy.must_wait(result.entry, if_none_match, held_on_arrival):
+        applied = min(wants_wait, int(config.cache.max_wait_s))
+        if state.waiters.total >= config.cache.max_waiters:
+            applied = None  # answered at once, without Preference-Applied
+            state.metrics.waits_ended.labels("limit").inc()
+        else:
+            result = await _wait_for_change(request, admitted, batch_id, applied, fetch, wait_s)
     request[CACHE_STATE] = result.state.value
-    return _render(result, state.clock())
+    response = _render(result, state.clock(), if_none_match)
+    if applied is not None:
+        response.headers["Preference-Applied"] = f"wait={applied}"
+    return response
+
+
+async def _wait_for_change(
+    request: web.Request,
+    admitted: Admitted,
+    batch_id: str,
+    applied_s: int,
+    fetch: Callable[[bool], Awaitable[UpstreamReply]],
+    wait_s: float,
+) -> CacheResult:
+    """Hold the request until its batch changes or its wait ends; then the cache's answer as it is."""
+    state, caller = admitted.state, admitted.caller
+    settings = admitted.snapshot.config.upstream
+
+    def refresh_fetch() -> Callable[[bool], Awaitable[UpstreamReply]]:
+        # Each refresh is a call of its own, with a request id of its own.
+        call = UpstreamRequest(batch_path(batch_id), caller.name, new_request_id())
+        return partial(state.upstream.fetch, call, settings, accept=accept_batch)
+
+    state.refresher.follow(batch_id, refresh_fetch, wait_s)
+    # The end of a wait is spread by up to N/16, so that waiters do not all return together.
+    held_s = applied_s * (1 - state.cache.jitter() / 16)
+    end = await state.waiters.wait(batch_id, held_s, getattr(request.protocol, "closed", None))
+    state.metrics.waits_ended.labels(end.value).inc()
+    return await state.cache.get(batch_id, fetch, wait_s)
 
 
 def cache_headers(entry: CacheEntry, state: CacheState, now: float) -> dict[str, str]:
-    """The cache's headers on a batch answer (DESIGN §5), for both ways a hit is served."""
+    """The cache's headers on a batch answer (DESIGN §5, §9), for both ways a hit is served."""
     fresh_s = 0 if state is CacheState.STALE else entry.fresh_s(now)
     return {
         "X-Cache": state.value,
         "Age": str(entry.age_s(now)),
         "Cache-Control": f"private, max-age={fresh_s}",
+        "ETag": entry.etag,
     }
 
 
-def _render(result: CacheResult, now: float) -> web.Response:
+def _render(result: CacheResult, now: float, if_none_match: list[str]) -> web.Response:
     entry = result.entry
     headers = cache_headers(entry, result.state, now)
     if entry.status == 200:
+        if policy.not_modified(if_none_match, entry.etag):
+            return web.Response(status=304, headers=headers)
         return web.Response(body=entry.body, headers=headers, content_type="application/json")
     # A cached 404: rendered as the contract's error, with the cache headers kept.
     raise errors.NotFound(upstream_message(entry.body), upstream_status=404, headers=headers)

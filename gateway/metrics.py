@@ -94,6 +94,29 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.waiters = Gauge("gateway_waiters", "Requests held by Prefer: wait until their batch changes.", registry=r)
+        self.waits_ended = Counter(
+            "gateway_waits_ended",
+            "Prefer: wait requests answered, by why: changed, timeout, gone (the client left), shutdown,"
+            " limit (past cache.max_waiters, answered at once).",
+            ["reason"],
+            registry=r,
+        )
+        self.refresh_interval = Gauge(
+            "gateway_refresh_interval_seconds",
+            "The refresh interval of an active batch now, by state: polled, or waited (on by Prefer: wait);"
+            " it stretches when the upstream budget is short.",
+            ["state"],
+            registry=r,
+        )
+        self.followed_batches = Gauge(
+            "gateway_followed_batches", "Active batches polled or waited on lately (sharing the budget).", registry=r
+        )
+        self.regressions = Counter(
+            "gateway_upstream_regressions",
+            "Upstream answers older than the one held (earlier updated_at, or active after terminal): not stored.",
+            registry=r,
+        )
         self.reloads = Counter(
             "gateway_config_reloads", "Config reloads, by result: ok or error.", ["result"], registry=r
         )

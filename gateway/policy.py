@@ -23,6 +23,7 @@ from multidict import MultiMapping
 
 from gateway import errors
 from gateway.auth import Caller
+from gateway.cache import CacheEntry
 from gateway.config import Operation
 
 # What json.loads raises on bytes that are not JSON (RecursionError: deeply nested arrays).
@@ -59,6 +60,46 @@ def check_visible(caller: Caller, owner: str | None) -> None:
     """Raise 404 ``not_found`` for a batch this caller may not see: the answer a missing batch gets."""
     if not may_see(caller, owner):
         raise errors.NotVisible()
+
+
+def not_modified(if_none_match: list[str], etag: str) -> bool:
+    """Whether ``If-None-Match`` names ``etag`` (or ``*``): the caller already holds this answer.
+
+    If-None-Match compares weakly (RFC 9110 §13.1.2): ``W/"x"`` matches ``"x"``.
+    """
+    for value in if_none_match:
+        for tag in value.split(","):
+            tag = tag.strip()
+            if tag == "*" or tag.removeprefix("W/") == etag:
+                return True
+    return False
+
+
+def must_wait(entry: CacheEntry, if_none_match: list[str], held_on_arrival: CacheEntry | None) -> bool:
+    """Whether a ``Prefer: wait`` request is held: the caller already has ``entry``, and it may still change.
+
+    With ``If-None-Match``, the caller holds what it names; without, what
+    the cache held when the request arrived. A terminal batch or a 404 will
+    not change: it is answered at once.
+    """
+    if entry.status != 200 or entry.terminal:
+        return False
+    if if_none_match:
+        return not_modified(if_none_match, entry.etag)
+    return held_on_arrival is not None and held_on_arrival.etag == entry.etag
+
+
+def requested_wait(prefer: list[str]) -> int | None:
+    """The N of ``Prefer: wait=N`` (RFC 7240), in whole seconds; None if no usable wait was asked for."""
+    for value in prefer:
+        for preference in value.split(","):
+            name, _, rest = preference.partition("=")
+            if name.strip().lower() != "wait":
+                continue
+            seconds = rest.partition(";")[0].strip().strip('"')
+            if seconds.isascii() and seconds.isdigit() and len(seconds) <= 9:
+                return int(seconds)
+    return None
 
 
 def list_query(query: MultiMapping[str]) -> tuple[tuple[str, str], ...]:

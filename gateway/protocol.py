@@ -7,6 +7,7 @@ upstream answer to the contract's errors, and ``Retry-After`` parsing.
 from __future__ import annotations
 
 import json
+import random
 import re
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -47,9 +48,15 @@ def lifetime_of_status(status: object) -> Lifetime:
 
 
 def parse_batch_body(body: bytes) -> Lifetime:
-    """Check a 200 body is ``{"batch": {...}}`` and read its lifetime from ``status``.
+    """Check a 200 body is ``{"batch": {...}}`` and read its lifetime from ``status``."""
+    return batch_facts(body)[0]
 
-    The error it raises is derived from the upstream's 200, so it says so.
+
+def batch_facts(body: bytes) -> tuple[Lifetime, float | None]:
+    """Check a 200 body is ``{"batch": {...}}``; its lifetime (from ``status``) and ``updated_at``.
+
+    ``updated_at`` is epoch seconds, or None when absent or unreadable. The
+    error it raises is derived from the upstream's 200, so it says so.
     """
     try:
         document = json.loads(body)
@@ -57,7 +64,21 @@ def parse_batch_body(body: bytes) -> Lifetime:
         raise errors.UpstreamInvalidResponse("The upstream's answer was not JSON.", upstream_status=200) from None
     if not isinstance(document, dict) or not isinstance(document.get("batch"), dict):
         raise errors.UpstreamInvalidResponse("The upstream's answer did not hold a batch object.", upstream_status=200)
-    return lifetime_of_status(document["batch"].get("status"))
+    batch = document["batch"]
+    return lifetime_of_status(batch.get("status")), parse_timestamp(batch.get("updated_at"))
+
+
+def parse_timestamp(value: object) -> float | None:
+    """An RFC 3339 timestamp as epoch seconds; None if it is not one (a timestamp without zone is UTC)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
 
 
 def upstream_message(body: bytes) -> str | None:
@@ -121,3 +142,8 @@ def error_for_status(status: int, body: bytes, retry_after_s: float | None) -> e
 
 def now_utc() -> datetime:
     return datetime.now(UTC)
+
+
+def new_request_id() -> str:
+    """A fresh request id: unique enough for tracing, with no syscall (uuid4 reads os.urandom)."""
+    return f"{random.getrandbits(128):032x}"

@@ -20,6 +20,7 @@ from gateway.logs import AccessLog, Redactor, set_level
 from gateway.metrics import Metrics
 from gateway.protection import Clock, TokenBucket
 from gateway.records import Records, SqliteRecords
+from gateway.refresh import Freshness, Refresher, Waiters
 from gateway.upstream import UpstreamClient
 
 # How long past upstream.timeout_s a create may hold its Idempotency-Key: its
@@ -41,6 +42,9 @@ class GatewayState:
     metrics: Metrics
     redact: Redactor
     records: Records
+    waiters: Waiters
+    freshness: Freshness
+    refresher: Refresher
     clock: Clock = time.monotonic
     access_log: AccessLog = field(default_factory=AccessLog)
     caller_buckets: dict[str, TokenBucket] = field(default_factory=dict)
@@ -58,9 +62,27 @@ class GatewayState:
         metrics.cache_entries.set_function(lambda: len(store))
         cache = BatchCache(store, config.cache, clock, on_join=metrics.coalesced.inc)
         metrics.inflight.set_function(lambda: len(cache.flights))
+        waiters, freshness = Waiters(), Freshness(clock)
+        refresher = Refresher(cache, waiters, clock)
+        upstream = UpstreamClient(config.upstream, metrics, clock)
+        cache.on_change = waiters.changed
+        cache.on_regression = metrics.regressions.inc
+        cache.on_active = freshness.note_active
+        cache.on_terminal = freshness.forget
+        cache.stretch = lambda: freshness.stretch(
+            cache.settings.ttl_s, upstream.settings.rate_limit.requests_per_s, refresher.batches
+        )
+        metrics.waiters.set_function(lambda: waiters.total)
+        metrics.followed_batches.set_function(lambda: freshness.followed(cache.settings.ttl_s))
+        metrics.refresh_interval.labels("polled").set_function(
+            lambda: cache.active_interval_s(cache.settings.ttl_s.active)
+        )
+        metrics.refresh_interval.labels("waited").set_function(
+            lambda: cache.active_interval_s(cache.settings.ttl_s.active_min)
+        )
         state = cls(
             snapshot=Snapshot(config, CallerDirectory(config.callers)),
-            upstream=UpstreamClient(config.upstream, metrics, clock),
+            upstream=upstream,
             cache=cache,
             metrics=metrics,
             redact=redact or Redactor(),
@@ -69,6 +91,9 @@ class GatewayState:
                 config.batches.idempotency_ttl_s,
                 lease_s=2 * config.upstream.timeout_s + CLAIM_MARGIN_S,
             ),
+            waiters=waiters,
+            freshness=freshness,
+            refresher=refresher,
             clock=clock,
         )
         state.redact.update(config.secrets)

@@ -29,7 +29,7 @@ from gateway.cache import UpstreamReply
 from gateway.config import UpstreamSettings
 from gateway.metrics import Metrics
 from gateway.protection import Admission, CircuitBreaker, Clock, TokenBucket
-from gateway.protocol import Lifetime, error_for_status, now_utc, parse_batch_body, parse_retry_after
+from gateway.protocol import Lifetime, batch_facts, error_for_status, now_utc, parse_retry_after
 
 USER_AGENT = "cohere-gateway/0.1"
 # Caller headers that describe the calling SDK and are safe to pass on.
@@ -39,6 +39,8 @@ FORWARDED_CALLER_HEADERS = ("X-Fern-Language", "X-Fern-SDK-Name", "X-Fern-SDK-Ve
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
 READ_CHUNK = 65536
 BATCHES_PATH = "/v2/batches"
+# The share of the budget's burst that refreshes of held answers leave to new ids and writes.
+RESERVED_SHARE = 0.25
 
 R = TypeVar("R")
 # What a call accepts as its answer: the value for a status and body it
@@ -230,8 +232,11 @@ class UpstreamClient:
     async def _take_token(self, settings: UpstreamSettings, may_wait: bool, write: bool, deadline: float) -> None:
         loop = asyncio.get_running_loop()
         allowed = settings.timeout_s if write else settings.budget_wait_s if may_wait else 0.0
+        # A refresh of an answer the gateway holds (it may not wait: the held answer
+        # serves meanwhile) leaves a reserve for new ids and writes (DESIGN §9).
+        reserve = 0 if may_wait or write else int(RESERVED_SHARE * self.budget.burst)
         waited = 0.0
-        while (wait := self._token_wait(write)) > 0:
+        while (wait := self._token_wait(write, reserve)) > 0:
             # A sleep that would end at the deadline is pointless: the fetch would be cut off.
             if waited + wait > allowed or loop.time() + wait >= deadline:
                 self.metrics.upstream_rejected.labels("budget").inc()
@@ -239,10 +244,15 @@ class UpstreamClient:
             await asyncio.sleep(wait)
             waited += wait
 
-    def _token_wait(self, write: bool) -> float:
-        """0 with a token taken, or the seconds until one is due (for a read, while no write waits)."""
+    def _token_wait(self, write: bool, reserve: int) -> float:
+        """0 with a token taken, or the seconds until one is due (for a read, while no write waits).
+
+        A call with a ``reserve`` takes a token only while more than that many are left.
+        """
         if not write and self._writes_waiting:
             return 1 / self.budget.rate
+        if reserve and self.budget.tokens < reserve + 1:
+            return (reserve + 1 - self.budget.tokens) / self.budget.rate
         return self.budget.try_take()
 
     def _backoff_s(self, settings: UpstreamSettings, retry: int) -> float:
@@ -402,7 +412,8 @@ class UpstreamClient:
 def accept_batch(status: int, body: bytes) -> UpstreamReply | None:
     """Retrieve: a 200 batch, or a 404 (both cached)."""
     if status == 200:
-        return UpstreamReply(200, body, parse_batch_body(body))
+        lifetime, updated_at = batch_facts(body)
+        return UpstreamReply(200, body, lifetime, updated_at)
     if status == 404:
         return UpstreamReply(404, body, Lifetime.NOT_FOUND)
     return None

@@ -1,0 +1,185 @@
+"""Waiting for a change, and freshness that follows the upstream budget (DESIGN §9).
+
+``Waiters`` holds the requests that asked ``Prefer: wait=N``: each waits on
+one future, settled when its batch's answer changes (``changed``), when its
+time is up, when its client goes away, or when the gateway stops
+(``release_all``). A thousand waiters on one batch cost one future each, and
+the upstream nothing more.
+
+``Refresher`` makes waiting cost no upstream calls of its own: while a
+batch has waiters, it refreshes the batch itself every
+``cache.ttl_s.active_min`` (stretched, below), through the cache's
+single-flight and under the budget. A refresh whose body changed wakes
+every waiter, through the cache's ``on_change``.
+
+``Freshness`` spreads the budget evenly over the active batches being
+followed. It knows which active batches were refreshed lately (polled or
+waited on) and how many have waiters, and tells the cache how far every
+active interval must stretch so that their refreshes fit in
+``REFRESH_SHARE`` of the budget. Intervals stretch together, never past
+``cache.ttl_s.active_max``; a terminal batch leaves the count at once, so
+what it saved goes to the batches still running. The rest of the budget
+is left to new ids and writes: refreshes of an answer the gateway already
+holds never take the last tokens (``gateway.upstream``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from enum import Enum
+
+from gateway import errors
+from gateway.cache import BatchCache, Fetch
+from gateway.config import TtlSettings
+from gateway.logs import log_event
+from gateway.protection import Clock
+
+log = logging.getLogger("gateway")
+
+# The share of the upstream budget that refreshes of known active batches may plan on.
+REFRESH_SHARE = 0.75
+
+
+class WaitEnd(Enum):
+    """Why a wait ended (the label of ``gateway_waits_ended_total``)."""
+
+    CHANGED = "changed"
+    TIMEOUT = "timeout"
+    GONE = "gone"
+    SHUTDOWN = "shutdown"
+
+
+def _settle(waiter: asyncio.Future[WaitEnd], end: WaitEnd) -> None:
+    if not waiter.done():
+        waiter.set_result(end)
+
+
+class Waiters:
+    """The requests held until their batch changes."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, set[asyncio.Future[WaitEnd]]] = {}
+        self.total = 0
+        self.stopping = False
+
+    def held_for(self, batch_id: str) -> int:
+        return len(self._waiting.get(batch_id, ()))
+
+    async def wait(self, batch_id: str, timeout_s: float, gone: asyncio.Future[None] | None) -> WaitEnd:
+        """Hold until ``batch_id`` changes, ``timeout_s`` passes, ``gone`` is done, or the gateway stops."""
+        if self.stopping:
+            return WaitEnd.SHUTDOWN
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[WaitEnd] = loop.create_future()
+        group = self._waiting.setdefault(batch_id, set())
+        group.add(waiter)
+        self.total += 1
+        timer = loop.call_later(timeout_s, _settle, waiter, WaitEnd.TIMEOUT)
+
+        def client_gone(_: asyncio.Future[None]) -> None:
+            _settle(waiter, WaitEnd.GONE)
+
+        if gone is not None:
+            gone.add_done_callback(client_gone)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            if gone is not None:
+                gone.remove_done_callback(client_gone)
+            group.discard(waiter)
+            self.total -= 1
+            if not group and self._waiting.get(batch_id) is group:
+                del self._waiting[batch_id]
+
+    def changed(self, batch_id: str) -> None:
+        """``batch_id``'s answer changed (or was dropped): every request waiting on it is answered."""
+        for waiter in self._waiting.get(batch_id, ()):
+            _settle(waiter, WaitEnd.CHANGED)
+
+    def release_all(self) -> None:
+        """The gateway is stopping: every waiter is answered at once, and no new one waits."""
+        self.stopping = True
+        for group in self._waiting.values():
+            for waiter in group:
+                _settle(waiter, WaitEnd.SHUTDOWN)
+
+
+class Freshness:
+    """Which active batches are being followed, and how far their refresh intervals must stretch."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        # Active batches by the time of their last upstream answer, oldest first.
+        self._active: OrderedDict[str, float] = OrderedDict()
+
+    def note_active(self, batch_id: str) -> None:
+        self._active[batch_id] = self._clock()
+        self._active.move_to_end(batch_id)
+
+    def forget(self, batch_id: str) -> None:
+        """A terminal batch costs nothing more."""
+        self._active.pop(batch_id, None)
+
+    def followed(self, ttl: TtlSettings) -> int:
+        """Active batches answered within the longest interval: those still polled or waited on."""
+        horizon = self._clock() - ttl.active_max
+        while self._active:
+            batch_id, seen = next(iter(self._active.items()))
+            if seen >= horizon:
+                break
+            del self._active[batch_id]
+        return len(self._active)
+
+    def stretch(self, ttl: TtlSettings, rate_per_s: float, waited: int) -> float:
+        """The factor (at least 1) by which every active interval must grow to fit the budget."""
+        followed = self.followed(ttl)
+        polled = max(0, followed - waited)
+        wanted_per_s = polled / ttl.active + waited / ttl.active_min
+        return max(1.0, wanted_per_s / (REFRESH_SHARE * rate_per_s))
+
+
+class Refresher:
+    """While a batch has waiters, the gateway refreshes it itself (see the module's docstring)."""
+
+    def __init__(self, cache: BatchCache, waiters: Waiters, clock: Clock) -> None:
+        self._cache = cache
+        self._waiters = waiters
+        self._clock = clock
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    @property
+    def batches(self) -> int:
+        """Batches being refreshed for their waiters."""
+        return len(self._tasks)
+
+    def follow(self, batch_id: str, fetch: Callable[[], Fetch], wait_s: float) -> None:
+        """Refresh ``batch_id`` while it has waiters; ``fetch()`` makes each refresh's upstream call."""
+        if batch_id not in self._tasks:
+            task = asyncio.get_running_loop().create_task(self._follow(batch_id, fetch, wait_s))
+            self._tasks[batch_id] = task
+            task.add_done_callback(lambda _task: self._tasks.pop(batch_id, None))
+
+    async def _follow(self, batch_id: str, fetch: Callable[[], Fetch], wait_s: float) -> None:
+        while self._waiters.held_for(batch_id) and not self._waiters.stopping:
+            interval = self._cache.active_interval_s(self._cache.settings.ttl_s.active_min)
+            held = self._cache.store.get(batch_id)
+            due_in = interval if held is None else held.fetched_at + interval - self._clock()
+            if due_in > 0:
+                await asyncio.sleep(due_in)
+                continue  # the waiters, the entry or the interval may have changed meanwhile
+            try:
+                await self._cache.refresh(batch_id, fetch(), wait_s)
+            except errors.GatewayError as error:
+                # Refused (budget, pause, breaker) or failed: the waiters keep what they hold.
+                log_event(log, logging.DEBUG, "refresh for waiters failed", batch_id=batch_id, code=error.code)
+                await asyncio.sleep(interval)
+
+    async def close(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()))
