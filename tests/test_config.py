@@ -129,6 +129,18 @@ PROBLEMS: list[tuple[str, Case, list[str]]] = [
         ["callers.0: set key or key_sha256, not both"],
     ),
     ("unknown log level", doc(raw_config(BASE, logging={"level": "LOUD"})), ["logging.level:"]),
+    ("unknown operation", doc(callers({**BILLING, "allow": ["retrieve", "delete"]})), ["callers.0.allow.1:"]),
+    ("allow as text", doc(callers({**BILLING, "allow": "retrieve"})), ["callers.0.allow: must be a list"]),
+    ("unknown scope", doc(callers({**BILLING, "batches": "mine"})), ["callers.0.batches:"]),
+    ("empty store path", doc(raw_config(BASE, store={"path": ""})), ["store.path:"]),
+    ("zero idempotency TTL", doc(raw_config(BASE, batches={"idempotency_ttl_s": 0})), ["batches.idempotency_ttl_s:"]),
+    ("zero max wait", doc(raw_config(BASE, cache={"max_wait_s": 0})), ["cache.max_wait_s:"]),
+    ("negative max waiters", doc(raw_config(BASE, cache={"max_waiters": -1})), ["cache.max_waiters:"]),
+    (
+        "active TTL below active_min",
+        doc(raw_config(BASE, cache={"ttl_s": {"active": 0.5, "active_min": 1}})),
+        ["cache.ttl_s: needs active_min <= active <= active_max"],
+    ),
     (
         "unset ${VAR} in the token",
         doc(raw_config(BASE, upstream={"token": "${COHERE_API_KEY}"})),
