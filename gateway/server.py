@@ -7,9 +7,15 @@ closes connections that have not sent a whole request head within
 ``server.header_timeout_s`` (slow, trickling clients). It also answers
 plain fresh cache hits as soon as they are parsed (``gateway.fastpath``).
 
-aiohttp has no public hook for either, so this module leans on
+It makes every pipelined request answered in order, or the connection
+closed after the last answer, where aiohttp's parser would lose or stall
+requests (``_HitAnsweringParser``), and answers ``Expect`` in the contract's
+shape (``_ExpectCheck``).
+
+aiohttp has no public hook for any of it, so this module leans on
 ``RequestHandler`` internals: ``_messages``, ``_handle_request``,
-``_parser`` and its queue limit, the keep-alive and flow-control fields.
+``_parser`` and its queue, ``_ErrInfo``, the keep-alive and flow-control
+fields.
 ``pyproject.toml`` pins aiohttp to the minor version this was written
 against; ``tests/test_inline_hits.py`` and ``tests/test_hostile.py`` fail
 loudly if any of it changes.
