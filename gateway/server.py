@@ -461,7 +461,7 @@ class _HitAnsweringParser:
         connection = self._connection
         messages, upgraded, tail = self._parse(data)
         if self._stash:
-            messages, self._stash = self._stash + messages, []
+            messages, self._stash = [*self._stash, *messages], []
         if upgraded:
             # What follows an upgrade request is queued by aiohttp itself, uncounted.
             connection.stop_answering_inline()
@@ -472,11 +472,11 @@ class _HitAnsweringParser:
             # Frees the parser's slot as start() does for the requests it takes.
             self._parser.message_consumed()
             answered += 1
-        rest = messages[answered:]
+        rest = messages[answered:] if answered else messages
         if messages and not upgraded and not self._failed:
             # Ask the parser whether it holds requests back (it stops at its queue
             # limit, with the rest buffered, until someone feeds it again).
-            held, _, _ = self._parse(b"")
+            held = self._parse(b"")[0]
             if held and not rest and not self._failed:
                 # All were answered here, so nothing reached start() to resume the parser.
                 # Answer the rest at the loop's next turn, as start() would: one long
@@ -489,40 +489,52 @@ class _HitAnsweringParser:
                 rest = [*rest, *held]
                 connection.hold_reading_until_drained()
             elif self._last_payload is EMPTY_PAYLOAD and self._unsettled.endswith(b"\r\n\r\n"):
-                self._settle()
+                # At rest: nothing fed so far needs re-reading.
+                self._unsettled.clear()
+                self._unsettled_known = True
+                self._handed_out = 0
         return rest, upgraded, tail
 
-    def _parse(self, data: bytes) -> tuple[list[Parsed], bool, bytes]:
+    def _parse(self, data: bytes) -> tuple[Sequence[Parsed], bool, bytes]:
         """Feed the parser; what it hands out, with what it lost put back."""
-        self._keep(data)
+        if data and self._unsettled_known:
+            self._unsettled += data
+            if len(self._unsettled) > _COMPACT_UNSETTLED:
+                self._compact()
         try:
             parsed, upgraded, tail = self._parser.feed_data(data)
         except HttpProcessingError as exc:
             return self._fail(exc), False, b""
-        messages: list[Parsed] = list(parsed)
-        while messages and not upgraded:  # each turn hands out requests after the last one: bounded
-            self._handed_out += len(parsed)
-            self._last_payload = messages[-1][1]
-            last = messages[-1][0]
-            if not (self._drops_after_upgrade and isinstance(last, RawRequestMessage) and last.upgrade):
-                break
+        if not parsed:
+            return parsed, upgraded, tail
+        self._handed_out += len(parsed)
+        last, self._last_payload = parsed[-1]
+        if upgraded or not (self._drops_after_upgrade and last.upgrade):
+            return parsed, upgraded, tail
+        return self._parse_on_after_upgrade(list(parsed))
+
+    def _parse_on_after_upgrade(self, messages: list[Parsed]) -> tuple[list[Parsed], bool, bytes]:
+        """Put back what llhttp dropped after a request with an ``Upgrade`` it does not perform."""
+        while True:  # each turn hands out requests after the last one: bounded by the bytes kept
             after = self._bytes_after_upgrade()
             if after is None:
                 # The rest could not be found again: answer what came, then close.
                 self._connection.close_when_answered()
                 self._failed = True
-                break
+                return messages, False, b""
             if not after:
-                break
+                return messages, False, b""
             try:
                 parsed, upgraded, tail = self._parser.feed_data(after)
             except HttpProcessingError as exc:
-                messages += self._fail(exc)
-                break
+                return messages + self._fail(exc), False, b""
             if not parsed:
-                break
+                return messages, upgraded, tail
             messages += parsed
-        return messages, upgraded, tail
+            self._handed_out += len(parsed)
+            last, self._last_payload = parsed[-1]
+            if upgraded or not last.upgrade:
+                return messages, upgraded, tail
 
     def _bytes_after_upgrade(self) -> bytes | None:
         """What llhttp dropped after the last request it handed out, found by re-reading."""
@@ -551,19 +563,6 @@ class _HitAnsweringParser:
             if isinstance(message, RawRequestMessage) and message.should_close:
                 return recovered[: position + 1]
         return [*recovered, (_ErrInfo(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD)]
-
-    def _keep(self, data: bytes) -> None:
-        if not data or not self._unsettled_known:
-            return
-        self._unsettled += data
-        if len(self._unsettled) > _COMPACT_UNSETTLED:
-            self._compact()
-
-    def _settle(self) -> None:
-        """The parser is at rest: nothing it was fed needs re-reading."""
-        self._unsettled.clear()
-        self._unsettled_known = True
-        self._handed_out = 0
 
     def _compact(self) -> None:
         """Forget the bytes of requests already handed out, up to the last point at rest."""
