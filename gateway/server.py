@@ -365,7 +365,8 @@ class _ExpectCheck:
 
 def expect_error(expect: list[str], content_length: int | None, max_body_bytes: int) -> errors.GatewayError | None:
     """The contract's error for a request's ``Expect`` headers, or None to answer it as usual."""
-    if any(value.strip().lower() != "100-continue" for value in expect):
+    # An empty Expect asks for nothing (aiohttp ignores it too).
+    if any(value.strip() and value.strip().lower() != "100-continue" for value in expect):
         return errors.ExpectationFailed()
     if content_length is not None and content_length > max_body_bytes:
         return errors.BodyTooLarge()

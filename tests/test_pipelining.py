@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 
 from gateway.demo import Simulator
-from gateway.server import RunningGateway
+from gateway.server import RunningGateway, expect_error
 from tests.conftest import GatewayFactory, UpstreamFactory
 from tests.support import (
     EXCHANGE_TIMEOUT_S,
@@ -260,3 +260,23 @@ async def test_a_100_continue_within_the_limit_is_still_answered_after_its_body(
 
     assert continued == b"HTTP/1.1 100 Continue\r\n\r\n"
     assert ids_and_statuses(answers) == [("X", 200), ("Y", 200)]
+
+
+@pytest.mark.parametrize(
+    ("expect", "content_length", "code"),
+    [
+        (["100-continue"], None, None),
+        (["100-Continue"], 65536, None),
+        ([" 100-continue "], 0, None),
+        (["100-continue"], 65537, "request_too_large"),
+        (["something-else"], None, "expectation_failed"),
+        (["100-continue, something-else"], 5, "expectation_failed"),
+        (["100-continue", "something-else"], 5, "expectation_failed"),
+        ([""], None, None),
+    ],
+)
+def test_expect_headers_map_to_the_contracts_rows(
+    expect: list[str], content_length: int | None, code: str | None
+) -> None:
+    error = expect_error(expect, content_length, max_body_bytes=65536)
+    assert (error.code if error else None) == code
