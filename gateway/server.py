@@ -7,9 +7,15 @@ closes connections that have not sent a whole request head within
 ``server.header_timeout_s`` (slow, trickling clients). It also answers
 plain fresh cache hits as soon as they are parsed (``gateway.fastpath``).
 
-aiohttp has no public hook for either, so this module leans on
+It makes every pipelined request answered in order, or the connection
+closed after the last answer, where aiohttp's parser would lose or stall
+requests (``_HitAnsweringParser``), and answers ``Expect`` in the contract's
+shape (``_ExpectCheck``).
+
+aiohttp has no public hook for any of it, so this module leans on
 ``RequestHandler`` internals: ``_messages``, ``_handle_request``,
-``_parser`` and its queue limit, the keep-alive and flow-control fields.
+``_parser`` and its queue, ``_ErrInfo``, the keep-alive and flow-control
+fields.
 ``pyproject.toml`` pins aiohttp to the minor version this was written
 against; ``tests/test_inline_hits.py`` and ``tests/test_hostile.py`` fail
 loudly if any of it changes.
@@ -24,14 +30,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
-from aiohttp.http_parser import RawRequestMessage
+from aiohttp.http_parser import HttpRequestParserPy, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from gateway import errors
-from gateway.app import build_app, error_response, new_request_id, record_request
+from gateway.app import build_app, error_response, new_request_id, record_request, request_id_for
 from gateway.config import ConfigError, GatewayConfig
 from gateway.fastpath import answer_fresh_hit
 from gateway.keys import STATE
@@ -41,6 +47,10 @@ from gateway.state import GatewayState
 log = logging.getLogger("gateway")
 # The route label of requests aiohttp could not parse (they never reach the router).
 UNPARSED_ROUTE = "unparsed"
+# The route label of requests refused for their Expect header (before the router).
+EXPECT_ROUTE = "expect"
+# A parsed item handed to aiohttp: a request, or the parse error that ends the connection.
+Parsed = tuple[RawRequestMessage | _ErrInfo, StreamReader]
 
 
 def protocol_error(status: int, exc: BaseException | None) -> errors.GatewayError:
@@ -61,14 +71,23 @@ class _JsonErrorHandler(RequestHandler):
     The head deadline covers every request on the connection, not only the
     first: it starts with the connection and again with the first bytes of
     each later request (also when they come in the same read as a whole
-    request), and it is met once the parser has a whole head.
+    request), and it is met once the parser has a whole head. When it passes
+    while a request is being handled, the connection is closed after that
+    request's answer if the head is still not whole.
+
+    Pipelined requests are answered in order, every one, or the connection
+    is closed after the last one answered; see ``_HitAnsweringParser`` for
+    what it does where aiohttp's parser would lose requests.
     """
 
     header_timeout_s: float = 10.0
     state: GatewayState | None = None
+    parser_options: dict[str, Any] = {}  # noqa: RUF012 (set per connection by _GatewayServer)
     _head_timer: asyncio.TimerHandle | None = None
     _heads_at_arming = 0
     _read_ends_mid_request = False
+    # The head deadline passed while a request was being handled.
+    _head_overdue = False
     # Requests queued for the app and not yet answered: while any is, a hit
     # answered inline would overtake it.
     _app_requests = 0
@@ -78,12 +97,24 @@ class _JsonErrorHandler(RequestHandler):
     _resume_handle: asyncio.Handle | None = None
     # The parser held back requests behind ones for the app: start() resumes it.
     _held_for_app = False
+    # The parser lost what followed a request: close once the requests queued are answered.
+    _close_when_answered = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         if self.state is not None and self._parser is not None:
-            self._parser = _HitAnsweringParser(self._parser, self)  # type: ignore[assignment]
+            self._parser = _HitAnsweringParser(self._parser, self, self._new_parser)  # type: ignore[assignment]
         self._arm_head_timer()
+
+    def _new_parser(self) -> Any:
+        """A parser like this connection's own, with no queue limit: for reading bytes again."""
+        return type(self._parser._parser)(  # type: ignore[union-attr]
+            self,
+            self._loop,
+            self._read_bufsize,
+            payload_exception=RequestPayloadError,
+            **self.parser_options,
+        )
 
     def data_received(self, data: bytes) -> None:
         heads_before = self._request_count
@@ -114,22 +145,45 @@ class _JsonErrorHandler(RequestHandler):
         start_time: float | None,
         request_handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
     ) -> tuple[web.StreamResponse, bool]:
+        if self.state is not None and hdrs.EXPECT in request.headers:
+            request_handler = _ExpectCheck(self.state, request_handler)
         try:
             response, reset = await super()._handle_request(request, start_time, request_handler)
         finally:
             self._app_requests -= 1
         if reset or not response.keep_alive:
             self.stop_answering_inline()  # start() closes the connection after this answer
+        elif self._close_when_answered and not self._messages:
+            self.stop_answering_inline()
+            self.close()  # start() closes the connection after this answer
+        elif self._head_overdue:
+            self._after_overdue_head(request)
         return response, reset
+
+    def _after_overdue_head(self, request: web.BaseRequest) -> None:
+        """The head deadline passed while ``request`` was handled: close now if a head is still partial."""
+        self._head_overdue = False
+        if self._request_count != self._heads_at_arming:
+            return  # the head came whole meanwhile
+        if not self._messages and request.content.is_eof():
+            # No body of this request is still to come, so the bytes that armed the
+            # deadline began a request head, and it is late.
+            log_event(log, logging.INFO, "closed a connection that sent no whole request head in time")
+            self.stop_answering_inline()
+            self.close()  # start() closes the connection after this answer
+        else:
+            # The bytes may still be this request's body, or queued requests are in front:
+            # the head gets a new deadline.
+            self._arm_head_timer()
 
     def stop_answering_inline(self) -> None:
         """From now on every request on this connection goes through the app."""
         self._inline_ok = False
 
-    @property
-    def max_queued_requests(self) -> int:
-        """How many parsed requests the parser hands over before it waits for them to be taken."""
-        return self._max_msg_queue_size
+    def close_when_answered(self) -> None:
+        """Close the connection once the requests already queued are answered."""
+        self._close_when_answered = True
+        self.stop_answering_inline()
 
     def resume_parsing_soon(self) -> None:
         """Stop reading; feed the parser what it holds at the loop's next turn, then read again.
@@ -205,22 +259,31 @@ class _JsonErrorHandler(RequestHandler):
         return True
 
     def _arm_head_timer(self) -> None:
+        self._head_overdue = False
         self._heads_at_arming = self._request_count
         self._head_timer = asyncio.get_running_loop().call_later(self.header_timeout_s, self._head_timed_out)
 
     def _disarm_head_timer(self) -> None:
+        self._head_overdue = False
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        # Only an idle connection (waiting for a head) is closed: bytes that
-        # armed the timer may have been a request body, with its handler busy.
+        if self._request_count != self._heads_at_arming or self.transport is None:
+            return
         idle = self._waiter is not None and not self._waiter.done()
-        if self._request_count == self._heads_at_arming and idle and self.transport is not None:
+        if idle:
             log_event(log, logging.INFO, "closed a connection that sent no whole request head in time")
             self.force_close()
+        elif self._request_in_progress:
+            # Bytes that armed the timer may be the body of the request being
+            # handled: decided once its answer is written (_after_overdue_head).
+            self._head_overdue = True
+        else:
+            # Between requests (e.g. reading a body the handler did not read): a new deadline.
+            self._arm_head_timer()
 
     def handle_error(
         self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
@@ -257,50 +320,269 @@ def _account_unparsed(state: GatewayState, request_id: str, status: int) -> None
     )
 
 
+class _ExpectCheck:
+    """A request handler that first answers an ``Expect`` the gateway will not meet.
+
+    aiohttp answers an unknown ``Expect`` in text/plain, and sends
+    ``100 Continue`` before anyone looks at ``Content-Length``; the contract
+    wants 417 ``expectation_failed``, and 413 at once for a body too large
+    (RFC 9110 10.1.1), both in its JSON shape.
+    """
+
+    def __init__(
+        self, state: GatewayState, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+    ) -> None:
+        self._state = state
+        self._handler = handler
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        error = expect_error(
+            request.headers.getall(hdrs.EXPECT),
+            request.content_length,
+            self._state.snapshot.config.server.max_body_bytes,
+        )
+        if error is None:
+            return await self._handler(request)
+        request_id = request_id_for(request.headers)
+        response = error_response(error, request_id)
+        if request.content_length or request.headers.get(hdrs.TRANSFER_ENCODING):
+            response.force_close()  # the body was never asked for: it is not read
+        record_request(
+            self._state,
+            request_id=request_id,
+            caller="-",
+            route=EXPECT_ROUTE,
+            path=None,
+            batch_id=None,
+            status=error.status,
+            cache="-",
+            trace=None,
+            elapsed_s=None,
+            method=request.method,
+        )
+        return response
+
+
+def expect_error(expect: list[str], content_length: int | None, max_body_bytes: int) -> errors.GatewayError | None:
+    """The contract's error for a request's ``Expect`` headers, or None to answer it as usual."""
+    # An empty Expect asks for nothing (aiohttp ignores it too).
+    if any(value.strip() and value.strip().lower() != "100-continue" for value in expect):
+        return errors.ExpectationFailed()
+    if content_length is not None and content_length > max_body_bytes:
+        return errors.BodyTooLarge()
+    return None
+
+
+# What a parser still holds unsettled is compacted past this size, and forgotten past
+# the second (from then until it settles, bad bytes end the connection with a 400
+# only, as aiohttp does): the re-reading below needs them, and they are bounded.
+_COMPACT_UNSETTLED = 64 * 1024
+_MAX_UNSETTLED = 1024 * 1024
+
+
+@dataclass
+class _Reread:
+    """What a fresh parser made of some bytes fed one request head at a time."""
+
+    requests: list[Parsed]
+    # (offset just after a request with no body, requests up to it): where a parser is at rest.
+    rest_points: list[tuple[int, int]]
+    error: HttpProcessingError | None
+
+
+def reread(new_parser: Callable[[], Any], buffer: bytes, stop_after: int | None = None) -> _Reread:
+    """Feed ``buffer`` to a fresh parser, cut after each ``CRLFCRLF``, and keep what it gives.
+
+    aiohttp's parser throws away the requests it parsed in a read when a
+    later one in that read is bad; fed one head at a time, it hands each
+    request over before it sees the next one's bytes.
+    """
+    parser = new_parser()
+    requests: list[Parsed] = []
+    rest_points: list[tuple[int, int]] = []
+    start = 0
+    while start < len(buffer) and (stop_after is None or len(requests) < stop_after):  # start only grows
+        end = buffer.find(b"\r\n\r\n", start)
+        end = len(buffer) if end < 0 else end + 4
+        try:
+            parsed, upgraded, _tail = parser.feed_data(buffer[start:end])
+        except HttpProcessingError as exc:
+            return _Reread(requests, rest_points, exc)
+        requests += parsed
+        if parsed and parsed[-1][1] is EMPTY_PAYLOAD:
+            rest_points.append((end, len(requests)))
+        if upgraded:
+            break
+        start = end
+    return _Reread(requests, rest_points, None)
+
+
 class _HitAnsweringParser:
     """A connection's request parser that hands on only what its connection did not answer.
 
     aiohttp's ``data_received`` queues every parsed request for the app; the
     requests answered inline never reach that queue. The first request that
     is not answered inline stops it, so later ones queue behind it.
+
+    It also makes up for what aiohttp's parser (the C one, llhttp) loses in a
+    pipeline, so that every request is answered in order, or the connection
+    closed after the last one answered:
+
+    - bad bytes after good requests in one read: the requests before them
+      (re-read from what it keeps of the stream), then the 400;
+    - bytes after ``Connection: close`` (or HTTP/1.0): not an error, only
+      never processed (RFC 9112 9.6);
+    - bytes after a request with an ``Upgrade`` the gateway does not perform:
+      the parser drops the rest of the read; they are re-read and parsed on;
+    - requests held back: the parser is asked, by feeding it nothing, rather
+      than trusting its queue limit (a request taken before its body was
+      whole costs it a slot for good).
     """
 
-    def __init__(self, parser: Any, connection: _JsonErrorHandler) -> None:
+    def __init__(self, parser: Any, connection: _JsonErrorHandler, new_parser: Callable[[], Any]) -> None:
         self._parser = parser
         self._connection = connection
+        self._new_parser = new_parser
+        # llhttp drops what follows a request with an Upgrade it does not perform;
+        # aiohttp's pure-Python parser parses on.
+        self._drops_after_upgrade = not isinstance(parser, HttpRequestParserPy)
+        # Bytes fed since the parser was last at rest, and the requests it has handed
+        # out since: what a re-read starts from, and how many of its requests to skip.
+        self._unsettled = bytearray()
+        self._unsettled_known = True
+        self._handed_out = 0
+        self._last_payload: StreamReader = EMPTY_PAYLOAD
+        # Requests the parser gave when asked whether it held any: the next feed's.
+        self._stash: list[Parsed] = []
+        self._failed = False
 
-    def feed_data(self, data: bytes) -> tuple[Sequence[tuple[RawRequestMessage, StreamReader]], bool, bytes]:
+    def feed_data(self, data: bytes) -> tuple[Sequence[Parsed], bool, bytes]:
+        if self._failed:
+            return (), False, b""
         connection = self._connection
-        try:
-            messages, upgraded, tail = self._parser.feed_data(data)
-        except Exception:
-            connection.stop_answering_inline()
-            raise
+        messages, upgraded, tail = self._parse(data)
+        if self._stash:
+            messages, self._stash = [*self._stash, *messages], []
         if upgraded:
             # What follows an upgrade request is queued by aiohttp itself, uncounted.
             connection.stop_answering_inline()
         answered = 0
         for message, payload in messages:
-            if not connection.answer_inline(message, payload):
+            if isinstance(message, _ErrInfo) or not connection.answer_inline(message, payload):
                 break
             # Frees the parser's slot as start() does for the requests it takes.
             self._parser.message_consumed()
             answered += 1
-        # The parser stops at its queue limit, with the rest buffered, until start() takes some.
-        parser_held = len(messages) >= connection.max_queued_requests
-        if answered == len(messages) and parser_held:
-            # All were answered here, so nothing reached start() to resume the parser.
-            # Resume it at the loop's next turn, as start() would: one long pipeline
-            # does not hold the loop from other connections.
-            connection.resume_parsing_soon()
-        elif answered and parser_held:
-            # start() resumes the parser only after a full queue paused reading,
-            # and the requests answered here kept the queue from filling.
-            connection.hold_reading_until_drained()
-        return (messages[answered:] if answered else messages), upgraded, tail
+        rest = messages[answered:] if answered else messages
+        if messages and not upgraded and not self._failed:
+            # Ask the parser whether it holds requests back (it stops at its queue
+            # limit, with the rest buffered, until someone feeds it again).
+            held = self._parse(b"")[0]
+            if held and not rest and not self._failed:
+                # All were answered here, so nothing reached start() to resume the parser.
+                # Answer the rest at the loop's next turn, as start() would: one long
+                # pipeline does not hold the loop from other connections.
+                self._stash = list(held)
+                connection.resume_parsing_soon()
+            elif held:
+                # They queue behind requests for the app; start() resumes the parser
+                # as it takes them, once reading is paused as for a full queue.
+                rest = [*rest, *held]
+                connection.hold_reading_until_drained()
+            elif self._last_payload is EMPTY_PAYLOAD and self._unsettled.endswith(b"\r\n\r\n"):
+                # At rest: nothing fed so far needs re-reading.
+                self._unsettled.clear()
+                self._unsettled_known = True
+                self._handed_out = 0
+        return rest, upgraded, tail
+
+    def _parse(self, data: bytes) -> tuple[Sequence[Parsed], bool, bytes]:
+        """Feed the parser; what it hands out, with what it lost put back."""
+        if data and self._unsettled_known:
+            self._unsettled += data
+            if len(self._unsettled) > _COMPACT_UNSETTLED:
+                self._compact()
+        try:
+            parsed, upgraded, tail = self._parser.feed_data(data)
+        except HttpProcessingError as exc:
+            return self._fail(exc), False, b""
+        if not parsed:
+            return parsed, upgraded, tail
+        self._handed_out += len(parsed)
+        last, self._last_payload = parsed[-1]
+        if upgraded or not (self._drops_after_upgrade and last.upgrade):
+            return parsed, upgraded, tail
+        return self._parse_on_after_upgrade(list(parsed))
+
+    def _parse_on_after_upgrade(self, messages: list[Parsed]) -> tuple[list[Parsed], bool, bytes]:
+        """Put back what llhttp dropped after a request with an ``Upgrade`` it does not perform."""
+        while True:  # each turn hands out requests after the last one: bounded by the bytes kept
+            after = self._bytes_after_upgrade()
+            if after is None:
+                # The rest could not be found again: answer what came, then close.
+                self._connection.close_when_answered()
+                self._failed = True
+                return messages, False, b""
+            if not after:
+                return messages, False, b""
+            try:
+                parsed, upgraded, tail = self._parser.feed_data(after)
+            except HttpProcessingError as exc:
+                return messages + self._fail(exc), False, b""
+            if not parsed:
+                return messages, upgraded, tail
+            messages += parsed
+            self._handed_out += len(parsed)
+            last, self._last_payload = parsed[-1]
+            if upgraded or not last.upgrade:
+                return messages, upgraded, tail
+
+    def _bytes_after_upgrade(self) -> bytes | None:
+        """What llhttp dropped after the last request it handed out, found by re-reading."""
+        if not self._unsettled_known:
+            return None
+        buffer = bytes(self._unsettled)
+        found = reread(self._new_parser, buffer, stop_after=self._handed_out)
+        for offset, count in found.rest_points:
+            if count == self._handed_out:
+                return buffer[offset:]
+        return None
+
+    def _fail(self, exc: HttpProcessingError) -> list[Parsed]:
+        """The requests the parser took from the stream before ``exc``, then the 400 that ends it.
+
+        If one of them closes the connection, what follows it is never processed, so no 400.
+        """
+        self._failed = True
+        self._connection.stop_answering_inline()
+        recovered: list[Parsed] = []
+        if self._unsettled_known:
+            found = reread(self._new_parser, bytes(self._unsettled))
+            if found.error is not None:  # else the two parsers disagree: trust neither's requests
+                recovered = found.requests[self._handed_out :]
+        for position, (message, _payload) in enumerate(recovered):
+            if isinstance(message, RawRequestMessage) and message.should_close:
+                return recovered[: position + 1]
+        return [*recovered, (_ErrInfo(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD)]
+
+    def _compact(self) -> None:
+        """Forget the bytes of requests already handed out, up to the last point at rest."""
+        found = reread(self._new_parser, bytes(self._unsettled), stop_after=self._handed_out)
+        points = [(offset, count) for offset, count in found.rest_points if count <= self._handed_out]
+        if points:
+            offset, count = points[-1]
+            del self._unsettled[:offset]
+            self._handed_out -= count
+        if len(self._unsettled) > _MAX_UNSETTLED:
+            self._unsettled.clear()
+            self._unsettled_known = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._parser, name)
+
+
+# The connection's options that its parser was made with, for the parser that re-reads.
+_PARSER_OPTIONS = ("max_line_size", "max_field_size", "max_headers", "auto_decompress")
 
 
 class _GatewayServer(web.Server):
@@ -310,6 +592,7 @@ class _GatewayServer(web.Server):
     def __call__(self) -> RequestHandler:
         handler = _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
         handler.header_timeout_s = self.header_timeout_s
+        handler.parser_options = {k: self._kwargs[k] for k in _PARSER_OPTIONS if k in self._kwargs}
         handler.state = self.state
         return handler
 

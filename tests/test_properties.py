@@ -39,6 +39,7 @@ from tests.support import (
     BILLING_KEY,
     REPORTING_KEY,
     UPSTREAM_TOKEN,
+    Answer,
     LogCapture,
     assert_no_secrets,
     make_config,
@@ -386,6 +387,118 @@ def test_any_percent_encoded_id_is_a_400_or_exactly_one_call_for_the_decoded_id(
         assert gateway.simulator.calls == calls
         if CONTRACT_ID.match(decoded) and not decoded.startswith("missing"):  # the simulator's 404s
             pytest.fail(f"a valid id was refused: {response.status}")
+
+
+# ---------------------------------------------------------------------------
+# Pipelines: answers in order, one per valid request, then the close (#11)
+# ---------------------------------------------------------------------------
+
+# What each kind of valid request is answered with (the simulator answers 404 for
+# ids starting with "missing"; "-bad" is not a well-formed id).
+PIPELINE_ANSWERS = {"hit": 200, "miss": 200, "not_found": 404, "bad_key": 401, "bad_id": 400}
+# What may end a pipeline: nothing (a last request closes it), bad bytes, or a
+# request that closes the connection with more sent after it.
+BAD_TAILS = {
+    "none": b"",
+    "garbage": b"NOT HTTP AT ALL\r\n\r\n",
+    "no host": b"GET /v2/batches/batch-1 HTTP/1.1\r\nAuthorization: Bearer " + BILLING_KEY.encode() + b"\r\n\r\n",
+    "bad version": b"GET /v2/batches/batch-1 HTTX/1.1\r\nHost: x\r\n\r\n",
+}
+
+
+def pipelined_request(kind: str, request_id: str, *, close: bool = False, batch_id: str | None = None) -> bytes:
+    if batch_id is None:
+        ids = {"hit": "batch-1", "miss": f"pipe-{next(unique)}", "not_found": f"missing-{next(unique)}"}
+        batch_id = ids.get(kind, "-bad")
+    key = REPORTING_KEY + "x" if kind == "bad_key" else BILLING_KEY
+    connection = "close" if close else "keep-alive"
+    return (
+        f"GET /v2/batches/{batch_id} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+        f"X-Request-ID: {request_id}\r\nConnection: {connection}\r\n\r\n"
+    ).encode()
+
+
+def split_answers(raw: bytes) -> list[Answer]:
+    """Every whole answer in ``raw``, in order (each has a Content-Length)."""
+    answers = []
+    while raw:  # each turn takes one answer off the front
+        head, sep, rest = raw.partition(b"\r\n\r\n")
+        assert sep, f"a partial answer: {raw[:200]!r}"
+        answer = parse_response(head + sep)
+        length = int(answer.header("Content-Length") or 0)
+        answer.body, raw = rest[:length], rest[length:]
+        answers.append(answer)
+    return answers
+
+
+def send_in_pieces(gateway: ThreadedGateway, data: bytes, cuts: list[int]) -> bytes:
+    """Send ``data`` cut at ``cuts`` (one write each); read until the gateway closes.
+
+    Once the gateway has closed (after ``Connection: close`` or bad bytes), what
+    is still sent is refused by the kernel, with a reset: the answers sent
+    before it are still read.
+    """
+    with socket.create_connection((gateway.host, gateway.port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        start = 0
+        try:
+            for cut in [*sorted({c % len(data) for c in cuts} - {0}), len(data)]:
+                sock.sendall(data[start:cut])
+                start = cut
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        received = bytearray()
+        try:
+            while chunk := sock.recv(65536):  # bounded by the socket's timeout and the gateway's close
+                received += chunk
+        except ConnectionResetError:
+            pass
+    return bytes(received)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    kinds=st.lists(st.sampled_from(sorted(PIPELINE_ANSWERS)), min_size=1, max_size=12),
+    tail=st.sampled_from([*sorted(BAD_TAILS), "close, then more"]),
+    cuts=st.lists(st.integers(min_value=1, max_value=10_000), max_size=4),
+)
+def test_a_pipeline_split_anywhere_is_answered_in_order_one_answer_per_valid_request_then_closed(
+    threaded_gateway: ThreadedGateway, kinds: list[str], tail: str, cuts: list[int]
+) -> None:
+    gateway = threaded_gateway
+    gateway.send(pipelined_request("hit", "prime", close=True))  # batch-1 is cached from here on
+    data = b"".join(pipelined_request(kind, f"r{i}") for i, kind in enumerate(kinds))
+    expected = [(f"r{i}", PIPELINE_ANSWERS[kind]) for i, kind in enumerate(kinds)]
+    if tail == "close, then more":
+        never = f"never-{next(unique)}"
+        data += pipelined_request("hit", "closer", close=True) + pipelined_request("miss", "never", batch_id=never)
+        expected.append(("closer", 200))
+    elif tail == "none":
+        data += pipelined_request("hit", "last", close=True)
+        expected.append(("last", 200))
+    else:
+        data += BAD_TAILS[tail]
+    calls = gateway.simulator.calls
+
+    raw = send_in_pieces(gateway, data, cuts)
+
+    assert_no_secrets(raw)
+    answers = split_answers(raw)
+    assert [(a.header("X-Request-ID"), a.status) for a in answers[: len(expected)]] == expected
+    if tail in ("none", "close, then more"):
+        assert len(answers) == len(expected)
+    else:
+        assert len(answers) == len(expected) + 1
+        assert (answers[-1].status, answers[-1].code) == (400, "malformed_request")
+    upstream_calls = kinds.count("miss") + kinds.count("not_found")
+    # (a hit may have become a miss: batch-1's entry lives ttl_s.active, 5 s)
+    assert upstream_calls <= gateway.simulator.calls - calls <= upstream_calls + 1
+    if tail == "close, then more":
+        assert gateway.simulator.calls_by_id.get(never, 0) == 0
 
 
 # ---------------------------------------------------------------------------
