@@ -19,7 +19,7 @@ from multidict import CIMultiDictProxy
 
 from gateway import create, errors, handlers
 from gateway.keys import CACHE_STATE, CALLER, REQUEST_ID, STATE, TRACE
-from gateway.protocol import new_request_id as new_request_id  # server.py takes it from here
+from gateway.protocol import new_request_id
 from gateway.state import GatewayState
 from gateway.upstream import RequestTrace
 

@@ -37,11 +37,12 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from gateway import errors
-from gateway.app import build_app, error_response, new_request_id, record_request, request_id_for
+from gateway.app import build_app, error_response, record_request, request_id_for
 from gateway.config import ConfigError, GatewayConfig
 from gateway.fastpath import answer_fresh_hit
 from gateway.keys import STATE
 from gateway.logs import log_event
+from gateway.protocol import new_request_id
 from gateway.state import GatewayState
 
 log = logging.getLogger("gateway")
@@ -102,6 +103,8 @@ class _JsonErrorHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        # Done when the client goes away: a request held by Prefer: wait is then dropped at once.
+        self.closed: asyncio.Future[None] = self._loop.create_future()
         if self.state is not None and self._parser is not None:
             self._parser = _HitAnsweringParser(self._parser, self, self._new_parser)  # type: ignore[assignment]
         self._arm_head_timer()
@@ -133,6 +136,8 @@ class _JsonErrorHandler(RequestHandler):
             self._arm_head_timer()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
         self._disarm_head_timer()
         if self._resume_handle is not None:
             self._resume_handle.cancel()
