@@ -26,13 +26,15 @@ holds never take the last tokens (``gateway.upstream``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from enum import Enum
+from functools import partial
 
 from gateway import errors
-from gateway.cache import BatchCache, Fetch
+from gateway.cache import BatchCache, CacheEntry, Fetch
 from gateway.config import TtlSettings
 from gateway.logs import log_event
 from gateway.protection import Clock
@@ -143,43 +145,89 @@ class Freshness:
 
 
 class Refresher:
-    """While a batch has waiters, the gateway refreshes it itself (see the module's docstring)."""
+    """While a batch has waiters, the gateway refreshes it itself (see the module's docstring).
 
-    def __init__(self, cache: BatchCache, waiters: Waiters, clock: Clock) -> None:
+    One scheduler for every waited batch: it always takes the one whose
+    answer (or last try) is oldest, so no batch is refreshed again while
+    another is overdue. When the budget has no token for a refresh
+    (``budget_wait_s``), the scheduler waits for one with the oldest still
+    first in line, rather than passing it by.
+    """
+
+    def __init__(self, cache: BatchCache, waiters: Waiters, clock: Clock, budget_wait_s: Callable[[], float]) -> None:
         self._cache = cache
         self._waiters = waiters
         self._clock = clock
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._budget_wait_s = budget_wait_s
+        self._fetchers: dict[str, Callable[[], Fetch]] = {}
+        self._tried_at: dict[str, float] = {}
+        self._in_flight: set[str] = set()
+        self._wait_s = 0.0
+        self._woken = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def batches(self) -> int:
         """Batches being refreshed for their waiters."""
-        return len(self._tasks)
+        return len(self._fetchers)
 
     def follow(self, batch_id: str, fetch: Callable[[], Fetch], wait_s: float) -> None:
         """Refresh ``batch_id`` while it has waiters; ``fetch()`` makes each refresh's upstream call."""
-        if batch_id not in self._tasks:
-            task = asyncio.get_running_loop().create_task(self._follow(batch_id, fetch, wait_s))
-            self._tasks[batch_id] = task
-            task.add_done_callback(lambda _task: self._tasks.pop(batch_id, None))
+        self._fetchers.setdefault(batch_id, fetch)
+        self._wait_s = wait_s
+        self._woken.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._schedule())
 
-    async def _follow(self, batch_id: str, fetch: Callable[[], Fetch], wait_s: float) -> None:
-        while self._waiters.held_for(batch_id) and not self._waiters.stopping:
-            interval = self._cache.active_interval_s(self._cache.settings.ttl_s.active_min)
+    def _next(self) -> tuple[str, float] | None:
+        """The waited batch whose answer (or last try) is oldest, and the seconds until it is due."""
+        for batch_id in [b for b in self._fetchers if not self._waiters.held_for(b)]:
+            del self._fetchers[batch_id]
+            self._tried_at.pop(batch_id, None)
+        candidates = [b for b in self._fetchers if b not in self._in_flight]
+        if not candidates:
+            return None
+        now, interval = self._clock(), self._cache.active_interval_s(self._cache.settings.ttl_s.active_min)
+
+        def last_look(batch_id: str) -> float:
             held = self._cache.store.get(batch_id)
-            due_in = interval if held is None else held.fetched_at + interval - self._clock()
-            if due_in > 0:
-                await asyncio.sleep(due_in)
-                continue  # the waiters, the entry or the interval may have changed meanwhile
-            try:
-                await self._cache.refresh(batch_id, fetch(), wait_s)
-            except errors.GatewayError as error:
-                # Refused (budget, pause, breaker) or failed: the waiters keep what they hold.
-                log_event(log, logging.DEBUG, "refresh for waiters failed", batch_id=batch_id, code=error.code)
-                await asyncio.sleep(interval)
+            answered = held.fetched_at if held is not None else now - interval
+            return max(answered, self._tried_at.get(batch_id, answered))
+
+        oldest = min(candidates, key=last_look)
+        return oldest, last_look(oldest) + interval - now
+
+    async def _schedule(self) -> None:
+        while self._fetchers and not self._waiters.stopping:
+            self._woken.clear()
+            chosen = self._next()
+            wait = None if chosen is None else chosen[1]
+            if wait is not None and wait <= 0:
+                wait = self._budget_wait_s() or None
+                if wait is None:
+                    assert chosen is not None
+                    self._start(chosen[0])
+                    continue
+            # Until the oldest is due (or a token is), a new batch is followed, or a refresh ends.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), wait)
+
+    def _start(self, batch_id: str) -> None:
+        self._in_flight.add(batch_id)
+        self._tried_at[batch_id] = self._clock()
+        call = asyncio.ensure_future(self._cache.refresh(batch_id, self._fetchers[batch_id](), self._wait_s))
+        call.add_done_callback(partial(self._refreshed, batch_id))
+
+    def _refreshed(self, batch_id: str, call: asyncio.Future[CacheEntry]) -> None:
+        self._in_flight.discard(batch_id)
+        self._woken.set()
+        if not call.cancelled() and (error := call.exception()) is not None:
+            # Refused or failed: the waiters keep what they hold; tried again an interval later.
+            code = error.code if isinstance(error, errors.GatewayError) else type(error).__name__
+            log_event(log, logging.DEBUG, "refresh for waiters failed", batch_id=batch_id, code=code)
 
     async def close(self) -> None:
-        for task in list(self._tasks.values()):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks.values()))
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

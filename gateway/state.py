@@ -63,8 +63,8 @@ class GatewayState:
         cache = BatchCache(store, config.cache, clock, on_join=metrics.coalesced.inc)
         metrics.inflight.set_function(lambda: len(cache.flights))
         waiters, freshness = Waiters(), Freshness(clock)
-        refresher = Refresher(cache, waiters, clock)
         upstream = UpstreamClient(config.upstream, metrics, clock)
+        refresher = Refresher(cache, waiters, clock, upstream.refresh_wait_s)
         cache.on_change = waiters.changed
         cache.on_regression = metrics.regressions.inc
         cache.on_active = freshness.note_active

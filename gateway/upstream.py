@@ -244,16 +244,24 @@ class UpstreamClient:
             await asyncio.sleep(wait)
             waited += wait
 
-    def _token_wait(self, write: bool, reserve: int) -> float:
+    def refresh_wait_s(self) -> float:
+        """Seconds until a refresh of a held answer could take a token (0: now)."""
+        paused = self.paused_until - self._clock()
+        if paused > 0:
+            return paused
+        return self._token_wait(False, int(RESERVED_SHARE * self.budget.burst), take=False)
+
+    def _token_wait(self, write: bool, reserve: int, take: bool = True) -> float:
         """0 with a token taken, or the seconds until one is due (for a read, while no write waits).
 
         A call with a ``reserve`` takes a token only while more than that many are left.
         """
         if not write and self._writes_waiting:
             return 1 / self.budget.rate
-        if reserve and self.budget.tokens < reserve + 1:
-            return (reserve + 1 - self.budget.tokens) / self.budget.rate
-        return self.budget.try_take()
+        tokens = self.budget.tokens
+        if tokens < reserve + 1:
+            return (reserve + 1 - tokens) / self.budget.rate
+        return self.budget.try_take() if take else 0.0
 
     def _backoff_s(self, settings: UpstreamSettings, retry: int) -> float:
         """Full jitter: a random wait up to an exponential cap (``retry`` counts from 1)."""
