@@ -1,7 +1,7 @@
 """The benchmark: the gateway side by side with what users would run instead.
 
-    python bench/run.py            # full run (about 6 minutes): writes bench/RESULTS.md and bench/upstream_calls.png
-    python bench/run.py --quick    # under 3 minutes; results go to a temporary folder
+    python bench/run.py            # full run (about 10 minutes): writes bench/RESULTS.md and its two charts
+    python bench/run.py --quick    # about 4 minutes; results go to a temporary folder
     python bench/run.py --smoke    # a few seconds: every scenario once, minimally (CI)
     python bench/run.py --quick --only callers,config   # just some scenarios (see --help)
     python bench/run.py --quick --only notice           # time to notice a change (DESIGN §9)
@@ -13,7 +13,11 @@ ceiling (bench/ceiling.py) and Debian's nginx (bench/nginx.conf.template).
 wrk generates the cache-hit load; the other scenarios use an aiohttp client
 in this process. Each comparison alternates its contenders within one run,
 for several rounds, and reports medians and ratios. The config scenario
-times ``gateway.config.validate`` in this process.
+times ``gateway.config.validate`` in this process. The time-to-notice
+scenario (DESIGN §9) runs nginx, then the gateway with polling callers, then
+with long-poll callers, each alone on a fresh simulator whose batches
+complete at scheduled moments, and the gateways at nginx's upstream call
+rate (bench/notice_delays.png).
 
 The last line on stdout is one JSON object (see ``KEYS``).
 """
@@ -1543,7 +1547,7 @@ def timed_step(key: str, name: str, only: set[str], step: Callable[[], dict[str,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_true", help="fewer, shorter rounds (under 3 minutes)")
+    group.add_argument("--quick", action="store_true", help="fewer, shorter rounds (about 4 minutes)")
     group.add_argument("--smoke", action="store_true", help="every scenario once, minimally (a few seconds)")
     parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk/nginx")
     parser.add_argument(
