@@ -32,6 +32,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import secrets
 import shutil
@@ -886,8 +887,6 @@ NOTICE_TTL_SETTINGS: dict[str, Any] = {"active_min": 1, "active_max": 60}
 
 def notice_schedule(mode: Mode) -> dict[str, float]:
     """Batch id -> seconds after the callers start at which it completes upstream (uniform over the window)."""
-    import random
-
     pick = random.Random(NOTICE_SEED)
     return {f"notice-{n:03d}": round(pick.uniform(1.0, mode.notice_window_s), 3) for n in range(mode.notice_batches)}
 
@@ -1379,7 +1378,7 @@ def notice_chart(notice: dict[str, Any], path: Path) -> bool:
     colors = {"nginx": "tab:orange", "gateway (polling)": "tab:cyan", "gateway (long-poll)": "tab:blue"}
     for position, (name, row) in enumerate(notice["contenders"].items(), start=1):
         if row is None:
-            axis.text(position, 0.1, "not run", ha="center", color="gray")
+            axis.text(position, 0.5, "not run", ha="center", color="gray")
             continue
         delays = [d for d in row["delays"].values() if d is not None]
         if delays:
@@ -1390,6 +1389,7 @@ def notice_chart(notice: dict[str, Any], path: Path) -> bool:
     for name, row in notice["contenders"].items():
         labels.append(f"{name}\np50 {row['p50_s']:.2f} s, {row['calls']} calls" if row else f"{name}\n(not run)")
     axis.set_xticks(range(1, len(labels) + 1), labels)
+    axis.set_xlim(0.5, len(labels) + 0.5)
     axis.set_ylabel("seconds from the upstream change to the caller holding it")
     axis.set_ylim(bottom=0)
     axis.grid(axis="y", alpha=0.3)
