@@ -1,9 +1,10 @@
 """The benchmark: the gateway side by side with what users would run instead.
 
-    python bench/run.py            # full run (about 6 minutes): writes bench/RESULTS.md and bench/upstream_calls.png
-    python bench/run.py --quick    # under 3 minutes; results go to a temporary folder
+    python bench/run.py            # full run (about 10 minutes): writes bench/RESULTS.md and its two charts
+    python bench/run.py --quick    # about 4 minutes; results go to a temporary folder
     python bench/run.py --smoke    # a few seconds: every scenario once, minimally (CI)
     python bench/run.py --quick --only callers,config   # just some scenarios (see --help)
+    python bench/run.py --quick --only notice           # time to notice a change (DESIGN §9)
 
 Every server runs in its own process on 127.0.0.1: the simulated upstream
 (bench/sim_server.py, the gateway's own ``gateway.demo.Simulator``), the
@@ -12,7 +13,11 @@ ceiling (bench/ceiling.py) and Debian's nginx (bench/nginx.conf.template).
 wrk generates the cache-hit load; the other scenarios use an aiohttp client
 in this process. Each comparison alternates its contenders within one run,
 for several rounds, and reports medians and ratios. The config scenario
-times ``gateway.config.validate`` in this process.
+times ``gateway.config.validate`` in this process. The time-to-notice
+scenario (DESIGN §9) runs nginx, then the gateway with polling callers, then
+with long-poll callers, each alone on a fresh simulator whose batches
+complete at scheduled moments, and the gateways at nginx's upstream call
+rate (bench/notice_delays.png).
 
 The last line on stdout is one JSON object (see ``KEYS``).
 """
@@ -27,6 +32,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import secrets
 import shutil
@@ -61,6 +67,14 @@ KEYS = (
     "bytes_per_entry",
     "hit_rps_many_callers_ratio",
     "config_load_s_10k_callers",
+    "notice_p50_s",
+    "notice_p99_s",
+    "notice_p50_s_polling",
+    "notice_p50_s_nginx",
+    "notice_calls",
+    "notice_calls_nginx",
+    "notice_p50_vs_nginx",
+    "notice_calls_vs_nginx",
 )
 # key: (comparison, bound)
 TARGETS = {
@@ -70,12 +84,15 @@ TARGETS = {
     "bytes_per_entry": ("<=", 2048.0),
     "hit_rps_many_callers_ratio": (">=", 0.9),
     "config_load_s_10k_callers": ("<=", 0.5),
+    # DESIGN §9: long-poll callers notice a change in half nginx's time (p50), at no more upstream calls.
+    "notice_p50_vs_nginx": ("<=", 0.5),
+    "notice_calls_vs_nginx": ("<=", 1.0),
 }
 TTL_ACTIVE_S = 5.0
 TTL_TERMINAL_S = 86400.0
 TTL_NOT_FOUND_S = 10.0
 HIT_BATCH_ID = "hit-batch-0001"
-SCENARIOS = ("hits", "upstream", "miss", "memory", "callers", "config")
+SCENARIOS = ("hits", "upstream", "miss", "memory", "callers", "config", "notice")
 MANY_CALLERS = 2_000  # scenario 5: hits with this many callers configured, against 2
 CONFIG_CALLERS = 10_000  # scenario 6: a config with this many callers, loaded and validated
 CONTENDERS = (
@@ -107,12 +124,14 @@ class Mode:
     miss_per_round: int
     memory_entries: int
     install: bool
+    notice_batches: int  # scenario 7: batches, one caller each
+    notice_window_s: float  # scenario 7: each batch completes at a random moment within this window
 
 
 MODES = {
-    "full": Mode("full", 5, 4, (64, 256), 200, 50, 0.5, 25.0, 45.0, 5, 400, 100_000, True),
-    "quick": Mode("quick", 3, 2, (64, 256), 200, 50, 0.5, 10.0, 20.0, 3, 300, 25_000, True),
-    "smoke": Mode("smoke", 1, 1, (64,), 20, 5, 0.5, 2.0, 3.0, 1, 30, 500, False),
+    "full": Mode("full", 5, 4, (64, 256), 200, 50, 0.5, 25.0, 45.0, 5, 400, 100_000, True, 40, 60.0),
+    "quick": Mode("quick", 3, 2, (64, 256), 200, 50, 0.5, 10.0, 20.0, 3, 300, 25_000, True, 20, 30.0),
+    "smoke": Mode("smoke", 1, 1, (64,), 20, 5, 0.5, 2.0, 3.0, 1, 30, 500, False, 3, 2.0),
 }
 
 
@@ -254,9 +273,21 @@ class Env:
         max_entries: int = 100_000,
         python: str = sys.executable,
         callers: list[dict[str, str]] | None = None,
+        budget: tuple[float, int] | None = None,
+        cache: dict[str, Any] | None = None,
     ) -> Proc:
+        """A gateway on namespace ``ns``; ``budget`` (calls/s, burst) replaces the unshaping default, and
+        ``cache`` adds settings to the cache section (its ``ttl_s`` merged into the TTLs)."""
         assert self.sim is not None
         port = free_port()
+        rate, burst = budget if budget is not None else (1_000_000, 1_000_000)
+        extra = dict(cache or {})
+        ttl = {
+            "active": TTL_ACTIVE_S,
+            "terminal": TTL_TERMINAL_S,
+            "not_found": TTL_NOT_FOUND_S,
+            **extra.pop("ttl_s", {}),
+        }
         config = {
             "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_s": 2},
             "upstream": {
@@ -264,13 +295,10 @@ class Env:
                 "token": self.token,
                 "timeout_s": 15,
                 "max_connections": 100,
-                # High enough that the budget never shapes what is measured.
-                "rate_limit": {"requests_per_s": 1_000_000, "burst": 1_000_000},
+                # By default high enough that the budget never shapes what is measured.
+                "rate_limit": {"requests_per_s": rate, "burst": burst},
             },
-            "cache": {
-                "max_entries": max_entries,
-                "ttl_s": {"active": TTL_ACTIVE_S, "terminal": TTL_TERMINAL_S, "not_found": TTL_NOT_FOUND_S},
-            },
+            "cache": {"max_entries": max_entries, "ttl_s": ttl, **extra},
             "logging": {"level": "INFO", "access_log": access_log},
             "callers": callers if callers is not None else [{"name": n, "key": k} for n, k in self.keys.items()],
         }
@@ -843,6 +871,241 @@ def scenario_config(env: Env) -> dict[str, Any]:
     }
 
 
+# --- scenario 7: time to notice (DESIGN §9) ------------------------------------------------------------------------
+
+NOTICE_POLL_S = 0.5  # the polling callers' interval (nginx and the gateway with plain polling)
+NOTICE_WAIT_S = 25  # the long-poll callers' Prefer: wait=N
+NOTICE_GRACE_S = 15.0  # after the last change, how long callers may still take to notice it
+NOTICE_MAX_REQUESTS = 10_000  # per caller: a bound on any loop that goes wrong
+NOTICE_SEED = 9  # the same completion moments for every contender, and in every run
+NOTICE_CONTENDERS = ("nginx", "gateway (polling)", "gateway (long-poll)")
+TERMINAL_STATUSES = frozenset({"BATCH_STATUS_COMPLETED", "BATCH_STATUS_FAILED", "BATCH_STATUS_CANCELED"})
+# The §9 settings of the long-poll gateway, at their documented defaults, written out.
+NOTICE_CACHE_SETTINGS: dict[str, Any] = {"max_wait_s": 55, "max_waiters": 10_000}
+NOTICE_TTL_SETTINGS: dict[str, Any] = {"active_min": 1, "active_max": 60}
+
+
+def notice_schedule(mode: Mode) -> dict[str, float]:
+    """Batch id -> seconds after the callers start at which it completes upstream (uniform over the window)."""
+    pick = random.Random(NOTICE_SEED)
+    return {f"notice-{n:03d}": round(pick.uniform(1.0, mode.notice_window_s), 3) for n in range(mode.notice_batches)}
+
+
+@dataclass
+class NoticeCaller:
+    """What one caller saw: when it held the terminal state (local monotonic time), and how it got there."""
+
+    noticed_at: float | None = None
+    requests: int = 0
+    not_modified: int = 0
+    failures: int = 0
+    without_etag: int = 0
+    waits_applied: int = 0
+
+
+def _terminal_in(body: bytes) -> bool:
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        return json.loads(body)["batch"]["status"] in TERMINAL_STATUSES
+    return False
+
+
+async def poll_until_terminal(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str], deadline: float, seen: NoticeCaller
+) -> None:
+    """Plain polling: a GET every NOTICE_POLL_S (no catching up) until the answer is terminal."""
+    next_at = time.monotonic()
+    while time.monotonic() < deadline and seen.requests < NOTICE_MAX_REQUESTS:
+        seen.requests += 1
+        try:
+            async with session.get(url, headers=headers) as r:
+                body = await r.read()
+                if r.status == 200 and _terminal_in(body):
+                    seen.noticed_at = time.monotonic()
+                    return
+                seen.failures += r.status != 200
+        except (aiohttp.ClientError, TimeoutError):
+            seen.failures += 1
+        next_at = max(next_at + NOTICE_POLL_S, time.monotonic())
+        await asyncio.sleep(next_at - time.monotonic())
+
+
+async def wait_until_terminal(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str], deadline: float, seen: NoticeCaller
+) -> None:
+    """Long-poll: one request at a time with ``Prefer: wait`` and ``If-None-Match`` of the answer it holds.
+
+    304 means no change within the wait: ask again at once. 200 is the new
+    answer (and its ETag). Anything that did not wait (no ETag, no
+    Preference-Applied, an error) is followed by a NOTICE_POLL_S pause, so a
+    gateway without §9 is polled, never hammered.
+    """
+    etag: str | None = None
+    while time.monotonic() < deadline and seen.requests < NOTICE_MAX_REQUESTS:
+        seen.requests += 1
+        sent = {**headers, "Prefer": f"wait={NOTICE_WAIT_S}"}
+        if etag is not None:
+            sent["If-None-Match"] = etag
+        waited = False
+        try:
+            async with session.get(url, headers=sent) as r:
+                body = await r.read()
+                waited = "Preference-Applied" in r.headers
+                seen.waits_applied += waited
+                if r.status == 304:
+                    seen.not_modified += 1
+                    etag = r.headers.get("ETag", etag)
+                elif r.status == 200:
+                    if _terminal_in(body):
+                        seen.noticed_at = time.monotonic()
+                        return
+                    etag = r.headers.get("ETag")
+                    seen.without_etag += etag is None
+                else:
+                    seen.failures += 1
+                    waited = False
+        except (aiohttp.ClientError, TimeoutError):
+            seen.failures += 1
+        if not (waited and etag is not None):
+            await asyncio.sleep(NOTICE_POLL_S)
+
+
+async def notice_round(
+    env: Env, ns: str, base: str, headers: dict[str, str], long_poll: bool, schedule: dict[str, float]
+) -> dict[str, Any]:
+    """One contender on a fresh simulator namespace: schedule the changes, run one caller per batch until it notices."""
+    assert env.sim is not None
+    sim_url = env.sim.url
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(timeout=timeout) as control:
+        async with control.post(f"{sim_url}/_bench/reset", params={"ns": ns}) as r:
+            r.raise_for_status()
+        before = time.monotonic()
+        async with control.post(f"{sim_url}/_bench/schedule", params={"ns": ns}, json={"complete_in": schedule}) as r:
+            r.raise_for_status()
+            scheduled = await r.json()
+        start = (before + time.monotonic()) / 2
+        # The simulator's clock time -> this process's, within half a round trip (both are monotonic clocks).
+        changed = {b: start + (at - scheduled["now"]) for b, at in scheduled["complete_at"].items()}
+        deadline = start + max(schedule.values()) + NOTICE_GRACE_S
+        callers = {batch_id: NoticeCaller() for batch_id in schedule}
+        per_request_s = NOTICE_WAIT_S + 10 if long_poll else 10
+        loop = wait_until_terminal if long_poll else poll_until_terminal
+
+        async def caller(batch_id: str, phase: float) -> None:
+            await asyncio.sleep(phase)
+            connector = aiohttp.TCPConnector(limit=1)
+            client_timeout = aiohttp.ClientTimeout(total=per_request_s)
+            async with aiohttp.ClientSession(timeout=client_timeout, connector=connector) as session:
+                url = f"{base}/v2/batches/{batch_id}"
+                with contextlib.suppress(TimeoutError):
+                    # The deadline also ends a long poll in flight.
+                    remaining = max(0.0, deadline - time.monotonic())
+                    await asyncio.wait_for(loop(session, url, headers, deadline, callers[batch_id]), remaining)
+
+        # Callers arrive spread over one poll interval, as independent pollers would.
+        phases = [(n * 0.6180339887) % 1.0 * NOTICE_POLL_S for n in range(len(schedule))]
+        await asyncio.wait_for(
+            asyncio.gather(*(caller(b, p) for b, p in zip(schedule, phases, strict=True))),
+            timeout=deadline - time.monotonic() + per_request_s + 5,
+        )
+        ended = max((c.noticed_at for c in callers.values() if c.noticed_at is not None), default=time.monotonic())
+        async with control.get(f"{sim_url}/_bench/stats", params={"ns": ns}) as r:
+            calls = (await r.json())["calls"]
+    delays = {b: (c.noticed_at - changed[b]) if c.noticed_at is not None else None for b, c in callers.items()}
+    # An unnoticed change counts with the delay it had reached at the deadline: a lower bound, never left out.
+    bounded = [d if d is not None else deadline - changed[b] for b, d in delays.items()]
+    return {
+        "delays": delays,
+        "p50_s": percentile(bounded, 50),
+        "p99_s": percentile(bounded, 99),
+        "mean_s": statistics.fmean(bounded),
+        "unnoticed": sum(d is None for d in delays.values()),
+        "calls": calls,
+        "duration_s": ended - start,
+        "calls_per_s": calls / max(ended - start, 1e-9),
+        "requests": sum(c.requests for c in callers.values()),
+        "not_modified": sum(c.not_modified for c in callers.values()),
+        "failures": sum(c.failures for c in callers.values()),
+        "without_etag": sum(c.without_etag for c in callers.values()),
+        "waits_applied": sum(c.waits_applied for c in callers.values()),
+    }
+
+
+async def probe_long_poll(url: str, key: str) -> tuple[str | None, str | None]:
+    """One ``Prefer: wait=1`` request: the gateway's ETag and Preference-Applied, if it sends them."""
+    headers = {"Authorization": f"Bearer {key}", "Prefer": "wait=1"}
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session,
+        session.get(f"{url}/v2/batches/notice-probe", headers=headers) as r,
+    ):
+        await r.read()
+        return r.headers.get("ETag"), r.headers.get("Preference-Applied")
+
+
+def start_long_poll_gateway(env: Env, budget: tuple[float, int]) -> Proc | None:
+    """The gateway with §9's settings; without them if this gateway does not know them yet; None if it fails."""
+    for cache in ({**NOTICE_CACHE_SETTINGS, "ttl_s": NOTICE_TTL_SETTINGS}, None):
+        try:
+            return env.start_gateway("gateway-notice-wait", "notice-wait", budget=budget, cache=cache)
+        except RuntimeError as error:
+            log(f"notice: the long-poll gateway did not start{' with the §9 settings' if cache else ''}: {error}")
+            if cache is not None:
+                env.notes.append(
+                    "time to notice: this gateway refuses the §9 config keys (cache.max_wait_s, cache.max_waiters, "
+                    "cache.ttl_s.active_min/active_max); the long-poll contender ran at their defaults"
+                )
+    return None
+
+
+def scenario_notice(env: Env) -> dict[str, Any]:
+    """DESIGN §9's figure: from a batch changing upstream to its waiting caller holding the new state."""
+    mode = env.mode
+    schedule = notice_schedule(mode)
+    headers = {"Authorization": f"Bearer {env.key}"}
+    results: dict[str, dict[str, Any] | None] = dict.fromkeys(NOTICE_CONTENDERS)
+    # nginx first: its upstream call rate in this set-up is the gateway's budget.
+    if env.nginx is not None:
+        nginx = env.start_nginx("nginx-notice", "notice-nginx")
+        log(f"notice: nginx, {len(schedule)} callers polling every {NOTICE_POLL_S:g} s")
+        measured = uvloop.run(notice_round(env, "notice-nginx", nginx.url, headers, False, schedule))
+        env.procs.stop(nginx)
+        results["nginx"] = measured
+        rate = measured["calls_per_s"]
+        budget_from = "nginx's upstream call rate in this set-up"
+    else:
+        env.notes.append("time to notice: nginx is not installed; the gateway's budget is one call per batch per 5 s")
+        rate = len(schedule) / TTL_ACTIVE_S
+        budget_from = "one call per batch per active TTL (nginx is not installed)"
+    # Rounded down, so never above nginx's rate; the burst lets every batch's first fetch through at once,
+    # as nginx's own first fetches go.
+    budget = (max(0.1, math.floor(rate * 100) / 100), len(schedule))
+    log(f"notice: gateway budget {budget[0]:g} calls/s, burst {budget[1]} ({budget_from})")
+    polling = env.start_gateway("gateway-notice-poll", "notice-poll", budget=budget)
+    log(f"notice: gateway, {len(schedule)} callers polling every {NOTICE_POLL_S:g} s")
+    results["gateway (polling)"] = uvloop.run(notice_round(env, "notice-poll", polling.url, headers, False, schedule))
+    env.procs.stop(polling)
+    waiting = start_long_poll_gateway(env, budget)
+    if waiting is not None:
+        etag, applied = uvloop.run(probe_long_poll(waiting.url, env.key))
+        if etag is None:
+            env.notes.append(
+                "time to notice: the gateway sent no ETag (DESIGN §9 is not in this build): the long-poll contender "
+                "was not run and its figures are null"
+            )
+        else:
+            log(f"notice: gateway, {len(schedule)} long-poll callers (Prefer: wait={NOTICE_WAIT_S}; probe: {applied})")
+            results["gateway (long-poll)"] = uvloop.run(
+                notice_round(env, "notice-wait", waiting.url, headers, True, schedule)
+            )
+        env.procs.stop(waiting)
+    return {
+        "contenders": results,
+        "budget": {"requests_per_s": budget[0], "burst": budget[1], "from": budget_from},
+        "batches": len(schedule),
+        "window_s": mode.notice_window_s,
+    }
+
+
 # --- report --------------------------------------------------------------------------------------------------------
 
 
@@ -908,7 +1171,30 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["config_load_s_10k_callers"] = round(config["validate_s"], 3)
         out["config_load_cpu_s_10k_callers"] = round(config["validate_cpu_s"], 3)
         out["config_load_s_10k_callers_yaml"] = _round(config["load_yaml_s"], 3)
+    if results.get("notice"):
+        out.update(summarize_notice(results["notice"]))
     out["targets"] = {key: verdict(out.get(key), op, bound) for key, (op, bound) in TARGETS.items()}
+    return out
+
+
+def summarize_notice(notice: dict[str, Any]) -> dict[str, Any]:
+    """Scenario 7's keys: null for a contender that did not run (nginx missing, or a gateway without §9)."""
+    by = notice["contenders"]
+    suffixes = {"gateway (long-poll)": "", "gateway (polling)": "_polling", "nginx": "_nginx"}
+    out: dict[str, Any] = {}
+    for name, suffix in suffixes.items():
+        row = by.get(name)
+        out[f"notice_p50_s{suffix}"] = round(row["p50_s"], 3) if row else None
+        out[f"notice_p99_s{suffix}"] = round(row["p99_s"], 3) if row else None
+        out[f"notice_calls{suffix}"] = row["calls"] if row else None
+        out[f"notice_unnoticed{suffix}"] = row["unnoticed"] if row else None
+    wait, nginx = by.get("gateway (long-poll)"), by.get("nginx")
+    out["notice_p50_vs_nginx"] = out["notice_calls_vs_nginx"] = None
+    if wait is not None and nginx is not None:
+        out["notice_p50_vs_nginx"] = round(wait["p50_s"] / nginx["p50_s"], 3)
+        out["notice_calls_vs_nginx"] = round(wait["calls"] / nginx["calls"], 3)
+    out["notice_budget_per_s"] = notice["budget"]["requests_per_s"]
+    out["notice_batches"] = notice["batches"]
     return out
 
 
@@ -999,6 +1285,7 @@ def report_lines(env: Env, results: dict[str, dict[str, Any]], out: dict[str, An
             f"{mem['bytes_per_entry']:.0f} | {mem['fill_rps']:.0f} |",
         ]
     lines += callers_lines(env, results["callers"]) + config_lines(results["config"])
+    lines += notice_lines(results.get("notice") or {})
     lines += ["", "### Targets", "", "| key | value | target | verdict |", "|---|---:|---|---|"]
     for key, (op, bound) in TARGETS.items():
         lines.append(f"| {key} | {fmt(out.get(key), 3)} | {op} {bound:g} | {out['targets'][key]} |")
@@ -1045,6 +1332,79 @@ def config_lines(config: dict[str, Any]) -> list[str]:
     ]
 
 
+def notice_lines(notice: dict[str, Any]) -> list[str]:
+    lines = ["", "### 7. Time to notice a change (DESIGN §9)", ""]
+    if not notice:
+        return [*lines, "Skipped (not asked for)."]
+    budget = notice["budget"]
+    lines += [
+        f"{notice['batches']} batches stay IN_PROGRESS upstream, each until its own moment, uniform over the first "
+        f"{notice['window_s']:g} s (fixed seed: the same moments for every contender), then COMPLETED; one caller per "
+        "batch until it holds COMPLETED. Each contender runs alone, on a fresh simulator. **nginx** (fixed "
+        f"{TTL_ACTIVE_S:g} s TTL) and **gateway (polling)** (active TTL {TTL_ACTIVE_S:g} s): callers GET every "
+        f"{NOTICE_POLL_S:g} s. **gateway (long-poll)**: callers send `Prefer: wait={NOTICE_WAIT_S}` with "
+        "`If-None-Match` of the answer they hold, one request at a time. Delay: from the moment the simulator "
+        "changed the batch to the moment its caller received the answer that shows it. Both gateways run on the "
+        f"same upstream budget: {budget['requests_per_s']:g} calls/s, burst {budget['burst']} ({budget['from']}). "
+        "A change not noticed by the end counts with the delay it had reached then.",
+        "",
+        "| contender | delay p50 s | delay p99 s | mean s | not noticed | upstream calls | calls/s | requests "
+        "| 304s | failed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in notice["contenders"].items():
+        if row is None:
+            lines.append(f"| {name} | n/a | n/a | n/a | | | | | | |")
+            continue
+        lines.append(
+            f"| {name} | {row['p50_s']:.2f} | {row['p99_s']:.2f} | {row['mean_s']:.2f} | {row['unnoticed']} | "
+            f"{row['calls']} | {row['calls_per_s']:.2f} | {row['requests']} | {row['not_modified']} | "
+            f"{row['failures']} |"
+        )
+    return lines
+
+
+def notice_chart(notice: dict[str, Any], path: Path) -> bool:
+    """The three contenders' notice delays side by side: a box per contender, every batch as a dot."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed (pip install '.[bench]'): no chart")
+        return False
+    fig, axis = plt.subplots(figsize=(8, 4.8))
+    colors = {"nginx": "tab:orange", "gateway (polling)": "tab:cyan", "gateway (long-poll)": "tab:blue"}
+    for position, (name, row) in enumerate(notice["contenders"].items(), start=1):
+        if row is None:
+            axis.text(position, 0.5, "not run", ha="center", color="gray")
+            continue
+        delays = [d for d in row["delays"].values() if d is not None]
+        if delays:
+            axis.boxplot([delays], positions=[position], widths=0.5, showfliers=False)
+            spread = [position + ((n * 0.6180339887) % 1.0 - 0.5) * 0.3 for n in range(len(delays))]
+            axis.scatter(spread, delays, s=12, alpha=0.6, color=colors.get(name))
+    labels = []
+    for name, row in notice["contenders"].items():
+        labels.append(f"{name}\np50 {row['p50_s']:.2f} s, {row['calls']} calls" if row else f"{name}\n(not run)")
+    axis.set_xticks(range(1, len(labels) + 1), labels)
+    axis.set_xlim(0.5, len(labels) + 0.5)
+    axis.set_ylabel("seconds from the upstream change to the caller holding it")
+    axis.set_ylim(bottom=0)
+    axis.grid(axis="y", alpha=0.3)
+    budget = notice["budget"]
+    axis.set_title(
+        f"Time to notice: {notice['batches']} batches complete within {notice['window_s']:g} s; "
+        f"gateway budget {budget['requests_per_s']:g} calls/s",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def chart(life: dict[str, Any], path: Path) -> bool:
     try:
         import matplotlib
@@ -1083,7 +1443,9 @@ def chart(life: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def write_results(path: Path, env: Env, lines: list[str], out: dict[str, Any], took_s: float, chart_name: str) -> None:
+def write_results(
+    path: Path, env: Env, lines: list[str], out: dict[str, Any], took_s: float, chart_name: str, notice_chart_name: str
+) -> None:
     info = machine()
     header = [
         "# Benchmark results",
@@ -1097,6 +1459,8 @@ def write_results(path: Path, env: Env, lines: list[str], out: dict[str, Any], t
         "numbers are noisy; the ratios compare contenders measured alternately within the run.",
         "",
         f"![upstream calls over time]({chart_name})",
+        "",
+        f"![time to notice a change, per contender]({notice_chart_name})",
         "",
         *CONTENDERS,
         "",
@@ -1127,6 +1491,10 @@ def run(mode: Mode, out_dir: Path, allow_install: bool, only: set[str], candidat
                     "direct": mode.lifetime_s,
                     "miss": 60,
                     "mem": 0.001,
+                    # Scenario 7's batches are scheduled (Simulator.schedule): their lifetime plays no part.
+                    "notice-nginx": 3600,
+                    "notice-poll": 3600,
+                    "notice-wait": 3600,
                 }
             )
             steps: dict[str, tuple[str, Callable[[Env], dict[str, Any]]]] = {
@@ -1136,6 +1504,7 @@ def run(mode: Mode, out_dir: Path, allow_install: bool, only: set[str], candidat
                 "memory": ("scenario 4: memory per entry", scenario_memory),
                 "callers": (f"scenario 5: hits with {MANY_CALLERS} callers", scenario_callers),
                 "config": (f"scenario 6: loading {CONFIG_CALLERS} callers", scenario_config),
+                "notice": ("scenario 7: time to notice", scenario_notice),
             }
             results = {key: timed_step(key, name, only, partial(step, env)) for key, (name, step) in steps.items()}
         finally:
@@ -1151,8 +1520,12 @@ def run(mode: Mode, out_dir: Path, allow_install: bool, only: set[str], candidat
         chart_path = out_dir / "upstream_calls.png"
         if life and chart(life, chart_path):
             print(f"\nChart: {chart_path}")
+        notice_path = out_dir / "notice_delays.png"
+        if results["notice"] and notice_chart(results["notice"], notice_path):
+            print(f"Chart: {notice_path}")
         if mode.name == "full" and only == set(SCENARIOS):
-            write_results(out_dir / "RESULTS.md", env, lines, out, time.monotonic() - began, chart_path.name)
+            took = time.monotonic() - began
+            write_results(out_dir / "RESULTS.md", env, lines, out, took, chart_path.name, notice_path.name)
             print(f"Results: {out_dir / 'RESULTS.md'}")
         for key, verdict_ in out["targets"].items():
             print(f"{verdict_}: {key} = {fmt(out.get(key), 3)} (target {TARGETS[key][0]} {TARGETS[key][1]:g})")
@@ -1174,7 +1547,7 @@ def timed_step(key: str, name: str, only: set[str], step: Callable[[], dict[str,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_true", help="fewer, shorter rounds (under 3 minutes)")
+    group.add_argument("--quick", action="store_true", help="fewer, shorter rounds (about 4 minutes)")
     group.add_argument("--smoke", action="store_true", help="every scenario once, minimally (a few seconds)")
     parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk/nginx")
     parser.add_argument(

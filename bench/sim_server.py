@@ -5,7 +5,10 @@ batch API), a fresh
 ``gateway.demo.Simulator`` with its own lifetime, so that the same batch
 ids follow the same lifecycle for every contender and every contender's
 upstream calls are counted apart. ``/_bench/...`` routes (never counted)
-report and reset the counters.
+report and reset the counters, and schedule batches' completions
+(``POST /_bench/schedule?ns=N`` with ``{"complete_in": {id: seconds}}``
+answers ``{"complete_at": {id: clock time}, "now": clock time}``, on the
+simulator's clock, CLOCK_MONOTONIC).
 
     BENCH_UPSTREAM_TOKEN=T python bench/sim_server.py --port 0 --ns hit=0.001 --ns gw=25
 
@@ -62,7 +65,20 @@ class Namespaces:
             body["first_seen"] = first
             body["span_s"] = {b: sim.span_s(b) for b in first}
             body["now"] = sim.now()
+            body["complete_at"] = {b: sim.changed_at(b) for b in first if sim.changed_at(b) is not None}
         return web.json_response(body)
+
+    async def schedule(self, request: web.Request) -> web.Response:
+        """Each batch of ``complete_in`` completes that many seconds from now (``Simulator.schedule``)."""
+        sim = self.sims[request.query["ns"]]
+        document = await request.json()
+        complete_in = document.get("complete_in") if isinstance(document, dict) else None
+        if not isinstance(complete_in, dict):
+            raise web.HTTPBadRequest(text='expected {"complete_in": {id: seconds}}')
+        now = sim.now()
+        for batch_id, seconds in complete_in.items():
+            sim.schedule(batch_id, complete_at=now + float(seconds))
+        return web.json_response({"complete_at": {b: sim.changed_at(b) for b in complete_in}, "now": now})
 
     async def reset(self, request: web.Request) -> web.Response:
         ns = request.query["ns"]
@@ -77,6 +93,7 @@ async def serve(port: int, token: str, lifetimes: dict[str, float]) -> None:
         app.router.add_route(method, "/{ns}" + path, spaces.route(handler))
     app.router.add_get("/_bench/stats", spaces.stats)
     app.router.add_post("/_bench/reset", spaces.reset)
+    app.router.add_post("/_bench/schedule", spaces.schedule)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)

@@ -17,6 +17,18 @@ It serves the four batch endpoints as upstream does (DESIGN §2):
 ``updated_at`` is the moment the status or a counter last changed, so it
 moves exactly when the answer does. A wrong token gets 401, and an invalid
 request 400 ``{"message": ...}``, as upstream does.
+
+Two controls for the tests and the benchmark (DESIGN §9):
+
+- **A lagging read replica.** With ``lag_s`` and ``lag_every`` both set,
+  every ``lag_every``-th GET of a given batch describes it as it was
+  ``lag_s`` seconds earlier (status, counters and ``updated_at`` of that
+  moment). ``lag_next(id, seconds, count)`` makes the next ``count`` GETs of
+  one id lag by ``seconds``, whatever the options say.
+- **A scheduled completion.** ``schedule(id, complete_at)`` makes a batch
+  IN_PROGRESS from its start, with steady counters, until the clock time
+  ``complete_at``, and COMPLETED (FAILED for ids with ``fail``) from then on,
+  with ``updated_at`` at exactly that moment; ``changed_at(id)`` reads it back.
 """
 
 from __future__ import annotations
@@ -77,6 +89,7 @@ class SimulatedBatch:
     input_dataset_id: str
     model: str
     canceled_at: float | None = None  # clock time a cancel arrived while it was active
+    complete_at: float | None = None  # clock time a scheduled batch ends (see ``Simulator.schedule``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,11 +118,20 @@ class Simulator:
         lifetime_s: float = 60.0,
         clock: Clock = time.monotonic,
         cancel_s: float = 1.0,
+        lag_s: float = 0.0,
+        lag_every: int = 0,
     ) -> None:
+        if lag_s < 0 or lag_every < 0:
+            raise ValueError("lag_s and lag_every must not be negative")
         self.token = token or f"demo-upstream-{secrets.token_hex(8)}"
         self.url = ""  # set by start_simulator
         self.lifetime_s = lifetime_s
         self.cancel_s = cancel_s
+        self.lag_s = lag_s
+        self.lag_every = lag_every
+        # Per id: GETs answered so far (for ``lag_every``), and forced lags still to serve (``lag_next``).
+        self._gets_by_id: LRUCache[str, int] = LRUCache(MAX_TRACKED_IDS)
+        self._forced_lags: dict[str, deque[float]] = {}
         self._clock = clock
         # Wall time = clock time + this, so timestamps follow an injected clock.
         self._epoch_offset = time.time() - clock()
@@ -138,37 +160,91 @@ class Simulator:
             self._batches[batch_id] = known
         return known
 
-    def batch(self, batch_id: str) -> dict[str, Any]:
-        """The batch's state now, advancing from the first time it was asked for."""
-        return self._render(self._known(batch_id))
+    def batch(self, batch_id: str, lag_s: float = 0.0) -> dict[str, Any]:
+        """The batch's state now (or ``lag_s`` seconds ago), advancing from the first time it was asked for."""
+        return self._render(self._known(batch_id), lag_s)
 
-    def _progress(self, known: SimulatedBatch, records: int) -> _Progress:
-        span = self.span_s(known.id)
-        now = self._clock()
-        # A cancel freezes the counters where they were when it arrived.
-        elapsed = (min(now, known.canceled_at) if known.canceled_at is not None else now) - known.started
-        progress = min(1.0, elapsed / span)
-        done = int(records * max(0.0, (progress - 0.1) / 0.9))
-        if progress < 0.1:
-            status, changed = "BATCH_STATUS_QUEUED", 0.0
-        elif progress < 1.0:
-            # The moment ``done`` reached its current value (or the start of IN_PROGRESS).
-            status, changed = "BATCH_STATUS_IN_PROGRESS", span * (0.1 + 0.9 * done / records)
+    # --- controls for tests and the benchmark --------------------------------------------------------------------
+
+    def schedule(self, batch_id: str, complete_at: float) -> None:
+        """Keep the batch IN_PROGRESS (steady counters) until clock time ``complete_at``, then COMPLETED.
+
+        Ids containing ``fail`` end FAILED instead. Scheduling replaces the
+        batch's own pace, from its start: schedule it before it is first asked
+        for, or its earlier answers will not match its history.
+        """
+        self._batches[batch_id] = replace(self._known(batch_id), complete_at=complete_at)
+
+    def changed_at(self, batch_id: str) -> float | None:
+        """The clock time a scheduled batch changes (changed) to its terminal state; None if not scheduled."""
+        known = self._batches.get(batch_id)
+        return None if known is None else known.complete_at
+
+    def lag_next(self, batch_id: str, seconds: float, count: int = 1) -> None:
+        """The next ``count`` GETs of ``batch_id`` describe it as it was ``seconds`` earlier."""
+        if seconds < 0 or count < 1:
+            raise ValueError("lag_next needs seconds >= 0 and count >= 1")
+        self._forced_lags.setdefault(batch_id, deque()).extend([seconds] * count)
+
+    def _lag_for_get(self, batch_id: str) -> float:
+        """How far back this GET of ``batch_id`` looks: a forced lag first, then every ``lag_every``-th GET."""
+        count = self._gets_by_id.get(batch_id, 0) + 1
+        self._gets_by_id[batch_id] = count
+        forced = self._forced_lags.get(batch_id)
+        if forced:
+            lag = forced.popleft()
+            if not forced:
+                del self._forced_lags[batch_id]
+            return lag
+        if self.lag_s > 0 and self.lag_every > 0 and count % self.lag_every == 0:
+            return self.lag_s
+        return 0.0
+
+    # --- rendering -----------------------------------------------------------------------------------------------
+
+    def _progress(self, known: SimulatedBatch, records: int, now: float) -> _Progress:
+        # A cancel counts only from the moment it arrived (a lagging answer may predate it).
+        canceled_at = known.canceled_at if known.canceled_at is not None and known.canceled_at <= now else None
+        if known.complete_at is not None:
+            progress = self._scheduled(known, records, now, canceled_at)
         else:
-            status = "BATCH_STATUS_FAILED" if "fail" in known.id else "BATCH_STATUS_COMPLETED"
-            done, changed = records, span
-        if known.canceled_at is not None:
-            canceled = known.canceled_at - known.started
-            if now - known.canceled_at >= self.cancel_s:
+            progress = self._paced(known, records, now, canceled_at)
+        if canceled_at is not None:
+            canceled = canceled_at - known.started
+            if now - canceled_at >= self.cancel_s:
                 status, changed = "BATCH_STATUS_CANCELED", canceled + self.cancel_s
             else:
                 status, changed = "BATCH_STATUS_CANCELING", canceled
-        return _Progress(status, done, changed)
+            return _Progress(status, progress.done, changed)
+        return progress
 
-    def _render(self, known: SimulatedBatch) -> dict[str, Any]:
+    def _paced(self, known: SimulatedBatch, records: int, now: float, canceled_at: float | None) -> _Progress:
+        """The batch's own pace: QUEUED, IN_PROGRESS with growing counters, terminal after ``span_s``."""
+        span = self.span_s(known.id)
+        # A cancel freezes the counters where they were when it arrived.
+        elapsed = (min(now, canceled_at) if canceled_at is not None else now) - known.started
+        progress = min(1.0, max(0.0, elapsed) / span)
+        done = int(records * max(0.0, (progress - 0.1) / 0.9))
+        if progress < 0.1:
+            return _Progress("BATCH_STATUS_QUEUED", done, 0.0)
+        if progress < 1.0:
+            # The moment ``done`` reached its current value (or the start of IN_PROGRESS).
+            return _Progress("BATCH_STATUS_IN_PROGRESS", done, span * (0.1 + 0.9 * done / records))
+        return _Progress(_terminal(known.id), records, span)
+
+    @staticmethod
+    def _scheduled(known: SimulatedBatch, records: int, now: float, canceled_at: float | None) -> _Progress:
+        """A scheduled batch: IN_PROGRESS at half its records from its start, terminal from ``complete_at``."""
+        assert known.complete_at is not None
+        if now < known.complete_at or (canceled_at is not None and canceled_at < known.complete_at):
+            return _Progress("BATCH_STATUS_IN_PROGRESS", records // 2, 0.0)
+        return _Progress(_terminal(known.id), records, known.complete_at - known.started)
+
+    def _render(self, known: SimulatedBatch, lag_s: float = 0.0) -> dict[str, Any]:
         batch_id = known.id
         records = 1000 + int(9000 * _fraction(batch_id, "size"))
-        progress = self._progress(known, records)
+        # A lagging answer never reaches back before the batch existed.
+        progress = self._progress(known, records, max(known.started, self._clock() - lag_s))
         done = progress.done
         failed = done // 50 if "fail" in batch_id else 0
         created = known.started + self._epoch_offset
@@ -240,7 +316,7 @@ class Simulator:
         batch_id = request.match_info["id"]
         if batch_id.startswith("missing"):
             return _error(404, f"batch {batch_id} not found")
-        return web.json_response({"batch": self.batch(batch_id)})
+        return web.json_response({"batch": self.batch(batch_id, self._lag_for_get(batch_id))})
 
     async def create_batch(self, request: web.Request) -> web.Response:
         body = await self._record(request)
@@ -301,6 +377,10 @@ class Simulator:
         app = web.Application()
         self.add_routes(app.router)
         return app
+
+
+def _terminal(batch_id: str) -> str:
+    return "BATCH_STATUS_FAILED" if "fail" in batch_id else "BATCH_STATUS_COMPLETED"
 
 
 def _page_token(order_by: str, stamp: str, batch_id: str) -> str:

@@ -10,6 +10,7 @@ import itertools
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import cohere
 import pytest
@@ -327,3 +328,100 @@ def test_the_demo_callers_are_a_valid_config() -> None:
         "all",
     )
     assert [c["name"] for c in DEMO_CALLERS] == ["demo-billing", "demo-reporting"]
+
+
+# --- a lagging read replica, and scheduled completions (DESIGN §9) -------------------------------------------------
+
+
+async def retrieve(simulator: Simulator, batch_id: str) -> dict[str, Any]:
+    answer = await http(f"{simulator.url}/v2/batches/{batch_id}", key=simulator.token)
+    assert answer.status == 200
+    batch: dict[str, Any] = answer.document["batch"]
+    return batch
+
+
+async def test_a_forced_lag_answers_the_batch_as_it_was_then_once(sim: Simulator, clock: FakeClock) -> None:
+    sim.schedule("lagged-1", complete_at=clock.now + 5)
+    running = await retrieve(sim, "lagged-1")
+    clock.advance(10)
+    completed = await retrieve(sim, "lagged-1")
+    assert (running["status"], completed["status"]) == ("BATCH_STATUS_IN_PROGRESS", "BATCH_STATUS_COMPLETED")
+    sim.lag_next("lagged-1", 8.0)
+    lagging = await retrieve(sim, "lagged-1")
+    assert lagging["status"] == "BATCH_STATUS_IN_PROGRESS", "the lag reaches back before the completion"
+    assert parse_rfc3339(lagging["updated_at"]) < parse_rfc3339(completed["updated_at"])
+    assert lagging == running
+    assert await retrieve(sim, "lagged-1") == completed, "only the next answer lagged"
+
+
+async def test_a_forced_lag_serves_count_answers_and_shows_earlier_counters(sim: Simulator, clock: FakeClock) -> None:
+    clock.advance(0)
+    await retrieve(sim, "paced-1")
+    clock.advance(sim.span_s("paced-1") * 0.9)
+    now = await retrieve(sim, "paced-1")
+    sim.lag_next("paced-1", sim.span_s("paced-1") * 0.4, count=2)
+    first, second = await retrieve(sim, "paced-1"), await retrieve(sim, "paced-1")
+    assert first == second
+    assert first["status"] == now["status"] == "BATCH_STATUS_IN_PROGRESS"
+    assert first["num_successful_records"] < now["num_successful_records"]
+    assert parse_rfc3339(first["updated_at"]) < parse_rfc3339(now["updated_at"])
+    assert await retrieve(sim, "paced-1") == now
+
+
+async def test_every_nth_get_of_a_batch_lags_when_both_options_are_set(clock: FakeClock) -> None:
+    simulator = Simulator(token=UPSTREAM_TOKEN, clock=clock, lag_s=6.0, lag_every=3)
+    runner, _url = await start_simulator(simulator)
+    try:
+        simulator.schedule("replica-1", complete_at=clock.now + 2)
+        simulator.schedule("replica-2", complete_at=clock.now + 2)
+        clock.advance(4)
+        statuses = [(await retrieve(simulator, "replica-1"))["status"] for _ in range(6)]
+        lagged = ["BATCH_STATUS_IN_PROGRESS" if n % 3 == 2 else "BATCH_STATUS_COMPLETED" for n in range(6)]
+        assert statuses == lagged
+        # Counted per batch: another id's first GETs do not lag.
+        assert (await retrieve(simulator, "replica-2"))["status"] == "BATCH_STATUS_COMPLETED"
+    finally:
+        await runner.cleanup()
+
+
+async def test_without_both_lag_options_no_answer_lags(clock: FakeClock) -> None:
+    for simulator in (Simulator(clock=clock, lag_s=6.0), Simulator(clock=clock, lag_every=2)):
+        simulator.schedule("steady-1", complete_at=clock.now)
+        statuses = {simulator.batch("steady-1", simulator._lag_for_get("steady-1"))["status"] for _ in range(4)}
+        assert statuses == {"BATCH_STATUS_COMPLETED"}
+
+
+async def test_a_lag_never_reaches_back_before_the_batch_existed(sim: Simulator, clock: FakeClock) -> None:
+    first = await retrieve(sim, "young-1")
+    sim.lag_next("young-1", 3600)
+    assert await retrieve(sim, "young-1") == first
+
+
+async def test_a_scheduled_batch_stays_active_and_completes_at_the_chosen_moment(
+    sim: Simulator, clock: FakeClock
+) -> None:
+    sim.schedule("sched-1", complete_at=clock.now + 100)
+    sim.schedule("sched-fail-1", complete_at=clock.now + 100)
+    assert sim.changed_at("sched-1") == clock.now + 100
+    assert sim.changed_at("never-scheduled") is None
+    created = parse_rfc3339((await retrieve(sim, "sched-1"))["created_at"])
+    seen = []
+    for _ in range(5):
+        seen.append(await retrieve(sim, "sched-1"))
+        clock.advance(19.9)
+    assert all(batch == seen[0] for batch in seen), "steady while active, far past the batch's own pace"
+    assert seen[0]["status"] == "BATCH_STATUS_IN_PROGRESS"
+    clock.advance(0.5)
+    done = await retrieve(sim, "sched-1")
+    assert done["status"] == "BATCH_STATUS_COMPLETED"
+    assert done["num_successful_records"] == done["num_records"]
+    assert (parse_rfc3339(done["updated_at"]) - created).total_seconds() == pytest.approx(100, abs=1e-5)
+    assert (await retrieve(sim, "sched-fail-1"))["status"] == "BATCH_STATUS_FAILED"
+
+
+async def test_a_scheduled_batch_cancelled_before_its_moment_ends_canceled(sim: Simulator, clock: FakeClock) -> None:
+    sim.schedule("sched-2", complete_at=clock.now + 10)
+    await retrieve(sim, "sched-2")
+    assert (await http(f"{sim.url}/v2/batches/sched-2:cancel", method="POST", key=sim.token)).status == 200
+    clock.advance(20)
+    assert (await retrieve(sim, "sched-2"))["status"] == "BATCH_STATUS_CANCELED"
