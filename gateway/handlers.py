@@ -140,7 +140,13 @@ async def _wait_for_change(
         call = UpstreamRequest(batch_path(batch_id), caller.name, new_request_id())
         return partial(state.upstream.fetch, call, settings, accept=accept_batch)
 
-    state.refresher.follow(batch_id, refresh_fetch, wait_s)
+    async def list_page(page_size: int) -> dict[str, Any]:
+        query = (("order_by", "updated_at"), ("page_size", str(page_size)))
+        call = UpstreamRequest(BATCHES_PATH, caller.name, new_request_id(), query=query)
+        # may_wait False: a look for changes is a refresh, and leaves the budget's reserve alone.
+        return (await state.upstream.fetch(call, settings, False, accept_json_object)).document
+
+    state.refresher.follow(batch_id, refresh_fetch, list_page, wait_s)
     # The end of a wait is spread by up to N/16, so that waiters do not all return together.
     held_s = applied_s * (1 - state.cache.jitter() / 16)
     end = await state.waiters.wait(batch_id, held_s, getattr(request.protocol, "closed", None))

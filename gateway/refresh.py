@@ -27,22 +27,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from enum import Enum
 from functools import partial
+from typing import Any
 
 from gateway import errors
 from gateway.cache import BatchCache, CacheEntry, Fetch
 from gateway.config import TtlSettings
 from gateway.logs import log_event
 from gateway.protection import Clock
+from gateway.protocol import parse_timestamp
 
 log = logging.getLogger("gateway")
 
 # The share of the upstream budget that refreshes of known active batches may plan on.
 REFRESH_SHARE = 0.75
+# From this many waited batches on, one list call per interval looks for their changes.
+DETECT_FROM = 3
+MIN_LIST_PAGE, MAX_LIST_PAGE = 100, 1000
 
 
 class WaitEnd(Enum):
@@ -144,6 +150,10 @@ class Freshness:
         return max(1.0, wanted_per_s / (REFRESH_SHARE * rate_per_s))
 
 
+# What a list call answers: the page's document (``{"batches": [...], ...}``).
+ListPage = Callable[[int], Awaitable[dict[str, Any]]]
+
+
 class Refresher:
     """While a batch has waiters, the gateway refreshes it itself (see the module's docstring).
 
@@ -152,6 +162,20 @@ class Refresher:
     another is overdue. When the budget has no token for a refresh
     (``budget_wait_s``), the scheduler waits for one with the oldest still
     first in line, rather than passing it by.
+
+    With ``DETECT_FROM`` waited batches or more, one list call
+    (``order_by=updated_at``) per interval stands in for a refresh of each:
+    every waited batch on the page whose ``updated_at`` or status differs
+    from the answer held is fetched at once; one that matches counts as
+    looked at. No watermark is kept, so neither equal timestamps across
+    batches nor late updates can hide a change: each batch is compared with
+    its own answer. A batch the page does not show is refreshed on its own,
+    as before; a change that leaves both ``updated_at`` and status as they
+    were is caught by a refresh of each listed batch every
+    ``ttl_s.active_max``. The upstream does not document the list's sort
+    direction: a page that comes back oldest first shows the batches least
+    likely to have changed, so the detector stops, and every batch is
+    refreshed on its own again.
     """
 
     def __init__(self, cache: BatchCache, waiters: Waiters, clock: Clock, budget_wait_s: Callable[[], float]) -> None:
@@ -161,45 +185,75 @@ class Refresher:
         self._budget_wait_s = budget_wait_s
         self._fetchers: dict[str, Callable[[], Fetch]] = {}
         self._tried_at: dict[str, float] = {}
+        # When each waited batch was last seen unchanged on a list page.
+        self._listed_at: dict[str, float] = {}
         self._in_flight: set[str] = set()
         self._wait_s = 0.0
         self._woken = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._list_page: ListPage | None = None
+        self._last_list = float("-inf")
+        # When the latest list page that came back was asked for.
+        self._latest_page = float("-inf")
+        self._listing = False
+        self.detecting = True  # False once the list came back oldest first
 
     @property
     def batches(self) -> int:
-        """Batches being refreshed for their waiters."""
-        return len(self._fetchers)
+        """Calls per refresh interval that the waited batches need: one list stands in for those it shows."""
+        listed = sum(1 for b in self._fetchers if self._covered(b))
+        return len(self._fetchers) - listed + (1 if self._detector_on() else 0)
 
-    def follow(self, batch_id: str, fetch: Callable[[], Fetch], wait_s: float) -> None:
+    def follow(self, batch_id: str, fetch: Callable[[], Fetch], list_page: ListPage, wait_s: float) -> None:
         """Refresh ``batch_id`` while it has waiters; ``fetch()`` makes each refresh's upstream call."""
         self._fetchers.setdefault(batch_id, fetch)
+        self._list_page = list_page
         self._wait_s = wait_s
         self._woken.set()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._schedule())
+
+    def _interval(self) -> float:
+        return self._cache.active_interval_s(self._cache.settings.ttl_s.active_min)
+
+    def _detector_on(self) -> bool:
+        return self.detecting and len(self._fetchers) >= DETECT_FROM and self._list_page is not None
+
+    def _covered(self, batch_id: str) -> bool:
+        """Seen unchanged on the latest list page: the list looks after it."""
+        return self._detector_on() and self._listed_at.get(batch_id) == self._latest_page
 
     def _next(self) -> tuple[str, float] | None:
         """The waited batch whose answer (or last try) is oldest, and the seconds until it is due."""
         for batch_id in [b for b in self._fetchers if not self._waiters.held_for(b)]:
             del self._fetchers[batch_id]
             self._tried_at.pop(batch_id, None)
+            self._listed_at.pop(batch_id, None)
         candidates = [b for b in self._fetchers if b not in self._in_flight]
         if not candidates:
             return None
-        now, interval = self._clock(), self._cache.active_interval_s(self._cache.settings.ttl_s.active_min)
+        now, interval = self._clock(), self._interval()
+        safety = self._cache.settings.ttl_s.active_max
 
-        def last_look(batch_id: str) -> float:
+        def due_at(batch_id: str) -> float:
             held = self._cache.store.get(batch_id)
             answered = held.fetched_at if held is not None else now - interval
-            return max(answered, self._tried_at.get(batch_id, answered))
+            last_look = max(answered, self._tried_at.get(batch_id, answered))
+            return last_look + (safety if self._covered(batch_id) else interval)
 
-        oldest = min(candidates, key=last_look)
-        return oldest, last_look(oldest) + interval - now
+        first = min(candidates, key=due_at)
+        return first, due_at(first) - now
 
     async def _schedule(self) -> None:
         while self._fetchers and not self._waiters.stopping:
             self._woken.clear()
+            if self._detector_on() and not self._listing:
+                list_due = self._last_list + self._interval() - self._clock()
+                if list_due <= 0 and not self._budget_wait_s():
+                    self._start_list()
+                    continue
+            else:
+                list_due = None
             chosen = self._next()
             wait = None if chosen is None else chosen[1]
             if wait is not None and wait <= 0:
@@ -208,9 +262,11 @@ class Refresher:
                     assert chosen is not None
                     self._start(chosen[0])
                     continue
-            # Until the oldest is due (or a token is), a new batch is followed, or a refresh ends.
+            if list_due is not None:
+                wait = list_due if wait is None else min(wait, list_due)
+            # Until the next is due (or a token is), a new batch is followed, or a call ends.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._woken.wait(), wait)
+                await asyncio.wait_for(self._woken.wait(), None if wait is None else max(wait, 0.01))
 
     def _start(self, batch_id: str) -> None:
         self._in_flight.add(batch_id)
@@ -226,8 +282,62 @@ class Refresher:
             code = error.code if isinstance(error, errors.GatewayError) else type(error).__name__
             log_event(log, logging.DEBUG, "refresh for waiters failed", batch_id=batch_id, code=code)
 
+    def _start_list(self) -> None:
+        assert self._list_page is not None
+        self._listing = True
+        self._last_list = self._clock()
+        page_size = min(MAX_LIST_PAGE, max(MIN_LIST_PAGE, 4 * len(self._fetchers)))
+        call = asyncio.ensure_future(self._list_page(page_size))
+        call.add_done_callback(partial(self._listed, self._last_list))
+
+    def _listed(self, listed_at: float, call: asyncio.Future[dict[str, Any]]) -> None:
+        self._listing = False
+        self._woken.set()
+        if call.cancelled():
+            return
+        if (error := call.exception()) is not None:
+            code = error.code if isinstance(error, errors.GatewayError) else type(error).__name__
+            log_event(log, logging.DEBUG, "change detection by list failed", code=code)
+            return
+        self._latest_page = listed_at
+        batches = [b for b in batches_on(call.result()) if isinstance(b.get("id"), str)]
+        stamps = [parse_timestamp(b.get("updated_at")) for b in batches]
+        known = [t for t in stamps if t is not None]
+        if len(known) >= 2 and known[0] < known[-1]:
+            self.detecting = False
+            log_event(log, logging.WARNING, "the upstream lists batches oldest first; each waited batch is refreshed")
+            return
+        for batch, stamp in zip(batches, stamps, strict=True):
+            batch_id = batch["id"]
+            if batch_id not in self._fetchers or batch_id in self._in_flight or stamp is None:
+                continue
+            if self._unchanged(batch_id, batch, stamp):
+                self._listed_at[batch_id] = listed_at
+            else:
+                self._listed_at.pop(batch_id, None)
+                self._start(batch_id)
+
+    def _unchanged(self, batch_id: str, listed: dict[str, Any], stamp: float) -> bool:
+        held = self._cache.store.get(batch_id)
+        if held is None or held.status != 200 or held.updated_at is None:
+            return False
+        return stamp <= held.updated_at and listed.get("status") == status_of(held.body)
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+def batches_on(page: dict[str, Any]) -> list[dict[str, Any]]:
+    batches = page.get("batches")
+    return [b for b in batches if isinstance(b, dict)] if isinstance(batches, list) else []
+
+
+def status_of(body: bytes) -> object:
+    """The ``status`` of a held batch answer."""
+    try:
+        return json.loads(body)["batch"].get("status")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
