@@ -641,6 +641,7 @@ async def test_polled_active_batches_share_a_short_budget_by_stretching_their_in
     gateway = await start(config, clock=clock)
     ids = [f"batch-{n:02d}" for n in range(20)]
     statuses: list[int] = []
+    caches: list[str | None] = []
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
 
@@ -648,6 +649,7 @@ async def test_polled_active_batches_share_a_short_budget_by_stretching_their_in
             headers = {"Authorization": f"Bearer {BILLING_KEY}"}
             async with session.get(f"{gateway.url}/v2/batches/{batch_id}", headers=headers) as response:
                 statuses.append(response.status)
+                caches.append(response.headers.get("X-Cache"))
                 body: dict[str, Any] = json.loads(await response.read()) if response.status == 200 else {}
                 return body
 
@@ -672,9 +674,81 @@ async def test_polled_active_batches_share_a_short_budget_by_stretching_their_in
                 break
         assert documents[0]["batch"]["status"] == "BATCH_STATUS_COMPLETED"
         followed_after = registry_value(gateway, "gateway_followed_batches")
+        # Refreshes never take the whole budget: a new id still finds some.
+        new_id = await poll("batch-new")
 
     assert set(statuses) == {200}  # no poll refused: a batch with an answer is served from the cache
+    assert "STALE" in caches  # the budget was short: some polls were answered from an entry past its time
+    assert new_id["batch"]["id"] == "batch-new"
     assert all(count >= 2 for count in calls.values()), calls  # every batch was refreshed over time
     assert ttl["active"] < polled_interval <= ttl["active_max"]
     assert followed == 20
     assert followed_after == 19
+
+
+async def test_a_stretched_refresh_interval_never_passes_active_max(
+    fake_upstream: UpstreamFactory, start: GatewayFactory
+) -> None:
+    upstream = await fake_upstream(json_handler())
+    clock = FakeClock()
+    ttl = {"active": 1, "active_min": 0.5, "active_max": 3}
+    config = make_config(upstream.url, upstream={"rate_limit": {"requests_per_s": 4, "burst": 4}}, cache={"ttl_s": ttl})
+    gateway = await start(config, clock=clock)
+
+    # 20 active batches at 4 calls a second would need their intervals stretched to about 6 s.
+    for first in range(0, 20, 4):
+        answers = await asyncio.gather(*(http(f"{gateway.url}/v2/batches/batch-{n}") for n in range(first, first + 4)))
+        assert {a.status for a in answers} == {200}
+        clock.advance(1)
+
+    assert registry_value(gateway, "gateway_refresh_interval_seconds", state="polled") == ttl["active_max"]
+    assert registry_value(gateway, "gateway_refresh_interval_seconds", state="waited") <= ttl["active_max"]
+
+
+async def test_a_wait_without_if_none_match_on_an_entry_that_changed_upstream_since_it_expired_is_answered_at_once(
+    fake_upstream: UpstreamFactory, start: GatewayFactory
+) -> None:
+    handler = Switchable(batch_body("batch-1", num_successful_records=1))
+    upstream = await fake_upstream(handler)
+    clock = FakeClock()
+    gateway = await start(make_config(upstream.url), clock=clock)
+    url = f"{gateway.url}/v2/batches/batch-1"
+    first = await http(url)
+    handler.body = batch_body("batch-1", num_successful_records=2)
+    clock.advance(10)  # the entry held on arrival is past its time: the request's own fetch sees the change
+
+    answer, elapsed = await timed(http(url, headers=waiting(30)))
+
+    assert (answer.status, answer.body, answer.header("X-Cache")) == (200, handler.body, "MISS")
+    assert answer.header("ETag") != first.header("ETag")
+    assert elapsed < 2
+
+
+async def test_waiters_see_the_change_soon_after_an_upstream_outage_that_outlasted_their_entry(
+    fake_upstream: UpstreamFactory, start: GatewayFactory
+) -> None:
+    handler = Switchable(batch_body("batch-1", num_successful_records=1))
+    upstream = await fake_upstream(handler)
+    config = make_config(
+        upstream.url,
+        upstream={"retries": 0, "breaker": {"failures": 1000}},
+        cache={"ttl_s": QUICK_TTL, "stale_if_error_s": 0},
+    )
+    gateway = await start(config)
+    url = f"{gateway.url}/v2/batches/batch-1"
+    fetched = time.monotonic()
+    etag = (await http(url)).header("ETag")
+
+    handler.status, handler.body = 500, b'{"message": "down for a moment"}'
+    waiter = asyncio.ensure_future(http(url, headers=waiting(6, etag)))
+    await held(gateway, 1)
+    # The outage outlasts the entry (ttl_s.active: 1 s, nothing kept past it): the passing of time is the point.
+    assert await eventually(lambda: time.monotonic() > fetched + QUICK_TTL["active"] + 0.3, 5)
+    handler.status, handler.body = 200, batch_body("batch-1", num_successful_records=2)
+    recovered = time.monotonic()
+    answer = await waiter
+
+    assert (answer.status, answer.body) == (200, handler.body)
+    # Refreshed every active_min while it has waiters: noticed within a few intervals, not at the end of the wait.
+    assert time.monotonic() - recovered < 2, "the waiter saw the change only when its wait ended"
+    assert waits_ended(gateway, "changed") == 1
