@@ -270,15 +270,15 @@ async def test_waiters_on_one_batch_do_not_all_return_together(
     started = time.monotonic()
 
     async def wait_once() -> float:
-        answer = await http(url, headers=waiting(1, etag))
-        assert (answer.status, answer.header("Preference-Applied")) == (304, "wait=1")
+        answer = await http(url, headers=waiting(2, etag))
+        assert (answer.status, answer.header("Preference-Applied")) == (304, "wait=2")
         return time.monotonic() - started
 
     ended = await asyncio.gather(*(wait_once() for _ in range(8)))
 
-    assert min(ended) >= 1 - 1 / 16 - 0.02
-    assert max(ended) < 3
-    assert max(ended) - min(ended) > 0.003  # spread by the jitter, not all at the same moment
+    assert min(ended) >= 2 - 2 / 16 - 0.02  # each ends within N/16 of its N seconds
+    assert max(ended) < 4
+    assert max(ended) - min(ended) > 0.01  # spread by the jitter (up to 125 ms here), not all at one moment
 
 
 async def test_the_sdk_waiting_without_if_none_match_gets_the_new_state_when_the_batch_moves_on(
