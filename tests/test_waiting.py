@@ -28,7 +28,7 @@ import pytest
 from aiohttp import web
 
 from gateway.demo import Simulator, start_simulator
-from gateway.server import RunningGateway
+from gateway.server import RunningGateway, start_gateway
 from tests.batch_upstream import BatchUpstream, post_json, upstream_fixture, write_callers
 from tests.conftest import GatewayFactory, ProcessFactory, UpstreamFactory
 from tests.support import (
@@ -553,6 +553,47 @@ async def test_sigterm_answers_every_waiter_at_once_and_the_process_exits_0(
     assert [(a.status, a.header("Preference-Applied")) for a in raw_answers] == [(304, "wait=25")] * 2
     assert elapsed < 5  # at once: not at the end of their 25 s
     assert await gateway.exit_code(within_s=PROCESS_WAIT_S) == 0
+
+
+async def test_stopping_the_gateway_answers_every_waiter_at_once_with_the_current_state(
+    fake_upstream: UpstreamFactory,
+) -> None:
+    upstream = await fake_upstream(json_handler())
+    # Started here, not by the fixture, so that the test stops it itself (once).
+    gateway = await start_gateway(make_config(upstream.url), "127.0.0.1", 0)
+    try:
+        url = f"{gateway.url}/v2/batches/batch-1"
+        first = await http(url)
+        conditional = [asyncio.ensure_future(http(url, headers=waiting(25, first.header("ETag")))) for _ in range(2)]
+        unconditional = [asyncio.ensure_future(http(url, headers=waiting(25))) for _ in range(2)]
+        await held(gateway, 4)
+    finally:
+        await gateway.stop()
+    answers, elapsed = await timed(asyncio.gather(*conditional, *unconditional))
+
+    # Each with the state current at the stop: unchanged, so 304 for those naming it and 200 for the others.
+    expected = [(304, "wait=25")] * 2 + [(200, "wait=25")] * 2
+    assert [(a.status, a.header("Preference-Applied")) for a in answers] == expected
+    assert answers[2].body == answers[3].body == first.body
+    assert elapsed < 5
+    assert (waits_ended(gateway, "shutdown"), waiters(gateway)) == (4, 0)
+
+
+async def test_a_wait_of_zero_seconds_is_no_wait_on_either_answer_path(
+    fake_upstream: UpstreamFactory, start: GatewayFactory
+) -> None:
+    upstream = await fake_upstream(json_handler())
+    gateway = await start(make_config(upstream.url))
+    etag = (await http(f"{gateway.url}/v2/batches/batch-1")).header("ETag")
+    assert etag is not None
+    conditional = [("Prefer", "wait=0"), ("If-None-Match", etag)]
+
+    (_plain, kept), elapsed = await timed(pipelined(gateway.url, kept_alive() + kept_alive(headers=conditional), 2))
+    [closing] = await pipelined(gateway.url, request_bytes(headers=conditional), 1)
+
+    for answer in (kept, closing):
+        assert (answer.status, answer.header("Preference-Applied"), answer.header("ETag")) == (304, None, etag)
+    assert elapsed < 2
 
 
 # --- monotonic answers ------------------------------------------------------------------------------------------
