@@ -477,6 +477,46 @@ async def test_a_refresh_whose_body_changed_wakes_every_waiter(
     assert (waits_ended(gateway, "changed"), waiters(gateway)) == (20, 0)
 
 
+async def test_a_poll_that_fetches_a_changed_body_wakes_the_waiters_at_once(
+    fake_upstream: UpstreamFactory, start: GatewayFactory
+) -> None:
+    handler = Switchable(batch_body("batch-1", num_successful_records=1))
+    upstream = await fake_upstream(handler)
+    clock = FakeClock()
+    # The refresher's own next call is 5 s away: only the poll can bring the change sooner.
+    slow = {"active": 5, "active_min": 5, "active_max": 10}
+    gateway = await start(make_config(upstream.url, cache={"ttl_s": slow}), clock=clock)
+    url = f"{gateway.url}/v2/batches/batch-1"
+    etag = (await http(url)).header("ETag")
+
+    waiter = asyncio.ensure_future(timed(http(url, headers=waiting(20, etag))))
+    await held(gateway, 1)
+    handler.body = batch_body("batch-1", num_successful_records=2)
+    clock.advance(10)  # the entry is past its time: the next poll asks the upstream
+    polled = await http(url)
+    answer, elapsed = await waiter
+
+    assert (polled.status, polled.body, polled.header("X-Cache")) == (200, handler.body, "MISS")
+    assert (answer.status, answer.body, answer.header("Preference-Applied")) == (200, handler.body, "wait=20")
+    assert elapsed < 4
+
+
+async def test_a_hit_pipelined_behind_a_held_wait_is_answered_after_it(
+    fake_upstream: UpstreamFactory, start: GatewayFactory
+) -> None:
+    upstream = await fake_upstream(json_handler())
+    gateway = await start(make_config(upstream.url))
+    first = await http(f"{gateway.url}/v2/batches/batch-1")
+    etag = first.header("ETag")
+    assert etag is not None
+    wait = [("Prefer", "wait=1"), ("If-None-Match", etag)]
+
+    answers = await pipelined(gateway.url, kept_alive() + kept_alive(headers=wait) + kept_alive(), 3)
+
+    assert [(a.status, a.header("Preference-Applied")) for a in answers] == [(200, None), (304, "wait=1"), (200, None)]
+    assert answers[2].body == first.body
+
+
 async def test_a_cancel_wakes_the_waiters_of_that_batch_with_the_new_state(
     upstream: BatchUpstream, start: GatewayFactory
 ) -> None:
