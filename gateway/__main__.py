@@ -17,6 +17,7 @@ from typing import Any
 import uvloop
 from pydantic import ValidationError
 
+from gateway import __version__
 from gateway.config import DEFAULT_ALLOW, OPERATIONS, CallerSettings, ConfigError, GatewayConfig, load_config
 from gateway.demo import DEMO_CALLERS, Simulator, demo_overrides, start_simulator
 from gateway.errors import StoreUnavailable
@@ -29,6 +30,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="cohere-gateway", description="A caching, authenticating gateway for Cohere's batch API."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--config",
         type=Path,

@@ -8,8 +8,12 @@ never a batch id.
 
 from __future__ import annotations
 
+import platform
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
+
+from gateway import __version__
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -124,6 +128,13 @@ class Metrics:
             "gateway_config_last_reload_success", "1 if the last reload succeeded (or none was tried).", registry=r
         )
         self.last_reload_ok.set(1)
+        self.build_info = Gauge(
+            "gateway_build_info",
+            "Always 1; the labels say which gateway this is: its version and the Python running it.",
+            ["version", "python"],
+            registry=r,
+        )
+        self.build_info.labels(version=__version__, python=platform.python_version()).set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
