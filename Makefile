@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 
-.PHONY: run test lint bench bench-quick bench-smoke soak clean
+.PHONY: run test lint kit promtool bench bench-quick bench-smoke soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +23,22 @@ run: $(VENV)/.installed-run
 	@if [ -n "$${COHERE_API_KEY:-}" ]; then exec $(BIN)/cohere-gateway $(ARGS); \
 	else echo "COHERE_API_KEY is not set: starting in --demo mode"; exec $(BIN)/cohere-gateway --demo $(ARGS); fi
 
-## test: lint, type-check, lint the Dockerfile, a 30 s soak, the benchmark smoke run, the test suite
-test: $(VENV)/.installed-test lint soak bench-smoke
-	$(BIN)/python -m pytest
+## test: lint, type-check, lint the Dockerfile, a 30 s soak, the benchmark smoke run, the test suite (the kit's checks included)
+test: $(VENV)/.installed-test lint promtool soak bench-smoke
+	GATEWAY_REQUIRE_PROMTOOL=1 $(BIN)/python -m pytest
+
+## kit: the operator's kit checks alone: docs links, keys and codes; deploy/ against its schemas, --check-config, promtool, metric names
+kit: $(VENV)/.installed-test promtool
+	GATEWAY_REQUIRE_PROMTOOL=1 $(BIN)/python -m pytest -q tests/test_docs.py tests/test_deploy.py
+
+# promtool (for deploy/prometheus) comes from Debian's prometheus package: installed when missing, as bench/run.py does for wrk and nginx.
+promtool:
+	@if command -v promtool >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "promtool is missing and cannot be installed here (not root, or no apt-get): apt-get install prometheus" >&2; exit 1; fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get install -y -q prometheus >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q prometheus >/dev/null; }; \
+	command -v promtool >/dev/null
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check .

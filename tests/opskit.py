@@ -1,0 +1,276 @@
+"""The operator's kit checks as pure functions of a folder: docs, config keys, error codes, metric names.
+
+Each returns a list of problems (empty: the check passes), so that the tests
+can run it on the repository and on a broken copy of a file in tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import types
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from gateway.config import GatewayConfig
+from gateway.errors import GatewayError
+
+REPO = Path(__file__).resolve().parent.parent
+
+# ---------------------------------------------------------------------------
+# Links and anchors
+# ---------------------------------------------------------------------------
+
+_FENCE = re.compile(r"^(```|~~~)")
+_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
+# [text](target) and ![alt](target); the target ends at the first space or ')'.
+_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+_CODE_SPAN = re.compile(r"`[^`]*`")
+
+
+def markdown_files(root: Path) -> list[Path]:
+    """README.md, CHANGELOG.md and every file under docs/ and deploy/."""
+    found = [root / name for name in ("README.md", "CHANGELOG.md") if (root / name).exists()]
+    for folder in ("docs", "deploy"):
+        found += sorted((root / folder).rglob("*.md"))
+    return found
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = heading.strip().lower().replace("`", "")
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", text)  # a link in a heading keeps its text
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def prose_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) outside fenced code blocks."""
+    fenced = False
+    for number, line in enumerate(text.splitlines(), 1):
+        if _FENCE.match(line.lstrip()):
+            fenced = not fenced
+            continue
+        if not fenced:
+            yield number, line
+
+
+def anchors(path: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    found: set[str] = set()
+    for _, line in prose_lines(path.read_text(encoding="utf-8")):
+        match = _HEADING.match(line)
+        if not match:
+            continue
+        base = slug(match.group(2))
+        count = seen.get(base, 0)
+        seen[base] = count + 1
+        found.add(base if count == 0 else f"{base}-{count}")
+    return found
+
+
+def link_problems(root: Path) -> list[str]:
+    """Every relative link names a file that exists, and its #anchor a heading in it.
+
+    Web links are not followed (CI has no network), and a link that leaves the
+    repository (the team's shared DESIGN.md) is not the repository's to check.
+    """
+    problems: list[str] = []
+    for path in markdown_files(root):
+        for number, line in prose_lines(path.read_text(encoding="utf-8")):
+            for target in _LINK.findall(_CODE_SPAN.sub("", line)):
+                if re.match(r"^[a-z][a-z0-9+.-]*:", target):
+                    continue
+                file_part, _, anchor = target.partition("#")
+                linked = (path.parent / file_part).resolve() if file_part else path
+                where = f"{path.relative_to(root)}:{number}: {target}"
+                if not linked.is_relative_to(root.resolve()):
+                    continue
+                if not linked.exists():
+                    problems.append(f"{where}: no such file")
+                elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+                    problems.append(f"{where}: no heading #{anchor} in {linked.name}")
+    return problems
+
+
+# ---------------------------------------------------------------------------
+# Config keys
+# ---------------------------------------------------------------------------
+
+
+def _models_in(annotation: Any) -> Iterator[tuple[type[BaseModel], bool]]:
+    """The pydantic models inside a field's type, each with whether it sits in a list."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        yield from _models_in(typing.get_args(annotation)[0])
+    elif origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            yield from _models_in(arg)
+    elif origin is list:
+        for model, _ in _models_in(typing.get_args(annotation)[0]):
+            yield model, True
+    elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation, False
+
+
+def config_keys(model: type[BaseModel] = GatewayConfig, prefix: str = "") -> tuple[set[str], set[str]]:
+    """(every key the code accepts, the leaves among them), in the docs' spelling: ``callers[].allow``."""
+    every: set[str] = set()
+    leaves: set[str] = set()
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        every.add(key)
+        inner = list(_models_in(field.annotation))
+        if not inner:
+            leaves.add(key)
+        for sub, in_list in inner:
+            sub_every, sub_leaves = config_keys(sub, f"{key}[]." if in_list else f"{key}.")
+            every |= sub_every
+            leaves |= sub_leaves
+    return every, leaves
+
+
+_KEY_ROW = re.compile(r"^\|\s*`([a-z_]+(?:\[\])?(?:\.[a-z0-9_]+)+)`\s*\|")
+
+
+def documented_keys(configuration_md: Path) -> set[str]:
+    """The keys named in the first column of a table in docs/configuration.md (``section.key`` rows)."""
+    text = configuration_md.read_text(encoding="utf-8")
+    return {m.group(1) for _, line in prose_lines(text) if (m := _KEY_ROW.match(line))}
+
+
+def config_key_problems(root: Path) -> list[str]:
+    every, leaves = config_keys()
+    documented = documented_keys(root / "docs" / "configuration.md")
+    problems = [f"docs/configuration.md does not document {key}" for key in sorted(leaves - documented)]
+    problems += [
+        f"docs/configuration.md documents {key}, which the code does not accept" for key in sorted(documented - every)
+    ]
+    return problems
+
+
+# ---------------------------------------------------------------------------
+# Error codes
+# ---------------------------------------------------------------------------
+
+
+def error_codes() -> set[str]:
+    """Every code a GatewayError (the root included) can carry."""
+    codes: set[str] = set()
+    pending: list[type[GatewayError]] = [GatewayError]
+    while pending:
+        cls = pending.pop()
+        codes.add(cls.code)
+        pending += cls.__subclasses__()
+    return codes
+
+
+def error_code_problems(root: Path) -> list[str]:
+    text = (root / "docs" / "api.md").read_text(encoding="utf-8")
+    return [
+        f"docs/api.md does not name the error code {code}" for code in sorted(error_codes()) if f"`{code}`" not in text
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Metric names and labels in the dashboard and the alert rules
+# ---------------------------------------------------------------------------
+
+# Labels Prometheus adds to every scraped series (the target's), not the gateway.
+TARGET_LABELS = frozenset({"job", "instance"})
+_METRIC = re.compile(r"\b(gateway_[a-z0-9_]+)")
+_MATCHER = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*,?')
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+_LEGEND = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+_LABEL_VALUES = re.compile(r"label_values\(\s*(gateway_[a-z0-9_]+)[^,]*,\s*([A-Za-z_][A-Za-z0-9_]*)\s*\)")
+
+Exported = dict[str, set[str]]  # sample name -> its label names
+
+
+def selectors(expr: str) -> Iterator[tuple[str, list[str]]]:
+    """Each metric name in a PromQL expression with the label names of its matchers."""
+    for match in _METRIC.finditer(expr):
+        labels: list[str] = []
+        at = match.end()
+        if expr[at : at + 1] == "{":
+            at += 1
+            while (matcher := _MATCHER.match(expr, at)) is not None:
+                labels.append(matcher.group(1))
+                at = matcher.end()
+        yield match.group(1), labels
+
+
+def expression_problems(where: str, expr: str, exported: Exported, legend: str = "") -> list[str]:
+    problems: list[str] = []
+    known: set[str] = set(TARGET_LABELS)
+    for name, labels in selectors(expr):
+        if name not in exported:
+            problems.append(f"{where}: the gateway exports no metric {name}")
+            continue
+        known |= exported[name]
+        problems += [
+            f"{where}: {name} has no label {label}" for label in labels if label not in exported[name] | TARGET_LABELS
+        ]
+    for group in _GROUPING.findall(expr):
+        for label in filter(None, (part.strip() for part in group.split(","))):
+            if label not in known:
+                problems.append(f"{where}: no metric in the expression has the label {label}")
+    problems += [
+        f"{where}: the legend names {label}, a label no metric here has"
+        for label in _LEGEND.findall(legend)
+        if label not in known
+    ]
+    return problems
+
+
+def dashboard_expressions(dashboard: Path) -> Iterator[tuple[str, str, str]]:
+    """(where, expression, legend) for every panel target and query variable."""
+    document = json.loads(dashboard.read_text(encoding="utf-8"))
+    for panel in document.get("panels", []):
+        for target in panel.get("targets", []):
+            where = f"{dashboard.name}: panel {panel.get('title')!r} {target.get('refId')}"
+            yield where, target.get("expr", ""), target.get("legendFormat", "")
+    for variable in document.get("templating", {}).get("list", []):
+        query = variable.get("query")
+        text = query.get("query", "") if isinstance(query, dict) else str(query or "")
+        yield f"{dashboard.name}: variable {variable.get('name')}", text, ""
+
+
+def rule_expressions(rules: Path) -> Iterator[tuple[str, str, str]]:
+    document = yaml.safe_load(rules.read_text(encoding="utf-8"))
+    for group in document.get("groups", []):
+        for rule in group.get("rules", []):
+            name = rule.get("alert") or rule.get("record")
+            annotations = " ".join(str(v) for v in (rule.get("annotations") or {}).values())
+            # The annotations' {{ $labels.x }} are labels of the expression's result.
+            legend = " ".join(f"{{{{{label}}}}}" for label in re.findall(r"\$labels\.([A-Za-z_]\w*)", annotations))
+            yield f"{rules.name}: {name}", str(rule.get("expr", "")), legend
+
+
+def metric_problems(root: Path, exported: Exported) -> list[str]:
+    problems: list[str] = []
+    sources = [*sorted((root / "deploy" / "grafana").glob("*.json"))]
+    expressions = [e for dashboard in sources for e in dashboard_expressions(dashboard)]
+    expressions += list(rule_expressions(root / "deploy" / "prometheus" / "alerts.yaml"))
+    for where, expr, legend in expressions:
+        problems += expression_problems(where, expr, exported, legend)
+        for name, label in _LABEL_VALUES.findall(expr):
+            if name in exported and label not in exported[name] | TARGET_LABELS:
+                problems.append(f"{where}: {name} has no label {label}")
+    return problems
+
+
+def exported_from_text(text: str) -> Exported:
+    """Sample names and their label names, from a /metrics scrape (families without samples by name only)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    exported: Exported = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            exported.setdefault(sample.name, set()).update(sample.labels)
+    return exported

@@ -1,0 +1,342 @@
+"""The deployment kit: Kubernetes and Compose files against their schemas, their configs
+through --check-config, the alert rules through promtool, and every metric and label the
+dashboard and the rules name against a running gateway's /metrics.
+
+Each check is also run on a broken copy of its file in tmp_path, to show that it fails.
+The external tools run once (these tests are not async), except the scrape.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import ClientSession
+
+import gateway
+from gateway.server import reload_config
+from tests.conftest import GatewayFactory, UpstreamFactory
+from tests.opskit import REPO, exported_from_text, metric_problems
+from tests.support import BILLING_KEY, REPORTING_KEY, batch_body, json_handler, make_config, scrape_metrics
+
+KUBERNETES = REPO / "deploy" / "kubernetes"
+COMPOSE = REPO / "deploy" / "compose.yaml"
+ALERTS = REPO / "deploy" / "prometheus" / "alerts.yaml"
+ALERT_TESTS = REPO / "deploy" / "prometheus" / "alerts.test.yaml"
+DASHBOARD = REPO / "deploy" / "grafana" / "cohere-gateway.json"
+TOOL_TIMEOUT_S = 120
+
+
+def tool(name: str) -> str:
+    """A command-line tool from the test environment (beside this Python), else from PATH."""
+    beside_python = Path(sys.executable).parent / name
+    found = str(beside_python) if beside_python.exists() else shutil.which(name)
+    assert found, f"{name} is not installed (pip install -e '.[test]')"
+    return found
+
+
+def promtool() -> str:
+    """Debian's promtool; `make test` installs it. Without it these tests skip, unless CI asks for it."""
+    found = shutil.which("promtool")
+    if found is None:
+        if os.environ.get("GATEWAY_REQUIRE_PROMTOOL"):
+            pytest.fail("promtool is not installed: apt-get install prometheus (make promtool)")
+        pytest.skip("promtool is not installed: apt-get install prometheus (make promtool)")
+    return found
+
+
+def run(*args: str | Path, env: dict[str, str] | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603 (the repository's own tools and files)
+        [str(a) for a in args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT_S,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def check_config(path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return run(sys.executable, "-m", "gateway", "--config", path, "--check-config", env=env)
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d]
+
+
+def broken_copy(tmp_path: Path, source: Path, old: str, new: str) -> Path:
+    """``source`` copied into tmp_path with one occurrence of ``old`` replaced by ``new``."""
+    text = source.read_text(encoding="utf-8")
+    assert old in text, f"{old!r} is not in {source.name}"
+    target = tmp_path / source.name
+    target.write_text(text.replace(old, new, 1), encoding="utf-8")
+    return target
+
+
+# ---------------------------------------------------------------------------
+# Kubernetes
+# ---------------------------------------------------------------------------
+
+
+def kubernetes_validate(*paths: Path) -> subprocess.CompletedProcess[str]:
+    return run(tool("kubernetes-validate"), "--strict", "--quiet", *paths)
+
+
+def test_the_kubernetes_manifests_pass_the_kubernetes_schemas() -> None:
+    done = kubernetes_validate(*sorted(KUBERNETES.glob("*.yaml")))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("replicas: 2", "replicas: two"),  # a wrong type
+        ("readOnlyRootFilesystem: true", "readOnlyRootFileSystem: true"),  # a misspelt field (--strict)
+    ],
+)
+def test_a_broken_manifest_fails_the_kubernetes_schemas(tmp_path: Path, old: str, new: str) -> None:
+    done = kubernetes_validate(broken_copy(tmp_path, KUBERNETES / "deployment.yaml", old, new))
+    assert done.returncode != 0
+
+
+def kubernetes_objects() -> dict[str, dict[str, Any]]:
+    return {d["kind"]: d for path in sorted(KUBERNETES.glob("*.yaml")) for d in documents(path)}
+
+
+def configmap_config(configmap: Path, tmp_path: Path) -> Path:
+    [document] = documents(configmap)
+    path = tmp_path / "config.yaml"
+    path.write_text(document["data"]["config.yaml"], encoding="utf-8")
+    return path
+
+
+def test_the_configmaps_config_passes_check_config(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("a-token-for-the-check\n", encoding="utf-8")
+    done = check_config(configmap_config(KUBERNETES / "configmap.yaml", tmp_path), COHERE_TOKEN_FILE=str(token))
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_broken_configmap_config_fails_check_config(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("a-token-for-the-check\n", encoding="utf-8")
+    broken = broken_copy(
+        tmp_path, KUBERNETES / "configmap.yaml", "allow: [retrieve, list]", "allow: [retrieve, delete]"
+    )
+    done = check_config(configmap_config(broken, tmp_path), COHERE_TOKEN_FILE=str(token))
+    assert done.returncode == 2
+    assert "callers.0.allow" in done.stderr
+
+
+def test_the_deployment_runs_two_probed_non_root_read_only_replicas_that_outlast_the_grace() -> None:
+    objects = kubernetes_objects()
+    assert {"Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget"} <= set(objects)
+    deployment = objects["Deployment"]["spec"]
+    pod = deployment["template"]["spec"]
+    [container] = pod["containers"]
+    assert deployment["replicas"] == 2
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["resources"]["requests"]
+    assert container["resources"]["limits"]
+
+    config = yaml.safe_load(objects["ConfigMap"]["data"]["config.yaml"])
+    pre_stop_s = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["terminationGracePeriodSeconds"] > pre_stop_s + config["server"]["shutdown_grace_s"]
+
+    # The token Secret is mounted (as a directory, so that a rotation reaches it) where token_file points.
+    token_file = re.sub(r"\$\{[A-Z_]+:-(.*)\}", r"\1", config["upstream"]["token_file"])
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    [token_mount] = [m for m in mounts.values() if "secret" in volumes[m["name"]]]
+    assert volumes[token_mount["name"]]["secret"]["secretName"] == objects["Secret"]["metadata"]["name"]
+    assert "subPath" not in token_mount
+    assert str(Path(token_file).parent) == token_mount["mountPath"]
+    assert config["store"]["path"].startswith(mounts["store"]["mountPath"] + "/")
+
+    labels = deployment["template"]["metadata"]["labels"]
+    assert objects["Service"]["spec"]["selector"].items() <= labels.items()
+    assert objects["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+# ---------------------------------------------------------------------------
+# Compose
+# ---------------------------------------------------------------------------
+
+
+def compose_schema_check(path: Path) -> subprocess.CompletedProcess[str]:
+    return run(tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", path)
+
+
+def test_the_compose_file_passes_the_compose_schema() -> None:
+    done = compose_schema_check(COMPOSE)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("stop_grace_period: 15s", "stop_grace_period: [15s]"),  # a wrong type
+        ("    ports:\n", "    portz:\n"),  # an unknown service key
+    ],
+)
+def test_a_broken_compose_file_fails_the_compose_schema(tmp_path: Path, old: str, new: str) -> None:
+    done = compose_schema_check(broken_copy(tmp_path, COMPOSE, old, new))
+    assert done.returncode != 0
+
+
+COMPOSE_ENV = {"COHERE_API_KEY": "a-token-for-the-check", "EXAMPLE_GATEWAY_KEY": "a-caller-key-for-the-check"}
+
+
+def test_the_compose_config_passes_check_config_and_each_replica_has_its_own_store() -> None:
+    done = check_config(REPO / "deploy" / "compose-config.yaml", **COMPOSE_ENV)
+    assert done.returncode == 0, done.stderr
+    [compose] = documents(COMPOSE)
+    services = compose["services"]
+    assert len(services) == 2
+    stores = [next(v for v in s["volumes"] if v.endswith(":/var/lib/cohere-gateway")) for s in services.values()]
+    assert len(set(stores)) == 2
+    assert all(any("compose-config.yaml:" in v for v in s["volumes"]) for s in services.values())
+
+
+def test_a_broken_compose_config_fails_check_config(tmp_path: Path) -> None:
+    broken = broken_copy(tmp_path, REPO / "deploy" / "compose-config.yaml", "requests_per_s: 5", "requests_per_s: -5")
+    done = check_config(broken, **COMPOSE_ENV)
+    assert done.returncode == 2
+    assert "upstream.rate_limit.requests_per_s" in done.stderr
+
+
+# ---------------------------------------------------------------------------
+# Prometheus rules
+# ---------------------------------------------------------------------------
+
+
+def test_the_alert_rules_pass_promtool_check_and_their_unit_tests() -> None:
+    checked = run(promtool(), "check", "rules", ALERTS)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = run(promtool(), "test", "rules", ALERT_TESTS, cwd=ALERT_TESTS.parent)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def test_every_alert_says_what_to_do() -> None:
+    [group] = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))["groups"]
+    names = {rule["alert"] for rule in group["rules"]}
+    assert {
+        "CohereGatewayUpstreamAuthFailed",
+        "CohereGatewayBreakerOpen",
+        "CohereGatewayBudgetSpent",
+        "CohereGatewayReloadFailed",
+        "CohereGatewayErrors5xx",
+    } <= names
+    for rule in group["rules"]:
+        assert len(rule["annotations"]["action"]) > 80, rule["alert"]
+
+
+def test_a_broken_rule_fails_promtool_check(tmp_path: Path) -> None:
+    broken = broken_copy(
+        tmp_path, ALERTS, "max_over_time(gateway_breaker_state[2m])", "max_over_time(gateway_breaker_state[2m]"
+    )
+    assert run(promtool(), "check", "rules", broken).returncode != 0
+
+
+def test_a_rule_that_no_longer_fires_fails_promtool_test(tmp_path: Path) -> None:
+    shutil.copy(ALERT_TESTS, tmp_path / ALERT_TESTS.name)
+    broken_copy(tmp_path, ALERTS, '{outcome=~"401|403"}', '{outcome=~"401"}')
+    broken_copy(tmp_path, ALERT_TESTS, 'outcome="401"', 'outcome="403"')
+    assert run(promtool(), "test", "rules", ALERT_TESTS.name, cwd=tmp_path).returncode != 0
+
+
+# ---------------------------------------------------------------------------
+# Metric names against a running gateway
+# ---------------------------------------------------------------------------
+
+
+async def exported_metrics(fake_upstream: UpstreamFactory, start: GatewayFactory) -> str:
+    """A gateway's /metrics after requests that make every labelled series the kit uses exist."""
+    upstream = await fake_upstream(json_handler(body=batch_body(status="BATCH_STATUS_QUEUED")))
+    config = make_config(
+        upstream.url,
+        upstream={"rate_limit": {"requests_per_s": 0.01, "burst": 2}, "budget_wait_s": 0},
+        cache={"max_entries": 1},
+        callers=[
+            {"name": "billing-service", "key": BILLING_KEY},
+            {"name": "reporting", "key": REPORTING_KEY, "rate_limit": {"requests_per_s": 0.01, "burst": 4}},
+        ],
+    )
+    gateway_ = await start(config)
+    async with ClientSession(headers={"Authorization": f"Bearer {REPORTING_KEY}"}) as session:
+        for path, headers in [
+            ("batch-1", {}),  # a miss, then a hit: requests, upstream calls and latency
+            ("batch-1", {"Prefer": "wait=1"}),  # held, then a timeout: waiters, waits_ended, refresh interval
+            ("batch-2", {}),  # evicts batch-1 (max_entries 1): cache_removals
+            ("batch-3", {}),  # over the budget: upstream_rejected
+            ("batch-3", {}),  # over the caller's own limit: caller_rate_limited
+        ]:
+            async with session.get(f"{gateway_.url}/v2/batches/{path}", headers=headers) as response:
+                await response.read()
+    assert reload_config(gateway_.state, lambda: config)  # config_reloads
+    text, _ = await scrape_metrics(gateway_.url)
+    return text
+
+
+async def test_the_dashboard_and_the_rules_name_only_metrics_and_labels_the_gateway_exports(
+    fake_upstream: UpstreamFactory, start: GatewayFactory, tmp_path: Path
+) -> None:
+    exported = exported_from_text(await exported_metrics(fake_upstream, start))
+    assert metric_problems(REPO, exported) == []
+
+    # A copy whose dashboard names a metric the gateway lacks and whose rule groups by a label it lacks.
+    root = tmp_path / "repo"
+    shutil.copytree(REPO / "deploy", root / "deploy")
+    broken_copy(root / "deploy" / "grafana", DASHBOARD, "gateway_waiters{", "gateway_waiting{")
+    broken_copy(
+        root / "deploy" / "prometheus",
+        ALERTS,
+        "sum by (job, instance) (rate(gateway_upstream_rejected",
+        "sum by (job, route) (rate(gateway_upstream_rejected",
+    )
+    broken_copy(
+        root / "deploy" / "prometheus",
+        root / "deploy" / "prometheus" / "alerts.yaml",
+        'gateway_requests_total{status=~"5.."}',
+        'gateway_requests_total{code=~"5.."}',
+    )
+    problems = metric_problems(root, exported)
+    assert any("gateway exports no metric gateway_waiting" in p for p in problems)
+    assert any("CohereGatewayBudgetSpent: no metric in the expression has the label route" in p for p in problems)
+    assert any("gateway_requests_total has no label code" in p for p in problems)
+    assert len(problems) == 3
+
+
+async def test_metrics_report_the_version_as_build_info(fake_upstream: UpstreamFactory, start: GatewayFactory) -> None:
+    upstream = await fake_upstream(json_handler())
+    gateway_ = await start(make_config(upstream.url))
+    _, samples = await scrape_metrics(gateway_.url)
+    [(labels, value)] = [(dict(k[1]), v) for k, v in samples.items() if k[0] == "gateway_build_info"]
+    assert value == 1
+    assert labels["version"] == gateway.__version__
+    assert labels["python"] == ".".join(map(str, sys.version_info[:3]))
+
+
+def test_version_prints_the_one_version_that_the_changelog_and_the_package_carry() -> None:
+    from importlib.metadata import version
+
+    done = run(sys.executable, "-m", "gateway", "--version")
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"cohere-gateway {gateway.__version__}"
+    assert version("cohere-gateway") == gateway.__version__
+    changelog = (REPO / "CHANGELOG.md").read_text(encoding="utf-8")
+    releases = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d{2}-\d{2}$", changelog, re.MULTILINE)
+    assert releases[0] == gateway.__version__
+    assert releases[-1] == "0.1.0"
