@@ -19,7 +19,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 
 class Metrics:
-    """Every collector the gateway exports, named as README's metric table."""
+    """Every collector the gateway exports, named as the metric table of docs/observability.md."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
