@@ -274,3 +274,21 @@ def exported_from_text(text: str) -> Exported:
         for sample in family.samples:
             exported.setdefault(sample.name, set()).update(sample.labels)
     return exported
+
+
+def documented_metric_problems(root: Path, text: str) -> list[str]:
+    """Every metric family in a /metrics scrape has a row in docs/observability.md (counters as ``*_total``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    doc = (root / "docs" / "observability.md").read_text(encoding="utf-8")
+    problems: list[str] = []
+    families = list(text_string_to_metric_families(text))
+    names = {family.name for family in families}
+    for family in families:
+        # The text format shows a counter's or histogram's *_created series as a family of its own.
+        if not family.name.startswith("gateway_") or family.name.removesuffix("_created") in names - {family.name}:
+            continue
+        name = f"{family.name}_total" if family.type == "counter" else family.name
+        if f"| `{name}` |" not in doc:
+            problems.append(f"docs/observability.md has no row for the metric {name}")
+    return problems

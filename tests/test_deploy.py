@@ -23,7 +23,7 @@ from aiohttp import ClientSession
 import gateway
 from gateway.server import reload_config
 from tests.conftest import GatewayFactory, UpstreamFactory
-from tests.opskit import REPO, exported_from_text, metric_problems
+from tests.opskit import REPO, documented_metric_problems, exported_from_text, metric_problems
 from tests.support import BILLING_KEY, REPORTING_KEY, batch_body, json_handler, make_config, scrape_metrics
 
 KUBERNETES = REPO / "deploy" / "kubernetes"
@@ -317,6 +317,19 @@ async def test_the_dashboard_and_the_rules_name_only_metrics_and_labels_the_gate
     assert any("CohereGatewayBudgetSpent: no metric in the expression has the label route" in p for p in problems)
     assert any("gateway_requests_total has no label code" in p for p in problems)
     assert len(problems) == 3
+
+
+async def test_every_metric_the_gateway_exports_has_a_row_in_the_observability_doc(
+    fake_upstream: UpstreamFactory, start: GatewayFactory, tmp_path: Path
+) -> None:
+    text = await exported_metrics(fake_upstream, start)
+    assert documented_metric_problems(REPO, text) == []
+
+    (tmp_path / "docs").mkdir()
+    broken_copy(tmp_path / "docs", REPO / "docs" / "observability.md", "| `gateway_waiters` |", "| waiters |")
+    assert documented_metric_problems(tmp_path, text) == [
+        "docs/observability.md has no row for the metric gateway_waiters"
+    ]
 
 
 async def test_metrics_report_the_version_as_build_info(fake_upstream: UpstreamFactory, start: GatewayFactory) -> None:
