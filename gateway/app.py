@@ -128,7 +128,7 @@ def record_request(
     elapsed_s: float | None,
     method: str | None = "GET",
 ) -> None:
-    """Request metrics and the access log line (README "Logs") of one answered request.
+    """Request metrics and the access log line (docs/observability.md, "Logs") of one answered request.
 
     ``elapsed_s`` is None for a request aiohttp could not parse: it is
     counted, but not timed.
