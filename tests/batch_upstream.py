@@ -40,7 +40,16 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict, MultiDict
 
-from tests.support import BILLING_KEY, EXCHANGE_TIMEOUT_S, REPORTING_KEY, Answer, assert_no_secrets, http, sha256_hex
+from tests.support import (
+    BILLING_KEY,
+    EXCHANGE_TIMEOUT_S,
+    REPORTING_KEY,
+    Answer,
+    assert_no_secrets,
+    http,
+    serve_on_loopback,
+    sha256_hex,
+)
 
 Endpoint = Literal["create", "list", "retrieve", "cancel"]
 ENDPOINTS: tuple[Endpoint, ...] = ("create", "list", "retrieve", "cancel")
@@ -175,12 +184,7 @@ class BatchUpstream:
     async def start(self) -> BatchUpstream:
         app = web.Application(client_max_size=1 << 24)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
+        self._runner, self.url = await serve_on_loopback(app)
         return self
 
     async def stop(self) -> None:

@@ -35,7 +35,9 @@ from tests.support import (
     BILLING_KEY,
     PROCESS_WAIT_S,
     UPSTREAM_TOKEN,
+    Answer,
     FakeClock,
+    FakeUpstream,
     batch_body,
     eventually,
     http,
@@ -109,6 +111,18 @@ def stamp(seconds_ago: float) -> str:
 # --- ETag and 304 ----------------------------------------------------------------------------------------------
 
 
+async def a_gateway_holding_batch_1(
+    fake_upstream: UpstreamFactory, start: GatewayFactory
+) -> tuple[RunningGateway, FakeUpstream, Answer, str]:
+    """A gateway in front of a steady upstream, with batch-1 cached: both, the first answer, and its ETag."""
+    upstream = await fake_upstream(json_handler())
+    gateway = await start(make_config(upstream.url))
+    first = await http(f"{gateway.url}/v2/batches/batch-1")
+    etag = first.header("ETag")
+    assert etag is not None
+    return gateway, upstream, first, etag
+
+
 async def test_every_batch_answer_carries_a_strong_etag_that_follows_its_body(
     fake_upstream: UpstreamFactory, start: GatewayFactory
 ) -> None:
@@ -169,11 +183,7 @@ def if_none_match_forms(etag: str) -> dict[str, str]:
 async def test_if_none_match_naming_the_answer_gets_304_with_the_cache_headers_on_both_answer_paths(
     form: str, fake_upstream: UpstreamFactory, start: GatewayFactory
 ) -> None:
-    upstream = await fake_upstream(json_handler())
-    gateway = await start(make_config(upstream.url))
-    first = await http(f"{gateway.url}/v2/batches/batch-1")
-    etag = first.header("ETag")
-    assert etag is not None
+    gateway, upstream, _first, etag = await a_gateway_holding_batch_1(fake_upstream, start)
     conditional = [("If-None-Match", if_none_match_forms(etag)[form])]
 
     # After a plain hit on the connection, a kept-alive hit is answered inline.
@@ -239,11 +249,7 @@ async def test_a_wait_with_the_current_etag_ends_in_200_with_the_new_body_when_t
 async def test_a_wait_on_a_kept_alive_connection_with_the_current_etag_ends_in_304_once_its_time_is_up(
     fake_upstream: UpstreamFactory, start: GatewayFactory
 ) -> None:
-    upstream = await fake_upstream(json_handler())
-    gateway = await start(make_config(upstream.url))
-    first = await http(f"{gateway.url}/v2/batches/batch-1")
-    etag = first.header("ETag")
-    assert etag is not None
+    gateway, _upstream, _first, etag = await a_gateway_holding_batch_1(fake_upstream, start)
     wait = [("Prefer", "wait=1"), ("If-None-Match", etag)]
 
     # A plain hit first, so that the connection is one the inline path answers: the wait is held all the same.
@@ -504,11 +510,7 @@ async def test_a_poll_that_fetches_a_changed_body_wakes_the_waiters_at_once(
 async def test_a_hit_pipelined_behind_a_held_wait_is_answered_after_it(
     fake_upstream: UpstreamFactory, start: GatewayFactory
 ) -> None:
-    upstream = await fake_upstream(json_handler())
-    gateway = await start(make_config(upstream.url))
-    first = await http(f"{gateway.url}/v2/batches/batch-1")
-    etag = first.header("ETag")
-    assert etag is not None
+    gateway, _upstream, first, etag = await a_gateway_holding_batch_1(fake_upstream, start)
     wait = [("Prefer", "wait=1"), ("If-None-Match", etag)]
 
     answers = await pipelined(gateway.url, kept_alive() + kept_alive(headers=wait) + kept_alive(), 3)
