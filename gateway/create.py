@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable
-from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -176,7 +175,7 @@ async def _find_created(
         call = upstream_request(request, admitted.caller, BATCHES_PATH, query=tuple(query))
         page = await admitted.state.upstream.fetch(call, admitted.snapshot.config.upstream, True, accept_json_object)
         batches = policy.batches_of(page.document)
-        created = [_created_at(b) for b in batches]
+        created = [parse_timestamp(b.get("created_at")) if isinstance(b, dict) else None for b in batches]
         for batch, when in zip(batches, created, strict=True):
             if policy.matches_create(batch, document) and (when is None or when >= since - CLOCK_SKEW_S):
                 body = json.dumps({"batch": batch}).encode()
@@ -188,14 +187,3 @@ async def _find_created(
             return None
         page_token = token
     return None
-
-
-def _created_at(batch: object) -> float | None:
-    """A listed batch's ``created_at`` as epoch seconds; None if it has none that parses."""
-    value = batch.get("created_at") if isinstance(batch, dict) else None
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        return None

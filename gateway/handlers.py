@@ -20,7 +20,7 @@ from gateway.auth import Caller
 from gateway.cache import CacheEntry, CacheResult, CacheState, UpstreamReply
 from gateway.config import Operation
 from gateway.keys import CACHE_STATE, CALLER, REQUEST_ID, STATE, TRACE
-from gateway.protocol import new_request_id, parse_batch_id, upstream_message
+from gateway.protocol import UNPARSEABLE, new_request_id, parse_batch_id, upstream_message
 from gateway.state import GatewayState, Snapshot
 from gateway.upstream import (
     BATCHES_PATH,
@@ -191,7 +191,7 @@ def accept_json_object(status: int, body: bytes) -> JsonAnswer | None:
         return None
     try:
         document = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+    except UNPARSEABLE:
         document = None
     if not isinstance(document, dict):
         raise errors.UpstreamInvalidResponse("The upstream's answer was not a JSON object.", upstream_status=status)

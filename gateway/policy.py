@@ -25,9 +25,8 @@ from gateway import errors
 from gateway.auth import Caller
 from gateway.cache import CacheEntry
 from gateway.config import Operation
+from gateway.protocol import UNPARSEABLE
 
-# What json.loads raises on bytes that are not JSON (RecursionError: deeply nested arrays).
-_UNPARSEABLE = (ValueError, UnicodeDecodeError, RecursionError)
 # 1 to 255 visible ASCII characters (DESIGN §8).
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 _PAGE_TOKEN = re.compile(r"[A-Za-z0-9._~=-]{1,1024}")
@@ -172,7 +171,7 @@ def _json_object(body: bytes, message: str) -> dict[str, Any]:
         # JSON between systems is UTF-8 (RFC 8259); json.loads would also guess
         # UTF-16 and UTF-32 from bytes, and the upstream would get what it cannot read.
         document = json.loads(body.decode("utf-8"))
-    except _UNPARSEABLE:
+    except UNPARSEABLE:
         raise errors.InvalidRequest(message) from None
     if not isinstance(document, dict):
         raise errors.InvalidRequest(message)

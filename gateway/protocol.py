@@ -23,7 +23,7 @@ TERMINAL_STATUSES = frozenset({"BATCH_STATUS_COMPLETED", "BATCH_STATUS_FAILED", 
 MAX_UPSTREAM_MESSAGE = 500
 # What json.loads raises on bytes that are not JSON; RecursionError for deeply
 # nested arrays, which fit easily within upstream.max_body_bytes.
-_UNPARSEABLE = (ValueError, UnicodeDecodeError, RecursionError)
+UNPARSEABLE = (ValueError, UnicodeDecodeError, RecursionError)
 
 
 class Lifetime(Enum):
@@ -60,7 +60,7 @@ def batch_facts(body: bytes) -> tuple[Lifetime, float | None]:
     """
     try:
         document = json.loads(body)
-    except _UNPARSEABLE:
+    except UNPARSEABLE:
         raise errors.UpstreamInvalidResponse("The upstream's answer was not JSON.", upstream_status=200) from None
     if not isinstance(document, dict) or not isinstance(document.get("batch"), dict):
         raise errors.UpstreamInvalidResponse("The upstream's answer did not hold a batch object.", upstream_status=200)
@@ -85,7 +85,7 @@ def upstream_message(body: bytes) -> str | None:
     """The ``message`` of a Cohere error body, if there is a usable one."""
     try:
         document = json.loads(body)
-    except _UNPARSEABLE:
+    except UNPARSEABLE:
         return None
     message = document.get("message") if isinstance(document, dict) else None
     if not isinstance(message, str) or not message.strip():

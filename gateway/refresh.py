@@ -39,6 +39,7 @@ from gateway import errors
 from gateway.cache import BatchCache, CacheEntry, Fetch
 from gateway.config import TtlSettings
 from gateway.logs import log_event
+from gateway.policy import batches_of
 from gateway.protection import Clock
 from gateway.protocol import parse_timestamp
 
@@ -300,7 +301,7 @@ class Refresher:
             log_event(log, logging.DEBUG, "change detection by list failed", code=code)
             return
         self._latest_page = listed_at
-        batches = [b for b in batches_on(call.result()) if isinstance(b.get("id"), str)]
+        batches = [b for b in batches_of(call.result()) if isinstance(b, dict) and isinstance(b.get("id"), str)]
         stamps = [parse_timestamp(b.get("updated_at")) for b in batches]
         known = [t for t in stamps if t is not None]
         if len(known) >= 2 and known[0] < known[-1]:
@@ -328,11 +329,6 @@ class Refresher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-
-
-def batches_on(page: dict[str, Any]) -> list[dict[str, Any]]:
-    batches = page.get("batches")
-    return [b for b in batches if isinstance(b, dict)] if isinstance(batches, list) else []
 
 
 def status_of(body: bytes) -> object:
