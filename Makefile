@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 
-.PHONY: run test lint kit promtool bench bench-quick bench-smoke soak clean
+.PHONY: run test lint kit promtool redis-server bench bench-quick bench-smoke soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ run: $(VENV)/.installed-run
 	else echo "COHERE_API_KEY is not set: starting in --demo mode"; exec $(BIN)/cohere-gateway --demo $(ARGS); fi
 
 ## test: lint, type-check, lint the Dockerfile, a 30 s soak, the benchmark smoke run, the test suite (the kit's checks included)
-test: $(VENV)/.installed-test lint promtool soak bench-smoke
+test: $(VENV)/.installed-test lint promtool redis-server soak bench-smoke
 	GATEWAY_REQUIRE_PROMTOOL=1 $(BIN)/python -m pytest
 
 ## kit: the operator's kit checks alone: docs links, keys and codes; deploy/ against its schemas, --check-config, promtool, metric names
@@ -39,6 +39,15 @@ promtool:
 	export DEBIAN_FRONTEND=noninteractive; \
 	apt-get install -y -q prometheus >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q prometheus >/dev/null; }; \
 	command -v promtool >/dev/null
+
+# redis-server (the replicas' tests start their own, DESIGN §10) comes from Debian's redis-server package, installed when missing.
+redis-server:
+	@if command -v redis-server >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "redis-server is missing and cannot be installed here (not root, or no apt-get): apt-get install redis-server" >&2; exit 1; fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get install -y -q --no-install-recommends redis-server >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends redis-server >/dev/null; }; \
+	command -v redis-server >/dev/null
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check .

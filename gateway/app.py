@@ -179,6 +179,16 @@ async def _refresher(app: web.Application) -> AsyncIterator[None]:
     await app[STATE].refresher.close()
 
 
+async def _redis_link(app: web.Application) -> AsyncIterator[None]:
+    """The link to the shared Redis (DESIGN §10), when one is configured; a Redis that is down is not fatal."""
+    link = app[STATE].redis
+    if link is not None:
+        await link.start()
+    yield
+    if link is not None:
+        await link.close()
+
+
 async def _record_store(app: web.Application) -> AsyncIterator[None]:
     """The ownership and idempotency store is open as long as the app."""
     records = app[STATE].records
@@ -197,6 +207,7 @@ def build_app(state: GatewayState) -> web.Application:
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics)
+    app.cleanup_ctx.append(_redis_link)
     app.cleanup_ctx.append(_record_store)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_refresher)

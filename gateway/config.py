@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import (
@@ -122,6 +123,8 @@ class ServerSettings(_Section):
     # Connections the kernel queues before the gateway accepts them; past it a
     # burst of connects is dropped and waits for the client's SYN retry (1 s, 3 s...).
     backlog: Annotated[int, Field(ge=1)] = 1024
+    # Processes serving one port (SO_REUSEPORT) under one parent; above 1 needs redis.url (DESIGN §10).
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
 
 
 class UpstreamSettings(_Section):
@@ -279,6 +282,51 @@ class StoreSettings(_Section):
     path: Annotated[str, Field(min_length=1)] = "./cohere-gateway.db"
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+class RedisSettings(_Section):
+    """The Redis that replicas and workers share (DESIGN §10); no ``url``: everything stays in-process."""
+
+    url: SecretStr | None = None  # may carry a password: held as a secret, redacted in logs
+    key_prefix: str = "cohere-gateway:"
+    # Every Redis call is bounded by this, with no retries of its own: a dead Redis costs one timeout.
+    timeout_s: PositiveSeconds = 0.25
+    # While Redis is lost, it is probed this often; calls meanwhile do not touch it.
+    probe_interval_s: PositiveSeconds = 1.0
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        # ``${REDIS_URL:-}`` interpolates to "" when unset: no Redis, not a bad URL.
+        if (
+            isinstance(value, str | SecretStr)
+            and not str(value.get_secret_value() if isinstance(value, SecretStr) else value).strip()
+        ):
+            return None
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parsed = urlsplit(value.get_secret_value())
+            if parsed.scheme not in REDIS_SCHEMES or not (parsed.hostname or parsed.path):
+                raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @property
+    def url_value(self) -> str | None:
+        return None if self.url is None else self.url.get_secret_value()
+
+    @property
+    def password(self) -> str | None:
+        """The password in the URL, if any (redacted from logs like every secret)."""
+        if self.url is None:
+            return None
+        return unquote(urlsplit(self.url.get_secret_value()).password or "") or None
+
+
 class BatchesSettings(_Section):
     # How long an Idempotency-Key's outcome is kept and replayed.
     idempotency_ttl_s: PositiveSeconds = 86400
@@ -291,13 +339,25 @@ class GatewayConfig(_Section):
     logging: LoggingSettings = LoggingSettings()
     store: StoreSettings = StoreSettings()
     batches: BatchesSettings = BatchesSettings()
+    redis: RedisSettings = RedisSettings()
     callers: Annotated[list[CallerSettings], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _workers_share_through_redis(self) -> GatewayConfig:
+        if self.server.workers > 1 and self.redis.url is None:
+            # Workers without Redis would each spend the whole budget and keep their own records.
+            raise _problem(
+                "server.workers", f"{self.server.workers} workers need redis.url (DESIGN §10); set it or use 1"
+            )
+        return self
 
     @property
     def secrets(self) -> list[str]:
         """Every secret this config knows in clear, for log redaction."""
         found = [self.upstream.token_value]
         found += [c.key.get_secret_value() for c in self.callers if c.key is not None]
+        if self.redis.password is not None:
+            found.append(self.redis.password)
         return found
 
 

@@ -135,6 +135,53 @@ class Metrics:
             registry=r,
         )
         self.build_info.labels(version=__version__, python=platform.python_version()).set(1)
+        self.redis: RedisMetrics | None = None
+
+    def track_redis(self) -> RedisMetrics:
+        """The shared tier's collectors (DESIGN §10), registered only when ``redis.url`` is set."""
+        if self.redis is None:
+            self.redis = RedisMetrics(self.registry)
+        return self.redis
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RedisMetrics:
+    """How this process gets on with the shared Redis; absent from /metrics without ``redis.url``."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.up = Gauge(
+            "gateway_redis_up", "1 while Redis answers, 0 while it is lost (each process by itself).", registry=r
+        )
+        self.transitions = Counter(
+            "gateway_redis_transitions",
+            "Times Redis was lost or regained, by event: lost, regained.",
+            ["event"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "gateway_redis_errors",
+            "Redis calls that failed or timed out, by operation.",
+            ["operation"],
+            registry=r,
+        )
+        self.skipped = Counter(
+            "gateway_redis_skipped",
+            "Redis calls not tried because Redis is lost (served locally, or refused where the store must answer),"
+            " by operation.",
+            ["operation"],
+            registry=r,
+        )
+        self.flights = Counter(
+            "gateway_shared_flights",
+            "Cache misses settled through Redis, by role: led (this process called the upstream), followed"
+            " (another process did), adopted (a fresh answer was already in Redis).",
+            ["role"],
+            registry=r,
+        )
+        self.processes = Gauge(
+            "gateway_processes_alive",
+            "Gateway processes last seen alive on this Redis; each takes 1/N of the budget while Redis is lost.",
+            registry=r,
+        )

@@ -20,6 +20,7 @@ from gateway.logs import AccessLog, Redactor, set_level
 from gateway.metrics import Metrics
 from gateway.protection import Clock, TokenBucket
 from gateway.records import Records, SqliteRecords
+from gateway.redis_link import RedisLink
 from gateway.refresh import Freshness, Refresher, Waiters
 from gateway.upstream import UpstreamClient
 
@@ -46,6 +47,8 @@ class GatewayState:
     freshness: Freshness
     refresher: Refresher
     clock: Clock = time.monotonic
+    # The shared tier (DESIGN §10), when redis.url is set.
+    redis: RedisLink | None = None
     access_log: AccessLog = field(default_factory=AccessLog)
     caller_buckets: dict[str, TokenBucket] = field(default_factory=dict)
     # Prometheus children by label values (bounded: callers x routes x statuses x cache states).
@@ -56,6 +59,7 @@ class GatewayState:
         cls, config: GatewayConfig, redact: Redactor | None = None, clock: Clock = time.monotonic
     ) -> GatewayState:
         metrics = Metrics()
+        link = RedisLink(config.redis, metrics) if config.redis.url is not None else None
         store = MemoryStore(
             config.cache.max_entries, clock, on_remove=lambda reason, n: metrics.cache_removals.labels(reason).inc(n)
         )
@@ -95,6 +99,7 @@ class GatewayState:
             freshness=freshness,
             refresher=refresher,
             clock=clock,
+            redis=link,
         )
         state.redact.update(config.secrets)
         return state

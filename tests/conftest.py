@@ -19,6 +19,7 @@ from gateway.demo import Simulator, start_simulator
 from gateway.logs import Redactor
 from gateway.server import RunningGateway, start_gateway
 from gateway.state import GatewayState
+from tests.redis_server import RedisServer
 from tests.support import (
     PROCESS_WAIT_S,
     UPSTREAM_TOKEN,
@@ -127,6 +128,16 @@ async def raw_upstream() -> AsyncIterator[RawUpstreamFactory]:
     yield _start
     for upstream in started:
         await upstream.stop()
+
+
+@pytest.fixture
+async def redis_server() -> AsyncIterator[RedisServer]:
+    """A real, empty redis-server of this test's own (DESIGN §10), killed afterwards."""
+    server = await RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 ProcessFactory = Callable[..., Awaitable[GatewayProcess]]

@@ -1,0 +1,255 @@
+"""One process's link to the shared Redis (DESIGN §10): bounded calls, a breaker, heartbeats, events.
+
+Every Redis call goes through ``RedisLink.call``: it is bounded by
+``redis.timeout_s`` and never retried (the client is built with no retries
+of its own). The first call that fails marks Redis *lost*: from then on,
+calls raise ``RedisDown`` at once, without touching the network, and each
+shared function falls back to its local policy. A probe pings Redis every
+``redis.probe_interval_s``; the first answer marks it *regained*. Lost and
+regained are each logged once and counted in ``/metrics``. So a dead Redis
+costs a request at most one timeout, and a stalled one (SIGSTOP) the same.
+
+While Redis answers, the link also:
+
+- **beats**: every ``HEARTBEAT_S`` each process notes itself alive in one
+  sorted set (scored by Redis's clock), and learns how many processes were
+  seen within ``ALIVE_HORIZON_S``. While Redis is lost, that last count
+  divides the budget (``gateway.shared``).
+- **carries events**: one pub/sub channel per key prefix, on which each
+  process says what others must know at once (an answer stored, an id
+  evicted, a pause). Messages name their sender, which ignores its own.
+  Events missed while Redis was lost are not replayed: each process's
+  entries then live out their own TTL (docs/operations.md, "Replicas").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from gateway.config import RedisSettings
+from gateway.logs import log_event
+from gateway.metrics import Metrics, RedisMetrics
+
+T = TypeVar("T")
+log = logging.getLogger("gateway.redis")
+
+HEARTBEAT_S = 1.0
+# A process not heard from for this long no longer counts as alive.
+ALIVE_HORIZON_S = 3 * HEARTBEAT_S
+# Errors that mean "Redis did not answer" (anything else from redis-py is a RedisError too).
+_LINK_ERRORS = (RedisError, OSError, TimeoutError)
+
+# Note this process alive, drop those not heard from, count the rest: one round trip, on Redis's clock.
+_BEAT = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZADD', KEYS[1], now_ms, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms - tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
+return redis.call('ZCARD', KEYS[1])
+"""
+
+EventHandler = Callable[[str, str, bytes], None]
+
+
+class RedisDown(Exception):
+    """Redis is lost (or just failed): the caller falls back to its local policy."""
+
+
+def new_process_id() -> str:
+    """This process's name on the shared Redis: unique even across hosts and restarts."""
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
+class RedisLink:
+    """The Redis client of one process, behind a breaker (see the module's docstring)."""
+
+    def __init__(self, settings: RedisSettings, metrics: Metrics, process_id: str | None = None) -> None:
+        url = settings.url_value
+        assert url is not None, "RedisLink needs redis.url"
+        self.settings = settings
+        self.prefix = settings.key_prefix
+        self.process_id = process_id or new_process_id()
+        self.client: aioredis.Redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=settings.timeout_s,
+            socket_connect_timeout=settings.timeout_s,
+            retry=Retry(NoBackoff(), 0),  # no retries of its own: one timeout at most per call
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
+        self.metrics: RedisMetrics = metrics.track_redis()
+        self.up = True
+        self.alive = 1  # processes last seen alive, this one included
+        self.on_lost: list[Callable[[], None]] = []
+        self.on_regained: list[Callable[[], None]] = []
+        self._handlers: list[EventHandler] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._probe: asyncio.Task[None] | None = None
+        self._regained = asyncio.Event()
+        self._closing = False
+        self.metrics.up.set(1)
+        self.metrics.processes.set_function(lambda: self.alive)
+        self._beat = self.client.register_script(_BEAT)
+
+    def key(self, *parts: str) -> str:
+        """A key under ``redis.key_prefix``: several gateways may share one Redis."""
+        return self.prefix + ":".join(parts)
+
+    @property
+    def channel(self) -> str:
+        return self.key("events")
+
+    # --- life -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, and start beating and listening; a Redis that is down now is probed, never fatal."""
+        with contextlib.suppress(RedisDown):
+            await self.call("ping", lambda r: r.ping())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._heartbeats()), loop.create_task(self._listen())]
+
+    async def close(self) -> None:
+        self._closing = True
+        tasks = [*self._tasks, *([self._probe] if self._probe else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(*_LINK_ERRORS):
+            # Leave the alive set now rather than in ALIVE_HORIZON_S: the others' shares grow at once.
+            async with asyncio.timeout(self.settings.timeout_s):
+                await self.client.zrem(self.key("alive"), self.process_id)
+        await self.client.aclose()
+
+    # --- calls ----------------------------------------------------------------
+
+    async def call(self, operation: str, command: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+        """Run one Redis call within ``redis.timeout_s``; RedisDown if Redis is lost or this call fails.
+
+        ``operation`` names the call in metrics and logs (a small fixed set).
+        """
+        if not self.up:
+            self.metrics.skipped.labels(operation).inc()
+            raise RedisDown(operation)
+        try:
+            async with asyncio.timeout(self.settings.timeout_s):
+                return await command(self.client)
+        except _LINK_ERRORS as exc:
+            self.metrics.errors.labels(operation).inc()
+            self.lost(operation, exc)
+            raise RedisDown(operation) from exc
+
+    def lost(self, operation: str, exc: BaseException | None = None) -> None:
+        """Mark Redis lost (logged once per outage) and start probing for it."""
+        if not self.up or self._closing:
+            return
+        self.up = False
+        self._regained.clear()
+        self.metrics.up.set(0)
+        self.metrics.transitions.labels("lost").inc()
+        reason = type(exc).__name__ if exc is not None else "unknown"
+        log_event(
+            log,
+            logging.WARNING,
+            "redis lost: serving from each process's memory and budget share",
+            operation=operation,
+            reason=reason,
+            processes=self.alive,
+        )
+        for listener in self.on_lost:
+            listener()
+        self._probe = asyncio.get_running_loop().create_task(self._probe_until_regained())
+
+    async def _probe_until_regained(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(self.settings.probe_interval_s)
+            try:
+                async with asyncio.timeout(self.settings.timeout_s):
+                    await self.client.ping()
+            except _LINK_ERRORS:
+                continue
+            self.up = True
+            self.metrics.up.set(1)
+            self.metrics.transitions.labels("regained").inc()
+            log_event(log, logging.INFO, "redis regained: sharing cache, budget and records again")
+            self._regained.set()
+            for listener in self.on_regained:
+                listener()
+            return
+
+    async def until_up(self) -> None:
+        if not self.up:
+            await self._regained.wait()
+
+    # --- heartbeats -------------------------------------------------------------
+
+    async def _heartbeats(self) -> None:
+        while True:
+            with contextlib.suppress(RedisDown):
+                count = await self.call(
+                    "heartbeat",
+                    lambda r: self._beat(
+                        keys=[self.key("alive")], args=[self.process_id, int(ALIVE_HORIZON_S * 1000)], client=r
+                    ),
+                )
+                self.alive = max(1, int(count))
+            await asyncio.sleep(HEARTBEAT_S)
+
+    # --- events -----------------------------------------------------------------
+
+    def subscribe(self, handler: EventHandler) -> None:
+        """Call ``handler(kind, batch_id, payload)`` for every event another process publishes."""
+        self._handlers.append(handler)
+
+    async def publish(self, kind: str, batch_id: str, payload: bytes = b"") -> None:
+        """Tell every other process (best effort: lost with Redis, and then not replayed)."""
+        message = b" ".join((kind.encode(), self.process_id.encode(), batch_id.encode())) + b"\n" + payload
+        with contextlib.suppress(RedisDown):
+            await self.call("publish", lambda r: r.publish(self.channel, message))
+
+    async def _listen(self) -> None:
+        """Read the events channel on a connection of its own; re-subscribe after each outage."""
+        while True:
+            await self.until_up()
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                async with asyncio.timeout(self.settings.timeout_s):
+                    await pubsub.subscribe(self.channel)
+                while self.up:
+                    message = await pubsub.get_message(timeout=HEARTBEAT_S)
+                    if message is not None:
+                        self._dispatch(message.get("data"))
+            except _LINK_ERRORS as exc:
+                self.metrics.errors.labels("subscribe").inc()
+                self.lost("subscribe", exc)
+            finally:
+                with contextlib.suppress(*_LINK_ERRORS):
+                    async with asyncio.timeout(self.settings.timeout_s):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _dispatch(self, data: Any) -> None:
+        if not isinstance(data, bytes):
+            return
+        head, _, payload = data.partition(b"\n")
+        parts = head.decode("utf-8", "replace").split(" ")
+        if len(parts) != 3 or parts[1] == self.process_id:
+            return
+        kind, _sender, batch_id = parts
+        for handler in self._handlers:
+            try:
+                handler(kind, batch_id, payload)
+            except Exception:  # one bad handler must not stop the listener
+                log.exception("redis event handler failed")
