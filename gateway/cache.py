@@ -31,6 +31,7 @@ when the upstream budget cannot refresh every active batch that often
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import time
@@ -38,15 +39,22 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from enum import Enum
 from functools import partial
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from cachetools import TLRUCache
 
 from gateway import errors
 from gateway.config import CacheSettings
 from gateway.protocol import Lifetime
+from gateway.redis_link import EVICTED, STORED, RedisDown
+
+if TYPE_CHECKING:
+    from gateway.shared import SharedCache
 
 Clock = Callable[[], float]
+T = TypeVar("T")
+# Two readings of one answer's fetch time, through Redis and back, may differ by this much.
+SAME_FETCH_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +104,14 @@ def is_older(new: CacheEntry, held: CacheEntry) -> bool:
     if held.terminal and not new.terminal:
         return True
     return new.updated_at is not None and held.updated_at is not None and new.updated_at < held.updated_at
+
+
+class Role(Enum):
+    """How a miss was settled through Redis (the label of ``gateway_shared_flights_total``)."""
+
+    LED = "led"  # this process called the upstream
+    FOLLOWED = "followed"  # another process did, and this one waited for its answer
+    ADOPTED = "adopted"  # Redis already held an answer that would do
 
 
 class CacheState(Enum):
@@ -166,7 +182,7 @@ class MemoryStore:
         return len(self._entries)
 
 
-class SingleFlight:
+class SingleFlight(Generic[T]):
     """At most one call per key in flight; every caller for the key shares it.
 
     The call runs in its own task, and each caller awaits it through
@@ -178,13 +194,13 @@ class SingleFlight:
     """
 
     def __init__(self, on_join: Callable[[], None] | None = None) -> None:
-        self._calls: dict[str, asyncio.Task[CacheEntry]] = {}
+        self._calls: dict[str, asyncio.Task[T]] = {}
         self._on_join = on_join or (lambda: None)
 
     def __len__(self) -> int:
         return len(self._calls)
 
-    async def run(self, key: str, start: Callable[[], Awaitable[CacheEntry]], wait_s: float) -> CacheEntry:
+    async def run(self, key: str, start: Callable[[], Awaitable[T]], wait_s: float) -> T:
         """Return the result of the call for ``key``, starting one if none is out."""
         task = self._calls.get(key)
         # A task that has ended but whose done callback has not run yet is not
@@ -201,7 +217,7 @@ class SingleFlight:
         except TimeoutError:
             raise errors.UpstreamTimeout("Gave up waiting for the upstream's answer.") from None
 
-    def current(self, key: str) -> asyncio.Task[CacheEntry] | None:
+    def current(self, key: str) -> asyncio.Task[T] | None:
         """The call out for ``key``, if any."""
         return self._calls.get(key)
 
@@ -209,7 +225,7 @@ class SingleFlight:
         """The call out for ``key`` (if any) answers those already waiting; later callers start another."""
         self._calls.pop(key, None)
 
-    def _finished(self, key: str, task: asyncio.Task[CacheEntry]) -> None:
+    def _finished(self, key: str, task: asyncio.Task[T]) -> None:
         if self._calls.get(key) is task:
             del self._calls[key]
         if not task.cancelled():
@@ -234,7 +250,10 @@ class BatchCache:
     ) -> None:
         self.store = store
         self.settings = settings
-        self.flights = SingleFlight(on_join)
+        self.flights: SingleFlight[CacheResult] = SingleFlight(on_join)
+        # Redis behind the memory (DESIGN §10), when configured.
+        self.shared: SharedCache | None = None
+        self.on_shared: Callable[[Role], None] = lambda _role: None
         self._clock = clock
         # Draws in [0, 1) for the active TTL's spread; tests pin it.
         self.jitter = jitter
@@ -271,19 +290,43 @@ class BatchCache:
             reply.lifetime is Lifetime.TERMINAL,
         )
 
-    async def _refresh(self, batch_id: str, fetch: Fetch, has_stale: bool) -> CacheEntry:
-        # With a kept entry to fall back on, a spent budget answers STALE at
-        # once instead of making the caller wait for a token.
-        reply = await fetch(not has_stale)
-        entry = self._entry(reply)
-        # Evicted while this call was out (a cancel): its answer may predate the change.
-        if self.flights.current(batch_id) is asyncio.current_task():
+    async def _refresh(
+        self, batch_id: str, fetch: Fetch, has_stale: bool, will_do: Callable[[CacheEntry], bool]
+    ) -> CacheResult:
+        """This flight's answer: from Redis if it holds one that ``will_do``, else from the upstream."""
+
+        async def produce() -> tuple[CacheEntry, bool]:
+            # With a kept entry to fall back on, a spent budget answers STALE at
+            # once instead of making the caller wait for a token.
+            return self._keep(batch_id, self._entry(await fetch(not has_stale)))
+
+        shared = self.shared
+        if shared is not None and shared.link.up:
+            try:
+                entry, role = await shared.settle(batch_id, will_do, produce)
+            except RedisDown:
+                pass  # Redis lost before this process called the upstream: single-flight per process
+            else:
+                self.on_shared(role)
+                if role is not Role.LED:
+                    entry = self._keep(batch_id, entry)[0]
+                return CacheResult(entry, CacheState.HIT if role is Role.ADOPTED else CacheState.MISS)
+        return CacheResult((await produce())[0], CacheState.MISS)
+
+    def _keep(self, batch_id: str, entry: CacheEntry) -> tuple[CacheEntry, bool]:
+        """Store an answer this flight got, unless the id was evicted meanwhile (a cancel: it may predate the change).
+
+        Returns what the cache holds now, and whether it was stored.
+        """
+        current = self.flights.current(batch_id) is asyncio.current_task()
+        if current:
             entry = self._store(batch_id, entry)
-        if reply.lifetime is Lifetime.ACTIVE:
-            self.on_active(batch_id)
-        elif reply.lifetime is Lifetime.TERMINAL:
-            self.on_terminal(batch_id)
-        return entry
+        if entry.status == 200:
+            if entry.terminal:
+                self.on_terminal(batch_id)
+            else:
+                self.on_active(batch_id)
+        return entry, current
 
     def _store(self, batch_id: str, entry: CacheEntry) -> CacheEntry:
         """Store ``entry`` unless it is older than the one held; return what is held now."""
@@ -297,23 +340,59 @@ class BatchCache:
             self.on_change(batch_id)
         return entry
 
-    def put(self, batch_id: str, reply: UpstreamReply) -> None:
-        """Store an answer got outside ``get`` (a create's); it replaces any call out for the id."""
+    async def put(self, batch_id: str, reply: UpstreamReply) -> None:
+        """Store an answer got outside ``get`` (a create's), for every process; it replaces any call out for the id."""
         self.flights.forget(batch_id)
-        self._store(batch_id, self._entry(reply))
+        entry = self._store(batch_id, self._entry(reply))
+        if self.shared is not None:
+            with contextlib.suppress(RedisDown):
+                await self.shared.save(batch_id, entry)
 
-    def evict(self, batch_id: str) -> None:
-        """Drop the id's entry; a call out for it stores nothing (see the module's docstring)."""
+    async def evict(self, batch_id: str) -> None:
+        """Drop the id's entry in every process; a call out for it stores nothing (see the module's docstring)."""
+        self.forget(batch_id)
+        if self.shared is not None:
+            with contextlib.suppress(RedisDown):
+                await self.shared.drop(batch_id)
+
+    def forget(self, batch_id: str) -> None:
+        """Drop the id's entry from this process's memory, and wake its waiters."""
         self.flights.forget(batch_id)
         self.store.evict(batch_id)
         self.on_change(batch_id)
+
+    def heard(self, kind: str, batch_id: str, payload: bytes) -> None:
+        """Another process stored an answer for ``batch_id``, or evicted it (``gateway.shared``'s events).
+
+        A different answer than the one held leaves memory, so the next
+        request (and every waiter, woken now) takes the shared one.
+        """
+        if kind == EVICTED:
+            self.forget(batch_id)
+        elif kind == STORED:
+            held = self.store.get(batch_id)
+            if held is not None and held.etag.encode() != payload:
+                self.store.evict(batch_id)
+                self.on_change(batch_id)
+            elif held is None:
+                self.on_change(batch_id)
 
     async def refresh(self, batch_id: str, fetch: Fetch, wait_s: float) -> CacheEntry:
         """Fetch ``batch_id`` again now, fresh or not (a batch with waiters), under single-flight.
 
         It never waits for budget: a refresh refused one round is tried the next.
         """
-        return await self.flights.run(batch_id, partial(self._refresh, batch_id, fetch, True), wait_s)
+        held = self.store.get(batch_id)
+        seen = float("-inf") if held is None else held.fetched_at + SAME_FETCH_S
+
+        def newer(entry: CacheEntry) -> bool:
+            # Another process's answer fetched since ours: the refresh this one would make.
+            return entry.fetched_at > seen and self._clock() < entry.fresh_until
+
+        return (await self.flights.run(batch_id, partial(self._refresh, batch_id, fetch, True, newer), wait_s)).entry
+
+    def _is_fresh(self, entry: CacheEntry) -> bool:
+        return self._clock() < entry.fresh_until
 
     def fresh(self, batch_id: str) -> CacheEntry | None:
         """The entry for ``batch_id`` if it is still fresh: a hit, with no waiting."""
@@ -330,9 +409,10 @@ class BatchCache:
         cached = self.store.get(batch_id)  # past its freshness, kept for stale-if-error
         usable_stale = cached is not None and self.settings.stale_if_error_s > 0
         try:
-            entry = await self.flights.run(batch_id, partial(self._refresh, batch_id, fetch, usable_stale), wait_s)
+            return await self.flights.run(
+                batch_id, partial(self._refresh, batch_id, fetch, usable_stale, self._is_fresh), wait_s
+            )
         except errors.UpstreamFailure:
             if cached is not None and self._clock() < cached.keep_until:
                 return CacheResult(cached, CacheState.STALE)
             raise
-        return CacheResult(entry, CacheState.MISS)

@@ -146,7 +146,7 @@ async def _keep(admitted: Admitted, reply: JsonAnswer) -> None:
     reply_facts = UpstreamReply(
         200, cached, lifetime_of_status(batch.get("status")), parse_timestamp(batch.get("updated_at"))
     )
-    state.cache.put(batch_id, reply_facts)
+    await state.cache.put(batch_id, reply_facts)
 
 
 async def _settle(admitted: Admitted, key: str, status: int, body: bytes) -> None:

@@ -228,7 +228,7 @@ async def cancel_batch(request: web.Request) -> web.Response:
     # Cancelling twice is harmless, so a cancel may be retried like a read.
     call = upstream_request(request, caller, f"{batch_path(batch_id)}:cancel", method="POST", write=True)
     answer = await state.upstream.fetch(call, admitted.snapshot.config.upstream, True, accept_json_object)
-    state.cache.evict(batch_id)
+    await state.cache.evict(batch_id)
     return json_answer(answer.status, answer.body)
 
 

@@ -61,6 +61,9 @@ return redis.call('ZCARD', KEYS[1])
 """
 
 EventHandler = Callable[[str, str, bytes], None]
+# The events on the channel (``gateway.shared``): an answer stored (payload: its ETag), an id evicted,
+# a leader's failure (payload: the error), a 429 pause (payload: its seconds).
+STORED, EVICTED, FAILED, PAUSED = "stored", "evicted", "failed", "paused"
 
 
 class RedisDown(Exception):
@@ -96,6 +99,7 @@ class RedisLink:
         self.on_regained: list[Callable[[], None]] = []
         self._handlers: list[EventHandler] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
         self._probe: asyncio.Task[None] | None = None
         self._regained = asyncio.Event()
         self._closing = False
@@ -178,6 +182,10 @@ class RedisLink:
             await asyncio.sleep(self.settings.probe_interval_s)
             try:
                 async with asyncio.timeout(self.settings.timeout_s):
+                    # Connections opened before the outage are dead (a restarted Redis) or
+                    # out of step (one that stalled mid-answer): start afresh, or each would
+                    # fail once more and mark Redis lost again.
+                    await self.client.connection_pool.disconnect()
                     await self.client.ping()
             except _LINK_ERRORS:
                 continue
@@ -193,6 +201,17 @@ class RedisLink:
     async def until_up(self) -> None:
         if not self.up:
             await self._regained.wait()
+
+    def in_background(self, work: Awaitable[None]) -> None:
+        """Run ``work`` without holding up a request; Redis being lost only loses it."""
+
+        async def quietly() -> None:
+            with contextlib.suppress(RedisDown):
+                await work
+
+        task = asyncio.ensure_future(quietly())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # --- heartbeats -------------------------------------------------------------
 

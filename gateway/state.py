@@ -9,6 +9,7 @@ secrets: a rotated-out token stays redacted for the life of the process.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +21,9 @@ from gateway.logs import AccessLog, Redactor, set_level
 from gateway.metrics import Metrics
 from gateway.protection import Clock, TokenBucket
 from gateway.records import Records, SqliteRecords
-from gateway.redis_link import RedisLink
+from gateway.redis_link import PAUSED, RedisLink
 from gateway.refresh import Freshness, Refresher, Waiters
+from gateway.shared import LOCK_MARGIN_S, SharedBudget, SharedCache
 from gateway.upstream import UpstreamClient
 
 # How long past upstream.timeout_s a create may hold its Idempotency-Key: its
@@ -102,7 +104,27 @@ class GatewayState:
             redis=link,
         )
         state.redact.update(config.secrets)
+        if link is not None:
+            state.share_through(link)
         return state
+
+    def share_through(self, link: RedisLink) -> None:
+        """Put Redis behind the cache, the budget and the pause, and hear what other processes do (DESIGN §10)."""
+        shared_cache = SharedCache(link, self.clock, lambda: self.snapshot.config.upstream.timeout_s + LOCK_MARGIN_S)
+        self.cache.shared = shared_cache
+        self.upstream.shared = SharedBudget(link, self.clock)
+        flights = link.metrics.flights
+        self.cache.on_shared = lambda role: flights.labels(role.value).inc()
+
+        def heard(kind: str, batch_id: str, payload: bytes) -> None:
+            if kind == PAUSED:
+                with contextlib.suppress(ValueError):
+                    self.upstream.hold(float(payload))
+                return
+            self.cache.heard(kind, batch_id, payload)
+            shared_cache.heard(kind, batch_id, payload)
+
+        link.subscribe(heard)
 
     def apply(self, config: GatewayConfig) -> None:
         """Swap in a validated config.

@@ -30,6 +30,8 @@ from gateway.config import UpstreamSettings
 from gateway.metrics import Metrics
 from gateway.protection import Admission, CircuitBreaker, Clock, TokenBucket
 from gateway.protocol import Lifetime, batch_facts, error_for_status, now_utc, parse_retry_after
+from gateway.redis_link import RedisDown
+from gateway.shared import PAUSED_BY_ANOTHER, SharedBudget
 
 USER_AGENT = "cohere-gateway/0.1"
 # Caller headers that describe the calling SDK and are safe to pass on.
@@ -121,10 +123,13 @@ class UpstreamClient:
         self.budget = TokenBucket(settings.rate_limit.requests_per_s, settings.rate_limit.burst, clock)
         self.breaker = CircuitBreaker(settings.breaker.failures, settings.breaker.cooldown_s, clock)
         self.paused_until = 0.0
+        # One budget and pause for every process, on Redis (DESIGN §10), when configured.
+        self.shared: SharedBudget | None = None
+        self._shares = 1
         # Writes waiting for a budget token: reads take none meanwhile.
         self._writes_waiting = 0
         self._session: aiohttp.ClientSession | None = None
-        metrics.budget_tokens.set_function(lambda: self.budget.tokens)
+        metrics.budget_tokens.set_function(self._tokens_left)
         metrics.breaker_state.set_function(lambda: self.breaker.state.value)
         metrics.paused_seconds.set_function(lambda: max(0.0, self.paused_until - self._clock()))
 
@@ -156,8 +161,29 @@ class UpstreamClient:
     def reconfigure(self, settings: UpstreamSettings) -> None:
         """Take a reloaded config; connection limits keep their start-up values."""
         self.settings = settings
-        self.budget.reconfigure(settings.rate_limit.requests_per_s, settings.rate_limit.burst)
+        self._reshare(self._shares)
         self.breaker.reconfigure(settings.breaker.failures, settings.breaker.cooldown_s)
+
+    def _reshare(self, shares: int) -> None:
+        """This process's own bucket: the whole budget, or its share while Redis is lost (DESIGN §10)."""
+        self._shares = shares
+        limit = self.settings.rate_limit
+        self.budget.reconfigure(limit.requests_per_s / shares, max(1, limit.burst // shares))
+
+    def _shared_budget(self) -> SharedBudget | None:
+        """The shared budget while Redis answers; else None, with this process's bucket cut to its share."""
+        shared = self.shared
+        if shared is None:
+            return None
+        if shared.link.up:
+            return shared
+        if shared.link.alive != self._shares:
+            self._reshare(shared.link.alive)
+        return None
+
+    def _tokens_left(self) -> float:
+        shared = self.shared
+        return shared.tokens if shared is not None and shared.link.up else self.budget.tokens
 
     async def fetch(self, request: UpstreamRequest, settings: UpstreamSettings, may_wait: bool, accept: Accept[R]) -> R:
         """One logical call, with the guards, retries and deadline; ``accept`` reads its answer.
@@ -209,6 +235,12 @@ class UpstreamClient:
     def _pause(self, seconds: float) -> float:
         """Stop every upstream call for ``seconds``; return the time the pause has left."""
         self.metrics.upstream_pauses.inc()
+        if self.shared is not None:
+            self.shared.link.in_background(self.shared.pause(seconds))
+        return self.hold(seconds)
+
+    def hold(self, seconds: float) -> float:
+        """Hold this process's upstream calls for ``seconds`` (another process was told to pause)."""
         now = self._clock()
         self.paused_until = max(self.paused_until, now + seconds)
         return self.paused_until - now
@@ -236,7 +268,7 @@ class UpstreamClient:
         # serves meanwhile) leaves a reserve for new ids and writes (DESIGN §9).
         reserve = 0 if may_wait or write else int(RESERVED_SHARE * self.budget.burst)
         waited = 0.0
-        while (wait := self._token_wait(write, reserve)) > 0:
+        while (wait := await self._next_token(write, reserve)) > 0:
             # A sleep that would end at the deadline is pointless: the fetch would be cut off.
             if waited + wait > allowed or loop.time() + wait >= deadline:
                 self.metrics.upstream_rejected.labels("budget").inc()
@@ -249,7 +281,27 @@ class UpstreamClient:
         paused = self.paused_until - self._clock()
         if paused > 0:
             return paused
+        limit = self.settings.rate_limit
+        shared = self._shared_budget()
+        if shared is not None:
+            # From the shared bucket as last seen: a guess must not wait on Redis.
+            return shared.estimated_wait(limit.requests_per_s, limit.burst, int(RESERVED_SHARE * limit.burst))
         return self._token_wait(False, int(RESERVED_SHARE * self.budget.burst), take=False)
+
+    async def _next_token(self, write: bool, reserve: int) -> float:
+        """0 with a token taken, or the seconds until one is due: from the shared budget while Redis answers."""
+        shared = self._shared_budget()
+        if shared is None or (not write and self._writes_waiting):
+            return self._token_wait(write, reserve)
+        limit = self.settings.rate_limit
+        try:
+            kind, wait = await shared.take(limit.requests_per_s, limit.burst, reserve)
+        except RedisDown:
+            return await self._next_token(write, reserve)  # now with this process's share
+        if kind == PAUSED_BY_ANOTHER:
+            self.metrics.upstream_rejected.labels("paused").inc()
+            raise errors.UpstreamRateLimited(retry_after_s=self.hold(wait))
+        return wait
 
     def _token_wait(self, write: bool, reserve: int, take: bool = True) -> float:
         """0 with a token taken, or the seconds until one is due (for a read, while no write waits).

@@ -1,0 +1,350 @@
+"""What replicas and workers share through Redis (DESIGN §10): cache entries, single-flight, budget, pause.
+
+``SharedCache`` sits behind each process's in-memory cache. A miss in
+memory looks in Redis; if Redis has no answer that will do, one process
+takes the id's lock (``SET NX PX`` with an owner token and a TTL past
+``upstream.timeout_s``) and calls the upstream, and the others wait for
+its result (an event on the pub/sub channel, or the lock's expiry, after
+which one of them takes over). The leader stores the answer in Redis and
+says so; a failure is said too, so that the followers answer the same
+error rather than each calling the upstream again.
+
+``SharedBudget`` is one token bucket for every process: a Lua script
+that refills and takes on Redis's clock (``TIME``), so that the
+processes' own clocks never matter, and that also refuses while the
+shared 429 pause runs.
+
+Every method may raise ``RedisDown``; the callers (``gateway.cache``,
+``gateway.upstream``) then fall back to their local policy: memory only,
+single-flight per process, and ``rate / processes alive`` of the budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway import errors
+from gateway.cache import CacheEntry, Role
+from gateway.protection import Clock
+from gateway.redis_link import EVICTED, FAILED, PAUSED, STORED, RedisDown, RedisLink
+
+# Past upstream.timeout_s, the lock's TTL leaves this for storing the answer (DESIGN §10).
+LOCK_MARGIN_S = 0.5
+# A follower looks again at least this often, whatever it hears: a lost event costs this much at most.
+FOLLOW_POLL_S = 1.0
+
+# Take the lock, or say how long it is held; with the lock, also what Redis holds for the id (one round trip).
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {1, redis.call('GET', KEYS[2]) or false}
+end
+return {0, redis.call('PTTL', KEYS[1])}
+"""
+# Release only our own lock: one that expired and was taken by another process is theirs.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# One token bucket on Redis's clock. KEYS: bucket, pause. ARGV: rate, burst, reserve, take (1/0).
+# Returns {kind, seconds, tokens}: kind 0 a token is taken (or would be), 1 wait for budget, 2 paused.
+# Numbers travel as strings: Redis turns a Lua number reply into an integer.
+_TAKE = """
+local paused = redis.call('PTTL', KEYS[2])
+if paused > 0 then return {2, tostring(paused / 1000), '0'} end
+local rate, burst, reserve = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local held = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(held[1]) or burst
+local at = tonumber(held[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+local kind, wait = 0, 0
+if tokens >= reserve + 1 then
+  if ARGV[4] == '1' then tokens = tokens - 1 end
+else
+  kind, wait = 1, (reserve + 1 - tokens) / rate
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 60000)
+return {kind, tostring(wait), tostring(tokens)}
+"""
+# The shared pause only ever grows: a shorter Retry-After does not cut a longer one short.
+_PAUSE = """
+local ms = tonumber(ARGV[1])
+if redis.call('PTTL', KEYS[1]) < ms then redis.call('SET', KEYS[1], '1', 'PX', ms) end
+return redis.call('PTTL', KEYS[1])
+"""
+
+
+def encode_entry(entry: CacheEntry, clock: Clock, wall: Clock) -> bytes:
+    """An entry for Redis: its times as wall-clock, since each process's own clock means nothing to another."""
+    now = clock()
+    head = [
+        entry.status,
+        wall() - (now - entry.fetched_at),
+        entry.fresh_until - entry.fetched_at,
+        entry.keep_until - entry.fetched_at,
+        entry.etag,
+        entry.updated_at,
+        entry.terminal,
+    ]
+    return orjson.dumps(head) + b"\n" + entry.body
+
+
+def decode_entry(value: bytes, clock: Clock, wall: Clock) -> CacheEntry | None:
+    """The entry as this process's clock sees it; None for a value it cannot read (another version's)."""
+    head, _, body = value.partition(b"\n")
+    try:
+        status, fetched_wall, fresh_s, keep_s, etag, updated_at, terminal = orjson.loads(head)
+        fetched_at = clock() - max(0.0, wall() - float(fetched_wall))
+        return CacheEntry(
+            int(status),
+            body,
+            fetched_at,
+            fetched_at + float(fresh_s),
+            fetched_at + float(keep_s),
+            str(etag),
+            None if updated_at is None else float(updated_at),
+            bool(terminal),
+        )
+    except (orjson.JSONDecodeError, ValueError, TypeError):
+        return None
+
+
+def encode_error(error: errors.GatewayError) -> bytes:
+    return orjson.dumps(
+        {
+            "error": type(error).__name__,
+            "message": error.message,
+            "retry_after_s": error.retry_after_s,
+            "upstream_status": error.upstream_status,
+        }
+    )
+
+
+def decode_error(payload: bytes) -> errors.GatewayError:
+    """The leader's error, as this process raises it; an unknown one is an upstream error."""
+    try:
+        fields = orjson.loads(payload)
+        kind = getattr(errors, str(fields["error"]), None)
+        if isinstance(kind, type) and issubclass(kind, errors.GatewayError):
+            return kind(
+                str(fields["message"]),
+                retry_after_s=fields.get("retry_after_s"),
+                upstream_status=fields.get("upstream_status"),
+            )
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        pass
+    return errors.UpstreamError("Another gateway process's upstream call failed.")
+
+
+@dataclass(frozen=True, slots=True)
+class _Heard:
+    """What a follower heard: the leader stored an answer (or the id was evicted), or failed."""
+
+    error: errors.GatewayError | None = None
+
+
+class SharedCache:
+    """Cache entries and single-flight shared through Redis (see the module's docstring)."""
+
+    def __init__(self, link: RedisLink, clock: Clock, lock_ttl_s: Callable[[], float], wall: Clock = time.time) -> None:
+        self.link = link
+        self._clock = clock
+        self._wall = wall
+        self._lock_ttl_s = lock_ttl_s
+        self._following: dict[str, set[asyncio.Future[_Heard]]] = {}
+        self._acquire = link.client.register_script(_ACQUIRE)
+        self._release = link.client.register_script(_RELEASE)
+        link.on_lost.append(self._wake_all)
+
+    def _entry_key(self, batch_id: str) -> str:
+        return self.link.key("entry", batch_id)
+
+    def _lock_key(self, batch_id: str) -> str:
+        return self.link.key("lock", batch_id)
+
+    # --- entries ----------------------------------------------------------------
+
+    async def load(self, batch_id: str) -> CacheEntry | None:
+        value = await self.link.call("cache_get", lambda r: r.get(self._entry_key(batch_id)))
+        return decode_entry(value, self._clock, self._wall) if isinstance(value, bytes) else None
+
+    async def save(self, batch_id: str, entry: CacheEntry) -> None:
+        """Store ``entry`` for every process and tell them; kept as long as it may serve (stale included)."""
+        keep_ms = int((entry.keep_until - self._clock()) * 1000)
+        if keep_ms <= 0:
+            return
+        value = encode_entry(entry, self._clock, self._wall)
+        await self.link.call("cache_set", lambda r: r.set(self._entry_key(batch_id), value, px=keep_ms))
+        await self.link.publish(STORED, batch_id, entry.etag.encode())
+
+    async def drop(self, batch_id: str) -> None:
+        """Evict the id everywhere (a cancel): from Redis, and from every process's memory."""
+        await self.link.call("cache_del", lambda r: r.delete(self._entry_key(batch_id)))
+        await self.link.publish(EVICTED, batch_id)
+
+    # --- single-flight across processes -------------------------------------------
+
+    async def settle(
+        self,
+        batch_id: str,
+        will_do: Callable[[CacheEntry], bool],
+        produce: Callable[[], Awaitable[tuple[CacheEntry, bool]]],
+    ) -> tuple[CacheEntry, Role]:
+        """An answer for ``batch_id``: one Redis holds that ``will_do``, else one process's upstream call.
+
+        ``produce`` makes this process's call and says whether its answer may
+        be shared (not when the id was evicted meanwhile). RedisDown before
+        ``produce`` runs leaves the caller to produce locally; after, it only
+        costs the sharing.
+        """
+        held = await self.load(batch_id)
+        if held is not None and will_do(held):
+            return held, Role.ADOPTED
+        role = Role.LED
+        while True:
+            heard = self._listen_for(batch_id)
+            try:
+                token = secrets.token_hex(8)
+                acquired, detail = await self._lock(batch_id, token)
+                if acquired:
+                    return await self._lead(batch_id, token, detail, will_do, produce, role)
+                role = Role.FOLLOWED
+                outcome = await self._follow(heard, max(0.05, int(detail) / 1000))
+            finally:
+                self._stop_listening(batch_id, heard)
+            if outcome is not None and outcome.error is not None:
+                raise outcome.error
+            held = await self.load(batch_id)
+            if held is not None and will_do(held):
+                return held, role
+
+    async def _lock(self, batch_id: str, token: str) -> tuple[int, Any]:
+        """Take the id's lock: (1, the entry Redis holds or None), or (0, milliseconds it stays held)."""
+        keys = [self._lock_key(batch_id), self._entry_key(batch_id)]
+        args: list[str | int] = [token, int(self._lock_ttl_s() * 1000)]
+        acquired, detail = await self.link.call("lock", lambda r: self._acquire(keys=keys, args=args, client=r))
+        return int(acquired), detail
+
+    async def _lead(
+        self,
+        batch_id: str,
+        token: str,
+        found: bytes | None,
+        will_do: Callable[[CacheEntry], bool],
+        produce: Callable[[], Awaitable[tuple[CacheEntry, bool]]],
+        role: Role,
+    ) -> tuple[CacheEntry, Role]:
+        try:
+            # An answer stored between our look and the lock (the previous leader's) will do.
+            held = None if not found else decode_entry(found, self._clock, self._wall)
+            if held is not None and will_do(held):
+                return held, Role.FOLLOWED if role is Role.FOLLOWED else Role.ADOPTED
+            try:
+                entry, shareable = await produce()
+            except errors.GatewayError as error:
+                self.link.in_background(self.link.publish(FAILED, batch_id, encode_error(error)))
+                raise
+            if shareable:
+                with contextlib.suppress(RedisDown):
+                    await self.save(batch_id, entry)
+            return entry, Role.LED
+        finally:
+            # Also when cancelled: a lock left behind would hold the others up until its TTL.
+            self.link.in_background(self._unlock(batch_id, token))
+
+    async def _unlock(self, batch_id: str, token: str) -> None:
+        await self.link.call("unlock", lambda r: self._release(keys=[self._lock_key(batch_id)], args=[token], client=r))
+
+    def _listen_for(self, batch_id: str) -> asyncio.Future[_Heard]:
+        heard: asyncio.Future[_Heard] = asyncio.get_running_loop().create_future()
+        self._following.setdefault(batch_id, set()).add(heard)
+        return heard
+
+    def _stop_listening(self, batch_id: str, heard: asyncio.Future[_Heard]) -> None:
+        group = self._following.get(batch_id)
+        if group is not None:
+            group.discard(heard)
+            if not group:
+                del self._following[batch_id]
+
+    async def _follow(self, heard: asyncio.Future[_Heard], lock_left_s: float) -> _Heard | None:
+        """Wait for the leader's word, or for its lock to expire (a leader that died); None if neither came."""
+        try:
+            async with asyncio.timeout(min(lock_left_s, FOLLOW_POLL_S)):
+                outcome = await heard
+        except TimeoutError:
+            return None
+        if outcome.error is not None and isinstance(outcome.error, _LinkLost):
+            raise RedisDown("follow")
+        return outcome
+
+    def heard(self, kind: str, batch_id: str, payload: bytes) -> None:
+        """An event from another process about ``batch_id``: wake the followers of its flight."""
+        outcome = _Heard(decode_error(payload)) if kind == FAILED else _Heard()
+        for waiter in self._following.get(batch_id, ()):
+            if not waiter.done():
+                waiter.set_result(outcome)
+
+    def _wake_all(self) -> None:
+        # Redis lost: the followers produce locally rather than wait for word that cannot come.
+        for group in self._following.values():
+            for waiter in group:
+                if not waiter.done():
+                    waiter.set_result(_Heard(_LinkLost()))
+
+
+class _LinkLost(errors.GatewayError):
+    """Internal: the link went down while following (never reaches a caller)."""
+
+
+# What the budget script says: a token (is) taken, wait for one, or every process is paused.
+TOKEN, WAIT, PAUSED_BY_ANOTHER = 0, 1, 2
+
+
+class SharedBudget:
+    """One upstream budget and one pause for every process (see the module's docstring)."""
+
+    def __init__(self, link: RedisLink, clock: Clock) -> None:
+        self.link = link
+        self._clock = clock
+        self._take = link.client.register_script(_TAKE)
+        self._pause = link.client.register_script(_PAUSE)
+        # The bucket as last seen, for the gauge and for estimates that must not wait on Redis.
+        self.tokens = 0.0
+        self._seen_at = float("-inf")
+
+    async def take(self, rate: float, burst: int, reserve: int, take: bool = True) -> tuple[int, float]:
+        """(0, 0) with a token taken; (1, seconds) until one is due; (2, seconds) left of the pause."""
+        kind, wait, tokens = await self.link.call(
+            "budget",
+            lambda r: self._take(
+                keys=[self.link.key("budget"), self.link.key("pause")],
+                args=[repr(rate), burst, reserve, 1 if take else 0],
+                client=r,
+            ),
+        )
+        self.tokens, self._seen_at = float(tokens), self._clock()
+        return int(kind), float(wait)
+
+    def estimated_wait(self, rate: float, burst: int, reserve: int) -> float:
+        """Seconds until the shared bucket may have a token past ``reserve``, from what was last seen."""
+        tokens = min(float(burst), self.tokens + max(0.0, self._clock() - self._seen_at) * rate)
+        return 0.0 if tokens >= reserve + 1 else (reserve + 1 - tokens) / rate
+
+    async def pause(self, seconds: float) -> None:
+        """Pause every process's upstream calls for ``seconds`` (never shortening a longer pause)."""
+        ms = max(1, int(seconds * 1000))
+        left_ms = await self.link.call(
+            "pause", lambda r: self._pause(keys=[self.link.key("pause")], args=[ms], client=r)
+        )
+        await self.link.publish(PAUSED, "-", str(int(left_ms) / 1000).encode())
