@@ -64,6 +64,8 @@ EventHandler = Callable[[str, str, bytes], None]
 # The events on the channel (``gateway.shared``): an answer stored (payload: its ETag), an id evicted,
 # a leader's failure (payload: the error), a 429 pause (payload: its seconds).
 STORED, EVICTED, FAILED, PAUSED = "stored", "evicted", "failed", "paused"
+# How long close() waits for a cancelled task before cancelling it again (see _until_cancelled).
+_CANCEL_AGAIN_S = 0.05
 
 
 class RedisDown(Exception):
@@ -130,8 +132,7 @@ class RedisLink:
         for task in tasks:
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await _until_cancelled(task)
         with contextlib.suppress(*_LINK_ERRORS):
             # Leave the alive set now rather than in ALIVE_HORIZON_S: the others' shares grow at once.
             async with asyncio.timeout(self.settings.timeout_s):
@@ -272,3 +273,18 @@ class RedisLink:
                 handler(kind, batch_id, payload)
             except Exception:  # one bad handler must not stop the listener
                 log.exception("redis event handler failed")
+
+
+async def _until_cancelled(task: asyncio.Task[None]) -> None:
+    """Wait for a cancelled ``task`` to end, cancelling it again while it runs.
+
+    On Python 3.11, ``asyncio.wait_for`` (which redis-py sends each command
+    through when a socket timeout is set) swallows a cancellation that arrives
+    as the send completes: the task then carries on, and a loop such as the
+    heartbeats would never end, nor would ``close()``.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=_CANCEL_AGAIN_S)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
