@@ -15,15 +15,19 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+import redis.asyncio as aioredis
 import yaml
 from aiohttp import ClientSession
+from redis.exceptions import AuthenticationError
 
 import gateway
 from gateway.server import reload_config
 from tests.conftest import GatewayFactory, UpstreamFactory
 from tests.opskit import REPO, documented_metric_problems, exported_from_text, metric_problems
+from tests.redis_server import REDIS_SERVER, RedisServer
 from tests.support import BILLING_KEY, REPORTING_KEY, batch_body, json_handler, make_config, scrape_metrics
 
 KUBERNETES = REPO / "deploy" / "kubernetes"
@@ -107,8 +111,9 @@ def test_a_broken_manifest_fails_the_kubernetes_schemas(tmp_path: Path, old: str
     assert done.returncode != 0
 
 
-def kubernetes_objects() -> dict[str, dict[str, Any]]:
-    return {d["kind"]: d for path in sorted(KUBERNETES.glob("*.yaml")) for d in documents(path)}
+def kubernetes_objects(folder: Path = KUBERNETES) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every object in the folder's manifests, by (kind, name)."""
+    return {(d["kind"], d["metadata"]["name"]): d for path in sorted(folder.glob("*.yaml")) for d in documents(path)}
 
 
 def configmap_config(configmap: Path, tmp_path: Path) -> Path:
@@ -118,31 +123,61 @@ def configmap_config(configmap: Path, tmp_path: Path) -> Path:
     return path
 
 
+GATEWAY = ("Deployment", "cohere-gateway")
+REDIS = ("StatefulSet", "cohere-gateway-redis")
+REDIS_PASSWORD_REF = {"name": "cohere-gateway-redis", "key": "password"}
+REDIS_TEST_PASSWORD = "redis-password-for-the-check-6e0b"
+
+
+def only_container(objects: dict[tuple[str, str], dict[str, Any]], which: tuple[str, str]) -> dict[str, Any]:
+    [container] = objects[which]["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def redis_url_in_the_pods(objects: dict[tuple[str, str], dict[str, Any]], password: str) -> str:
+    """The gateway pods' $REDIS_URL, as Kubernetes expands it with ``password`` in the Secret."""
+    env = {e["name"]: e for e in only_container(objects, GATEWAY)["env"]}
+    return str(env["REDIS_URL"]["value"]).replace("$(REDIS_PASSWORD)", password)
+
+
+def configmap_env(tmp_path: Path) -> dict[str, str]:
+    """What the gateway pods' environment gives the ConfigMap's config: the token file, $REDIS_URL."""
+    token = tmp_path / "token"
+    token.write_text("a-token-for-the-check\n", encoding="utf-8")
+    return {
+        "COHERE_TOKEN_FILE": str(token),
+        "REDIS_URL": redis_url_in_the_pods(kubernetes_objects(), REDIS_TEST_PASSWORD),
+    }
+
+
 def test_the_configmaps_config_passes_check_config(tmp_path: Path) -> None:
-    token = tmp_path / "token"
-    token.write_text("a-token-for-the-check\n", encoding="utf-8")
-    done = check_config(configmap_config(KUBERNETES / "configmap.yaml", tmp_path), COHERE_TOKEN_FILE=str(token))
+    done = check_config(configmap_config(KUBERNETES / "configmap.yaml", tmp_path), **configmap_env(tmp_path))
     assert done.returncode == 0, done.stderr
+    assert REDIS_TEST_PASSWORD not in done.stdout + done.stderr
 
 
-def test_a_broken_configmap_config_fails_check_config(tmp_path: Path) -> None:
-    token = tmp_path / "token"
-    token.write_text("a-token-for-the-check\n", encoding="utf-8")
-    broken = broken_copy(
-        tmp_path, KUBERNETES / "configmap.yaml", "allow: [retrieve, list]", "allow: [retrieve, delete]"
-    )
-    done = check_config(configmap_config(broken, tmp_path), COHERE_TOKEN_FILE=str(token))
+@pytest.mark.parametrize(
+    ("old", "new", "path"),
+    [
+        ("allow: [retrieve, list]", "allow: [retrieve, delete]", "callers.0.allow"),
+        ("url: ${REDIS_URL}", "url: http://cohere-gateway-redis:6379", "redis.url"),
+    ],
+)
+def test_a_broken_configmap_config_fails_check_config(tmp_path: Path, old: str, new: str, path: str) -> None:
+    broken = broken_copy(tmp_path, KUBERNETES / "configmap.yaml", old, new)
+    done = check_config(configmap_config(broken, tmp_path), **configmap_env(tmp_path))
     assert done.returncode == 2
-    assert "callers.0.allow" in done.stderr
+    assert path in done.stderr
 
 
 def test_the_deployment_runs_two_probed_non_root_read_only_replicas_that_outlast_the_grace() -> None:
     objects = kubernetes_objects()
-    assert {"Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget"} <= set(objects)
-    deployment = objects["Deployment"]["spec"]
+    kinds = {kind for kind, _ in objects}
+    assert {"Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget", "StatefulSet"} <= kinds
+    deployment = objects[GATEWAY]["spec"]
     pod = deployment["template"]["spec"]
     [container] = pod["containers"]
-    assert deployment["replicas"] == 2
+    assert deployment["replicas"] >= 2
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -151,7 +186,7 @@ def test_the_deployment_runs_two_probed_non_root_read_only_replicas_that_outlast
     assert container["resources"]["requests"]
     assert container["resources"]["limits"]
 
-    config = yaml.safe_load(objects["ConfigMap"]["data"]["config.yaml"])
+    config = yaml.safe_load(objects[("ConfigMap", "cohere-gateway")]["data"]["config.yaml"])
     pre_stop_s = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert pod["terminationGracePeriodSeconds"] > pre_stop_s + config["server"]["shutdown_grace_s"]
 
@@ -160,14 +195,158 @@ def test_the_deployment_runs_two_probed_non_root_read_only_replicas_that_outlast
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     [token_mount] = [m for m in mounts.values() if "secret" in volumes[m["name"]]]
-    assert volumes[token_mount["name"]]["secret"]["secretName"] == objects["Secret"]["metadata"]["name"]
+    assert ("Secret", volumes[token_mount["name"]]["secret"]["secretName"]) in objects
     assert "subPath" not in token_mount
     assert str(Path(token_file).parent) == token_mount["mountPath"]
     assert config["store"]["path"].startswith(mounts["store"]["mountPath"] + "/")
 
     labels = deployment["template"]["metadata"]["labels"]
-    assert objects["Service"]["spec"]["selector"].items() <= labels.items()
-    assert objects["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert objects[("Service", "cohere-gateway")]["spec"]["selector"].items() <= labels.items()
+    assert (
+        objects[("PodDisruptionBudget", "cohere-gateway")]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    )
+
+
+def redis_problems(folder: Path) -> list[str]:
+    """What would keep the manifests' Redis from holding the records safely, or the gateway pods from reaching it."""
+    objects = kubernetes_objects(folder)
+    problems: list[str] = []
+    redis = objects[REDIS]["spec"]
+    pod = redis["template"]["spec"]
+    container = only_container(objects, REDIS)
+    args = [str(a) for a in container["args"]]
+    options = dict(zip(args[::2], args[1::2], strict=True))
+    if options.get("--appendonly") != "yes" or options.get("--appendfsync") != "everysec":
+        problems.append("redis: no append-only file written every second (--appendonly yes --appendfsync everysec)")
+    claims = {c["metadata"]["name"] for c in redis.get("volumeClaimTemplates", [])}
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    if mounts.get(options.get("--dir", "")) not in claims:
+        problems.append("redis: its --dir is not on a persistent volume claim")
+    if pod["securityContext"].get("runAsNonRoot") is not True:
+        problems.append("redis: may run as root")
+    if container["securityContext"].get("readOnlyRootFilesystem") is not True:
+        problems.append("redis: its root filesystem is writable")
+    if not container.get("resources", {}).get("requests") or not container.get("resources", {}).get("limits"):
+        problems.append("redis: no resource requests and limits")
+    redis_env = {e["name"]: e for e in container.get("env", [])}
+    from_secret = redis_env.get("REDIS_PASSWORD", {}).get("valueFrom", {}).get("secretKeyRef")
+    if options.get("--requirepass") != "$(REDIS_PASSWORD)" or from_secret != REDIS_PASSWORD_REF:
+        problems.append("redis: its password is not the Secret's (--requirepass $(REDIS_PASSWORD))")
+    if ("Secret", REDIS_PASSWORD_REF["name"]) not in objects:
+        problems.append(f"no Secret {REDIS_PASSWORD_REF['name']} for the Redis password")
+
+    # The gateway pods: $REDIS_PASSWORD from the same Secret, defined before the $REDIS_URL that uses it.
+    names = [e["name"] for e in only_container(objects, GATEWAY).get("env", [])]
+    gateway_env = {e["name"]: e for e in only_container(objects, GATEWAY).get("env", [])}
+    if gateway_env.get("REDIS_PASSWORD", {}).get("valueFrom", {}).get("secretKeyRef") != REDIS_PASSWORD_REF:
+        problems.append("gateway: $REDIS_PASSWORD is not the Redis Secret's")
+    elif "REDIS_URL" not in names or names.index("REDIS_PASSWORD") > names.index("REDIS_URL"):
+        problems.append("gateway: $REDIS_URL is missing, or comes before the $REDIS_PASSWORD it uses")
+    else:
+        url = urlsplit(redis_url_in_the_pods(objects, REDIS_TEST_PASSWORD))
+        service = objects.get(("Service", url.hostname or ""), {}).get("spec", {})
+        [port] = [p for p in container["ports"] if p["name"] == "redis"]
+        redis_labels = redis["template"]["metadata"]["labels"]
+        if url.password != REDIS_TEST_PASSWORD:
+            problems.append("gateway: $REDIS_URL does not carry the password")
+        if not service or not service.get("selector", {}).items() <= redis_labels.items():
+            problems.append(f"gateway: $REDIS_URL names {url.hostname}, not a Service of the Redis pods")
+        elif not any(
+            p["port"] == url.port and p["targetPort"] in (port["name"], port["containerPort"]) for p in service["ports"]
+        ):
+            problems.append(f"gateway: $REDIS_URL's port {url.port} does not lead to Redis")
+    config = yaml.safe_load(objects[("ConfigMap", "cohere-gateway")]["data"]["config.yaml"])
+    if (config.get("redis") or {}).get("url") != "${REDIS_URL}":
+        problems.append("configmap: redis.url is not ${REDIS_URL}")
+
+    policy = objects.get(("NetworkPolicy", "cohere-gateway-redis"), {}).get("spec", {})
+    gateway_labels = objects[GATEWAY]["spec"]["template"]["metadata"]["labels"]
+    admitted = [peer["podSelector"]["matchLabels"] for rule in policy.get("ingress", []) for peer in rule["from"]]
+    if not policy or not any(labels.items() <= gateway_labels.items() for labels in admitted):
+        problems.append("networkpolicy: the gateway pods may not reach Redis")
+    return problems
+
+
+def test_the_redis_keeps_the_records_on_a_volume_behind_a_password_and_the_gateway_reaches_it() -> None:
+    assert redis_problems(KUBERNETES) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "old", "new", "problem"),
+    [
+        (
+            "redis.yaml",
+            '- --appendonly\n            - "yes"',
+            '- --appendonly\n            - "no"',
+            "no append-only file",
+        ),
+        ("redis.yaml", "mountPath: /data", "mountPath: /var/data", "not on a persistent volume claim"),
+        ("redis.yaml", "- $(REDIS_PASSWORD)", "- hunter2", "its password is not the Secret's"),
+        ("deployment.yaml", "@cohere-gateway-redis:6379", "@redis:6379", "names redis, not a Service"),
+        ("deployment.yaml", "@cohere-gateway-redis:6379", "@cohere-gateway-redis:6380", "port 6380 does not lead"),
+        ("configmap.yaml", "url: ${REDIS_URL}", "url: redis://cohere-gateway-redis:6379", "redis.url is not"),
+    ],
+)
+def test_a_broken_redis_manifest_fails_the_redis_check(
+    tmp_path: Path, name: str, old: str, new: str, problem: str
+) -> None:
+    folder = tmp_path / "kubernetes"
+    shutil.copytree(KUBERNETES, folder)
+    broken_copy(folder, KUBERNETES / name, old, new)
+    problems = redis_problems(folder)
+    assert len(problems) == 1
+    assert problem in problems[0]
+
+
+class ManifestRedis(RedisServer):
+    """A real redis-server run with the StatefulSet's own arguments (on a free port and a temporary --dir)."""
+
+    def __init__(self, args: list[str]) -> None:
+        super().__init__()
+        self.args = [a.replace("$(REDIS_PASSWORD)", REDIS_TEST_PASSWORD) for a in args]
+        self.args[self.args.index("--dir") + 1] = self._dir.name
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{REDIS_TEST_PASSWORD}@127.0.0.1:{self.port}/0"
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(  # noqa: S603 (a fixed program, the manifest's arguments)
+            [REDIS_SERVER, *self.args, "--port", str(self.port), "--bind", "127.0.0.1"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> None:
+        """SIGTERM, as Kubernetes stops the pod: Redis writes out its append-only file and exits."""
+        assert self.proc is not None
+        self.proc.terminate()
+        self.proc.wait(timeout=TOOL_TIMEOUT_S)
+
+
+async def test_the_statefulsets_redis_needs_the_password_and_keeps_a_record_across_a_restart() -> None:
+    server = ManifestRedis(only_container(kubernetes_objects(), REDIS)["args"])
+    try:
+        await server.start()
+        stranger = aioredis.Redis(port=server.port, socket_timeout=5)
+        with pytest.raises(AuthenticationError):
+            await stranger.ping()
+        await stranger.aclose()
+        client = server.client()
+        settings = await client.config_get("*")
+        assert (settings["appendonly"], settings["appendfsync"]) == ("yes", "everysec")
+        assert settings["maxmemory-policy"] == "noeviction"
+        await client.set("cohere-gateway:record", "billing-service")
+        await client.aclose()
+
+        server.stop()
+        await server.start()  # the same --dir: the append-only file is read back
+        client = server.client()
+        assert await client.get("cohere-gateway:record") == b"billing-service"
+        await client.aclose()
+    finally:
+        server.close()
 
 
 # ---------------------------------------------------------------------------
