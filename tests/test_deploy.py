@@ -376,22 +376,62 @@ def test_a_broken_compose_file_fails_the_compose_schema(tmp_path: Path, old: str
 
 
 COMPOSE_ENV = {"COHERE_API_KEY": "a-token-for-the-check", "EXAMPLE_GATEWAY_KEY": "a-caller-key-for-the-check"}
+COMPOSE_CONFIG = REPO / "deploy" / "compose-config.yaml"
 
 
-def test_the_compose_config_passes_check_config_and_each_replica_has_its_own_store() -> None:
-    done = check_config(REPO / "deploy" / "compose-config.yaml", **COMPOSE_ENV)
-    assert done.returncode == 0, done.stderr
+def compose_problems(compose: Path) -> list[str]:
+    """What would keep the compose replicas from sharing one Redis that keeps the records."""
+    [document] = documents(compose)
+    services = document["services"]
+    problems: list[str] = []
+    redis = services.get("redis", {})
+    command = [str(part) for part in redis.get("command", [])]
+    options = dict(zip(command[1::2], command[2::2], strict=True))
+    if options.get("--appendonly") != "yes" or options.get("--appendfsync") != "everysec":
+        problems.append("redis: no append-only file written every second (--appendonly yes --appendfsync everysec)")
+    if not any(
+        str(v).split(":")[0] in document.get("volumes", {}) and str(v).endswith(":/data")
+        for v in redis.get("volumes", [])
+    ):
+        problems.append("redis: /data is not on a named volume")
+    gateways = {name: s for name, s in services.items() if name != "redis"}
+    if len(gateways) != 2:
+        problems.append(f"{len(gateways)} gateway replicas, not 2")
+    for name, service in gateways.items():
+        url = urlsplit(str(service.get("environment", {}).get("REDIS_URL", "")))
+        if url.scheme != "redis" or url.hostname != "redis" or (url.port or 6379) != 6379:
+            problems.append(f"{name}: REDIS_URL does not point at the redis service")
+        if not any("compose-config.yaml:" in v for v in service.get("volumes", [])):
+            problems.append(f"{name}: does not read compose-config.yaml")
+    return problems
+
+
+def test_the_compose_replicas_share_a_redis_that_keeps_the_records_and_their_config_passes_check_config() -> None:
+    assert compose_problems(COMPOSE) == []
     [compose] = documents(COMPOSE)
-    services = compose["services"]
-    assert len(services) == 2
-    stores = [next(v for v in s["volumes"] if v.endswith(":/var/lib/cohere-gateway")) for s in services.values()]
-    assert len(set(stores)) == 2
-    assert all(any("compose-config.yaml:" in v for v in s["volumes"]) for s in services.values())
+    redis_url = compose["x-gateway"]["environment"]["REDIS_URL"]
+    assert yaml.safe_load(COMPOSE_CONFIG.read_text(encoding="utf-8"))["redis"]["url"] == "${REDIS_URL}"
+    done = check_config(COMPOSE_CONFIG, **COMPOSE_ENV, REDIS_URL=redis_url)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "problem"),
+    [
+        ('"--appendonly", "yes"', '"--appendonly", "no"', "redis: no append-only file"),
+        ("redis-data:/data", "/tmp/redis:/data", "redis: /data is not on a named volume"),
+        ("REDIS_URL: redis://redis:6379/0", "REDIS_URL: redis://localhost:6379/0", "does not point at the redis"),
+    ],
+)
+def test_a_broken_compose_redis_fails_the_compose_check(tmp_path: Path, old: str, new: str, problem: str) -> None:
+    problems = compose_problems(broken_copy(tmp_path, COMPOSE, old, new))
+    assert problems
+    assert all(problem in p for p in problems)
 
 
 def test_a_broken_compose_config_fails_check_config(tmp_path: Path) -> None:
-    broken = broken_copy(tmp_path, REPO / "deploy" / "compose-config.yaml", "requests_per_s: 5", "requests_per_s: -5")
-    done = check_config(broken, **COMPOSE_ENV)
+    broken = broken_copy(tmp_path, COMPOSE_CONFIG, "requests_per_s: 10", "requests_per_s: -5")
+    done = check_config(broken, **COMPOSE_ENV, REDIS_URL="redis://redis:6379/0")
     assert done.returncode == 2
     assert "upstream.rate_limit.requests_per_s" in done.stderr
 
