@@ -8,6 +8,7 @@ The external tools run once (these tests are not async), except the scrape.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -26,7 +27,7 @@ from redis.exceptions import AuthenticationError
 import gateway
 from gateway.server import reload_config
 from tests.conftest import GatewayFactory, UpstreamFactory
-from tests.opskit import REPO, documented_metric_problems, exported_from_text, metric_problems
+from tests.opskit import REPO, Exported, documented_metric_problems, exported_from_text, metric_problems
 from tests.redis_server import REDIS_SERVER, RedisServer
 from tests.support import BILLING_KEY, REPORTING_KEY, batch_body, json_handler, make_config, scrape_metrics
 
@@ -457,6 +458,7 @@ def test_every_alert_says_what_to_do() -> None:
         "CohereGatewayBudgetSpent",
         "CohereGatewayReloadFailed",
         "CohereGatewayErrors5xx",
+        "CohereGatewayRedisLost",
     } <= names
     for rule in group["rules"]:
         assert len(rule["annotations"]["action"]) > 80, rule["alert"]
@@ -476,13 +478,37 @@ def test_a_rule_that_no_longer_fires_fails_promtool_test(tmp_path: Path) -> None
     assert run(promtool(), "test", "rules", ALERT_TESTS.name, cwd=tmp_path).returncode != 0
 
 
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("min by (job, instance) (gateway_redis_up) == 0", "min by (job, instance) (gateway_redis_up) < 0"),  # never
+        ("(gateway_redis_up) == 0\n        for: 2m", "(gateway_redis_up) == 0\n        for: 0m"),  # a blip pages
+    ],
+)
+def test_a_redis_lost_rule_that_fires_wrongly_fails_promtool_test(tmp_path: Path, old: str, new: str) -> None:
+    shutil.copy(ALERT_TESTS, tmp_path / ALERT_TESTS.name)
+    broken_copy(tmp_path, ALERTS, old, new)
+    tested = run(promtool(), "test", "rules", ALERT_TESTS.name, cwd=tmp_path)
+    assert tested.returncode != 0
+    assert "CohereGatewayRedisLost" in tested.stdout + tested.stderr
+
+
 # ---------------------------------------------------------------------------
 # Metric names against a running gateway
 # ---------------------------------------------------------------------------
 
 
-async def exported_metrics(fake_upstream: UpstreamFactory, start: GatewayFactory) -> str:
-    """A gateway's /metrics after requests that make every labelled series the kit uses exist."""
+REDIS_LOST_WITHIN_S = 5.0
+
+
+async def exported_metrics(
+    fake_upstream: UpstreamFactory, start: GatewayFactory, redis_server: RedisServer
+) -> tuple[str, Exported]:
+    """A gateway's /metrics, with redis.url set, after requests that make every labelled series the kit uses exist.
+
+    Redis is stalled (SIGSTOP) until the gateway loses it, then continued until
+    it regains it: gateway_redis_transitions_total and gateway_redis_errors_total.
+    """
     upstream = await fake_upstream(json_handler(body=batch_body(status="BATCH_STATUS_QUEUED")))
     config = make_config(
         upstream.url,
@@ -492,11 +518,12 @@ async def exported_metrics(fake_upstream: UpstreamFactory, start: GatewayFactory
             {"name": "billing-service", "key": BILLING_KEY},
             {"name": "reporting", "key": REPORTING_KEY, "rate_limit": {"requests_per_s": 0.01, "burst": 4}},
         ],
+        redis={"url": redis_server.url, "probe_interval_s": 0.1},
     )
     gateway_ = await start(config)
     async with ClientSession(headers={"Authorization": f"Bearer {REPORTING_KEY}"}) as session:
         for path, headers in [
-            ("batch-1", {}),  # a miss, then a hit: requests, upstream calls and latency
+            ("batch-1", {}),  # a miss, then a hit: requests, upstream calls and latency, a shared flight
             ("batch-1", {"Prefer": "wait=1"}),  # held, then a timeout: waiters, waits_ended, refresh interval
             ("batch-2", {}),  # evicts batch-1 (max_entries 1): cache_removals
             ("batch-3", {}),  # over the budget: upstream_rejected
@@ -505,21 +532,41 @@ async def exported_metrics(fake_upstream: UpstreamFactory, start: GatewayFactory
             async with session.get(f"{gateway_.url}/v2/batches/{path}", headers=headers) as response:
                 await response.read()
     assert reload_config(gateway_.state, lambda: config)  # config_reloads
+
+    link = gateway_.state.redis
+    assert link is not None
+    lost = asyncio.Event()
+    link.on_lost.append(lost.set)
+    redis_server.pause()  # the next Redis call (a heartbeat, within 1 s) passes redis.timeout_s
+    try:
+        async with asyncio.timeout(REDIS_LOST_WITHIN_S):
+            await lost.wait()
+    finally:
+        redis_server.resume()
+    async with asyncio.timeout(REDIS_LOST_WITHIN_S):
+        await link.until_up()
+
     text, _ = await scrape_metrics(gateway_.url)
-    return text
+    assert 'gateway_redis_transitions_total{event="lost"} 1.0' in text
+    assert 'gateway_redis_transitions_total{event="regained"} 1.0' in text
+    assert "gateway_redis_up 1.0" in text
+    return text, exported_from_text(text, gateway_.state.metrics.registry)
 
 
 async def test_the_dashboard_and_the_rules_name_only_metrics_and_labels_the_gateway_exports(
-    fake_upstream: UpstreamFactory, start: GatewayFactory, tmp_path: Path
+    fake_upstream: UpstreamFactory, start: GatewayFactory, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    exported = exported_from_text(await exported_metrics(fake_upstream, start))
+    _, exported = await exported_metrics(fake_upstream, start, redis_server)
     assert metric_problems(REPO, exported) == []
 
-    # A copy whose dashboard names a metric the gateway lacks and whose rule groups by a label it lacks.
+    # A copy whose dashboard names metrics the gateway lacks and groups by a label they lack, and whose
+    # rules do the same.
     root = tmp_path / "repo"
     shutil.copytree(REPO / "deploy", root / "deploy")
-    broken_copy(root / "deploy" / "grafana", DASHBOARD, "gateway_waiters{", "gateway_waiting{")
-    broken_copy(
+    dashboard = broken_copy(root / "deploy" / "grafana", DASHBOARD, "gateway_waiters{", "gateway_waiting{")
+    broken_copy(root / "deploy" / "grafana", dashboard, "gateway_redis_up{", "gateway_redis_connected{")
+    broken_copy(root / "deploy" / "grafana", dashboard, "sum by (role)", "sum by (outcome)")
+    alerts = broken_copy(
         root / "deploy" / "prometheus",
         ALERTS,
         "sum by (job, instance) (rate(gateway_upstream_rejected",
@@ -527,27 +574,38 @@ async def test_the_dashboard_and_the_rules_name_only_metrics_and_labels_the_gate
     )
     broken_copy(
         root / "deploy" / "prometheus",
-        root / "deploy" / "prometheus" / "alerts.yaml",
+        alerts,
         'gateway_requests_total{status=~"5.."}',
         'gateway_requests_total{code=~"5.."}',
     )
+    broken_copy(root / "deploy" / "prometheus", alerts, "(gateway_redis_up)", "(gateway_redis_ok)")
     problems = metric_problems(root, exported)
     assert any("gateway exports no metric gateway_waiting" in p for p in problems)
+    assert any(
+        "panel 'Redis up, per process' A: the gateway exports no metric gateway_redis_connected" in p for p in problems
+    )
+    assert any(
+        "panel 'Shared flights by role' A: no metric in the expression has the label outcome" in p for p in problems
+    )
     assert any("CohereGatewayBudgetSpent: no metric in the expression has the label route" in p for p in problems)
     assert any("gateway_requests_total has no label code" in p for p in problems)
-    assert len(problems) == 3
+    assert any("CohereGatewayRedisLost: the gateway exports no metric gateway_redis_ok" in p for p in problems)
+    assert len(problems) == 6
 
 
 async def test_every_metric_the_gateway_exports_has_a_row_in_the_observability_doc(
-    fake_upstream: UpstreamFactory, start: GatewayFactory, tmp_path: Path
+    fake_upstream: UpstreamFactory, start: GatewayFactory, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    text = await exported_metrics(fake_upstream, start)
+    text, _ = await exported_metrics(fake_upstream, start, redis_server)
     assert documented_metric_problems(REPO, text) == []
 
     (tmp_path / "docs").mkdir()
     broken_copy(tmp_path / "docs", REPO / "docs" / "observability.md", "| `gateway_waiters` |", "| waiters |")
+    broken = broken_copy(tmp_path / "docs", tmp_path / "docs" / "observability.md", "| `gateway_redis_up` |", "| up |")
+    assert broken.name == "observability.md"
     assert documented_metric_problems(tmp_path, text) == [
-        "docs/observability.md has no row for the metric gateway_waiters"
+        "docs/observability.md has no row for the metric gateway_waiters",
+        "docs/observability.md has no row for the metric gateway_redis_up",
     ]
 
 
