@@ -22,6 +22,8 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 from aiohttp import ClientSession
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError
 
 import gateway
@@ -330,8 +332,8 @@ async def test_the_statefulsets_redis_needs_the_password_and_keeps_a_record_acro
     server = ManifestRedis(only_container(kubernetes_objects(), REDIS)["args"])
     try:
         await server.start()
-        stranger = aioredis.Redis(port=server.port, socket_timeout=5)
-        with pytest.raises(AuthenticationError):
+        stranger = aioredis.Redis(port=server.port, socket_timeout=5, protocol=2, retry=Retry(NoBackoff(), 0))
+        with pytest.raises(AuthenticationError, match="Authentication required"):
             await stranger.ping()
         await stranger.aclose()
         client = server.client()
