@@ -240,7 +240,7 @@ def redis_problems(folder: Path) -> list[str]:
 
     # The gateway pods: $REDIS_PASSWORD from the same Secret, defined before the $REDIS_URL that uses it.
     names = [e["name"] for e in only_container(objects, GATEWAY).get("env", [])]
-    gateway_env = {e["name"]: e for e in only_container(objects, GATEWAY).get("env", [])}
+    gateway_env = {e["name"]: e for e in only_container(objects, GATEWAY)["env"]} if names else {}
     if gateway_env.get("REDIS_PASSWORD", {}).get("valueFrom", {}).get("secretKeyRef") != REDIS_PASSWORD_REF:
         problems.append("gateway: $REDIS_PASSWORD is not the Redis Secret's")
     elif "REDIS_URL" not in names or names.index("REDIS_PASSWORD") > names.index("REDIS_URL"):
@@ -252,7 +252,7 @@ def redis_problems(folder: Path) -> list[str]:
         redis_labels = redis["template"]["metadata"]["labels"]
         if url.password != REDIS_TEST_PASSWORD:
             problems.append("gateway: $REDIS_URL does not carry the password")
-        if not service or not service.get("selector", {}).items() <= redis_labels.items():
+        if not service.get("selector") or not service["selector"].items() <= redis_labels.items():
             problems.append(f"gateway: $REDIS_URL names {url.hostname}, not a Service of the Redis pods")
         elif not any(
             p["port"] == url.port and p["targetPort"] in (port["name"], port["containerPort"]) for p in service["ports"]
@@ -264,9 +264,15 @@ def redis_problems(folder: Path) -> list[str]:
 
     policy = objects.get(("NetworkPolicy", "cohere-gateway-redis"), {}).get("spec", {})
     gateway_labels = objects[GATEWAY]["spec"]["template"]["metadata"]["labels"]
-    admitted = [peer["podSelector"]["matchLabels"] for rule in policy.get("ingress", []) for peer in rule["from"]]
-    if not policy or not any(labels.items() <= gateway_labels.items() for labels in admitted):
-        problems.append("networkpolicy: the gateway pods may not reach Redis")
+    [redis_port] = [p["containerPort"] for p in container["ports"] if p["name"] == "redis"]
+    admitted = [
+        peer["podSelector"]["matchLabels"]
+        for rule in policy.get("ingress", [])
+        if any(p["port"] in (redis_port, "redis") for p in rule.get("ports", []))
+        for peer in rule["from"]
+    ]
+    if not any(labels.items() <= gateway_labels.items() for labels in admitted):
+        problems.append("networkpolicy: the gateway pods may not reach Redis's port")
     return problems
 
 
@@ -288,6 +294,7 @@ def test_the_redis_keeps_the_records_on_a_volume_behind_a_password_and_the_gatew
         ("deployment.yaml", "@cohere-gateway-redis:6379", "@redis:6379", "names redis, not a Service"),
         ("deployment.yaml", "@cohere-gateway-redis:6379", "@cohere-gateway-redis:6380", "port 6380 does not lead"),
         ("configmap.yaml", "url: ${REDIS_URL}", "url: redis://cohere-gateway-redis:6379", "redis.url is not"),
+        ("redis.yaml", "          port: 6379\n", "          port: 6380\n", "may not reach Redis's port"),
     ],
 )
 def test_a_broken_redis_manifest_fails_the_redis_check(
