@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
 from gateway.config import GatewayConfig
@@ -231,7 +232,9 @@ def expression_problems(where: str, expr: str, exported: Exported, legend: str =
 def dashboard_expressions(dashboard: Path) -> Iterator[tuple[str, str, str]]:
     """(where, expression, legend) for every panel target and query variable."""
     document = json.loads(dashboard.read_text(encoding="utf-8"))
-    for panel in document.get("panels", []):
+    top = document.get("panels", [])
+    # A collapsed row holds its panels inside it.
+    for panel in [*top, *(inner for row in top for inner in row.get("panels", []))]:
         for target in panel.get("targets", []):
             where = f"{dashboard.name}: panel {panel.get('title')!r} {target.get('refId')}"
             yield where, target.get("expr", ""), target.get("legendFormat", "")
@@ -265,15 +268,54 @@ def metric_problems(root: Path, exported: Exported) -> list[str]:
     return problems
 
 
-def exported_from_text(text: str) -> Exported:
-    """Sample names and their label names, from a /metrics scrape (families without samples by name only)."""
+def exported_from_text(text: str, registry: CollectorRegistry | None = None) -> Exported:
+    """Sample names and their label names, from a /metrics scrape.
+
+    A labelled family shows no sample until its first label values are
+    counted (a counter of shared flights before any flight). Given the
+    registry that rendered ``text``, such a family still counts as exported,
+    with the label names the code declared for it: only for families that
+    ``text`` names (in its HELP and TYPE lines).
+    """
     from prometheus_client.parser import text_string_to_metric_families
 
     exported: Exported = {}
+    unseen: set[str] = set()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             exported.setdefault(sample.name, set()).update(sample.labels)
+        if not family.samples:
+            unseen.add(family.name)
+    if registry is not None:
+        for name, labels in declared_samples(registry).items():
+            family = re.sub(r"_(total|created|bucket|sum|count)$", "", name)
+            if family in unseen:
+                exported.setdefault(name, set()).update(labels)
     return exported
+
+
+_SAMPLE_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "summary": ("_sum", "_count", "_created"),
+}
+
+
+def declared_samples(registry: CollectorRegistry) -> Exported:
+    """Every sample name a registry's metrics can have, with the label names declared for them.
+
+    prometheus_client keeps a metric's declaration (name, type, label names) in
+    attributes of its own, not in what it renders, hence the private names.
+    """
+    declared: Exported = {}
+    for collector in list(registry._collector_to_names):
+        name, kind, labels = (getattr(collector, a, None) for a in ("_name", "_type", "_labelnames"))
+        if not isinstance(name, str) or kind not in _SAMPLE_SUFFIXES or labels is None:
+            continue  # not a plain metric (a custom collector): only its rendered samples count
+        for suffix in _SAMPLE_SUFFIXES[str(kind)]:
+            declared[name + suffix] = set(labels) | ({"le"} if suffix == "_bucket" else set())
+    return declared
 
 
 def documented_metric_problems(root: Path, text: str) -> list[str]:

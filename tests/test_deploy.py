@@ -8,6 +8,7 @@ The external tools run once (these tests are not async), except the scrape.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -15,15 +16,21 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+import redis.asyncio as aioredis
 import yaml
 from aiohttp import ClientSession
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError
 
 import gateway
 from gateway.server import reload_config
 from tests.conftest import GatewayFactory, UpstreamFactory
-from tests.opskit import REPO, documented_metric_problems, exported_from_text, metric_problems
+from tests.opskit import REPO, Exported, documented_metric_problems, exported_from_text, metric_problems
+from tests.redis_server import REDIS_SERVER, RedisServer
 from tests.support import BILLING_KEY, REPORTING_KEY, batch_body, json_handler, make_config, scrape_metrics
 
 KUBERNETES = REPO / "deploy" / "kubernetes"
@@ -107,8 +114,9 @@ def test_a_broken_manifest_fails_the_kubernetes_schemas(tmp_path: Path, old: str
     assert done.returncode != 0
 
 
-def kubernetes_objects() -> dict[str, dict[str, Any]]:
-    return {d["kind"]: d for path in sorted(KUBERNETES.glob("*.yaml")) for d in documents(path)}
+def kubernetes_objects(folder: Path = KUBERNETES) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every object in the folder's manifests, by (kind, name)."""
+    return {(d["kind"], d["metadata"]["name"]): d for path in sorted(folder.glob("*.yaml")) for d in documents(path)}
 
 
 def configmap_config(configmap: Path, tmp_path: Path) -> Path:
@@ -118,31 +126,61 @@ def configmap_config(configmap: Path, tmp_path: Path) -> Path:
     return path
 
 
+GATEWAY = ("Deployment", "cohere-gateway")
+REDIS = ("StatefulSet", "cohere-gateway-redis")
+REDIS_PASSWORD_REF = {"name": "cohere-gateway-redis", "key": "password"}
+REDIS_TEST_PASSWORD = "redis-password-for-the-check-6e0b"
+
+
+def only_container(objects: dict[tuple[str, str], dict[str, Any]], which: tuple[str, str]) -> dict[str, Any]:
+    [container] = objects[which]["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def redis_url_in_the_pods(objects: dict[tuple[str, str], dict[str, Any]], password: str) -> str:
+    """The gateway pods' $REDIS_URL, as Kubernetes expands it with ``password`` in the Secret."""
+    env = {e["name"]: e for e in only_container(objects, GATEWAY)["env"]}
+    return str(env["REDIS_URL"]["value"]).replace("$(REDIS_PASSWORD)", password)
+
+
+def configmap_env(tmp_path: Path) -> dict[str, str]:
+    """What the gateway pods' environment gives the ConfigMap's config: the token file, $REDIS_URL."""
+    token = tmp_path / "token"
+    token.write_text("a-token-for-the-check\n", encoding="utf-8")
+    return {
+        "COHERE_TOKEN_FILE": str(token),
+        "REDIS_URL": redis_url_in_the_pods(kubernetes_objects(), REDIS_TEST_PASSWORD),
+    }
+
+
 def test_the_configmaps_config_passes_check_config(tmp_path: Path) -> None:
-    token = tmp_path / "token"
-    token.write_text("a-token-for-the-check\n", encoding="utf-8")
-    done = check_config(configmap_config(KUBERNETES / "configmap.yaml", tmp_path), COHERE_TOKEN_FILE=str(token))
+    done = check_config(configmap_config(KUBERNETES / "configmap.yaml", tmp_path), **configmap_env(tmp_path))
     assert done.returncode == 0, done.stderr
+    assert REDIS_TEST_PASSWORD not in done.stdout + done.stderr
 
 
-def test_a_broken_configmap_config_fails_check_config(tmp_path: Path) -> None:
-    token = tmp_path / "token"
-    token.write_text("a-token-for-the-check\n", encoding="utf-8")
-    broken = broken_copy(
-        tmp_path, KUBERNETES / "configmap.yaml", "allow: [retrieve, list]", "allow: [retrieve, delete]"
-    )
-    done = check_config(configmap_config(broken, tmp_path), COHERE_TOKEN_FILE=str(token))
+@pytest.mark.parametrize(
+    ("old", "new", "path"),
+    [
+        ("allow: [retrieve, list]", "allow: [retrieve, delete]", "callers.0.allow"),
+        ("url: ${REDIS_URL}", "url: http://cohere-gateway-redis:6379", "redis.url"),
+    ],
+)
+def test_a_broken_configmap_config_fails_check_config(tmp_path: Path, old: str, new: str, path: str) -> None:
+    broken = broken_copy(tmp_path, KUBERNETES / "configmap.yaml", old, new)
+    done = check_config(configmap_config(broken, tmp_path), **configmap_env(tmp_path))
     assert done.returncode == 2
-    assert "callers.0.allow" in done.stderr
+    assert path in done.stderr
 
 
 def test_the_deployment_runs_two_probed_non_root_read_only_replicas_that_outlast_the_grace() -> None:
     objects = kubernetes_objects()
-    assert {"Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget"} <= set(objects)
-    deployment = objects["Deployment"]["spec"]
+    kinds = {kind for kind, _ in objects}
+    assert {"Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget", "StatefulSet"} <= kinds
+    deployment = objects[GATEWAY]["spec"]
     pod = deployment["template"]["spec"]
     [container] = pod["containers"]
-    assert deployment["replicas"] == 2
+    assert deployment["replicas"] >= 2
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -151,7 +189,7 @@ def test_the_deployment_runs_two_probed_non_root_read_only_replicas_that_outlast
     assert container["resources"]["requests"]
     assert container["resources"]["limits"]
 
-    config = yaml.safe_load(objects["ConfigMap"]["data"]["config.yaml"])
+    config = yaml.safe_load(objects[("ConfigMap", "cohere-gateway")]["data"]["config.yaml"])
     pre_stop_s = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert pod["terminationGracePeriodSeconds"] > pre_stop_s + config["server"]["shutdown_grace_s"]
 
@@ -160,14 +198,165 @@ def test_the_deployment_runs_two_probed_non_root_read_only_replicas_that_outlast
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     [token_mount] = [m for m in mounts.values() if "secret" in volumes[m["name"]]]
-    assert volumes[token_mount["name"]]["secret"]["secretName"] == objects["Secret"]["metadata"]["name"]
+    assert ("Secret", volumes[token_mount["name"]]["secret"]["secretName"]) in objects
     assert "subPath" not in token_mount
     assert str(Path(token_file).parent) == token_mount["mountPath"]
     assert config["store"]["path"].startswith(mounts["store"]["mountPath"] + "/")
 
     labels = deployment["template"]["metadata"]["labels"]
-    assert objects["Service"]["spec"]["selector"].items() <= labels.items()
-    assert objects["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert objects[("Service", "cohere-gateway")]["spec"]["selector"].items() <= labels.items()
+    assert (
+        objects[("PodDisruptionBudget", "cohere-gateway")]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    )
+
+
+def redis_problems(folder: Path) -> list[str]:
+    """What would keep the manifests' Redis from holding the records safely, or the gateway pods from reaching it."""
+    objects = kubernetes_objects(folder)
+    problems: list[str] = []
+    redis = objects[REDIS]["spec"]
+    pod = redis["template"]["spec"]
+    container = only_container(objects, REDIS)
+    args = [str(a) for a in container["args"]]
+    options = dict(zip(args[::2], args[1::2], strict=True))
+    if options.get("--appendonly") != "yes" or options.get("--appendfsync") != "everysec":
+        problems.append("redis: no append-only file written every second (--appendonly yes --appendfsync everysec)")
+    claims = {c["metadata"]["name"] for c in redis.get("volumeClaimTemplates", [])}
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    if mounts.get(options.get("--dir", "")) not in claims:
+        problems.append("redis: its --dir is not on a persistent volume claim")
+    if pod["securityContext"].get("runAsNonRoot") is not True:
+        problems.append("redis: may run as root")
+    if container["securityContext"].get("readOnlyRootFilesystem") is not True:
+        problems.append("redis: its root filesystem is writable")
+    if not container.get("resources", {}).get("requests") or not container.get("resources", {}).get("limits"):
+        problems.append("redis: no resource requests and limits")
+    redis_env = {e["name"]: e for e in container.get("env", [])}
+    from_secret = redis_env.get("REDIS_PASSWORD", {}).get("valueFrom", {}).get("secretKeyRef")
+    if options.get("--requirepass") != "$(REDIS_PASSWORD)" or from_secret != REDIS_PASSWORD_REF:
+        problems.append("redis: its password is not the Secret's (--requirepass $(REDIS_PASSWORD))")
+    if ("Secret", REDIS_PASSWORD_REF["name"]) not in objects:
+        problems.append(f"no Secret {REDIS_PASSWORD_REF['name']} for the Redis password")
+
+    # The gateway pods: $REDIS_PASSWORD from the same Secret, defined before the $REDIS_URL that uses it.
+    names = [e["name"] for e in only_container(objects, GATEWAY).get("env", [])]
+    gateway_env = {e["name"]: e for e in only_container(objects, GATEWAY)["env"]} if names else {}
+    if gateway_env.get("REDIS_PASSWORD", {}).get("valueFrom", {}).get("secretKeyRef") != REDIS_PASSWORD_REF:
+        problems.append("gateway: $REDIS_PASSWORD is not the Redis Secret's")
+    elif "REDIS_URL" not in names or names.index("REDIS_PASSWORD") > names.index("REDIS_URL"):
+        problems.append("gateway: $REDIS_URL is missing, or comes before the $REDIS_PASSWORD it uses")
+    else:
+        url = urlsplit(redis_url_in_the_pods(objects, REDIS_TEST_PASSWORD))
+        service = objects.get(("Service", url.hostname or ""), {}).get("spec", {})
+        [port] = [p for p in container["ports"] if p["name"] == "redis"]
+        redis_labels = redis["template"]["metadata"]["labels"]
+        if url.password != REDIS_TEST_PASSWORD:
+            problems.append("gateway: $REDIS_URL does not carry the password")
+        if not service.get("selector") or not service["selector"].items() <= redis_labels.items():
+            problems.append(f"gateway: $REDIS_URL names {url.hostname}, not a Service of the Redis pods")
+        elif not any(
+            p["port"] == url.port and p["targetPort"] in (port["name"], port["containerPort"]) for p in service["ports"]
+        ):
+            problems.append(f"gateway: $REDIS_URL's port {url.port} does not lead to Redis")
+    config = yaml.safe_load(objects[("ConfigMap", "cohere-gateway")]["data"]["config.yaml"])
+    if (config.get("redis") or {}).get("url") != "${REDIS_URL}":
+        problems.append("configmap: redis.url is not ${REDIS_URL}")
+
+    policy = objects.get(("NetworkPolicy", "cohere-gateway-redis"), {}).get("spec", {})
+    gateway_labels = objects[GATEWAY]["spec"]["template"]["metadata"]["labels"]
+    [redis_port] = [p["containerPort"] for p in container["ports"] if p["name"] == "redis"]
+    admitted = [
+        peer["podSelector"]["matchLabels"]
+        for rule in policy.get("ingress", [])
+        if any(p["port"] in (redis_port, "redis") for p in rule.get("ports", []))
+        for peer in rule["from"]
+    ]
+    if not any(labels.items() <= gateway_labels.items() for labels in admitted):
+        problems.append("networkpolicy: the gateway pods may not reach Redis's port")
+    return problems
+
+
+def test_the_redis_keeps_the_records_on_a_volume_behind_a_password_and_the_gateway_reaches_it() -> None:
+    assert redis_problems(KUBERNETES) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "old", "new", "problem"),
+    [
+        (
+            "redis.yaml",
+            '- --appendonly\n            - "yes"',
+            '- --appendonly\n            - "no"',
+            "no append-only file",
+        ),
+        ("redis.yaml", "mountPath: /data", "mountPath: /var/data", "not on a persistent volume claim"),
+        ("redis.yaml", "- $(REDIS_PASSWORD)", "- hunter2", "its password is not the Secret's"),
+        ("deployment.yaml", "@cohere-gateway-redis:6379", "@redis:6379", "names redis, not a Service"),
+        ("deployment.yaml", "@cohere-gateway-redis:6379", "@cohere-gateway-redis:6380", "port 6380 does not lead"),
+        ("configmap.yaml", "url: ${REDIS_URL}", "url: redis://cohere-gateway-redis:6379", "redis.url is not"),
+        ("redis.yaml", "          port: 6379\n", "          port: 6380\n", "may not reach Redis's port"),
+    ],
+)
+def test_a_broken_redis_manifest_fails_the_redis_check(
+    tmp_path: Path, name: str, old: str, new: str, problem: str
+) -> None:
+    folder = tmp_path / "kubernetes"
+    shutil.copytree(KUBERNETES, folder)
+    broken_copy(folder, KUBERNETES / name, old, new)
+    problems = redis_problems(folder)
+    assert len(problems) == 1
+    assert problem in problems[0]
+
+
+class ManifestRedis(RedisServer):
+    """A real redis-server run with the StatefulSet's own arguments (on a free port and a temporary --dir)."""
+
+    def __init__(self, args: list[str]) -> None:
+        super().__init__()
+        self.args = [a.replace("$(REDIS_PASSWORD)", REDIS_TEST_PASSWORD) for a in args]
+        self.args[self.args.index("--dir") + 1] = self._dir.name
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{REDIS_TEST_PASSWORD}@127.0.0.1:{self.port}/0"
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(  # noqa: S603 (a fixed program, the manifest's arguments)
+            [REDIS_SERVER, *self.args, "--port", str(self.port), "--bind", "127.0.0.1"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> None:
+        """SIGTERM, as Kubernetes stops the pod: Redis writes out its append-only file and exits."""
+        assert self.proc is not None
+        self.proc.terminate()
+        self.proc.wait(timeout=TOOL_TIMEOUT_S)
+
+
+async def test_the_statefulsets_redis_needs_the_password_and_keeps_a_record_across_a_restart() -> None:
+    server = ManifestRedis(only_container(kubernetes_objects(), REDIS)["args"])
+    try:
+        await server.start()
+        stranger = aioredis.Redis(port=server.port, socket_timeout=5, protocol=2, retry=Retry(NoBackoff(), 0))
+        with pytest.raises(AuthenticationError, match="Authentication required"):
+            await stranger.ping()
+        await stranger.aclose()
+        client = server.client()
+        settings = await client.config_get("*")
+        assert (settings["appendonly"], settings["appendfsync"]) == ("yes", "everysec")
+        assert settings["maxmemory-policy"] == "noeviction"
+        await client.set("cohere-gateway:record", "billing-service")
+        await client.aclose()
+
+        server.stop()
+        await server.start()  # the same --dir: the append-only file is read back
+        client = server.client()
+        assert await client.get("cohere-gateway:record") == b"billing-service"
+        await client.aclose()
+    finally:
+        server.close()
 
 
 # ---------------------------------------------------------------------------
@@ -197,22 +386,62 @@ def test_a_broken_compose_file_fails_the_compose_schema(tmp_path: Path, old: str
 
 
 COMPOSE_ENV = {"COHERE_API_KEY": "a-token-for-the-check", "EXAMPLE_GATEWAY_KEY": "a-caller-key-for-the-check"}
+COMPOSE_CONFIG = REPO / "deploy" / "compose-config.yaml"
 
 
-def test_the_compose_config_passes_check_config_and_each_replica_has_its_own_store() -> None:
-    done = check_config(REPO / "deploy" / "compose-config.yaml", **COMPOSE_ENV)
-    assert done.returncode == 0, done.stderr
+def compose_problems(compose: Path) -> list[str]:
+    """What would keep the compose replicas from sharing one Redis that keeps the records."""
+    [document] = documents(compose)
+    services = document["services"]
+    problems: list[str] = []
+    redis = services.get("redis", {})
+    command = [str(part) for part in redis.get("command", [])]
+    options = dict(zip(command[1::2], command[2::2], strict=True))
+    if options.get("--appendonly") != "yes" or options.get("--appendfsync") != "everysec":
+        problems.append("redis: no append-only file written every second (--appendonly yes --appendfsync everysec)")
+    if not any(
+        str(v).split(":")[0] in document.get("volumes", {}) and str(v).endswith(":/data")
+        for v in redis.get("volumes", [])
+    ):
+        problems.append("redis: /data is not on a named volume")
+    gateways = {name: s for name, s in services.items() if name != "redis"}
+    if len(gateways) != 2:
+        problems.append(f"{len(gateways)} gateway replicas, not 2")
+    for name, service in gateways.items():
+        url = urlsplit(str(service.get("environment", {}).get("REDIS_URL", "")))
+        if url.scheme != "redis" or url.hostname != "redis" or (url.port or 6379) != 6379:
+            problems.append(f"{name}: REDIS_URL does not point at the redis service")
+        if not any("compose-config.yaml:" in v for v in service.get("volumes", [])):
+            problems.append(f"{name}: does not read compose-config.yaml")
+    return problems
+
+
+def test_the_compose_replicas_share_a_redis_that_keeps_the_records_and_their_config_passes_check_config() -> None:
+    assert compose_problems(COMPOSE) == []
     [compose] = documents(COMPOSE)
-    services = compose["services"]
-    assert len(services) == 2
-    stores = [next(v for v in s["volumes"] if v.endswith(":/var/lib/cohere-gateway")) for s in services.values()]
-    assert len(set(stores)) == 2
-    assert all(any("compose-config.yaml:" in v for v in s["volumes"]) for s in services.values())
+    redis_url = compose["x-gateway"]["environment"]["REDIS_URL"]
+    assert yaml.safe_load(COMPOSE_CONFIG.read_text(encoding="utf-8"))["redis"]["url"] == "${REDIS_URL}"
+    done = check_config(COMPOSE_CONFIG, **COMPOSE_ENV, REDIS_URL=redis_url)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "problem"),
+    [
+        ('"--appendonly", "yes"', '"--appendonly", "no"', "redis: no append-only file"),
+        ("redis-data:/data", "/tmp/redis:/data", "redis: /data is not on a named volume"),
+        ("REDIS_URL: redis://redis:6379/0", "REDIS_URL: redis://localhost:6379/0", "does not point at the redis"),
+    ],
+)
+def test_a_broken_compose_redis_fails_the_compose_check(tmp_path: Path, old: str, new: str, problem: str) -> None:
+    problems = compose_problems(broken_copy(tmp_path, COMPOSE, old, new))
+    assert problems
+    assert all(problem in p for p in problems)
 
 
 def test_a_broken_compose_config_fails_check_config(tmp_path: Path) -> None:
-    broken = broken_copy(tmp_path, REPO / "deploy" / "compose-config.yaml", "requests_per_s: 5", "requests_per_s: -5")
-    done = check_config(broken, **COMPOSE_ENV)
+    broken = broken_copy(tmp_path, COMPOSE_CONFIG, "requests_per_s: 10", "requests_per_s: -5")
+    done = check_config(broken, **COMPOSE_ENV, REDIS_URL="redis://redis:6379/0")
     assert done.returncode == 2
     assert "upstream.rate_limit.requests_per_s" in done.stderr
 
@@ -238,6 +467,7 @@ def test_every_alert_says_what_to_do() -> None:
         "CohereGatewayBudgetSpent",
         "CohereGatewayReloadFailed",
         "CohereGatewayErrors5xx",
+        "CohereGatewayRedisLost",
     } <= names
     for rule in group["rules"]:
         assert len(rule["annotations"]["action"]) > 80, rule["alert"]
@@ -257,13 +487,37 @@ def test_a_rule_that_no_longer_fires_fails_promtool_test(tmp_path: Path) -> None
     assert run(promtool(), "test", "rules", ALERT_TESTS.name, cwd=tmp_path).returncode != 0
 
 
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("min by (job, instance) (gateway_redis_up) == 0", "min by (job, instance) (gateway_redis_up) < 0"),  # never
+        ("(gateway_redis_up) == 0\n        for: 2m", "(gateway_redis_up) == 0\n        for: 0m"),  # a blip pages
+    ],
+)
+def test_a_redis_lost_rule_that_fires_wrongly_fails_promtool_test(tmp_path: Path, old: str, new: str) -> None:
+    shutil.copy(ALERT_TESTS, tmp_path / ALERT_TESTS.name)
+    broken_copy(tmp_path, ALERTS, old, new)
+    tested = run(promtool(), "test", "rules", ALERT_TESTS.name, cwd=tmp_path)
+    assert tested.returncode != 0
+    assert "CohereGatewayRedisLost" in tested.stdout + tested.stderr
+
+
 # ---------------------------------------------------------------------------
 # Metric names against a running gateway
 # ---------------------------------------------------------------------------
 
 
-async def exported_metrics(fake_upstream: UpstreamFactory, start: GatewayFactory) -> str:
-    """A gateway's /metrics after requests that make every labelled series the kit uses exist."""
+REDIS_LOST_WITHIN_S = 5.0
+
+
+async def exported_metrics(
+    fake_upstream: UpstreamFactory, start: GatewayFactory, redis_server: RedisServer
+) -> tuple[str, Exported]:
+    """A gateway's /metrics, with redis.url set, after requests that make every labelled series the kit uses exist.
+
+    Redis is stalled (SIGSTOP) until the gateway loses it, then continued until
+    it regains it: gateway_redis_transitions_total and gateway_redis_errors_total.
+    """
     upstream = await fake_upstream(json_handler(body=batch_body(status="BATCH_STATUS_QUEUED")))
     config = make_config(
         upstream.url,
@@ -273,11 +527,12 @@ async def exported_metrics(fake_upstream: UpstreamFactory, start: GatewayFactory
             {"name": "billing-service", "key": BILLING_KEY},
             {"name": "reporting", "key": REPORTING_KEY, "rate_limit": {"requests_per_s": 0.01, "burst": 4}},
         ],
+        redis={"url": redis_server.url, "probe_interval_s": 0.1},
     )
     gateway_ = await start(config)
     async with ClientSession(headers={"Authorization": f"Bearer {REPORTING_KEY}"}) as session:
         for path, headers in [
-            ("batch-1", {}),  # a miss, then a hit: requests, upstream calls and latency
+            ("batch-1", {}),  # a miss, then a hit: requests, upstream calls and latency, a shared flight
             ("batch-1", {"Prefer": "wait=1"}),  # held, then a timeout: waiters, waits_ended, refresh interval
             ("batch-2", {}),  # evicts batch-1 (max_entries 1): cache_removals
             ("batch-3", {}),  # over the budget: upstream_rejected
@@ -286,21 +541,41 @@ async def exported_metrics(fake_upstream: UpstreamFactory, start: GatewayFactory
             async with session.get(f"{gateway_.url}/v2/batches/{path}", headers=headers) as response:
                 await response.read()
     assert reload_config(gateway_.state, lambda: config)  # config_reloads
+
+    link = gateway_.state.redis
+    assert link is not None
+    lost = asyncio.Event()
+    link.on_lost.append(lost.set)
+    redis_server.pause()  # the next Redis call (a heartbeat, within 1 s) passes redis.timeout_s
+    try:
+        async with asyncio.timeout(REDIS_LOST_WITHIN_S):
+            await lost.wait()
+    finally:
+        redis_server.resume()
+    async with asyncio.timeout(REDIS_LOST_WITHIN_S):
+        await link.until_up()
+
     text, _ = await scrape_metrics(gateway_.url)
-    return text
+    assert 'gateway_redis_transitions_total{event="lost"} 1.0' in text
+    assert 'gateway_redis_transitions_total{event="regained"} 1.0' in text
+    assert "gateway_redis_up 1.0" in text
+    return text, exported_from_text(text, gateway_.state.metrics.registry)
 
 
 async def test_the_dashboard_and_the_rules_name_only_metrics_and_labels_the_gateway_exports(
-    fake_upstream: UpstreamFactory, start: GatewayFactory, tmp_path: Path
+    fake_upstream: UpstreamFactory, start: GatewayFactory, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    exported = exported_from_text(await exported_metrics(fake_upstream, start))
+    _, exported = await exported_metrics(fake_upstream, start, redis_server)
     assert metric_problems(REPO, exported) == []
 
-    # A copy whose dashboard names a metric the gateway lacks and whose rule groups by a label it lacks.
+    # A copy whose dashboard names metrics the gateway lacks and groups by a label they lack, and whose
+    # rules do the same.
     root = tmp_path / "repo"
     shutil.copytree(REPO / "deploy", root / "deploy")
-    broken_copy(root / "deploy" / "grafana", DASHBOARD, "gateway_waiters{", "gateway_waiting{")
-    broken_copy(
+    dashboard = broken_copy(root / "deploy" / "grafana", DASHBOARD, "gateway_waiters{", "gateway_waiting{")
+    broken_copy(root / "deploy" / "grafana", dashboard, "gateway_redis_up{", "gateway_redis_connected{")
+    broken_copy(root / "deploy" / "grafana", dashboard, "sum by (role)", "sum by (outcome)")
+    alerts = broken_copy(
         root / "deploy" / "prometheus",
         ALERTS,
         "sum by (job, instance) (rate(gateway_upstream_rejected",
@@ -308,27 +583,38 @@ async def test_the_dashboard_and_the_rules_name_only_metrics_and_labels_the_gate
     )
     broken_copy(
         root / "deploy" / "prometheus",
-        root / "deploy" / "prometheus" / "alerts.yaml",
+        alerts,
         'gateway_requests_total{status=~"5.."}',
         'gateway_requests_total{code=~"5.."}',
     )
+    broken_copy(root / "deploy" / "prometheus", alerts, "(gateway_redis_up)", "(gateway_redis_ok)")
     problems = metric_problems(root, exported)
     assert any("gateway exports no metric gateway_waiting" in p for p in problems)
+    assert any(
+        "panel 'Redis up, per process' A: the gateway exports no metric gateway_redis_connected" in p for p in problems
+    )
+    assert any(
+        "panel 'Shared flights by role' A: no metric in the expression has the label outcome" in p for p in problems
+    )
     assert any("CohereGatewayBudgetSpent: no metric in the expression has the label route" in p for p in problems)
     assert any("gateway_requests_total has no label code" in p for p in problems)
-    assert len(problems) == 3
+    assert any("CohereGatewayRedisLost: the gateway exports no metric gateway_redis_ok" in p for p in problems)
+    assert len(problems) == 6
 
 
 async def test_every_metric_the_gateway_exports_has_a_row_in_the_observability_doc(
-    fake_upstream: UpstreamFactory, start: GatewayFactory, tmp_path: Path
+    fake_upstream: UpstreamFactory, start: GatewayFactory, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    text = await exported_metrics(fake_upstream, start)
+    text, _ = await exported_metrics(fake_upstream, start, redis_server)
     assert documented_metric_problems(REPO, text) == []
 
     (tmp_path / "docs").mkdir()
     broken_copy(tmp_path / "docs", REPO / "docs" / "observability.md", "| `gateway_waiters` |", "| waiters |")
+    broken = broken_copy(tmp_path / "docs", tmp_path / "docs" / "observability.md", "| `gateway_redis_up` |", "| up |")
+    assert broken.name == "observability.md"
     assert documented_metric_problems(tmp_path, text) == [
-        "docs/observability.md has no row for the metric gateway_waiters"
+        "docs/observability.md has no row for the metric gateway_waiters",
+        "docs/observability.md has no row for the metric gateway_redis_up",
     ]
 
 
