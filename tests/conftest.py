@@ -46,9 +46,18 @@ LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
 }
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "one_loop: run on the first loop of LOOPS only: the gateway under test runs in child processes"
+        " (on uvloop whatever the test's loop), so a second loop would only repeat the same test",
+    )
+
+
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
-    """Run every async test once per loop in LOOPS."""
-    return {name: LOOP_FACTORIES[name] for name in LOOPS}
+    """Run every async test once per loop in LOOPS (on the first only, when marked ``one_loop``)."""
+    names = LOOPS[:1] if item.get_closest_marker("one_loop") else LOOPS
+    return {name: LOOP_FACTORIES[name] for name in names}
 
 
 @pytest.fixture
