@@ -35,7 +35,8 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.config import RedisSettings
 from gateway.logs import log_event
@@ -45,6 +46,8 @@ T = TypeVar("T")
 log = logging.getLogger("gateway.redis")
 
 HEARTBEAT_S = 1.0
+# Connections to Redis per process: each call holds one for well under a millisecond.
+MAX_CONNECTIONS = 32
 # A process not heard from for this long no longer counts as alive.
 ALIVE_HORIZON_S = 3 * HEARTBEAT_S
 # Errors that mean "Redis did not answer" (anything else from redis-py is a RedisError too).
@@ -86,14 +89,19 @@ class RedisLink:
         self.settings = settings
         self.prefix = settings.key_prefix
         self.process_id = process_id or new_process_id()
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
+        # A bounded pool: a burst of calls queues for a connection (within the call's
+        # timeout) rather than opening hundreds at once.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=None,  # each call is bounded by redis.timeout_s instead
             socket_timeout=settings.timeout_s,
             socket_connect_timeout=settings.timeout_s,
             retry=Retry(NoBackoff(), 0),  # no retries of its own: one timeout at most per call
             retry_on_timeout=False,
             health_check_interval=0,
         )
+        self.client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self.metrics: RedisMetrics = metrics.track_redis()
         self.up = True
         self.alive = 1  # processes last seen alive, this one included
@@ -103,6 +111,8 @@ class RedisLink:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._probe: asyncio.Task[None] | None = None
+        self._verifying: asyncio.Task[None] | None = None
+        self._epoch = 0  # regains so far
         self._regained = asyncio.Event()
         self._closing = False
         self.metrics.up.set(1)
@@ -128,7 +138,7 @@ class RedisLink:
 
     async def close(self) -> None:
         self._closing = True
-        tasks = [*self._tasks, *([self._probe] if self._probe else [])]
+        tasks = [*self._tasks, *(t for t in (self._probe, self._verifying) if t is not None)]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -149,13 +159,45 @@ class RedisLink:
         if not self.up:
             self.metrics.skipped.labels(operation).inc()
             raise RedisDown(operation)
+        epoch = self._epoch
         try:
             async with asyncio.timeout(self.settings.timeout_s):
                 return await command(self.client)
+        except ResponseError as exc:
+            # Redis answered, with an error (out of memory, a script's error): it is
+            # there, so only this call fails; the operation falls back as for an outage.
+            self.metrics.errors.labels(operation).inc()
+            log_event(log, logging.WARNING, "redis refused a call", operation=operation, reason=str(exc)[:200])
+            raise RedisDown(operation) from exc
         except _LINK_ERRORS as exc:
             self.metrics.errors.labels(operation).inc()
-            self.lost(operation, exc)
+            if epoch == self._epoch:  # a call from before Redis was regained says nothing of it now
+                self._suspect(operation, exc)
             raise RedisDown(operation) from exc
+
+    def _suspect(self, operation: str, exc: BaseException) -> None:
+        """One call failed: Redis is lost unless a ping on a fresh connection answers at once.
+
+        A burst of calls that each open a connection can outlast the timeout
+        on a busy process while Redis itself is fine; that must not cost the
+        replicas their sharing until the next probe.
+        """
+        if self._verifying is not None or not self.up:
+            return
+        if not isinstance(exc, TimeoutError | RedisTimeoutError):
+            self.lost(operation, exc)  # refused or reset: no need to ask again
+            return
+
+        async def verify() -> None:
+            try:
+                async with asyncio.timeout(self.settings.timeout_s):
+                    await self.client.ping()
+            except _LINK_ERRORS:
+                self.lost(operation, exc)
+            finally:
+                self._verifying = None
+
+        self._verifying = asyncio.get_running_loop().create_task(verify())
 
     def lost(self, operation: str, exc: BaseException | None = None) -> None:
         """Mark Redis lost (logged once per outage) and start probing for it."""
@@ -186,11 +228,12 @@ class RedisLink:
                     # Connections opened before the outage are dead (a restarted Redis) or
                     # out of step (one that stalled mid-answer): start afresh, or each would
                     # fail once more and mark Redis lost again.
-                    await self.client.connection_pool.disconnect()
+                    await self.client.connection_pool.disconnect(inuse_connections=False)
                     await self.client.ping()
             except _LINK_ERRORS:
                 continue
             self.up = True
+            self._epoch += 1
             self.metrics.up.set(1)
             self.metrics.transitions.labels("regained").inc()
             log_event(log, logging.INFO, "redis regained: sharing cache, budget and records again")

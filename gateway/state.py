@@ -22,6 +22,7 @@ from gateway.metrics import Metrics
 from gateway.protection import Clock, TokenBucket
 from gateway.records import Records, SqliteRecords
 from gateway.redis_link import PAUSED, RedisLink
+from gateway.redis_records import RedisRecords
 from gateway.refresh import Freshness, Refresher, Waiters
 from gateway.shared import LOCK_MARGIN_S, SharedBudget, SharedCache
 from gateway.upstream import UpstreamClient
@@ -29,6 +30,14 @@ from gateway.upstream import UpstreamClient
 # How long past upstream.timeout_s a create may hold its Idempotency-Key: its
 # search for an earlier try's batch and the create each take up to one timeout.
 CLAIM_MARGIN_S = 5.0
+
+
+def records_for(config: GatewayConfig, link: RedisLink | None) -> Records:
+    """Ownership and idempotency records: on Redis with the replicas (DESIGN §10), else in ``store.path``."""
+    lease_s = 2 * config.upstream.timeout_s + CLAIM_MARGIN_S
+    if link is not None:
+        return RedisRecords(link, config.batches.idempotency_ttl_s, lease_s)
+    return SqliteRecords(config.store.path, config.batches.idempotency_ttl_s, lease_s=lease_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +101,7 @@ class GatewayState:
             cache=cache,
             metrics=metrics,
             redact=redact or Redactor(),
-            records=SqliteRecords(
-                config.store.path,
-                config.batches.idempotency_ttl_s,
-                lease_s=2 * config.upstream.timeout_s + CLAIM_MARGIN_S,
-            ),
+            records=records_for(config, link),
             waiters=waiters,
             freshness=freshness,
             refresher=refresher,

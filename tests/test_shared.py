@@ -1,0 +1,250 @@
+"""The pieces of the shared tier (DESIGN §10) on a real Redis, without HTTP.
+
+Entries travel between processes with wall-clock times; the budget and the
+pause are Lua scripts on Redis's clock. The black-box tests with three
+gateway processes are in tests/test_replicas.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from gateway import errors
+from gateway.cache import CacheEntry, Role
+from gateway.config import RedisSettings
+from gateway.metrics import Metrics
+from gateway.redis_link import RedisDown, RedisLink
+from gateway.shared import SharedBudget, SharedCache, decode_entry, decode_error, encode_entry, encode_error
+from tests.redis_server import RedisServer
+from tests.support import FakeClock
+
+Links = Callable[[], Awaitable[RedisLink]]
+
+
+@pytest.fixture
+async def links(redis_server: RedisServer) -> AsyncIterator[Links]:
+    """Links to the test's Redis, one per simulated process; all closed at the end."""
+    opened: list[RedisLink] = []
+
+    async def _open() -> RedisLink:
+        link = RedisLink(RedisSettings(url=redis_server.url, probe_interval_s=0.1), Metrics())
+        await link.start()
+        opened.append(link)
+        return link
+
+    yield _open
+    for link in opened:
+        await link.close()
+
+
+async def until(condition: Callable[[], bool], within_s: float = 5.0) -> None:
+    """Poll (bounded) for state another task changes; there is no event to await for it."""
+    for _ in range(int(within_s / 0.005)):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the condition never held")
+
+
+def entry(fetched_at: float, body: bytes = b'{"batch": {"id": "b"}}') -> CacheEntry:
+    return CacheEntry(200, body, fetched_at, fetched_at + 5, fetched_at + 600, '"e1"', 1_700_000_000.5, False)
+
+
+def test_an_entry_keeps_its_age_and_lifetimes_across_processes_with_other_monotonic_clocks() -> None:
+    wall = FakeClock(now=1_800_000_000.0)
+    here, there = FakeClock(now=100.0), FakeClock(now=98_000.0)
+    sent = entry(fetched_at=97.0)  # three seconds old here
+    wall.advance(0.5)
+    there.advance(0.5)
+    got = decode_entry(encode_entry(sent, here, wall), there, wall)
+    assert got is not None
+    assert got.age_s(there()) == 3
+    assert got.fresh_until - got.fetched_at == pytest.approx(5)
+    assert got.keep_until - got.fetched_at == pytest.approx(600)
+    assert (got.status, got.body, got.etag, got.updated_at, got.terminal) == (
+        200,
+        sent.body,
+        sent.etag,
+        sent.updated_at,
+        False,
+    )
+
+
+@pytest.mark.parametrize("value", [b"", b"not json\n{}", b'["too", "short"]\n{}', b'{"a": 1}\nbody'])
+def test_an_entry_another_version_wrote_is_ignored_not_a_crash(value: bytes) -> None:
+    assert decode_entry(value, time.monotonic, time.time) is None
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        errors.UpstreamRateLimited(retry_after_s=7),
+        errors.UpstreamUnavailable("down", retry_after_s=3),
+        errors.UpstreamAuthFailed(upstream_status=401),
+        errors.UpstreamTimeout("slow"),
+    ],
+)
+def test_a_leaders_error_reaches_its_followers_as_the_same_contract_error(error: errors.GatewayError) -> None:
+    got = decode_error(encode_error(error))
+    assert type(got) is type(error)
+    assert (got.status, got.code, got.message, got.retry_after_s, got.upstream_status) == (
+        error.status,
+        error.code,
+        error.message,
+        error.retry_after_s,
+        error.upstream_status,
+    )
+
+
+@pytest.mark.parametrize("payload", [b"", b"{}", b'{"error": "SystemExit", "message": "x"}'])
+def test_an_unreadable_or_foreign_error_becomes_an_upstream_error(payload: bytes) -> None:
+    assert isinstance(decode_error(payload), errors.UpstreamError)
+
+
+async def test_the_budget_is_one_bucket_for_every_process(links: Links) -> None:
+    budgets = [SharedBudget(await links(), time.monotonic) for _ in range(3)]
+    # rate 0.01/s: no refill to speak of during the test.
+    taken = [await budgets[i % 3].take(0.01, 4, reserve=0) for i in range(9)]
+    assert [kind for kind, _ in taken] == [0, 0, 0, 0, 1, 1, 1, 1, 1]
+    assert all(wait > 50 for kind, wait in taken if kind == 1)
+
+
+async def test_a_reserve_leaves_the_last_tokens_to_others(links: Links) -> None:
+    budget = SharedBudget(await links(), time.monotonic)
+    assert [(await budget.take(0.01, 4, reserve=2))[0] for _ in range(3)] == [0, 0, 1]
+    assert (await budget.take(0.01, 4, reserve=0))[0] == 0
+
+
+async def test_a_pause_stops_every_process_and_a_shorter_one_never_cuts_it(links: Links) -> None:
+    one, other = SharedBudget(await links(), time.monotonic), SharedBudget(await links(), time.monotonic)
+    await one.pause(30)
+    await other.pause(1)
+    kind, left = await other.take(100, 100, reserve=0)
+    assert kind == 2
+    assert 28 < left <= 30
+
+
+async def test_followers_wait_for_the_leaders_answer_and_one_upstream_call_is_made(links: Links) -> None:
+    caches = [SharedCache(link, time.monotonic, lambda: 5.0) for link in [await links() for _ in range(3)]]
+    for cache in caches:
+        cache.link.subscribe(cache.heard)
+    release, called = asyncio.Event(), asyncio.Event()
+    calls: list[int] = []
+
+    async def produce() -> tuple[CacheEntry, bool]:
+        calls.append(1)
+        called.set()
+        await release.wait()
+        return entry(time.monotonic()), True
+
+    settled = [
+        asyncio.ensure_future(cache.settle("b", lambda e: time.monotonic() < e.fresh_until, produce))
+        for cache in caches
+    ]
+    async with asyncio.timeout(10):
+        await called.wait()
+        await until(lambda: sum(len(c._following.get("b", ())) for c in caches) == 2)
+        release.set()
+        results = await asyncio.gather(*settled)
+    assert len(calls) == 1
+    roles = [role for _, role in results]
+    # The others waited for it, or (had the lock just come free) found its answer stored.
+    assert roles.count(Role.LED) == 1
+    assert set(roles) - {Role.LED} <= {Role.FOLLOWED, Role.ADOPTED}
+    assert {e.etag for e, _ in results} == {'"e1"'}
+
+
+async def test_a_leaders_failure_is_answered_to_its_followers_without_another_call(links: Links) -> None:
+    leader, follower = (SharedCache(link, time.monotonic, lambda: 5.0) for link in [await links(), await links()])
+    follower.link.subscribe(follower.heard)
+    release, called = asyncio.Event(), asyncio.Event()
+    calls: list[int] = []
+
+    async def fail() -> tuple[CacheEntry, bool]:
+        calls.append(1)
+        called.set()
+        await release.wait()
+        raise errors.UpstreamUnavailable("The upstream is failing.", retry_after_s=4)
+
+    led = asyncio.ensure_future(leader.settle("b", lambda _e: True, fail))
+    async with asyncio.timeout(10):
+        await called.wait()
+        followed = asyncio.ensure_future(follower.settle("b", lambda _e: True, fail))
+        await until(lambda: "b" in follower._following)  # it listens before it tries the lock...
+        await until(lambda: "b" not in follower._following or bool(follower._following["b"]))
+        release.set()
+        with pytest.raises(errors.UpstreamUnavailable):
+            await led
+        with pytest.raises(errors.UpstreamUnavailable) as raised:
+            await followed
+    assert raised.value.retry_after_s == 4
+    assert len(calls) == 1
+
+
+async def test_a_lock_whose_holder_vanished_is_taken_over_after_its_ttl(links: Links) -> None:
+    link = await links()
+    # A holder that died: its lock stays until the TTL runs out.
+    await link.client.set(link.key("lock", "b"), "dead-holder", px=600)
+    cache = SharedCache(await links(), time.monotonic, lambda: 5.0)
+    started = time.monotonic()
+
+    async def produce() -> tuple[CacheEntry, bool]:
+        return entry(time.monotonic()), True
+
+    async with asyncio.timeout(10):
+        _, role = await cache.settle("b", lambda e: time.monotonic() < e.fresh_until, produce)
+    assert role is Role.LED
+    assert 0.4 < time.monotonic() - started < 3
+
+
+async def test_a_cancelled_leader_leaves_no_lock_behind(links: Links) -> None:
+    link = await links()
+    cache = SharedCache(link, time.monotonic, lambda: 30.0)
+    entered = asyncio.Event()
+
+    async def hang() -> tuple[CacheEntry, bool]:
+        entered.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    led = asyncio.ensure_future(cache.settle("b", lambda _e: False, hang))
+    async with asyncio.timeout(10):
+        await entered.wait()
+        assert await link.client.exists(link.key("lock", "b"))
+        led.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await led
+        for _ in range(500):
+            if not await link.client.exists(link.key("lock", "b")):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the cancelled leader's lock stayed")
+
+
+async def test_with_redis_lost_every_call_fails_at_once_and_nothing_waits(
+    links: Links, redis_server: RedisServer
+) -> None:
+    link = await links()
+    cache = SharedCache(link, time.monotonic, lambda: 5.0)
+    redis_server.pause()
+    try:
+        started = time.monotonic()
+        with pytest.raises(RedisDown):
+            await cache.load("b")
+        assert time.monotonic() - started < 1.0  # one redis.timeout_s (0.25 s), not a retry more
+        await until(lambda: not link.up)  # a ping on a fresh connection did not answer either
+        started = time.monotonic()
+        for _ in range(100):
+            with pytest.raises(RedisDown):
+                await cache.load("b")
+        assert time.monotonic() - started < 0.1
+    finally:
+        redis_server.resume()
+    async with asyncio.timeout(10):
+        await link.until_up()
+    assert await cache.load("b") is None
