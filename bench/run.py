@@ -5,6 +5,7 @@
     python bench/run.py --smoke    # a few seconds: every scenario once, minimally (CI)
     python bench/run.py --quick --only callers,config   # just some scenarios (see --help)
     python bench/run.py --quick --only notice           # time to notice a change (DESIGN §9)
+    python bench/run.py --quick --only replicas         # replicas sharing one Redis (DESIGN §10)
 
 Every server runs in its own process on 127.0.0.1: the simulated upstream
 (bench/sim_server.py, the gateway's own ``gateway.demo.Simulator``), the
@@ -17,7 +18,12 @@ times ``gateway.config.validate`` in this process. The time-to-notice
 scenario (DESIGN §9) runs nginx, then the gateway with polling callers, then
 with long-poll callers, each alone on a fresh simulator whose batches
 complete at scheduled moments, and the gateways at nginx's upstream call
-rate (bench/notice_delays.png).
+rate (bench/notice_delays.png). The replicas scenario (DESIGN §10) runs the
+lifecycle workload through 3 gateway processes sharing one redis-server
+(Debian's, started here on a free port, no persistence), through 3 without
+Redis and through 1; then the 3 on Redis again with Redis killed for a few
+seconds in the middle; then cache hits of one process with ``redis.url``
+against one without.
 
 The last line on stdout is one JSON object (see ``KEYS``).
 """
@@ -42,8 +48,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -75,6 +82,10 @@ KEYS = (
     "notice_calls_nginx",
     "notice_p50_vs_nginx",
     "notice_calls_vs_nginx",
+    "replica_amplification",
+    "replica_amplification_no_redis",
+    "redis_outage_failed_polls",
+    "hit_rps_redis_vs_local",
 )
 # key: (comparison, bound)
 TARGETS = {
@@ -87,12 +98,17 @@ TARGETS = {
     # DESIGN §9: long-poll callers notice a change in half nginx's time (p50), at no more upstream calls.
     "notice_p50_vs_nginx": ("<=", 0.5),
     "notice_calls_vs_nginx": ("<=", 1.0),
+    # DESIGN §10: 3 replicas on one Redis make the upstream calls of one process, survive Redis going away
+    # with no failed poll, and a process with redis.url serves hits as fast as one without.
+    "replica_amplification": ("<=", 1.1),
+    "redis_outage_failed_polls": ("<=", 0),
+    "hit_rps_redis_vs_local": (">=", 0.9),
 }
 TTL_ACTIVE_S = 5.0
 TTL_TERMINAL_S = 86400.0
 TTL_NOT_FOUND_S = 10.0
 HIT_BATCH_ID = "hit-batch-0001"
-SCENARIOS = ("hits", "upstream", "miss", "memory", "callers", "config", "notice")
+SCENARIOS = ("hits", "upstream", "miss", "memory", "callers", "config", "notice", "replicas")
 MANY_CALLERS = 2_000  # scenario 5: hits with this many callers configured, against 2
 CONFIG_CALLERS = 10_000  # scenario 6: a config with this many callers, loaded and validated
 CONTENDERS = (
@@ -126,13 +142,18 @@ class Mode:
     install: bool
     notice_batches: int  # scenario 7: batches, one caller each
     notice_window_s: float  # scenario 7: each batch completes at a random moment within this window
+    outage_s: float  # scenario 8: how long Redis stays killed, in the middle of the lifecycle window
 
 
 MODES = {
-    "full": Mode("full", 5, 4, (64, 256), 200, 50, 0.5, 25.0, 45.0, 5, 400, 100_000, True, 40, 60.0),
-    "quick": Mode("quick", 3, 2, (64, 256), 200, 50, 0.5, 10.0, 20.0, 3, 300, 25_000, True, 20, 30.0),
-    "smoke": Mode("smoke", 1, 1, (64,), 20, 5, 0.5, 2.0, 3.0, 1, 30, 500, False, 3, 2.0),
+    "full": Mode("full", 5, 4, (64, 256), 200, 50, 0.5, 25.0, 45.0, 5, 400, 100_000, True, 40, 60.0, 5.0),
+    "quick": Mode("quick", 3, 2, (64, 256), 200, 50, 0.5, 10.0, 20.0, 3, 300, 25_000, True, 20, 30.0, 5.0),
+    "smoke": Mode("smoke", 1, 1, (64,), 20, 5, 0.5, 2.0, 3.0, 1, 30, 500, False, 3, 2.0, 1.0),
 }
+
+
+# A bound, not a wait: on a shared 2-core machine, several gateways starting at once took 17 s (scenario 8).
+START_WITHIN_S = 60.0
 
 
 def log(message: str) -> None:
@@ -211,17 +232,33 @@ class Processes:
             )
         proc = Proc(name, popen, f"http://127.0.0.1:{port}", log_path)
         self.running.append(proc)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + START_WITHIN_S
         while time.monotonic() < deadline:
             if popen.poll() is not None:
                 raise RuntimeError(f"{name} exited with {popen.returncode}: {tail(log_path)}")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return proc
             time.sleep(0.05)
-        raise RuntimeError(f"{name} did not start listening within 20 s: {tail(log_path)}")
+        raise RuntimeError(f"{name} did not start listening within {START_WITHIN_S:g} s: {tail(log_path)}")
 
     def stop(self, proc: Proc) -> None:
         proc.stop()
+        if proc in self.running:
+            self.running.remove(proc)
+
+    def stop_together(self, procs: list[Proc]) -> None:
+        """SIGTERM to all at once, then wait for each: their drains overlap."""
+        for proc in procs:
+            if proc.popen.poll() is None:
+                proc.popen.terminate()
+        for proc in procs:
+            self.stop(proc)
+
+    def kill(self, proc: Proc) -> None:
+        """SIGKILL: no drain, no goodbye (the Redis outage of scenario 8)."""
+        if proc.popen.poll() is None:
+            proc.popen.kill()
+        proc.popen.wait(timeout=10)
         if proc in self.running:
             self.running.remove(proc)
 
@@ -230,6 +267,12 @@ class Processes:
             with contextlib.suppress(Exception):
                 proc.stop()
         self.running.clear()
+
+
+def start_together(starters: list[Callable[[], Proc]]) -> list[Proc]:
+    """Start processes side by side (each start waits for its own port), so that several cost about one start."""
+    with ThreadPoolExecutor(max_workers=len(starters)) as pool:
+        return list(pool.map(lambda start: start(), starters))
 
 
 def tail(path: Path, lines: int = 8) -> str:
@@ -251,6 +294,7 @@ class Env:
     sim: Proc | None = None
     wrk: str | None = None
     nginx: str | None = None
+    redis: str | None = None  # Debian's redis-server (scenario 8)
     candidate_python: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -275,9 +319,11 @@ class Env:
         callers: list[dict[str, str]] | None = None,
         budget: tuple[float, int] | None = None,
         cache: dict[str, Any] | None = None,
+        sections: dict[str, Any] | None = None,
     ) -> Proc:
-        """A gateway on namespace ``ns``; ``budget`` (calls/s, burst) replaces the unshaping default, and
-        ``cache`` adds settings to the cache section (its ``ttl_s`` merged into the TTLs)."""
+        """A gateway on namespace ``ns``; ``budget`` (calls/s, burst) replaces the unshaping default,
+        ``cache`` adds settings to the cache section (its ``ttl_s`` merged into the TTLs), and ``sections``
+        adds whole sections (``redis``, ``store``)."""
         assert self.sim is not None
         port = free_port()
         rate, burst = budget if budget is not None else (1_000_000, 1_000_000)
@@ -301,10 +347,22 @@ class Env:
             "cache": {"max_entries": max_entries, "ttl_s": ttl, **extra},
             "logging": {"level": "INFO", "access_log": access_log},
             "callers": callers if callers is not None else [{"name": n, "key": k} for n, k in self.keys.items()],
+            **(sections or {}),
         }
         path = self.workdir / f"{name}.yaml"
         path.write_text(json.dumps(config, indent=2))  # JSON is YAML
         cmd = [python, "-m", "gateway", "--config", str(path)]
+        return self.procs.start(name, cmd, port)
+
+    def start_redis(self, name: str, port: int | None = None) -> Proc:
+        """Debian's redis-server on 127.0.0.1 with no persistence (tests/redis_server.py's command line); ``port``
+        starts it again on the port of one that was killed."""
+        assert self.redis is not None
+        port = port or free_port()
+        data = self.workdir / "redis"
+        data.mkdir(exist_ok=True)
+        cmd = [self.redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        cmd += ["--dir", str(data), "--protected-mode", "no", "--loglevel", "warning"]
         return self.procs.start(name, cmd, port)
 
     def start_ceiling(self, body: bytes) -> Proc:
@@ -357,35 +415,43 @@ def _nobody_uid() -> int:
 # --- tools ---------------------------------------------------------------------------------------------------------
 
 
-def find_tools(allow_install: bool) -> tuple[str | None, str | None, list[str]]:
-    """wrk and nginx, installed from Debian if missing and allowed; and what was done."""
+TOOLS = ("wrk", "nginx", "redis-server")  # each is its own Debian package's name
+
+
+def find_tools(allow_install: bool) -> tuple[dict[str, str | None], list[str]]:
+    """wrk, nginx and redis-server (name -> path, None if missing), installed from Debian if missing and allowed;
+    and what was done."""
     notes: list[str] = []
 
-    def found() -> tuple[str | None, str | None]:
-        nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
-        return shutil.which("wrk"), nginx
+    def found() -> dict[str, str | None]:
+        return {
+            tool: shutil.which(tool) or next((p for p in (f"/usr/sbin/{tool}",) if Path(p).exists()), None)
+            for tool in TOOLS
+        }
 
-    wrk, nginx = found()
-    if (wrk and nginx) or not allow_install:
-        if not (wrk and nginx):
-            notes.append("wrk/nginx missing and installing was not attempted (--smoke or --no-install)")
-        return wrk, nginx, notes
+    tools = found()
+    missing = [tool for tool, path in tools.items() if path is None]
+    if not missing:
+        return tools, notes
+    named = "/".join(missing)
+    if not allow_install:
+        notes.append(f"{named} missing and installing was not attempted (--smoke or --no-install)")
+        return tools, notes
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        notes.append("wrk/nginx missing and cannot be installed here (not root, or no apt-get)")
-        return wrk, nginx, notes
-    log("installing wrk and nginx from Debian")
-    install = ["apt-get", "install", "-y", "-q", "wrk", "nginx"]
+        notes.append(f"{named} missing and cannot be installed here (not root, or no apt-get)")
+        return tools, notes
+    log(f"installing {' and '.join(missing)} from Debian")
+    install = ["apt-get", "install", "-y", "-q", *missing]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     try:
         done = subprocess.run(install, capture_output=True, timeout=300, env=env, check=False)
         if done.returncode != 0:
             subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=300, env=env, check=False)
             done = subprocess.run(install, capture_output=True, timeout=300, env=env, check=False)
-        notes.append(f"apt-get install wrk nginx: exit {done.returncode}")
+        notes.append(f"apt-get install {' '.join(missing)}: exit {done.returncode}")
     except subprocess.TimeoutExpired:
-        notes.append("apt-get install wrk nginx timed out")
-    wrk, nginx = found()
-    return wrk, nginx, notes
+        notes.append(f"apt-get install {' '.join(missing)} timed out")
+    return found(), notes
 
 
 # --- scenario 1: cache hits ----------------------------------------------------------------------------------------
@@ -526,9 +592,9 @@ async def fetch_status(url: str, key: str) -> int:
 # --- scenario 2: upstream amplification ----------------------------------------------------------------------------
 
 
-def lifecycle_ids(count: int) -> list[str]:
+def lifecycle_ids(count: int, prefix: str = "life") -> list[str]:
     # Every tenth batch ends FAILED rather than COMPLETED (the Simulator's rule for ids with "fail").
-    return [f"life-fail-{i:03d}" if i % 10 == 9 else f"life-{i:03d}" for i in range(count)]
+    return [f"{prefix}-fail-{i:03d}" if i % 10 == 9 else f"{prefix}-{i:03d}" for i in range(count)]
 
 
 def ideal_calls(first_seen: float, span_s: float, end: float, ttl_s: float) -> list[float]:
@@ -548,17 +614,37 @@ def ideal_calls(first_seen: float, span_s: float, end: float, ttl_s: float) -> l
     return calls
 
 
-async def lifecycle(env: Env, targets: dict[str, tuple[str, str, dict[str, str]]]) -> dict[str, Any]:
-    """Pollers against every target at once; the simulator counts each target's upstream calls."""
+# A lifecycle target: its simulator namespace, the servers its pollers are spread over (poller n keeps to server
+# n mod their number, as a load balancer spreads connections round-robin), and the headers the pollers send.
+Target = tuple[str, tuple[str, ...], dict[str, str]]
+
+
+def poll_failed(status: int) -> bool:
+    """An answer that is not the batch: anything but 2xx or 304 (no answer at all is a failed poll too)."""
+    return not (200 <= status < 300 or status == 304)
+
+
+async def lifecycle(
+    env: Env,
+    targets: dict[str, Target],
+    fault: Callable[[float, float], Awaitable[None]] | None = None,
+    prefix: str = "life",
+) -> dict[str, Any]:
+    """Pollers against every target at once; the simulator counts each target's upstream calls.
+
+    ``fault(start, end)``, if given, runs alongside the pollers (scenario 8 kills Redis with it); ``prefix``
+    names the batches (another prefix: batches the targets have never seen).
+    """
     mode = env.mode
     assert env.sim is not None
     sim_url = env.sim.url
-    ids = lifecycle_ids(mode.batches)
+    ids = lifecycle_ids(mode.batches, prefix)
     timeout = aiohttp.ClientTimeout(total=10)
     polls = dict.fromkeys(targets, 0)
     failures = dict.fromkeys(targets, 0)
+    failure_kinds: dict[str, dict[str, int]] = {name: {} for name in targets}
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as control:
-        for _name, (ns, _url, _headers) in targets.items():
+        for _name, (ns, _bases, _headers) in targets.items():
             async with control.post(f"{sim_url}/_bench/reset", params={"ns": ns}) as r:
                 r.raise_for_status()
         start = time.monotonic()
@@ -573,62 +659,81 @@ async def lifecycle(env: Env, targets: dict[str, tuple[str, str, dict[str, str]]
                     await asyncio.sleep(max(0.0, next_at - time.monotonic()))
                     if time.monotonic() >= end:
                         return
+                    kind = None
                     try:
                         async with session.get(f"{base}/v2/batches/{batch_id}", headers=headers) as r:
                             await r.read()
                             polls[name] += 1
-                            failures[name] += r.status != 200
-                    except (aiohttp.ClientError, TimeoutError):
+                            kind = str(r.status) if poll_failed(r.status) else None
+                    except (aiohttp.ClientError, TimeoutError) as error:
+                        kind = type(error).__name__
+                    if kind is not None:
                         failures[name] += 1
+                        failure_kinds[name][kind] = failure_kinds[name].get(kind, 0) + 1
                     # A late poller does not burst to catch up: it keeps its pace from now.
                     next_at = max(next_at + mode.poll_interval_s, time.monotonic())
 
         async def sampler() -> None:
             while time.monotonic() < end + 0.5:
                 counts = {}
-                for name, (ns, _url, _headers) in targets.items():
+                for name, (ns, _bases, _headers) in targets.items():
                     async with control.get(f"{sim_url}/_bench/stats", params={"ns": ns}) as r:
                         counts[name] = (await r.json())["calls"]
                 timeline.append((time.monotonic() - start, counts))
                 await asyncio.sleep(0.5)
 
         tasks = [asyncio.ensure_future(sampler())]
-        for name, (_ns, url, headers) in targets.items():
+        if fault is not None:
+            tasks.append(asyncio.ensure_future(fault(start, end)))
+        for name, (_ns, bases, headers) in targets.items():
             for p in range(mode.pollers):
                 phase = (p * 0.6180339887) % 1.0 * mode.poll_interval_s
-                tasks.append(asyncio.ensure_future(poller(name, url, headers, ids[p % len(ids)], phase)))
+                base = bases[p % len(bases)]
+                tasks.append(asyncio.ensure_future(poller(name, base, headers, ids[p % len(ids)], phase)))
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=mode.window_s + 30)
         details = {}
-        for name, (ns, _url, _headers) in targets.items():
+        for name, (ns, _bases, _headers) in targets.items():
             async with control.get(f"{sim_url}/_bench/stats", params={"ns": ns, "detail": "1"}) as r:
                 details[name] = await r.json()
-    return {"timeline": timeline, "details": details, "polls": polls, "failures": failures, "start": start}
+    return {
+        "timeline": timeline,
+        "details": details,
+        "polls": polls,
+        "failures": failures,
+        "failure_kinds": failure_kinds,
+        "start": start,
+    }
+
+
+def ideal_times(details: dict[str, Any]) -> list[float]:
+    """The ideal cache's upstream calls (simulator clock), from the batches' real lifecycles in one namespace."""
+    times: list[float] = []
+    for batch_id, first in details["first_seen"].items():
+        times += ideal_calls(first, details["span_s"][batch_id], details["now"], TTL_ACTIVE_S)
+    return sorted(times)
 
 
 def scenario_lifecycle(env: Env) -> dict[str, Any]:
     assert env.sim is not None
     gateway = env.start_gateway("gateway-life", "gw")
-    targets: dict[str, tuple[str, str, dict[str, str]]] = {}
+    targets: dict[str, Target] = {}
     keys = list(env.keys.values())
-    targets["gateway"] = ("gw", gateway.url, {"Authorization": f"Bearer {keys[0]}"})
+    targets["gateway"] = ("gw", (gateway.url,), {"Authorization": f"Bearer {keys[0]}"})
     nginx = None
     if env.nginx is not None:
         nginx = env.start_nginx("nginx-life", "nginx")
-        targets["nginx"] = ("nginx", nginx.url, {"Authorization": f"Bearer {keys[0]}"})
-    targets["direct"] = ("direct", f"{env.sim.url}/direct", {"Authorization": f"Bearer {env.token}"})
+        targets["nginx"] = ("nginx", (nginx.url,), {"Authorization": f"Bearer {keys[0]}"})
+    targets["direct"] = ("direct", (f"{env.sim.url}/direct",), {"Authorization": f"Bearer {env.token}"})
     log(f"lifecycle: {env.mode.pollers} pollers x {len(targets)} targets for {env.mode.window_s:g} s")
     result = uvloop.run(lifecycle(env, targets))
     env.procs.stop(gateway)
     if nginx is not None:
         env.procs.stop(nginx)
     # The ideal, from the batches' real lifecycles as the gateway's namespace saw them.
-    gw = result["details"]["gateway"]
-    ideal_times: list[float] = []
-    for batch_id, first in gw["first_seen"].items():
-        ideal_times += ideal_calls(first, gw["span_s"][batch_id], gw["now"], TTL_ACTIVE_S)
-    result["ideal_times"] = sorted(t - result["start"] for t in ideal_times)
+    ideal = ideal_times(result["details"]["gateway"])
+    result["ideal_times"] = [t - result["start"] for t in ideal]
     result["mode"] = env.mode
-    result["ideal"] = len(ideal_times)
+    result["ideal"] = len(ideal)
     result["calls"] = {name: d["calls"] for name, d in result["details"].items()}
     return result
 
@@ -782,7 +887,6 @@ def filler_callers(count: int) -> list[dict[str, str]]:
 
 def scenario_callers(env: Env) -> dict[str, Any]:
     """Cache hits with MANY_CALLERS callers configured against 2, alternated, as the last caller configured."""
-    mode = env.mode
     if env.wrk is None:
         env.notes.append("scenario 5 (many callers) skipped: wrk is not installed")
         return {}
@@ -793,6 +897,14 @@ def scenario_callers(env: Env) -> dict[str, Any]:
         f"{len(few)} callers": env.start_gateway("gateway-few-callers", "hit", callers=few),
         f"{len(many)} callers": env.start_gateway("gateway-many-callers", "hit", callers=many),
     }
+    compared = compare_hits(env, contenders, key, "callers")
+    return {**compared, "many": len(many), "few": len(few)}
+
+
+def compare_hits(env: Env, contenders: dict[str, Proc], key: str, label: str) -> dict[str, Any]:
+    """Cache hits of two gateways alike but for one setting, alternated round by round (wrk, as the caller with
+    ``key``, at the first connection count), then stopped; ``ratio`` is the second's req/s over the first's."""
+    mode = env.mode
     urls = {name: f"{p.url}/v2/batches/{HIT_BATCH_ID}" for name, p in contenders.items()}
     conns = mode.connections[0]
     for name, url in urls.items():
@@ -807,9 +919,8 @@ def scenario_callers(env: Env) -> dict[str, Any]:
         order = names[round_no % 2 :] + names[: round_no % 2]
         for name in order:
             samples[name].append(run_wrk(env, urls[name], conns, mode.hit_seconds, contenders[name], key=key))
-        log(f"callers: round {round_no + 1}/{mode.hit_rounds} done")
-    for proc in contenders.values():
-        env.procs.stop(proc)
+        log(f"{label}: round {round_no + 1}/{mode.hit_rounds} done")
+    env.procs.stop_together(list(contenders.values()))
     table = {
         name: {
             "rps": statistics.median(r["rps"] for r in runs),
@@ -823,8 +934,8 @@ def scenario_callers(env: Env) -> dict[str, Any]:
     }
     # Ratio within each round, then the median, as for the hit comparisons.
     pairs = zip(samples[names[1]], samples[names[0]], strict=True)
-    ratio = statistics.median(m["rps"] / f["rps"] for m, f in pairs)
-    return {"table": table, "ratio": ratio, "connections": conns, "many": len(many), "few": len(few)}
+    ratio = statistics.median(second["rps"] / first["rps"] for second, first in pairs)
+    return {"table": table, "ratio": ratio, "connections": conns}
 
 
 # --- scenario 6: loading a large config ----------------------------------------------------------------------------
@@ -1107,6 +1218,219 @@ def scenario_notice(env: Env) -> dict[str, Any]:
     }
 
 
+# --- scenario 8: replicas on one Redis (DESIGN §10) ----------------------------------------------------------------
+
+REPLICAS = 3
+HIT_LOCAL, HIT_REDIS = "without redis.url", "with redis.url"
+
+
+@dataclass(frozen=True)
+class ReplicaRun:
+    """One set-up of scenario 8: gateway processes on their own namespace of the simulator, on Redis or not."""
+
+    label: str
+    ns: str
+    processes: int
+    on_redis: bool
+
+
+# Run at once, each on its own namespace: the same batches with the same lifecycles, under the same load.
+REPLICA_RUNS = {
+    "redis": ReplicaRun(f"{REPLICAS} replicas, one Redis", "rep-redis", REPLICAS, True),
+    "no_redis": ReplicaRun(f"{REPLICAS} replicas, no Redis", "rep-local", REPLICAS, False),
+    "one": ReplicaRun("1 process", "rep-one", 1, False),
+}
+# Then alone: the same replicas on Redis again, on batches they have never seen, with Redis killed in the middle.
+OUTAGE_RUN = replace(REPLICA_RUNS["redis"], label=f"{REPLICAS} replicas, Redis killed in the middle")
+
+
+def redis_url(redis: Proc) -> str:
+    return f"{redis.url.replace('http://', 'redis://', 1)}/0"
+
+
+def replica_starters(env: Env, run: ReplicaRun, redis: Proc, named: str | None = None) -> list[Callable[[], Proc]]:
+    """Each replica (``named``-0, -1...) with its own store file (replicas on different hosts share none), and the
+    shared Redis if ``run`` is on it, under a key prefix of its set-up's own, so that no set-up finds another's
+    entries."""
+    starters: list[Callable[[], Proc]] = []
+    base = named or f"gateway-{run.ns}"
+    for n in range(run.processes):
+        name = f"{base}-{n}"
+        sections: dict[str, Any] = {"store": {"path": str(env.workdir / f"{name}.db")}}
+        if run.on_redis:
+            sections["redis"] = {"url": redis_url(redis), "key_prefix": f"bench-{base}:"}
+        starters.append(partial(env.start_gateway, name, run.ns, sections=sections))
+    return starters
+
+
+def replica_rows(measured: dict[str, Any], runs: dict[str, ReplicaRun]) -> dict[str, dict[str, Any]]:
+    """Each run's upstream calls (counted by the simulator), its ideal, and its pollers' polls and failures."""
+    return {
+        key: {
+            "label": run.label,
+            "processes": run.processes,
+            "on_redis": run.on_redis,
+            "calls": measured["details"][key]["calls"],
+            "ideal": len(ideal_times(measured["details"][key])),
+            "polls": measured["polls"][key],
+            "failures": measured["failures"][key],
+            "failure_kinds": measured["failure_kinds"][key],
+        }
+        for key, run in runs.items()
+    }
+
+
+@dataclass
+class RedisOutage:
+    """Redis killed (SIGKILL) in the middle of a lifecycle run, then started again, empty, on the same port."""
+
+    env: Env
+    redis: Proc
+    seconds: float
+    killed_s: float = math.nan  # seconds since the pollers started
+    restarted_s: float = math.nan
+    listening_s: float = math.nan
+
+    async def __call__(self, start: float, end: float) -> None:
+        await asyncio.sleep(max(0.0, start + (end - start - self.seconds) / 2 - time.monotonic()))
+        port = int(self.redis.url.rpartition(":")[2])
+        # In a thread: the pollers keep their pace while processes are killed and started.
+        await asyncio.to_thread(self.env.procs.kill, self.redis)
+        self.killed_s = time.monotonic() - start
+        await asyncio.sleep(self.seconds)
+        self.restarted_s = time.monotonic() - start
+        self.redis = await asyncio.to_thread(self.env.start_redis, "redis-restarted", port)
+        self.listening_s = time.monotonic() - start
+
+
+def scenario_replicas(env: Env) -> dict[str, Any]:
+    """DESIGN §10: the lifecycle workload through 3 replicas on one Redis, 3 without and 1 process; the 3 on Redis
+    again with Redis killed in the middle; then hits of one process with redis.url against one without."""
+    if env.redis is None:
+        env.notes.append("scenario 8 (replicas) skipped: redis-server is not installed")
+        return {}
+    mode = env.mode
+    headers = {"Authorization": f"Bearer {env.key}"}
+    redis = env.start_redis("redis")
+    starters = {key: replica_starters(env, run, redis) for key, run in REPLICA_RUNS.items()}
+    started = iter(start_together([start for group in starters.values() for start in group]))
+    groups = {key: [next(started) for _ in group] for key, group in starters.items()}
+    targets = {key: (REPLICA_RUNS[key].ns, tuple(p.url for p in procs), headers) for key, procs in groups.items()}
+    log(f"replicas: {mode.pollers} pollers x {len(targets)} set-ups for {mode.window_s:g} s")
+    rows = replica_rows(uvloop.run(lifecycle(env, targets)), REPLICA_RUNS)
+    env.procs.stop_together(groups["no_redis"])
+    before = [uvloop.run(redis_transitions(p.url)) for p in groups["redis"]]
+
+    outage = RedisOutage(env, redis, mode.outage_s)
+    log(f"replicas: again on new batches, Redis killed for {mode.outage_s:g} s in the middle of {mode.window_s:g} s")
+    again = {"outage": targets["redis"]}
+    rows |= replica_rows(uvloop.run(lifecycle(env, again, fault=outage, prefix="again")), {"outage": OUTAGE_RUN})
+    after = [uvloop.run(redis_transitions(p.url)) for p in groups["redis"]]
+    seen = [{event: a[event] - b[event] for event in a} for a, b in zip(after, before, strict=True)]
+    calls = ", ".join(f"{row['label']} {row['calls']}" for row in rows.values())
+    log(f"replicas: upstream calls: {calls}; failed polls with Redis killed: {rows['outage']['failures']}")
+
+    env.procs.stop_together(groups["redis"] + groups["one"])
+    hits = replica_hits(env, outage.redis)
+    env.procs.stop(outage.redis)
+    timing = {"seconds": mode.outage_s, "killed_s": outage.killed_s, "restarted_s": outage.restarted_s}
+    felt = {"seen": seen, "seen_before": before}
+    return {"runs": rows, "outage": {**timing, "listening_s": outage.listening_s, **felt}, "hits": hits}
+
+
+async def redis_transitions(url: str) -> dict[str, int]:
+    """How many times a gateway saw Redis lost and regained (its /metrics): proof that the outage was felt."""
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as r:
+        text = await r.text()
+    found = re.findall(r'^gateway_redis_transitions_total\{event="(\w+)"\}\s+([\d.e+]+)$', text, re.MULTILINE)
+    return {"lost": 0, "regained": 0} | {event: int(float(n)) for event, n in found}
+
+
+def replica_hits(env: Env, redis: Proc) -> dict[str, Any]:
+    """Cache hits of a fresh process with redis.url set against a fresh one without, alike but for that, alternated
+    (a fresh hit in a process's own memory does not touch Redis, DESIGN §10)."""
+    if env.wrk is None:
+        env.notes.append("scenario 8: hits with redis.url not measured: wrk is not installed")
+        return {}
+    starters = [
+        replica_starters(env, ReplicaRun(label, "hit", 1, on_redis), redis, f"gateway-hit-{tag}")[0]
+        for label, on_redis, tag in ((HIT_LOCAL, False, "local"), (HIT_REDIS, True, "redis"))
+    ]
+    contenders = dict(zip((HIT_LOCAL, HIT_REDIS), start_together(starters), strict=True))
+    return compare_hits(env, contenders, env.key, "replicas: hits")
+
+
+def summarize_replicas(replicas: dict[str, Any]) -> dict[str, Any]:
+    """Scenario 8's keys: upstream calls of the 3 replicas (on Redis, then without) over those of 1 process; failed
+    polls while Redis was killed; hits with redis.url over hits without."""
+    rows, hits = replicas["runs"], replicas["hits"]
+    one = rows["one"]["calls"]
+    out: dict[str, Any] = {
+        "replica_amplification": round(rows["redis"]["calls"] / one, 3) if one else None,
+        "replica_amplification_no_redis": round(rows["no_redis"]["calls"] / one, 3) if one else None,
+        "redis_outage_failed_polls": rows["outage"]["failures"],
+        "replica_upstream_calls": {key: row["calls"] for key, row in rows.items()},
+        "hit_rps_redis_vs_local": None,
+    }
+    if hits:
+        out["hit_rps_redis_vs_local"] = round(hits["ratio"], 3)
+        out["hit_rps_redis"] = round(hits["table"][HIT_REDIS]["rps"])
+        out["hit_rps_local"] = round(hits["table"][HIT_LOCAL]["rps"])
+    return out
+
+
+def counts(seen: list[dict[str, int]], event: str) -> str:
+    return ", ".join(str(n[event]) for n in seen)
+
+
+def replicas_lines(env: Env, replicas: dict[str, Any]) -> list[str]:
+    lines = ["", f"### 8. {REPLICAS} replicas sharing one Redis (DESIGN §10)", ""]
+    if not replicas:
+        return [*lines, "Skipped (redis-server is not installed, or not asked for)."]
+    mode, rows, outage = env.mode, replicas["runs"], replicas["outage"]
+    lines += [
+        f"The lifecycle workload of section 2 ({mode.pollers} pollers, {mode.batches} batches, a poll every "
+        f"{mode.poll_interval_s:g} s for {mode.window_s:g} s) through each set-up; the first three at once, each on "
+        f"its own namespace of the simulator. Poller n keeps to process n mod {REPLICAS} (a load balancer's round "
+        "robin), so every batch is polled through every process. The replicas on Redis share one redis-server "
+        "(Debian's, no persistence). Then the same replicas on Redis again, alone, on batches they had never seen: "
+        f"Redis was killed (SIGKILL) {outage['killed_s']:.1f} s after the pollers started and started again, empty, "
+        f"on the same port {outage['seconds']:g} s later (listening at {outage['listening_s']:.1f} s). In that run "
+        f"the replicas' /metrics counted Redis lost {counts(outage['seen'], 'lost')} time(s) and regained "
+        f"{counts(outage['seen'], 'regained')} (in the first run, Redis up all along: lost "
+        f"{counts(outage['seen_before'], 'lost')}). A failed poll: any answer but 2xx or 304, or none within 10 s.",
+        "",
+        "| set-up | processes | upstream calls | vs 1 process | vs ideal | polls served | failed polls |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    one = rows["one"]["calls"]
+    for row in rows.values():
+        kinds = ", ".join(f"{kind}: {n}" for kind, n in sorted(row["failure_kinds"].items()))
+        lines.append(
+            f"| {row['label']} | {row['processes']} | {row['calls']} | {fmt(row['calls'] / one if one else None, 3)} | "
+            f"{fmt(row['calls'] / row['ideal'] if row['ideal'] else None, 3)} | {row['polls']} | "
+            f"{row['failures']}{f' ({kinds})' if kinds else ''} |"
+        )
+    hits = replicas["hits"]
+    if not hits:
+        return [*lines, "", "Cache hits with redis.url: not measured (wrk is not installed)."]
+    lines += [
+        "",
+        f"Cache hits, then, of two fresh processes alike but for redis.url (on the restarted Redis), the others "
+        f"stopped: wrk on one id, terminal and cached, {hits['connections']} connections, {mode.hit_rounds} round(s) "
+        f"of {mode.hit_seconds} s, alternated:",
+        "",
+        "| gateway | req/s | p50 ms | p99 ms | server CPU µs/req | errors | req/s per round |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, row in hits["table"].items():
+        lines.append(
+            f"| {name} | {row['rps']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['cpu_us']:.1f} | "
+            f"{row['errors']:.0f} | {', '.join(map(str, row['rounds_rps']))} |"
+        )
+    return [*lines, "", f"Ratio (with over without, median of the rounds' ratios): {hits['ratio']:.3f}."]
+
+
 # --- report --------------------------------------------------------------------------------------------------------
 
 
@@ -1174,6 +1498,8 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["config_load_s_10k_callers_yaml"] = _round(config["load_yaml_s"], 3)
     if results.get("notice"):
         out.update(summarize_notice(results["notice"]))
+    if results.get("replicas"):
+        out.update(summarize_replicas(results["replicas"]))
     out["targets"] = {key: verdict(out.get(key), op, bound) for key, (op, bound) in TARGETS.items()}
     return out
 
@@ -1287,6 +1613,7 @@ def report_lines(env: Env, results: dict[str, dict[str, Any]], out: dict[str, An
         ]
     lines += callers_lines(env, results["callers"]) + config_lines(results["config"])
     lines += notice_lines(results.get("notice") or {})
+    lines += replicas_lines(env, results.get("replicas") or {})
     lines += ["", "### Targets", "", "| key | value | target | verdict |", "|---|---:|---|---|"]
     for key, (op, bound) in TARGETS.items():
         lines.append(f"| {key} | {fmt(out.get(key), 3)} | {op} {bound:g} | {out['targets'][key]} |")
@@ -1481,7 +1808,8 @@ def run(mode: Mode, out_dir: Path, allow_install: bool, only: set[str], candidat
         keys = {f"bench-caller-{n}": secrets.token_urlsafe(24) for n in range(2)}
         env = Env(mode, procs, workdir, token=f"bench-upstream-{secrets.token_hex(12)}", keys=keys)
         env.candidate_python = candidate
-        env.wrk, env.nginx, notes = find_tools(allow_install and mode.install)
+        tools, notes = find_tools(allow_install and mode.install)
+        env.wrk, env.nginx, env.redis = tools["wrk"], tools["nginx"], tools["redis-server"]
         env.notes += notes
         try:
             env.start_simulator(
@@ -1496,6 +1824,8 @@ def run(mode: Mode, out_dir: Path, allow_install: bool, only: set[str], candidat
                     "notice-nginx": 3600,
                     "notice-poll": 3600,
                     "notice-wait": 3600,
+                    # Scenario 8: the lifecycle workload again, once per set-up.
+                    **{run.ns: mode.lifetime_s for run in REPLICA_RUNS.values()},
                 }
             )
             steps: dict[str, tuple[str, Callable[[Env], dict[str, Any]]]] = {
@@ -1506,6 +1836,7 @@ def run(mode: Mode, out_dir: Path, allow_install: bool, only: set[str], candidat
                 "callers": (f"scenario 5: hits with {MANY_CALLERS} callers", scenario_callers),
                 "config": (f"scenario 6: loading {CONFIG_CALLERS} callers", scenario_config),
                 "notice": ("scenario 7: time to notice", scenario_notice),
+                "replicas": ("scenario 8: replicas on Redis", scenario_replicas),
             }
             results = {key: timed_step(key, name, only, partial(step, env)) for key, (name, step) in steps.items()}
         finally:
