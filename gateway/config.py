@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 from pydantic import (
@@ -320,11 +320,13 @@ class RedisSettings(_Section):
         return None if self.url is None else self.url.get_secret_value()
 
     @property
-    def password(self) -> str | None:
-        """The password in the URL, if any (redacted from logs like every secret)."""
+    def passwords(self) -> list[str]:
+        """Every form of the password in the URL (as written, decoded, or ``?password=``), for redaction."""
         if self.url is None:
-            return None
-        return unquote(urlsplit(self.url.get_secret_value()).password or "") or None
+            return []
+        parts = urlsplit(self.url.get_secret_value())
+        found = [parts.password or "", *parse_qs(parts.query).get("password", [])]
+        return sorted({form for raw in found if raw for form in (raw, unquote(raw))})
 
 
 class BatchesSettings(_Section):
@@ -356,8 +358,7 @@ class GatewayConfig(_Section):
         """Every secret this config knows in clear, for log redaction."""
         found = [self.upstream.token_value]
         found += [c.key.get_secret_value() for c in self.callers if c.key is not None]
-        if self.redis.password is not None:
-            found.append(self.redis.password)
+        found += self.redis.passwords
         return found
 
 

@@ -368,3 +368,29 @@ def test_starting_with_a_bad_config_exits_non_zero_and_never_listens(tmp_path: P
     assert '"serving"' not in result.stderr
     with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=5):
         pass
+
+
+@pytest.mark.parametrize(
+    ("url", "password"),
+    [
+        ("redis://:pa%40ss-word-91@127.0.0.1:6379/0", "pa@ss-word-91"),
+        ("rediss://gateway:tls-pass-7731@redis.internal:6380/0", "tls-pass-7731"),
+        ("unix:///run/redis.sock?password=sock-pass-4410", "sock-pass-4410"),
+    ],
+)
+def test_the_redis_password_is_a_secret_the_logs_never_show(url: str, password: str) -> None:
+    config = validate(raw_config("http://127.0.0.1:1", redis={"url": url}), {})
+    assert password in config.secrets
+    assert password not in repr(config)
+
+
+@pytest.mark.parametrize("url", ["http://redis:6379", "redis://", "localhost:6379"])
+def test_a_redis_url_that_is_not_one_is_refused_by_its_key(url: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        validate(raw_config("http://127.0.0.1:1", redis={"url": url}), {})
+    assert any(problem.startswith("redis.url:") for problem in raised.value.problems), raised.value.problems
+
+
+def test_an_unset_redis_url_means_no_redis() -> None:
+    config = validate(raw_config("http://127.0.0.1:1", redis={"url": "${REDIS_URL:-}"}), {})
+    assert config.redis.url is None

@@ -338,6 +338,43 @@ async def test_a_cancel_through_one_replica_evicts_the_batch_on_every_replica(
     assert retrieves(upstream, "batch-cancel") - fetched_before <= 1
 
 
+async def test_a_request_waiting_on_one_replica_wakes_when_a_cancel_through_another_changes_its_batch(
+    replicas: StartReplicas, upstream: BatchUpstream
+) -> None:
+    # No refresh of its own for 30 s: only word from the other replica can wake the waiter in time.
+    group = await replicas(callers=write_callers(), cache={"ttl_s": {"active_min": 30, "active": 30, "active_max": 60}})
+    upstream.seed("batch-waited", status=ACTIVE)
+    waiter, canceller = group[1], group[0]
+    async with asyncio.timeout(BOUND_S):
+        held = await waiter.retrieve("batch-waited")
+        async with httpx.AsyncClient(timeout=BOUND_S) as client:
+            waiting = asyncio.ensure_future(
+                client.get(
+                    f"{waiter.url}/v2/batches/batch-waited",
+                    headers={
+                        "Authorization": f"Bearer {BILLING_KEY}",
+                        "If-None-Match": held.headers["ETag"],
+                        "Prefer": "wait=25",
+                    },
+                )
+            )
+            assert await poll_until(lambda: _held(waiter), 10), "the request was never held"
+            loop = asyncio.get_running_loop()
+            cancelled_at = loop.time()
+            await canceller.sdk().batches.cancel("batch-waited")
+            answer = await waiting
+            woke_after = loop.time() - cancelled_at
+
+    assert answer.status_code == 200
+    assert answer.json()["batch"]["status"] == CANCELING
+    assert answer.headers["Preference-Applied"] == "wait=25"
+    assert woke_after < 5, f"the waiter slept through the other replica's change ({woke_after:.1f} s)"
+
+
+async def _held(replica: Replica) -> bool:
+    return await replica.metric("gateway_waiters") == 1
+
+
 async def test_a_batch_created_through_one_replica_is_its_creators_on_every_replica(
     replicas: StartReplicas, upstream: BatchUpstream
 ) -> None:
