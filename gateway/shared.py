@@ -148,9 +148,10 @@ def decode_error(payload: bytes) -> errors.GatewayError:
 
 @dataclass(frozen=True, slots=True)
 class _Heard:
-    """What a follower heard: the leader stored an answer (or the id was evicted), or failed."""
+    """What a follower heard: the leader stored an answer (or the id was evicted), or failed; or Redis was lost."""
 
     error: errors.GatewayError | None = None
+    redis_lost: bool = False
 
 
 class SharedCache:
@@ -284,7 +285,7 @@ class SharedCache:
                 outcome = await heard
         except TimeoutError:
             return None
-        if outcome.error is not None and isinstance(outcome.error, _LinkLost):
+        if outcome.redis_lost:
             raise RedisDown("follow")
         return outcome
 
@@ -300,11 +301,7 @@ class SharedCache:
         for group in self._following.values():
             for waiter in group:
                 if not waiter.done():
-                    waiter.set_result(_Heard(_LinkLost()))
-
-
-class _LinkLost(errors.GatewayError):
-    """Internal: the link went down while following (never reaches a caller)."""
+                    waiter.set_result(_Heard(redis_lost=True))
 
 
 # What the budget script says: a token (is) taken, wait for one, or every process is paused.

@@ -134,7 +134,7 @@ class GatewayState:
     def apply(self, config: GatewayConfig) -> None:
         """Swap in a validated config.
 
-        ``cache.max_entries``, ``server``, ``store`` and ``batches`` keep their start-up values.
+        ``cache.max_entries``, ``server``, ``store``, ``batches`` and ``redis`` keep their start-up values.
         """
         self.redact.update(config.secrets)
         if config.logging.level != self.snapshot.config.logging.level:
