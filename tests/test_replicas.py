@@ -284,6 +284,30 @@ async def test_three_replicas_spend_one_budget_not_three(replicas: StartReplicas
     assert all(answer.retry_after for answer in refused)
 
 
+async def test_with_redis_lost_each_replica_spends_its_share_of_the_budget_never_the_whole(
+    replicas: StartReplicas, upstream: BatchUpstream, redis_server: RedisServer
+) -> None:
+    group = await replicas(upstream={"rate_limit": {"requests_per_s": 0.01, "burst": 6}, "budget_wait_s": 0})
+    ids = [f"batch-share-{n}" for n in range(6 * REPLICAS)]
+    for batch_id in ids:
+        upstream.seed(batch_id)
+
+    async def all_seen() -> bool:
+        return all(count == REPLICAS for count in [await r.metric("gateway_processes_alive") for r in group])
+
+    async with asyncio.timeout(BOUND_S):
+        assert await poll_until(all_seen, 10), "the replicas never saw each other's heartbeats"
+        redis_server.kill()
+        answers = await asyncio.gather(*(group[n % REPLICAS].retrieve(batch_id) for n, batch_id in enumerate(ids)))
+
+    # Each of the three last seen alive takes a third of the burst: 2 calls each, 6 in all, as with Redis.
+    calls = upstream.count("retrieve")
+    assert calls == 6, f"{calls} upstream calls: the replicas spent more than one budget between them"
+    assert sum(answer.status == 200 for answer in answers) == 6
+    assert {(answer.status, answer.code) for answer in answers if answer.status != 200} == {(429, "rate_limited")}
+    assert all(replica.logged("redis lost") == 1 for replica in group)
+
+
 # ---------------------------------------------------------------------------
 # 4-6: the 429 pause, eviction on cancel, ownership
 # ---------------------------------------------------------------------------
