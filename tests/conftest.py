@@ -14,9 +14,11 @@ import pytest
 import uvloop
 from hypothesis import settings
 
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, RedisSettings
 from gateway.demo import Simulator, start_simulator
 from gateway.logs import Redactor
+from gateway.metrics import Metrics
+from gateway.redis_link import RedisLink
 from gateway.server import RunningGateway, start_gateway
 from gateway.state import GatewayState
 from tests.redis_server import RedisServer
@@ -147,6 +149,25 @@ async def redis_server() -> AsyncIterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+OpenLink = Callable[..., Awaitable[RedisLink]]
+
+
+@pytest.fixture
+async def open_link(redis_server: RedisServer) -> AsyncIterator[OpenLink]:
+    """Open links to ``redis_server``, started, as one process each would; all closed at the end."""
+    opened: list[RedisLink] = []
+
+    async def _open(timeout_s: float = RedisSettings().timeout_s) -> RedisLink:
+        link = RedisLink(RedisSettings(url=redis_server.url, timeout_s=timeout_s, probe_interval_s=0.1), Metrics())
+        await link.start()
+        opened.append(link)
+        return link
+
+    yield _open
+    for link in opened:
+        await link.close()
 
 
 ProcessFactory = Callable[..., Awaitable[GatewayProcess]]

@@ -24,6 +24,7 @@ from gateway.metrics import Metrics
 from gateway.records import Claim, Claimed, InUse, Replay, Reused, SqliteRecords, body_fingerprint
 from gateway.redis_link import RedisLink
 from gateway.redis_records import RedisRecords
+from tests.conftest import OpenLink
 from tests.redis_server import RedisServer
 
 TTL_S = 3600.0
@@ -41,26 +42,8 @@ FAIL_FAST_S = 1.5
 PATIENT_TIMEOUT_S = 2.0
 
 Store = SqliteRecords | RedisRecords
-OpenLink = Callable[..., Awaitable[RedisLink]]
 OpenRedisRecords = Callable[..., Awaitable[RedisRecords]]
 OpenStore = Callable[..., Awaitable[Store]]
-
-
-@pytest.fixture
-async def open_link(redis_server: RedisServer) -> AsyncIterator[OpenLink]:
-    """Open links to ``redis_server``, started, as one process each would; all closed at the end."""
-    opened: list[RedisLink] = []
-
-    async def _open(timeout_s: float = PATIENT_TIMEOUT_S) -> RedisLink:
-        settings = RedisSettings(url=redis_server.url, timeout_s=timeout_s, probe_interval_s=0.1)
-        link = RedisLink(settings, Metrics())
-        await link.start()
-        opened.append(link)
-        return link
-
-    yield _open
-    for link in opened:
-        await link.close()
 
 
 @pytest.fixture
@@ -71,7 +54,7 @@ async def open_redis_records(open_link: OpenLink) -> AsyncIterator[OpenRedisReco
     async def _open(
         link: RedisLink | None = None, ttl_s: float = TTL_S, lease_s: float = LEASE_S, **kwargs: Any
     ) -> RedisRecords:
-        records = RedisRecords(link or await open_link(), ttl_s, lease_s, **kwargs)
+        records = RedisRecords(link or await open_link(timeout_s=PATIENT_TIMEOUT_S), ttl_s, lease_s, **kwargs)
         await records.start()
         opened.append(records)
         return records

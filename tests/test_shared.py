@@ -9,36 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 
 import pytest
 
 from gateway import errors
 from gateway.cache import CacheEntry, Role
-from gateway.config import RedisSettings
-from gateway.metrics import Metrics
-from gateway.redis_link import RedisDown, RedisLink
+from gateway.redis_link import RedisDown
 from gateway.shared import SharedBudget, SharedCache, decode_entry, decode_error, encode_entry, encode_error
+from tests.conftest import OpenLink
 from tests.redis_server import RedisServer
 from tests.support import FakeClock
-
-Links = Callable[[], Awaitable[RedisLink]]
-
-
-@pytest.fixture
-async def links(redis_server: RedisServer) -> AsyncIterator[Links]:
-    """Links to the test's Redis, one per simulated process; all closed at the end."""
-    opened: list[RedisLink] = []
-
-    async def _open() -> RedisLink:
-        link = RedisLink(RedisSettings(url=redis_server.url, probe_interval_s=0.1), Metrics())
-        await link.start()
-        opened.append(link)
-        return link
-
-    yield _open
-    for link in opened:
-        await link.close()
 
 
 async def until(condition: Callable[[], bool], within_s: float = 5.0) -> None:
@@ -105,22 +86,22 @@ def test_an_unreadable_or_foreign_error_becomes_an_upstream_error(payload: bytes
     assert isinstance(decode_error(payload), errors.UpstreamError)
 
 
-async def test_the_budget_is_one_bucket_for_every_process(links: Links) -> None:
-    budgets = [SharedBudget(await links(), time.monotonic) for _ in range(3)]
+async def test_the_budget_is_one_bucket_for_every_process(open_link: OpenLink) -> None:
+    budgets = [SharedBudget(await open_link(), time.monotonic) for _ in range(3)]
     # rate 0.01/s: no refill to speak of during the test.
     taken = [await budgets[i % 3].take(0.01, 4, reserve=0) for i in range(9)]
     assert [kind for kind, _ in taken] == [0, 0, 0, 0, 1, 1, 1, 1, 1]
     assert all(wait > 50 for kind, wait in taken if kind == 1)
 
 
-async def test_a_reserve_leaves_the_last_tokens_to_others(links: Links) -> None:
-    budget = SharedBudget(await links(), time.monotonic)
+async def test_a_reserve_leaves_the_last_tokens_to_others(open_link: OpenLink) -> None:
+    budget = SharedBudget(await open_link(), time.monotonic)
     assert [(await budget.take(0.01, 4, reserve=2))[0] for _ in range(3)] == [0, 0, 1]
     assert (await budget.take(0.01, 4, reserve=0))[0] == 0
 
 
-async def test_a_pause_stops_every_process_and_a_shorter_one_never_cuts_it(links: Links) -> None:
-    one, other = SharedBudget(await links(), time.monotonic), SharedBudget(await links(), time.monotonic)
+async def test_a_pause_stops_every_process_and_a_shorter_one_never_cuts_it(open_link: OpenLink) -> None:
+    one, other = SharedBudget(await open_link(), time.monotonic), SharedBudget(await open_link(), time.monotonic)
     await one.pause(30)
     await other.pause(1)
     kind, left = await other.take(100, 100, reserve=0)
@@ -128,8 +109,8 @@ async def test_a_pause_stops_every_process_and_a_shorter_one_never_cuts_it(links
     assert 28 < left <= 30
 
 
-async def test_followers_wait_for_the_leaders_answer_and_one_upstream_call_is_made(links: Links) -> None:
-    caches = [SharedCache(link, time.monotonic, lambda: 5.0) for link in [await links() for _ in range(3)]]
+async def test_followers_wait_for_the_leaders_answer_and_one_upstream_call_is_made(open_link: OpenLink) -> None:
+    caches = [SharedCache(link, time.monotonic, lambda: 5.0) for link in [await open_link() for _ in range(3)]]
     for cache in caches:
         cache.link.subscribe(cache.heard)
     release, called = asyncio.Event(), asyncio.Event()
@@ -158,8 +139,10 @@ async def test_followers_wait_for_the_leaders_answer_and_one_upstream_call_is_ma
     assert {e.etag for e, _ in results} == {'"e1"'}
 
 
-async def test_a_leaders_failure_is_answered_to_its_followers_without_another_call(links: Links) -> None:
-    leader, follower = (SharedCache(link, time.monotonic, lambda: 5.0) for link in [await links(), await links()])
+async def test_a_leaders_failure_is_answered_to_its_followers_without_another_call(open_link: OpenLink) -> None:
+    leader, follower = (
+        SharedCache(link, time.monotonic, lambda: 5.0) for link in [await open_link(), await open_link()]
+    )
     follower.link.subscribe(follower.heard)
     release, called = asyncio.Event(), asyncio.Event()
     calls: list[int] = []
@@ -185,11 +168,11 @@ async def test_a_leaders_failure_is_answered_to_its_followers_without_another_ca
     assert len(calls) == 1
 
 
-async def test_a_lock_whose_holder_vanished_is_taken_over_after_its_ttl(links: Links) -> None:
-    link = await links()
+async def test_a_lock_whose_holder_vanished_is_taken_over_after_its_ttl(open_link: OpenLink) -> None:
+    link = await open_link()
     # A holder that died: its lock stays until the TTL runs out.
     await link.client.set(link.key("lock", "b"), "dead-holder", px=600)
-    cache = SharedCache(await links(), time.monotonic, lambda: 5.0)
+    cache = SharedCache(await open_link(), time.monotonic, lambda: 5.0)
     started = time.monotonic()
 
     async def produce() -> tuple[CacheEntry, bool]:
@@ -201,8 +184,8 @@ async def test_a_lock_whose_holder_vanished_is_taken_over_after_its_ttl(links: L
     assert 0.4 < time.monotonic() - started < 3
 
 
-async def test_a_cancelled_leader_leaves_no_lock_behind(links: Links) -> None:
-    link = await links()
+async def test_a_cancelled_leader_leaves_no_lock_behind(open_link: OpenLink) -> None:
+    link = await open_link()
     cache = SharedCache(link, time.monotonic, lambda: 30.0)
     entered = asyncio.Event()
 
@@ -227,9 +210,9 @@ async def test_a_cancelled_leader_leaves_no_lock_behind(links: Links) -> None:
 
 
 async def test_with_redis_lost_every_call_fails_at_once_and_nothing_waits(
-    links: Links, redis_server: RedisServer
+    open_link: OpenLink, redis_server: RedisServer
 ) -> None:
-    link = await links()
+    link = await open_link()
     cache = SharedCache(link, time.monotonic, lambda: 5.0)
     redis_server.pause()
     try:
