@@ -318,3 +318,39 @@ async def cancel_until_done(closing: asyncio.Future[None]) -> None:
         done, _ = await asyncio.wait([closing], timeout=0.1)
         if done:
             return
+
+
+# --- one upstream call across the workers (the shared tier, DESIGN §10) ---------------------------
+
+CONCURRENT = 60
+
+
+@one_loop
+async def test_sixty_concurrent_requests_for_one_uncached_batch_across_both_workers_make_one_upstream_call(
+    fake_upstream: UpstreamFactory, redis_server: RedisServer, workers: WorkersFactory
+) -> None:
+    upstream = await fake_upstream(json_handler())
+    upstream.release = asyncio.Event()
+    parent, pids = await workers(workers_config(upstream.url, redis_server.url))
+    parts = urlsplit(parent.url)
+    assert parts.port is not None
+    connections = [
+        await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port), PROCESS_WAIT_S)
+        for _ in range(CONCURRENT)
+    ]
+    try:
+        for _reader, writer in connections:
+            writer.write(request_bytes("/v2/batches/batch-shared", close=False))
+        # All sixty are sent before the first fetch is let go: the others wait for it, on either worker.
+        await asyncio.wait_for(upstream.arrived.wait(), PROCESS_WAIT_S)
+        upstream.release.set()
+        answers = await asyncio.gather(*(read_answer(reader) for reader, _writer in connections))
+        holders = {connection_holder(parts.port, w.get_extra_info("sockname")[1], pids) for _r, w in connections}
+    finally:
+        for _reader, writer in connections:
+            writer.close()
+
+    assert [answer.status for answer in answers] == [200] * CONCURRENT
+    assert {answer.document["batch"]["id"] for answer in answers} == {"batch-shared"}
+    assert holders == set(pids), "both workers answered"
+    assert upstream.calls == 1, f"{upstream.calls} upstream calls for one batch"
