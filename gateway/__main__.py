@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -24,6 +25,7 @@ from gateway.errors import StoreUnavailable
 from gateway.logs import Redactor, configure_logging
 from gateway.server import serve_until_signalled, start_gateway
 from gateway.state import GatewayState
+from gateway.workers import follow_the_parent, report_serving, supervise
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -45,6 +47,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--demo", action="store_true", help="run against an in-process simulated upstream (no Cohere account needed)"
     )
+    # Set by the parent of server.workers for each worker it starts (gateway/workers.py): the worker's
+    # number, and the pipe on which it says that it serves. Not for operators.
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     # Without a command the gateway runs, as it always did.
     commands = parser.add_subparsers(
         dest="command", title="commands", metavar="[COMMAND]", description="without one, the gateway runs"
@@ -136,6 +142,8 @@ async def _serve(args: argparse.Namespace, redact: Redactor, stack: contextlib.E
         # The demo's batches are not the organisation's: never mix their owners into a real store.
         demo_store = stack.enter_context(tempfile.TemporaryDirectory(prefix="cohere-gateway-demo-"))
         overrides["store"] = {"path": str(Path(demo_store) / "records.db")}
+        # One simulator in this process: the demo is one process, whatever server.workers says.
+        overrides["server"] = {"workers": 1}
     load: Callable[[], GatewayConfig] = partial(load_config, args.config, None, overrides)
     try:
         config = load()
@@ -143,8 +151,13 @@ async def _serve(args: argparse.Namespace, redact: Redactor, stack: contextlib.E
         report(exc.problems)
         return 2
     configure_logging(config.logging.level, redact)
+    if args.worker is not None:
+        follow_the_parent()
+    elif config.server.workers > 1:
+        return await supervise(config, load, args.config, args.host, args.port)
     try:
-        running = await start_gateway(config, args.host, args.port, GatewayState.create(config, redact))
+        state = GatewayState.create(config, redact)
+        running = await start_gateway(config, args.host, args.port, state, reuse_port=args.worker is not None)
     except StoreUnavailable as exc:
         # The record store cannot be opened: as bad as a bad config (DESIGN §3).
         report([exc.message])
@@ -154,6 +167,9 @@ async def _serve(args: argparse.Namespace, redact: Redactor, stack: contextlib.E
         return 1
     if args.demo:
         print_demo_banner(running.url.replace("0.0.0.0", "127.0.0.1"))
+    if args.ready_fd is not None:
+        # Runs once serve_until_signalled has put its signal handlers in place.
+        asyncio.get_running_loop().call_soon(report_serving, args.ready_fd)
     await serve_until_signalled(running, load)
     if simulator_runner is not None:
         await simulator_runner.cleanup()

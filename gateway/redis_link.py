@@ -139,6 +139,9 @@ class RedisLink:
     async def close(self) -> None:
         self._closing = True
         tasks = [*self._tasks, *(t for t in (self._probe, self._verifying) if t is not None)]
+        # A cancel can be lost inside redis-py on Python 3.11: its asyncio.wait_for returns a result that
+        # raced the cancel and never raises it, and later timeouts read as Redis's. So the loops also end
+        # on _closing, within HEARTBEAT_S; without that, a stop could wait on them for ever.
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -260,7 +263,7 @@ class RedisLink:
     # --- heartbeats -------------------------------------------------------------
 
     async def _heartbeats(self) -> None:
-        while True:
+        while not self._closing:
             with contextlib.suppress(RedisDown):
                 count = await self.call(
                     "heartbeat",
@@ -285,13 +288,13 @@ class RedisLink:
 
     async def _listen(self) -> None:
         """Read the events channel on a connection of its own; re-subscribe after each outage."""
-        while True:
+        while not self._closing:
             await self.until_up()
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
                 async with asyncio.timeout(self.settings.timeout_s):
                     await pubsub.subscribe(self.channel)
-                while self.up:
+                while self.up and not self._closing:
                     message = await pubsub.get_message(timeout=HEARTBEAT_S)
                     if message is not None:
                         self._dispatch(message.get("data"))

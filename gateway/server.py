@@ -637,9 +637,17 @@ class RunningGateway:
 
 
 async def start_gateway(
-    config: GatewayConfig, host: str | None = None, port: int | None = None, state: GatewayState | None = None
+    config: GatewayConfig,
+    host: str | None = None,
+    port: int | None = None,
+    state: GatewayState | None = None,
+    *,
+    reuse_port: bool = False,
 ) -> RunningGateway:
-    """Start serving ``config`` (``host``/``port`` override it; port 0 picks one)."""
+    """Start serving ``config`` (``host``/``port`` override it; port 0 picks one).
+
+    ``reuse_port``: listen with SO_REUSEPORT, beside the other workers on the port (gateway/workers.py).
+    """
     state = state or GatewayState.create(config)
     server = config.server
     runner = GatewayRunner(
@@ -653,7 +661,13 @@ async def start_gateway(
         max_headers=server.max_headers,
     )
     await runner.setup()
-    site = web.TCPSite(runner, host or server.host, server.port if port is None else port, backlog=server.backlog)
+    site = web.TCPSite(
+        runner,
+        host or server.host,
+        server.port if port is None else port,
+        backlog=server.backlog,
+        reuse_port=reuse_port,
+    )
     await site.start()
     bound_host, bound_port = runner.addresses[0][:2]
     return RunningGateway(runner, state, bound_host, bound_port)

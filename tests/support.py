@@ -560,6 +560,20 @@ class GatewayProcess:
         assert found is not None, f"the gateway ended without logging {event!r}:\n{self.text}"
         return found
 
+    async def wait_for_events(self, event: str, count: int, after: int = 0) -> list[dict[str, Any]]:
+        """The first ``count`` log lines from the ``after``-th on whose event starts with ``event``."""
+
+        def found() -> list[dict[str, Any]]:
+            return [e for e in self.events[after:] if e["event"].startswith(event)][:count]
+
+        async with self._changed:
+            await asyncio.wait_for(
+                self._changed.wait_for(lambda: len(found()) == count or self._ended()), PROCESS_WAIT_S
+            )
+        events = found()
+        assert len(events) == count, f"the gateway ended with {len(events)} of {count} {event!r} lines:\n{self.text}"
+        return events
+
     def _ended(self) -> bool:
         return self._reader is not None and self._reader.done()
 
