@@ -13,6 +13,7 @@ import contextlib
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -165,12 +166,16 @@ def test_workers_without_redis_are_refused_by_the_config_check_and_at_start_nami
 
 
 def test_a_worker_that_cannot_start_stops_the_start_with_its_exit_code_and_message(tmp_path: Path) -> None:
-    raw = workers_config(
-        "http://127.0.0.1:9", f"redis://127.0.0.1:{free_port()}/0", store={"path": str(tmp_path / "gone" / "s.db")}
-    )
-    started = run_gateway("--config", str(write_config(tmp_path / "config.yaml", raw)))
-    assert started.returncode == 2, started.stderr
-    assert "store.path" in started.stderr
+    # Another program holds the port without SO_REUSEPORT: no worker can listen on it.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        raw = workers_config("http://127.0.0.1:9", f"redis://127.0.0.1:{free_port()}/0")
+        raw["server"]["port"] = port
+        started = run_gateway("--config", str(write_config(tmp_path / "config.yaml", raw)))
+    assert started.returncode == 1, started.stderr
+    assert "cannot listen" in started.stderr
     assert "a worker failed to start" in started.stderr
     assert '"event":"serving"' not in started.stderr
 
