@@ -301,7 +301,7 @@ class BatchCache:
             return self._keep(batch_id, self._entry(await fetch(not has_stale)))
 
         shared = self.shared
-        if shared is not None and shared.link.up:
+        if shared is not None and shared.link.usable:
             try:
                 entry, role = await shared.settle(batch_id, will_do, produce)
             except RedisDown:
@@ -364,15 +364,17 @@ class BatchCache:
     def heard(self, kind: str, batch_id: str, payload: bytes) -> None:
         """Another process stored an answer for ``batch_id``, or evicted it (``gateway.shared``'s events).
 
-        A different answer than the one held leaves memory, so the next
-        request (and every waiter, woken now) takes the shared one.
+        A different answer than the one held stops being fresh here, so the
+        next request (and every waiter, woken now) takes the shared one. It
+        stays held: if the shared answer is the older one, it is refused as
+        any older answer is (``is_older``), and the held one serves on.
         """
         if kind == EVICTED:
             self.forget(batch_id)
         elif kind == STORED:
             held = self.store.get(batch_id)
             if held is not None and held.etag.encode() != payload:
-                self.store.evict(batch_id)
+                self.store.put(batch_id, replace(held, fresh_until=min(held.fresh_until, self._clock())))
                 self.on_change(batch_id)
             elif held is None:
                 self.on_change(batch_id)

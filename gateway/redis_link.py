@@ -29,6 +29,7 @@ import contextlib
 import logging
 import os
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -46,6 +47,8 @@ T = TypeVar("T")
 log = logging.getLogger("gateway.redis")
 
 HEARTBEAT_S = 1.0
+# A refusal by Redis (out of memory, an ACL) is logged at most this often per operation.
+REFUSAL_LOG_EVERY_S = 60.0
 # Connections to Redis per process: each call holds one for well under a millisecond.
 MAX_CONNECTIONS = 32
 # A process not heard from for this long no longer counts as alive.
@@ -65,8 +68,8 @@ return redis.call('ZCARD', KEYS[1])
 
 EventHandler = Callable[[str, str, bytes], None]
 # The events on the channel (``gateway.shared``): an answer stored (payload: its ETag), an id evicted,
-# a leader's failure (payload: the error), a 429 pause (payload: its seconds).
-STORED, EVICTED, FAILED, PAUSED = "stored", "evicted", "failed", "paused"
+# a leader's failure (payload: the error), a leader gone with nothing stored, a 429 pause (payload: its seconds).
+STORED, EVICTED, FAILED, RELEASED, PAUSED = "stored", "evicted", "failed", "released", "paused"
 # How long close() waits for a cancelled task before cancelling it again (see _until_cancelled).
 _CANCEL_AGAIN_S = 0.05
 
@@ -83,7 +86,9 @@ def new_process_id() -> str:
 class RedisLink:
     """The Redis client of one process, behind a breaker (see the module's docstring)."""
 
-    def __init__(self, settings: RedisSettings, metrics: Metrics, process_id: str | None = None) -> None:
+    def __init__(
+        self, settings: RedisSettings, metrics: Metrics, process_id: str | None = None, processes: int = 1
+    ) -> None:
         url = settings.url_value
         assert url is not None, "RedisLink needs redis.url"
         self.settings = settings
@@ -104,7 +109,11 @@ class RedisLink:
         self.client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self.metrics: RedisMetrics = metrics.track_redis()
         self.up = True
-        self.alive = 1  # processes last seen alive, this one included
+        # Processes last seen alive, this one included. Until a heartbeat says, at least
+        # those this one knows of (its fellow workers): a start while Redis is down
+        # must not take the whole budget in each of them.
+        self.alive = processes
+        self._refusals_logged: dict[str, float] = {}
         self.on_lost: list[Callable[[], None]] = []
         self.on_regained: list[Callable[[], None]] = []
         self._handlers: list[EventHandler] = []
@@ -118,6 +127,11 @@ class RedisLink:
         self.metrics.up.set(1)
         self.metrics.processes.set_function(lambda: self.alive)
         self._beat = self.client.register_script(_BEAT)
+
+    @property
+    def usable(self) -> bool:
+        """Whether a call would be tried now (not lost, and no failed call being checked)."""
+        return self.up and self._verifying is None
 
     def key(self, *parts: str) -> str:
         """A key under ``redis.key_prefix``: several gateways may share one Redis."""
@@ -159,7 +173,9 @@ class RedisLink:
 
         ``operation`` names the call in metrics and logs (a small fixed set).
         """
-        if not self.up:
+        if not self.usable:
+            # Lost, or a call just timed out and a ping is checking: a request that met
+            # one timeout must not meet another before the ping says Redis is there.
             self.metrics.skipped.labels(operation).inc()
             raise RedisDown(operation)
         epoch = self._epoch
@@ -170,13 +186,20 @@ class RedisLink:
             # Redis answered, with an error (out of memory, a script's error): it is
             # there, so only this call fails; the operation falls back as for an outage.
             self.metrics.errors.labels(operation).inc()
-            log_event(log, logging.WARNING, "redis refused a call", operation=operation, reason=str(exc)[:200])
+            self._log_refusal(operation, exc)
             raise RedisDown(operation) from exc
         except _LINK_ERRORS as exc:
             self.metrics.errors.labels(operation).inc()
             if epoch == self._epoch:  # a call from before Redis was regained says nothing of it now
                 self._suspect(operation, exc)
             raise RedisDown(operation) from exc
+
+    def _log_refusal(self, operation: str, exc: ResponseError) -> None:
+        # Out of memory refuses every write: once a minute per operation is enough to see it.
+        now = time.monotonic()
+        if now - self._refusals_logged.get(operation, float("-inf")) >= REFUSAL_LOG_EVERY_S:
+            self._refusals_logged[operation] = now
+            log_event(log, logging.WARNING, "redis refused a call", operation=operation, reason=str(exc)[:200])
 
     def _suspect(self, operation: str, exc: BaseException) -> None:
         """One call failed: Redis is lost unless a ping on a fresh connection answers at once.
@@ -246,6 +269,10 @@ class RedisLink:
             return
 
     async def until_up(self) -> None:
+        """Until a call would be tried: Redis regained, and no failed call being checked."""
+        verifying = self._verifying
+        if verifying is not None:
+            await asyncio.wait({verifying})
         if not self.up:
             await self._regained.wait()
 
@@ -298,6 +325,12 @@ class RedisLink:
                     message = await pubsub.get_message(timeout=HEARTBEAT_S)
                     if message is not None:
                         self._dispatch(message.get("data"))
+            except ResponseError as exc:
+                # Redis is there but will not let this process subscribe (an ACL): events
+                # are not shared until it does; that is no outage of everything else.
+                self.metrics.errors.labels("subscribe").inc()
+                self._log_refusal("subscribe", exc)
+                await asyncio.sleep(REFUSAL_LOG_EVERY_S)
             except _LINK_ERRORS as exc:
                 self.metrics.errors.labels("subscribe").inc()
                 self.lost("subscribe", exc)

@@ -34,7 +34,7 @@ import orjson
 from gateway import errors
 from gateway.cache import CacheEntry, Role
 from gateway.protection import Clock
-from gateway.redis_link import EVICTED, FAILED, PAUSED, STORED, RedisDown, RedisLink
+from gateway.redis_link import EVICTED, FAILED, PAUSED, RELEASED, STORED, RedisDown, RedisLink
 
 # Past upstream.timeout_s, the lock's TTL leaves this for storing the answer (DESIGN §10).
 LOCK_MARGIN_S = 0.5
@@ -53,28 +53,59 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-# One token bucket on Redis's clock. KEYS: bucket, pause. ARGV: rate, burst, reserve, take (1/0).
+# One token bucket on Redis's clock. KEYS: bucket, pause, writes waiting (a sorted set by expiry).
+# ARGV: rate, burst, reserve, take (1/0), write (1/0), the write's token.
 # Returns {kind, seconds, tokens}: kind 0 a token is taken (or would be), 1 wait for budget, 2 paused.
-# Numbers travel as strings: Redis turns a Lua number reply into an integer.
+# Writes come first (DESIGN §8) in every process: a write that must wait is noted until a little
+# past its wait, and meanwhile no read takes a token. Numbers travel as strings: Redis turns a
+# Lua number reply into an integer.
 _TAKE = """
 local paused = redis.call('PTTL', KEYS[2])
 if paused > 0 then return {2, tostring(paused / 1000), '0'} end
 local rate, burst, reserve = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local write = ARGV[5] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local held = redis.call('HMGET', KEYS[1], 'tokens', 'at')
 local tokens = tonumber(held[1]) or burst
 local at = tonumber(held[2]) or now
 tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now * 1000)
 local kind, wait = 0, 0
-if tokens >= reserve + 1 then
+if not write and redis.call('ZCARD', KEYS[3]) > 0 then
+  kind, wait = 1, 1 / rate
+elseif tokens >= reserve + 1 then
   if ARGV[4] == '1' then tokens = tokens - 1 end
+  if write then redis.call('ZREM', KEYS[3], ARGV[6]) end
 else
   kind, wait = 1, (reserve + 1 - tokens) / rate
+  if write then
+    redis.call('ZADD', KEYS[3], (now + wait + 1) * 1000, ARGV[6])
+    redis.call('PEXPIRE', KEYS[3], math.ceil((wait + 1) * 1000))
+  end
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 60000)
 return {kind, tostring(wait), tostring(tokens)}
+"""
+# Store an answer for every process, unless it is older than the one held (DESIGN §9: answers only
+# move forward), or the flight that got it no longer holds the id's lock (a cancel evicted the id,
+# and the lock with it, while the answer was on its way). KEYS: entry, lock. ARGV: value, px, the
+# flight's token ('' for none: a create's answer), status, updated_at ('' for none), terminal (1/0).
+_SAVE = """
+if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[3] then return 0 end
+local held = redis.call('GET', KEYS[1])
+if held and ARGV[4] == '200' then
+  local nl = string.find(held, '\\n', 1, true)
+  local ok, head = false, nil
+  if nl then ok, head = pcall(cjson.decode, string.sub(held, 1, nl - 1)) end
+  if ok and type(head) == 'table' and head[1] == 200 then
+    if head[7] == true and ARGV[6] == '0' then return 0 end
+    if ARGV[5] ~= '' and type(head[6]) == 'number' and tonumber(ARGV[5]) < head[6] then return 0 end
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
 """
 # The shared pause only ever grows: a shorter Retry-After does not cut a longer one short.
 _PAUSE = """
@@ -165,6 +196,7 @@ class SharedCache:
         self._following: dict[str, set[asyncio.Future[_Heard]]] = {}
         self._acquire = link.client.register_script(_ACQUIRE)
         self._release = link.client.register_script(_RELEASE)
+        self._save = link.client.register_script(_SAVE)
         link.on_lost.append(self._wake_all)
 
     def _entry_key(self, batch_id: str) -> str:
@@ -179,18 +211,36 @@ class SharedCache:
         value = await self.link.call("cache_get", lambda r: r.get(self._entry_key(batch_id)))
         return decode_entry(value, self._clock, self._wall) if isinstance(value, bytes) else None
 
-    async def save(self, batch_id: str, entry: CacheEntry) -> None:
-        """Store ``entry`` for every process and tell them; kept as long as it may serve (stale included)."""
+    async def save(self, batch_id: str, entry: CacheEntry, token: str = "") -> bool:
+        """Store ``entry`` for every process and tell them; kept as long as it may serve (stale included).
+
+        ``token`` is the lock of the flight that got it; False if it was not
+        stored (older than Redis's, or the id was evicted meanwhile).
+        """
         keep_ms = int((entry.keep_until - self._clock()) * 1000)
         if keep_ms <= 0:
-            return
-        value = encode_entry(entry, self._clock, self._wall)
-        await self.link.call("cache_set", lambda r: r.set(self._entry_key(batch_id), value, px=keep_ms))
-        await self.link.publish(STORED, batch_id, entry.etag.encode())
+            return False
+        keys = [self._entry_key(batch_id), self._lock_key(batch_id)]
+        args: list[str | int | bytes] = [
+            encode_entry(entry, self._clock, self._wall),
+            keep_ms,
+            token,
+            entry.status,
+            "" if entry.updated_at is None else repr(entry.updated_at),
+            1 if entry.terminal else 0,
+        ]
+        stored = await self.link.call("cache_set", lambda r: self._save(keys=keys, args=args, client=r))
+        if stored:
+            await self.link.publish(STORED, batch_id, entry.etag.encode())
+        return bool(stored)
 
     async def drop(self, batch_id: str) -> None:
-        """Evict the id everywhere (a cancel): from Redis, and from every process's memory."""
-        await self.link.call("cache_del", lambda r: r.delete(self._entry_key(batch_id)))
+        """Evict the id everywhere (a cancel): from Redis, and from every process's memory.
+
+        The id's lock goes too: a flight out for it stores nothing (``_SAVE``).
+        """
+        keys = [self._entry_key(batch_id), self._lock_key(batch_id)]
+        await self.link.call("cache_del", lambda r: r.delete(*keys))
         await self.link.publish(EVICTED, batch_id)
 
     # --- single-flight across processes -------------------------------------------
@@ -216,7 +266,13 @@ class SharedCache:
             heard = self._listen_for(batch_id)
             try:
                 token = secrets.token_hex(8)
-                acquired, detail = await self._lock(batch_id, token)
+                try:
+                    acquired, detail = await self._lock(batch_id, token)
+                except RedisDown:
+                    # Redis may have run the script and only its answer was lost: the lock
+                    # may be ours, and nobody else would free it before its TTL.
+                    self.link.in_background(self._release_orphan(batch_id, token))
+                    raise
                 if acquired:
                     return await self._lead(batch_id, token, detail, will_do, produce, role)
                 role = Role.FOLLOWED
@@ -245,6 +301,7 @@ class SharedCache:
         produce: Callable[[], Awaitable[tuple[CacheEntry, bool]]],
         role: Role,
     ) -> tuple[CacheEntry, Role]:
+        told = False  # whether the followers heard the outcome (stored, or failed)
         try:
             # An answer stored between our look and the lock (the previous leader's) will do.
             held = None if not found else decode_entry(found, self._clock, self._wall)
@@ -253,18 +310,35 @@ class SharedCache:
             try:
                 entry, shareable = await produce()
             except errors.GatewayError as error:
+                told = True
                 self.link.in_background(self.link.publish(FAILED, batch_id, encode_error(error)))
                 raise
             if shareable:
                 with contextlib.suppress(RedisDown):
-                    await self.save(batch_id, entry)
+                    told = await self.save(batch_id, entry, token)
             return entry, Role.LED
         finally:
             # Also when cancelled: a lock left behind would hold the others up until its TTL.
-            self.link.in_background(self._unlock(batch_id, token))
+            self.link.in_background(self._unlock(batch_id, token, announce=not told))
 
-    async def _unlock(self, batch_id: str, token: str) -> None:
-        await self.link.call("unlock", lambda r: self._release(keys=[self._lock_key(batch_id)], args=[token], client=r))
+    async def _unlock(self, batch_id: str, token: str, announce: bool = False) -> None:
+        """Free our lock; with ``announce``, tell the followers to look again (nothing was stored)."""
+        released = await self.link.call(
+            "unlock", lambda r: self._release(keys=[self._lock_key(batch_id)], args=[token], client=r)
+        )
+        if released and announce:
+            await self.link.publish(RELEASED, batch_id)
+
+    async def _release_orphan(self, batch_id: str, token: str) -> None:
+        """Free a lock whose taking went unanswered, as soon as Redis answers; it expires by itself anyway."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._lock_ttl_s()
+        while loop.time() < give_up:
+            try:
+                await self._unlock(batch_id, token, announce=True)
+                return
+            except RedisDown:
+                await asyncio.sleep(self.link.settings.probe_interval_s)
 
     def _listen_for(self, batch_id: str) -> asyncio.Future[_Heard]:
         heard: asyncio.Future[_Heard] = asyncio.get_running_loop().create_future()
@@ -320,16 +394,14 @@ class SharedBudget:
         self.tokens = 0.0
         self._seen_at = float("-inf")
 
-    async def take(self, rate: float, burst: int, reserve: int, take: bool = True) -> tuple[int, float]:
-        """(0, 0) with a token taken; (1, seconds) until one is due; (2, seconds) left of the pause."""
-        kind, wait, tokens = await self.link.call(
-            "budget",
-            lambda r: self._take(
-                keys=[self.link.key("budget"), self.link.key("pause")],
-                args=[repr(rate), burst, reserve, 1 if take else 0],
-                client=r,
-            ),
-        )
+    async def take(self, rate: float, burst: int, reserve: int, writer: str = "") -> tuple[int, float]:
+        """(0, 0) with a token taken; (1, seconds) until one is due; (2, seconds) left of the pause.
+
+        ``writer`` names a write (a create or cancel): it comes first, in every process.
+        """
+        keys = [self.link.key("budget"), self.link.key("pause"), self.link.key("writes")]
+        args: list[str | int] = [repr(rate), burst, reserve, 1, 1 if writer else 0, writer]
+        kind, wait, tokens = await self.link.call("budget", lambda r: self._take(keys=keys, args=args, client=r))
         self.tokens, self._seen_at = float(tokens), self._clock()
         return int(kind), float(wait)
 

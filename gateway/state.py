@@ -70,7 +70,7 @@ class GatewayState:
         cls, config: GatewayConfig, redact: Redactor | None = None, clock: Clock = time.monotonic
     ) -> GatewayState:
         metrics = Metrics()
-        link = RedisLink(config.redis, metrics) if config.redis.url is not None else None
+        link = RedisLink(config.redis, metrics, processes=config.server.workers) if config.redis.url else None
         store = MemoryStore(
             config.cache.max_entries, clock, on_remove=lambda reason, n: metrics.cache_removals.labels(reason).inc(n)
         )

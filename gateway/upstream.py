@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -175,7 +176,9 @@ class UpstreamClient:
         shared = self.shared
         if shared is None:
             return None
-        if shared.link.up:
+        if shared.link.usable:
+            if self._shares != 1:
+                self._reshare(1)  # back to sharing: the local bucket is the whole budget again
             return shared
         if shared.link.alive != self._shares:
             self._reshare(shared.link.alive)
@@ -256,19 +259,20 @@ class UpstreamClient:
         if write:
             self._writes_waiting += 1
         try:
-            await self._take_token(settings, may_wait, write, deadline)
+            await self._take_token(settings, may_wait, secrets.token_hex(6) if write else "", deadline)
         finally:
             if write:
                 self._writes_waiting -= 1
 
-    async def _take_token(self, settings: UpstreamSettings, may_wait: bool, write: bool, deadline: float) -> None:
+    async def _take_token(self, settings: UpstreamSettings, may_wait: bool, writer: str, deadline: float) -> None:
+        """``writer`` names a write (a create or cancel), "" for a read."""
         loop = asyncio.get_running_loop()
-        allowed = settings.timeout_s if write else settings.budget_wait_s if may_wait else 0.0
+        allowed = settings.timeout_s if writer else settings.budget_wait_s if may_wait else 0.0
         # A refresh of an answer the gateway holds (it may not wait: the held answer
         # serves meanwhile) leaves a reserve for new ids and writes (DESIGN §9).
-        reserve = 0 if may_wait or write else int(RESERVED_SHARE * self.budget.burst)
+        reserved = not (may_wait or writer)
         waited = 0.0
-        while (wait := await self._next_token(write, reserve)) > 0:
+        while (wait := await self._next_token(writer, reserved)) > 0:
             # A sleep that would end at the deadline is pointless: the fetch would be cut off.
             if waited + wait > allowed or loop.time() + wait >= deadline:
                 self.metrics.upstream_rejected.labels("budget").inc()
@@ -288,20 +292,24 @@ class UpstreamClient:
             return shared.estimated_wait(limit.requests_per_s, limit.burst, int(RESERVED_SHARE * limit.burst))
         return self._token_wait(False, int(RESERVED_SHARE * self.budget.burst), take=False)
 
-    async def _next_token(self, write: bool, reserve: int) -> float:
-        """0 with a token taken, or the seconds until one is due: from the shared budget while Redis answers."""
+    async def _next_token(self, writer: str, reserved: bool) -> float:
+        """0 with a token taken, or the seconds until one is due: from the shared budget while Redis answers,
+        else from this process's share of it. ``reserved``: leave the reserve (RESERVED_SHARE) to others."""
+        write = bool(writer)
         shared = self._shared_budget()
-        if shared is None or (not write and self._writes_waiting):
-            return self._token_wait(write, reserve)
-        limit = self.settings.rate_limit
-        try:
-            kind, wait = await shared.take(limit.requests_per_s, limit.burst, reserve)
-        except RedisDown:
-            return await self._next_token(write, reserve)  # now with this process's share
-        if kind == PAUSED_BY_ANOTHER:
-            self.metrics.upstream_rejected.labels("paused").inc()
-            raise errors.UpstreamRateLimited(retry_after_s=self.hold(wait))
-        return wait
+        if shared is not None and (write or not self._writes_waiting):
+            limit = self.settings.rate_limit
+            reserve = int(RESERVED_SHARE * limit.burst) if reserved else 0
+            try:
+                kind, wait = await shared.take(limit.requests_per_s, limit.burst, reserve, writer)
+            except RedisDown:
+                self._reshare(shared.link.alive)  # Redis lost (or refusing) just now: this process's share
+            else:
+                if kind == PAUSED_BY_ANOTHER:
+                    self.metrics.upstream_rejected.labels("paused").inc()
+                    raise errors.UpstreamRateLimited(retry_after_s=self.hold(wait))
+                return wait
+        return self._token_wait(write, int(RESERVED_SHARE * self.budget.burst) if reserved else 0)
 
     def _token_wait(self, write: bool, reserve: int, take: bool = True) -> float:
         """0 with a token taken, or the seconds until one is due (for a read, while no write waits).

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 
 from gateway import errors
 from gateway.cache import CacheEntry, Role
+from gateway.demo import Simulator
 from gateway.redis_link import RedisDown
 from gateway.shared import SharedBudget, SharedCache, decode_entry, decode_error, encode_entry, encode_error
-from tests.conftest import OpenLink
+from tests.conftest import GatewayFactory, OpenLink
 from tests.redis_server import RedisServer
-from tests.support import FakeClock
+from tests.support import FakeClock, http, make_config, registry_value
 
 
 async def until(condition: Callable[[], bool], within_s: float = 5.0) -> None:
@@ -29,6 +30,15 @@ async def until(condition: Callable[[], bool], within_s: float = 5.0) -> None:
             return
         await asyncio.sleep(0.005)
     raise AssertionError("the condition never held")
+
+
+async def until_async(ask: Callable[[], Awaitable[int]], want: bool, within_s: float) -> None:
+    """Ask Redis (bounded) until its answer is ``want``: a state another task changes."""
+    for _ in range(int(within_s / 0.01)):
+        if bool(await ask()) == want:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"Redis never answered {want}")
 
 
 def entry(fetched_at: float, body: bytes = b'{"batch": {"id": "b"}}') -> CacheEntry:
@@ -231,3 +241,84 @@ async def test_with_redis_lost_every_call_fails_at_once_and_nothing_waits(
     async with asyncio.timeout(10):
         await link.until_up()
     assert await cache.load("b") is None
+
+
+async def test_a_lock_whose_taking_went_unanswered_is_freed_at_once_not_after_its_ttl(open_link: OpenLink) -> None:
+    """Redis took the lock but its answer was lost (a timeout just after it ran the script)."""
+    link = await open_link()
+    cache = SharedCache(link, time.monotonic, lambda: 30.0)
+    take_lock = cache._lock
+
+    async def lock_then_lose_the_answer(batch_id: str, token: str) -> tuple[int, object]:
+        await take_lock(batch_id, token)
+        raise RedisDown("lock")
+
+    cache._lock = lock_then_lose_the_answer  # type: ignore[method-assign]
+
+    async def produce() -> tuple[CacheEntry, bool]:
+        return entry(time.monotonic()), True
+
+    with pytest.raises(RedisDown):
+        await cache.settle("b", lambda _e: False, produce)
+    # Nobody else knows its token: left alone, it would hold every process up for 30 s.
+    async with asyncio.timeout(10):
+        await until_async(lambda: link.client.exists(link.key("lock", "b")), want=False, within_s=2)
+
+
+async def test_an_older_answer_never_replaces_a_newer_one_in_redis(open_link: OpenLink) -> None:
+    cache = SharedCache(await open_link(), time.monotonic, lambda: 5.0)
+    newer = CacheEntry(200, b'{"v": 2}', time.monotonic(), time.monotonic() + 5, time.monotonic() + 600, '"2"', 2000.0)
+    older = CacheEntry(200, b'{"v": 1}', time.monotonic(), time.monotonic() + 5, time.monotonic() + 600, '"1"', 1500.0)
+    active_again = CacheEntry(
+        200, b'{"v": 3}', time.monotonic(), time.monotonic() + 5, time.monotonic() + 600, '"3"', 2500.0
+    )
+    done = CacheEntry(
+        200, b'{"v": 9}', time.monotonic(), time.monotonic() + 5, time.monotonic() + 600, '"9"', 2400.0, True
+    )
+    assert await cache.save("b", newer)
+    assert not await cache.save("b", older)
+    assert (await cache.load("b")).etag == '"2"'  # type: ignore[union-attr]
+    assert await cache.save("b", done)
+    # Active after terminal is older, whatever its updated_at says.
+    assert not await cache.save("b", active_again)
+    assert (await cache.load("b")).etag == '"9"'  # type: ignore[union-attr]
+
+
+async def test_a_flight_that_lost_its_lock_to_a_cancel_stores_nothing(open_link: OpenLink) -> None:
+    cache = SharedCache(await open_link(), time.monotonic, lambda: 5.0)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def produce() -> tuple[CacheEntry, bool]:
+        started.set()
+        await release.wait()
+        return entry(time.monotonic(), body=b'{"batch": {"status": "before the cancel"}}'), True
+
+    async with asyncio.timeout(10):
+        flight = asyncio.ensure_future(cache.settle("b", lambda _e: False, produce))
+        await started.wait()
+        await cache.drop("b")  # a cancel through another process
+        release.set()
+        await flight
+        assert await cache.load("b") is None
+
+
+async def test_a_redis_that_refuses_calls_fails_no_request(
+    start: GatewayFactory, simulator: Simulator, redis_server: RedisServer
+) -> None:
+    gateway = await start(make_config(simulator.url, redis={"url": redis_server.url}))
+    admin = redis_server.client()
+    try:
+        # A key of the wrong type where the budget lives: its script fails with an error reply.
+        await admin.set("cohere-gateway:budget", "not a hash")
+        await admin.config_set("maxmemory-policy", "noeviction")
+        await admin.config_set("maxmemory", 1)  # every write is refused: OOM
+        async with asyncio.timeout(30):
+            answers = [await http(f"{gateway.url}/v2/batches/batch-oom-{n}") for n in range(3)]
+    finally:
+        await admin.config_set("maxmemory", 0)
+        await admin.aclose()
+    assert [answer.status for answer in answers] == [200, 200, 200]
+    # Each refusal failed that call alone: the lock (OOM), the budget (WRONGTYPE); Redis was never "lost".
+    assert registry_value(gateway, "gateway_redis_errors_total", operation="lock") == 3
+    assert registry_value(gateway, "gateway_redis_errors_total", operation="budget") == 3
+    assert registry_value(gateway, "gateway_redis_up") == 1
