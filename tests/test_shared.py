@@ -17,7 +17,16 @@ from gateway import errors
 from gateway.cache import CacheEntry, Role
 from gateway.demo import Simulator
 from gateway.redis_link import RedisDown
-from gateway.shared import SharedBudget, SharedCache, decode_entry, decode_error, encode_entry, encode_error
+from gateway.shared import (
+    TOKEN,
+    WAIT,
+    SharedBudget,
+    SharedCache,
+    decode_entry,
+    decode_error,
+    encode_entry,
+    encode_error,
+)
 from tests.conftest import GatewayFactory, OpenLink
 from tests.redis_server import RedisServer
 from tests.support import FakeClock, http, make_config, registry_value
@@ -108,6 +117,20 @@ async def test_a_reserve_leaves_the_last_tokens_to_others(open_link: OpenLink) -
     budget = SharedBudget(await open_link(), time.monotonic)
     assert [(await budget.take(0.01, 4, reserve=2))[0] for _ in range(3)] == [0, 0, 1]
     assert (await budget.take(0.01, 4, reserve=0))[0] == 0
+
+
+async def test_a_write_waiting_in_one_process_comes_before_reads_in_every_other(open_link: OpenLink) -> None:
+    here, there = SharedBudget(await open_link(), time.monotonic), SharedBudget(await open_link(), time.monotonic)
+    rate = 20.0  # a token every 50 ms, on Redis's clock (which a test cannot move: it waits for it)
+    assert (await here.take(rate, 1, reserve=0))[0] == TOKEN
+    kind, wait = await here.take(rate, 1, reserve=0, writer="create-1")
+    assert kind == WAIT
+    await asyncio.sleep(wait + 0.02)
+    assert (await there.take(rate, 1, reserve=0))[0] == WAIT  # the token that came is the create's
+    assert (await here.take(rate, 1, reserve=0, writer="create-1"))[0] == TOKEN
+    kind, wait = await there.take(rate, 1, reserve=0)
+    await asyncio.sleep(wait + 0.02)
+    assert (await there.take(rate, 1, reserve=0))[0] == TOKEN  # no write waits now: reads go on
 
 
 async def test_a_pause_stops_every_process_and_a_shorter_one_never_cuts_it(open_link: OpenLink) -> None:
