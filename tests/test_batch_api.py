@@ -32,6 +32,7 @@ from tests.batch_upstream import (
     write_callers,
 )
 from tests.conftest import GatewayFactory
+from tests.redis_server import RedisServer
 from tests.support import (
     BILLING_KEY,
     REPORTING_KEY,
@@ -835,3 +836,29 @@ async def test_an_own_caller_gets_its_own_cached_batch_on_a_kept_alive_connectio
     assert (my_hit.status, my_hit.header("X-Cache"), my_hit.json["batch"]["id"]) == (200, "HIT", mine)
     assert_error(refused, 404, "not_found")
     assert upstream.count("retrieve") == 0
+
+
+async def test_with_redis_lost_an_own_callers_unknown_owner_fails_closed_after_an_inline_hit_on_the_same_connection(
+    upstream: BatchUpstream, start: GatewayFactory, redis_server: RedisServer
+) -> None:
+    """DESIGN §10: the owner this process knows still answers inline; one only Redis knew is 503, never a guess."""
+    shared = {"redis": {"url": redis_server.url, "probe_interval_s": 30}}
+    here = await writer_gateway(start, upstream, billing="own", reporting="all", **shared)
+    there = await writer_gateway(start, upstream, billing="own", reporting="all", **shared)
+    mine = await create(here, BILLING_KEY, "mine")
+    also_mine = await create(there, BILLING_KEY, "made through another replica")
+    # Cached here by an all-scoped caller, whose retrieve never asks who created it.
+    assert (await retrieve(here, also_mine, REPORTING_KEY)).status == 200
+    calls = upstream.count()
+    redis_server.kill()
+
+    hit, refused, again = await on_one_connection(
+        here,
+        kept_alive_get(mine, BILLING_KEY),
+        kept_alive_get(also_mine, BILLING_KEY),
+        kept_alive_get(mine, BILLING_KEY),
+    )
+    assert (hit.status, hit.header("X-Cache"), hit.json["batch"]["id"]) == (200, "HIT", mine)
+    assert_error(refused, 503, "store_unavailable")
+    assert (again.status, again.header("X-Cache")) == (200, "HIT")
+    assert upstream.count() == calls
