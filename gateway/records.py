@@ -29,7 +29,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +123,37 @@ class Records(Protocol):
         """The attempt certainly created nothing (429, 5xx, failed before sending): free the key."""
 
 
+class KnownOwners:
+    """The owners this process has read or written, for every ``Records`` backend.
+
+    Ownership never changes once recorded, so a positive answer is kept for
+    good (bounded by LRU); a negative one is not: another process (or
+    replica) may record the id a moment later. Only touched on the event
+    loop's thread.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._owners: LRUCache[str, str] = LRUCache(maxsize=size)
+
+    def __len__(self) -> int:
+        return len(self._owners)
+
+    def get(self, batch_id: str) -> str | None:
+        return self._owners.get(batch_id)
+
+    def remember(self, batch_id: str, owner: str) -> None:
+        self._owners[batch_id] = owner
+
+    async def look_up(self, batch_id: str, read: Callable[[], Awaitable[str | None]]) -> str | None:
+        """The owner from memory, else from ``read()`` (the store), kept if found."""
+        owner = self._owners.get(batch_id)
+        if owner is None:
+            owner = await read()
+            if owner is not None:
+                self._owners[batch_id] = owner
+        return owner
+
+
 def body_fingerprint(document: object) -> str:
     """The sha256 hex of ``document``'s canonical JSON: key order and whitespace do not count, values do."""
     canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -191,11 +222,7 @@ class SqliteRecords:
         self.lease_s = lease_s
         self.busy_timeout_s = busy_timeout_s
         self._clock = clock
-        # Ownership never changes once recorded, so a positive answer can be
-        # cached forever (bounded by LRU). Negative ones are not: another
-        # process (or replica) may record the id a moment later. Only touched
-        # on the event loop's thread.
-        self._owners: LRUCache[str, str] = LRUCache(maxsize=owner_cache_size)
+        self._owners = KnownOwners(owner_cache_size)
         self._executor: ThreadPoolExecutor | None = None
         self._connection: sqlite3.Connection | None = None
 
@@ -313,13 +340,7 @@ class SqliteRecords:
         return self._owners.get(batch_id)
 
     async def owner_of(self, batch_id: str) -> str | None:
-        cached = self._owners.get(batch_id)
-        if cached is not None:
-            return cached
-        owner = await self._run("owner_of", lambda: self._select_owner(batch_id))
-        if owner is not None:
-            self._owners[batch_id] = owner
-        return owner
+        return await self._owners.look_up(batch_id, lambda: self._run("owner_of", lambda: self._select_owner(batch_id)))
 
     def _select_owner(self, batch_id: str) -> str | None:
         row = self._db().execute("SELECT caller FROM owners WHERE batch_id = ?", (batch_id,)).fetchone()
@@ -338,7 +359,7 @@ class SqliteRecords:
             )
             return str(db.execute("SELECT caller FROM owners WHERE batch_id = ?", (batch_id,)).fetchone()[0])
 
-        self._owners[batch_id] = await self._write("record_owner", lambda: self._transaction(insert))
+        self._owners.remember(batch_id, await self._write("record_owner", lambda: self._transaction(insert)))
 
     # --- idempotency keys -------------------------------------------------------
 

@@ -35,10 +35,9 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio as aioredis
-from cachetools import LRUCache
 
 from gateway.errors import StoreUnavailable
-from gateway.records import Claim, Claimed, InUse, Records, Replay, Reused
+from gateway.records import Claim, Claimed, InUse, KnownOwners, Records, Replay, Reused
 from gateway.redis_link import RedisDown, RedisLink
 
 __all__ = ["RedisRecords"]
@@ -120,10 +119,7 @@ class RedisRecords:
         self.link = link
         self.idempotency_ttl_s = idempotency_ttl_s
         self.lease_s = lease_s
-        # Ownership never changes once recorded, so a positive answer is
-        # cached for good (bounded by LRU); a negative one is not: another
-        # process may record the id a moment later.
-        self._owners: LRUCache[str, str] = LRUCache(maxsize=owner_cache_size)
+        self._owners = KnownOwners(owner_cache_size)
         self._open = False
         client = link.client
         self._claim = client.register_script(_CLAIM)
@@ -160,15 +156,11 @@ class RedisRecords:
         return self._owners.get(batch_id)
 
     async def owner_of(self, batch_id: str) -> str | None:
-        cached = self._owners.get(batch_id)
-        if cached is not None:
-            return cached
-        stored = await self._call("owner_of", lambda r: r.get(self.link.key("owner", batch_id)))
-        if stored is None:
-            return None
-        owner = _text(stored)
-        self._owners[batch_id] = owner
-        return owner
+        async def read() -> str | None:
+            stored = await self._call("owner_of", lambda r: r.get(self.link.key("owner", batch_id)))
+            return None if stored is None else _text(stored)
+
+        return await self._owners.look_up(batch_id, read)
 
     async def record_owner(self, batch_id: str, caller: str) -> None:
         name = self.link.key("owner", batch_id)
@@ -182,7 +174,7 @@ class RedisRecords:
                 return await pipe.execute()
 
         _, stored = await self._call("record_owner", set_then_get)
-        self._owners[batch_id] = _text(stored)
+        self._owners.remember(batch_id, _text(stored))
 
     # --- idempotency keys -------------------------------------------------------
 
