@@ -125,6 +125,13 @@ class ServerSettings(_Section):
     backlog: Annotated[int, Field(ge=1)] = 1024
     # Processes serving one port (SO_REUSEPORT) under one parent; above 1 needs redis.url (DESIGN §10).
     workers: Annotated[int, Field(ge=1, le=64)] = 1
+    # A request body that sends no byte for this long is 408 request_timeout (DESIGN §7).
+    body_timeout_s: PositiveSeconds = 30
+    # /metrics on a listener of its own (same host), so the API port need not expose
+    # every caller's name and traffic; 0: /metrics stays on the API port.
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    # A file the gateway writes its pid to at start and removes at exit (for kill -HUP); empty: none.
+    pid_file: str = ""
 
 
 class UpstreamSettings(_Section):
@@ -196,6 +203,8 @@ class CacheSettings(_Section):
     max_wait_s: PositiveSeconds = 55
     # Requests held at once; past this, a new one is answered at once.
     max_waiters: Annotated[int, Field(ge=0)] = 10000
+    # Requests one caller may hold at once, so that one caller cannot take every slot (DESIGN §7).
+    max_waiters_per_caller: Annotated[int, Field(ge=0)] = 1000
 
 
 class LoggingSettings(_Section):

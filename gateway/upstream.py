@@ -25,7 +25,7 @@ from typing import TypeVar
 
 import aiohttp
 
-from gateway import errors
+from gateway import __version__, errors
 from gateway.cache import UpstreamReply
 from gateway.config import UpstreamSettings
 from gateway.metrics import Metrics
@@ -34,7 +34,7 @@ from gateway.protocol import Lifetime, batch_facts, error_for_status, now_utc, p
 from gateway.redis_link import RedisDown
 from gateway.shared import PAUSED_BY_ANOTHER, SharedBudget
 
-USER_AGENT = "cohere-gateway/0.1"
+USER_AGENT = f"cohere-gateway/{__version__}"
 # Caller headers that describe the calling SDK and are safe to pass on.
 # Everything else the caller sent (cookies, credentials, X-Client-Name,
 # hop-by-hop headers) stays at the gateway.
