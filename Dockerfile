@@ -28,11 +28,14 @@ FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# Every package at the version the tests passed on (.ci/constraints.txt, the lock),
+# the build tools included: a registry release cannot change what an image holds.
+COPY pyproject.toml README.md .ci/constraints.txt ./
 COPY gateway ./gateway
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels . \
-    && /opt/venv/bin/pip install /wheels/cohere_gateway-*.whl
+    && /opt/venv/bin/pip install -c constraints.txt pip setuptools \
+    && /opt/venv/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /wheels . \
+    && /opt/venv/bin/pip install -c constraints.txt /wheels/cohere_gateway-*.whl
 
 # --- runtime: the venv only; no compiler, no pip cache, no sources.
 FROM ${PYTHON_IMAGE}

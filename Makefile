@@ -1,21 +1,28 @@
 # Everything installs into .venv on first use; only python3 (3.11+) is needed.
+# Every install takes the exact versions in .ci/constraints.txt (the lock), build
+# tools included, so a fresh clone installs what was tested; `make lock` refreshes it.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+LOCK := .ci/constraints.txt
+PIP := $(BIN)/python -m pip --disable-pip-version-check
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 
-.PHONY: run test lint kit promtool redis-server bench bench-quick bench-smoke soak clean
+.PHONY: run test check lint lock kit promtool redis-server bench bench-quick bench-smoke soak clean
 
+# pip and setuptools at the locked versions first: the project is then built with
+# them (--no-build-isolation) rather than with whatever setuptools the registry has today.
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet -c $(LOCK) pip setuptools
 
-$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
+$(VENV)/.installed-run: pyproject.toml $(LOCK) | $(BIN)/python
+	$(PIP) install --quiet --no-build-isolation -c $(LOCK) -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+$(VENV)/.installed-test: pyproject.toml $(LOCK) | $(BIN)/python
+	$(PIP) install --quiet --no-build-isolation -c $(LOCK) -e '.[test,bench]'
 	touch $@ $(VENV)/.installed-run
 
 ## run: the gateway on :8080; demo mode (simulated upstream) unless COHERE_API_KEY is set; ARGS: more options
@@ -70,5 +77,18 @@ bench-smoke: $(VENV)/.installed-test
 soak: $(VENV)/.installed-test
 	$(BIN)/python bench/soak.py --duration $(or $(SOAK_S),30)
 
+## lock: refresh .ci/constraints.txt to the newest releases that pyproject.toml's ranges allow, then run the whole test run on them
+lock:
+	rm -rf $(VENV).lock
+	$(PYTHON) -m venv $(VENV).lock
+	$(VENV).lock/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip setuptools
+	$(VENV).lock/bin/python -m pip install --quiet --disable-pip-version-check --no-build-isolation -e '.[test,bench]'
+	{ sed -n '/^#/p' $(LOCK); \
+	  $(VENV).lock/bin/python -m pip freeze --all --exclude-editable | grep -iE '^(pip|setuptools)=='; \
+	  $(VENV).lock/bin/python -m pip freeze --all --exclude-editable | grep -viE '^(pip|setuptools)=='; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf $(VENV).lock $(VENV)
+	$(MAKE) test
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(VENV).lock .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
