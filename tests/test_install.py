@@ -11,8 +11,6 @@ import re
 from importlib import metadata
 from pathlib import Path
 
-import pytest
-
 LOCK = Path(__file__).resolve().parent.parent / ".ci" / "constraints.txt"
 
 
