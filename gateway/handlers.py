@@ -30,9 +30,6 @@ from gateway.upstream import (
     batch_path,
 )
 
-# A waiter gives up a little after the fetch's own deadline would have fired.
-WAIT_MARGIN_S = 1.0
-
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
@@ -92,13 +89,12 @@ async def get_batch(request: web.Request) -> web.Response:
     batch_id = parse_batch_id(request.match_info["id"])
     await check_scope(state, caller, batch_id)
     config = admitted.snapshot.config
-    settings = config.upstream
-    wait_s = settings.timeout_s + WAIT_MARGIN_S
+    wait_s = state.upstream.flight_wait_s()
 
     def fetch(may_wait: bool) -> Awaitable[UpstreamReply]:
         # Built only on a miss: a hit never needs it.
         call = upstream_request(request, caller, batch_path(batch_id))
-        return state.upstream.fetch(call, settings, may_wait, accept_batch)
+        return state.upstream.fetch(call, may_wait, accept_batch)
 
     if_none_match = request.headers.getall("If-None-Match", [])
     wants_wait = policy.requested_wait(request.headers.getall("Prefer", []))
@@ -133,20 +129,21 @@ async def _wait_for_change(
 ) -> CacheResult:
     """Hold the request until its batch changes or its wait ends; then the cache's answer as it is."""
     state, caller = admitted.state, admitted.caller
-    settings = admitted.snapshot.config.upstream
 
+    # The refresher keeps these for as long as the batch has waiters, across reloads:
+    # they hold no upstream settings, as each call reads those in force when it is made.
     def refresh_fetch() -> Callable[[bool], Awaitable[UpstreamReply]]:
         # Each refresh is a call of its own, with a request id of its own.
         call = UpstreamRequest(batch_path(batch_id), caller.name, new_request_id())
-        return partial(state.upstream.fetch, call, settings, accept=accept_batch)
+        return partial(state.upstream.fetch, call, accept=accept_batch)
 
     async def list_page(page_size: int) -> dict[str, Any]:
         query = (("order_by", "updated_at"), ("page_size", str(page_size)))
         call = UpstreamRequest(BATCHES_PATH, caller.name, new_request_id(), query=query)
         # may_wait False: a look for changes is a refresh, and leaves the budget's reserve alone.
-        return (await state.upstream.fetch(call, settings, False, accept_json_object)).document
+        return (await state.upstream.fetch(call, False, accept_json_object)).document
 
-    state.refresher.follow(batch_id, refresh_fetch, list_page, wait_s)
+    state.refresher.follow(batch_id, refresh_fetch, list_page)
     # The end of a wait is spread by up to N/16, so that waiters do not all return together.
     held_s = applied_s * (1 - state.cache.jitter() / 16)
     end = await state.waiters.wait(batch_id, held_s, getattr(request.protocol, "closed", None))
@@ -204,7 +201,7 @@ async def list_batches(request: web.Request) -> web.Response:
     state, caller = admitted.state, admitted.caller
     query = policy.list_query(request.query)
     call = upstream_request(request, caller, BATCHES_PATH, query=query)
-    page = await state.upstream.fetch(call, admitted.snapshot.config.upstream, True, accept_json_object)
+    page = await state.upstream.fetch(call, True, accept_json_object)
     if policy.sees_every_batch(caller):
         return json_answer(page.status, page.body)
     batches = policy.batches_of(page.document)
@@ -227,7 +224,7 @@ async def cancel_batch(request: web.Request) -> web.Response:
     await check_scope(state, caller, batch_id)
     # Cancelling twice is harmless, so a cancel may be retried like a read.
     call = upstream_request(request, caller, f"{batch_path(batch_id)}:cancel", method="POST", write=True)
-    answer = await state.upstream.fetch(call, admitted.snapshot.config.upstream, True, accept_json_object)
+    answer = await state.upstream.fetch(call, True, accept_json_object)
     await state.cache.evict(batch_id)
     return json_answer(answer.status, answer.body)
 

@@ -179,17 +179,25 @@ class Refresher:
     refreshed on its own again.
     """
 
-    def __init__(self, cache: BatchCache, waiters: Waiters, clock: Clock, budget_wait_s: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        cache: BatchCache,
+        waiters: Waiters,
+        clock: Clock,
+        budget_wait_s: Callable[[], float],
+        flight_wait_s: Callable[[], float],
+    ) -> None:
         self._cache = cache
         self._waiters = waiters
         self._clock = clock
         self._budget_wait_s = budget_wait_s
+        # Asked at each refresh, as the fetchers read the upstream settings in force then (DESIGN §7).
+        self._flight_wait_s = flight_wait_s
         self._fetchers: dict[str, Callable[[], Fetch]] = {}
         self._tried_at: dict[str, float] = {}
         # When each waited batch was last seen unchanged on a list page.
         self._listed_at: dict[str, float] = {}
         self._in_flight: set[str] = set()
-        self._wait_s = 0.0
         self._woken = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._list_page: ListPage | None = None
@@ -205,11 +213,13 @@ class Refresher:
         listed = sum(1 for b in self._fetchers if self._covered(b))
         return len(self._fetchers) - listed + (1 if self._detector_on() else 0)
 
-    def follow(self, batch_id: str, fetch: Callable[[], Fetch], list_page: ListPage, wait_s: float) -> None:
-        """Refresh ``batch_id`` while it has waiters; ``fetch()`` makes each refresh's upstream call."""
+    def follow(self, batch_id: str, fetch: Callable[[], Fetch], list_page: ListPage) -> None:
+        """Refresh ``batch_id`` while it has waiters; ``fetch()`` makes each refresh's upstream call.
+
+        Both are kept across reloads: they must read the upstream settings when they call, not hold them.
+        """
         self._fetchers.setdefault(batch_id, fetch)
         self._list_page = list_page
-        self._wait_s = wait_s
         self._woken.set()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._schedule())
@@ -272,7 +282,7 @@ class Refresher:
     def _start(self, batch_id: str) -> None:
         self._in_flight.add(batch_id)
         self._tried_at[batch_id] = self._clock()
-        call = asyncio.ensure_future(self._cache.refresh(batch_id, self._fetchers[batch_id](), self._wait_s))
+        call = asyncio.ensure_future(self._cache.refresh(batch_id, self._fetchers[batch_id](), self._flight_wait_s()))
         call.add_done_callback(partial(self._refreshed, batch_id))
 
     def _refreshed(self, batch_id: str, call: asyncio.Future[CacheEntry]) -> None:

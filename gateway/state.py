@@ -79,7 +79,7 @@ class GatewayState:
         metrics.inflight.set_function(lambda: len(cache.flights))
         waiters, freshness = Waiters(), Freshness(clock)
         upstream = UpstreamClient(config.upstream, metrics, clock)
-        refresher = Refresher(cache, waiters, clock, upstream.refresh_wait_s)
+        refresher = Refresher(cache, waiters, clock, upstream.refresh_wait_s, upstream.flight_wait_s)
         cache.on_change = waiters.changed
         cache.on_regression = metrics.regressions.inc
         cache.on_active = freshness.note_active
