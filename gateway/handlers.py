@@ -18,9 +18,10 @@ from aiohttp import web
 from gateway import errors, policy
 from gateway.auth import Caller
 from gateway.cache import CacheEntry, CacheResult, CacheState, UpstreamReply
-from gateway.config import Operation
+from gateway.config import CacheSettings, Operation
 from gateway.keys import CACHE_STATE, CALLER, REQUEST_ID, STATE, TRACE
 from gateway.protocol import UNPARSEABLE, new_request_id, parse_batch_id, upstream_message
+from gateway.refresh import WaitEnd
 from gateway.state import GatewayState, Snapshot
 from gateway.upstream import (
     BATCHES_PATH,
@@ -106,17 +107,27 @@ async def get_batch(request: web.Request) -> web.Response:
     result = await state.cache.get(batch_id, fetch, wait_s)
     applied: int | None = None
     if wants_wait and policy.must_wait(result.entry, if_none_match, held_on_arrival):
-        applied = min(wants_wait, int(config.cache.max_wait_s))
-        if state.waiters.total >= config.cache.max_waiters:
-            applied = None  # answered at once, without Preference-Applied
-            state.metrics.waits_ended.labels("limit").inc()
+        refused = _waiter_limit(state, caller, config.cache)
+        if refused is not None:
+            state.metrics.waits_ended.labels(refused.value).inc()  # answered at once, without Preference-Applied
         else:
+            applied = min(wants_wait, int(config.cache.max_wait_s))
             result = await _wait_for_change(request, admitted, batch_id, applied, fetch, wait_s)
     request[CACHE_STATE] = result.state.value
     response = _render(result, state.clock(), if_none_match)
     if applied is not None:
         response.headers["Preference-Applied"] = f"wait={applied}"
     return response
+
+
+def _waiter_limit(state: GatewayState, caller: Caller, settings: CacheSettings) -> WaitEnd | None:
+    """Why a new wait may not be held (all the slots taken, or all of this caller's), or None if it may."""
+    if state.waiters.total >= settings.max_waiters:
+        return WaitEnd.LIMIT
+    # One caller must not take every slot: the others can still wait (DESIGN §7).
+    if state.waiters.held_by(caller.name) >= settings.max_waiters_per_caller:
+        return WaitEnd.CALLER_LIMIT
+    return None
 
 
 async def _wait_for_change(
@@ -146,7 +157,7 @@ async def _wait_for_change(
     state.refresher.follow(batch_id, refresh_fetch, list_page)
     # The end of a wait is spread by up to N/16, so that waiters do not all return together.
     held_s = applied_s * (1 - state.cache.jitter() / 16)
-    end = await state.waiters.wait(batch_id, held_s, getattr(request.protocol, "closed", None))
+    end = await state.waiters.wait(batch_id, caller.name, held_s, getattr(request.protocol, "closed", None))
     state.metrics.waits_ended.labels(end.value).inc()
     return await state.cache.get(batch_id, fetch, wait_s)
 

@@ -59,6 +59,9 @@ class WaitEnd(Enum):
     TIMEOUT = "timeout"
     GONE = "gone"
     SHUTDOWN = "shutdown"
+    # Answered at once, never held: past cache.max_waiters, or past the caller's max_waiters_per_caller.
+    LIMIT = "limit"
+    CALLER_LIMIT = "caller_limit"
 
 
 def _settle(waiter: asyncio.Future[WaitEnd], end: WaitEnd) -> None:
@@ -67,17 +70,22 @@ def _settle(waiter: asyncio.Future[WaitEnd], end: WaitEnd) -> None:
 
 
 class Waiters:
-    """The requests held until their batch changes."""
+    """The requests held until their batch changes, counted in all and per caller."""
 
     def __init__(self) -> None:
         self._waiting: dict[str, set[asyncio.Future[WaitEnd]]] = {}
+        self._by_caller: dict[str, int] = {}
         self.total = 0
         self.stopping = False
 
     def held_for(self, batch_id: str) -> int:
         return len(self._waiting.get(batch_id, ()))
 
-    async def wait(self, batch_id: str, timeout_s: float, gone: asyncio.Future[None] | None) -> WaitEnd:
+    def held_by(self, caller: str) -> int:
+        """Requests ``caller`` has held now (``cache.max_waiters_per_caller`` bounds it)."""
+        return self._by_caller.get(caller, 0)
+
+    async def wait(self, batch_id: str, caller: str, timeout_s: float, gone: asyncio.Future[None] | None) -> WaitEnd:
         """Hold until ``batch_id`` changes, ``timeout_s`` passes, ``gone`` is done, or the gateway stops."""
         if self.stopping:
             return WaitEnd.SHUTDOWN
@@ -86,6 +94,7 @@ class Waiters:
         group = self._waiting.setdefault(batch_id, set())
         group.add(waiter)
         self.total += 1
+        self._by_caller[caller] = self._by_caller.get(caller, 0) + 1
         timer = loop.call_later(timeout_s, _settle, waiter, WaitEnd.TIMEOUT)
 
         def client_gone(_: asyncio.Future[None]) -> None:
@@ -101,6 +110,8 @@ class Waiters:
                 gone.remove_done_callback(client_gone)
             group.discard(waiter)
             self.total -= 1
+            if (left := self._by_caller.pop(caller) - 1) > 0:
+                self._by_caller[caller] = left
             if not group and self._waiting.get(batch_id) is group:
                 del self._waiting[batch_id]
 
