@@ -43,7 +43,7 @@ CLOCK_SKEW_S = 120.0
 
 
 async def create_batch(request: web.Request) -> web.Response:
-    admitted = admit(request, "create")
+    admitted = await admit(request, "create")
     key = policy.idempotency_key(request.headers.getall("Idempotency-Key", []))
     body = await request.read()
     document = policy.create_document(request.content_type, body)

@@ -41,21 +41,22 @@ class Admitted:
     caller: Caller
 
 
-def admit(request: web.Request, operation: Operation) -> Admitted:
+async def admit(request: web.Request, operation: Operation) -> Admitted:
     """Authenticate, apply the caller's rate limit, then its permission for ``operation``."""
     state = request.app[STATE]
     snapshot = state.snapshot
     caller = snapshot.callers.authenticate(request.headers.getall("Authorization", []))
     request[CALLER] = caller.name
-    _check_caller_limit(state, caller)
+    await _check_caller_limit(state, caller)
     policy.authorize(caller, operation)
     return Admitted(state, snapshot, caller)
 
 
-def _check_caller_limit(state: GatewayState, caller: Caller) -> None:
+async def _check_caller_limit(state: GatewayState, caller: Caller) -> None:
     if caller.rate_limit is None:
         return
-    wait = state.caller_bucket(caller.name, caller.rate_limit).try_take()
+    # Awaited: with redis.url the caller's bucket is in Redis, one for every process.
+    wait = await state.take_caller_token(caller.name, caller.rate_limit)
     if wait:
         state.metrics.caller_rejections.labels(caller.name).inc()
         raise errors.CallerRateLimited(retry_after_s=wait)
@@ -85,7 +86,7 @@ def json_answer(status: int, body: bytes, headers: dict[str, str] | None = None)
 
 async def get_batch(request: web.Request) -> web.Response:
     """``GET /v2/batches/{id}``: authenticate, validate, answer from the cache; wait for a change if asked."""
-    admitted = admit(request, "retrieve")
+    admitted = await admit(request, "retrieve")
     state, caller = admitted.state, admitted.caller
     batch_id = parse_batch_id(request.match_info["id"])
     await check_scope(state, caller, batch_id)
@@ -208,7 +209,7 @@ def accept_json_object(status: int, body: bytes) -> JsonAnswer | None:
 
 async def list_batches(request: web.Request) -> web.Response:
     """``GET /v2/batches``: the upstream's page; an ``own`` caller sees only its batches in it."""
-    admitted = admit(request, "list")
+    admitted = await admit(request, "list")
     state, caller = admitted.state, admitted.caller
     query = policy.list_query(request.query)
     call = upstream_request(request, caller, BATCHES_PATH, query=query)
@@ -224,7 +225,7 @@ async def list_batches(request: web.Request) -> web.Response:
 
 async def cancel_batch(request: web.Request) -> web.Response:
     """``POST /v2/batches/{id}:cancel``: cancel upstream, then evict the id's cache entry."""
-    admitted = admit(request, "cancel")
+    admitted = await admit(request, "cancel")
     state, caller = admitted.state, admitted.caller
     if not request.raw_path.partition("?")[0].endswith(":cancel"):
         # The router matched a decoded path: '/v2/batches/a%3Acancel' names a batch
