@@ -345,7 +345,7 @@ class UpstreamClient:
         last: errors.GatewayError | None = None
         for attempt in itertools.count():
             if last is not None:
-                if attempt > self.settings.retries:
+                if attempt > self.settings.retries:  # the retries allowed now: a reload may have changed them
                     raise last
                 backoff = self._backoff_s(self.settings, attempt)
                 if loop.time() + backoff >= tally.deadline:
