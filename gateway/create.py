@@ -43,7 +43,7 @@ CLOCK_SKEW_S = 120.0
 
 
 async def create_batch(request: web.Request) -> web.Response:
-    admitted = admit(request, "create")
+    admitted = await admit(request, "create")
     key = policy.idempotency_key(request.headers.getall("Idempotency-Key", []))
     body = await request.read()
     document = policy.create_document(request.content_type, body)
@@ -122,7 +122,7 @@ async def _create(request: web.Request, admitted: Admitted, body: bytes) -> Json
     call = upstream_request(
         request, admitted.caller, BATCHES_PATH, method="POST", body=body, retry_after_sending=False, write=True
     )
-    reply = await admitted.state.upstream.fetch(call, admitted.snapshot.config.upstream, True, accept_json_object)
+    reply = await admitted.state.upstream.fetch(call, True, accept_json_object)
     await _keep(admitted, reply)
     return reply
 
@@ -173,7 +173,7 @@ async def _find_created(
         if page_token:
             query.append(("page_token", page_token))
         call = upstream_request(request, admitted.caller, BATCHES_PATH, query=tuple(query))
-        page = await admitted.state.upstream.fetch(call, admitted.snapshot.config.upstream, True, accept_json_object)
+        page = await admitted.state.upstream.fetch(call, True, accept_json_object)
         batches = policy.batches_of(page.document)
         created = [parse_timestamp(b.get("created_at")) if isinstance(b, dict) else None for b in batches]
         for batch, when in zip(batches, created, strict=True):

@@ -7,7 +7,8 @@ three times the gateway's own work (``bench/run.py``, ``hit_vs_ceiling``).
 
 It answers only the plainest case: ``GET /v2/batches/<well-formed id>``
 over HTTP/1.1 on a kept-alive connection, no body, no ``Expect``, one
-valid caller key, a caller within its rate limit and allowed to retrieve
+valid caller key, a caller within its rate limit (with ``redis.url``, a
+caller that has one goes to the app: its bucket is in Redis) and allowed to retrieve
 the batch (``gateway.policy``, the rules the app applies too), no
 ``Prefer: wait`` (a wait is held by the app), and a fresh 200 in the
 cache; it is a 304 when ``If-None-Match`` names its ETag, by the same rule
@@ -61,6 +62,11 @@ def answer_fresh_hit(state: GatewayState, message: RawRequestMessage) -> bytes |
         caller = state.snapshot.callers.authenticate(message.headers.getall("Authorization", []))
         policy.authorize(caller, "retrieve")
     except errors.GatewayError:
+        return None
+    if caller.rate_limit is not None and state.shared_caller_limits is not None:
+        # With redis.url its limit is one bucket in Redis (DESIGN §7, §10), which this
+        # synchronous path must never wait on: the app, which awaits Redis, answers it.
+        # The hit then costs the app's work; callers without a rate_limit keep the inline path.
         return None
     if not policy.sees_every_batch(caller) and not policy.may_see(caller, state.records.known_owner(batch_id)):
         return None

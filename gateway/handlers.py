@@ -18,9 +18,10 @@ from aiohttp import web
 from gateway import errors, policy
 from gateway.auth import Caller
 from gateway.cache import CacheEntry, CacheResult, CacheState, UpstreamReply
-from gateway.config import Operation
+from gateway.config import CacheSettings, Operation
 from gateway.keys import CACHE_STATE, CALLER, REQUEST_ID, STATE, TRACE
 from gateway.protocol import UNPARSEABLE, new_request_id, parse_batch_id, upstream_message
+from gateway.refresh import WaitEnd
 from gateway.state import GatewayState, Snapshot
 from gateway.upstream import (
     BATCHES_PATH,
@@ -29,9 +30,6 @@ from gateway.upstream import (
     accept_batch,
     batch_path,
 )
-
-# A waiter gives up a little after the fetch's own deadline would have fired.
-WAIT_MARGIN_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,21 +41,22 @@ class Admitted:
     caller: Caller
 
 
-def admit(request: web.Request, operation: Operation) -> Admitted:
+async def admit(request: web.Request, operation: Operation) -> Admitted:
     """Authenticate, apply the caller's rate limit, then its permission for ``operation``."""
     state = request.app[STATE]
     snapshot = state.snapshot
     caller = snapshot.callers.authenticate(request.headers.getall("Authorization", []))
     request[CALLER] = caller.name
-    _check_caller_limit(state, caller)
+    await _check_caller_limit(state, caller)
     policy.authorize(caller, operation)
     return Admitted(state, snapshot, caller)
 
 
-def _check_caller_limit(state: GatewayState, caller: Caller) -> None:
+async def _check_caller_limit(state: GatewayState, caller: Caller) -> None:
     if caller.rate_limit is None:
         return
-    wait = state.caller_bucket(caller.name, caller.rate_limit).try_take()
+    # Awaited: with redis.url the caller's bucket is in Redis, one for every process.
+    wait = await state.take_caller_token(caller.name, caller.rate_limit)
     if wait:
         state.metrics.caller_rejections.labels(caller.name).inc()
         raise errors.CallerRateLimited(retry_after_s=wait)
@@ -87,18 +86,17 @@ def json_answer(status: int, body: bytes, headers: dict[str, str] | None = None)
 
 async def get_batch(request: web.Request) -> web.Response:
     """``GET /v2/batches/{id}``: authenticate, validate, answer from the cache; wait for a change if asked."""
-    admitted = admit(request, "retrieve")
+    admitted = await admit(request, "retrieve")
     state, caller = admitted.state, admitted.caller
     batch_id = parse_batch_id(request.match_info["id"])
     await check_scope(state, caller, batch_id)
     config = admitted.snapshot.config
-    settings = config.upstream
-    wait_s = settings.timeout_s + WAIT_MARGIN_S
+    wait_s = state.upstream.flight_wait_s()
 
     def fetch(may_wait: bool) -> Awaitable[UpstreamReply]:
         # Built only on a miss: a hit never needs it.
         call = upstream_request(request, caller, batch_path(batch_id))
-        return state.upstream.fetch(call, settings, may_wait, accept_batch)
+        return state.upstream.fetch(call, may_wait, accept_batch)
 
     if_none_match = request.headers.getall("If-None-Match", [])
     wants_wait = policy.requested_wait(request.headers.getall("Prefer", []))
@@ -110,17 +108,27 @@ async def get_batch(request: web.Request) -> web.Response:
     result = await state.cache.get(batch_id, fetch, wait_s)
     applied: int | None = None
     if wants_wait and policy.must_wait(result.entry, if_none_match, held_on_arrival):
-        applied = min(wants_wait, int(config.cache.max_wait_s))
-        if state.waiters.total >= config.cache.max_waiters:
-            applied = None  # answered at once, without Preference-Applied
-            state.metrics.waits_ended.labels("limit").inc()
+        refused = _waiter_limit(state, caller, config.cache)
+        if refused is not None:
+            state.metrics.waits_ended.labels(refused.value).inc()  # answered at once, without Preference-Applied
         else:
+            applied = min(wants_wait, int(config.cache.max_wait_s))
             result = await _wait_for_change(request, admitted, batch_id, applied, fetch, wait_s)
     request[CACHE_STATE] = result.state.value
     response = _render(result, state.clock(), if_none_match)
     if applied is not None:
         response.headers["Preference-Applied"] = f"wait={applied}"
     return response
+
+
+def _waiter_limit(state: GatewayState, caller: Caller, settings: CacheSettings) -> WaitEnd | None:
+    """Why a new wait may not be held (all the slots taken, or all of this caller's), or None if it may."""
+    if state.waiters.total >= settings.max_waiters:
+        return WaitEnd.LIMIT
+    # One caller must not take every slot: the others can still wait (DESIGN §7).
+    if state.waiters.held_by(caller.name) >= settings.max_waiters_per_caller:
+        return WaitEnd.CALLER_LIMIT
+    return None
 
 
 async def _wait_for_change(
@@ -133,23 +141,24 @@ async def _wait_for_change(
 ) -> CacheResult:
     """Hold the request until its batch changes or its wait ends; then the cache's answer as it is."""
     state, caller = admitted.state, admitted.caller
-    settings = admitted.snapshot.config.upstream
 
+    # The refresher keeps these for as long as the batch has waiters, across reloads:
+    # they hold no upstream settings, as each call reads those in force when it is made.
     def refresh_fetch() -> Callable[[bool], Awaitable[UpstreamReply]]:
         # Each refresh is a call of its own, with a request id of its own.
         call = UpstreamRequest(batch_path(batch_id), caller.name, new_request_id())
-        return partial(state.upstream.fetch, call, settings, accept=accept_batch)
+        return partial(state.upstream.fetch, call, accept=accept_batch)
 
     async def list_page(page_size: int) -> dict[str, Any]:
         query = (("order_by", "updated_at"), ("page_size", str(page_size)))
         call = UpstreamRequest(BATCHES_PATH, caller.name, new_request_id(), query=query)
         # may_wait False: a look for changes is a refresh, and leaves the budget's reserve alone.
-        return (await state.upstream.fetch(call, settings, False, accept_json_object)).document
+        return (await state.upstream.fetch(call, False, accept_json_object)).document
 
-    state.refresher.follow(batch_id, refresh_fetch, list_page, wait_s)
+    state.refresher.follow(batch_id, refresh_fetch, list_page)
     # The end of a wait is spread by up to N/16, so that waiters do not all return together.
     held_s = applied_s * (1 - state.cache.jitter() / 16)
-    end = await state.waiters.wait(batch_id, held_s, getattr(request.protocol, "closed", None))
+    end = await state.waiters.wait(batch_id, caller.name, held_s, getattr(request.protocol, "closed", None))
     state.metrics.waits_ended.labels(end.value).inc()
     return await state.cache.get(batch_id, fetch, wait_s)
 
@@ -200,11 +209,11 @@ def accept_json_object(status: int, body: bytes) -> JsonAnswer | None:
 
 async def list_batches(request: web.Request) -> web.Response:
     """``GET /v2/batches``: the upstream's page; an ``own`` caller sees only its batches in it."""
-    admitted = admit(request, "list")
+    admitted = await admit(request, "list")
     state, caller = admitted.state, admitted.caller
     query = policy.list_query(request.query)
     call = upstream_request(request, caller, BATCHES_PATH, query=query)
-    page = await state.upstream.fetch(call, admitted.snapshot.config.upstream, True, accept_json_object)
+    page = await state.upstream.fetch(call, True, accept_json_object)
     if policy.sees_every_batch(caller):
         return json_answer(page.status, page.body)
     batches = policy.batches_of(page.document)
@@ -216,7 +225,7 @@ async def list_batches(request: web.Request) -> web.Response:
 
 async def cancel_batch(request: web.Request) -> web.Response:
     """``POST /v2/batches/{id}:cancel``: cancel upstream, then evict the id's cache entry."""
-    admitted = admit(request, "cancel")
+    admitted = await admit(request, "cancel")
     state, caller = admitted.state, admitted.caller
     if not request.raw_path.partition("?")[0].endswith(":cancel"):
         # The router matched a decoded path: '/v2/batches/a%3Acancel' names a batch
@@ -227,7 +236,7 @@ async def cancel_batch(request: web.Request) -> web.Response:
     await check_scope(state, caller, batch_id)
     # Cancelling twice is harmless, so a cancel may be retried like a read.
     call = upstream_request(request, caller, f"{batch_path(batch_id)}:cancel", method="POST", write=True)
-    answer = await state.upstream.fetch(call, admitted.snapshot.config.upstream, True, accept_json_object)
+    answer = await state.upstream.fetch(call, True, accept_json_object)
     await state.cache.evict(batch_id)
     return json_answer(answer.status, answer.body)
 

@@ -102,7 +102,8 @@ class Metrics:
         self.waits_ended = Counter(
             "gateway_waits_ended",
             "Prefer: wait requests answered, by why: changed, timeout, gone (the client left), shutdown,"
-            " limit (past cache.max_waiters, answered at once).",
+            " limit (past cache.max_waiters, answered at once), caller_limit (past the caller's"
+            " cache.max_waiters_per_caller, answered at once).",
             ["reason"],
             registry=r,
         )

@@ -59,6 +59,9 @@ class WaitEnd(Enum):
     TIMEOUT = "timeout"
     GONE = "gone"
     SHUTDOWN = "shutdown"
+    # Answered at once, never held: past cache.max_waiters, or past the caller's max_waiters_per_caller.
+    LIMIT = "limit"
+    CALLER_LIMIT = "caller_limit"
 
 
 def _settle(waiter: asyncio.Future[WaitEnd], end: WaitEnd) -> None:
@@ -67,17 +70,22 @@ def _settle(waiter: asyncio.Future[WaitEnd], end: WaitEnd) -> None:
 
 
 class Waiters:
-    """The requests held until their batch changes."""
+    """The requests held until their batch changes, counted in all and per caller."""
 
     def __init__(self) -> None:
         self._waiting: dict[str, set[asyncio.Future[WaitEnd]]] = {}
+        self._by_caller: dict[str, int] = {}
         self.total = 0
         self.stopping = False
 
     def held_for(self, batch_id: str) -> int:
         return len(self._waiting.get(batch_id, ()))
 
-    async def wait(self, batch_id: str, timeout_s: float, gone: asyncio.Future[None] | None) -> WaitEnd:
+    def held_by(self, caller: str) -> int:
+        """Requests ``caller`` has held now (``cache.max_waiters_per_caller`` bounds it)."""
+        return self._by_caller.get(caller, 0)
+
+    async def wait(self, batch_id: str, caller: str, timeout_s: float, gone: asyncio.Future[None] | None) -> WaitEnd:
         """Hold until ``batch_id`` changes, ``timeout_s`` passes, ``gone`` is done, or the gateway stops."""
         if self.stopping:
             return WaitEnd.SHUTDOWN
@@ -86,6 +94,7 @@ class Waiters:
         group = self._waiting.setdefault(batch_id, set())
         group.add(waiter)
         self.total += 1
+        self._by_caller[caller] = self._by_caller.get(caller, 0) + 1
         timer = loop.call_later(timeout_s, _settle, waiter, WaitEnd.TIMEOUT)
 
         def client_gone(_: asyncio.Future[None]) -> None:
@@ -101,6 +110,8 @@ class Waiters:
                 gone.remove_done_callback(client_gone)
             group.discard(waiter)
             self.total -= 1
+            if (left := self._by_caller.pop(caller) - 1) > 0:
+                self._by_caller[caller] = left
             if not group and self._waiting.get(batch_id) is group:
                 del self._waiting[batch_id]
 
@@ -179,17 +190,25 @@ class Refresher:
     refreshed on its own again.
     """
 
-    def __init__(self, cache: BatchCache, waiters: Waiters, clock: Clock, budget_wait_s: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        cache: BatchCache,
+        waiters: Waiters,
+        clock: Clock,
+        budget_wait_s: Callable[[], float],
+        flight_wait_s: Callable[[], float],
+    ) -> None:
         self._cache = cache
         self._waiters = waiters
         self._clock = clock
         self._budget_wait_s = budget_wait_s
+        # Asked at each refresh, as the fetchers read the upstream settings in force then (DESIGN §7).
+        self._flight_wait_s = flight_wait_s
         self._fetchers: dict[str, Callable[[], Fetch]] = {}
         self._tried_at: dict[str, float] = {}
         # When each waited batch was last seen unchanged on a list page.
         self._listed_at: dict[str, float] = {}
         self._in_flight: set[str] = set()
-        self._wait_s = 0.0
         self._woken = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._list_page: ListPage | None = None
@@ -205,11 +224,13 @@ class Refresher:
         listed = sum(1 for b in self._fetchers if self._covered(b))
         return len(self._fetchers) - listed + (1 if self._detector_on() else 0)
 
-    def follow(self, batch_id: str, fetch: Callable[[], Fetch], list_page: ListPage, wait_s: float) -> None:
-        """Refresh ``batch_id`` while it has waiters; ``fetch()`` makes each refresh's upstream call."""
+    def follow(self, batch_id: str, fetch: Callable[[], Fetch], list_page: ListPage) -> None:
+        """Refresh ``batch_id`` while it has waiters; ``fetch()`` makes each refresh's upstream call.
+
+        Both are kept across reloads: they must read the upstream settings when they call, not hold them.
+        """
         self._fetchers.setdefault(batch_id, fetch)
         self._list_page = list_page
-        self._wait_s = wait_s
         self._woken.set()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._schedule())
@@ -272,7 +293,7 @@ class Refresher:
     def _start(self, batch_id: str) -> None:
         self._in_flight.add(batch_id)
         self._tried_at[batch_id] = self._clock()
-        call = asyncio.ensure_future(self._cache.refresh(batch_id, self._fetchers[batch_id](), self._wait_s))
+        call = asyncio.ensure_future(self._cache.refresh(batch_id, self._fetchers[batch_id](), self._flight_wait_s()))
         call.add_done_callback(partial(self._refreshed, batch_id))
 
     def _refreshed(self, batch_id: str, call: asyncio.Future[CacheEntry]) -> None:

@@ -12,7 +12,8 @@ error rather than each calling the upstream again.
 ``SharedBudget`` is one token bucket for every process: a Lua script
 that refills and takes on Redis's clock (``TIME``), so that the
 processes' own clocks never matter, and that also refuses while the
-shared 429 pause runs.
+shared 429 pause runs. ``SharedCallerLimits`` runs the same script on a
+bucket of each caller's, for ``callers[].rate_limit`` (DESIGN §7).
 
 Every method may raise ``RedisDown``; the callers (``gateway.cache``,
 ``gateway.upstream``) then fall back to their local policy: memory only,
@@ -417,3 +418,29 @@ class SharedBudget:
             "pause", lambda r: self._pause(keys=[self.link.key("pause")], args=[ms], client=r)
         )
         await self.link.publish(PAUSED, "-", str(int(left_ms) / 1000).encode())
+
+
+class SharedCallerLimits:
+    """Each caller's own ``rate_limit`` as one bucket for every process (DESIGN §7, §10).
+
+    The budget's script (``_TAKE``) on keys of the caller's own: its pause and
+    writes keys are never set, so neither ever holds a caller up, and the
+    refill runs on Redis's clock as the budget's does.
+    """
+
+    def __init__(self, link: RedisLink) -> None:
+        self.link = link
+        self._take = link.client.register_script(_TAKE)
+
+    async def take(self, caller: str, rate: float, burst: int) -> float:
+        """0 with a token of ``caller``'s taken, else the seconds until one is due."""
+        keys = [
+            self.link.key("caller", caller),
+            self.link.key("caller-pause", caller),
+            self.link.key("caller-writes", caller),
+        ]
+        args: list[str | int] = [repr(rate), burst, 0, 1, 0, ""]
+        _kind, wait, _tokens = await self.link.call(
+            "caller_limit", lambda r: self._take(keys=keys, args=args, client=r)
+        )
+        return float(wait)

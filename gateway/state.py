@@ -21,10 +21,10 @@ from gateway.logs import AccessLog, Redactor, set_level
 from gateway.metrics import Metrics
 from gateway.protection import Clock, TokenBucket
 from gateway.records import Records, SqliteRecords
-from gateway.redis_link import PAUSED, RedisLink
+from gateway.redis_link import PAUSED, RedisDown, RedisLink
 from gateway.redis_records import RedisRecords
 from gateway.refresh import Freshness, Refresher, Waiters
-from gateway.shared import LOCK_MARGIN_S, SharedBudget, SharedCache
+from gateway.shared import LOCK_MARGIN_S, SharedBudget, SharedCache, SharedCallerLimits
 from gateway.upstream import UpstreamClient
 
 # How long past upstream.timeout_s a create may hold its Idempotency-Key: its
@@ -61,7 +61,9 @@ class GatewayState:
     # The shared tier (DESIGN §10), when redis.url is set.
     redis: RedisLink | None = None
     access_log: AccessLog = field(default_factory=AccessLog)
+    # Each caller's own rate_limit: in this process, and with redis.url one bucket in Redis for every process.
     caller_buckets: dict[str, TokenBucket] = field(default_factory=dict)
+    shared_caller_limits: SharedCallerLimits | None = None
     # Prometheus children by label values (bounded: callers x routes x statuses x cache states).
     metric_children: dict[object, Any] = field(default_factory=dict)
 
@@ -79,7 +81,7 @@ class GatewayState:
         metrics.inflight.set_function(lambda: len(cache.flights))
         waiters, freshness = Waiters(), Freshness(clock)
         upstream = UpstreamClient(config.upstream, metrics, clock)
-        refresher = Refresher(cache, waiters, clock, upstream.refresh_wait_s)
+        refresher = Refresher(cache, waiters, clock, upstream.refresh_wait_s, upstream.flight_wait_s)
         cache.on_change = waiters.changed
         cache.on_regression = metrics.regressions.inc
         cache.on_active = freshness.note_active
@@ -118,6 +120,7 @@ class GatewayState:
         shared_cache = SharedCache(link, self.clock, lambda: self.snapshot.config.upstream.timeout_s + LOCK_MARGIN_S)
         self.cache.shared = shared_cache
         self.upstream.shared = SharedBudget(link, self.clock)
+        self.shared_caller_limits = SharedCallerLimits(link)
         flights = link.metrics.flights
         self.cache.on_shared = lambda role: flights.labels(role.value).inc()
 
@@ -141,17 +144,35 @@ class GatewayState:
             set_level(config.logging.level)
         self.upstream.reconfigure(config.upstream)
         self.cache.settings = config.cache
-        limits = {c.name: c.rate_limit for c in config.callers if c.rate_limit is not None}
+        # A caller that keeps its limit keeps its bucket (reconfigured on its next use).
+        limited = {c.name for c in config.callers if c.rate_limit is not None}
         for name in list(self.caller_buckets):
-            if name not in limits:
+            if name not in limited:
                 del self.caller_buckets[name]
-        for name, limit in limits.items():
-            if name in self.caller_buckets:
-                self.caller_buckets[name].reconfigure(limit.requests_per_s, limit.burst)
         self.snapshot = Snapshot(config, CallerDirectory(config.callers))
 
-    def caller_bucket(self, name: str, limit: RateLimit) -> TokenBucket:
+    def caller_bucket(self, name: str, limit: RateLimit, shares: int = 1) -> TokenBucket:
+        """The caller's bucket in this process: its whole limit, or its share of it (``shares`` processes)."""
+        rate, burst = limit.requests_per_s / shares, max(1, limit.burst // shares)
         bucket = self.caller_buckets.get(name)
         if bucket is None:
-            bucket = self.caller_buckets[name] = TokenBucket(limit.requests_per_s, limit.burst, self.clock)
+            bucket = self.caller_buckets[name] = TokenBucket(rate, burst, self.clock)
+        elif (bucket.rate, bucket.burst) != (rate, burst):
+            bucket.reconfigure(rate, burst)  # a reload, or Redis lost or regained: no fresh burst
         return bucket
+
+    async def take_caller_token(self, name: str, limit: RateLimit) -> float:
+        """0 with a token of caller ``name``'s ``rate_limit`` taken, else the seconds until one is due.
+
+        With redis.url, one bucket in Redis for every process (DESIGN §7, §10).
+        While Redis is lost, or fails this call, this process takes its share:
+        the rate (and burst) divided by the processes last seen alive, as the
+        upstream budget does, so N processes never give a caller N limits.
+        """
+        shared = self.shared_caller_limits
+        if shared is None:
+            return self.caller_bucket(name, limit).try_take()
+        if shared.link.usable:
+            with contextlib.suppress(RedisDown):
+                return await shared.take(name, limit.requests_per_s, limit.burst)
+        return self.caller_bucket(name, limit, shares=shared.link.alive).try_take()

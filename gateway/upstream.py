@@ -16,6 +16,7 @@ it may have reached the upstream (DESIGN §8); only a failed connect is.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import secrets
 import time
@@ -44,6 +45,8 @@ READ_CHUNK = 65536
 BATCHES_PATH = "/v2/batches"
 # The share of the budget's burst that refreshes of held answers leave to new ids and writes.
 RESERVED_SHARE = 0.25
+# A request waiting on another's fetch gives up a little after that fetch's own deadline would have fired.
+FLIGHT_MARGIN_S = 1.0
 
 R = TypeVar("R")
 # What a call accepts as its answer: the value for a status and body it
@@ -165,6 +168,10 @@ class UpstreamClient:
         self._reshare(self._shares)
         self.breaker.reconfigure(settings.breaker.failures, settings.breaker.cooldown_s)
 
+    def flight_wait_s(self) -> float:
+        """How long a request may wait on a fetch that another request leads, under the config in force."""
+        return self.settings.timeout_s + FLIGHT_MARGIN_S
+
     def _reshare(self, shares: int) -> None:
         """This process's own bucket: the whole budget, or its share while Redis is lost (DESIGN §10)."""
         self._shares = shares
@@ -188,12 +195,18 @@ class UpstreamClient:
         shared = self.shared
         return shared.tokens if shared is not None and shared.link.up else self.budget.tokens
 
-    async def fetch(self, request: UpstreamRequest, settings: UpstreamSettings, may_wait: bool, accept: Accept[R]) -> R:
+    async def fetch(self, request: UpstreamRequest, may_wait: bool, accept: Accept[R]) -> R:
         """One logical call, with the guards, retries and deadline; ``accept`` reads its answer.
 
         ``may_wait`` says whether to wait (briefly) for budget: a caller that
         has a stale entry to fall back on is better served by it at once.
+        Every HTTP call reads the upstream settings in force when it is made
+        (``self.settings``, which a reload replaces), never a copy the caller
+        took earlier: a reload that rotates the token or moves ``base_url``
+        reaches refreshes and retries too (DESIGN §7). The deadline is the
+        one in force when the fetch began.
         """
+        settings = self.settings
         self._check_paused()
         admission = self.breaker.admit()
         if not admission.admitted:
@@ -204,7 +217,7 @@ class UpstreamClient:
         tally = _Tally(deadline=asyncio.get_running_loop().time() + settings.timeout_s)
         try:
             async with asyncio.timeout_at(tally.deadline):
-                reply = await self._attempts(request, settings, may_wait, accept, tally)
+                reply = await self._attempts(request, may_wait, accept, tally)
         except TimeoutError:
             self._judge(admission, tally, timed_out=True)
             raise errors.UpstreamTimeout(f"The upstream did not answer within {settings.timeout_s:g} s.") from None
@@ -327,17 +340,19 @@ class UpstreamClient:
         """Full jitter: a random wait up to an exponential cap (``retry`` counts from 1)."""
         return self.jitter(0.0, settings.retry_backoff_s * 2 ** (retry - 1))
 
-    async def _attempts(
-        self, request: UpstreamRequest, settings: UpstreamSettings, may_wait: bool, accept: Accept[R], tally: _Tally
-    ) -> R:
+    async def _attempts(self, request: UpstreamRequest, may_wait: bool, accept: Accept[R], tally: _Tally) -> R:
         loop = asyncio.get_running_loop()
         last: errors.GatewayError | None = None
-        for attempt in range(settings.retries + 1):
+        for attempt in itertools.count():
             if last is not None:
-                backoff = self._backoff_s(settings, attempt)
+                if attempt > self.settings.retries:  # the retries allowed now: a reload may have changed them
+                    raise last
+                backoff = self._backoff_s(self.settings, attempt)
                 if loop.time() + backoff >= tally.deadline:
                     raise last  # no time left for another try: report the real failure
                 await asyncio.sleep(backoff)
+            # Read again for each try: a reload during the last one (or its backoff) applies to this one.
+            settings = self.settings
             try:
                 self._check_paused()  # another request may have been told to pause meanwhile
                 await self._spend_budget(settings, may_wait or last is not None, request.write, tally.deadline)
@@ -364,8 +379,7 @@ class UpstreamClient:
                 raise
             tally.healthy = True
             return reply
-        assert last is not None
-        raise last
+        raise AssertionError("unreachable: itertools.count() never ends")
 
     async def _attempt(
         self, request: UpstreamRequest, settings: UpstreamSettings, accept: Accept[R], deadline: float

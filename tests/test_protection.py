@@ -534,9 +534,8 @@ async def test_a_cancelled_probe_frees_the_slot_for_the_next_call(
     upstream.release, upstream.arrived = asyncio.Event(), asyncio.Event()
     from gateway.upstream import UpstreamRequest, accept_batch, batch_path
 
-    settings = gateway.state.snapshot.config.upstream
     call = UpstreamRequest(batch_path("probe"), "billing-service", "req-1")
-    probe = asyncio.create_task(client.fetch(call, settings, True, accept_batch))
+    probe = asyncio.create_task(client.fetch(call, True, accept_batch))
     await asyncio.wait_for(upstream.arrived.wait(), BOUND_S)
     assert not client.breaker.admit().admitted  # the probe is out
     probe.cancel()

@@ -1,4 +1,4 @@
-"""The pieces of the shared tier (DESIGN §10) on a real Redis, without HTTP.
+"""The pieces of the shared tier (DESIGN §10) on a real Redis, mostly without HTTP.
 
 Entries travel between processes with wall-clock times; the budget and the
 pause are Lua scripts on Redis's clock. The black-box tests with three
@@ -17,11 +17,13 @@ from gateway import errors
 from gateway.cache import CacheEntry, Role
 from gateway.demo import Simulator
 from gateway.redis_link import RedisDown
+from gateway.server import RunningGateway
 from gateway.shared import (
     TOKEN,
     WAIT,
     SharedBudget,
     SharedCache,
+    SharedCallerLimits,
     decode_entry,
     decode_error,
     encode_entry,
@@ -29,7 +31,7 @@ from gateway.shared import (
 )
 from tests.conftest import GatewayFactory, OpenLink
 from tests.redis_server import RedisServer
-from tests.support import FakeClock, http, make_config, registry_value
+from tests.support import BILLING_KEY, FakeClock, http, make_config, pipelined, registry_value, request_bytes
 
 
 async def until(condition: Callable[[], bool], within_s: float = 5.0) -> None:
@@ -345,3 +347,65 @@ async def test_a_redis_that_refuses_calls_fails_no_request(
     assert registry_value(gateway, "gateway_redis_errors_total", operation="lock") == 3
     assert registry_value(gateway, "gateway_redis_errors_total", operation="budget") == 3
     assert registry_value(gateway, "gateway_redis_up") == 1
+
+
+# --- a caller's own rate_limit, shared (DESIGN §7) --------------------------------------------------------------
+
+# rate 0.01/s: no refill to speak of during a test.
+CALLER_LIMIT = {"requests_per_s": 0.01, "burst": 4}
+
+
+async def test_a_callers_bucket_is_one_for_every_process_and_apart_from_other_callers_and_the_budget(
+    open_link: OpenLink,
+) -> None:
+    here, there = SharedCallerLimits(await open_link()), SharedCallerLimits(await open_link())
+    waits = [await (here, there)[n % 2].take("billing-service", 0.01, 4) for n in range(6)]
+    budget = SharedBudget(here.link, time.monotonic)
+
+    assert waits[:4] == [0.0] * 4
+    assert all(wait > 50 for wait in waits[4:])
+    assert await there.take("reporting", 0.01, 4) == 0.0
+    assert (await budget.take(0.01, 4, reserve=0))[0] == TOKEN
+
+
+async def two_gateways_on_one_redis(
+    start: GatewayFactory, simulator: Simulator, redis_server: RedisServer
+) -> list[RunningGateway]:
+    limited = [{"name": "billing-service", "key": BILLING_KEY, "rate_limit": CALLER_LIMIT}]
+    config = make_config(simulator.url, callers=limited, redis={"url": redis_server.url, "probe_interval_s": 0.1})
+    return [await start(config), await start(config)]
+
+
+async def test_two_gateways_on_one_redis_give_a_caller_its_rate_limit_once_not_twice(
+    start: GatewayFactory, simulator: Simulator, redis_server: RedisServer
+) -> None:
+    gateways = await two_gateways_on_one_redis(start, simulator, redis_server)
+
+    # Kept-alive hits on one connection, which a gateway answers inline when it can.
+    async with asyncio.timeout(30):
+        answers = [
+            await pipelined(gateway.url, request_bytes("/v2/batches/batch-limited", close=False) * 2, 2)
+            for gateway in gateways * 2
+        ]
+
+    statuses = [answer.status for pair in answers for answer in pair]
+    assert statuses.count(200) == 4, statuses
+    assert {(a.status, a.code) for pair in answers for a in pair if a.status != 200} == {(429, "caller_rate_limited")}
+    refused = sum(registry_value(g, "gateway_caller_rate_limited_total", caller="billing-service") for g in gateways)
+    assert refused == 4
+
+
+async def test_with_redis_lost_each_gateway_gives_a_caller_its_share_of_the_rate_limit(
+    start: GatewayFactory, simulator: Simulator, redis_server: RedisServer
+) -> None:
+    gateways = await two_gateways_on_one_redis(start, simulator, redis_server)
+    links = [gateway.state.redis for gateway in gateways]
+    await until(lambda: all(link is not None and link.alive == 2 for link in links))  # each heard the other
+
+    redis_server.kill()
+    async with asyncio.timeout(30):
+        answers = [[await http(f"{g.url}/v2/batches/batch-limited") for _ in range(4)] for g in gateways]
+
+    # Each of the two last seen alive takes half the burst: 2 each, 4 in all, as with Redis.
+    assert [[answer.status for answer in served] for served in answers] == [[200, 200, 429, 429]] * 2
+    assert all(link is not None and not link.up for link in links)

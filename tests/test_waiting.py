@@ -34,6 +34,7 @@ from tests.conftest import GatewayFactory, ProcessFactory, UpstreamFactory
 from tests.support import (
     BILLING_KEY,
     PROCESS_WAIT_S,
+    REPORTING_KEY,
     UPSTREAM_TOKEN,
     Answer,
     FakeClock,
@@ -409,6 +410,31 @@ async def test_past_max_waiters_a_new_wait_is_answered_at_once_without_preferenc
     assert elapsed < 2
     assert waits_ended(gateway, "limit") == 1
     assert [(a.status, a.header("Preference-Applied")) for a in woken] == [(200, "wait=10")] * 2
+
+
+async def test_a_caller_past_its_own_waiter_cap_is_answered_at_once_while_another_caller_still_waits(
+    fake_upstream: UpstreamFactory, start: GatewayFactory
+) -> None:
+    handler = Switchable(batch_body("batch-1", num_successful_records=1))
+    upstream = await fake_upstream(handler)
+    config = make_config(upstream.url, cache={"max_waiters": 100, "max_waiters_per_caller": 2, "ttl_s": QUICK_TTL})
+    gateway = await start(config)
+    url = f"{gateway.url}/v2/batches/batch-1"
+    etag = (await http(url)).header("ETag")
+
+    billings = [asyncio.ensure_future(http(url, headers=waiting(10, etag))) for _ in range(2)]
+    await held(gateway, 2)
+    past_cap, elapsed = await timed(http(url, headers=waiting(10, etag)))
+    reporting = asyncio.ensure_future(http(url, key=REPORTING_KEY, headers=waiting(10, etag)))
+    await held(gateway, 3)
+    handler.body = batch_body("batch-1", num_successful_records=2)
+    woken = await asyncio.gather(*billings, reporting)
+
+    assert (past_cap.status, past_cap.header("Preference-Applied")) == (304, None)
+    assert elapsed < 2
+    assert waits_ended(gateway, "caller_limit") == 1
+    assert waits_ended(gateway, "limit") == 0
+    assert [(a.status, a.header("Preference-Applied")) for a in woken] == [(200, "wait=10")] * 3
 
 
 async def test_a_wait_counts_once_against_the_callers_rate_limit(
