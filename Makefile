@@ -31,8 +31,17 @@ run: $(VENV)/.installed-run
 	else echo "COHERE_API_KEY is not set: starting in --demo mode"; exec $(BIN)/cohere-gateway --demo $(ARGS); fi
 
 ## test: lint, type-check, lint the Dockerfile, a 30 s soak, the benchmark smoke run, the test suite (the kit's checks included)
+# The suite runs on two processes (pytest-xdist): most tests wait on sockets and timers, not the CPU.
 test: $(VENV)/.installed-test lint promtool redis-server soak bench-smoke
-	GATEWAY_REQUIRE_PROMTOOL=1 $(BIN)/python -m pytest
+	GATEWAY_REQUIRE_PROMTOOL=1 $(BIN)/python -m pytest -n 2
+
+## check: the inner loop, in about two minutes: ruff, mypy, and the suite on uvloop alone, without the multi-process and memory tests
+check: $(VENV)/.installed-test redis-server
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	GATEWAY_TEST_LOOPS=uvloop $(BIN)/python -m pytest -n 2 -q -x \
+		--ignore=tests/test_replicas.py --ignore=tests/test_workers.py --ignore=tests/test_resources.py
 
 ## kit: the operator's kit checks alone: docs links, keys and codes; deploy/ against its schemas, --check-config, promtool, metric names
 kit: $(VENV)/.installed-test promtool
