@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway import __version__
 from gateway.demo import Simulator
 from tests.conftest import GatewayFactory, UpstreamFactory
 from tests.support import (
@@ -119,6 +120,8 @@ def assert_upstream_saw_only_the_gateways_identity(headers: Mapping[str, str], c
     seen = CIMultiDict(headers)
     assert seen.getall("Authorization") == [f"Bearer {UPSTREAM_TOKEN}"], "the upstream did not get the shared token"
     assert seen.getall("X-Client-Name") == [caller_name]
+    # The gateway names itself with the release that is running (one place: gateway.__version__).
+    assert seen.getall("User-Agent") == [f"cohere-gateway/{__version__}"]
     unexpected = {name.lower() for name in seen} - UPSTREAM_HEADER_ALLOWLIST
     assert not unexpected, f"caller headers reached the upstream: {sorted(unexpected)}"
 
