@@ -200,7 +200,8 @@ async def _serve(args: argparse.Namespace, redact: Redactor, stack: contextlib.E
         print(f"cohere-gateway: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
     if args.demo:
-        print_demo_banner(running.url)
+        # Once the signal handlers are in place (as report_serving below): Ctrl-C after the banner stops it cleanly.
+        asyncio.get_running_loop().call_soon(print_demo_banner, running.url)
     if args.ready_fd is not None:
         # Runs once serve_until_signalled has put its signal handlers in place.
         asyncio.get_running_loop().call_soon(report_serving, args.ready_fd)

@@ -127,7 +127,11 @@ async def test_the_demo_listens_on_loopback_whatever_server_host_says(
         assert "every interface" not in demo.banner
         assert (await http(f"{demo.url}/healthz")).status == 200
     finally:
-        assert (await demo.stop())[0] == 0
+        code, stderr = await demo.stop()
+    assert code == 0
+    # Where it really listened (before, the banner said 127.0.0.1 while it served 0.0.0.0).
+    [serving] = logged(stderr, "serving")
+    assert serving["url"] == demo.url
 
 
 async def test_the_demo_on_every_interface_says_so_in_its_banner(
