@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,8 +15,18 @@ import pytest
 import yaml
 
 from gateway.config import ConfigError, load_config, validate
-from gateway.demo import DEMO_CALLERS
-from tests.support import BILLING_KEY, REPORTING_KEY, UPSTREAM_TOKEN, free_port, raw_config, sha256_hex
+from gateway.demo import DEMO_CALLERS, Simulator
+from tests.conftest import ProcessFactory
+from tests.support import (
+    BILLING_KEY,
+    REPORTING_KEY,
+    UPSTREAM_TOKEN,
+    free_port,
+    http,
+    process_config,
+    raw_config,
+    sha256_hex,
+)
 
 BASE = "https://api.cohere.com"
 # Secret-looking values used in broken configs: no message may echo them.
@@ -413,6 +424,25 @@ def test_a_key_file_that_is_missing_empty_short_or_weak_is_refused_by_its_path(
     [found] = raised.value.problems
     assert found.startswith(problem)
     assert SHORT_KEY not in found
+
+
+async def test_a_rotated_key_file_is_read_again_on_sighup(
+    tmp_path: Path, simulator: Simulator, gateway_process: ProcessFactory
+) -> None:
+    old_key, new_key = "reporting-key-before-rotation-1", "reporting-key-after-rotation-22"
+    raw = process_config(simulator.url, callers=with_key_file(tmp_path, old_key)["callers"])
+    gateway = await gateway_process(write_config(tmp_path, raw))
+    assert (await http(f"{gateway.url}/v2/batches/b1", key=old_key)).status == 200
+
+    (tmp_path / "reporting-key").write_text(new_key + "\n", encoding="utf-8")
+    mark = gateway.signal(signal.SIGHUP)
+    await gateway.wait_for_event("config reloaded", after=mark)
+    assert (await http(f"{gateway.url}/v2/batches/b1", key=old_key)).status == 401
+    assert (await http(f"{gateway.url}/v2/batches/b1", key=new_key)).status == 200
+    gateway.proc.terminate()
+    assert await gateway.exit_code(15) == 0
+    assert old_key not in gateway.text
+    assert new_key not in gateway.text
 
 
 # --- the CLI ------------------------------------------------------------------------------
