@@ -527,6 +527,18 @@ def duplicate_callers(callers: Any) -> list[str]:
     return problems
 
 
+def _shared_key_files(callers: list[CallerSettings]) -> list[str]:
+    """Callers whose ``key_file`` holds another caller's key (``duplicate_callers`` sees only the file's path)."""
+    problems: list[str] = []
+    first: dict[bytes, int] = {}
+    for index, caller in enumerate(callers):
+        earlier = first.setdefault(caller.key_digest, index)
+        if earlier != index and (caller.key_file is not None or callers[earlier].key_file is not None):
+            field = "key_file" if caller.key_file is not None else "key" if caller.key is not None else "key_sha256"
+            problems.append(f"callers.{index}.{field}: same key as callers.{earlier}")
+    return problems
+
+
 def _format(error: Any) -> str:
     if error["type"] == "config_problem":
         return str(error["msg"])
@@ -584,6 +596,7 @@ def validate(raw: Any, env: Mapping[str, str], *, demo: bool = False) -> Gateway
     except ValidationError as exc:
         problems += [_format(error) for error in exc.errors()]
     else:
+        problems += _shared_key_files(config.callers)
         if not unset and not problems:
             return config
     # An unset variable leaves its key empty, which then fails its own check

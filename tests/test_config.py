@@ -426,6 +426,13 @@ def test_a_key_file_that_is_missing_empty_short_or_weak_is_refused_by_its_path(
     assert SHORT_KEY not in found
 
 
+def test_a_key_file_holding_another_callers_key_is_a_duplicate(tmp_path: Path) -> None:
+    raw = with_key_file(tmp_path, BILLING_KEY)
+    with pytest.raises(ConfigError) as raised:
+        validate(raw, {})
+    assert raised.value.problems == ["callers.1.key_file: same key as callers.0"]
+
+
 async def test_a_rotated_key_file_is_read_again_on_sighup(
     tmp_path: Path, simulator: Simulator, gateway_process: ProcessFactory
 ) -> None:
