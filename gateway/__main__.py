@@ -37,6 +37,8 @@ from gateway.server import serve_until_signalled, start_gateway
 from gateway.state import GatewayState
 from gateway.workers import follow_the_parent, report_serving, supervise
 
+log = logging.getLogger("gateway")
+
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -122,16 +124,12 @@ def report(problems: list[str]) -> None:
         print(f"  {problem}", file=sys.stderr)
 
 
-log = logging.getLogger("gateway")
-
-
-def print_demo_banner(url: str) -> None:
-    """The demo's keys and first steps; ``url`` is where it really listens."""
+def print_demo_banner(listening: str) -> None:
+    """The demo's keys and first steps; ``listening`` is the URL of where it really listens."""
     # A wildcard address is served on every interface; this machine reaches it on loopback.
-    local = url.replace("//0.0.0.0:", "//127.0.0.1:").replace("//[::]:", "//[::1]:")
-    where = url if local == url else f"{url} (every interface: the demo keys work from other machines)"
+    url = listening.replace("//0.0.0.0:", "//127.0.0.1:").replace("//[::]:", "//[::1]:")
+    where = listening if url == listening else f"{listening} (every interface: the demo keys work from other machines)"
     print(f"cohere-gateway demo: serving {where} against a simulated upstream.", flush=True)
-    url = local
     print("Demo caller keys (valid only in demo mode):", flush=True)
     for caller in DEMO_CALLERS:
         allow = ", ".join(op for op in OPERATIONS if op in caller.get("allow", DEFAULT_ALLOW))
