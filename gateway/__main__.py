@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import secrets
 import sys
@@ -19,13 +20,24 @@ import uvloop
 from pydantic import ValidationError
 
 from gateway import __version__
-from gateway.config import DEFAULT_ALLOW, OPERATIONS, CallerSettings, ConfigError, GatewayConfig, load_config
-from gateway.demo import DEMO_CALLERS, Simulator, demo_overrides, start_simulator
+from gateway.config import (
+    DEFAULT_ALLOW,
+    OPERATIONS,
+    CallerSettings,
+    ConfigError,
+    GatewayConfig,
+    interpolate,
+    load_config,
+    read_yaml,
+)
+from gateway.demo import DEMO_CALLERS, Simulator, demo_overrides, set_aside_by_demo, start_simulator
 from gateway.errors import StoreUnavailable
-from gateway.logs import Redactor, configure_logging
+from gateway.logs import Redactor, configure_logging, log_event
 from gateway.server import serve_until_signalled, start_gateway
 from gateway.state import GatewayState
 from gateway.workers import follow_the_parent, report_serving, supervise
+
+log = logging.getLogger("gateway")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -112,8 +124,12 @@ def report(problems: list[str]) -> None:
         print(f"  {problem}", file=sys.stderr)
 
 
-def print_demo_banner(url: str) -> None:
-    print(f"cohere-gateway demo: serving {url} against a simulated upstream.", flush=True)
+def print_demo_banner(listening: str) -> None:
+    """The demo's keys and first steps; ``listening`` is the URL of where it really listens."""
+    # A wildcard address is served on every interface; this machine reaches it on loopback.
+    url = listening.replace("//0.0.0.0:", "//127.0.0.1:").replace("//[::]:", "//[::1]:")
+    where = listening if url == listening else f"{listening} (every interface: the demo keys work from other machines)"
+    print(f"cohere-gateway demo: serving {where} against a simulated upstream.", flush=True)
     print("Demo caller keys (valid only in demo mode):", flush=True)
     for caller in DEMO_CALLERS:
         allow = ", ".join(op for op in OPERATIONS if op in caller.get("allow", DEFAULT_ALLOW))
@@ -127,6 +143,23 @@ def print_demo_banner(url: str) -> None:
     print("  co.batches.retrieve(batch.id); co.batches.list(); co.batches.cancel(batch.id)", flush=True)
 
 
+def log_demo_set_aside(path: Path) -> None:
+    """Say which of the config file's settings ``--demo`` ignores, so that nobody expects it to use them."""
+    try:
+        raw = read_yaml(path) if path.exists() else {}
+    except ConfigError:
+        return  # the config was loaded just before: cannot happen but for a race with an edit
+    data, _ = interpolate(raw, os.environ)
+    ignored = set_aside_by_demo(data)
+    if ignored:
+        log_event(
+            log,
+            logging.INFO,
+            "demo mode ignores these config keys (no Redis, a temporary store, one process, 127.0.0.1 unless --host)",
+            keys=ignored,
+        )
+
+
 async def run(args: argparse.Namespace, redact: Redactor) -> int:
     with contextlib.ExitStack() as stack:
         return await _serve(args, redact, stack)
@@ -138,19 +171,18 @@ async def _serve(args: argparse.Namespace, redact: Redactor, stack: contextlib.E
     if args.demo:
         simulator = Simulator()
         simulator_runner, simulator_url = await start_simulator(simulator)
-        overrides = demo_overrides(simulator_url, simulator.token)
-        # The demo's batches are not the organisation's: never mix their owners into a real store.
+        # The demo's batches are not the organisation's: a store of its own, removed at exit.
         demo_store = stack.enter_context(tempfile.TemporaryDirectory(prefix="cohere-gateway-demo-"))
-        overrides["store"] = {"path": str(Path(demo_store) / "records.db")}
-        # One simulator in this process: the demo is one process, whatever server.workers says.
-        overrides["server"] = {"workers": 1}
-    load: Callable[[], GatewayConfig] = partial(load_config, args.config, None, overrides)
+        overrides = demo_overrides(simulator_url, simulator.token, str(Path(demo_store) / "records.db"))
+    load: Callable[[], GatewayConfig] = partial(load_config, args.config, None, overrides, demo=args.demo)
     try:
         config = load()
     except ConfigError as exc:
         report(exc.problems)
         return 2
     configure_logging(config.logging.level, redact)
+    if args.demo:
+        log_demo_set_aside(args.config)
     if args.worker is not None:
         follow_the_parent()
     elif config.server.workers > 1:
@@ -166,7 +198,8 @@ async def _serve(args: argparse.Namespace, redact: Redactor, stack: contextlib.E
         print(f"cohere-gateway: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
     if args.demo:
-        print_demo_banner(running.url.replace("0.0.0.0", "127.0.0.1"))
+        # Once the signal handlers are in place (as report_serving below): Ctrl-C after the banner stops it cleanly.
+        asyncio.get_running_loop().call_soon(print_demo_banner, running.url)
     if args.ready_fd is not None:
         # Runs once serve_until_signalled has put its signal handlers in place.
         asyncio.get_running_loop().call_soon(report_serving, args.ready_fd)

@@ -9,13 +9,15 @@ stray ``repr`` or log line never shows them.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import re
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
@@ -38,6 +40,56 @@ _CALLER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 # A caller key is a bearer secret: short ones can be guessed.
 MIN_CALLER_KEY_LENGTH = 16
+
+# The demo's callers (gateway/demo.py) use these keys. They are published in the
+# README, so they are accepted only with --demo, never from a config file.
+DEMO_BILLING_KEY = "demo-billing-key-0001"
+DEMO_REPORTING_KEY = "demo-reporting-key-0002"
+DEMO_KEYS = frozenset({DEMO_BILLING_KEY, DEMO_REPORTING_KEY})
+# Keys anyone would try first, or that an example once published. A caller
+# whose key (in clear or as key_sha256) is one of them is refused; the short
+# ones are refused by length too, but a key_sha256 hides the length.
+WEAK_KEYS = frozenset(
+    {
+        "",
+        "test",
+        "testing",
+        "password",
+        "passw0rd",
+        "password1",
+        "password123",
+        "changeme",
+        "change-me",
+        "changeit",
+        "replace-me",
+        "secret",
+        "admin",
+        "root",
+        "guest",
+        "default",
+        "example",
+        "demo",
+        "key",
+        "apikey",
+        "api-key",
+        "token",
+        "letmein",
+        "qwerty",
+        "hunter2",
+        "123456",
+        "1234567890",
+        "12345678",
+        "123456789",
+        "1234567890123456",
+        "0000000000000000",
+        "some-key-of-16-chars-or-more",
+    }
+)
+_WEAK_DIGESTS = frozenset(hashlib.sha256(key.encode()).hexdigest() for key in WEAK_KEYS)
+_DEMO_DIGESTS = frozenset(hashlib.sha256(key.encode()).hexdigest() for key in DEMO_KEYS)
+# ValidationInfo.context key: the config is the one --demo builds (its demo callers are allowed).
+DEMO_CONTEXT = "demo"
+NEW_KEY_HINT = "make a new one with: cohere-gateway new-caller NAME"
 
 
 class ConfigError(Exception):
@@ -229,10 +281,33 @@ DEFAULT_ALLOW: frozenset[Operation] = frozenset({"retrieve", "list"})
 Scope = Literal["all", "own"]
 
 
+def weak_key_problem(hexdigest: str, demo: bool = False) -> str | None:
+    """Why a caller key with this sha256 (hex) must not be accepted, or None if it may."""
+    if hexdigest in _WEAK_DIGESTS:
+        return f"is a well-known weak key; {NEW_KEY_HINT}"
+    if hexdigest in _DEMO_DIGESTS and not demo:
+        return f"is a demo key (published with the gateway), accepted only with --demo; {NEW_KEY_HINT}"
+    return None
+
+
+def _in_demo(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get(DEMO_CONTEXT))
+
+
+def _usable_key(key: str, info: ValidationInfo) -> None:
+    if len(key) < MIN_CALLER_KEY_LENGTH:
+        raise ValueError(f"must be at least {MIN_CALLER_KEY_LENGTH} characters (is its environment variable set?)")
+    problem = weak_key_problem(hashlib.sha256(key.encode()).hexdigest(), _in_demo(info))
+    if problem:
+        raise ValueError(problem)
+
+
 class CallerSettings(_Section):
     name: str
     key: SecretStr | None = None
     key_sha256: str | None = None
+    # A file holding the key in clear (a mounted secret), re-read on every reload like upstream.token_file.
+    key_file: Annotated[TokenFile, PlainValidator(_read_token_file)] | None = None
     rate_limit: RateLimit | None = None
     allow: frozenset[Operation] = DEFAULT_ALLOW
     batches: Scope = "all"
@@ -254,33 +329,52 @@ class CallerSettings(_Section):
 
     @field_validator("key")
     @classmethod
-    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and len(value.get_secret_value()) < MIN_CALLER_KEY_LENGTH:
-            raise ValueError(f"must be at least {MIN_CALLER_KEY_LENGTH} characters (is its environment variable set?)")
+    def _strong_key(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is not None:
+            _usable_key(value.get_secret_value(), info)
+        return value
+
+    @field_validator("key_file")
+    @classmethod
+    def _strong_key_file(cls, value: TokenFile | None, info: ValidationInfo) -> TokenFile | None:
+        if value is not None:
+            _usable_key(value.token.get_secret_value(), info)
         return value
 
     @field_validator("key_sha256")
     @classmethod
-    def _hex_digest(cls, value: str | None) -> str | None:
+    def _hex_digest(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None:
             value = value.lower()
             if not _SHA256_HEX.match(value):
                 raise ValueError("must be 64 hex digits (sha256 of the key)")
+            problem = weak_key_problem(value, _in_demo(info))
+            if problem:
+                raise ValueError(problem)
         return value
 
     @model_validator(mode="after")
     def _exactly_one_key(self) -> CallerSettings:
-        if self.key is not None and self.key_sha256 is not None:
-            raise ValueError("set key or key_sha256, not both")
-        if self.key is None and self.key_sha256 is None:
-            raise ValueError("key (or key_sha256) is required")
+        given = [self.key, self.key_sha256, self.key_file]
+        if sum(source is not None for source in given) > 1:
+            raise ValueError("set only one of key, key_sha256 and key_file")
+        if all(source is None for source in given):
+            raise ValueError("key (or key_sha256, or key_file) is required")
         return self
+
+    @property
+    def key_value(self) -> str | None:
+        """The caller's key in clear, if the config has it (``key`` or ``key_file``)."""
+        if self.key_file is not None:
+            return self.key_file.token.get_secret_value()
+        return None if self.key is None else self.key.get_secret_value()
 
     @property
     def key_digest(self) -> bytes:
         """The sha256 of the caller's key: the only form the gateway compares."""
-        if self.key is not None:
-            return hashlib.sha256(self.key.get_secret_value().encode()).digest()
+        clear = self.key_value
+        if clear is not None:
+            return hashlib.sha256(clear.encode()).digest()
         assert self.key_sha256 is not None  # guaranteed by _exactly_one_key
         return bytes.fromhex(self.key_sha256)
 
@@ -366,7 +460,7 @@ class GatewayConfig(_Section):
     def secrets(self) -> list[str]:
         """Every secret this config knows in clear, for log redaction."""
         found = [self.upstream.token_value]
-        found += [c.key.get_secret_value() for c in self.callers if c.key is not None]
+        found += [key for c in self.callers if (key := c.key_value) is not None]
         found += self.redis.passwords
         return found
 
@@ -433,17 +527,64 @@ def duplicate_callers(callers: Any) -> list[str]:
     return problems
 
 
+def _shared_key_files(callers: list[CallerSettings]) -> list[str]:
+    """Callers whose ``key_file`` holds another caller's key (``duplicate_callers`` sees only the file's path)."""
+    problems: list[str] = []
+    first: dict[bytes, int] = {}
+    for index, caller in enumerate(callers):
+        earlier = first.setdefault(caller.key_digest, index)
+        if earlier != index and (caller.key_file is not None or callers[earlier].key_file is not None):
+            field = "key_file" if caller.key_file is not None else "key" if caller.key is not None else "key_sha256"
+            problems.append(f"callers.{index}.{field}: same key as callers.{earlier}")
+    return problems
+
+
 def _format(error: Any) -> str:
     if error["type"] == "config_problem":
         return str(error["msg"])
     path = ".".join(str(part) for part in error["loc"]) or "config"
+    if error["type"] == "extra_forbidden":
+        return f"{path}: {unknown_key(tuple(error['loc']))}"
     message = str(error["msg"]).removeprefix("Value error, ")
     # Never echo the offending input: it may be a secret.
     return f"{path}: {message}"
 
 
-def validate(raw: Any, env: Mapping[str, str]) -> GatewayConfig:
-    """Turn a parsed YAML document into a config, or raise ConfigError with every problem."""
+def unknown_key(loc: tuple[str | int, ...]) -> str:
+    """The problem text for an unknown key at ``loc``, suggesting the nearest valid key there."""
+    *parents, name = loc
+    section: type[BaseModel] | None = GatewayConfig
+    for part in parents:
+        if section is None:
+            break
+        if isinstance(part, str):
+            field = section.model_fields.get(part)
+            section = None if field is None else _section_of(field.annotation)
+        # An int is a list index: the element's model is already the section.
+    choices = list(section.model_fields) if section is not None else []
+    close = difflib.get_close_matches(str(name), choices, n=1)
+    if not close:
+        return "unknown key"
+    return f"unknown key (did you mean {'.'.join(str(part) for part in (*parents, close[0]))}?)"
+
+
+def _section_of(annotation: Any) -> type[BaseModel] | None:
+    """The config model inside an annotation (``X``, ``X | None``, ``list[X]``, ``Annotated[X, ...]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (Union, types.UnionType, list, Annotated):
+        for inner in get_args(annotation):
+            found = _section_of(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def validate(raw: Any, env: Mapping[str, str], *, demo: bool = False) -> GatewayConfig:
+    """Turn a parsed YAML document into a config, or raise ConfigError with every problem.
+
+    ``demo``: the config ``--demo`` builds, whose callers hold the demo keys.
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -451,10 +592,11 @@ def validate(raw: Any, env: Mapping[str, str]) -> GatewayConfig:
     data, unset = interpolate(raw, env)
     problems = duplicate_callers(data.get("callers"))
     try:
-        config = GatewayConfig.model_validate(data)
+        config = GatewayConfig.model_validate(data, context={DEMO_CONTEXT: demo})
     except ValidationError as exc:
         problems += [_format(error) for error in exc.errors()]
     else:
+        problems += _shared_key_files(config.callers)
         if not unset and not problems:
             return config
     # An unset variable leaves its key empty, which then fails its own check
@@ -484,13 +626,13 @@ def read_yaml(path: Path) -> Any:
 
 
 def load_config(
-    path: Path, env: Mapping[str, str] | None = None, overrides: dict[str, Any] | None = None
+    path: Path, env: Mapping[str, str] | None = None, overrides: dict[str, Any] | None = None, *, demo: bool = False
 ) -> GatewayConfig:
     """Read, interpolate and validate ``path``; ``overrides`` replace whole sections' keys."""
     raw = read_yaml(path) if path.exists() or overrides is None else {}
     if overrides and isinstance(raw, dict):
         raw = deep_merge(raw, overrides)
-    return validate(raw, os.environ if env is None else env)
+    return validate(raw, os.environ if env is None else env, demo=demo)
 
 
 def deep_merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -191,6 +192,30 @@ _WRITE_ATTEMPTS = 3
 _WRITE_BACKOFF_S = 0.05
 
 
+# The store holds who created which batch: readable by the gateway's own user only (DESIGN §7).
+PRIVATE_FILE_MODE = 0o600
+
+
+def _make_private(path: str) -> None:
+    """Create the store file with PRIVATE_FILE_MODE before SQLite opens it, or tighten an existing one.
+
+    SQLite creates the journal, -wal and -shm files with the database file's
+    own mode, so they follow it. Runs before any record is written.
+    """
+    if path == ":memory:":
+        return
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE)
+    except OSError as exc:
+        raise sqlite3.OperationalError(f"cannot create it: {exc.strerror or exc}") from exc
+    try:
+        os.fchmod(descriptor, PRIVATE_FILE_MODE)
+    except PermissionError:
+        pass  # another user's file that this one may write: SQLite's open decides, as before
+    finally:
+        os.close(descriptor)
+
+
 class SqliteRecords:
     """``Records`` in a SQLite file, reached through one dedicated worker thread.
 
@@ -245,6 +270,7 @@ class SqliteRecords:
             raise StoreUnavailable(f"store.path: cannot open {self.path}: {exc.__cause__ or exc}") from exc
 
     def _open(self) -> None:
+        _make_private(self.path)
         # isolation_level=None: no implicit transactions; each method says BEGIN itself.
         connection = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
         try:

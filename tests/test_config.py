@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +15,18 @@ import pytest
 import yaml
 
 from gateway.config import ConfigError, load_config, validate
-from tests.support import BILLING_KEY, REPORTING_KEY, UPSTREAM_TOKEN, free_port, raw_config, sha256_hex
+from gateway.demo import DEMO_CALLERS, Simulator
+from tests.conftest import ProcessFactory
+from tests.support import (
+    BILLING_KEY,
+    REPORTING_KEY,
+    UPSTREAM_TOKEN,
+    free_port,
+    http,
+    process_config,
+    raw_config,
+    sha256_hex,
+)
 
 BASE = "https://api.cohere.com"
 # Secret-looking values used in broken configs: no message may echo them.
@@ -94,16 +106,16 @@ PROBLEMS: list[tuple[str, Case, list[str]]] = [
         doc(callers({"name": "a", "key_sha256": sha256_hex(BILLING_KEY).upper()}, {**BILLING, "name": "b"})),
         ["callers.1.key: same key as callers.0"],
     ),
-    ("unknown top-level key", doc(raw_config(BASE, cahce={})), ["cahce: Extra inputs are not permitted"]),
+    ("unknown top-level key", doc(raw_config(BASE, cahce={})), ["cahce: unknown key (did you mean cache?)"]),
     (
         "unknown nested key",
         doc(raw_config(BASE, upstream={"tokn": TOKEN_IN_WRONG_PLACE})),
-        ["upstream.tokn: Extra inputs are not permitted"],
+        ["upstream.tokn: unknown key (did you mean upstream.token?)"],
     ),
     (
         "unknown caller key",
         doc(callers({**BILLING, "secret": TOKEN_IN_WRONG_PLACE})),
-        ["callers.0.secret: Extra inputs are not permitted"],
+        ["callers.0.secret: unknown key"],
     ),
     ("wrong type: text for a number", doc(raw_config(BASE, upstream={"timeout_s": "soon"})), ["upstream.timeout_s:"]),
     ("wrong type: true for a number", doc(raw_config(BASE, upstream={"retries": True})), ["upstream.retries:"]),
@@ -122,11 +134,11 @@ PROBLEMS: list[tuple[str, Case, list[str]]] = [
     ("bad caller name: too long", doc(callers({**BILLING, "name": "n" * 65})), ["callers.0.name:"]),
     ("short key", doc(callers({**BILLING, "key": SHORT_KEY})), ["callers.0.key: must be at least 16 characters"]),
     ("bad key_sha256", doc(callers({"name": "a", "key_sha256": "abc"})), ["callers.0.key_sha256: must be 64 hex"]),
-    ("caller with no key", doc(callers({"name": "a"})), ["callers.0: key (or key_sha256) is required"]),
+    ("caller with no key", doc(callers({"name": "a"})), ["callers.0: key (or key_sha256, or key_file) is required"]),
     (
         "caller with key and key_sha256",
         doc(callers({**BILLING, "key_sha256": sha256_hex(BILLING_KEY)})),
-        ["callers.0: set key or key_sha256, not both"],
+        ["callers.0: set only one of key, key_sha256 and key_file"],
     ),
     ("unknown log level", doc(raw_config(BASE, logging={"level": "LOUD"})), ["logging.level:"]),
     ("unknown operation", doc(callers({**BILLING, "allow": ["retrieve", "delete"]})), ["callers.0.allow.1:"]),
@@ -294,6 +306,152 @@ def test_load_config_reports_unreadable_or_unparseable_files(
     assert problem in raised.value.problems[0]
 
 
+# --- unknown keys: the nearest valid one ------------------------------------------------------
+
+UNKNOWN_KEYS: list[tuple[dict[str, Any], str]] = [
+    ({"server": {"prot": 8080}}, "server.prot: unknown key (did you mean server.port?)"),
+    ({"servr": {}}, "servr: unknown key (did you mean server?)"),
+    ({"cache": {"ttl_s": {"activ": 5}}}, "cache.ttl_s.activ: unknown key (did you mean cache.ttl_s.active?)"),
+    (
+        {"upstream": {"rate_limit": {"requests_per_sec": 5, "requests_per_s": 5}}},
+        "upstream.rate_limit.requests_per_sec: unknown key (did you mean upstream.rate_limit.requests_per_s?)",
+    ),
+    (
+        {"upstream": {"breaker": {"cooldown": 5}}},
+        "upstream.breaker.cooldown: unknown key (did you mean upstream.breaker.cooldown_s?)",
+    ),
+    ({"redis": {"key_prefx": "x:"}}, "redis.key_prefx: unknown key (did you mean redis.key_prefix?)"),
+    (
+        {"callers": [{"name": "billing-service", "key": BILLING_KEY, "alow": ["list"]}]},
+        "callers.0.alow: unknown key (did you mean callers.0.allow?)",
+    ),
+    (
+        {"callers": [{"name": "a", "key": BILLING_KEY, "rate_limit": {"requests_per_s": 1, "brust": 1, "burst": 1}}]},
+        "callers.0.rate_limit.brust: unknown key (did you mean callers.0.rate_limit.burst?)",
+    ),
+    ({"logging": {"colour": True}}, "logging.colour: unknown key"),
+    ({"telemetry": {}}, "telemetry: unknown key"),
+]
+
+
+@pytest.mark.parametrize(("sections", "problem"), UNKNOWN_KEYS)
+def test_an_unknown_key_is_named_with_the_nearest_valid_key_if_one_is_close(
+    sections: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        validate(raw_config(BASE, **sections), {})
+    assert raised.value.problems == [problem]
+
+
+# --- weak and published caller keys ----------------------------------------------------------
+
+DEMO_KEYS = [caller["key"] for caller in DEMO_CALLERS]
+WEAK = ["test", "password", "changeme", "secret", "admin", "123456", ""]
+
+
+@pytest.mark.parametrize("key", WEAK + DEMO_KEYS)
+def test_a_key_sha256_of_a_weak_or_demo_key_is_refused_by_its_path(key: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        validate(callers(BILLING, {"name": "reporting", "key_sha256": sha256_hex(key)}), {})
+    [problem] = raised.value.problems
+    assert problem.startswith("callers.1.key_sha256: is a ")
+    assert "cohere-gateway new-caller" in problem
+
+
+@pytest.mark.parametrize("key", DEMO_KEYS)
+def test_a_demo_key_in_clear_is_refused_outside_demo_mode(key: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        validate(callers(BILLING, {"name": "reporting", "key": key}), {})
+    [problem] = raised.value.problems
+    assert problem.startswith("callers.1.key: is a demo key")
+    assert key not in problem
+
+
+def test_the_demo_callers_are_accepted_in_demo_mode_only() -> None:
+    config = validate(raw_config(BASE, callers=[dict(c) for c in DEMO_CALLERS]), {}, demo=True)
+    assert [c.name for c in config.callers] == [c["name"] for c in DEMO_CALLERS]
+
+
+def test_a_weak_key_of_16_characters_or_more_is_refused_in_clear_too() -> None:
+    with pytest.raises(ConfigError) as raised:
+        validate(callers({"name": "a", "key": "1234567890123456"}), {})
+    assert raised.value.problems == [
+        "callers.0.key: is a well-known weak key; make a new one with: cohere-gateway new-caller NAME"
+    ]
+
+
+def test_check_config_refuses_the_sha256_of_test_naming_the_callers_path(tmp_path: Path) -> None:
+    path = write_config(tmp_path, callers(BILLING, {"name": "reporting", "key_sha256": sha256_hex("test")}))
+    result = run_cli("--check-config", "--config", str(path))
+    assert result.returncode == 2
+    assert "callers.1.key_sha256: is a well-known weak key" in result.stderr
+    assert "OK" not in result.stdout
+
+
+# --- callers[].key_file -----------------------------------------------------------------------
+
+
+def with_key_file(tmp_path: Path, contents: str | None) -> dict[str, Any]:
+    path = tmp_path / "reporting-key"
+    if contents is not None:
+        path.write_text(contents, encoding="utf-8")
+    return callers(BILLING, {"name": "reporting", "key_file": str(path)})
+
+
+def test_a_key_file_is_read_stripped_and_its_key_is_a_secret(tmp_path: Path) -> None:
+    config = validate(with_key_file(tmp_path, f"{REPORTING_KEY}\n"), {})
+    assert config.callers[1].key_value == REPORTING_KEY
+    assert config.callers[1].key_digest.hex() == sha256_hex(REPORTING_KEY)
+    assert REPORTING_KEY in config.secrets
+    assert REPORTING_KEY not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("contents", "problem"),
+    [
+        (None, "callers.1.key_file: cannot read"),
+        (" \n", "callers.1.key_file: "),
+        (SHORT_KEY, "callers.1.key_file: must be at least 16 characters"),
+        ("1234567890123456", "callers.1.key_file: is a well-known weak key"),
+        (DEMO_KEYS[0], "callers.1.key_file: is a demo key"),
+    ],
+)
+def test_a_key_file_that_is_missing_empty_short_or_weak_is_refused_by_its_path(
+    tmp_path: Path, contents: str | None, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        validate(with_key_file(tmp_path, contents), {})
+    [found] = raised.value.problems
+    assert found.startswith(problem)
+    assert SHORT_KEY not in found
+
+
+def test_a_key_file_holding_another_callers_key_is_a_duplicate(tmp_path: Path) -> None:
+    raw = with_key_file(tmp_path, BILLING_KEY)
+    with pytest.raises(ConfigError) as raised:
+        validate(raw, {})
+    assert raised.value.problems == ["callers.1.key_file: same key as callers.0"]
+
+
+async def test_a_rotated_key_file_is_read_again_on_sighup(
+    tmp_path: Path, simulator: Simulator, gateway_process: ProcessFactory
+) -> None:
+    old_key, new_key = "reporting-key-before-rotation-1", "reporting-key-after-rotation-22"
+    raw = process_config(simulator.url, callers=with_key_file(tmp_path, old_key)["callers"])
+    gateway = await gateway_process(write_config(tmp_path, raw))
+    assert (await http(f"{gateway.url}/v2/batches/b1", key=old_key)).status == 200
+
+    (tmp_path / "reporting-key").write_text(new_key + "\n", encoding="utf-8")
+    mark = gateway.signal(signal.SIGHUP)
+    await gateway.wait_for_event("config reloaded", after=mark)
+    assert (await http(f"{gateway.url}/v2/batches/b1", key=old_key)).status == 401
+    assert (await http(f"{gateway.url}/v2/batches/b1", key=new_key)).status == 200
+    gateway.proc.terminate()
+    assert await gateway.exit_code(15) == 0
+    assert old_key not in gateway.text
+    assert new_key not in gateway.text
+
+
 # --- the CLI ------------------------------------------------------------------------------
 
 
@@ -316,16 +474,27 @@ def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
     assert "OK" in result.stdout
 
 
+EXAMPLE = Path(__file__).parent.parent / "config.yaml"
+# The variables the README tells a newcomer to export.
+EXAMPLE_ENV = {"COHERE_API_KEY": UPSTREAM_TOKEN, "BILLING_GATEWAY_KEY": BILLING_KEY}
+
+
 def test_check_config_accepts_the_shipped_example_once_its_variables_are_set() -> None:
-    example = Path(__file__).parent.parent / "config.yaml"
     result = run_cli(
         "--check-config",
         "--config",
-        str(example),
-        env={"COHERE_API_KEY": UPSTREAM_TOKEN, "BILLING_GATEWAY_KEY": BILLING_KEY},
+        str(EXAMPLE),
+        env={**EXAMPLE_ENV, "REPORTING_KEY_SHA256": sha256_hex(REPORTING_KEY)},
     )
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout
+
+
+def test_the_shipped_example_holds_no_usable_key_so_it_does_not_start_on_the_readmes_variables_alone() -> None:
+    # Before, callers.1 was key_sha256 of "test": with these two set, Bearer test was accepted.
+    result = run_cli("--check-config", "--config", str(EXAMPLE), env=EXAMPLE_ENV)
+    assert result.returncode == 2
+    assert "callers.1.key_sha256: environment variable REPORTING_KEY_SHA256 is not set" in result.stderr
 
 
 BAD_FILE = raw_config(

@@ -143,12 +143,15 @@ def redis_url_in_the_pods(objects: dict[tuple[str, str], dict[str, Any]], passwo
     return str(env["REDIS_URL"]["value"]).replace("$(REDIS_PASSWORD)", password)
 
 
-def configmap_env(tmp_path: Path) -> dict[str, str]:
-    """What the gateway pods' environment gives the ConfigMap's config: the token file, $REDIS_URL."""
+def configmap_env(tmp_path: Path, caller_key: str = "a-caller-key-for-the-check-5f1e") -> dict[str, str]:
+    """What the gateway pods give the ConfigMap's config: the token file, a caller's key file, $REDIS_URL."""
     token = tmp_path / "token"
     token.write_text("a-token-for-the-check\n", encoding="utf-8")
+    key = tmp_path / "example-service-key"
+    key.write_text(caller_key, encoding="utf-8")
     return {
         "COHERE_TOKEN_FILE": str(token),
+        "EXAMPLE_SERVICE_KEY_FILE": str(key),
         "REDIS_URL": redis_url_in_the_pods(kubernetes_objects(), REDIS_TEST_PASSWORD),
     }
 
@@ -171,6 +174,60 @@ def test_a_broken_configmap_config_fails_check_config(tmp_path: Path, old: str, 
     done = check_config(configmap_config(broken, tmp_path), **configmap_env(tmp_path))
     assert done.returncode == 2
     assert path in done.stderr
+
+
+# --- no shipped example holds a usable caller key ---------------------------------------------
+
+ENVIRONMENT_REFERENCE = re.compile(r"^\$\{[A-Z_][A-Z0-9_]*\}$")
+
+
+def literal_caller_keys(config_text: str) -> list[str]:
+    """The paths of caller keys (or digests) written into a config rather than taken from ${VAR} or a file."""
+    callers = yaml.safe_load(config_text).get("callers") or []
+    return [
+        f"callers.{index}.{field}"
+        for index, caller in enumerate(callers)
+        for field in ("key", "key_sha256")
+        if field in caller and not ENVIRONMENT_REFERENCE.match(str(caller[field]))
+    ]
+
+
+def shipped_configs() -> dict[str, str]:
+    [configmap] = documents(KUBERNETES / "configmap.yaml")
+    return {
+        "config.yaml": (REPO / "config.yaml").read_text(encoding="utf-8"),
+        "configmap.yaml": configmap["data"]["config.yaml"],
+        "compose-config.yaml": COMPOSE_CONFIG.read_text(encoding="utf-8"),
+    }
+
+
+def test_no_shipped_config_writes_a_caller_key_or_digest_into_the_file() -> None:
+    assert {name: literal_caller_keys(text) for name, text in shipped_configs().items()} == {
+        name: [] for name in shipped_configs()
+    }
+
+
+def test_a_literal_caller_digest_fails_the_key_check() -> None:
+    text = "callers:\n  - name: a\n    key_sha256: " + "0" * 64 + "\n  - name: b\n    key: ${B_KEY}\n"
+    assert literal_caller_keys(text) == ["callers.0.key_sha256"]
+
+
+def test_the_secrets_placeholder_caller_key_is_refused_so_the_kit_never_starts_with_it(tmp_path: Path) -> None:
+    [secret] = documents(KUBERNETES / "secret.yaml")
+    placeholder = secret["stringData"]["example-service-key"]
+    config = configmap_config(KUBERNETES / "configmap.yaml", tmp_path)
+    done = check_config(config, **configmap_env(tmp_path, caller_key=placeholder))
+    assert done.returncode == 2
+    assert "callers.0.key_file:" in done.stderr
+
+
+@pytest.mark.parametrize("weak", ["some-key-of-16-chars-or-more", "1234567890123456", "demo-billing-key-0001"])
+def test_the_configmaps_config_refuses_a_weak_or_demo_caller_key(tmp_path: Path, weak: str) -> None:
+    config = configmap_config(KUBERNETES / "configmap.yaml", tmp_path)
+    done = check_config(config, **configmap_env(tmp_path, caller_key=weak))
+    assert done.returncode == 2
+    assert "callers.0.key_file: " in done.stderr
+    assert weak not in done.stderr
 
 
 def test_the_deployment_runs_two_probed_non_root_read_only_replicas_that_outlast_the_grace() -> None:

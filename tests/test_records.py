@@ -8,10 +8,12 @@ reads and writes fail after their busy timeout.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import stat
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -417,3 +419,48 @@ async def test_a_closed_store_refuses_to_answer(open_records: OpenRecords) -> No
         await records.owner_of("batch-1")
     with pytest.raises(StoreUnavailable):
         await records.record_owner("batch-1", "billing-service")
+
+
+@pytest.fixture
+def permissive_umask() -> Iterator[None]:
+    """The usual umask (group and others may read new files), whatever the test runner's."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def create_readable_by_others(path: Path) -> None:
+    path.touch()
+    path.chmod(0o644)
+
+
+@pytest.mark.usefixtures("permissive_umask")
+async def test_a_new_store_file_and_its_journal_are_readable_by_their_own_user_only(
+    open_records: OpenRecords, db_path: str
+) -> None:
+    records = await open_records()
+    assert mode(Path(db_path)) == 0o600
+    await records.record_owner("batch-1", "billing-service")
+    assert mode(Path(db_path)) == 0o600
+    # A write in progress (here another connection's) has a journal beside the file: as private.
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("CREATE TABLE scratch (x)")
+        assert mode(Path(db_path + "-journal")) == 0o600
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+
+
+@pytest.mark.usefixtures("permissive_umask")
+async def test_an_existing_store_file_readable_by_others_is_made_private(
+    open_records: OpenRecords, db_path: str
+) -> None:
+    create_readable_by_others(Path(db_path))
+    await open_records()
+    assert mode(Path(db_path)) == 0o600

@@ -315,7 +315,7 @@ def test_created_batches_share_the_bound_on_what_is_remembered() -> None:
 
 
 def test_the_demo_callers_are_a_valid_config() -> None:
-    config = validate({**demo_overrides("http://127.0.0.1:1", "token"), "store": {"path": fresh_store_path()}}, {})
+    config = validate(demo_overrides("http://127.0.0.1:1", "token", fresh_store_path()), {}, demo=True)
     billing, reporting = config.callers
     assert (billing.name, billing.allow, billing.batches) == (
         "demo-billing",
