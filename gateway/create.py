@@ -21,7 +21,15 @@ from aiohttp import web
 
 from gateway import errors, policy
 from gateway.cache import UpstreamReply
-from gateway.handlers import Admitted, JsonAnswer, accept_json_object, admit, json_answer, upstream_request
+from gateway.handlers import (
+    Admitted,
+    JsonAnswer,
+    accept_json_object,
+    admit,
+    json_answer,
+    receive_body,
+    upstream_request,
+)
 from gateway.keys import REQUEST_ID, TRACE
 from gateway.logs import log_event
 from gateway.protocol import BATCH_ID, lifetime_of_status, parse_timestamp
@@ -45,7 +53,7 @@ CLOCK_SKEW_S = 120.0
 async def create_batch(request: web.Request) -> web.Response:
     admitted = admit(request, "create")
     key = policy.idempotency_key(request.headers.getall("Idempotency-Key", []))
-    body = await request.read()
+    admitted, body = await receive_body(request, admitted, "create")
     document = policy.create_document(request.content_type, body)
     if key is None:
         reply = await _create(request, admitted, body)
