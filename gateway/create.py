@@ -7,7 +7,8 @@ leaves, and the answer becomes the id's cache entry. With an
 finished answer, or is still in use; only definite outcomes are recorded.
 When an earlier try ended without an answer (a timeout, a connection lost
 after sending), the batch may exist: a retry first looks for it in the
-upstream's list, and replays it if found, rather than create a second one.
+upstream's list, and replays it if exactly one batch can be it (no other
+caller's), rather than create a second one.
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ from aiohttp import web
 
 from gateway import errors, policy
 from gateway.cache import UpstreamReply
-from gateway.handlers import Admitted, JsonAnswer, accept_json_object, admit, json_answer, upstream_request
+from gateway.handlers import (
+    Admitted,
+    JsonAnswer,
+    accept_json_object,
+    admit,
+    json_answer,
+    receive_body,
+    upstream_request,
+)
 from gateway.keys import REQUEST_ID, TRACE
 from gateway.logs import log_event
 from gateway.protocol import BATCH_ID, lifetime_of_status, parse_timestamp
@@ -45,7 +54,7 @@ CLOCK_SKEW_S = 120.0
 async def create_batch(request: web.Request) -> web.Response:
     admitted = await admit(request, "create")
     key = policy.idempotency_key(request.headers.getall("Idempotency-Key", []))
-    body = await request.read()
+    admitted, body = await receive_body(request, admitted, "create")
     document = policy.create_document(request.content_type, body)
     if key is None:
         reply = await _create(request, admitted, body)
@@ -161,12 +170,48 @@ async def _settle(admitted: Admitted, key: str, status: int, body: bytes) -> Non
 async def _find_created(
     request: web.Request, admitted: Admitted, document: dict[str, Any], since: float
 ) -> JsonAnswer | None:
-    """The batch an earlier, ambiguous try made, looked for in the list ordered by ``created_at``.
+    """The batch an earlier, ambiguous try made, if exactly one batch can be it (DESIGN §8).
+
+    A candidate matches every field the create sent (``policy.matches_create``),
+    was created within ``_creation_window`` of the first try, and is owned by
+    no other caller. One is replayed; none, or more than one (which of them
+    is this caller's cannot be told), is no batch: the create is made anew.
+    """
+    earliest, latest = _creation_window(since, admitted.snapshot.config.upstream.timeout_s)
+    found: list[dict[str, Any]] = []
+    for batch in await _listed_since(request, admitted, earliest):
+        when = parse_timestamp(batch.get("created_at"))
+        if when is None or not earliest <= when <= latest or not policy.matches_create(batch, document):
+            continue
+        owner = await admitted.state.records.owner_of(batch["id"])
+        if owner in (None, admitted.caller.name):
+            found.append(batch)
+    if len(found) != 1:
+        if found:
+            log_event(log, logging.INFO, "an ambiguous create matched several batches; none adopted", count=len(found))
+        return None
+    return JsonAnswer(200, json.dumps({"batch": found[0]}).encode(), {"batch": found[0]})
+
+
+def _creation_window(since: float, timeout_s: float) -> tuple[float, float]:
+    """When (on our clock) the upstream can have created the batch of a first try made at ``since``.
+
+    The first try's whole create, budget wait included, ran within
+    ``upstream.timeout_s`` of ``since``, so the upstream received it by then;
+    ``CLOCK_SKEW_S`` either side allows for the upstream's clock (and its
+    ``created_at`` being set a moment after our deadline cut the call).
+    """
+    return since - CLOCK_SKEW_S, since + timeout_s + CLOCK_SKEW_S
+
+
+async def _listed_since(request: web.Request, admitted: Admitted, earliest: float) -> list[dict[str, Any]]:
+    """Listed batches, ordered by ``created_at``, up to the first page past ``earliest``.
 
     The upstream does not document the sort direction, so pages are read
-    until one holds nothing created since the first try and runs newest
+    until one holds nothing created since ``earliest`` and runs newest
     first, or until ``SEARCH_MAX_PAGES``.
     """
+    listed: list[dict[str, Any]] = []
     page_token: str | None = None
     for _ in range(SEARCH_MAX_PAGES):
         query = [("order_by", "created_at"), ("page_size", str(SEARCH_PAGE_SIZE))]
@@ -174,16 +219,13 @@ async def _find_created(
             query.append(("page_token", page_token))
         call = upstream_request(request, admitted.caller, BATCHES_PATH, query=tuple(query))
         page = await admitted.state.upstream.fetch(call, True, accept_json_object)
-        batches = policy.batches_of(page.document)
-        created = [parse_timestamp(b.get("created_at")) if isinstance(b, dict) else None for b in batches]
-        for batch, when in zip(batches, created, strict=True):
-            if policy.matches_create(batch, document) and (when is None or when >= since - CLOCK_SKEW_S):
-                body = json.dumps({"batch": batch}).encode()
-                return JsonAnswer(200, body, {"batch": batch})
+        batches = [b for b in policy.batches_of(page.document) if isinstance(b, dict) and isinstance(b.get("id"), str)]
+        listed += batches
+        created = [parse_timestamp(b.get("created_at")) for b in batches]
         token = page.document.get("next_page_token")
         newest_first = len(created) > 1 and None not in created and created[0] >= created[-1]  # type: ignore[operator]
-        all_older = bool(created) and all(w is not None and w < since - CLOCK_SKEW_S for w in created)
+        all_older = bool(created) and all(w is not None and w < earliest for w in created)
         if not isinstance(token, str) or not token or (newest_first and all_older):
-            return None
+            break
         page_token = token
-    return None
+    return listed

@@ -9,7 +9,8 @@ and ``code`` are one row of DESIGN.md §5::
     │   ├── MalformedRequest (not in the contract's table: unparseable HTTP),
     │   ├── RequestTooLarge (BodyTooLarge), CallerRateLimited, ExpectationFailed,
     │   ├── OperationNotAllowed, InvalidRequest, NotVisible (an ``own`` caller's 404),
-    │   └── IdempotencyKeyReused, IdempotencyKeyInUse
+    │   ├── IdempotencyKeyReused, IdempotencyKeyInUse, RequestTimeout (a body that stopped),
+    │   └── ClientDisconnected (not in the contract's table: no one is left to answer)
     ├── StoreUnavailable       the gateway's own store cannot answer (§8, §10)
     ├── UpstreamAnswer         the upstream answered about the batch itself
     │   └── BadRequest, NotFound
@@ -167,6 +168,30 @@ class IdempotencyKeyInUse(CallerError):
     status = 409
     code = "idempotency_key_in_use"
     default_message = "A request with this Idempotency-Key is still running. Retry after the given time."
+
+
+class RequestTimeout(CallerError):
+    """A request body that sent no byte for ``server.body_timeout_s`` (DESIGN §7); the connection is closed."""
+
+    status = 408
+    code = "request_timeout"
+    default_message = "The request body stopped arriving. Send it again, without pauses."
+
+    def headers(self) -> dict[str, str]:
+        # RFC 9110 15.5.9: a 408 means the server closes the connection rather than wait on.
+        return {**super().headers(), "Connection": "close"}
+
+
+class ClientDisconnected(CallerError):
+    """The client hung up before its request body was whole: nothing is done, and the answer reaches no one.
+
+    Its status, nginx's 499, is seen only in the access log and the request
+    metrics, where it keeps a client's hang-up from counting as a server error.
+    """
+
+    status = 499
+    code = "client_closed_request"
+    default_message = "The client closed the connection before its request body was whole."
 
 
 class StoreUnavailable(GatewayError):

@@ -2,12 +2,17 @@
 
 Each batch route starts with ``admit``: the caller key, the caller's own
 rate limit, then the operation's permission (``gateway.policy``), in that
-order, before its input is checked and anything reaches the upstream.
+order, before its input is checked and anything reaches the upstream. A
+route that reads a body reads it with ``receive_body``: each byte must
+come within ``server.body_timeout_s``, and once the body is whole the
+caller is admitted again under the config in force then (DESIGN §7).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -20,6 +25,7 @@ from gateway.auth import Caller
 from gateway.cache import CacheEntry, CacheResult, CacheState, UpstreamReply
 from gateway.config import CacheSettings, Operation
 from gateway.keys import CACHE_STATE, CALLER, REQUEST_ID, STATE, TRACE
+from gateway.logs import log_event
 from gateway.protocol import UNPARSEABLE, new_request_id, parse_batch_id, upstream_message
 from gateway.refresh import WaitEnd
 from gateway.state import GatewayState, Snapshot
@@ -30,6 +36,8 @@ from gateway.upstream import (
     accept_batch,
     batch_path,
 )
+
+log = logging.getLogger("gateway")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +58,58 @@ async def admit(request: web.Request, operation: Operation) -> Admitted:
     await _check_caller_limit(state, caller)
     policy.authorize(caller, operation)
     return Admitted(state, snapshot, caller)
+
+
+def readmit(request: web.Request, admitted: Admitted, operation: Operation) -> Admitted:
+    """``admitted`` checked again under the config in force now: a reload may have come since the head.
+
+    The same decisions as ``admit`` (key, then permission), against the new
+    snapshot; the key must still name the same caller. The rate limit is
+    not taken twice. The new ``Caller`` carries its scope as configured now,
+    and the new snapshot's upstream settings serve the rest of the request.
+    """
+    snapshot = admitted.state.snapshot
+    if snapshot is admitted.snapshot:
+        return admitted
+    caller = snapshot.callers.authenticate(request.headers.getall("Authorization", []))
+    if caller.name != admitted.caller.name:
+        raise errors.Unauthorized("Unknown caller key.")
+    policy.authorize(caller, operation)
+    return Admitted(admitted.state, snapshot, caller)
+
+
+async def receive_body(request: web.Request, admitted: Admitted, operation: Operation) -> tuple[Admitted, bytes]:
+    """The whole body, each read bounded by ``server.body_timeout_s``; then the caller admitted again.
+
+    A body with no byte for that long is 408 ``request_timeout`` (the
+    connection is closed; see ``gateway.server``). A client that hangs up
+    mid-body ends the request as ``ClientDisconnected``: logged at INFO,
+    never a server error.
+    """
+    server = admitted.snapshot.config.server
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        deadline = asyncio.timeout(server.body_timeout_s)
+        try:
+            async with deadline:
+                chunk = await request.content.readany()
+        except web.RequestPayloadError:
+            raise errors.MalformedRequest("The request body's framing is broken.") from None
+        # The connection's loss is whatever OSError the transport saw (TimeoutError
+        # included): only the deadline's own is a 408.
+        except OSError:
+            if deadline.expired():
+                log_event(log, logging.INFO, "a request body stopped arriving", caller=admitted.caller.name)
+                raise errors.RequestTimeout() from None
+            log_event(log, logging.INFO, "the client hung up mid-body", caller=admitted.caller.name)
+            raise errors.ClientDisconnected() from None
+        if not chunk:
+            return readmit(request, admitted, operation), b"".join(chunks)
+        size += len(chunk)
+        if size > server.max_body_bytes:
+            raise errors.BodyTooLarge()
+        chunks.append(chunk)
 
 
 async def _check_caller_limit(state: GatewayState, caller: Caller) -> None:
@@ -226,13 +286,14 @@ async def list_batches(request: web.Request) -> web.Response:
 async def cancel_batch(request: web.Request) -> web.Response:
     """``POST /v2/batches/{id}:cancel``: cancel upstream, then evict the id's cache entry."""
     admitted = await admit(request, "cancel")
-    state, caller = admitted.state, admitted.caller
     if not request.raw_path.partition("?")[0].endswith(":cancel"):
         # The router matched a decoded path: '/v2/batches/a%3Acancel' names a batch
         # whose id is 'a:cancel' (a percent-encoded ':' is not a delimiter), not a cancel.
         raise errors.InvalidBatchId()
     batch_id = parse_batch_id(request.match_info["id"])
-    policy.check_cancel_body(await request.read())
+    admitted, body = await receive_body(request, admitted, "cancel")
+    policy.check_cancel_body(body)
+    state, caller = admitted.state, admitted.caller
     await check_scope(state, caller, batch_id)
     # Cancelling twice is harmless, so a cancel may be retried like a read.
     call = upstream_request(request, caller, f"{batch_path(batch_id)}:cancel", method="POST", write=True)

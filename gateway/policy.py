@@ -35,6 +35,10 @@ MAX_PAGE_SIZE = 1000
 ORDERS = ("created_at", "updated_at")
 LIST_PARAMETERS = ("page_size", "page_token", "order_by")
 CREATE_FIELDS = ("name", "input_dataset_id", "model")
+# A listed batch must carry these, equal to the create's, to be taken for the batch a create made.
+IDENTIFYING_FIELDS = ("name", "input_dataset_id")
+# Bad fields named in one answer at most; a body can hold thousands.
+MAX_NAMED_FIELDS = 10
 
 
 def authorize(caller: Caller, operation: Operation) -> None:
@@ -148,16 +152,56 @@ def idempotency_key(values: list[str]) -> str | None:
 
 
 def create_document(content_type: str, body: bytes) -> dict[str, Any]:
-    """The create's body as JSON: an object with non-empty string ``name``, ``input_dataset_id`` and ``model``."""
+    """The create's body as JSON: an object with non-empty string ``name``, ``input_dataset_id`` and ``model``,
+    and no string in it, key or value, that is not valid Unicode."""
     if content_type != "application/json":
         raise errors.InvalidRequest("Send the batch as JSON, with 'Content-Type: application/json'.")
     document = _json_object(body, "The body must be a JSON object describing the batch.")
+    problems = []
     bad = [name for name in CREATE_FIELDS if not _non_empty_string(document.get(name))]
     if bad:
-        raise errors.InvalidRequest(
-            "Each of these fields must be a non-empty string: " + ", ".join(bad) + ".",
-        )
+        problems.append("Each of these fields must be a non-empty string: " + ", ".join(bad) + ".")
+    # JSON lets a body escape half of a surrogate pair ("\ud800"): no UTF-8 can
+    # carry it, so it is refused here rather than fail later or reach the upstream.
+    bad = _not_unicode(document)
+    if bad:
+        problems.append("These fields hold a string that is not valid Unicode: " + _listed(bad) + ".")
+    if problems:
+        raise errors.InvalidRequest(" ".join(problems))
     return document
+
+
+def _not_unicode(document: dict[str, Any]) -> list[str]:
+    """The path of each string in ``document`` (a key's own path for a bad key) that UTF-8 cannot encode."""
+    bad: list[str] = []
+    pending: list[tuple[str, object]] = [("", document)]
+    # A stack, not recursion: json.loads accepts nesting deeper than Python's recursion limit.
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                child = f"{path}.{_shown(key)}" if path else _shown(key)
+                if not _encodable(key):
+                    bad.append(child)
+                pending.append((child, item))
+        elif isinstance(value, list):
+            pending += ((f"{path}[{index}]", item) for index, item in enumerate(value))
+        elif isinstance(value, str) and not _encodable(value):
+            bad.append(path)
+    return sorted(bad)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _listed(names: list[str]) -> str:
+    shown = ", ".join(names[:MAX_NAMED_FIELDS])
+    return shown if len(names) <= MAX_NAMED_FIELDS else f"{shown} and {len(names) - MAX_NAMED_FIELDS} more"
 
 
 def check_cancel_body(body: bytes) -> None:
@@ -183,8 +227,17 @@ def _non_empty_string(value: object) -> bool:
 
 
 def matches_create(batch: object, document: dict[str, Any]) -> bool:
-    """Whether a listed batch is the one a create with ``document`` would have made."""
-    return isinstance(batch, dict) and all(batch.get(name) == document[name] for name in ("name", "input_dataset_id"))
+    """Whether a listed batch may be the one a create with ``document`` made.
+
+    Every field of the create that the batch carries must be equal (the
+    upstream adds fields of its own, and may not echo every one it was
+    sent), and the identifying ones must be there.
+    """
+    return (
+        isinstance(batch, dict)
+        and all(name in batch for name in IDENTIFYING_FIELDS)
+        and all(batch[name] == value for name, value in document.items() if name in batch)
+    )
 
 
 def batches_of(page: dict[str, Any]) -> list[Any]:

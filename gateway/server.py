@@ -163,6 +163,9 @@ class _JsonErrorHandler(RequestHandler):
             self.close()  # start() closes the connection after this answer
         elif self._head_overdue:
             self._after_overdue_head(request)
+        if response.status == errors.RequestTimeout.status and not request.content.is_eof():
+            # The body stopped arriving (DESIGN §7): close now, where aiohttp would linger for it once more.
+            self.force_close()
         return response, reset
 
     def _after_overdue_head(self, request: web.BaseRequest) -> None:

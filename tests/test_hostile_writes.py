@@ -28,7 +28,7 @@ from tests.batch_upstream import (
     write_callers,
 )
 from tests.conftest import GatewayFactory
-from tests.support import Answer, make_config, raw_request, request_bytes
+from tests.support import Answer, LogCapture, make_config, raw_request, request_bytes
 
 RAW_TIMEOUT_S = 10.0
 Headers = list[tuple[str | bytes, str | bytes] | bytes]
@@ -271,3 +271,44 @@ async def test_a_hostile_cancel_body_gets_a_json_4xx_and_cancels_nothing(
     answer = await raw_request(gateway.url, data, timeout_s=RAW_TIMEOUT_S)
     assert_clean_refusal(answer)
     assert_nothing_changed(upstream)
+
+
+LONE_SURROGATES = [
+    # (name, body, the field the answer must name)
+    ("in name", b'{"name": "night\\ud800ly", "input_dataset_id": "dataset-1", "model": "command-r"}', "name"),
+    ("a low one in model", create_body(model="x").replace(b'"x"', b'"\\udfff"'), "model"),
+    ("in another field", create_body()[:-1] + b', "description": "\\udc80"}', "description"),
+    ("nested in a list", create_body()[:-1] + b', "meta": {"tags": ["ok", "\\ud83d"]}}', "meta.tags[1]"),
+    ("in a key", create_body()[:-1] + b', "\\ud800": 1}', "\\ud800"),
+    ("a low before a high", create_body()[:-1] + b', "note": "\\udc00\\ud800"}', "note"),
+]
+
+
+@pytest.mark.parametrize("idempotency_key", [None, "surrogate-1"], ids=["plain", "keyed"])
+@pytest.mark.parametrize(("name", "body", "field"), LONE_SURROGATES, ids=[c[0] for c in LONE_SURROGATES])
+async def test_a_lone_surrogate_anywhere_in_a_create_body_is_a_400_naming_the_field(
+    name: str,
+    body: bytes,
+    field: str,
+    idempotency_key: str | None,
+    upstream: BatchUpstream,
+    start: GatewayFactory,
+    logs: LogCapture,
+) -> None:
+    gateway = await writer_gateway(start, upstream)
+    more = [("Idempotency-Key", idempotency_key)] if idempotency_key else []
+    answer = await raw_request(gateway.url, post(body, "application/json", *more), timeout_s=RAW_TIMEOUT_S)
+    assert_clean_refusal(answer, 400, "invalid_request")
+    assert field in answer.document["message"], answer.document["message"]
+    assert_nothing_changed(upstream)
+    assert not [e for e in logs.events() if e["level"] == "error"]
+
+
+async def test_a_valid_surrogate_pair_in_a_create_body_is_forwarded_as_sent(
+    upstream: BatchUpstream, start: GatewayFactory
+) -> None:
+    gateway = await writer_gateway(start, upstream)
+    body = create_body()[:-1] + b', "note": "\\ud83d\\ude00"}'
+    answer = await raw_request(gateway.url, post(body, "application/json", ("Idempotency-Key", "pair-1")))
+    assert answer.status == 200, answer.raw[:300]
+    assert upstream.calls("create")[0].body == body

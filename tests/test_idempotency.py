@@ -376,6 +376,74 @@ async def test_an_ambiguous_create_whose_batch_is_not_found_upstream_is_created_
     assert upstream.count("create") == 2
 
 
+async def ambiguous_first_try(gateway: RunningGateway, upstream: BatchUpstream) -> None:
+    """A keyed create that times out before the upstream made anything: a retry looks before it creates."""
+    upstream.hang("create", work=False)
+    assert_error(await keyed_create(gateway), 504, "upstream_timeout")
+
+
+async def test_a_retry_after_an_ambiguous_failure_never_adopts_another_callers_batch(
+    upstream: BatchUpstream, start: GatewayFactory
+) -> None:
+    gateway = await writer_gateway(start, upstream, billing="own", upstream={"timeout_s": 1})
+    theirs = await keyed_create(gateway, "reporting-key", caller_key=REPORTING_KEY)  # the same fields exactly
+    assert theirs.status == 200, theirs.body[:300]
+    their_id = theirs.json["batch"]["id"]
+    await ambiguous_first_try(gateway, upstream)
+
+    again = await keyed_create(gateway)
+    assert again.status == 200, again.body[:300]
+    assert again.header("Idempotent-Replayed") is None
+    assert again.json["batch"]["id"] != their_id
+    assert billing_posts(upstream) == 2  # the ambiguous try, then a create of its own
+    assert_error(await http(f"{gateway.url}/v2/batches/{their_id}"), 404, "not_found")
+    assert_error(await post_json(f"{gateway.url}/v2/batches/{their_id}:cancel", b""), 404, "not_found")
+    assert upstream.batches[their_id]["status"] != "BATCH_STATUS_CANCELING"
+
+
+@pytest.mark.parametrize(
+    "seeded",
+    [
+        {"model": "command-a"},
+        {"age_s": -3600},
+        {"age_s": 0, "twice": True},
+    ],
+    ids=["another model", "created long after the first try", "two that match"],
+)
+async def test_a_retry_after_an_ambiguous_failure_adopts_no_batch_created_outside_unless_it_alone_matches(
+    seeded: dict[str, Any], upstream: BatchUpstream, start: GatewayFactory
+) -> None:
+    fields = {"name": "nightly", "input_dataset_id": "dataset-1", "age_s": 0, **seeded}
+    twice = fields.pop("twice", False)
+    outside = [upstream.seed("outside-1", **fields)["id"]]
+    if twice:
+        outside.append(upstream.seed("outside-2", **fields)["id"])
+    gateway = await writer_gateway(start, upstream, billing="own", upstream={"timeout_s": 1})
+    await ambiguous_first_try(gateway, upstream)
+
+    again = await keyed_create(gateway)
+    assert again.status == 200, again.body[:300]
+    assert again.header("Idempotent-Replayed") is None
+    assert again.json["batch"]["id"] not in outside
+    assert billing_posts(upstream) == 2
+    for batch_id in outside:  # still no one's: the own-scoped caller cannot see or cancel it
+        assert_error(await http(f"{gateway.url}/v2/batches/{batch_id}"), 404, "not_found")
+
+
+async def test_a_retry_after_an_ambiguous_failure_adopts_the_one_batch_made_outside_that_matches_every_field(
+    upstream: BatchUpstream, start: GatewayFactory
+) -> None:
+    upstream.seed("outside-1", name="nightly", input_dataset_id="dataset-1", age_s=0, model="command-r")
+    upstream.seed("outside-2", name="nightly", input_dataset_id="dataset-1", age_s=0, model="command-a")
+    gateway = await writer_gateway(start, upstream, billing="own", upstream={"timeout_s": 1})
+    await ambiguous_first_try(gateway, upstream)
+
+    again = await keyed_create(gateway)
+    assert (again.status, again.header("Idempotent-Replayed")) == (200, "true"), again.body[:300]
+    assert again.json["batch"]["id"] == "outside-1"
+    assert billing_posts(upstream) == 1
+
+
 # --- records outlive the process -------------------------------------------------------------
 
 
