@@ -1,4 +1,4 @@
-"""Serve the app: the runner, JSON errors for unparseable requests, reload, stop.
+"""Serve the app: the runner, JSON errors for unparseable requests, the metrics listener, reload, stop.
 
 aiohttp answers requests it cannot parse (a request line or header past the
 configured sizes, broken framing) before any middleware runs, in text/plain.
@@ -24,6 +24,7 @@ loudly if any of it changes.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -712,6 +713,9 @@ METRICS_SHUTDOWN_S = 1.0
 async def _start_metrics_listener(running: RunningGateway, host: str, *, reuse_port: bool) -> None:
     """``/metrics`` on ``server.metrics_port``; with workers each one listens there (SO_REUSEPORT)."""
     server = running.state.snapshot.config.server
+    if server.metrics_port == running.port:
+        # With SO_REUSEPORT (workers) both would bind, and the kernel would split the connections between them.
+        raise OSError(errno.EADDRINUSE, f"server.metrics_port {server.metrics_port} is the API port")
     runner = GatewayRunner(
         build_metrics_app(running.state),
         header_timeout_s=server.header_timeout_s,

@@ -15,6 +15,7 @@ import pytest
 import gateway
 from gateway import server as gateway_server
 from gateway.demo import Simulator
+from gateway.server import start_gateway
 from gateway.state import GatewayState
 from tests.conftest import GatewayFactory
 from tests.support import (
@@ -288,3 +289,12 @@ async def test_a_metrics_port_already_taken_stops_the_start(simulator: Simulator
     finally:
         taken.close()
         await taken.wait_closed()
+
+
+async def test_a_metrics_port_that_is_the_api_port_stops_the_start_even_beside_workers(simulator: Simulator) -> None:
+    port = free_port()
+    config = make_config(simulator.url, server={"metrics_port": port})
+
+    with pytest.raises(OSError, match=r"server.metrics_port \d+ is the API port"):
+        # reuse_port as a worker listens: both sockets would bind the one port.
+        await start_gateway(config, "127.0.0.1", port, reuse_port=True)
