@@ -203,7 +203,8 @@ async def _serve(args: argparse.Namespace, redact: Redactor, stack: contextlib.E
     if args.ready_fd is not None:
         # Runs once serve_until_signalled has put its signal handlers in place.
         asyncio.get_running_loop().call_soon(report_serving, args.ready_fd)
-    await serve_until_signalled(running, load)
+    # server.pid_file holds the pid to signal: a worker's parent writes its own.
+    await serve_until_signalled(running, load, pid_file_path="" if args.worker is not None else config.server.pid_file)
     if simulator_runner is not None:
         await simulator_runner.cleanup()
     return 0

@@ -27,6 +27,10 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 BATCH_ROUTE = "/v2/batches/{id}"
 BATCHES_ROUTE = "/v2/batches"
 CANCEL_ROUTE = "/v2/batches/{id}:cancel"
+METRICS_ROUTE = "/metrics"
+# The Server header of every answer: the product, never its version (that is in
+# --version and gateway_build_info), so a scan learns nothing to match against.
+SERVER = "cohere-gateway"
 
 log = logging.getLogger("gateway")
 
@@ -50,6 +54,7 @@ def error_response(
         headers=error.headers(),
     )
     response.headers["X-Request-ID"] = request_id
+    response.headers["Server"] = SERVER
     return response
 
 
@@ -197,19 +202,41 @@ async def _record_store(app: web.Application) -> AsyncIterator[None]:
     await records.close()
 
 
+async def _server_header(_request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer the app makes, streamed ones included, names the server without its version."""
+    response.headers["Server"] = SERVER
+
+
 def build_app(state: GatewayState) -> web.Application:
+    """The API: the batch routes and the service endpoints (``/metrics`` only without ``server.metrics_port``).
+
+    Every GET route answers HEAD too (aiohttp's ``allow_head``): the same
+    handler, so the same key, permission, scope, cache and ETag rules, and
+    aiohttp leaves out the body (RFC 9110 9.3.2).
+    """
     app = web.Application(middlewares=[gateway_middleware], client_max_size=state.snapshot.config.server.max_body_bytes)
     app[STATE] = state
-    app.router.add_get(BATCH_ROUTE, handlers.get_batch, allow_head=False)
-    app.router.add_get(BATCHES_ROUTE, handlers.list_batches, allow_head=False)
+    app.on_response_prepare.append(_server_header)
+    app.router.add_get(BATCH_ROUTE, handlers.get_batch)
+    app.router.add_get(BATCHES_ROUTE, handlers.list_batches)
     app.router.add_post(BATCHES_ROUTE, create.create_batch)
     app.router.add_post(CANCEL_ROUTE, handlers.cancel_batch)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
-    app.router.add_get("/metrics", handlers.metrics)
+    if not state.snapshot.config.server.metrics_port:
+        app.router.add_get(METRICS_ROUTE, handlers.metrics)
     app.cleanup_ctx.append(_redis_link)
     app.cleanup_ctx.append(_record_store)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_refresher)
     app.on_shutdown.append(_answer_waiters)
+    return app
+
+
+def build_metrics_app(state: GatewayState) -> web.Application:
+    """``/metrics`` alone, for its own listener (``server.metrics_port``): the same middleware, errors and log."""
+    app = web.Application(middlewares=[gateway_middleware], client_max_size=state.snapshot.config.server.max_body_bytes)
+    app[STATE] = state
+    app.on_response_prepare.append(_server_header)
+    app.router.add_get(METRICS_ROUTE, handlers.metrics)
     return app

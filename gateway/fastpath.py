@@ -6,6 +6,7 @@ three times the gateway's own work (``bench/run.py``, ``hit_vs_ceiling``).
 ``answer_fresh_hit`` makes the same answer from the parsed request head.
 
 It answers only the plainest case: ``GET /v2/batches/<well-formed id>``
+(or ``HEAD``: the same head, ``Content-Length`` included, and no body)
 over HTTP/1.1 on a kept-alive connection, no body, no ``Expect``, one
 valid caller key, a caller within its rate limit (with ``redis.url``, a
 caller that has one goes to the app: its bucket is in Redis) and allowed to retrieve
@@ -24,11 +25,10 @@ import time
 
 from aiohttp import HttpVersion11
 from aiohttp.helpers import rfc822_formatted_time
-from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_parser import RawRequestMessage
 
 from gateway import errors, policy
-from gateway.app import BATCH_ROUTE, record_request, request_id_for
+from gateway.app import BATCH_ROUTE, SERVER, record_request, request_id_for
 from gateway.cache import CacheState
 from gateway.handlers import cache_headers
 from gateway.protocol import BATCH_ID
@@ -39,13 +39,15 @@ OK = "HTTP/1.1 200 OK\r\n"
 NOT_MODIFIED = "HTTP/1.1 304 Not Modified\r\n"
 JSON_BODY = "Content-Type: application/json\r\n"
 CRLF = "\r\n"
+# HEAD is GET without the body (RFC 9110 9.3.2): the rules and the head are the same.
+METHODS = frozenset({"GET", "HEAD"})
 
 
 def answer_fresh_hit(state: GatewayState, message: RawRequestMessage) -> bytes | None:
     """The whole HTTP response to ``message`` if it is a plain fresh hit, else None."""
     started = time.perf_counter()
     if (
-        message.method != "GET"
+        message.method not in METHODS
         or message.version != HttpVersion11
         or message.should_close
         or message.upgrade
@@ -90,9 +92,10 @@ def answer_fresh_hit(state: GatewayState, message: RawRequestMessage) -> bytes |
         f"X-Request-ID: {request_id}\r\n"
         f"{'' if unchanged else f'Content-Length: {len(entry.body)}{CRLF}'}"
         f"Date: {rfc822_formatted_time()}\r\n"
-        f"Server: {SERVER_SOFTWARE}\r\n\r\n"
+        f"Server: {SERVER}\r\n\r\n"
     )
-    response = head.encode("latin-1") + (b"" if unchanged else entry.body)
+    with_body = not unchanged and message.method == "GET"
+    response = head.encode("latin-1") + (entry.body if with_body else b"")
     status = 304 if unchanged else 200
     # Only once nothing can fail before the answer is written: a request handed on
     # to the app must not have spent a token or been counted.
@@ -112,5 +115,6 @@ def answer_fresh_hit(state: GatewayState, message: RawRequestMessage) -> bytes |
         cache=CacheState.HIT.value,
         trace=None,
         elapsed_s=time.perf_counter() - started,
+        method=message.method,
     )
     return response

@@ -1,4 +1,4 @@
-"""Serve the app: the runner, JSON errors for unparseable requests, reload, stop.
+"""Serve the app: the runner, JSON errors for unparseable requests, the metrics listener, reload, stop.
 
 aiohttp answers requests it cannot parse (a request line or header past the
 configured sizes, broken framing) before any middleware runs, in text/plain.
@@ -24,6 +24,7 @@ loudly if any of it changes.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -37,13 +38,14 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from gateway import errors
-from gateway.app import build_app, error_response, record_request, request_id_for
+from gateway.app import build_app, build_metrics_app, error_response, record_request, request_id_for
 from gateway.config import ConfigError, GatewayConfig
 from gateway.fastpath import answer_fresh_hit
 from gateway.keys import STATE
 from gateway.logs import log_event
 from gateway.protocol import new_request_id
 from gateway.state import GatewayState
+from gateway.workers import pid_file
 
 log = logging.getLogger("gateway")
 # The route label of requests aiohttp could not parse (they never reach the router).
@@ -596,21 +598,31 @@ _PARSER_OPTIONS = ("max_line_size", "max_field_size", "max_headers", "auto_decom
 class _GatewayServer(web.Server):
     header_timeout_s = 10.0
     state: GatewayState | None = None
+    inline_hits = True
 
     def __call__(self) -> RequestHandler:
         handler = _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
         handler.header_timeout_s = self.header_timeout_s
         handler.parser_options = {k: self._kwargs[k] for k in _PARSER_OPTIONS if k in self._kwargs}
         handler.state = self.state
+        if not self.inline_hits:
+            handler.stop_answering_inline()
         return handler
 
 
 class GatewayRunner(web.AppRunner):
-    """AppRunner whose connections render protocol errors as JSON."""
+    """AppRunner whose connections render protocol errors as JSON.
 
-    def __init__(self, app: web.Application, header_timeout_s: float, **kwargs: Any) -> None:
+    ``inline_hits``: answer fresh hits below the app; off for the metrics
+    listener, whose app has no batch route.
+    """
+
+    def __init__(
+        self, app: web.Application, header_timeout_s: float, *, inline_hits: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(app, **kwargs)
         self._header_timeout_s = header_timeout_s
+        self._inline_hits = inline_hits
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
@@ -619,6 +631,7 @@ class GatewayRunner(web.AppRunner):
         server.__class__ = _GatewayServer
         server.header_timeout_s = self._header_timeout_s  # type: ignore[attr-defined]
         server.state = self.app[STATE]  # type: ignore[attr-defined]
+        server.inline_hits = self._inline_hits  # type: ignore[attr-defined]
         return server
 
 
@@ -628,14 +641,27 @@ class RunningGateway:
     state: GatewayState
     host: str
     port: int
+    # The listener of /metrics alone (server.metrics_port), if it has one.
+    metrics_runner: GatewayRunner | None = None
+    metrics_port: int | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def metrics_url(self) -> str:
+        """Where ``/metrics`` is served: its own listener, else the API's."""
+        return self.url if self.metrics_port is None else f"http://{self.host}:{self.metrics_port}"
+
     async def stop(self) -> None:
-        """Stop accepting, let requests in flight finish within the grace period, close."""
+        """Stop accepting, let requests in flight finish within the grace period, close.
+
+        The metrics listener closes last: a stop is still scraped while it drains.
+        """
         await self.runner.cleanup()
+        if self.metrics_runner is not None:
+            await self.metrics_runner.cleanup()
         self.state.access_log.flush()
 
 
@@ -673,7 +699,45 @@ async def start_gateway(
     )
     await site.start()
     bound_host, bound_port = runner.addresses[0][:2]
-    return RunningGateway(runner, state, bound_host, bound_port)
+    running = RunningGateway(runner, state, bound_host, bound_port)
+    if server.metrics_port:
+        try:
+            await _start_metrics_listener(running, host or server.host, reuse_port=reuse_port)
+        except BaseException:
+            await runner.cleanup()
+            raise
+    return running
+
+
+# A scrape is one quick answer: the metrics listener does not hold a stop for long.
+METRICS_SHUTDOWN_S = 1.0
+
+
+async def _start_metrics_listener(running: RunningGateway, host: str, *, reuse_port: bool) -> None:
+    """``/metrics`` on ``server.metrics_port``; with workers each one listens there (SO_REUSEPORT)."""
+    server = running.state.snapshot.config.server
+    if server.metrics_port == running.port:
+        # With SO_REUSEPORT (workers) both would bind, and the kernel would split the connections between them.
+        raise OSError(errno.EADDRINUSE, f"server.metrics_port {server.metrics_port} is the API port")
+    runner = GatewayRunner(
+        build_metrics_app(running.state),
+        header_timeout_s=server.header_timeout_s,
+        inline_hits=False,
+        access_log=None,
+        shutdown_timeout=METRICS_SHUTDOWN_S,
+        keepalive_timeout=server.keepalive_timeout_s,
+        max_line_size=server.max_line_size,
+        max_field_size=server.max_field_size,
+        max_headers=server.max_headers,
+    )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, server.metrics_port, backlog=server.backlog, reuse_port=reuse_port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    running.metrics_runner = runner
+    running.metrics_port = runner.addresses[0][1]
 
 
 def reload_config(state: GatewayState, load: Callable[[], GatewayConfig]) -> bool:
@@ -699,15 +763,28 @@ def _refuse_reload(state: GatewayState, problems: list[str]) -> bool:
     return False
 
 
-async def serve_until_signalled(running: RunningGateway, load: Callable[[], GatewayConfig]) -> None:
-    """Serve until SIGTERM or SIGINT; SIGHUP reloads the config."""
+async def serve_until_signalled(
+    running: RunningGateway, load: Callable[[], GatewayConfig], *, pid_file_path: str = ""
+) -> None:
+    """Serve until SIGTERM or SIGINT; SIGHUP reloads the config.
+
+    ``pid_file_path``: where to write this process's pid while it serves (a worker passes "").
+    """
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     loop.add_signal_handler(signal.SIGHUP, reload_config, running.state, load)
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
-    log_event(log, logging.INFO, "serving", url=running.url)
-    await stopping.wait()
+    serving: dict[str, Any] = {"url": running.url}
+    if running.metrics_port is not None:
+        serving["metrics_url"] = running.metrics_url
+    log_event(log, logging.INFO, "serving", **serving)
+    with pid_file(pid_file_path):
+        await stopping.wait()
+        await _stop(running)
+
+
+async def _stop(running: RunningGateway) -> None:
     log_event(
         log,
         logging.INFO,

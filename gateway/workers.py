@@ -33,7 +33,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +102,37 @@ def reserve_port(host: str) -> socket.socket:
     return sock
 
 
+@contextlib.contextmanager
+def pid_file(path: str) -> Iterator[None]:
+    """``server.pid_file``: this process's pid in ``path`` while the block runs ("": no file).
+
+    Written once the caller handles SIGHUP, so that ``kill -HUP "$(cat FILE)"``
+    never meets a process that would die of it; replaced whole (a reader sees
+    the old pid or the new, never half a file). Removed at exit unless another
+    process has written its own pid there since. A file that cannot be written
+    is logged, and the gateway serves on: signals still reach it by other means.
+    """
+    if not path:
+        yield
+        return
+    target = Path(path)
+    pid = str(os.getpid())
+    try:
+        temporary = target.with_name(f".{target.name}.{pid}")
+        temporary.write_text(pid + "\n", encoding="ascii")
+        os.replace(temporary, target)
+    except OSError as exc:
+        log_event(log, logging.ERROR, "could not write server.pid_file", path=path, error=exc.strerror or str(exc))
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if target.read_text(encoding="ascii").strip() == pid:
+                target.unlink()
+
+
 def describe_exit(code: int) -> str:
     """``asyncio``'s return code as an operator reads it: ``exit 2``, ``SIGKILL``."""
     if code >= 0:
@@ -123,6 +154,7 @@ class Supervisor:
         self._host = host
         self._port = port
         self._grace_s = config.server.shutdown_grace_s
+        self._pid_file = config.server.pid_file  # the parent's pid: it is the one to signal
         self._workers = [Worker(index) for index in range(config.server.workers)]
         self._stopping = asyncio.Event()
 
@@ -136,6 +168,10 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGTERM, self._stop)
         loop.add_signal_handler(signal.SIGINT, self._stop)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
+        with pid_file(self._pid_file):
+            return await self._run()
+
+    async def _run(self) -> int:
         started = await asyncio.gather(*(self._start(worker) for worker in self._workers))
         if not all(started) and not self._stopping.is_set():
             return await self._abandon_start()

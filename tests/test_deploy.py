@@ -365,6 +365,156 @@ def test_a_broken_redis_manifest_fails_the_redis_check(
     assert problem in problems[0]
 
 
+GATEWAY_POLICY = ("NetworkPolicy", "cohere-gateway")
+# Peers that name who they let in: a labelled namespace or labelled pods, never a whole namespace or address range.
+SCRAPER_PEERS = ("namespaceSelector", "podSelector")
+
+
+def lets_in(rule_ports: list[dict[str, Any]], port: dict[str, Any]) -> bool:
+    """Whether a rule's ports admit a container ``port`` (by its name or its number)."""
+    return any(
+        p.get("port") in (port["name"], port["containerPort"])
+        and p.get("protocol", "TCP") == port.get("protocol", "TCP")
+        for p in rule_ports
+    )
+
+
+def scrapers_only(peer: dict[str, Any]) -> bool:
+    """A peer that admits labelled namespaces or pods only (``{}`` selects everything there is)."""
+    if "ipBlock" in peer:
+        return False
+    return any(peer.get(kind, {}).get("matchLabels") for kind in SCRAPER_PEERS)
+
+
+def gateway_policy_problems(folder: Path) -> list[str]:
+    """What would keep the gateway pods' NetworkPolicy from admitting the Deployment's ports as the kit means.
+
+    The API port from callers, the metrics port from Prometheus alone, and out
+    DNS, Redis and HTTPS.
+    """
+    objects = kubernetes_objects(folder)
+    labels = objects[GATEWAY]["spec"]["template"]["metadata"]["labels"]
+    ports = {p["name"]: p for p in only_container(objects, GATEWAY)["ports"]}
+    problems: list[str] = []
+    policy = objects.get(GATEWAY_POLICY, {}).get("spec")
+    if policy is None:
+        return ["networkpolicy: no NetworkPolicy cohere-gateway"]
+    selector = policy["podSelector"].get("matchLabels", {})
+    if not selector or not selector.items() <= labels.items():
+        problems.append("networkpolicy: it does not select the gateway pods")
+    if set(policy.get("policyTypes", [])) != {"Ingress", "Egress"}:
+        problems.append("networkpolicy: it does not govern both Ingress and Egress")
+    ingress = policy.get("ingress", [])
+    for name, port in ports.items():
+        if not any(lets_in(rule.get("ports", []), port) for rule in ingress):
+            problems.append(f"networkpolicy: the Deployment's port {name} is not let in")
+    if "metrics" in ports:
+        peers = [peer for rule in ingress if lets_in(rule.get("ports", []), ports["metrics"]) for peer in rule["from"]]
+        if not all(scrapers_only(peer) for peer in peers):
+            problems.append("networkpolicy: the metrics port is open beyond Prometheus")
+    egress = policy.get("egress", [])
+
+    def goes_out(port: int, protocol: str = "TCP") -> list[dict[str, Any]]:
+        """The peers of the egress rules that let ``port`` out."""
+        wanted = {"name": "", "containerPort": port, "protocol": protocol}
+        return [peer for rule in egress if lets_in(rule.get("ports", []), wanted) for peer in rule.get("to", [])]
+
+    if not goes_out(53, "UDP"):
+        problems.append("networkpolicy: no DNS out")
+    redis_labels = objects[REDIS]["spec"]["template"]["metadata"]["labels"]
+    [redis_port] = [p["containerPort"] for p in only_container(objects, REDIS)["ports"] if p["name"] == "redis"]
+    if not any(
+        (peer.get("podSelector", {}).get("matchLabels") or {"": ""}).items() <= redis_labels.items()
+        for peer in goes_out(redis_port)
+    ):
+        problems.append("networkpolicy: the gateway pods may not reach Redis")
+    if not any("ipBlock" in peer for peer in goes_out(443)):
+        problems.append("networkpolicy: no HTTPS out to the upstream")
+    return problems
+
+
+def test_the_gateway_pods_networkpolicy_admits_callers_and_prometheus_and_lets_out_dns_redis_and_https() -> None:
+    assert gateway_policy_problems(KUBERNETES) == []
+
+
+def scrape_port_problems(folder: Path) -> list[str]:
+    """Whether Prometheus scrapes the port on which the ConfigMap's ``server.metrics_port`` serves ``/metrics``."""
+    objects = kubernetes_objects(folder)
+    template = objects[GATEWAY]["spec"]["template"]
+    ports = {p["name"]: p for p in only_container(objects, GATEWAY)["ports"]}
+    config = yaml.safe_load(objects[("ConfigMap", "cohere-gateway")]["data"]["config.yaml"])
+    metrics_port = config["server"].get("metrics_port", 0)
+    annotations = template["metadata"].get("annotations", {})
+    if "metrics" not in ports or ports["metrics"]["containerPort"] != metrics_port:
+        return [f"deployment: no port named metrics at the configmap's server.metrics_port ({metrics_port})"]
+    if (
+        annotations.get("prometheus.io/port") != str(metrics_port)
+        or annotations.get("prometheus.io/path") != "/metrics"
+    ):
+        return ["deployment: the prometheus.io annotations do not name server.metrics_port and /metrics"]
+    service = objects[("Service", "cohere-gateway")]["spec"]["ports"]
+    if not any(p.get("targetPort") in ("metrics", metrics_port) for p in service):
+        return ["service: no port leads to the metrics port"]
+    return []
+
+
+def test_prometheus_scrapes_the_port_the_configmap_serves_metrics_on() -> None:
+    assert scrape_port_problems(KUBERNETES) == []
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "problem"),
+    [
+        ('prometheus.io/port: "9090"', 'prometheus.io/port: "8080"', "prometheus.io annotations"),
+        ("containerPort: 9090", "containerPort: 9091", "no port named metrics"),
+    ],
+)
+def test_a_scrape_port_that_is_not_the_metrics_port_fails_the_scrape_check(
+    tmp_path: Path, old: str, new: str, problem: str
+) -> None:
+    folder = tmp_path / "kubernetes"
+    shutil.copytree(KUBERNETES, folder)
+    broken_copy(folder, KUBERNETES / "deployment.yaml", old, new)
+    problems = scrape_port_problems(folder)
+    assert len(problems) == 1
+    assert problem in problems[0]
+
+
+METRICS_FROM_MONITORING = (
+    "        - namespaceSelector:\n            matchLabels:\n              kubernetes.io/metadata.name: monitoring\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "old", "new", "problem"),
+    [
+        (
+            "networkpolicy.yaml",
+            "      app.kubernetes.io/name: cohere-gateway\n  policyTypes",
+            "      app.kubernetes.io/name: gateway\n  policyTypes",
+            "does not select the gateway pods",
+        ),
+        ("networkpolicy.yaml", 'policyTypes: ["Ingress", "Egress"]', 'policyTypes: ["Ingress"]', "Ingress and Egress"),
+        ("networkpolicy.yaml", "          port: metrics", "          port: 9091", "port metrics is not let in"),
+        ("networkpolicy.yaml", METRICS_FROM_MONITORING, "        - podSelector: {}\n", "open beyond Prometheus"),
+        ("networkpolicy.yaml", "          port: 53", "          port: 5353", "no DNS out"),
+        ("networkpolicy.yaml", "          port: 6379", "          port: 6380", "may not reach Redis"),
+        ("networkpolicy.yaml", "          port: 443", "          port: 8443", "no HTTPS out"),
+        ("deployment.yaml", "- name: metrics ", "- name: metricz ", "port metricz is not let in"),
+    ],
+)
+def test_a_broken_networkpolicy_fails_the_policy_check(
+    tmp_path: Path, name: str, old: str, new: str, problem: str
+) -> None:
+    folder = tmp_path / "kubernetes"
+    shutil.copytree(KUBERNETES, folder)
+    broken_copy(folder, KUBERNETES / name, old, new)
+    problems = gateway_policy_problems(folder)
+    assert len(problems) == 1, problems
+    assert problem in problems[0]
+    assert kubernetes_validate(folder / name).returncode == 0  # valid Kubernetes, only not what the kit means
+
+
 class ManifestRedis(RedisServer):
     """A real redis-server run with the StatefulSet's own arguments (on a free port and a temporary --dir)."""
 

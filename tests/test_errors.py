@@ -216,7 +216,7 @@ async def test_a_wrong_method_on_a_known_path_is_405_with_allow(
     gateway = await start(make_config(upstream.url))
     answer = await http(gateway.url + "/v2/batches/batch-1", method=method)
     assert_contract_error(answer, 405, "method_not_allowed")
-    assert answer.headers["Allow"] == "GET"
+    assert answer.headers["Allow"] == "GET, HEAD"
     assert upstream.calls == 0
 
 

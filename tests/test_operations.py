@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -29,6 +30,7 @@ from gateway.config import load_config
 from gateway.demo import Simulator
 from gateway.server import RunningGateway, reload_config
 from tests.conftest import GatewayFactory, ProcessFactory, UpstreamFactory
+from tests.redis_server import RedisServer
 from tests.support import (
     ANALYTICS_KEY,
     BILLING_KEY,
@@ -40,6 +42,7 @@ from tests.support import (
     LogCapture,
     assert_no_reload_secrets,
     batch_body,
+    free_port,
     json_handler,
     make_config,
     process_config,
@@ -294,6 +297,65 @@ async def test_a_request_still_running_after_the_grace_period_is_cut_and_the_pro
     assert await gateway.exit_code(within_s=PROCESS_WAIT_S) == 0
     with pytest.raises(httpx.TransportError):
         await asyncio.wait_for(in_flight, PROCESS_WAIT_S)
+
+
+# --- server.pid_file and server.metrics_port in a real process ---------------------------------
+
+
+def pid_in(path: Path) -> int:
+    return int(path.read_text(encoding="ascii"))
+
+
+@pytest.mark.one_loop
+async def test_the_pid_file_names_the_running_gateway_and_a_sighup_sent_to_it_reloads(
+    fake_upstream: UpstreamFactory, gateway_process: ProcessFactory, tmp_path: Path
+) -> None:
+    upstream = await fake_upstream(json_handler())
+    pid_file = tmp_path / "run" / "cohere-gateway.pid"
+    pid_file.parent.mkdir()
+    raw = process_config(upstream.url)
+    raw["server"]["pid_file"] = str(pid_file)
+    gateway = await gateway_process(write_config(tmp_path / "config.yaml", raw))
+
+    assert pid_in(pid_file) == gateway.proc.pid
+    mark = len(gateway.events)
+    os.kill(pid_in(pid_file), signal.SIGHUP)  # what docs/operations.md tells operators to run
+    await gateway.wait_for_event("config reloaded", after=mark)
+    assert gateway.proc.returncode is None
+
+    os.kill(pid_in(pid_file), signal.SIGTERM)
+    assert await gateway.exit_code(within_s=PROCESS_WAIT_S) == 0
+    assert list(pid_file.parent.iterdir()) == []  # removed at a clean exit, nothing left beside it
+
+
+@pytest.mark.one_loop
+async def test_with_workers_the_pid_file_names_the_parent_and_each_worker_serves_metrics_on_the_metrics_port(
+    fake_upstream: UpstreamFactory, gateway_process: ProcessFactory, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    upstream = await fake_upstream(json_handler())
+    pid_file = tmp_path / "cohere-gateway.pid"
+    metrics_port = free_port()
+    raw = process_config(upstream.url, redis={"url": redis_server.url})
+    raw["server"].update(workers=2, pid_file=str(pid_file), metrics_port=metrics_port)
+    parent = await gateway_process(write_config(tmp_path / "config.yaml", raw))
+    serving = next(e for e in await parent.wait_for_events("serving", 3) if "workers" in e)
+
+    assert pid_in(pid_file) == parent.proc.pid
+    assert parent.proc.pid not in serving["pids"]
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+            assert response.status == 200
+            assert "gateway_build_info" in await response.text()
+        async with session.get(f"{parent.url}/metrics") as response:
+            assert response.status == 404
+            assert (await response.json())["code"] == "route_not_found"
+
+    mark = len(parent.events)
+    os.kill(pid_in(pid_file), signal.SIGHUP)
+    await parent.wait_for_events("config reloaded", 2, after=mark)  # the parent passed it to both workers
+    os.kill(pid_in(pid_file), signal.SIGTERM)
+    assert await parent.exit_code(within_s=PROCESS_WAIT_S) == 0
+    assert not pid_file.exists()
 
 
 # --- slow clients -------------------------------------------------------------------------------
