@@ -258,7 +258,11 @@ class UpstreamClient:
     def hold(self, seconds: float) -> float:
         """Hold this process's upstream calls for ``seconds`` (another process was told to pause)."""
         now = self._clock()
-        self.paused_until = max(self.paused_until, now + seconds)
+        if now + seconds >= self.paused_until:
+            self.paused_until = now + seconds
+            # Not (now + seconds) - now: in floating point that can exceed seconds by
+            # an ulp, and a Retry-After of 7 would then be rounded up to 8.
+            return seconds
         return self.paused_until - now
 
     async def _spend_budget(self, settings: UpstreamSettings, may_wait: bool, write: bool, deadline: float) -> None:

@@ -152,6 +152,7 @@ async def redis_server() -> AsyncIterator[RedisServer]:
 
 
 OpenLink = Callable[..., Awaitable[RedisLink]]
+PATIENT_REDIS_TIMEOUT_S = 2.0
 
 
 @pytest.fixture
@@ -159,7 +160,10 @@ async def open_link(redis_server: RedisServer) -> AsyncIterator[OpenLink]:
     """Open links to ``redis_server``, started, as one process each would; all closed at the end."""
     opened: list[RedisLink] = []
 
-    async def _open(timeout_s: float = RedisSettings().timeout_s) -> RedisLink:
+    # Patient by default: most link tests are about what Redis answers, and a loaded machine (the
+    # suite runs on two processes) can take longer than redis.timeout_s (0.25 s), which would mark
+    # Redis lost. The tests of a dead or stalled Redis pass the configured timeout themselves.
+    async def _open(timeout_s: float = PATIENT_REDIS_TIMEOUT_S) -> RedisLink:
         link = RedisLink(RedisSettings(url=redis_server.url, timeout_s=timeout_s, probe_interval_s=0.1), Metrics())
         await link.start()
         opened.append(link)

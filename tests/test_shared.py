@@ -15,6 +15,7 @@ import pytest
 
 from gateway import errors
 from gateway.cache import CacheEntry, Role
+from gateway.config import RedisSettings
 from gateway.demo import Simulator
 from gateway.redis_link import RedisDown
 from gateway.server import RunningGateway
@@ -247,7 +248,7 @@ async def test_a_cancelled_leader_leaves_no_lock_behind(open_link: OpenLink) -> 
 async def test_with_redis_lost_every_call_fails_at_once_and_nothing_waits(
     open_link: OpenLink, redis_server: RedisServer
 ) -> None:
-    link = await open_link()
+    link = await open_link(timeout_s=RedisSettings().timeout_s)
     cache = SharedCache(link, time.monotonic, lambda: 5.0)
     redis_server.pause()
     try:
