@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 import uvloop
 from aiohttp import web
 
-from gateway.demo import Simulator
+from gateway.demo.simulator import Simulator
 
 Route = Callable[[Simulator], Callable[[web.Request], Awaitable[web.Response]]]
 ROUTES: tuple[tuple[str, str, Route], ...] = (

@@ -39,7 +39,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from gateway.demo import Simulator, start_simulator
+from gateway.demo.simulator import Simulator, start_simulator
 
 TOKEN = "soak-upstream-token-5e2a9c41"
 KEY = "soak-caller-key-0b7d3e9f"

@@ -272,3 +272,7 @@ class UpstreamInvalidResponse(UpstreamFailure):
     status = 502
     code = "upstream_invalid_response"
     default_message = "The upstream's answer was not the expected JSON, or was too large."
+
+
+class RedisDown(Exception):
+    """Redis is lost (or just failed): the caller falls back to its local policy."""

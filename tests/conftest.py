@@ -14,13 +14,13 @@ import pytest
 import uvloop
 from hypothesis import settings
 
+from gateway.api.state import GatewayState
 from gateway.config import GatewayConfig, RedisSettings
-from gateway.demo import Simulator, start_simulator
-from gateway.logs import Redactor
-from gateway.metrics import Metrics
-from gateway.redis_link import RedisLink
-from gateway.server import RunningGateway, start_gateway
-from gateway.state import GatewayState
+from gateway.demo.simulator import Simulator, start_simulator
+from gateway.edge.server import RunningGateway, start_gateway
+from gateway.ops.logs import Redactor
+from gateway.ops.metrics import Metrics
+from gateway.replicas.link import RedisLink
 from tests.redis_server import RedisServer
 from tests.support import (
     PROCESS_WAIT_S,

@@ -35,10 +35,10 @@ from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import GatewayConfig, deep_merge, validate
-from gateway.logs import JsonFormatter, Redactor
+from gateway.ops.logs import JsonFormatter, Redactor
 
 if TYPE_CHECKING:
-    from gateway.server import RunningGateway
+    from gateway.edge.server import RunningGateway
 
 UPSTREAM_TOKEN = "upstream-secret-token-4f9d2c"
 BILLING_KEY = "billing-caller-key-7a1e5b"

@@ -23,7 +23,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway import __version__
-from gateway.demo import Simulator
+from gateway.demo.simulator import Simulator
 from tests.conftest import GatewayFactory, UpstreamFactory
 from tests.support import (
     BILLING_KEY,

@@ -18,7 +18,7 @@ import pytest
 from cohere.batches import Batch
 from cohere.errors import BadRequestError, ForbiddenError, NotFoundError
 
-from gateway.server import RunningGateway
+from gateway.edge.server import RunningGateway
 from tests.batch_upstream import (
     ACTIVE,
     ALL_OPERATIONS,

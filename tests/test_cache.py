@@ -16,7 +16,7 @@ import cohere
 import pytest
 from aiohttp import web
 
-from gateway.server import RunningGateway
+from gateway.edge.server import RunningGateway
 from tests.conftest import GatewayFactory, UpstreamFactory
 from tests.support import (
     BILLING_KEY,

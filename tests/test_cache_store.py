@@ -16,9 +16,13 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from gateway import errors
-from gateway.cache import BatchCache, CacheEntry, CacheState, MemoryStore, SingleFlight, UpstreamReply
+from gateway.cache.batch_cache import BatchCache
+from gateway.cache.entry import CacheEntry, CacheState
+from gateway.cache.flight import SingleFlight
+from gateway.cache.store import MemoryStore
 from gateway.config import CacheSettings
-from gateway.protocol import Lifetime, parse_batch_body
+from gateway.upstream.answers import UpstreamReply
+from gateway.upstream.cohere import Lifetime, parse_batch_body
 from tests.support import FakeClock, batch_body
 
 ACTIVE, TERMINAL, NOT_FOUND, KEEP = 5.0, 86400.0, 10.0, 600.0

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from gateway.demo import Simulator, start_simulator
+from gateway.demo.simulator import Simulator, start_simulator
 from tests.conftest import GatewayFactory, UpstreamFactory
 from tests.support import UPSTREAM_TOKEN, FakeClock, eventually, http, make_config, registry_value
 

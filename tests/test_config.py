@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from gateway.config import ConfigError, load_config, validate
-from gateway.demo import DEMO_CALLERS, Simulator
+from gateway.demo.mode import DEMO_CALLERS
+from gateway.demo.simulator import Simulator
 from tests.conftest import ProcessFactory
 from tests.support import (
     BILLING_KEY,

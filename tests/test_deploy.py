@@ -27,7 +27,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError
 
 import gateway
-from gateway.server import reload_config
+from gateway.edge.server import reload_config
 from tests.conftest import GatewayFactory, UpstreamFactory
 from tests.opskit import REPO, Exported, documented_metric_problems, exported_from_text, metric_problems
 from tests.redis_server import REDIS_SERVER, RedisServer

@@ -13,10 +13,10 @@ from urllib.parse import urlsplit
 import pytest
 
 import gateway
-from gateway import server as gateway_server
-from gateway.demo import Simulator
-from gateway.server import start_gateway
-from gateway.state import GatewayState
+from gateway.api.state import GatewayState
+from gateway.demo.simulator import Simulator
+from gateway.edge import server as gateway_server
+from gateway.edge.server import start_gateway
 from tests.conftest import GatewayFactory
 from tests.support import (
     EXCHANGE_TIMEOUT_S,

@@ -27,7 +27,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.server import RunningGateway
+from gateway.edge.server import RunningGateway
 from tests.conftest import GatewayFactory, RawUpstreamFactory, UpstreamFactory
 from tests.support import (
     BILLING_KEY,

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.cache import CacheEntry, etag_of, is_older
+from gateway.api.rules import must_wait, not_modified, requested_wait
+from gateway.cache.entry import CacheEntry, etag_of, is_older
+from gateway.cache.refresher import REFRESH_SHARE, Freshness
 from gateway.config import TtlSettings
-from gateway.policy import must_wait, not_modified, requested_wait
-from gateway.refresh import REFRESH_SHARE, Freshness
 from tests.support import FakeClock, batch_body
 
 ETAG = etag_of(batch_body("batch-1"))

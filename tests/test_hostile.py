@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from gateway.demo import Simulator
-from gateway.server import RunningGateway
+from gateway.demo.simulator import Simulator
+from gateway.edge.server import RunningGateway
 from tests.conftest import GatewayFactory
 from tests.support import (
     BILLING_KEY,

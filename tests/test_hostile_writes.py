@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from gateway.server import RunningGateway
+from gateway.edge.server import RunningGateway
 from tests.batch_upstream import (
     ACTIVE,
     BatchUpstream,

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from cohere.batches import Batch
 
-from gateway.server import RunningGateway
+from gateway.edge.server import RunningGateway
 from tests.batch_upstream import (
     BatchUpstream,
     assert_error,

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from gateway import server as gateway_server
-from gateway.demo import Simulator
+from gateway.demo.simulator import Simulator
+from gateway.edge import server as gateway_server
 from tests.conftest import GatewayFactory, UpstreamFactory
 from tests.support import (
     REPORTING_KEY,

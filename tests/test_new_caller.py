@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.demo import Simulator
+from gateway.demo.simulator import Simulator
 from tests.conftest import ProcessFactory
 from tests.support import http, process_config, sha256_hex, write_config
 

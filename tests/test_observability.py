@@ -22,8 +22,8 @@ from cohere.core.api_error import ApiError
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import load_config, validate
-from gateway.demo import Simulator
-from gateway.server import reload_config
+from gateway.demo.simulator import Simulator
+from gateway.edge.server import reload_config
 from tests.conftest import GatewayFactory, ProcessFactory, UpstreamFactory
 from tests.support import (
     BILLING_KEY,

@@ -27,8 +27,8 @@ import pytest
 from aiohttp import web
 
 from gateway.config import load_config
-from gateway.demo import Simulator
-from gateway.server import RunningGateway, reload_config
+from gateway.demo.simulator import Simulator
+from gateway.edge.server import RunningGateway, reload_config
 from tests.conftest import GatewayFactory, ProcessFactory, UpstreamFactory
 from tests.redis_server import RedisServer
 from tests.support import (

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import pytest
 from aiohttp import web
 
-from gateway.demo import Simulator
-from gateway.server import RunningGateway, expect_error
+from gateway.demo.simulator import Simulator
+from gateway.edge.server import RunningGateway, expect_error
 from tests.conftest import GatewayFactory, UpstreamFactory
 from tests.support import (
     EXCHANGE_TIMEOUT_S,

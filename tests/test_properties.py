@@ -28,12 +28,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway import errors
+from gateway.api.state import GatewayState
 from gateway.config import ConfigError, GatewayConfig, validate
-from gateway.demo import Simulator, start_simulator
-from gateway.logs import JsonFormatter, Redactor
-from gateway.protocol import parse_batch_id
-from gateway.server import start_gateway
-from gateway.state import GatewayState
+from gateway.demo.simulator import Simulator, start_simulator
+from gateway.edge.server import start_gateway
+from gateway.ops.logs import JsonFormatter, Redactor
+from gateway.upstream.cohere import parse_batch_id
 from tests.conftest import LOOP_FACTORIES, LOOPS
 from tests.support import (
     BILLING_KEY,

@@ -22,8 +22,8 @@ from aiohttp import web
 from cohere.core.api_error import ApiError
 from cohere.errors import BadRequestError
 
-from gateway.protection import BreakerState
-from gateway.server import RunningGateway
+from gateway.edge.server import RunningGateway
+from gateway.upstream.guards import BreakerState
 from tests.conftest import GatewayFactory, UpstreamFactory
 from tests.support import (
     BILLING_KEY,
@@ -532,7 +532,8 @@ async def test_a_cancelled_probe_frees_the_slot_for_the_next_call(
     clock.advance(10)
     client = gateway.state.upstream
     upstream.release, upstream.arrived = asyncio.Event(), asyncio.Event()
-    from gateway.upstream import UpstreamRequest, accept_batch, batch_path
+    from gateway.upstream.answers import accept_batch
+    from gateway.upstream.client import UpstreamRequest, batch_path
 
     call = UpstreamRequest(batch_path("probe"), "billing-service", "req-1")
     probe = asyncio.create_task(client.fetch(call, True, accept_batch))

@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway.protection import PROBE_RETRY_AFTER_S, Admission, BreakerState, CircuitBreaker, TokenBucket
-from gateway.protocol import parse_retry_after
+from gateway.upstream.cohere import parse_retry_after
+from gateway.upstream.guards import PROBE_RETRY_AFTER_S, Admission, BreakerState, CircuitBreaker, TokenBucket
 from tests.support import FakeClock
 
 # --- TokenBucket -------------------------------------------------------------------

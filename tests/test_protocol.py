@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 import pytest
 
 from gateway import errors
-from gateway.auth import Caller, CallerDirectory
+from gateway.api.auth import Caller, CallerDirectory
 from gateway.config import CallerSettings, RateLimit
-from gateway.protocol import (
+from gateway.upstream.cohere import (
     MAX_UPSTREAM_MESSAGE,
     Lifetime,
     error_for_status,

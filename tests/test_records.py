@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from gateway.errors import StoreUnavailable
-from gateway.records import Claimed, InUse, Replay, Reused, SqliteRecords, body_fingerprint
+from gateway.records.base import Claimed, InUse, Replay, Reused, body_fingerprint
+from gateway.records.sqlite import SqliteRecords
 from tests.support import BUSY_S, FakeClock, LogCapture, store_locked
 
 TTL_S = 3600.0

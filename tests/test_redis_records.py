@@ -20,10 +20,11 @@ import pytest
 
 from gateway.config import RedisSettings
 from gateway.errors import StoreUnavailable
-from gateway.metrics import Metrics
-from gateway.records import Claim, Claimed, InUse, Replay, Reused, SqliteRecords, body_fingerprint
-from gateway.redis_link import RedisLink
-from gateway.redis_records import RedisRecords
+from gateway.ops.metrics import Metrics
+from gateway.records.base import Claim, Claimed, InUse, Replay, Reused, body_fingerprint
+from gateway.records.redis import RedisRecords
+from gateway.records.sqlite import SqliteRecords
+from gateway.replicas.link import RedisLink
 from tests.conftest import OpenLink
 from tests.redis_server import RedisServer
 

@@ -14,7 +14,7 @@ import asyncio
 from aiohttp import web
 
 from gateway.config import GatewayConfig
-from gateway.server import reload_config
+from gateway.edge.server import reload_config
 from tests.conftest import GatewayFactory, UpstreamFactory
 from tests.support import (
     NEW_TOKEN,

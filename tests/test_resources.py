@@ -16,13 +16,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.cache import BatchCache, MemoryStore, UpstreamReply
+from gateway.api.state import GatewayState
+from gateway.cache.batch_cache import BatchCache
+from gateway.cache.store import MemoryStore
 from gateway.config import CacheSettings
-from gateway.demo import Simulator
-from gateway.logs import Redactor
-from gateway.protocol import Lifetime
-from gateway.server import RunningGateway, start_gateway
-from gateway.state import GatewayState
+from gateway.demo.simulator import Simulator
+from gateway.edge.server import RunningGateway, start_gateway
+from gateway.ops.logs import Redactor
+from gateway.upstream.answers import UpstreamReply
+from gateway.upstream.cohere import Lifetime
 from tests.conftest import GatewayFactory
 from tests.support import (
     BILLING_KEY,

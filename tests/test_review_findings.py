@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from gateway.server import RunningGateway
+from gateway.edge.server import RunningGateway
 from tests.batch_upstream import (
     ACTIVE,
     ALL_OPERATIONS,

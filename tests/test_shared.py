@@ -14,22 +14,14 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from gateway import errors
-from gateway.cache import CacheEntry, Role
+from gateway.cache.entry import CacheEntry, Role
 from gateway.config import RedisSettings
-from gateway.demo import Simulator
-from gateway.redis_link import RedisDown
-from gateway.server import RunningGateway
-from gateway.shared import (
-    TOKEN,
-    WAIT,
-    SharedBudget,
-    SharedCache,
-    SharedCallerLimits,
-    decode_entry,
-    decode_error,
-    encode_entry,
-    encode_error,
-)
+from gateway.demo.simulator import Simulator
+from gateway.edge.server import RunningGateway
+from gateway.errors import RedisDown
+from gateway.replicas.shared_budget import SharedBudget, SharedCallerLimits
+from gateway.replicas.shared_cache import SharedCache, decode_entry, decode_error, encode_entry, encode_error
+from gateway.upstream.budget import TOKEN, WAIT
 from tests.conftest import GatewayFactory, OpenLink
 from tests.redis_server import RedisServer
 from tests.support import BILLING_KEY, FakeClock, http, make_config, pipelined, registry_value, request_bytes

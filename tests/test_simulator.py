@@ -17,7 +17,8 @@ import pytest
 from cohere.batches import Batch
 
 from gateway.config import validate
-from gateway.demo import DEMO_CALLERS, MAX_TRACKED_IDS, SimulatedBatch, Simulator, demo_overrides, start_simulator
+from gateway.demo.mode import DEMO_CALLERS, demo_overrides
+from gateway.demo.simulator import MAX_TRACKED_IDS, SimulatedBatch, Simulator, start_simulator
 from tests.support import UPSTREAM_TOKEN, FakeClock, fresh_store_path, http, sdk
 
 FIELDS = {

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from gateway.demo import Simulator
+from gateway.demo.simulator import Simulator
 from tests.conftest import GatewayFactory
 from tests.support import make_config, sdk
 

@@ -27,8 +27,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.demo import Simulator, start_simulator
-from gateway.server import RunningGateway, start_gateway
+from gateway.demo.simulator import Simulator, start_simulator
+from gateway.edge.server import RunningGateway, start_gateway
 from tests.batch_upstream import BatchUpstream, post_json, upstream_fixture, write_callers
 from tests.conftest import GatewayFactory, ProcessFactory, UpstreamFactory
 from tests.support import (

@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from gateway.config import RedisSettings
-from gateway.metrics import Metrics
-from gateway.redis_link import HEARTBEAT_S, RedisLink
+from gateway.ops.metrics import Metrics
+from gateway.replicas.link import HEARTBEAT_S, RedisLink
 from tests.conftest import LOOPS, ProcessFactory, UpstreamFactory
 from tests.redis_server import RedisServer
 from tests.support import (

@@ -1,164 +1,23 @@
-"""Ownership and idempotency records (DESIGN §8 "Store" and "Idempotency-Key").
-
-``Records`` is the interface the handlers use without knowing the backend:
-``SqliteRecords`` here (the embedded default, at ``store.path``), and a Redis
-implementation of the same Protocol for replicas (§10). Two kinds of record:
-
-- **owners**: which caller (by configured ``name``) created which batch id.
-  Written once per create, never changed, read by every ``own``-scoped check.
-- **idempotency keys**: per (caller, key), the body's fingerprint and the
-  state of the create that claimed it::
-
-      (none) ──claim──▶ running ──settle──▶ settled      (replayed until expiry)
-                           │  ──release─▶ (none), or ambiguous if an earlier try was
-                           │  ──mark_ambiguous / lease passes──▶ ambiguous
-      ambiguous ──claim──▶ running again, Claimed(ambiguous_since=first try)
-
-  Every record expires ``idempotency_ttl_s`` after its first attempt.
-
-Failure policy: a read that fails raises ``StoreUnavailable`` (never a guess);
-a write is retried a few times with a short backoff, then raises it too.
-"""
+"""The embedded record store: ``Records`` on a SQLite file at ``store.path`` (docs/design.md §8)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeVar
-
-from cachetools import LRUCache
+from typing import TYPE_CHECKING
 
 from gateway.errors import StoreUnavailable
-from gateway.logs import log_event
+from gateway.ops.logs import log_event
+from gateway.records.base import Claim, Claimed, InUse, KnownOwners, Records, Replay, Reused, T
 
-__all__ = [
-    "Claim",
-    "Claimed",
-    "InUse",
-    "Records",
-    "Replay",
-    "Reused",
-    "SqliteRecords",
-    "StoreUnavailable",
-    "body_fingerprint",
-]
-
-T = TypeVar("T")
 log = logging.getLogger("gateway.records")
-
-
-@dataclass(frozen=True, slots=True)
-class Claimed:
-    """The key is now ours: go ahead and create.
-
-    ``ambiguous_since`` is the wall-clock time (epoch seconds) of the first
-    attempt when an earlier attempt ended ambiguously (a timeout, a connection
-    lost after sending, a holder that died): the batch may exist, so the caller
-    must first look for one created since then.
-    """
-
-    ambiguous_since: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class Replay:
-    """A definite outcome is recorded: answer it again, with no upstream call."""
-
-    status: int
-    body: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class InUse:
-    """The first request with this key is still running (409 with ``Retry-After``)."""
-
-    retry_after_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class Reused:
-    """The key was used with another body fingerprint (422)."""
-
-
-Claim = Claimed | Replay | InUse | Reused
-
-
-class Records(Protocol):
-    """Who created which batch, and the Idempotency-Key records: one interface, any backend."""
-
-    async def start(self) -> None:
-        """Open the store (and create its schema); raise StoreUnavailable if it cannot be opened."""
-
-    async def close(self) -> None:
-        """Release the store; calls after this raise StoreUnavailable."""
-
-    def known_owner(self, batch_id: str) -> str | None:
-        """The owner if this process knows it without waiting (the inline path), else None."""
-
-    async def owner_of(self, batch_id: str) -> str | None:
-        """The name of the caller that created ``batch_id``, or None if none did through the gateway."""
-
-    async def record_owner(self, batch_id: str, caller: str) -> None:
-        """Record ``caller`` as the creator of ``batch_id``; durable before it returns."""
-
-    async def claim_key(self, caller: str, key: str, fingerprint: str) -> Claim:
-        """Atomically take ``key`` for a create, or say why not (replay, in use, reused)."""
-
-    async def settle_key(self, caller: str, key: str, status: int, body: bytes) -> None:
-        """Record a definite outcome: replayable until the record expires."""
-
-    async def mark_ambiguous(self, caller: str, key: str) -> None:
-        """The attempt ended without a definite outcome: the batch may exist."""
-
-    async def release_key(self, caller: str, key: str) -> None:
-        """The attempt certainly created nothing (429, 5xx, failed before sending): free the key."""
-
-
-class KnownOwners:
-    """The owners this process has read or written, for every ``Records`` backend.
-
-    Ownership never changes once recorded, so a positive answer is kept for
-    good (bounded by LRU); a negative one is not: another process (or
-    replica) may record the id a moment later. Only touched on the event
-    loop's thread.
-    """
-
-    def __init__(self, size: int) -> None:
-        self._owners: LRUCache[str, str] = LRUCache(maxsize=size)
-
-    def __len__(self) -> int:
-        return len(self._owners)
-
-    def get(self, batch_id: str) -> str | None:
-        return self._owners.get(batch_id)
-
-    def remember(self, batch_id: str, owner: str) -> None:
-        self._owners[batch_id] = owner
-
-    async def look_up(self, batch_id: str, read: Callable[[], Awaitable[str | None]]) -> str | None:
-        """The owner from memory, else from ``read()`` (the store), kept if found."""
-        owner = self._owners.get(batch_id)
-        if owner is None:
-            owner = await read()
-            if owner is not None:
-                self._owners[batch_id] = owner
-        return owner
-
-
-def body_fingerprint(document: object) -> str:
-    """The sha256 hex of ``document``'s canonical JSON: key order and whitespace do not count, values do."""
-    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 _SCHEMA = """

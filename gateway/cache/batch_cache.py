@@ -32,204 +32,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
-from enum import Enum
+from dataclasses import replace
 from functools import partial
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
-
-from cachetools import TLRUCache
+from typing import TYPE_CHECKING
 
 from gateway import errors
 from gateway.config import CacheSettings
-from gateway.protocol import Lifetime
-from gateway.redis_link import EVICTED, STORED, RedisDown
+from gateway.errors import RedisDown
+from gateway.replicas.link import EVICTED, STORED
+from gateway.upstream.cohere import Lifetime
 
 if TYPE_CHECKING:
-    from gateway.shared import SharedCache
+    from gateway.replicas.shared_cache import SharedCache
+from gateway.cache.entry import CacheEntry, CacheResult, CacheState, Clock, Role, etag_of, is_older
+from gateway.cache.flight import SingleFlight
+from gateway.cache.store import BatchStore
+from gateway.upstream.answers import UpstreamReply
 
-Clock = Callable[[], float]
-T = TypeVar("T")
 # Two readings of one answer's fetch time, through Redis and back, may differ by this much.
 SAME_FETCH_S = 0.05
-
-
-@dataclass(frozen=True, slots=True)
-class CacheEntry:
-    """One upstream answer: a 200 batch body, or a 404 error body.
-
-    ``etag`` is a strong validator derived from the body (DESIGN §9);
-    ``updated_at`` (epoch seconds) and ``terminal`` are read from a batch's
-    body, to refuse answers older than this one.
-    """
-
-    status: int
-    body: bytes
-    fetched_at: float
-    fresh_until: float
-    keep_until: float
-    etag: str = ""
-    updated_at: float | None = None
-    terminal: bool = False
-
-    def age_s(self, now: float) -> int:
-        return max(0, int(now - self.fetched_at))
-
-    def fresh_s(self, now: float) -> int:
-        return max(0, int(self.fresh_until - now))
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamReply:
-    """What the upstream client hands the cache: only cacheable answers."""
-
-    status: int
-    body: bytes
-    lifetime: Lifetime
-    updated_at: float | None = None
-
-
-def etag_of(body: bytes) -> str:
-    """A strong ETag for ``body``: equal bodies, equal tags."""
-    return '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
-
-
-def is_older(new: CacheEntry, held: CacheEntry) -> bool:
-    """Whether ``new`` describes the batch as it was before ``held`` did (DESIGN §9)."""
-    if new.status != 200 or held.status != 200:
-        return False
-    if held.terminal and not new.terminal:
-        return True
-    return new.updated_at is not None and held.updated_at is not None and new.updated_at < held.updated_at
-
-
-class Role(Enum):
-    """How a miss was settled through Redis (the label of ``gateway_shared_flights_total``)."""
-
-    LED = "led"  # this process called the upstream
-    FOLLOWED = "followed"  # another process did, and this one waited for its answer
-    ADOPTED = "adopted"  # Redis already held an answer that would do
-
-
-class CacheState(Enum):
-    HIT = "HIT"
-    MISS = "MISS"
-    STALE = "STALE"
-
-
-@dataclass(frozen=True, slots=True)
-class CacheResult:
-    entry: CacheEntry
-    state: CacheState
-
-
-class BatchStore(Protocol):
-    """Where entries live. A shared store (Redis, ...) would implement this."""
-
-    def get(self, batch_id: str) -> CacheEntry | None: ...
-
-    def put(self, batch_id: str, entry: CacheEntry) -> None: ...
-
-    def evict(self, batch_id: str) -> None: ...
-
-    def __len__(self) -> int: ...
-
-
-class _CountingTLRU(TLRUCache[str, CacheEntry]):
-    """TLRUCache that reports evictions (for room) and expiries."""
-
-    def __init__(self, maxsize: int, clock: Clock, on_remove: Callable[[str, int], None]) -> None:
-        super().__init__(maxsize, ttu=_keep_until, timer=clock)
-        self._on_remove = on_remove
-
-    def popitem(self) -> tuple[str, CacheEntry]:
-        item = super().popitem()
-        self._on_remove("evicted", 1)
-        return item
-
-    def expire(self, time: float | None = None) -> Any:
-        expired = super().expire(time)
-        if expired:
-            self._on_remove("expired", len(expired))
-        return expired
-
-
-def _keep_until(_key: str, entry: CacheEntry, _now: float) -> float:
-    return entry.keep_until
-
-
-class MemoryStore:
-    """The in-process store: bounded by ``max_entries``, LRU past that."""
-
-    def __init__(
-        self, max_entries: int, clock: Clock = time.monotonic, on_remove: Callable[[str, int], None] | None = None
-    ) -> None:
-        self._entries = _CountingTLRU(max_entries, clock, on_remove or (lambda _reason, _count: None))
-
-    def get(self, batch_id: str) -> CacheEntry | None:
-        return self._entries.get(batch_id)
-
-    def put(self, batch_id: str, entry: CacheEntry) -> None:
-        self._entries[batch_id] = entry
-
-    def evict(self, batch_id: str) -> None:
-        self._entries.pop(batch_id, None)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-class SingleFlight(Generic[T]):
-    """At most one call per key in flight; every caller for the key shares it.
-
-    The call runs in its own task, and each caller awaits it through
-    ``asyncio.shield``: a caller that goes away (the one that started it
-    included) never cancels it for the others. Each caller waits at most
-    ``wait_s`` from the moment it asked. The task leaves the table when it
-    ends, success or error, so a failed call leaves nothing behind; every
-    caller that joins a call already out is reported to ``on_join``.
-    """
-
-    def __init__(self, on_join: Callable[[], None] | None = None) -> None:
-        self._calls: dict[str, asyncio.Task[T]] = {}
-        self._on_join = on_join or (lambda: None)
-
-    def __len__(self) -> int:
-        return len(self._calls)
-
-    async def run(self, key: str, start: Callable[[], Awaitable[T]], wait_s: float) -> T:
-        """Return the result of the call for ``key``, starting one if none is out."""
-        task = self._calls.get(key)
-        # A task that has ended but whose done callback has not run yet is not
-        # joined: a failure would otherwise reach a caller that came after it.
-        if task is None or task.done():
-            task = asyncio.ensure_future(start())
-            self._calls[key] = task
-            task.add_done_callback(partial(self._finished, key))
-        else:
-            self._on_join()
-        try:
-            async with asyncio.timeout(wait_s):
-                return await asyncio.shield(task)
-        except TimeoutError:
-            raise errors.UpstreamTimeout("Gave up waiting for the upstream's answer.") from None
-
-    def current(self, key: str) -> asyncio.Task[T] | None:
-        """The call out for ``key``, if any."""
-        return self._calls.get(key)
-
-    def forget(self, key: str) -> None:
-        """The call out for ``key`` (if any) answers those already waiting; later callers start another."""
-        self._calls.pop(key, None)
-
-    def _finished(self, key: str, task: asyncio.Task[T]) -> None:
-        if self._calls.get(key) is task:
-            del self._calls[key]
-        if not task.cancelled():
-            task.exception()  # retrieved here, so asyncio never warns about it
 
 
 # The upstream call; its argument says whether it may wait (briefly) for the

@@ -20,22 +20,17 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import errors, policy
-from gateway.cache import UpstreamReply
-from gateway.handlers import (
-    Admitted,
-    JsonAnswer,
-    accept_json_object,
-    admit,
-    json_answer,
-    receive_body,
-    upstream_request,
-)
-from gateway.keys import REQUEST_ID, TRACE
-from gateway.logs import log_event
-from gateway.protocol import BATCH_ID, lifetime_of_status, parse_timestamp
-from gateway.records import Claimed, InUse, Replay, Reused, body_fingerprint
-from gateway.upstream import BATCHES_PATH
+from gateway import errors
+from gateway.api import inputs
+from gateway.api.admission import Admitted, admit, receive_body, upstream_request
+from gateway.api.answers import json_answer
+from gateway.api.keys import REQUEST_ID, TRACE
+from gateway.ops.logs import log_event
+from gateway.records.base import Claimed, InUse, Replay, Reused, body_fingerprint
+from gateway.upstream import cohere
+from gateway.upstream.answers import JsonAnswer, UpstreamReply, accept_json_object
+from gateway.upstream.client import BATCHES_PATH
+from gateway.upstream.cohere import BATCH_ID, lifetime_of_status, parse_timestamp
 
 log = logging.getLogger("gateway")
 
@@ -53,9 +48,9 @@ CLOCK_SKEW_S = 120.0
 
 async def create_batch(request: web.Request) -> web.Response:
     admitted = await admit(request, "create")
-    key = policy.idempotency_key(request.headers.getall("Idempotency-Key", []))
+    key = inputs.idempotency_key(request.headers.getall("Idempotency-Key", []))
     admitted, body = await receive_body(request, admitted, "create")
-    document = policy.create_document(request.content_type, body)
+    document = inputs.create_document(request.content_type, body)
     if key is None:
         reply = await _create(request, admitted, body)
         return json_answer(reply.status, reply.body)
@@ -172,7 +167,7 @@ async def _find_created(
 ) -> JsonAnswer | None:
     """The batch an earlier, ambiguous try made, if exactly one batch can be it (DESIGN §8).
 
-    A candidate matches every field the create sent (``policy.matches_create``),
+    A candidate matches every field the create sent (``inputs.matches_create``),
     was created within ``_creation_window`` of the first try, and is owned by
     no other caller. One is replayed; none, or more than one (which of them
     is this caller's cannot be told), is no batch: the create is made anew.
@@ -181,7 +176,7 @@ async def _find_created(
     found: list[dict[str, Any]] = []
     for batch in await _listed_since(request, admitted, earliest):
         when = parse_timestamp(batch.get("created_at"))
-        if when is None or not earliest <= when <= latest or not policy.matches_create(batch, document):
+        if when is None or not earliest <= when <= latest or not inputs.matches_create(batch, document):
             continue
         owner = await admitted.state.records.owner_of(batch["id"])
         if owner in (None, admitted.caller.name):
@@ -219,7 +214,7 @@ async def _listed_since(request: web.Request, admitted: Admitted, earliest: floa
             query.append(("page_token", page_token))
         call = upstream_request(request, admitted.caller, BATCHES_PATH, query=tuple(query))
         page = await admitted.state.upstream.fetch(call, True, accept_json_object)
-        batches = [b for b in policy.batches_of(page.document) if isinstance(b, dict) and isinstance(b.get("id"), str)]
+        batches = [b for b in cohere.batches_of(page.document) if isinstance(b, dict) and isinstance(b.get("id"), str)]
         listed += batches
         created = [parse_timestamp(b.get("created_at")) for b in batches]
         token = page.document.get("next_page_token")

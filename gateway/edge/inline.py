@@ -27,12 +27,13 @@ from aiohttp import HttpVersion11
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http_parser import RawRequestMessage
 
-from gateway import errors, policy
-from gateway.app import BATCH_ROUTE, SERVER, record_request, request_id_for
-from gateway.cache import CacheState
-from gateway.handlers import cache_headers
-from gateway.protocol import BATCH_ID
-from gateway.state import GatewayState
+from gateway import errors
+from gateway.api import rules
+from gateway.api.answers import cache_headers
+from gateway.api.app import BATCH_ROUTE, SERVER, record_request, request_id_for
+from gateway.api.state import GatewayState
+from gateway.cache.entry import CacheState
+from gateway.upstream.cohere import BATCH_ID
 
 BATCH_PATH_PREFIX = BATCH_ROUTE.removesuffix("{id}")
 OK = "HTTP/1.1 200 OK\r\n"
@@ -62,7 +63,7 @@ def answer_fresh_hit(state: GatewayState, message: RawRequestMessage) -> bytes |
         return None
     try:
         caller = state.snapshot.callers.authenticate(message.headers.getall("Authorization", []))
-        policy.authorize(caller, "retrieve")
+        rules.authorize(caller, "retrieve")
     except errors.GatewayError:
         return None
     if caller.rate_limit is not None and state.shared_caller_limits is not None:
@@ -70,16 +71,16 @@ def answer_fresh_hit(state: GatewayState, message: RawRequestMessage) -> bytes |
         # synchronous path must never wait on: the app, which awaits Redis, answers it.
         # The hit then costs the app's work; callers without a rate_limit keep the inline path.
         return None
-    if not policy.sees_every_batch(caller) and not policy.may_see(caller, state.records.known_owner(batch_id)):
+    if not rules.sees_every_batch(caller) and not rules.may_see(caller, state.records.known_owner(batch_id)):
         return None
-    if "Prefer" in message.headers and policy.requested_wait(message.headers.getall("Prefer")) is not None:
+    if "Prefer" in message.headers and rules.requested_wait(message.headers.getall("Prefer")) is not None:
         return None  # a wait is held by the app
     entry = state.cache.fresh(batch_id)
     if entry is None or entry.status != 200:
         return None
     request_id = request_id_for(message.headers)
     headers = cache_headers(entry, CacheState.HIT, state.clock())
-    unchanged = "If-None-Match" in message.headers and policy.not_modified(
+    unchanged = "If-None-Match" in message.headers and rules.not_modified(
         message.headers.getall("If-None-Match"), entry.etag
     )
     head = (

@@ -40,8 +40,9 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.config import RedisSettings
-from gateway.logs import log_event
-from gateway.metrics import Metrics, RedisMetrics
+from gateway.errors import RedisDown
+from gateway.ops.logs import log_event
+from gateway.ops.metrics import Metrics, RedisMetrics
 
 T = TypeVar("T")
 log = logging.getLogger("gateway.redis")
@@ -72,10 +73,6 @@ EventHandler = Callable[[str, str, bytes], None]
 STORED, EVICTED, FAILED, RELEASED, PAUSED = "stored", "evicted", "failed", "released", "paused"
 # How long close() waits for a cancelled task before cancelling it again (see _until_cancelled).
 _CANCEL_AGAIN_S = 0.05
-
-
-class RedisDown(Exception):
-    """Redis is lost (or just failed): the caller falls back to its local policy."""
 
 
 def new_process_id() -> str:

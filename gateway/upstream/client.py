@@ -27,13 +27,13 @@ from typing import TypeVar
 import aiohttp
 
 from gateway import __version__, errors
-from gateway.cache import UpstreamReply
 from gateway.config import UpstreamSettings
-from gateway.metrics import Metrics
-from gateway.protection import Admission, CircuitBreaker, Clock, TokenBucket
-from gateway.protocol import Lifetime, batch_facts, error_for_status, now_utc, parse_retry_after
-from gateway.redis_link import RedisDown
-from gateway.shared import PAUSED_BY_ANOTHER, SharedBudget
+from gateway.errors import RedisDown
+from gateway.ops.metrics import Metrics
+from gateway.replicas.shared_budget import SharedBudget
+from gateway.upstream.budget import PAUSED_BY_ANOTHER
+from gateway.upstream.cohere import error_for_status, now_utc, parse_retry_after
+from gateway.upstream.guards import Admission, CircuitBreaker, Clock, TokenBucket
 
 USER_AGENT = f"cohere-gateway/{__version__}"
 # Caller headers that describe the calling SDK and are safe to pass on.
@@ -493,13 +493,3 @@ class UpstreamClient:
                 )
             chunks.append(chunk)
         return b"".join(chunks)
-
-
-def accept_batch(status: int, body: bytes) -> UpstreamReply | None:
-    """Retrieve: a 200 batch, or a 404 (both cached)."""
-    if status == 200:
-        lifetime, updated_at = batch_facts(body)
-        return UpstreamReply(200, body, lifetime, updated_at)
-    if status == 404:
-        return UpstreamReply(404, body, Lifetime.NOT_FOUND)
-    return None

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from gateway.state import GatewayState
-    from gateway.upstream import RequestTrace
+    from gateway.api.state import GatewayState
+    from gateway.upstream.client import RequestTrace
 
 STATE: web.AppKey[GatewayState] = web.AppKey("state")
 

@@ -14,18 +14,23 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.auth import CallerDirectory
-from gateway.cache import BatchCache, MemoryStore
+from gateway.api.auth import CallerDirectory
+from gateway.cache.batch_cache import BatchCache
+from gateway.cache.refresher import Freshness, Refresher
+from gateway.cache.store import MemoryStore
+from gateway.cache.waiting import Waiters
 from gateway.config import GatewayConfig, RateLimit
-from gateway.logs import AccessLog, Redactor, set_level
-from gateway.metrics import Metrics
-from gateway.protection import Clock, TokenBucket
-from gateway.records import Records, SqliteRecords
-from gateway.redis_link import PAUSED, RedisDown, RedisLink
-from gateway.redis_records import RedisRecords
-from gateway.refresh import Freshness, Refresher, Waiters
-from gateway.shared import LOCK_MARGIN_S, SharedBudget, SharedCache, SharedCallerLimits
-from gateway.upstream import UpstreamClient
+from gateway.errors import RedisDown
+from gateway.ops.logs import AccessLog, Redactor, set_level
+from gateway.ops.metrics import Metrics
+from gateway.records.base import Records
+from gateway.records.redis import RedisRecords
+from gateway.records.sqlite import SqliteRecords
+from gateway.replicas.link import PAUSED, RedisLink
+from gateway.replicas.shared_budget import SharedBudget, SharedCallerLimits
+from gateway.replicas.shared_cache import LOCK_MARGIN_S, SharedCache
+from gateway.upstream.client import UpstreamClient
+from gateway.upstream.guards import Clock, TokenBucket
 
 # How long past upstream.timeout_s a create may hold its Idempotency-Key: its
 # search for an earlier try's batch and the create each take up to one timeout.

@@ -38,14 +38,14 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from gateway import errors
-from gateway.app import build_app, build_metrics_app, error_response, record_request, request_id_for
+from gateway.api.app import build_app, build_metrics_app, error_response, record_request, request_id_for
+from gateway.api.keys import STATE
+from gateway.api.state import GatewayState
 from gateway.config import ConfigError, GatewayConfig
-from gateway.fastpath import answer_fresh_hit
-from gateway.keys import STATE
-from gateway.logs import log_event
-from gateway.protocol import new_request_id
-from gateway.state import GatewayState
-from gateway.workers import pid_file
+from gateway.edge.inline import answer_fresh_hit
+from gateway.ops.logs import log_event
+from gateway.ops.workers import pid_file
+from gateway.upstream.cohere import new_request_id
 
 log = logging.getLogger("gateway")
 # The route label of requests aiohttp could not parse (they never reach the router).

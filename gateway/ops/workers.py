@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.config import ConfigError, GatewayConfig
-from gateway.logs import log_event, set_level
+from gateway.ops.logs import log_event, set_level
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from enum import Enum
+from typing import Any
 
 from gateway import errors
 
@@ -147,3 +149,13 @@ def now_utc() -> datetime:
 def new_request_id() -> str:
     """A fresh request id: unique enough for tracing, with no syscall (uuid4 reads os.urandom)."""
     return f"{random.getrandbits(128):032x}"
+
+
+def batches_of(page: dict[str, Any]) -> list[Any]:
+    """The ``batches`` of a list page (absent: none)."""
+    batches = page.get("batches")
+    return batches if isinstance(batches, list) else []
+
+
+def ids_of(batches: Iterable[Any]) -> list[str]:
+    return [b["id"] for b in batches if isinstance(b, dict) and isinstance(b.get("id"), str)]

@@ -17,11 +17,12 @@ from aiohttp import HttpVersion10, web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDictProxy
 
-from gateway import create, errors, handlers
-from gateway.keys import CACHE_STATE, CALLER, REQUEST_ID, STATE, TRACE
-from gateway.protocol import new_request_id
-from gateway.state import GatewayState
-from gateway.upstream import RequestTrace
+from gateway import errors
+from gateway.api import batches, create, retrieve, service
+from gateway.api.keys import CACHE_STATE, CALLER, REQUEST_ID, STATE, TRACE
+from gateway.api.state import GatewayState
+from gateway.upstream.client import RequestTrace
+from gateway.upstream.cohere import new_request_id
 
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 BATCH_ROUTE = "/v2/batches/{id}"
@@ -217,14 +218,14 @@ def build_app(state: GatewayState) -> web.Application:
     app = web.Application(middlewares=[gateway_middleware], client_max_size=state.snapshot.config.server.max_body_bytes)
     app[STATE] = state
     app.on_response_prepare.append(_server_header)
-    app.router.add_get(BATCH_ROUTE, handlers.get_batch)
-    app.router.add_get(BATCHES_ROUTE, handlers.list_batches)
+    app.router.add_get(BATCH_ROUTE, retrieve.get_batch)
+    app.router.add_get(BATCHES_ROUTE, batches.list_batches)
     app.router.add_post(BATCHES_ROUTE, create.create_batch)
-    app.router.add_post(CANCEL_ROUTE, handlers.cancel_batch)
-    app.router.add_get("/healthz", handlers.healthz)
-    app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_post(CANCEL_ROUTE, batches.cancel_batch)
+    app.router.add_get("/healthz", service.healthz)
+    app.router.add_get("/readyz", service.readyz)
     if not state.snapshot.config.server.metrics_port:
-        app.router.add_get(METRICS_ROUTE, handlers.metrics)
+        app.router.add_get(METRICS_ROUTE, service.metrics)
     app.cleanup_ctx.append(_redis_link)
     app.cleanup_ctx.append(_record_store)
     app.cleanup_ctx.append(_upstream_session)
@@ -238,5 +239,5 @@ def build_metrics_app(state: GatewayState) -> web.Application:
     app = web.Application(middlewares=[gateway_middleware], client_max_size=state.snapshot.config.server.max_body_bytes)
     app[STATE] = state
     app.on_response_prepare.append(_server_header)
-    app.router.add_get(METRICS_ROUTE, handlers.metrics)
+    app.router.add_get(METRICS_ROUTE, service.metrics)
     return app

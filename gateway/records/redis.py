@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio as aioredis
 
-from gateway.errors import StoreUnavailable
-from gateway.records import Claim, Claimed, InUse, KnownOwners, Records, Replay, Reused
-from gateway.redis_link import RedisDown, RedisLink
+from gateway.errors import RedisDown, StoreUnavailable
+from gateway.records.base import Claim, Claimed, InUse, KnownOwners, Records, Replay, Reused
+from gateway.replicas.link import RedisLink
 
 __all__ = ["RedisRecords"]
 

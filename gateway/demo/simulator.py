@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import copy
 import hashlib
 import hmac
 import json
@@ -51,8 +50,7 @@ from aiohttp import web
 from cachetools import LRUCache
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.config import DEMO_BILLING_KEY, DEMO_REPORTING_KEY
-from gateway.protection import Clock
+from gateway.upstream.guards import Clock
 
 # Bounds for what the simulator remembers, so long benchmark runs stay flat.
 MAX_TRACKED_IDS = 200_000
@@ -403,62 +401,6 @@ def _read_token(token: str, order_by: str) -> tuple[str, str] | None:
 
 def _error(status: int, message: str) -> web.Response:
     return web.Response(status=status, body=json.dumps({"message": message}), content_type="application/json")
-
-
-# Their keys are refused outside --demo (gateway/config.py): they are published.
-DEMO_CALLERS: tuple[dict[str, Any], ...] = (
-    # Runs batches: all four operations, and sees only the batches it created.
-    {
-        "name": "demo-billing",
-        "key": DEMO_BILLING_KEY,
-        "allow": ["retrieve", "list", "create", "cancel"],
-        "batches": "own",
-    },
-    # Reads: the defaults (retrieve and list, every batch).
-    {"name": "demo-reporting", "key": DEMO_REPORTING_KEY},
-)
-
-
-# Where the demo listens unless --host says otherwise: its keys are published, so not on every interface.
-DEMO_HOST = "127.0.0.1"
-
-
-def demo_overrides(simulator_url: str, token: str, store_path: str) -> dict[str, Any]:
-    """Point a config at the simulator, with its token and the demo callers, and keep it off shared state.
-
-    The demo's batches and simulated failures are not the organisation's: the
-    demo never writes to a configured Redis or store (DESIGN §7). It runs one
-    process, since the simulator lives in it, whatever ``server.workers`` says.
-    """
-    return {
-        "upstream": {"base_url": simulator_url, "token": token, "token_file": None},
-        "callers": copy.deepcopy(list(DEMO_CALLERS)),
-        "store": {"path": store_path},
-        "redis": {"url": None},
-        "server": {"workers": 1, "host": DEMO_HOST},
-    }
-
-
-def _section(data: dict[str, Any], name: str) -> dict[str, Any]:
-    section = data.get(name)
-    return section if isinstance(section, dict) else {}
-
-
-def set_aside_by_demo(data: Any) -> list[str]:
-    """The keys of an interpolated config document that ``demo_overrides`` ignores although they are set."""
-    if not isinstance(data, dict):
-        return []
-    server, redis, store = (_section(data, name) for name in ("server", "redis", "store"))
-    ignored = []
-    if str(redis.get("url") or "").strip():
-        ignored.append("redis.url")
-    if str(server.get("workers", 1)).strip() != "1":
-        ignored.append("server.workers")
-    if str(server.get("host", DEMO_HOST)).strip() != DEMO_HOST:
-        ignored.append("server.host")
-    if "path" in store:
-        ignored.append("store.path")
-    return ignored
 
 
 async def start_simulator(simulator: Simulator, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, str]:

@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
 from typing import Any
 
 from multidict import MultiMapping
 
 from gateway import errors
-from gateway.auth import Caller
-from gateway.cache import CacheEntry
-from gateway.config import Operation
-from gateway.protocol import UNPARSEABLE
+from gateway.upstream.cohere import UNPARSEABLE
 
 # 1 to 255 visible ASCII characters (DESIGN §8).
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
@@ -39,70 +35,6 @@ CREATE_FIELDS = ("name", "input_dataset_id", "model")
 IDENTIFYING_FIELDS = ("name", "input_dataset_id")
 # Bad fields named in one answer at most; a body can hold thousands.
 MAX_NAMED_FIELDS = 10
-
-
-def authorize(caller: Caller, operation: Operation) -> None:
-    """Raise 403 ``operation_not_allowed`` unless ``callers[].allow`` lists ``operation``."""
-    if operation not in caller.allow:
-        raise errors.OperationNotAllowed(
-            f"This caller may not {operation} batches. Ops can allow it in the gateway's config (callers[].allow)."
-        )
-
-
-def sees_every_batch(caller: Caller) -> bool:
-    """``batches: all``: no ownership check is needed for this caller."""
-    return caller.batches == "all"
-
-
-def may_see(caller: Caller, owner: str | None) -> bool:
-    """Whether ``caller`` may see a batch created by ``owner`` (None: not created through the gateway)."""
-    return caller.batches == "all" or owner == caller.name
-
-
-def check_visible(caller: Caller, owner: str | None) -> None:
-    """Raise 404 ``not_found`` for a batch this caller may not see: the answer a missing batch gets."""
-    if not may_see(caller, owner):
-        raise errors.NotVisible()
-
-
-def not_modified(if_none_match: list[str], etag: str) -> bool:
-    """Whether ``If-None-Match`` names ``etag`` (or ``*``): the caller already holds this answer.
-
-    If-None-Match compares weakly (RFC 9110 §13.1.2): ``W/"x"`` matches ``"x"``.
-    """
-    for value in if_none_match:
-        for tag in value.split(","):
-            tag = tag.strip()
-            if tag == "*" or tag.removeprefix("W/") == etag:
-                return True
-    return False
-
-
-def must_wait(entry: CacheEntry, if_none_match: list[str], held_on_arrival: CacheEntry | None) -> bool:
-    """Whether a ``Prefer: wait`` request is held: the caller already has ``entry``, and it may still change.
-
-    With ``If-None-Match``, the caller holds what it names; without, what
-    the cache held when the request arrived. A terminal batch or a 404 will
-    not change: it is answered at once.
-    """
-    if entry.status != 200 or entry.terminal:
-        return False
-    if if_none_match:
-        return not_modified(if_none_match, entry.etag)
-    return held_on_arrival is not None and held_on_arrival.etag == entry.etag
-
-
-def requested_wait(prefer: list[str]) -> int | None:
-    """The N of ``Prefer: wait=N`` (RFC 7240), in whole seconds; None if no usable wait was asked for."""
-    for value in prefer:
-        for preference in value.split(","):
-            name, _, rest = preference.partition("=")
-            if name.strip().lower() != "wait":
-                continue
-            seconds = rest.partition(";")[0].strip().strip('"')
-            if seconds.isascii() and seconds.isdigit() and len(seconds) <= 9:
-                return int(seconds)
-    return None
 
 
 def list_query(query: MultiMapping[str]) -> tuple[tuple[str, str], ...]:
@@ -238,13 +170,3 @@ def matches_create(batch: object, document: dict[str, Any]) -> bool:
         and all(name in batch for name in IDENTIFYING_FIELDS)
         and all(batch[name] == value for name, value in document.items() if name in batch)
     )
-
-
-def batches_of(page: dict[str, Any]) -> list[Any]:
-    """The ``batches`` of a list page (absent: none)."""
-    batches = page.get("batches")
-    return batches if isinstance(batches, list) else []
-
-
-def ids_of(batches: Iterable[Any]) -> list[str]:
-    return [b["id"] for b in batches if isinstance(b, dict) and isinstance(b.get("id"), str)]

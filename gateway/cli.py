@@ -1,0 +1,229 @@
+"""CLI: parse arguments, load the config, run the gateway on uvloop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import uvloop
+from pydantic import ValidationError
+
+from gateway import __version__
+from gateway.api.state import GatewayState
+from gateway.config import (
+    DEFAULT_ALLOW,
+    OPERATIONS,
+    CallerSettings,
+    ConfigError,
+    GatewayConfig,
+    interpolate,
+    load_config,
+    read_yaml,
+)
+from gateway.demo.mode import DEMO_CALLERS, demo_overrides, set_aside_by_demo
+from gateway.demo.simulator import Simulator, start_simulator
+from gateway.edge.server import serve_until_signalled, start_gateway
+from gateway.errors import StoreUnavailable
+from gateway.ops.logs import Redactor, configure_logging, log_event
+from gateway.ops.workers import follow_the_parent, report_serving, supervise
+
+log = logging.getLogger("gateway")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="cohere-gateway", description="A caching, authenticating gateway for Cohere's batch API."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ.get("GATEWAY_CONFIG", "config.yaml")),
+        help="path of config.yaml (default: $GATEWAY_CONFIG or ./config.yaml)",
+    )
+    parser.add_argument("--host", help="listen address (overrides server.host)")
+    parser.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    parser.add_argument(
+        "--check-config", action="store_true", help="validate the config, print what is wrong, and exit"
+    )
+    parser.add_argument(
+        "--demo", action="store_true", help="run against an in-process simulated upstream (no Cohere account needed)"
+    )
+    # Set by the parent of server.workers for each worker it starts (gateway/workers.py): the worker's
+    # number, and the pipe on which it says that it serves. Not for operators.
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    # Without a command the gateway runs, as it always did.
+    commands = parser.add_subparsers(
+        dest="command", title="commands", metavar="[COMMAND]", description="without one, the gateway runs"
+    )
+    new_caller = commands.add_parser(
+        "new-caller",
+        help="print a fresh caller key and the config lines for it",
+        description="Print a fresh random caller key, its sha256, and the lines to paste under callers:.",
+    )
+    new_caller.add_argument("name", metavar="NAME", type=caller_name, help="the caller's name (sent as X-Client-Name)")
+    return parser.parse_args(argv)
+
+
+# A caller key: 32 random bytes, URL-safe base64 (43 characters, well past MIN_CALLER_KEY_LENGTH).
+NEW_CALLER_KEY_BYTES = 32
+
+
+def caller_name(value: str) -> str:
+    """``value`` if config.yaml would accept it as ``callers[].name``; argparse's error (exit 2) if not."""
+    try:
+        # The config's own check, message included; the placeholder digest only completes the entry.
+        CallerSettings(name=value, key_sha256="0" * 64)
+    except ValidationError as exc:
+        reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors() if e["loc"] == ("name",))
+        raise argparse.ArgumentTypeError(f"{value!r} is not a valid caller name: {reasons}") from None
+    return value
+
+
+def new_caller_text(name: str, key: str) -> str:
+    """What ``new-caller`` prints: the key, once, and the config lines that hold only its sha256."""
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    others = ", ".join(OPERATIONS)
+    return "\n".join(
+        [
+            f"Caller key for {name} (give it to the service as its Bearer token; it is shown only this once):",
+            "",
+            f"    {key}",
+            "",
+            "Paste under callers: in config.yaml (only the key's sha256 is kept there):",
+            "",
+            f"  - name: {name}",
+            f"    key_sha256: {digest}",
+            f"    # allow: [retrieve, list]   # the default; any of: {others}",
+            "    # batches: all              # the default; own: only the batches this caller creates",
+            "",
+        ]
+    )
+
+
+def new_caller(name: str) -> int:
+    key = secrets.token_urlsafe(NEW_CALLER_KEY_BYTES)
+    print(new_caller_text(name, key), end="", flush=True)
+    return 0
+
+
+def report(problems: list[str]) -> None:
+    print("cohere-gateway: the config is not valid:", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
+def print_demo_banner(listening: str) -> None:
+    """The demo's keys and first steps; ``listening`` is the URL of where it really listens."""
+    # A wildcard address is served on every interface; this machine reaches it on loopback.
+    url = listening.replace("//0.0.0.0:", "//127.0.0.1:").replace("//[::]:", "//[::1]:")
+    where = listening if url == listening else f"{listening} (every interface: the demo keys work from other machines)"
+    print(f"cohere-gateway demo: serving {where} against a simulated upstream.", flush=True)
+    print("Demo caller keys (valid only in demo mode):", flush=True)
+    for caller in DEMO_CALLERS:
+        allow = ", ".join(op for op in OPERATIONS if op in caller.get("allow", DEFAULT_ALLOW))
+        print(f"  {caller['name']}: {caller['key']}  (may {allow}; sees {caller.get('batches', 'all')} batches)")
+    reader = next(c for c in DEMO_CALLERS if c.get("batches", "all") == "all")
+    writer = next(c for c in DEMO_CALLERS if "create" in c.get("allow", ()))
+    print(f"Try: curl -H 'Authorization: Bearer {reader['key']}' {url}/v2/batches/my-first-batch")
+    print("Or, with the cohere SDK (pip install cohere):")
+    print(f"  co = cohere.ClientV2(api_key={writer['key']!r}, base_url={url!r})")
+    print('  batch = co.batches.create(request=cohere.Batch(name="n", input_dataset_id="ds", model="m")).batch')
+    print("  co.batches.retrieve(batch.id); co.batches.list(); co.batches.cancel(batch.id)", flush=True)
+
+
+def log_demo_set_aside(path: Path) -> None:
+    """Say which of the config file's settings ``--demo`` ignores, so that nobody expects it to use them."""
+    try:
+        raw = read_yaml(path) if path.exists() else {}
+    except ConfigError:
+        return  # the config was loaded just before: cannot happen but for a race with an edit
+    data, _ = interpolate(raw, os.environ)
+    ignored = set_aside_by_demo(data)
+    if ignored:
+        log_event(
+            log,
+            logging.INFO,
+            "demo mode ignores these config keys (no Redis, a temporary store, one process, 127.0.0.1 unless --host)",
+            keys=ignored,
+        )
+
+
+async def run(args: argparse.Namespace, redact: Redactor) -> int:
+    with contextlib.ExitStack() as stack:
+        return await _serve(args, redact, stack)
+
+
+async def _serve(args: argparse.Namespace, redact: Redactor, stack: contextlib.ExitStack) -> int:
+    overrides: dict[str, Any] | None = None
+    simulator_runner = None
+    if args.demo:
+        simulator = Simulator()
+        simulator_runner, simulator_url = await start_simulator(simulator)
+        # The demo's batches are not the organisation's: a store of its own, removed at exit.
+        demo_store = stack.enter_context(tempfile.TemporaryDirectory(prefix="cohere-gateway-demo-"))
+        overrides = demo_overrides(simulator_url, simulator.token, str(Path(demo_store) / "records.db"))
+    load: Callable[[], GatewayConfig] = partial(load_config, args.config, None, overrides, demo=args.demo)
+    try:
+        config = load()
+    except ConfigError as exc:
+        report(exc.problems)
+        return 2
+    configure_logging(config.logging.level, redact)
+    if args.demo:
+        log_demo_set_aside(args.config)
+    if args.worker is not None:
+        follow_the_parent()
+    elif config.server.workers > 1:
+        return await supervise(config, load, args.config, args.host, args.port)
+    try:
+        state = GatewayState.create(config, redact)
+        running = await start_gateway(config, args.host, args.port, state, reuse_port=args.worker is not None)
+    except StoreUnavailable as exc:
+        # The record store cannot be opened: as bad as a bad config (DESIGN §3).
+        report([exc.message])
+        return 2
+    except OSError as exc:
+        print(f"cohere-gateway: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    if args.demo:
+        # Once the signal handlers are in place (as report_serving below): Ctrl-C after the banner stops it cleanly.
+        asyncio.get_running_loop().call_soon(print_demo_banner, running.url)
+    if args.ready_fd is not None:
+        # Runs once serve_until_signalled has put its signal handlers in place.
+        asyncio.get_running_loop().call_soon(report_serving, args.ready_fd)
+    # server.pid_file holds the pid to signal: a worker's parent writes its own.
+    await serve_until_signalled(running, load, pid_file_path="" if args.worker is not None else config.server.pid_file)
+    if simulator_runner is not None:
+        await simulator_runner.cleanup()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    redact = Redactor()
+    configure_logging("INFO", redact)
+    if args.command == "new-caller":
+        return new_caller(args.name)
+    if args.check_config:
+        try:
+            load_config(args.config)
+        except ConfigError as exc:
+            report(exc.problems)
+            return 2
+        print(f"{args.config}: OK")
+        return 0
+    result: int = uvloop.run(run(args, redact))
+    return result

@@ -1,0 +1,1 @@
+"""``--demo``: a simulated Cohere batch API, and the config a demo runs with."""

@@ -1,0 +1,1 @@
+"""Running it: JSON logs with redaction, Prometheus metrics, and the workers' parent."""

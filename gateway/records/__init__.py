@@ -1,0 +1,1 @@
+"""Who created which batch, and Idempotency-Key records: the interface, SQLite, Redis."""
