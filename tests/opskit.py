@@ -6,10 +6,12 @@ can run it on the repository and on a broken copy of a file in tmp_path.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import types
 import typing
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
-from gateway.config import GatewayConfig
+from gateway.config import ConfigError, GatewayConfig, validate
 from gateway.errors import GatewayError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,27 +77,188 @@ def anchors(path: Path) -> set[str]:
     return found
 
 
-def link_problems(root: Path) -> list[str]:
-    """Every relative link names a file that exists, and its #anchor a heading in it.
+# Host names that no reader outside the organisation can reach: loopback,
+# cluster and intranet suffixes, and the names reserved for examples.
+_PRIVATE_HOST = re.compile(
+    r"(?:^|\.)(?:localhost|internal|local|lan|svc|cluster\.local|home\.arpa|example|test|invalid)$"
+)
 
-    Web links are not followed (CI has no network), and a link that leaves the
-    repository (the team's shared DESIGN.md) is not the repository's to check.
+
+def web_link_problem(target: str) -> str | None:
+    """Why a link with a scheme is not allowed in the docs, or None: only https:// to a public host is."""
+    url = urllib.parse.urlsplit(target)
+    if url.scheme != "https":
+        return "only https:// links may leave the repository"
+    host = (url.hostname or "").rstrip(".")
+    try:
+        private = not ipaddress.ip_address(host).is_global
+    except ValueError:
+        private = "." not in host or bool(_PRIVATE_HOST.search(host))
+    return f"{host or 'no host'} is not a public host" if private else None
+
+
+def link_problems(root: Path) -> list[str]:
+    """Every link resolves for a reader of the repository alone.
+
+    A relative link names a file inside the repository that exists, and its
+    #anchor a heading in it; a relative link that climbs out of the
+    repository (the team's shared folder, say) or an absolute path is
+    reported, since a clone does not have it. A link with a scheme must be
+    https:// to a public host (keepachangelog.com, semver.org, an RFC); it is
+    not followed (CI has no network). Addresses of the gateway or of internal
+    services belong in code spans and examples, not in links.
     """
     problems: list[str] = []
+    inside = root.resolve()
     for path in markdown_files(root):
         for number, line in prose_lines(path.read_text(encoding="utf-8")):
             for target in _LINK.findall(_CODE_SPAN.sub("", line)):
+                where = f"{path.relative_to(root)}:{number}: {target}"
                 if re.match(r"^[a-z][a-z0-9+.-]*:", target):
+                    if problem := web_link_problem(target):
+                        problems.append(f"{where}: {problem}")
                     continue
                 file_part, _, anchor = target.partition("#")
                 linked = (path.parent / file_part).resolve() if file_part else path
-                where = f"{path.relative_to(root)}:{number}: {target}"
-                if not linked.is_relative_to(root.resolve()):
-                    continue
-                if not linked.exists():
+                if file_part.startswith("/") or not linked.is_relative_to(inside):
+                    problems.append(f"{where}: leaves the repository")
+                elif not linked.exists():
                     problems.append(f"{where}: no such file")
                 elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
                     problems.append(f"{where}: no heading #{anchor} in {linked.name}")
+    return problems
+
+
+_NAV = re.compile(r"^\[README\]\(\.\./README\.md\)")
+
+
+def nav_problems(root: Path) -> list[str]:
+    """Every page under docs/ has the same nav line, and it links every page."""
+    pages = sorted((root / "docs").glob("*.md"))
+    navs = {}
+    for page in pages:
+        lines = [line for _, line in prose_lines(page.read_text(encoding="utf-8")) if _NAV.match(line)]
+        navs[page.name] = lines[0] if lines else ""
+    first = navs[pages[0].name]
+    problems = []
+    for page in pages:
+        nav = navs[page.name]
+        if not nav:
+            problems.append(f"docs/{page.name}: no nav line")
+            continue
+        if nav != first:
+            problems.append(f"docs/{page.name}: its nav line differs from docs/{pages[0].name}'s")
+        linked = set(_LINK.findall(nav))
+        problems += [f"docs/{page.name}: its nav line does not link {p.name}" for p in pages if p.name not in linked]
+    return problems
+
+
+# ---------------------------------------------------------------------------
+# The design: its sections, the "§N" that cite them, its config block
+# ---------------------------------------------------------------------------
+
+_SECTION_HEADING = re.compile(r"^## (\d+)\. ")
+# A section sign and a number; one after "RFC 9110" (or "RFC 9110,") cites that RFC, not the design.
+_CITATION = re.compile(r"(RFC\s*\d+,?\s*)?§\s*(\d+)")
+# Where the project cites the design: its docs, code, tests, deployment files and benchmark.
+CITING_FOLDERS = ("docs", "deploy", "gateway", "tests", "bench")
+CITING_FILES = ("README.md", "CHANGELOG.md", "Makefile", "Dockerfile", "pyproject.toml", "config.yaml")
+_TEXT_SUFFIXES = frozenset({".md", ".py", ".yaml", ".yml", ".toml", ".json", ".txt", ".template"})
+
+
+def design_sections(root: Path) -> dict[int, str]:
+    """docs/design.md's numbered sections (``## 8. The whole batch API, per caller``): number to title."""
+    text = (root / "docs" / "design.md").read_text(encoding="utf-8")
+    return {int(m.group(1)): line[3:] for _, line in prose_lines(text) if (m := _SECTION_HEADING.match(line))}
+
+
+def citing_files(root: Path) -> Iterator[Path]:
+    for name in CITING_FILES:
+        if (root / name).is_file():
+            yield root / name
+    for folder in CITING_FOLDERS:
+        for path in sorted((root / folder).rglob("*")):
+            if path.is_file() and path.suffix in _TEXT_SUFFIXES and "__pycache__" not in path.parts:
+                yield path
+
+
+def section_citations(root: Path) -> Iterator[tuple[Path, int, str, int]]:
+    """Each citation of a design section: (file, line number, the citation as written, section number)."""
+    for path in citing_files(root):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for number, line in enumerate(text.splitlines(), 1):
+            for match in _CITATION.finditer(line):
+                if not match.group(1):
+                    yield path, number, match.group(0).strip(), int(match.group(2))
+
+
+def section_citation_problems(root: Path) -> list[str]:
+    """Every section sign and number in the project names a section of docs/design.md, numbered 1, 2, 3 ..."""
+    sections = design_sections(root)
+    problems = []
+    if sorted(sections) != list(range(1, len(sections) + 1)):
+        problems.append(f"docs/design.md: its sections are numbered {sorted(sections)}, not 1 to {len(sections)}")
+    for path, number, cited, section in section_citations(root):
+        if section not in sections:
+            problems.append(f"{path.relative_to(root)}:{number}: {cited} is not a section of docs/design.md")
+    return problems
+
+
+def _section_text(root: Path, number: int) -> str:
+    text = (root / "docs" / "design.md").read_text(encoding="utf-8")
+    match = re.search(rf"^## {number}\. .*?(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
+    return match.group(0) if match else ""
+
+
+def _flat_keys(value: Any, prefix: str = "") -> set[str]:
+    """A YAML document's keys in the docs' spelling: ``server.port``, ``callers[].rate_limit.burst``."""
+    keys: set[str] = set()
+    if isinstance(value, dict):
+        for name, inner in value.items():
+            keys |= {f"{prefix}{name}"} | _flat_keys(inner, f"{prefix}{name}.")
+    elif isinstance(value, list):
+        for item in value:
+            keys |= _flat_keys(item, prefix[:-1] + "[].")
+    return keys
+
+
+# A caller and a token that pass validation; only the sections around them are compared.
+_PROBE_CALLER = {"name": "probe", "key_sha256": "ab" * 32}
+_PROBE_ENV = {"COHERE_API_KEY": "a-token-for-the-design-check"}
+
+
+def design_config_problems(root: Path) -> list[str]:
+    """§4's yaml block names every key the code accepts (or its prose names it), and shows each default.
+
+    Keys given as one alternative of several (``upstream.token_file`` beside
+    ``upstream.token``) may be named in §4's prose as `upstream.token_file`
+    instead. Callers show ways of configuring a caller, not defaults; every
+    other value in the block must be what the gateway uses when the key is
+    absent.
+    """
+    section = _section_text(root, 4)
+    blocks = re.findall(r"^```yaml\n(.*?)^```", section, re.MULTILINE | re.DOTALL)
+    if not blocks:
+        return ["docs/design.md §4 has no yaml block of the config keys"]
+    block = yaml.safe_load(blocks[0])
+    shown = _flat_keys(block)
+    named = set(re.findall(r"`([a-z_]+(?:\[\])?(?:\.[a-z0-9_]+)+)`", section))
+    every, _ = config_keys()
+    problems = [f"docs/design.md §4 does not name {key}" for key in sorted(every - shown - named)]
+    problems += [f"docs/design.md §4 shows {key}, which the code does not accept" for key in sorted(shown - every)]
+    sections = {name: inner for name, inner in block.items() if name != "callers"}
+    try:
+        shown_config = validate({**sections, "callers": [_PROBE_CALLER]}, _PROBE_ENV)
+        defaults = validate({"upstream": {"token": "${COHERE_API_KEY}"}, "callers": [_PROBE_CALLER]}, _PROBE_ENV)
+    except ConfigError as exc:
+        return [*problems, *(f"docs/design.md §4's yaml block is not a valid config: {p}" for p in exc.problems)]
+    for name in sections:
+        got, want = getattr(shown_config, name).model_dump(), getattr(defaults, name).model_dump()
+        for key in sorted(set(got) | set(want)):
+            if got.get(key) != want.get(key):
+                problems.append(
+                    f"docs/design.md §4 shows {name}.{key}: {got.get(key)!r}, the default is {want.get(key)!r}"
+                )
     return problems
 
 

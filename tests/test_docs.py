@@ -1,4 +1,5 @@
-"""The docs: every link and anchor resolves, every config key and error code is documented.
+"""The docs: every link and anchor resolves inside the repository, every config key and error code is
+documented, and every "§N" the project cites is a section of docs/design.md.
 
 Each check is also run on a broken copy in tmp_path, to show that it fails.
 """
@@ -14,11 +15,17 @@ from tests.opskit import (
     REPO,
     config_key_problems,
     config_keys,
+    design_config_problems,
+    design_sections,
     documented_keys,
     error_code_problems,
     error_codes,
     link_problems,
+    nav_problems,
+    section_citation_problems,
+    section_citations,
     slug,
+    web_link_problem,
 )
 
 
@@ -101,3 +108,139 @@ def test_an_error_code_missing_from_the_api_doc_fails_the_code_check(tmp_path: P
     doc = root / "docs" / "api.md"
     doc.write_text(doc.read_text(encoding="utf-8").replace("`upstream_auth_failed`", "upstream auth"), encoding="utf-8")
     assert error_code_problems(root) == ["docs/api.md does not name the error code upstream_auth_failed"]
+
+
+def test_a_link_that_leaves_the_repository_fails_the_link_check(tmp_path: Path) -> None:
+    root = copy_of_the_docs(tmp_path)
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "DESIGN.md").write_text("# A contract outside the repository\n", encoding="utf-8")
+    readme = root / "README.md"
+    readme.write_text(
+        readme.read_text(encoding="utf-8")
+        + "\nThe contract: [DESIGN.md](../shared/DESIGN.md), [here](/work/shared/DESIGN.md),"
+        " [the demo](http://127.0.0.1:8080/healthz), [hooks](https://billing.internal/hooks),"
+        " [mail](mailto:ops@example.com); but [RFC 7240](https://www.rfc-editor.org/rfc/rfc7240) is fine.\n",
+        encoding="utf-8",
+    )
+    line = len(readme.read_text(encoding="utf-8").splitlines())
+    # Only that line: the copy leaves out files the README links to (.ci/, the Makefile).
+    assert [p for p in link_problems(root) if p.startswith(f"README.md:{line}:")] == [
+        f"README.md:{line}: ../shared/DESIGN.md: leaves the repository",
+        f"README.md:{line}: /work/shared/DESIGN.md: leaves the repository",
+        f"README.md:{line}: http://127.0.0.1:8080/healthz: only https:// links may leave the repository",
+        f"README.md:{line}: https://billing.internal/hooks: billing.internal is not a public host",
+        f"README.md:{line}: mailto:ops@example.com: only https:// links may leave the repository",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("target", "problem"),
+    [
+        ("https://keepachangelog.com/en/1.1.0/", None),
+        ("https://semver.org/spec/v2.0.0.html", None),
+        ("https://www.rfc-editor.org/rfc/rfc9110#section-9.3.2", None),
+        ("https://docs.cohere.com/reference/get-batch", None),
+        ("http://semver.org/", "only https:// links may leave the repository"),
+        ("file:///work/shared/DESIGN.md", "only https:// links may leave the repository"),
+        ("https://localhost:8080/", "localhost is not a public host"),
+        ("https://10.0.0.7/metrics", "10.0.0.7 is not a public host"),
+        ("https://cohere-gateway:8080/v2/batches", "cohere-gateway is not a public host"),
+        ("https://redis.default.svc/", "redis.default.svc is not a public host"),
+        ("https://billing.example/hooks", "billing.example is not a public host"),
+    ],
+)
+def test_only_https_links_to_public_hosts_may_leave_the_repository(target: str, problem: str | None) -> None:
+    assert web_link_problem(target) == problem
+
+
+def test_every_docs_page_has_the_same_nav_line_and_it_links_every_page() -> None:
+    assert nav_problems(REPO) == []
+
+
+def test_a_page_missing_from_a_nav_line_fails_the_nav_check(tmp_path: Path) -> None:
+    root = copy_of_the_docs(tmp_path)
+    page = root / "docs" / "caching.md"
+    page.write_text(page.read_text(encoding="utf-8").replace(" · [design](design.md)", "", 1), encoding="utf-8")
+    assert nav_problems(root) == [
+        "docs/caching.md: its nav line differs from docs/api.md's",
+        "docs/caching.md: its nav line does not link design.md",
+    ]
+
+
+def test_the_design_keeps_its_twelve_numbered_sections() -> None:
+    # Issues, commits, code and tests cite these numbers: renumbering one would repoint every citation.
+    sections = design_sections(REPO)
+    assert sorted(sections) == list(range(1, 13))
+    assert sections[5] == "5. The caller-facing API"
+    assert sections[8] == "8. The whole batch API, per caller"
+    assert sections[10] == "10. Replicas and workers on Redis"
+
+
+def test_every_section_the_project_cites_is_a_section_of_the_design() -> None:
+    cited_in = {path.relative_to(REPO).parts[0] for path, *_ in section_citations(REPO)}
+    assert {"README.md", "docs", "gateway", "tests"} <= cited_in  # the check reads where the citations are
+    assert section_citation_problems(REPO) == []
+
+
+def test_a_citation_of_a_section_the_design_lacks_fails_the_section_check(tmp_path: Path) -> None:
+    root = copy_of_the_docs(tmp_path)
+    sign = "\N{SECTION SIGN}"  # spelled out, so that this file cites no missing section itself
+    (root / "gateway").mkdir()
+    (root / "gateway" / "feed.py").write_text(
+        f"# The event feed ({sign}13), If-None-Match as RFC 9110 {sign}13.1.2 says, webhooks ({sign}12).\n",
+        encoding="utf-8",
+    )
+    api = root / "docs" / "api.md"
+    api.write_text(api.read_text(encoding="utf-8") + f"\nSee {sign} 14 and {sign}8.\n", encoding="utf-8")
+    line = len(api.read_text(encoding="utf-8").splitlines())
+    assert section_citation_problems(root) == [
+        f"docs/api.md:{line}: {sign} 14 is not a section of docs/design.md",
+        f"gateway/feed.py:1: {sign}13 is not a section of docs/design.md",
+    ]
+
+
+def test_a_design_section_dropped_or_renumbered_fails_the_section_check(tmp_path: Path) -> None:
+    root = copy_of_the_docs(tmp_path)
+    design = root / "docs" / "design.md"
+    design.write_text(
+        design.read_text(encoding="utf-8").replace("## 9. Waiting for a change", "## Waiting for a change"),
+        encoding="utf-8",
+    )
+    problems = section_citation_problems(root)
+    assert problems[0] == "docs/design.md: its sections are numbered [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12], not 1 to 11"
+    assert any(p.startswith("CHANGELOG.md:") and "9 is not a section" in p for p in problems)
+
+
+def test_the_design_names_every_config_key_with_its_default() -> None:
+    assert design_config_problems(REPO) == []
+
+
+def design_edited(root: Path, *edits: tuple[str, str]) -> Path:
+    design = root / "docs" / "design.md"
+    text = design.read_text(encoding="utf-8")
+    for old, new in edits:
+        assert old in text
+        text = text.replace(old, new, 1)
+    design.write_text(text, encoding="utf-8")
+    return root
+
+
+def test_a_default_the_design_gets_wrong_fails_the_design_config_check(tmp_path: Path) -> None:
+    root = design_edited(copy_of_the_docs(tmp_path), ("  port: 8080\n", "  port: 8081\n"))
+    assert design_config_problems(root) == ["docs/design.md §4 shows server.port: 8081, the default is 8080"]
+
+
+def test_a_key_the_design_misses_or_invents_fails_the_design_config_check(tmp_path: Path) -> None:
+    root = design_edited(
+        copy_of_the_docs(tmp_path),
+        ('  pid_file: ""', "  # pid_file"),
+        ("  max_waiters: 10000\n", "  max_waiters: 10000\n  max_holders: 5\n"),
+    )
+    problems = design_config_problems(root)
+    assert problems[:2] == [
+        "docs/design.md §4 does not name server.pid_file",
+        "docs/design.md §4 shows cache.max_holders, which the code does not accept",
+    ]
+    assert any(
+        p.startswith("docs/design.md §4's yaml block is not a valid config: cache.max_holders") for p in problems
+    )
