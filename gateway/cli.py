@@ -20,7 +20,6 @@ import uvloop
 from pydantic import ValidationError
 
 from gateway import __version__
-from gateway.api.state import GatewayState
 from gateway.config import (
     DEFAULT_ALLOW,
     OPERATIONS,
@@ -37,6 +36,7 @@ from gateway.edge.server import serve_until_signalled, start_gateway
 from gateway.errors import StoreUnavailable
 from gateway.ops.logs import Redactor, configure_logging, log_event
 from gateway.ops.workers import follow_the_parent, report_serving, supervise
+from gateway.runtime import build_state
 
 log = logging.getLogger("gateway")
 
@@ -189,8 +189,8 @@ async def _serve(args: argparse.Namespace, redact: Redactor, stack: contextlib.E
     elif config.server.workers > 1:
         return await supervise(config, load, args.config, args.host, args.port)
     try:
-        state = GatewayState.create(config, redact)
-        running = await start_gateway(config, args.host, args.port, state, reuse_port=args.worker is not None)
+        state = build_state(config, redact)
+        running = await start_gateway(state, args.host, args.port, reuse_port=args.worker is not None)
     except StoreUnavailable as exc:
         # The record store cannot be opened: as bad as a bad config (DESIGN §3).
         report([exc.message])

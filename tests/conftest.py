@@ -14,13 +14,13 @@ import pytest
 import uvloop
 from hypothesis import settings
 
-from gateway.api.state import GatewayState
 from gateway.config import GatewayConfig, RedisSettings
 from gateway.demo.simulator import Simulator, start_simulator
 from gateway.edge.server import RunningGateway, start_gateway
 from gateway.ops.logs import Redactor
 from gateway.ops.metrics import Metrics
 from gateway.replicas.link import RedisLink
+from gateway.runtime import build_state
 from tests.redis_server import RedisServer
 from tests.support import (
     PROCESS_WAIT_S,
@@ -93,8 +93,8 @@ async def start(logs: LogCapture, redactor: Redactor) -> AsyncIterator[GatewayFa
     running: list[RunningGateway] = []
 
     async def _start(config: GatewayConfig, **kwargs: Any) -> RunningGateway:
-        state = GatewayState.create(config, redactor, **kwargs)
-        gateway = await start_gateway(config, "127.0.0.1", 0, state)
+        state = build_state(config, redactor, **kwargs)
+        gateway = await start_gateway(state, "127.0.0.1", 0)
         running.append(gateway)
         return gateway
 

@@ -17,6 +17,7 @@ from gateway.api.state import GatewayState
 from gateway.demo.simulator import Simulator
 from gateway.edge import server as gateway_server
 from gateway.edge.server import start_gateway
+from gateway.runtime import build_state
 from tests.conftest import GatewayFactory
 from tests.support import (
     EXCHANGE_TIMEOUT_S,
@@ -297,4 +298,4 @@ async def test_a_metrics_port_that_is_the_api_port_stops_the_start_even_beside_w
 
     with pytest.raises(OSError, match=r"server.metrics_port \d+ is the API port"):
         # reuse_port as a worker listens: both sockets would bind the one port.
-        await start_gateway(config, "127.0.0.1", port, reuse_port=True)
+        await start_gateway(build_state(config), "127.0.0.1", port, reuse_port=True)

@@ -28,11 +28,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway import errors
-from gateway.api.state import GatewayState
 from gateway.config import ConfigError, GatewayConfig, validate
 from gateway.demo.simulator import Simulator, start_simulator
 from gateway.edge.server import start_gateway
 from gateway.ops.logs import JsonFormatter, Redactor
+from gateway.runtime import build_state
 from gateway.upstream.cohere import parse_batch_id
 from tests.conftest import LOOP_FACTORIES, LOOPS
 from tests.support import (
@@ -261,7 +261,7 @@ def _serve_on_thread(loop_name: str, redactor: Redactor) -> Iterator[ThreadedGat
         simulator = Simulator(token=UPSTREAM_TOKEN, lifetime_s=60)
         sim_runner, _ = await start_simulator(simulator)
         config = make_config(simulator.url, upstream={"rate_limit": {"requests_per_s": 10_000, "burst": 10_000}})
-        gateway = await start_gateway(config, "127.0.0.1", 0, GatewayState.create(config, redactor))
+        gateway = await start_gateway(build_state(config, redactor), "127.0.0.1", 0)
         return simulator, sim_runner, gateway
 
     simulator, sim_runner, gateway = asyncio.run_coroutine_threadsafe(up(), loop).result(timeout=30)

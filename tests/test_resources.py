@@ -16,13 +16,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.api.state import GatewayState
 from gateway.cache.batch_cache import BatchCache
 from gateway.cache.store import MemoryStore
 from gateway.config import CacheSettings
 from gateway.demo.simulator import Simulator
 from gateway.edge.server import RunningGateway, start_gateway
 from gateway.ops.logs import Redactor
+from gateway.runtime import build_state
 from gateway.upstream.answers import UpstreamReply
 from gateway.upstream.cohere import Lifetime
 from tests.conftest import GatewayFactory
@@ -245,7 +245,7 @@ async def concurrent_misses(gateway: RunningGateway, ids: list[str]) -> list[int
 
 
 async def _start_own(config: Any, redactor: Redactor) -> RunningGateway:
-    return await start_gateway(config, "127.0.0.1", 0, GatewayState.create(config, redactor))
+    return await start_gateway(build_state(config, redactor), "127.0.0.1", 0)
 
 
 async def test_a_thousand_concurrent_misses_stay_within_max_connections_and_leak_no_descriptors(

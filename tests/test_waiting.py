@@ -29,6 +29,7 @@ from aiohttp import web
 
 from gateway.demo.simulator import Simulator, start_simulator
 from gateway.edge.server import RunningGateway, start_gateway
+from gateway.runtime import build_state
 from tests.batch_upstream import BatchUpstream, post_json, upstream_fixture, write_callers
 from tests.conftest import GatewayFactory, ProcessFactory, UpstreamFactory
 from tests.support import (
@@ -628,7 +629,7 @@ async def test_stopping_the_gateway_answers_every_waiter_at_once_with_the_curren
 ) -> None:
     upstream = await fake_upstream(json_handler())
     # Started here, not by the fixture, so that the test stops it itself (once).
-    gateway = await start_gateway(make_config(upstream.url), "127.0.0.1", 0)
+    gateway = await start_gateway(build_state(make_config(upstream.url)), "127.0.0.1", 0)
     try:
         url = f"{gateway.url}/v2/batches/batch-1"
         first = await http(url)

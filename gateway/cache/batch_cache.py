@@ -22,10 +22,10 @@ Answers only move forward (DESIGN §9): an upstream answer older than the
 entry held (an earlier ``updated_at``, or an active status after a terminal
 one) is not stored; the held entry keeps serving, fresh again, and the
 regression is counted. Every stored answer whose body differs from the one
-before (and every eviction) is reported to ``on_change``, which wakes the
+before (and every eviction) is reported to ``hooks.on_change``, which wakes the
 requests waiting on that batch. The active TTL stretches by ``stretch()``
 when the upstream budget cannot refresh every active batch that often
-(``gateway.refresh``), never past ``ttl_s.active_max``.
+(``gateway.cache.refresher``), never past ``ttl_s.active_max``.
 """
 
 from __future__ import annotations
@@ -35,22 +35,64 @@ import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from gateway import errors
-from gateway.config import CacheSettings
-from gateway.errors import RedisDown
-from gateway.replicas.link import EVICTED, STORED
-from gateway.upstream.cohere import Lifetime
-
-if TYPE_CHECKING:
-    from gateway.replicas.shared_cache import SharedCache
 from gateway.cache.entry import CacheEntry, CacheResult, CacheState, Clock, Role, etag_of, is_older
 from gateway.cache.flight import SingleFlight
 from gateway.cache.store import BatchStore
+from gateway.config import CacheSettings
+from gateway.errors import RedisDown
 from gateway.upstream.answers import UpstreamReply
+from gateway.upstream.cohere import Lifetime
+
+
+class SharedTier(Protocol):
+    """A cache behind this process's memory, shared with other processes (``gateway.replicas.shared_cache``).
+
+    Every call may raise ``errors.RedisDown``: the cache then works from memory alone.
+    """
+
+    @property
+    def usable(self) -> bool:
+        """Calls may go to the shared tier now (it was not lost, or was regained)."""
+        ...
+
+    async def settle(
+        self,
+        batch_id: str,
+        will_do: Callable[[CacheEntry], bool],
+        produce: Callable[[], Awaitable[tuple[CacheEntry, bool]]],
+    ) -> tuple[CacheEntry, Role]: ...
+
+    async def save(self, batch_id: str, entry: CacheEntry, token: str = "") -> bool: ...
+
+    async def drop(self, batch_id: str) -> None: ...
+
+
+def _nothing(*_args: object) -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheHooks:
+    """What the rest of the gateway learns from the cache; each is a no-op for a bare cache."""
+
+    # An id's answer changed, or it was evicted: its waiters wake (gateway.cache.waiting).
+    on_change: Callable[[str], None] = _nothing
+    # An answer older than the one held was refused (docs/design.md §9).
+    on_regression: Callable[[], None] = _nothing
+    # A batch was seen active, or terminal: the refresh schedule counts it, or forgets it.
+    on_active: Callable[[str], None] = _nothing
+    on_terminal: Callable[[str], None] = _nothing
+    # How much the budget stretches active intervals (gateway.cache.refresher); 1: not at all.
+    stretch: Callable[[], float] = lambda: 1.0
+    # A caller joined a call already out; a miss was settled through the shared tier, in this role.
+    on_join: Callable[[], None] = _nothing
+    on_shared: Callable[[Role], None] = _nothing
+
 
 # Two readings of one answer's fetch time, through Redis and back, may differ by this much.
 SAME_FETCH_S = 0.05
@@ -70,27 +112,22 @@ class BatchCache:
         settings: CacheSettings,
         clock: Clock = time.monotonic,
         jitter: Callable[[], float] = random.random,
-        on_join: Callable[[], None] | None = None,
+        hooks: CacheHooks = CacheHooks(),
+        shared: SharedTier | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
-        self.flights: SingleFlight[CacheResult] = SingleFlight(on_join)
-        # Redis behind the memory (DESIGN §10), when configured.
-        self.shared: SharedCache | None = None
-        self.on_shared: Callable[[Role], None] = lambda _role: None
+        self.hooks = hooks
+        self.flights: SingleFlight[CacheResult] = SingleFlight(hooks.on_join)
+        # Redis behind the memory (docs/design.md §10), when configured.
+        self.shared = shared
         self._clock = clock
         # Draws in [0, 1) for the active TTL's spread; tests pin it.
         self.jitter = jitter
-        # Hooks set by the gateway's state (gateway.refresh); no-ops for a bare cache.
-        self.on_change: Callable[[str], None] = lambda _batch_id: None
-        self.on_regression: Callable[[], None] = lambda: None
-        self.on_active: Callable[[str], None] = lambda _batch_id: None
-        self.on_terminal: Callable[[str], None] = lambda _batch_id: None
-        self.stretch: Callable[[], float] = lambda: 1.0
 
     def active_interval_s(self, target_s: float) -> float:
         """``target_s`` stretched as the upstream budget requires, never past ``ttl_s.active_max``."""
-        return min(max(target_s, target_s * self.stretch()), self.settings.ttl_s.active_max)
+        return min(max(target_s, target_s * self.hooks.stretch()), self.settings.ttl_s.active_max)
 
     def ttl_s(self, lifetime: Lifetime) -> float:
         if lifetime is not Lifetime.ACTIVE:
@@ -125,13 +162,13 @@ class BatchCache:
             return self._keep(batch_id, self._entry(await fetch(not has_stale)))
 
         shared = self.shared
-        if shared is not None and shared.link.usable:
+        if shared is not None and shared.usable:
             try:
                 entry, role = await shared.settle(batch_id, will_do, produce)
             except RedisDown:
                 pass  # Redis lost before this process called the upstream: single-flight per process
             else:
-                self.on_shared(role)
+                self.hooks.on_shared(role)
                 if role is not Role.LED:
                     entry = self._keep(batch_id, entry)[0]
                 return CacheResult(entry, CacheState.HIT if role is Role.ADOPTED else CacheState.MISS)
@@ -147,21 +184,21 @@ class BatchCache:
             entry = self._store(batch_id, entry)
         if entry.status == 200:
             if entry.terminal:
-                self.on_terminal(batch_id)
+                self.hooks.on_terminal(batch_id)
             else:
-                self.on_active(batch_id)
+                self.hooks.on_active(batch_id)
         return entry, current
 
     def _store(self, batch_id: str, entry: CacheEntry) -> CacheEntry:
         """Store ``entry`` unless it is older than the one held; return what is held now."""
         held = self.store.get(batch_id)
         if held is not None and is_older(entry, held):
-            self.on_regression()
+            self.hooks.on_regression()
             # The held answer keeps serving, as fresh as the upstream's answer would have been.
             entry = replace(held, fresh_until=entry.fresh_until, keep_until=entry.keep_until)
         self.store.put(batch_id, entry)
         if held is None or held.etag != entry.etag:
-            self.on_change(batch_id)
+            self.hooks.on_change(batch_id)
         return entry
 
     async def put(self, batch_id: str, reply: UpstreamReply) -> None:
@@ -183,25 +220,22 @@ class BatchCache:
         """Drop the id's entry from this process's memory, and wake its waiters."""
         self.flights.forget(batch_id)
         self.store.evict(batch_id)
-        self.on_change(batch_id)
+        self.hooks.on_change(batch_id)
 
-    def heard(self, kind: str, batch_id: str, payload: bytes) -> None:
-        """Another process stored an answer for ``batch_id``, or evicted it (``gateway.shared``'s events).
+    def stored_elsewhere(self, batch_id: str, etag: bytes) -> None:
+        """Another process stored an answer for ``batch_id`` (the shared tier's event).
 
         A different answer than the one held stops being fresh here, so the
         next request (and every waiter, woken now) takes the shared one. It
         stays held: if the shared answer is the older one, it is refused as
         any older answer is (``is_older``), and the held one serves on.
         """
-        if kind == EVICTED:
-            self.forget(batch_id)
-        elif kind == STORED:
-            held = self.store.get(batch_id)
-            if held is not None and held.etag.encode() != payload:
-                self.store.put(batch_id, replace(held, fresh_until=min(held.fresh_until, self._clock())))
-                self.on_change(batch_id)
-            elif held is None:
-                self.on_change(batch_id)
+        held = self.store.get(batch_id)
+        if held is not None and held.etag.encode() != etag:
+            self.store.put(batch_id, replace(held, fresh_until=min(held.fresh_until, self._clock())))
+            self.hooks.on_change(batch_id)
+        elif held is None:
+            self.hooks.on_change(batch_id)
 
     async def refresh(self, batch_id: str, fetch: Fetch, wait_s: float) -> CacheEntry:
         """Fetch ``batch_id`` again now, fresh or not (a batch with waiters), under single-flight.

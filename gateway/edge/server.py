@@ -666,18 +666,18 @@ class RunningGateway:
 
 
 async def start_gateway(
-    config: GatewayConfig,
+    state: GatewayState,
     host: str | None = None,
     port: int | None = None,
-    state: GatewayState | None = None,
     *,
     reuse_port: bool = False,
 ) -> RunningGateway:
-    """Start serving ``config`` (``host``/``port`` override it; port 0 picks one).
+    """Start serving ``state`` (built by ``gateway.runtime.build_state``); ``host``/``port`` override
+    its config (port 0 picks one).
 
     ``reuse_port``: listen with SO_REUSEPORT, beside the other workers on the port (gateway/workers.py).
     """
-    state = state or GatewayState.create(config)
+    config = state.snapshot.config
     server = config.server
     runner = GatewayRunner(
         build_app(state),

@@ -160,6 +160,11 @@ class SharedCache:
         self._save = link.client.register_script(_SAVE)
         link.on_lost.append(self._wake_all)
 
+    @property
+    def usable(self) -> bool:
+        """Calls may go to Redis now (``RedisLink.usable``)."""
+        return self.link.usable
+
     def _entry_key(self, batch_id: str) -> str:
         return self.link.key("entry", batch_id)
 

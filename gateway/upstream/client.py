@@ -30,8 +30,7 @@ from gateway import __version__, errors
 from gateway.config import UpstreamSettings
 from gateway.errors import RedisDown
 from gateway.ops.metrics import Metrics
-from gateway.replicas.shared_budget import SharedBudget
-from gateway.upstream.budget import PAUSED_BY_ANOTHER
+from gateway.upstream.budget import PAUSED_BY_ANOTHER, SharedBudget
 from gateway.upstream.cohere import error_for_status, now_utc, parse_retry_after
 from gateway.upstream.guards import Admission, CircuitBreaker, Clock, TokenBucket
 
@@ -118,6 +117,7 @@ class UpstreamClient:
         metrics: Metrics,
         clock: Clock = time.monotonic,
         jitter: Callable[[float, float], float] = random.uniform,
+        shared: SharedBudget | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -128,7 +128,7 @@ class UpstreamClient:
         self.breaker = CircuitBreaker(settings.breaker.failures, settings.breaker.cooldown_s, clock)
         self.paused_until = 0.0
         # One budget and pause for every process, on Redis (DESIGN §10), when configured.
-        self.shared: SharedBudget | None = None
+        self.shared = shared
         self._shares = 1
         # Writes waiting for a budget token: reads take none meanwhile.
         self._writes_waiting = 0

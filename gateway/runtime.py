@@ -1,0 +1,129 @@
+"""The composition root: build everything one running gateway holds, from a config.
+
+Each collaborator is handed to the one that uses it when it is built: the
+cache gets its hooks (waiters, the refresh schedule, metrics) and its shared
+tier, the upstream client its shared budget. The hooks name objects built
+after the cache (the refresher needs the cache), which is why they are
+closures: they are only called once everything here exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from gateway.api.auth import CallerDirectory
+from gateway.api.state import GatewayState, Snapshot
+from gateway.cache.batch_cache import BatchCache, CacheHooks
+from gateway.cache.entry import Role
+from gateway.cache.refresher import Freshness, Refresher
+from gateway.cache.store import MemoryStore
+from gateway.cache.waiting import Waiters
+from gateway.config import GatewayConfig
+from gateway.ops.logs import Redactor
+from gateway.ops.metrics import Metrics
+from gateway.records.base import Records
+from gateway.records.redis import RedisRecords
+from gateway.records.sqlite import SqliteRecords
+from gateway.replicas.link import EVICTED, PAUSED, STORED, RedisLink
+from gateway.replicas.shared_budget import SharedBudget, SharedCallerLimits
+from gateway.replicas.shared_cache import LOCK_MARGIN_S, SharedCache
+from gateway.upstream.client import UpstreamClient
+from gateway.upstream.guards import Clock
+
+# How long past upstream.timeout_s a create may hold its Idempotency-Key: its
+# search for an earlier try's batch and the create each take up to one timeout.
+CLAIM_MARGIN_S = 5.0
+
+
+def records_for(config: GatewayConfig, link: RedisLink | None) -> Records:
+    """Ownership and idempotency records: on Redis with the replicas (docs/design.md §10), else in ``store.path``."""
+    lease_s = 2 * config.upstream.timeout_s + CLAIM_MARGIN_S
+    if link is not None:
+        return RedisRecords(link, config.batches.idempotency_ttl_s, lease_s)
+    return SqliteRecords(config.store.path, config.batches.idempotency_ttl_s, lease_s=lease_s)
+
+
+def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Clock = time.monotonic) -> GatewayState:
+    """Everything a gateway serving ``config`` holds; with ``redis.url``, shared through Redis (§10)."""
+    metrics = Metrics()
+    link = RedisLink(config.redis, metrics, processes=config.server.workers) if config.redis.url else None
+    store = MemoryStore(
+        config.cache.max_entries, clock, on_remove=lambda reason, n: metrics.cache_removals.labels(reason).inc(n)
+    )
+    metrics.cache_entries.set_function(lambda: len(store))
+    state_of: list[GatewayState] = []  # the state, once built: the shared cache's lock follows reloads
+    shared_cache = (
+        SharedCache(link, clock, lambda: state_of[0].snapshot.config.upstream.timeout_s + LOCK_MARGIN_S)
+        if link is not None
+        else None
+    )
+    waiters, freshness = Waiters(), Freshness(clock)
+    hooks = CacheHooks(
+        on_change=waiters.changed,
+        on_regression=metrics.regressions.inc,
+        on_active=freshness.note_active,
+        on_terminal=freshness.forget,
+        stretch=lambda: freshness.stretch(
+            cache.settings.ttl_s, upstream.settings.rate_limit.requests_per_s, refresher.batches
+        ),
+        on_join=metrics.coalesced.inc,
+        on_shared=(lambda role: link.metrics.flights.labels(role.value).inc()) if link is not None else _no_role,
+    )
+    cache = BatchCache(store, config.cache, clock, hooks=hooks, shared=shared_cache)
+    upstream = UpstreamClient(
+        config.upstream, metrics, clock, shared=SharedBudget(link, clock) if link is not None else None
+    )
+    refresher = Refresher(cache, waiters, clock, upstream.refresh_wait_s, upstream.flight_wait_s)
+    _watch(metrics, cache, waiters, freshness)
+    state = GatewayState(
+        snapshot=Snapshot(config, CallerDirectory(config.callers)),
+        upstream=upstream,
+        cache=cache,
+        metrics=metrics,
+        redact=redact or Redactor(),
+        records=records_for(config, link),
+        waiters=waiters,
+        freshness=freshness,
+        refresher=refresher,
+        clock=clock,
+        redis=link,
+        shared_caller_limits=SharedCallerLimits(link) if link is not None else None,
+    )
+    state_of.append(state)
+    state.redact.update(config.secrets)
+    if link is not None and shared_cache is not None:
+        _hear_other_processes(link, cache, shared_cache, upstream)
+    return state
+
+
+def _no_role(_role: Role) -> None:
+    return None
+
+
+def _watch(metrics: Metrics, cache: BatchCache, waiters: Waiters, freshness: Freshness) -> None:
+    """The gauges read at each scrape."""
+    metrics.inflight.set_function(lambda: len(cache.flights))
+    metrics.waiters.set_function(lambda: waiters.total)
+    metrics.followed_batches.set_function(lambda: freshness.followed(cache.settings.ttl_s))
+    metrics.refresh_interval.labels("polled").set_function(lambda: cache.active_interval_s(cache.settings.ttl_s.active))
+    metrics.refresh_interval.labels("waited").set_function(
+        lambda: cache.active_interval_s(cache.settings.ttl_s.active_min)
+    )
+
+
+def _hear_other_processes(link: RedisLink, cache: BatchCache, shared: SharedCache, upstream: UpstreamClient) -> None:
+    """What other processes say on the link: an answer stored or evicted, a flight settled, a pause (§10)."""
+
+    def heard(kind: str, batch_id: str, payload: bytes) -> None:
+        if kind == PAUSED:
+            with contextlib.suppress(ValueError):
+                upstream.hold(float(payload))
+            return
+        if kind == EVICTED:
+            cache.forget(batch_id)
+        elif kind == STORED:
+            cache.stored_elsewhere(batch_id, payload)
+        shared.heard(kind, batch_id, payload)
+
+    link.subscribe(heard)
