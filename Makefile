@@ -40,6 +40,7 @@ check: $(VENV)/.installed-test redis-server
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	GATEWAY_TEST_LOOPS=uvloop $(BIN)/python -m pytest -n 2 -q -x \
 		--ignore=tests/test_replicas.py --ignore=tests/test_workers.py --ignore=tests/test_resources.py
 
@@ -69,6 +70,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/hadolint Dockerfile
 
 ## bench: the full benchmark (writes bench/RESULTS.md and the chart)
