@@ -235,6 +235,27 @@ def print_table(samples: list[Sample]) -> None:
         print(" ".join(f"{getattr(s, c):>14}" for c in columns), file=sys.stderr)
 
 
+async def run_load(load: Load, pid: int, simulator: Simulator, duration_s: float, sample_s: float) -> list[Sample]:
+    """The mix sent for ``duration_s`` by WORKERS workers, sampled every ``sample_s``; the samples."""
+    stop = asyncio.Event()
+    workers = [asyncio.ensure_future(load.worker(stop)) for _ in range(WORKERS)]
+    started = time.monotonic()
+    samples: list[Sample] = []
+    while time.monotonic() - started < duration_s:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), sample_s)
+        current = await sample(load.session, load.url, pid, simulator, started, load)
+        if samples:
+            elapsed = current.t_s - samples[-1].t_s
+            current.upstream_per_s = round(
+                (current.upstream_calls - samples[-1].upstream_calls) / max(elapsed, 1e-3), 1
+            )
+        samples.append(current)
+    stop.set()
+    await asyncio.gather(*workers)
+    return samples
+
+
 async def soak(duration_s: float, rate: float, sample_s: float) -> int:
     simulator = Simulator(token=TOKEN, lifetime_s=20)
     sim_runner, sim_url = await start_simulator(simulator)
@@ -249,22 +270,7 @@ async def soak(duration_s: float, rate: float, sample_s: float) -> int:
             try:
                 await wait_ready(session, url, process)
                 load = Load(session, url, rate)
-                stop = asyncio.Event()
-                workers = [asyncio.ensure_future(load.worker(stop)) for _ in range(WORKERS)]
-                started = time.monotonic()
-                samples: list[Sample] = []
-                while time.monotonic() - started < duration_s:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), sample_s)
-                    current = await sample(session, url, process.pid, simulator, started, load)
-                    if samples:
-                        elapsed = current.t_s - samples[-1].t_s
-                        current.upstream_per_s = round(
-                            (current.upstream_calls - samples[-1].upstream_calls) / max(elapsed, 1e-3), 1
-                        )
-                    samples.append(current)
-                stop.set()
-                await asyncio.gather(*workers)
+                samples = await run_load(load, process.pid, simulator, duration_s, sample_s)
             finally:
                 process.send_signal(signal.SIGTERM)
                 try:
