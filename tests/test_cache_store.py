@@ -19,7 +19,8 @@ from gateway import errors
 from gateway.cache import BatchCache, CacheEntry, CacheState, MemoryStore, SingleFlight, UpstreamReply
 from gateway.config import CacheSettings
 from gateway.protocol import Lifetime, parse_batch_body
-from tests.support import FakeClock, batch_body
+from tests.support import FakeClock
+from tests.upstream import batch_body
 
 ACTIVE, TERMINAL, NOT_FOUND, KEEP = 5.0, 86400.0, 10.0, 600.0
 

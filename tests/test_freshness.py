@@ -15,7 +15,8 @@ from gateway.cache import CacheEntry, etag_of, is_older
 from gateway.config import TtlSettings
 from gateway.policy import must_wait, not_modified, requested_wait
 from gateway.refresh import REFRESH_SHARE, Freshness
-from tests.support import FakeClock, batch_body
+from tests.support import FakeClock
+from tests.upstream import batch_body
 
 ETAG = etag_of(batch_body("batch-1"))
 
