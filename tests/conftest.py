@@ -21,6 +21,7 @@ from gateway.metrics import Metrics
 from gateway.redis_link import RedisLink
 from gateway.server import RunningGateway, start_gateway
 from gateway.state import GatewayState
+from tests.records_kit import open_redis_records, open_sqlite_records
 from tests.redis_server import RedisServer
 from tests.support import (
     PROCESS_WAIT_S,
@@ -34,7 +35,8 @@ from tests.support import (
 )
 from tests.upstream import upstream
 
-__all__ = ["upstream"]  # the fake upstream's fixture, for every test module
+# Fixtures of other modules, for every test module: the fake upstream, the two backends of Records.
+__all__ = ["open_redis_records", "open_sqlite_records", "upstream"]
 
 # The whole suite runs on each loop named here (DESIGN: the server runs on uvloop;
 # the default loop must work too). GATEWAY_TEST_LOOPS=uvloop narrows it.
