@@ -333,6 +333,7 @@ async def the_readme_workflow(co: cohere.AsyncClientV2) -> None:
     assert (await co.batches.retrieve(batch.id)).batch.status in {"BATCH_STATUS_CANCELING", "BATCH_STATUS_CANCELED"}
 
 
+@pytest.mark.one_loop
 @pytest.mark.parametrize("launch", DEMO_LAUNCHES)
 async def test_the_sdk_runs_the_readme_workflow_through_demo_mode(launch: str) -> None:
     env = {k: v for k, v in os.environ.items() if k not in {"COHERE_API_KEY", "GATEWAY_CONFIG"}}

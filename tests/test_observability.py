@@ -437,6 +437,7 @@ async def test_a_bearer_credential_in_a_logged_path_is_removed(
     assert "never-configured-credential-77" not in logs.text
 
 
+@pytest.mark.one_loop
 async def test_the_process_writes_only_json_lines_and_no_secret_under_a_varied_workload(
     upstream: Upstream, gateway_process: ProcessFactory, tmp_path: Path
 ) -> None:
@@ -455,6 +456,7 @@ async def test_the_process_writes_only_json_lines_and_no_secret_under_a_varied_w
     assert_no_secrets(gateway.text)
 
 
+@pytest.mark.one_loop
 async def test_logging_level_is_honoured_at_start_and_after_a_reload(
     simulator: Simulator, gateway_process: ProcessFactory, tmp_path: Path
 ) -> None:

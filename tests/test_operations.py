@@ -84,6 +84,7 @@ async def gateway_from_a_config_file(
 # --- reload -------------------------------------------------------------------------------------
 
 
+@pytest.mark.one_loop
 async def test_sighup_swaps_in_the_new_token_and_callers_and_keeps_the_cache(
     upstream: Upstream, gateway_process: ProcessFactory, tmp_path: Path
 ) -> None:
@@ -114,6 +115,7 @@ async def test_sighup_swaps_in_the_new_token_and_callers_and_keeps_the_cache(
     assert "gateway_config_last_reload_success 1.0" in metrics
 
 
+@pytest.mark.one_loop
 async def test_sighup_with_a_bad_config_names_the_key_and_keeps_serving_the_old_one(
     upstream: Upstream, gateway_process: ProcessFactory, tmp_path: Path
 ) -> None:
@@ -186,6 +188,7 @@ async def test_a_bad_reload_in_process_keeps_the_old_config_and_flags_the_metric
     assert gateway.state.metrics.last_reload_ok._value.get() == 1
 
 
+@pytest.mark.one_loop
 async def test_token_file_is_read_again_on_reload(
     upstream: Upstream, gateway_process: ProcessFactory, tmp_path: Path
 ) -> None:
@@ -258,6 +261,7 @@ async def connection_refused(url: str) -> bool:
     return False
 
 
+@pytest.mark.one_loop
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_a_stop_signal_lets_the_request_in_flight_finish_refuses_new_ones_and_exits_0(
     signum: int, upstream: Upstream, gateway_process: ProcessFactory, tmp_path: Path
@@ -280,6 +284,7 @@ async def test_a_stop_signal_lets_the_request_in_flight_finish_refuses_new_ones_
     await gateway.wait_for_event("stopped", after=mark)
 
 
+@pytest.mark.one_loop
 async def test_a_request_still_running_after_the_grace_period_is_cut_and_the_process_exits_0(
     upstream: Upstream, gateway_process: ProcessFactory, tmp_path: Path
 ) -> None:

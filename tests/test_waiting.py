@@ -575,6 +575,7 @@ async def test_a_waiter_whose_client_disconnects_is_dropped_at_once(upstream: Up
     assert waits_ended(gateway, "gone") == 1
 
 
+@pytest.mark.one_loop
 async def test_sigterm_answers_every_waiter_at_once_and_the_process_exits_0(
     upstream: Upstream, gateway_process: ProcessFactory, tmp_path: Path
 ) -> None:

@@ -26,7 +26,7 @@ import pytest
 from gateway.config import RedisSettings
 from gateway.metrics import Metrics
 from gateway.redis_link import HEARTBEAT_S, RedisLink
-from tests.conftest import LOOPS, ProcessFactory
+from tests.conftest import ProcessFactory
 from tests.redis_server import RedisServer
 from tests.support import (
     ANALYTICS_KEY,
@@ -46,7 +46,7 @@ from tests.upstream import Upstream, json_handler
 
 # The gateway processes run on uvloop whatever loop a test runs on; the test's loop only drives the
 # client, so each of these tests runs once, on the first loop of LOOPS (process starts are the cost).
-one_loop = pytest.mark.asyncio(loop_factories=LOOPS[:1])
+pytestmark = pytest.mark.one_loop
 
 WORKERS = 2
 CONNECTIONS = 24  # new connections per check: all landing on one of two workers has odds of 2 in 16 million
@@ -183,7 +183,6 @@ def test_a_worker_that_cannot_start_stops_the_start_with_its_exit_code_and_messa
 # --- serving, reloading, restarting, stopping ---------------------------------------------------
 
 
-@one_loop
 async def test_two_workers_answer_on_one_port_and_each_reloads_on_sighup(
     upstream: Upstream, redis_server: RedisServer, workers: WorkersFactory, tmp_path: Path
 ) -> None:
@@ -203,7 +202,6 @@ async def test_two_workers_answer_on_one_port_and_each_reloads_on_sighup(
     assert await answering_pids(parent.url, pids, key=ANALYTICS_KEY) == set(pids)
 
 
-@one_loop
 async def test_a_worker_killed_is_started_again_and_the_port_keeps_serving(
     upstream: Upstream, redis_server: RedisServer, workers: WorkersFactory
 ) -> None:
@@ -226,7 +224,6 @@ async def test_a_worker_killed_is_started_again_and_the_port_keeps_serving(
     assert parent.proc.returncode is None
 
 
-@one_loop
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_a_stop_signal_lets_the_request_in_flight_finish_and_the_parent_exits_0(
     signum: int, upstream: Upstream, redis_server: RedisServer, workers: WorkersFactory
@@ -272,7 +269,6 @@ async def refuses_connections(url: str) -> bool:
     return False
 
 
-@one_loop
 async def test_the_workers_stop_and_free_the_port_when_the_parent_is_killed(
     upstream: Upstream, redis_server: RedisServer, workers: WorkersFactory
 ) -> None:
@@ -293,7 +289,6 @@ async def test_the_workers_stop_and_free_the_port_when_the_parent_is_killed(
 CLOSE_WITHIN_S = 2 * HEARTBEAT_S + 1  # the link's loops notice a close within HEARTBEAT_S each
 
 
-@one_loop
 async def test_closing_the_redis_link_at_any_moment_ends_within_a_heartbeat(redis_server: RedisServer) -> None:
     """On Python 3.11, redis-py can swallow the cancel of a task in a command; a close must not wait for ever.
 
@@ -330,7 +325,6 @@ async def cancel_until_done(closing: asyncio.Future[None]) -> None:
 CONCURRENT = 60
 
 
-@one_loop
 async def test_sixty_concurrent_requests_for_one_uncached_batch_across_both_workers_make_one_upstream_call(
     upstream: Upstream, redis_server: RedisServer, workers: WorkersFactory
 ) -> None:
