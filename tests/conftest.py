@@ -1,4 +1,4 @@
-"""Fixtures: the event loop (uvloop and asyncio), the simulator, gateways, log capture."""
+"""Fixtures: the event loop (uvloop and asyncio), the simulator, the fake upstream, gateways, log capture."""
 
 from __future__ import annotations
 
@@ -21,21 +21,22 @@ from gateway.ops.logs import Redactor
 from gateway.ops.metrics import Metrics
 from gateway.replicas.link import RedisLink
 from gateway.runtime import build_state
+from tests.records_kit import open_redis_records, open_sqlite_records
 from tests.redis_server import RedisServer
 from tests.support import (
     PROCESS_WAIT_S,
     UPSTREAM_TOKEN,
-    FakeUpstream,
     GatewayProcess,
-    Handler,
     LogCapture,
-    RawUpstream,
-    Respond,
     assert_no_reload_secrets,
     assert_no_secrets,
     attach_log_capture,
     serves_healthz,
 )
+from tests.upstream import upstream
+
+# Fixtures of other modules, for every test module: the fake upstream, the two backends of Records.
+__all__ = ["open_redis_records", "open_sqlite_records", "upstream"]
 
 # The whole suite runs on each loop named here (DESIGN: the server runs on uvloop;
 # the default loop must work too). GATEWAY_TEST_LOOPS=uvloop narrows it.
@@ -101,44 +102,6 @@ async def start(logs: LogCapture, redactor: Redactor) -> AsyncIterator[GatewayFa
     yield _start
     for gateway in running:
         await gateway.stop()
-
-
-UpstreamFactory = Callable[[Handler], Awaitable[FakeUpstream]]
-
-
-@pytest.fixture
-async def fake_upstream() -> AsyncIterator[UpstreamFactory]:
-    """Start hand-written upstreams; all are stopped at the end."""
-    started: list[FakeUpstream] = []
-
-    async def _start(handler: Handler) -> FakeUpstream:
-        upstream = await FakeUpstream(handler).start()
-        started.append(upstream)
-        return upstream
-
-    yield _start
-    for upstream in started:
-        if upstream.release is not None:
-            upstream.release.set()
-        await upstream.stop()
-
-
-RawUpstreamFactory = Callable[[Respond], Awaitable[RawUpstream]]
-
-
-@pytest.fixture
-async def raw_upstream() -> AsyncIterator[RawUpstreamFactory]:
-    """Start byte-level upstreams; all are stopped at the end."""
-    started: list[RawUpstream] = []
-
-    async def _start(respond: Respond) -> RawUpstream:
-        upstream = await RawUpstream(respond).start()
-        started.append(upstream)
-        return upstream
-
-    yield _start
-    for upstream in started:
-        await upstream.stop()
 
 
 @pytest.fixture

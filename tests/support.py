@@ -1,9 +1,9 @@
-"""Shared test furniture: secrets, configs, clients, fake upstreams, metrics, log capture.
+"""Shared test furniture: secrets, configs, clients, metrics, log capture, child processes.
 
-Everything runs on 127.0.0.1: the simulator or a hand-written fake upstream
-(aiohttp's ``FakeUpstream`` or the byte-level ``RawUpstream``), the gateway
-served for real by ``start_gateway`` or as a child process
-(``GatewayProcess``), and the cohere SDK, aiohttp or a raw socket as client.
+Everything runs on 127.0.0.1: the simulator or the fake upstream
+(``tests/upstream.py``), the gateway served for real by ``start_gateway`` or
+as a child process (``GatewayProcess``), and the cohere SDK, aiohttp or a raw
+socket as client.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import shutil
 import socket
 import sqlite3
 import tempfile
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +30,6 @@ import aiohttp
 import cohere
 import httpx
 import yaml
-from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -128,72 +127,6 @@ def attach_log_capture(redact: Redactor) -> tuple[LogCapture, logging.Handler]:
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
     return capture, handler
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-async def serve_on_loopback(app: web.Application) -> tuple[web.AppRunner, str]:
-    """Serve ``app`` on 127.0.0.1, a free port, cancelling handlers whose client left: its runner and base URL."""
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    return runner, f"http://{host}:{port}"
-
-
-class FakeUpstream:
-    """A hand-written upstream on 127.0.0.1: ``handler`` answers, every request is recorded.
-
-    ``release`` lets a test hold answers until it has seen all the requests it
-    expects (set it to an unset ``asyncio.Event``; the handler waits on it).
-    """
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.requests: list[web.Request] = []
-        self.headers: list[dict[str, str]] = []
-        self.arrived = asyncio.Event()
-        self.release: asyncio.Event | None = None
-        self._runner: web.AppRunner | None = None
-        self.url = ""
-
-    @property
-    def calls(self) -> int:
-        return len(self.requests)
-
-    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        self.requests.append(request)
-        self.headers.append(dict(request.headers))
-        self.arrived.set()
-        if self.release is not None:
-            await self.release.wait()
-        return await self.handler(request)
-
-    async def start(self) -> FakeUpstream:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self._runner, self.url = await serve_on_loopback(app)
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-
-def batch_body(batch_id: str = "batch-1", status: str = "BATCH_STATUS_IN_PROGRESS", **fields: Any) -> bytes:
-    return json.dumps({"batch": {"id": batch_id, "status": status, "num_records": 10, **fields}}).encode()
-
-
-def json_handler(status: int = 200, body: bytes | None = None, headers: dict[str, str] | None = None) -> Handler:
-    """A handler that always gives the same answer."""
-
-    async def handler(request: web.Request) -> web.Response:
-        payload = body if body is not None else batch_body(request.match_info.get("tail", "x").rsplit("/", 1)[-1])
-        return web.Response(status=status, body=payload, headers=headers, content_type="application/json")
-
-    return handler
 
 
 class FakeClock:
@@ -391,80 +324,6 @@ async def pipelined(url: str, data: bytes, answers: int, *, timeout_s: float = E
         return [await read_answer(reader, timeout_s) for _ in range(answers)]
     finally:
         writer.close()
-
-
-# ---------------------------------------------------------------------------
-# A byte-level upstream, for what aiohttp cannot produce
-# ---------------------------------------------------------------------------
-
-Respond = Callable[[asyncio.StreamReader, asyncio.StreamWriter, bytes], Awaitable[None]]
-
-
-@dataclass
-class RawUpstream:
-    """An upstream on 127.0.0.1 that answers each request head with ``respond`` (raw bytes)."""
-
-    respond: Respond
-    heads: list[bytes] = field(default_factory=list)
-    connections: int = 0
-    open_now: int = 0
-    max_open: int = 0
-    url: str = ""
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    _server: asyncio.Server | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-
-    @property
-    def requests(self) -> int:
-        return len(self.heads)
-
-    async def start(self) -> RawUpstream:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self.connections += 1
-        self.open_now += 1
-        self.max_open = max(self.max_open, self.open_now)
-        try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return
-                self.heads.append(head)
-                await self.respond(reader, writer, head)
-                if writer.is_closing():
-                    return
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            self.open_now -= 1
-            self._tasks.discard(task)
-            writer.close()
-
-    async def stop(self) -> None:
-        self.done.set()
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=5)
-        if self._server is not None:
-            await self._server.wait_closed()
-
-
-def http_answer(status: int, body: bytes, headers: dict[str, str] | None = None, reason: str = "X") -> bytes:
-    """An upstream's HTTP/1.1 answer as bytes, with Content-Length and a JSON content type."""
-    lines = [f"HTTP/1.1 {status} {reason}", f"Content-Length: {len(body)}", "Content-Type: application/json"]
-    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
 # ---------------------------------------------------------------------------

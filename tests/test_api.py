@@ -24,7 +24,7 @@ from multidict import CIMultiDict
 
 from gateway import __version__
 from gateway.demo.simulator import Simulator
-from tests.conftest import GatewayFactory, UpstreamFactory
+from tests.conftest import GatewayFactory
 from tests.support import (
     BILLING_KEY,
     REPORTING_KEY,
@@ -32,12 +32,12 @@ from tests.support import (
     FakeClock,
     assert_no_secrets,
     http,
-    json_handler,
     make_config,
     raw_request,
     request_bytes,
     sdk,
 )
+from tests.upstream import Upstream, json_handler
 
 BOUND_S = 30
 CALLERS = [("billing-service", BILLING_KEY), ("reporting", REPORTING_KEY)]
@@ -84,8 +84,8 @@ ODD_BODY = (
 )
 
 
-async def test_a_200_body_is_passed_byte_for_byte(fake_upstream: UpstreamFactory, start: GatewayFactory) -> None:
-    upstream = await fake_upstream(json_handler(body=ODD_BODY))
+async def test_a_200_body_is_passed_byte_for_byte(upstream: Upstream, start: GatewayFactory) -> None:
+    upstream.script(json_handler(body=ODD_BODY))
     gateway = await start(make_config(upstream.url), clock=FakeClock())
     client = sdk(gateway.url)
     first = await asyncio.wait_for(client.batches.with_raw_response.retrieve("batch-1"), BOUND_S)
@@ -94,13 +94,11 @@ async def test_a_200_body_is_passed_byte_for_byte(fake_upstream: UpstreamFactory
     assert second.response.content == ODD_BODY
     assert first.data.batch.name == "caf\u00e9 \u2615"
     assert [r.response.headers["X-Cache"] for r in (first, second)] == ["MISS", "HIT"]
-    assert upstream.calls == 1
+    assert upstream.count() == 1
 
 
-async def test_cache_headers_tell_the_age_and_the_freshness_left(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
-) -> None:
-    upstream = await fake_upstream(json_handler())
+async def test_cache_headers_tell_the_age_and_the_freshness_left(upstream: Upstream, start: GatewayFactory) -> None:
+    upstream.script(json_handler())
     clock = FakeClock()
     config = make_config(upstream.url, cache={"ttl_s": {"active": 30}, "active_jitter": 0})
     gateway = await start(config, clock=clock)
@@ -271,9 +269,9 @@ async def test_a_request_id_is_generated_when_none_is_sent(simulator: Simulator,
     ],
 )
 async def test_the_upstream_url_is_built_from_base_url_and_the_id_alone(
-    target: bytes, host: bytes, fake_upstream: UpstreamFactory, start: GatewayFactory
+    target: bytes, host: bytes, upstream: Upstream, start: GatewayFactory
 ) -> None:
-    upstream = await fake_upstream(json_handler())
+    upstream.script(json_handler())
     gateway = await start(make_config(upstream.url))
     answer = await raw_request(gateway.url, request_bytes(target, host=host))
     assert answer.status == 200
@@ -284,10 +282,8 @@ async def test_the_upstream_url_is_built_from_base_url_and_the_id_alone(
 
 
 @pytest.mark.parametrize("prefix", ["/cohere", "/cohere/", "/a/b/c"])
-async def test_a_base_url_with_a_path_prefix_is_kept(
-    prefix: str, fake_upstream: UpstreamFactory, start: GatewayFactory
-) -> None:
-    upstream = await fake_upstream(json_handler())
+async def test_a_base_url_with_a_path_prefix_is_kept(prefix: str, upstream: Upstream, start: GatewayFactory) -> None:
+    upstream.script(json_handler())
     gateway = await start(make_config(upstream.url + prefix))
     response = await asyncio.wait_for(sdk(gateway.url).batches.retrieve("b1"), BOUND_S)
     assert response.batch.id == "b1"
@@ -295,16 +291,14 @@ async def test_a_base_url_with_a_path_prefix_is_kept(
     assert request.raw_path == prefix.rstrip("/") + "/v2/batches/b1"
 
 
-async def test_the_upstream_is_asked_with_get_and_no_body(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
-) -> None:
+async def test_the_upstream_is_asked_with_get_and_no_body(upstream: Upstream, start: GatewayFactory) -> None:
     bodies: list[bytes] = []
 
     async def record(request: web.Request) -> web.Response:
         bodies.append(await request.read())
         return await json_handler()(request)
 
-    upstream = await fake_upstream(record)
+    upstream.script(record)
     gateway = await start(make_config(upstream.url))
     answer = await http(f"{gateway.url}/v2/batches/b1", data=b"caller-body")
     assert answer.status == 200
@@ -339,6 +333,7 @@ async def the_readme_workflow(co: cohere.AsyncClientV2) -> None:
     assert (await co.batches.retrieve(batch.id)).batch.status in {"BATCH_STATUS_CANCELING", "BATCH_STATUS_CANCELED"}
 
 
+@pytest.mark.one_loop
 @pytest.mark.parametrize("launch", DEMO_LAUNCHES)
 async def test_the_sdk_runs_the_readme_workflow_through_demo_mode(launch: str) -> None:
     env = {k: v for k, v in os.environ.items() if k not in {"COHERE_API_KEY", "GATEWAY_CONFIG"}}

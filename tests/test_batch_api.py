@@ -1,7 +1,7 @@
 """The whole batch API, per caller (DESIGN §8), as services and the upstream see it.
 
 Create, list, retrieve and cancel through the real gateway, in front of the
-fake Cohere batch API of ``tests/batch_upstream.py``, with the cohere SDK as
+fake Cohere batch API of ``tests/upstream.py``, with the cohere SDK as
 the client wherever it can say what the test needs (aiohttp or a raw socket
 elsewhere). Each test asserts what the caller gets and what the upstream
 saw: usually, for a refused request, nothing at all.
@@ -19,18 +19,6 @@ from cohere.batches import Batch
 from cohere.errors import BadRequestError, ForbiddenError, NotFoundError
 
 from gateway.edge.server import RunningGateway
-from tests.batch_upstream import (
-    ACTIVE,
-    ALL_OPERATIONS,
-    CANCELING,
-    BatchUpstream,
-    assert_error,
-    caller,
-    create_body,
-    post_json,
-    upstream_fixture,  # noqa: F401  (the ``upstream`` fixture)
-    write_callers,
-)
 from tests.conftest import GatewayFactory
 from tests.redis_server import RedisServer
 from tests.support import (
@@ -47,6 +35,17 @@ from tests.support import (
     request_bytes,
     sdk,
 )
+from tests.upstream import (
+    ACTIVE,
+    ALL_OPERATIONS,
+    CANCELING,
+    Upstream,
+    assert_error,
+    caller,
+    create_body,
+    post_json,
+    write_callers,
+)
 
 BOUND_S = 30
 
@@ -56,7 +55,7 @@ def batch(name: str = "nightly", input_dataset_id: str = "dataset-1", model: str
 
 
 async def writer_gateway(
-    start: GatewayFactory, fake: BatchUpstream, billing: str = "all", reporting: str = "all", **sections: Any
+    start: GatewayFactory, fake: Upstream, billing: str = "all", reporting: str = "all", **sections: Any
 ) -> RunningGateway:
     """A gateway in front of ``fake`` whose two callers may use every operation, with the given scopes."""
     return await start(make_config(fake.url, callers=write_callers(billing, reporting), **sections))
@@ -109,7 +108,7 @@ def raw_post(target: str, body: bytes, content_type: str | None = "application/j
 
 
 async def test_the_sdk_creates_a_batch_and_gets_the_upstreams_answer_byte_for_byte(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await writer_gateway(start, upstream)
     raw = await asyncio.wait_for(sdk(gateway.url).batches.with_raw_response.create(request=batch("nightly")), BOUND_S)
@@ -134,7 +133,7 @@ ODD_CREATE_BODY = (
 
 
 async def test_a_create_body_is_forwarded_to_the_upstream_byte_for_byte(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await writer_gateway(start, upstream)
     answer = await post_json(f"{gateway.url}/v2/batches", ODD_CREATE_BODY)
@@ -144,9 +143,7 @@ async def test_a_create_body_is_forwarded_to_the_upstream_byte_for_byte(
     assert answer.json["batch"]["name"] == "caf\u00e9 \u2615"
 
 
-async def test_a_created_batch_is_a_cache_hit_on_its_first_retrieve(
-    upstream: BatchUpstream, start: GatewayFactory
-) -> None:
+async def test_a_created_batch_is_a_cache_hit_on_its_first_retrieve(upstream: Upstream, start: GatewayFactory) -> None:
     gateway = await writer_gateway(start, upstream)
     created = await post_json(f"{gateway.url}/v2/batches", create_body())
     batch_id = created.json["batch"]["id"]
@@ -159,7 +156,7 @@ async def test_a_created_batch_is_a_cache_hit_on_its_first_retrieve(
 
 @pytest.mark.parametrize("operation", ["create", "cancel"])
 async def test_by_default_a_caller_may_not_create_or_cancel_and_nothing_reaches_the_upstream(
-    operation: str, upstream: BatchUpstream, start: GatewayFactory
+    operation: str, upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.seed("seeded-1")
     gateway = await start(make_config(upstream.url))  # callers with the default allow: [retrieve, list]
@@ -185,7 +182,7 @@ INVALID_CREATE_FIELDS = [
 
 @pytest.mark.parametrize(("document", "bad_fields"), INVALID_CREATE_FIELDS)
 async def test_a_create_body_without_each_required_string_is_refused_naming_each_bad_field(
-    document: dict[str, Any], bad_fields: list[str], upstream: BatchUpstream, start: GatewayFactory
+    document: dict[str, Any], bad_fields: list[str], upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await writer_gateway(start, upstream)
     answer = await post_json(f"{gateway.url}/v2/batches", json.dumps(document).encode())
@@ -200,7 +197,7 @@ async def test_a_create_body_without_each_required_string_is_refused_naming_each
     [b"[]", b'["name", "input_dataset_id", "model"]', b'"nightly"', b"null", b"42", b"true", b"not json", b"", b"{"],
 )
 async def test_a_create_body_that_is_not_a_json_object_is_refused(
-    body: bytes, upstream: BatchUpstream, start: GatewayFactory
+    body: bytes, upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await writer_gateway(start, upstream)
     assert_error(await raw_request(gateway.url, raw_post("/v2/batches", body)), 400, "invalid_request")
@@ -212,7 +209,7 @@ async def test_a_create_body_that_is_not_a_json_object_is_refused(
     [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/xml"],
 )
 async def test_a_create_not_declared_as_json_is_refused(
-    content_type: str | None, upstream: BatchUpstream, start: GatewayFactory
+    content_type: str | None, upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await writer_gateway(start, upstream)
     answer = await raw_request(gateway.url, raw_post("/v2/batches", create_body(), content_type))
@@ -222,7 +219,7 @@ async def test_a_create_not_declared_as_json_is_refused(
 
 @pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8"])
 async def test_a_create_declared_as_json_with_or_without_parameters_is_accepted(
-    content_type: str, upstream: BatchUpstream, start: GatewayFactory
+    content_type: str, upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await writer_gateway(start, upstream)
     answer = await raw_request(gateway.url, raw_post("/v2/batches", create_body(), content_type))
@@ -239,7 +236,7 @@ def padded_create_body(size: int) -> bytes:
 
 
 async def test_a_create_body_of_exactly_max_body_bytes_is_accepted_and_one_byte_more_is_413(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await writer_gateway(start, upstream)  # server.max_body_bytes: the default, 65536
     at_limit = await raw_request(gateway.url, raw_post("/v2/batches", padded_create_body(65536)))
@@ -256,7 +253,7 @@ def chunked(body: bytes, pieces: int) -> bytes:
 
 
 async def test_a_chunked_create_body_within_the_limit_is_accepted_and_forwarded_whole(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await writer_gateway(start, upstream)
     body = padded_create_body(3000)
@@ -278,7 +275,7 @@ async def test_a_chunked_create_body_within_the_limit_is_accepted_and_forwarded_
     ],
 )
 async def test_a_create_that_may_have_reached_the_upstream_is_never_retried(
-    fault: str, status: int, code: str | None, upstream: BatchUpstream, start: GatewayFactory
+    fault: str, status: int, code: str | None, upstream: Upstream, start: GatewayFactory
 ) -> None:
     if fault == "drop":
         upstream.drop("create")
@@ -293,7 +290,7 @@ async def test_a_create_that_may_have_reached_the_upstream_is_never_retried(
 
 
 async def test_an_upstream_400_on_create_is_a_bad_request_with_the_upstreams_message(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.fail("create", 400, body={"message": "model command-zzz does not exist"})
     gateway = await writer_gateway(start, upstream)
@@ -304,7 +301,7 @@ async def test_an_upstream_400_on_create_is_a_bad_request_with_the_upstreams_mes
 
 
 async def test_the_sdk_raises_its_own_error_classes_with_the_gateways_message_for_refused_writes(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.seed("seeded-1")
     callers = [caller("billing-service", BILLING_KEY), caller("reporting", REPORTING_KEY, ALL_OPERATIONS, "own")]
@@ -334,7 +331,7 @@ CALLER_EXTRAS = {
 
 @pytest.mark.parametrize("operation", ALL_OPERATIONS)
 async def test_every_operation_reaches_the_upstream_with_the_shared_token_and_the_callers_name_only(
-    operation: str, upstream: BatchUpstream, start: GatewayFactory
+    operation: str, upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.seed("seeded-1")
     gateway = await writer_gateway(start, upstream)
@@ -357,7 +354,7 @@ async def test_every_operation_reaches_the_upstream_with_the_shared_token_and_th
 
 
 async def test_the_sdk_lists_batches_page_by_page_as_the_upstream_answers(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     for n in range(3):
         upstream.seed(f"seeded-{n}", age_s=100 - n)
@@ -381,7 +378,7 @@ async def test_the_sdk_lists_batches_page_by_page_as_the_upstream_answers(
 
 
 async def test_a_list_without_parameters_forwards_none_and_is_never_cached(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.seed("seeded-1")
     gateway = await start(make_config(upstream.url))
@@ -423,7 +420,7 @@ INVALID_LIST_QUERIES = [
 
 @pytest.mark.parametrize("query", INVALID_LIST_QUERIES)
 async def test_a_list_query_with_anything_but_the_three_known_valid_parameters_is_refused(
-    query: str, upstream: BatchUpstream, start: GatewayFactory
+    query: str, upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await start(make_config(upstream.url))
     answer = await raw_request(gateway.url, request_bytes(f"/v2/batches?{query}"))
@@ -447,7 +444,7 @@ VALID_LIST_QUERIES = [
 
 @pytest.mark.parametrize(("query", "forwarded"), VALID_LIST_QUERIES)
 async def test_a_valid_list_query_is_forwarded_with_exactly_its_parameters(
-    query: str, forwarded: dict[str, str], upstream: BatchUpstream, start: GatewayFactory
+    query: str, forwarded: dict[str, str], upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await start(make_config(upstream.url))
     answer = await raw_request(gateway.url, request_bytes(f"/v2/batches?{query}"))
@@ -458,7 +455,7 @@ async def test_a_valid_list_query_is_forwarded_with_exactly_its_parameters(
 
 
 async def test_an_own_caller_lists_only_its_own_batches_with_the_page_token_kept(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     for n in range(4):
         upstream.seed(f"foreign-{n}", age_s=100 - n)  # older than anything created below
@@ -480,7 +477,7 @@ async def test_an_own_caller_lists_only_its_own_batches_with_the_page_token_kept
 
 @pytest.mark.parametrize("operation", ["retrieve", "list"])
 async def test_a_caller_without_an_operation_in_allow_is_refused_it(
-    operation: str, upstream: BatchUpstream, start: GatewayFactory
+    operation: str, upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.seed("seeded-1")
     others = [op for op in ALL_OPERATIONS if op != operation]
@@ -493,9 +490,7 @@ async def test_a_caller_without_an_operation_in_allow_is_refused_it(
 # --- retrieve, scoped --------------------------------------------------------------------
 
 
-async def test_an_own_caller_retrieves_only_the_batches_it_created(
-    upstream: BatchUpstream, start: GatewayFactory
-) -> None:
+async def test_an_own_caller_retrieves_only_the_batches_it_created(upstream: Upstream, start: GatewayFactory) -> None:
     upstream.seed("seeded-1")
     gateway = await writer_gateway(start, upstream, billing="own", reporting="own")
     mine = await create(gateway, BILLING_KEY, "mine")
@@ -509,7 +504,7 @@ async def test_an_own_caller_retrieves_only_the_batches_it_created(
 
 
 async def test_an_own_caller_gets_404_for_a_batch_another_caller_has_just_retrieved(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.seed("seeded-1")
     gateway = await writer_gateway(start, upstream, billing="own", reporting="all")
@@ -519,9 +514,7 @@ async def test_an_own_caller_gets_404_for_a_batch_another_caller_has_just_retrie
     assert upstream.count("retrieve") == 1
 
 
-async def test_an_all_caller_retrieves_a_batch_an_own_caller_created(
-    upstream: BatchUpstream, start: GatewayFactory
-) -> None:
+async def test_an_all_caller_retrieves_a_batch_an_own_caller_created(upstream: Upstream, start: GatewayFactory) -> None:
     gateway = await writer_gateway(start, upstream, billing="own", reporting="all")
     mine = await create(gateway, BILLING_KEY)
     answer = await retrieve(gateway, mine, REPORTING_KEY)
@@ -529,7 +522,7 @@ async def test_an_all_caller_retrieves_a_batch_an_own_caller_created(
 
 
 async def test_an_own_callers_batch_is_fetched_again_from_the_upstream_once_its_entry_expires(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     clock = FakeClock()
     config = make_config(upstream.url, callers=write_callers("own"), cache={"active_jitter": 0})
@@ -546,7 +539,7 @@ async def test_an_own_callers_batch_is_fetched_again_from_the_upstream_once_its_
 
 
 async def test_the_sdk_cancels_a_batch_and_the_next_retrieve_shows_the_cancellation(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.seed("seeded-1", status=ACTIVE)
     gateway = await writer_gateway(start, upstream)
@@ -566,7 +559,7 @@ async def test_the_sdk_cancels_a_batch_and_the_next_retrieve_shows_the_cancellat
 
 @pytest.mark.parametrize("body", [b"", b"{}"])
 async def test_a_cancel_body_may_be_empty_or_an_empty_object_and_none_is_forwarded(
-    body: bytes, upstream: BatchUpstream, start: GatewayFactory
+    body: bytes, upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.seed("seeded-1")
     gateway = await writer_gateway(start, upstream)
@@ -578,7 +571,7 @@ async def test_a_cancel_body_may_be_empty_or_an_empty_object_and_none_is_forward
 
 @pytest.mark.parametrize("body", [b'{"reason": "too slow"}', b"[]", b"null", b'""', b"not json", b"{"])
 async def test_a_cancel_body_other_than_an_empty_object_is_refused(
-    body: bytes, upstream: BatchUpstream, start: GatewayFactory
+    body: bytes, upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.seed("seeded-1")
     gateway = await writer_gateway(start, upstream)
@@ -587,9 +580,7 @@ async def test_a_cancel_body_other_than_an_empty_object_is_refused(
 
 
 @pytest.mark.parametrize("batch_id", ["-starts-with-a-dash", "_underscore", "a.b", "a" * 129, "caf%C3%A9"])
-async def test_a_cancel_of_a_malformed_id_is_refused(
-    batch_id: str, upstream: BatchUpstream, start: GatewayFactory
-) -> None:
+async def test_a_cancel_of_a_malformed_id_is_refused(batch_id: str, upstream: Upstream, start: GatewayFactory) -> None:
     gateway = await writer_gateway(start, upstream)
     answer = await raw_request(gateway.url, raw_post(f"/v2/batches/{batch_id}:cancel", b""))
     assert_error(answer, 400, "invalid_batch_id")
@@ -597,7 +588,7 @@ async def test_a_cancel_of_a_malformed_id_is_refused(
 
 
 async def test_an_own_caller_cannot_cancel_a_batch_it_did_not_create_even_a_cached_one(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.seed("seeded-1")
     gateway = await writer_gateway(start, upstream, billing="own", reporting="own")
@@ -610,14 +601,14 @@ async def test_an_own_caller_cannot_cancel_a_batch_it_did_not_create_even_a_cach
     assert [s.path for s in upstream.calls("cancel")] == [f"/v2/batches/{mine}:cancel"]
 
 
-async def test_an_upstream_404_on_cancel_is_not_found(upstream: BatchUpstream, start: GatewayFactory) -> None:
+async def test_an_upstream_404_on_cancel_is_not_found(upstream: Upstream, start: GatewayFactory) -> None:
     gateway = await writer_gateway(start, upstream)
     assert_error(await cancel(gateway, "never-existed"), 404, "not_found")
     assert upstream.count("cancel") == 1
 
 
 async def test_a_refresh_in_flight_when_a_cancel_succeeds_does_not_bring_back_the_old_state(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.seed("seeded-1", status=ACTIVE)
     gateway = await writer_gateway(start, upstream)
@@ -640,7 +631,7 @@ async def test_a_refresh_in_flight_when_a_cancel_succeeds_does_not_bring_back_th
 
 @pytest.mark.parametrize("operation", ALL_OPERATIONS)
 async def test_an_unknown_key_is_refused_before_permission_validation_or_scope(
-    operation: str, upstream: BatchUpstream, start: GatewayFactory
+    operation: str, upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await start(make_config(upstream.url))  # default allow: no create, no cancel
     answer = await send(operation, gateway, "-malformed-id", key="not-a-known-key-at-all-0")
@@ -649,7 +640,7 @@ async def test_an_unknown_key_is_refused_before_permission_validation_or_scope(
 
 
 async def test_a_caller_past_its_own_rate_limit_is_refused_before_its_permissions_are_looked_at(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.seed("seeded-1")
     limited = caller("reporting", REPORTING_KEY, ["retrieve"], rate_limit={"requests_per_s": 0.001, "burst": 1})
@@ -661,9 +652,7 @@ async def test_a_caller_past_its_own_rate_limit_is_refused_before_its_permission
     assert upstream.count() == 1
 
 
-async def test_permission_is_checked_before_the_request_is_validated(
-    upstream: BatchUpstream, start: GatewayFactory
-) -> None:
+async def test_permission_is_checked_before_the_request_is_validated(upstream: Upstream, start: GatewayFactory) -> None:
     gateway = await start(make_config(upstream.url, callers=[caller("billing-service", BILLING_KEY, ["retrieve"])]))
     refused = [
         await post_json(f"{gateway.url}/v2/batches", b'{"name": 5}'),
@@ -676,7 +665,7 @@ async def test_permission_is_checked_before_the_request_is_validated(
 
 
 async def test_the_request_is_validated_before_an_own_callers_scope_is_checked(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.seed("seeded-1")
     gateway = await writer_gateway(start, upstream, billing="own")
@@ -691,7 +680,7 @@ async def test_the_request_is_validated_before_an_own_callers_scope_is_checked(
 
 @pytest.mark.parametrize("operation", ["create", "cancel"])
 async def test_a_write_waits_for_upstream_budget_while_a_retrieve_is_refused_at_once(
-    operation: str, upstream: BatchUpstream, start: GatewayFactory
+    operation: str, upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.seed("seeded-1")
     # One token, then one every 2 s (real time); retrieves may not wait, writes may, up to timeout_s.
@@ -709,7 +698,7 @@ async def test_a_write_waits_for_upstream_budget_while_a_retrieve_is_refused_at_
 
 @pytest.mark.parametrize("operation", ["create", "cancel"])
 async def test_during_an_upstream_429_pause_a_write_is_refused_at_once_without_an_upstream_call(
-    operation: str, upstream: BatchUpstream, start: GatewayFactory
+    operation: str, upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.seed("seeded-1")
     upstream.fail("retrieve", 429, headers={"Retry-After": "30"})
@@ -726,7 +715,7 @@ async def test_during_an_upstream_429_pause_a_write_is_refused_at_once_without_a
 
 
 async def test_ownership_survives_a_restart_on_the_same_store(
-    upstream: BatchUpstream, start: GatewayFactory, tmp_path: Path
+    upstream: Upstream, start: GatewayFactory, tmp_path: Path
 ) -> None:
     store = {"path": str(tmp_path / "s.db")}
     config = make_config(upstream.url, callers=write_callers("own", "own"), store=store)
@@ -743,7 +732,7 @@ async def test_ownership_survives_a_restart_on_the_same_store(
 
 
 async def test_renaming_a_caller_hands_its_batches_to_no_one(
-    upstream: BatchUpstream, start: GatewayFactory, tmp_path: Path
+    upstream: Upstream, start: GatewayFactory, tmp_path: Path
 ) -> None:
     store = {"path": str(tmp_path / "s.db")}
     first = await start(make_config(upstream.url, callers=write_callers("own", "own"), store=store))
@@ -782,7 +771,7 @@ def kept_alive_get(batch_id: str, key: str) -> bytes:
 
 
 async def test_a_caller_without_retrieve_gets_403_for_a_cached_batch_after_a_hit_on_the_same_connection(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.seed("seeded-1")
     callers = [caller("billing-service", BILLING_KEY), caller("reporting", REPORTING_KEY, ["list"])]
@@ -799,7 +788,7 @@ async def test_a_caller_without_retrieve_gets_403_for_a_cached_batch_after_a_hit
 
 @pytest.mark.parametrize("cached_by", ["created by another caller", "retrieved by an all-scoped caller"])
 async def test_an_own_caller_gets_404_for_a_cached_batch_not_its_own_after_a_hit_on_the_same_connection(
-    cached_by: str, upstream: BatchUpstream, start: GatewayFactory
+    cached_by: str, upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.seed("seeded-1")
     gateway = await writer_gateway(start, upstream, billing="own", reporting="all")
@@ -820,7 +809,7 @@ async def test_an_own_caller_gets_404_for_a_cached_batch_not_its_own_after_a_hit
 
 
 async def test_an_own_caller_gets_its_own_cached_batch_on_a_kept_alive_connection_after_another_callers_hit(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await writer_gateway(start, upstream, billing="own", reporting="own")
     mine = await create(gateway, BILLING_KEY, "mine")
@@ -839,7 +828,7 @@ async def test_an_own_caller_gets_its_own_cached_batch_on_a_kept_alive_connectio
 
 
 async def test_with_redis_lost_an_own_callers_unknown_owner_fails_closed_after_an_inline_hit_on_the_same_connection(
-    upstream: BatchUpstream, start: GatewayFactory, redis_server: RedisServer
+    upstream: Upstream, start: GatewayFactory, redis_server: RedisServer
 ) -> None:
     """DESIGN §10: the owner this process knows still answers inline; one only Redis knew is 503, never a guess."""
     shared = {"redis": {"url": redis_server.url, "probe_interval_s": 30}}

@@ -23,7 +23,8 @@ from gateway.cache.store import MemoryStore
 from gateway.config import CacheSettings
 from gateway.upstream.answers import UpstreamReply
 from gateway.upstream.cohere import Lifetime, parse_batch_body
-from tests.support import FakeClock, batch_body
+from tests.support import FakeClock
+from tests.upstream import batch_body
 
 ACTIVE, TERMINAL, NOT_FOUND, KEEP = 5.0, 86400.0, 10.0, 600.0
 

@@ -17,8 +17,9 @@ import pytest
 from aiohttp import web
 
 from gateway.demo.simulator import Simulator, start_simulator
-from tests.conftest import GatewayFactory, UpstreamFactory
+from tests.conftest import GatewayFactory
 from tests.support import UPSTREAM_TOKEN, FakeClock, eventually, http, make_config, registry_value
+from tests.upstream import Upstream
 
 BOUND_S = 20.0
 WAITED = ("batch-a", "batch-b", "batch-c", "batch-d")
@@ -77,7 +78,7 @@ async def test_waited_batches_are_looked_after_by_one_list_call_and_only_the_cha
 
 
 async def test_a_list_that_comes_back_oldest_first_hands_every_batch_back_to_its_own_refresh(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     status = {b: "BATCH_STATUS_IN_PROGRESS" for b in WAITED}
 
@@ -91,7 +92,7 @@ async def test_a_list_that_comes_back_oldest_first_hands_every_batch_back_to_its
         batch_id = request.path.rsplit("/", 1)[-1]
         return web.json_response({"batch": batch(batch_id, 30 if status[batch_id].endswith("COMPLETED") else 0)})
 
-    upstream = await fake_upstream(handler)
+    upstream.script(handler)
     gateway = await start(make_config(upstream.url, cache=FAST))
     waiters = await hold_waiters(gateway.url, WAITED)
     assert await eventually(lambda: not gateway.state.refresher.detecting, BOUND_S)

@@ -434,6 +434,7 @@ def test_a_key_file_holding_another_callers_key_is_a_duplicate(tmp_path: Path) -
     assert raised.value.problems == ["callers.1.key_file: same key as callers.0"]
 
 
+@pytest.mark.one_loop
 async def test_a_rotated_key_file_is_read_again_on_sighup(
     tmp_path: Path, simulator: Simulator, gateway_process: ProcessFactory
 ) -> None:

@@ -23,6 +23,9 @@ import pytest
 from tests.redis_server import RedisServer
 from tests.support import http, write_config
 
+# The gateway under test runs in child processes (on uvloop whatever the test's loop): one loop is enough.
+pytestmark = pytest.mark.one_loop
+
 BOUND_S = 30.0
 DEMO_IGNORES = "demo mode ignores these config keys (no Redis, a temporary store, one process, 127.0.0.1 unless --host)"
 

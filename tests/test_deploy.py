@@ -28,10 +28,11 @@ from redis.exceptions import AuthenticationError
 
 import gateway
 from gateway.edge.server import reload_config
-from tests.conftest import GatewayFactory, UpstreamFactory
+from tests.conftest import GatewayFactory
 from tests.opskit import REPO, Exported, documented_metric_problems, exported_from_text, metric_problems
 from tests.redis_server import REDIS_SERVER, RedisServer
-from tests.support import BILLING_KEY, REPORTING_KEY, batch_body, json_handler, make_config, scrape_metrics
+from tests.support import BILLING_KEY, REPORTING_KEY, make_config, scrape_metrics
+from tests.upstream import Upstream, batch_body, json_handler
 
 KUBERNETES = REPO / "deploy" / "kubernetes"
 COMPOSE = REPO / "deploy" / "compose.yaml"
@@ -718,14 +719,14 @@ REDIS_LOST_WITHIN_S = 5.0
 
 
 async def exported_metrics(
-    fake_upstream: UpstreamFactory, start: GatewayFactory, redis_server: RedisServer
+    upstream: Upstream, start: GatewayFactory, redis_server: RedisServer
 ) -> tuple[str, Exported]:
     """A gateway's /metrics, with redis.url set, after requests that make every labelled series the kit uses exist.
 
     Redis is stalled (SIGSTOP) until the gateway loses it, then continued until
     it regains it: gateway_redis_transitions_total and gateway_redis_errors_total.
     """
-    upstream = await fake_upstream(json_handler(body=batch_body(status="BATCH_STATUS_QUEUED")))
+    upstream.script(json_handler(body=batch_body(status="BATCH_STATUS_QUEUED")))
     config = make_config(
         upstream.url,
         upstream={"rate_limit": {"requests_per_s": 0.01, "burst": 2}, "budget_wait_s": 0},
@@ -770,9 +771,9 @@ async def exported_metrics(
 
 
 async def test_the_dashboard_and_the_rules_name_only_metrics_and_labels_the_gateway_exports(
-    fake_upstream: UpstreamFactory, start: GatewayFactory, redis_server: RedisServer, tmp_path: Path
+    upstream: Upstream, start: GatewayFactory, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    _, exported = await exported_metrics(fake_upstream, start, redis_server)
+    _, exported = await exported_metrics(upstream, start, redis_server)
     assert metric_problems(REPO, exported) == []
 
     # A copy whose dashboard names metrics the gateway lacks and groups by a label they lack, and whose
@@ -810,9 +811,9 @@ async def test_the_dashboard_and_the_rules_name_only_metrics_and_labels_the_gate
 
 
 async def test_every_metric_the_gateway_exports_has_a_row_in_the_observability_doc(
-    fake_upstream: UpstreamFactory, start: GatewayFactory, redis_server: RedisServer, tmp_path: Path
+    upstream: Upstream, start: GatewayFactory, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    text, _ = await exported_metrics(fake_upstream, start, redis_server)
+    text, _ = await exported_metrics(upstream, start, redis_server)
     assert documented_metric_problems(REPO, text) == []
 
     (tmp_path / "docs").mkdir()
@@ -825,8 +826,8 @@ async def test_every_metric_the_gateway_exports_has_a_row_in_the_observability_d
     ]
 
 
-async def test_metrics_report_the_version_as_build_info(fake_upstream: UpstreamFactory, start: GatewayFactory) -> None:
-    upstream = await fake_upstream(json_handler())
+async def test_metrics_report_the_version_as_build_info(upstream: Upstream, start: GatewayFactory) -> None:
+    upstream.script(json_handler())
     gateway_ = await start(make_config(upstream.url))
     _, samples = await scrape_metrics(gateway_.url)
     [(labels, value)] = [(dict(k[1]), v) for k, v in samples.items() if k[0] == "gateway_build_info"]

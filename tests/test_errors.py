@@ -19,24 +19,22 @@ from cohere.core.api_error import ApiError
 from cohere.errors import BadRequestError, NotFoundError, ServiceUnavailableError, UnauthorizedError
 from multidict import CIMultiDict
 
-from tests.conftest import GatewayFactory, UpstreamFactory
+from tests.conftest import GatewayFactory
 from tests.support import (
     BILLING_KEY,
     REPORTING_KEY,
     UPSTREAM_TOKEN,
     Answer,
     FakeClock,
-    FakeUpstream,
     assert_no_secrets,
-    batch_body,
     free_port,
     http,
-    json_handler,
     make_config,
     raw_request,
     request_bytes,
     sdk,
 )
+from tests.upstream import Upstream, batch_body, json_handler
 
 BOUND_S = 30  # no single exchange in this file may take longer
 
@@ -80,19 +78,19 @@ def get_head(target: bytes, *extra: bytes, key: str = BILLING_KEY) -> bytes:
 
 
 @pytest.fixture
-async def upstream(fake_upstream: UpstreamFactory) -> FakeUpstream:
-    return await fake_upstream(json_handler())
+async def upstream(upstream: Upstream) -> Upstream:
+    return upstream.script(json_handler())
 
 
 # --- caused by the caller ---------------------------------------------------------------
 
 
-async def test_an_unknown_caller_key_is_401_unauthorized(upstream: FakeUpstream, start: GatewayFactory) -> None:
+async def test_an_unknown_caller_key_is_401_unauthorized(upstream: Upstream, start: GatewayFactory) -> None:
     gateway = await start(make_config(upstream.url))
     exc, answer = await sdk_error(gateway.url, "batch-1", key="not-a-configured-key-123")
     assert type(exc) is UnauthorizedError
     assert_contract_error(answer, 401, "unauthorized")
-    assert upstream.calls == 0
+    assert upstream.count() == 0
 
 
 @pytest.mark.parametrize(
@@ -112,14 +110,14 @@ async def test_an_unknown_caller_key_is_401_unauthorized(upstream: FakeUpstream,
     ],
 )
 async def test_a_missing_or_malformed_authorization_is_401_never_500(
-    authorization: bytes | None, upstream: FakeUpstream, start: GatewayFactory
+    authorization: bytes | None, upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await start(make_config(upstream.url))
     extra = [] if authorization is None else [b"Authorization: " + authorization]
     answer = await raw_request(gateway.url, request_bytes(b"/v2/batches/batch-1", extra, host="gateway", key=None))
     document = assert_contract_error(answer, 401, "unauthorized")
     assert "REDACTED" not in document["message"]  # our own hints reach the caller intact
-    assert upstream.calls == 0
+    assert upstream.count() == 0
 
 
 @pytest.mark.parametrize(
@@ -127,26 +125,24 @@ async def test_a_missing_or_malformed_authorization_is_401_never_500(
     [BILLING_KEY, REPORTING_KEY, "not-a-configured-key-123"],
     ids=["same key twice", "two known keys", "known then unknown"],
 )
-async def test_a_doubled_authorization_is_401_never_500(
-    second: str, upstream: FakeUpstream, start: GatewayFactory
-) -> None:
+async def test_a_doubled_authorization_is_401_never_500(second: str, upstream: Upstream, start: GatewayFactory) -> None:
     gateway = await start(make_config(upstream.url))
     answer = await raw_request(
         gateway.url, get_head(b"/v2/batches/batch-1", b"Authorization: Bearer " + second.encode())
     )
     assert_contract_error(answer, 401, "unauthorized")
-    assert upstream.calls == 0
+    assert upstream.count() == 0
 
 
 @pytest.mark.parametrize("batch_id", ["bad id", "-leading-dash", "a" * 129, "batch!", "b\u00e4tch", "a:cancel"])
 async def test_a_malformed_batch_id_is_400_invalid_batch_id(
-    batch_id: str, upstream: FakeUpstream, start: GatewayFactory
+    batch_id: str, upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await start(make_config(upstream.url))
     exc, answer = await sdk_error(gateway.url, batch_id)
     assert type(exc) is BadRequestError
     assert_contract_error(answer, 400, "invalid_batch_id")
-    assert upstream.calls == 0
+    assert upstream.count() == 0
 
 
 @pytest.mark.parametrize(
@@ -188,7 +184,7 @@ async def test_a_malformed_batch_id_is_400_invalid_batch_id(
     ],
 )
 async def test_ids_that_try_to_escape_are_refused_and_never_reach_the_upstream(
-    target: bytes, upstream: FakeUpstream, start: GatewayFactory
+    target: bytes, upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await start(make_config(upstream.url))
     answer = await raw_request(gateway.url, get_head(target))
@@ -196,28 +192,28 @@ async def test_ids_that_try_to_escape_are_refused_and_never_reach_the_upstream(
     code = answer.document["code"]
     assert code in {"invalid_batch_id", "route_not_found", "malformed_request"}
     assert_contract_error(answer, answer.status, code)
-    assert upstream.calls == 0
+    assert upstream.count() == 0
 
 
 @pytest.mark.parametrize(
     "path", ["/", "/v1/batches/batch-1", "/v2/batches/", "/v2/batches/batch-1/cancel", "/v2/chat", "/V2/batches/b"]
 )
-async def test_an_unknown_path_is_404_route_not_found(path: str, upstream: FakeUpstream, start: GatewayFactory) -> None:
+async def test_an_unknown_path_is_404_route_not_found(path: str, upstream: Upstream, start: GatewayFactory) -> None:
     gateway = await start(make_config(upstream.url))
     answer = await http(gateway.url + path)
     assert_contract_error(answer, 404, "route_not_found")
-    assert upstream.calls == 0
+    assert upstream.count() == 0
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
 async def test_a_wrong_method_on_a_known_path_is_405_with_allow(
-    method: str, upstream: FakeUpstream, start: GatewayFactory
+    method: str, upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await start(make_config(upstream.url))
     answer = await http(gateway.url + "/v2/batches/batch-1", method=method)
     assert_contract_error(answer, 405, "method_not_allowed")
     assert answer.headers["Allow"] == "GET, HEAD"
-    assert upstream.calls == 0
+    assert upstream.count() == 0
 
 
 @pytest.mark.parametrize(
@@ -231,24 +227,22 @@ async def test_a_wrong_method_on_a_known_path_is_405_with_allow(
         ),
     ],
 )
-async def test_an_oversized_request_head_is_431_json(
-    head: bytes, upstream: FakeUpstream, start: GatewayFactory
-) -> None:
+async def test_an_oversized_request_head_is_431_json(head: bytes, upstream: Upstream, start: GatewayFactory) -> None:
     gateway = await start(make_config(upstream.url))
     answer = await raw_request(gateway.url, head)
     assert_contract_error(answer, 431, "request_too_large")
-    assert upstream.calls == 0
+    assert upstream.count() == 0
 
 
-async def test_an_oversized_body_is_413_request_too_large(upstream: FakeUpstream, start: GatewayFactory) -> None:
+async def test_an_oversized_body_is_413_request_too_large(upstream: Upstream, start: GatewayFactory) -> None:
     gateway = await start(make_config(upstream.url, server={"max_body_bytes": 1024}))
     answer = await http(gateway.url + "/v2/batches/batch-1", data=b"x" * 4096)
     assert_contract_error(answer, 413, "request_too_large")
-    assert upstream.calls == 0
+    assert upstream.count() == 0
 
 
 async def test_a_caller_over_its_rate_limit_is_429_caller_rate_limited(
-    upstream: FakeUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     limited = {"name": "billing-service", "key": BILLING_KEY, "rate_limit": {"requests_per_s": 0.1, "burst": 1}}
     gateway = await start(make_config(upstream.url, callers=[limited]), clock=FakeClock())
@@ -258,10 +252,10 @@ async def test_a_caller_over_its_rate_limit_is_429_caller_rate_limited(
     assert type(exc) is ApiError  # the SDK has no class of its own for 429 on this endpoint
     assert_contract_error(answer, 429, "caller_rate_limited", retry_after=True)
     assert answer.headers["Retry-After"] == "10"
-    assert upstream.calls == 1
+    assert upstream.count() == 1
 
 
-async def test_the_gateways_own_budget_spent_is_429_rate_limited(upstream: FakeUpstream, start: GatewayFactory) -> None:
+async def test_the_gateways_own_budget_spent_is_429_rate_limited(upstream: Upstream, start: GatewayFactory) -> None:
     budget = {"rate_limit": {"requests_per_s": 0.5, "burst": 1}, "budget_wait_s": 0}
     gateway = await start(make_config(upstream.url, upstream=budget), clock=FakeClock())
     await asyncio.wait_for(sdk(gateway.url).batches.retrieve("batch-1"), BOUND_S)
@@ -269,7 +263,7 @@ async def test_the_gateways_own_budget_spent_is_429_rate_limited(upstream: FakeU
     assert type(exc) is ApiError
     assert_contract_error(answer, 429, "rate_limited", retry_after=True)
     assert answer.headers["Retry-After"] == "2"
-    assert upstream.calls == 1
+    assert upstream.count() == 1
 
 
 # --- answered by, or failed at, the upstream ----------------------------------------------------------
@@ -347,9 +341,9 @@ def row_handler(row: UpstreamRow) -> Any:
 
 @pytest.mark.parametrize("row", UPSTREAM_ROWS.values(), ids=UPSTREAM_ROWS.keys())
 async def test_each_upstream_answer_becomes_its_row_of_the_error_table(
-    row: UpstreamRow, fake_upstream: UpstreamFactory, start: GatewayFactory
+    row: UpstreamRow, upstream: Upstream, start: GatewayFactory
 ) -> None:
-    upstream = await fake_upstream(row_handler(row))
+    upstream.script(row_handler(row))
     # A fresh gateway per row: an upstream 429 or 503 pauses every upstream call (§6).
     gateway = await start(make_config(upstream.url, upstream={"max_body_bytes": row.max_body_bytes}))
     exc, answer = await sdk_error(gateway.url, "batch-1")
@@ -361,13 +355,13 @@ async def test_each_upstream_answer_becomes_its_row_of_the_error_table(
         assert answer.headers["Retry-After"] == row.retry_after
     if row.answer_status in (400, 404):
         assert document["message"] == json.loads(row.answer_body)["message"]
-    assert upstream.calls >= 1
+    assert upstream.count() >= 1
 
 
 async def test_the_upstream_message_of_a_401_is_not_shown_to_the_caller(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
-    upstream = await fake_upstream(json_handler(401, b'{"message": "invalid api token"}'))
+    upstream.script(json_handler(401, b'{"message": "invalid api token"}'))
     gateway = await start(make_config(upstream.url))
     _exc, answer = await sdk_error(gateway.url, "batch-1")
     assert "invalid api token" not in answer.document["message"]
@@ -375,33 +369,33 @@ async def test_the_upstream_message_of_a_401_is_not_shown_to_the_caller(
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 async def test_an_upstream_redirect_is_502_and_never_followed(
-    status: int, fake_upstream: UpstreamFactory, start: GatewayFactory
+    status: int, upstream: Upstream, start: GatewayFactory
 ) -> None:
-    target = await fake_upstream(json_handler())
+    target = (await upstream.another()).script(json_handler())
 
     async def redirect(_request: web.Request) -> web.Response:
         return web.Response(status=status, headers={"Location": f"{target.url}/v2/batches/batch-1"})
 
-    upstream = await fake_upstream(redirect)
+    upstream.script(redirect)
     gateway = await start(make_config(upstream.url))
     exc, answer = await sdk_error(gateway.url, "batch-1")
     assert type(exc) is ApiError
     assert_contract_error(answer, 502, "upstream_error", upstream_status=status)
     assert "Location" not in answer.headers
-    assert upstream.calls == 1
-    assert target.calls == 0
+    assert upstream.count() == 1
+    assert target.count() == 0
 
 
 async def test_an_upstream_that_does_not_answer_in_time_is_504_upstream_timeout(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
-    upstream = await fake_upstream(json_handler())
-    upstream.release = asyncio.Event()  # held until teardown
+    upstream.script(json_handler())
+    upstream.hold(times=None)  # held until teardown
     gateway = await start(make_config(upstream.url, upstream={"timeout_s": 0.5}))
     exc, answer = await sdk_error(gateway.url, "batch-1")
     assert type(exc) is ApiError
     assert_contract_error(answer, 504, "upstream_timeout")
-    assert upstream.calls >= 1
+    assert upstream.count() >= 1
 
 
 async def test_an_unreachable_upstream_is_502_upstream_unreachable(start: GatewayFactory) -> None:
@@ -411,15 +405,13 @@ async def test_an_unreachable_upstream_is_502_upstream_unreachable(start: Gatewa
     assert_contract_error(answer, 502, "upstream_unreachable")
 
 
-async def test_an_upstream_that_drops_the_connection_is_502_not_500(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
-) -> None:
+async def test_an_upstream_that_drops_the_connection_is_502_not_500(upstream: Upstream, start: GatewayFactory) -> None:
     async def hang_up(request: web.Request) -> web.Response:
         assert request.transport is not None
         request.transport.close()
         return web.Response()
 
-    upstream = await fake_upstream(hang_up)
+    upstream.script(hang_up)
     gateway = await start(make_config(upstream.url))
     exc, answer = await sdk_error(gateway.url, "batch-1")
     assert type(exc) is ApiError
@@ -429,10 +421,10 @@ async def test_an_upstream_that_drops_the_connection_is_502_not_500(
 
 @pytest.mark.parametrize("status", [400, 404])
 async def test_an_upstream_message_that_echoes_the_token_is_kept_without_it(
-    status: int, fake_upstream: UpstreamFactory, start: GatewayFactory
+    status: int, upstream: Upstream, start: GatewayFactory
 ) -> None:
     message = f"id rejected; you sent {UPSTREAM_TOKEN} as 'Bearer {UPSTREAM_TOKEN}'"
-    upstream = await fake_upstream(json_handler(status, json.dumps({"message": message}).encode()))
+    upstream.script(json_handler(status, json.dumps({"message": message}).encode()))
     gateway = await start(make_config(upstream.url))
     for _ in range(2):  # the second 404 comes from the cache
         _exc, answer = await sdk_error(gateway.url, "batch-1")

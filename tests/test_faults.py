@@ -4,7 +4,7 @@ Each fault is met by ``WAITERS`` concurrent requests for the same id. The
 upstream call is held (``hold_fetch_until_all_wait``) until all of them
 wait on it, so every case exercises one shared fetch and its one outcome.
 Faults that aiohttp cannot produce (silence, trickling, resets, truncation,
-interim responses, compressed bombs) come from ``RawUpstream``: a server on
+interim responses, compressed bombs) come from ``Upstream``: a server on
 127.0.0.1 that writes whatever bytes the test gives it.
 """
 
@@ -28,21 +28,18 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.edge.server import RunningGateway
-from tests.conftest import GatewayFactory, RawUpstreamFactory, UpstreamFactory
+from tests.conftest import GatewayFactory
 from tests.support import (
     BILLING_KEY,
     UPSTREAM_TOKEN,
     Answer,
     FakeClock,
-    RawUpstream,
-    Respond,
     assert_no_secrets,
-    batch_body,
     free_port,
-    http_answer,
     make_config,
     registry_value,
 )
+from tests.upstream import Respond, Upstream, batch_body, http_answer
 
 WAITERS = 50
 BOUND_S = 30.0
@@ -145,11 +142,11 @@ def fault_config(base_url: str, **upstream: Any) -> Any:
 
 
 async def fan_out_through(
-    start: GatewayFactory, raw_upstream: RawUpstreamFactory, respond: Respond, **upstream: Any
-) -> tuple[RawUpstream, list[Answer]]:
+    start: GatewayFactory, upstream: Upstream, respond: Respond, **settings: Any
+) -> tuple[Upstream, list[Answer]]:
     """A gateway in front of a raw upstream that answers with ``respond``; every waiter's answer."""
-    raw = await raw_upstream(respond)
-    gateway = await start(fault_config(raw.url, **upstream))
+    raw = upstream.raw(respond)
+    gateway = await start(fault_config(raw.url, **settings))
     return raw, await fan_out(gateway)
 
 
@@ -169,16 +166,16 @@ async def test_a_refused_connection_is_502_unreachable_for_every_waiter_after_th
 
 
 async def test_an_upstream_that_accepts_and_stays_silent_is_504_for_every_waiter(
-    start: GatewayFactory, raw_upstream: RawUpstreamFactory
+    start: GatewayFactory, upstream: Upstream
 ) -> None:
     async def silent(_reader: asyncio.StreamReader, _writer: asyncio.StreamWriter, _head: bytes) -> None:
-        await upstream.done.wait()
+        await upstream.stopping.wait()
 
-    upstream = await raw_upstream(silent)
+    upstream.raw(silent)
     gateway = await start(fault_config(upstream.url, timeout_s=SHORT_TIMEOUT_S))
     answers = await fan_out(gateway)
     assert_all(answers, 504, "upstream_timeout")
-    assert upstream.requests == 1
+    assert upstream.count() == 1
 
 
 async def test_an_upstream_that_accepts_and_never_reads_is_504_for_every_waiter(start: GatewayFactory) -> None:
@@ -203,23 +200,23 @@ async def _trickle(writer: asyncio.StreamWriter, data: bytes, done: asyncio.Even
 
 @pytest.mark.parametrize("where", ["head", "body"])
 async def test_an_answer_that_trickles_past_the_deadline_is_504_for_every_waiter(
-    start: GatewayFactory, raw_upstream: RawUpstreamFactory, where: str
+    start: GatewayFactory, upstream: Upstream, where: str
 ) -> None:
     answer = http_answer(200, batch_body() + b" " * 200)
 
     async def trickle(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _head: bytes) -> None:
         head, _, body = answer.partition(b"\r\n\r\n")
         if where == "head":
-            await _trickle(writer, answer, upstream.done)
+            await _trickle(writer, answer, upstream.stopping)
         else:
             writer.write(head + b"\r\n\r\n")
-            await _trickle(writer, body, upstream.done)
+            await _trickle(writer, body, upstream.stopping)
 
-    upstream = await raw_upstream(trickle)
+    upstream.raw(trickle)
     gateway = await start(fault_config(upstream.url, timeout_s=SHORT_TIMEOUT_S))
     answers = await fan_out(gateway)
     assert_all(answers, 504, "upstream_timeout")
-    assert upstream.requests == 1
+    assert upstream.count() == 1
 
 
 async def reset_at_once(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _head: bytes) -> None:
@@ -228,26 +225,26 @@ async def reset_at_once(_reader: asyncio.StreamReader, writer: asyncio.StreamWri
 
 @pytest.mark.parametrize("respond", [reset_at_once, answer_with(b"", close=True)], ids=["reset", "close"])
 async def test_a_reset_or_close_before_any_answer_is_502_unreachable_after_the_retries(
-    start: GatewayFactory, raw_upstream: RawUpstreamFactory, respond: Respond
+    start: GatewayFactory, upstream: Upstream, respond: Respond
 ) -> None:
-    upstream, answers = await fan_out_through(start, raw_upstream, respond)
+    upstream, answers = await fan_out_through(start, upstream, respond)
     assert_all(answers, 502, "upstream_unreachable")
-    assert upstream.requests == 3
+    assert upstream.count() == 3
 
 
 # A 200 whose body does not arrive whole is a 2xx that is not the expected JSON:
 # 502 upstream_invalid_response, not retried (the upstream did answer).
 async def test_a_reset_mid_body_is_502_invalid_response_for_every_waiter(
-    start: GatewayFactory, raw_upstream: RawUpstreamFactory
+    start: GatewayFactory, upstream: Upstream
 ) -> None:
     async def reset_mid_body(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _head: bytes) -> None:
         writer.write(http_answer(200, batch_body() + b" " * 1000)[:150])
         await writer.drain()
         reset(writer)
 
-    upstream, answers = await fan_out_through(start, raw_upstream, reset_mid_body)
+    upstream, answers = await fan_out_through(start, upstream, reset_mid_body)
     assert_all(answers, 502, "upstream_invalid_response", None)
-    assert upstream.requests == 1
+    assert upstream.count() == 1
 
 
 @pytest.mark.parametrize(
@@ -278,11 +275,11 @@ async def test_a_reset_mid_body_is_502_invalid_response_for_every_waiter(
     ],
 )
 async def test_a_truncated_misframed_or_non_http_answer_is_502_invalid_response_for_every_waiter_never_a_500(
-    start: GatewayFactory, raw_upstream: RawUpstreamFactory, data: bytes
+    start: GatewayFactory, upstream: Upstream, data: bytes
 ) -> None:
-    upstream, answers = await fan_out_through(start, raw_upstream, answer_with(data, close=True))
+    upstream, answers = await fan_out_through(start, upstream, answer_with(data, close=True))
     assert_all(answers, 502, "upstream_invalid_response", None)
-    assert upstream.requests == 1
+    assert upstream.count() == 1
 
 
 # ---------------------------------------------------------------------------
@@ -309,15 +306,15 @@ NOT_A_BATCH = [
 
 @pytest.mark.parametrize("body", NOT_A_BATCH, ids=[repr(b[:30]) for b in NOT_A_BATCH])
 async def test_a_200_that_is_not_a_batch_object_is_502_for_every_waiter_and_not_cached(
-    start: GatewayFactory, fake_upstream: UpstreamFactory, body: bytes
+    start: GatewayFactory, upstream: Upstream, body: bytes
 ) -> None:
-    upstream = await fake_upstream(_fixed(200, body))
+    upstream.script(_fixed(200, body))
     gateway = await start(fault_config(upstream.url, max_body_bytes=1048576))
     answers = await fan_out(gateway)
     assert_all(answers, 502, "upstream_invalid_response", 200)
-    assert upstream.calls == 1
+    assert upstream.count() == 1
     await ask(gateway.url)
-    assert upstream.calls == 2  # an invalid answer is never cached
+    assert upstream.count() == 2  # an invalid answer is never cached
 
 
 def _fixed(status: int, body: bytes, headers: dict[str, str] | None = None) -> Any:
@@ -339,10 +336,10 @@ def _fixed(status: int, body: bytes, headers: dict[str, str] | None = None) -> A
     ids=["missing", "null", "unknown", "empty", "lowercase-terminal"],
 )
 async def test_a_batch_without_a_known_status_is_served_to_every_waiter_and_cached_as_active(
-    start: GatewayFactory, fake_upstream: UpstreamFactory, batch: dict[str, Any]
+    start: GatewayFactory, upstream: Upstream, batch: dict[str, Any]
 ) -> None:
     body = json.dumps({"batch": batch}).encode()
-    upstream = await fake_upstream(_fixed(200, body))
+    upstream.script(_fixed(200, body))
     clock = FakeClock()
     config = make_config(upstream.url, cache={"ttl_s": {"active": 5, "terminal": 86400}, "active_jitter": 0})
     gateway = await start(config, clock=clock)
@@ -351,12 +348,12 @@ async def test_a_batch_without_a_known_status_is_served_to_every_waiter_and_cach
         assert answer.status == 200
         assert answer.body == body  # byte for byte
         assert answer.headers["Cache-Control"] == "private, max-age=5"
-    assert upstream.calls == 1
+    assert upstream.count() == 1
     clock.advance(4)
     assert (await ask(gateway.url))[0].headers["X-Cache"] == "HIT"
     clock.advance(2)
     assert (await ask(gateway.url))[0].headers["X-Cache"] == "MISS"
-    assert upstream.calls == 2
+    assert upstream.count() == 2
 
 
 # ---------------------------------------------------------------------------
@@ -368,7 +365,7 @@ CAP = 65536
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked", "close-delimited"])
 async def test_a_body_past_max_body_bytes_is_502_for_every_waiter(
-    start: GatewayFactory, raw_upstream: RawUpstreamFactory, framing: str
+    start: GatewayFactory, upstream: Upstream, framing: str
 ) -> None:
     body = b'{"batch": {"id": "batch-1", "pad": "' + b"x" * (4 * CAP) + b'"}}'
 
@@ -387,18 +384,16 @@ async def test_a_body_past_max_body_bytes_is_502_for_every_waiter(
             await writer.drain()
         writer.close()
 
-    upstream, answers = await fan_out_through(start, raw_upstream, huge, max_body_bytes=CAP)
+    upstream, answers = await fan_out_through(start, upstream, huge, max_body_bytes=CAP)
     assert_all(answers, 502, "upstream_invalid_response", 200)
-    assert upstream.requests == 1
+    assert upstream.count() == 1
 
 
-async def test_a_body_of_exactly_max_body_bytes_is_served(
-    start: GatewayFactory, fake_upstream: UpstreamFactory
-) -> None:
+async def test_a_body_of_exactly_max_body_bytes_is_served(start: GatewayFactory, upstream: Upstream) -> None:
     prefix = b'{"batch": {"id": "batch-1", "pad": "'
     body = prefix + b"x" * (CAP - len(prefix) - 3) + b'"}}'
     assert len(body) == CAP
-    upstream = await fake_upstream(_fixed(200, body))
+    upstream.script(_fixed(200, body))
     gateway = await start(fault_config(upstream.url, max_body_bytes=CAP))
     answers = await fan_out(gateway)
     assert all(answer.status == 200 and answer.body == body for answer in answers)
@@ -418,26 +413,24 @@ def gzip_bomb(inflated_mb: int = 64) -> bytes:
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
 async def test_a_compressed_body_that_inflates_past_the_cap_is_502_for_every_waiter(
-    start: GatewayFactory, raw_upstream: RawUpstreamFactory, encoding: str
+    start: GatewayFactory, upstream: Upstream, encoding: str
 ) -> None:
     bomb = gzip_bomb()
     if encoding == "deflate":
         bomb = zlib.compress(gzip.decompress(bomb)[: 8 * CAP], 9)
     assert len(bomb) < CAP  # small on the wire: only the inflated size is past the cap
     upstream, answers = await fan_out_through(
-        start, raw_upstream, answer_with(http_answer(200, bomb, {"Content-Encoding": encoding})), max_body_bytes=CAP
+        start, upstream, answer_with(http_answer(200, bomb, {"Content-Encoding": encoding})), max_body_bytes=CAP
     )
     assert_all(answers, 502, "upstream_invalid_response", 200)
-    assert upstream.requests == 1
+    assert upstream.count() == 1
 
 
-async def test_a_compressed_body_within_the_cap_is_served_inflated(
-    start: GatewayFactory, raw_upstream: RawUpstreamFactory
-) -> None:
+async def test_a_compressed_body_within_the_cap_is_served_inflated(start: GatewayFactory, upstream: Upstream) -> None:
     body = batch_body(status="BATCH_STATUS_COMPLETED")
     _, answers = await fan_out_through(
         start,
-        raw_upstream,
+        upstream,
         answer_with(http_answer(200, gzip.compress(body), {"Content-Encoding": "gzip"})),
         max_body_bytes=CAP,
     )
@@ -446,16 +439,16 @@ async def test_a_compressed_body_within_the_cap_is_served_inflated(
 
 
 async def test_a_body_that_claims_gzip_but_is_not_is_502_for_every_waiter(
-    start: GatewayFactory, raw_upstream: RawUpstreamFactory
+    start: GatewayFactory, upstream: Upstream
 ) -> None:
     upstream, answers = await fan_out_through(
         start,
-        raw_upstream,
+        upstream,
         answer_with(http_answer(200, batch_body(), {"Content-Encoding": "gzip"})),
         max_body_bytes=CAP,
     )
     assert_all(answers, 502, "upstream_invalid_response", None)
-    assert upstream.requests == 1
+    assert upstream.count() == 1
 
 
 # ---------------------------------------------------------------------------
@@ -465,46 +458,46 @@ async def test_a_body_that_claims_gzip_but_is_not_is_502_for_every_waiter(
 
 @pytest.mark.parametrize("status", [300, 301, 302, 303, 305, 307, 308])
 async def test_a_redirect_is_502_for_every_waiter_and_never_followed(
-    start: GatewayFactory, fake_upstream: UpstreamFactory, status: int
+    start: GatewayFactory, upstream: Upstream, status: int
 ) -> None:
-    target = await fake_upstream(_fixed(200, batch_body()))
+    target = (await upstream.another()).script(_fixed(200, batch_body()))
     location = f"{target.url}/v2/batches/batch-1?stolen=1"
-    upstream = await fake_upstream(_fixed(status, b"", {"Location": location}))
+    upstream.script(_fixed(status, b"", {"Location": location}))
     gateway = await start(fault_config(upstream.url))
     answers = await fan_out(gateway)
     assert_all(answers, 502, "upstream_error", status)
     assert all("Location" not in answer.headers for answer in answers)
-    assert upstream.calls == 1
-    assert target.calls == 0
+    assert upstream.count() == 1
+    assert target.count() == 0
 
 
 @pytest.mark.parametrize("interim", [b"100 Continue", b"102 Processing", b"103 Early Hints\r\nLink: </x>; rel=preload"])
 async def test_interim_1xx_answers_are_skipped_and_the_final_answer_served(
-    start: GatewayFactory, raw_upstream: RawUpstreamFactory, interim: bytes
+    start: GatewayFactory, upstream: Upstream, interim: bytes
 ) -> None:
     body = batch_body()
     data = b"HTTP/1.1 " + interim + b"\r\n\r\n" + http_answer(200, body)
-    upstream, answers = await fan_out_through(start, raw_upstream, answer_with(data))
+    upstream, answers = await fan_out_through(start, upstream, answer_with(data))
     assert all(answer.status == 200 and answer.body == body for answer in answers)
-    assert upstream.requests == 1
+    assert upstream.count() == 1
 
 
 async def test_an_interim_answer_with_no_final_answer_is_502_for_every_waiter(
-    start: GatewayFactory, raw_upstream: RawUpstreamFactory
+    start: GatewayFactory, upstream: Upstream
 ) -> None:
-    _, answers = await fan_out_through(start, raw_upstream, answer_with(b"HTTP/1.1 100 Continue\r\n\r\n", close=True))
+    _, answers = await fan_out_through(start, upstream, answer_with(b"HTTP/1.1 100 Continue\r\n\r\n", close=True))
     for answer in answers:
         assert answer.status == 502
         assert answer.code in ("upstream_unreachable", "upstream_invalid_response")
 
 
 async def test_an_unasked_101_switching_protocols_is_502_for_every_waiter(
-    start: GatewayFactory, raw_upstream: RawUpstreamFactory
+    start: GatewayFactory, upstream: Upstream
 ) -> None:
     data = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n" + batch_body()
-    upstream, answers = await fan_out_through(start, raw_upstream, answer_with(data, close=True))
+    upstream, answers = await fan_out_through(start, upstream, answer_with(data, close=True))
     assert_all(answers, 502, "upstream_error", 101)
-    assert upstream.requests == 1
+    assert upstream.count() == 1
 
 
 ODD_STATUSES = [
@@ -532,23 +525,23 @@ ODD_STATUSES = [
 
 @pytest.mark.parametrize(("status", "gateway_status", "code", "calls"), ODD_STATUSES)
 async def test_odd_statuses_get_their_row_of_the_error_table_for_every_waiter(
-    start: GatewayFactory, raw_upstream: RawUpstreamFactory, status: int, gateway_status: int, code: str, calls: int
+    start: GatewayFactory, upstream: Upstream, status: int, gateway_status: int, code: str, calls: int
 ) -> None:
     body = b"" if status in (204, 304) else json.dumps({"message": f"status {status}"}).encode()
-    upstream = await raw_upstream(answer_with(http_answer(status, body)))
+    upstream.raw(answer_with(http_answer(status, body)))
     gateway = await start(fault_config(upstream.url))
     answers = await fan_out(gateway)
     assert_all(answers, gateway_status, code, status)
-    assert upstream.requests == calls
+    assert upstream.count() == calls
     await ask(gateway.url)
-    assert upstream.requests == 2 * calls  # never cached
+    assert upstream.count() == 2 * calls  # never cached
 
 
 @pytest.mark.parametrize("status", [600, 999])
 async def test_a_status_past_599_is_502_for_every_waiter_and_never_a_500(
-    start: GatewayFactory, raw_upstream: RawUpstreamFactory, status: int
+    start: GatewayFactory, upstream: Upstream, status: int
 ) -> None:
-    _, answers = await fan_out_through(start, raw_upstream, answer_with(http_answer(status, b"{}")))
+    _, answers = await fan_out_through(start, upstream, answer_with(http_answer(status, b"{}")))
     for answer in answers:
         assert answer.status == 502
         assert answer.code in ("upstream_error", "upstream_invalid_response")
@@ -556,11 +549,11 @@ async def test_a_status_past_599_is_502_for_every_waiter_and_never_a_500(
 
 @pytest.mark.parametrize("status", [400, 404, 409, 500])
 async def test_an_upstream_message_that_echoes_the_token_never_reaches_the_caller(
-    start: GatewayFactory, fake_upstream: UpstreamFactory, status: int
+    start: GatewayFactory, upstream: Upstream, status: int
 ) -> None:
     # A buggy or hostile upstream may echo the credentials it was sent.
     message = f"bad request: Authorization was 'Bearer {UPSTREAM_TOKEN}' (token {UPSTREAM_TOKEN})"
-    upstream = await fake_upstream(_fixed(status, json.dumps({"message": message}).encode()))
+    upstream.script(_fixed(status, json.dumps({"message": message}).encode()))
     gateway = await start(fault_config(upstream.url))
     answers = await fan_out(gateway)  # ask() fails if a secret is in any answer
     assert len({answer.status for answer in answers}) == 1
@@ -613,7 +606,7 @@ RETRY_AFTER: list[tuple[str | HttpDate | None, int, int, bool]] = [
 @pytest.mark.parametrize(("value", "low", "high", "pauses"), RETRY_AFTER, ids=[repr(r[0]) for r in RETRY_AFTER])
 async def test_retry_after_in_every_form_reaches_every_waiter_capped_and_pauses_the_upstream(
     start: GatewayFactory,
-    raw_upstream: RawUpstreamFactory,
+    upstream: Upstream,
     upstream_status: int,
     value: str | HttpDate | None,
     low: int,
@@ -621,7 +614,7 @@ async def test_retry_after_in_every_form_reaches_every_waiter_capped_and_pauses_
     pauses: bool,
 ) -> None:
     headers = {} if value is None else {"Retry-After": str(value)}
-    upstream = await raw_upstream(answer_with(http_answer(upstream_status, b'{"message": "slow down"}', headers)))
+    upstream.raw(answer_with(http_answer(upstream_status, b'{"message": "slow down"}', headers)))
     clock = FakeClock()
     gateway = await start(fault_config(upstream.url), clock=clock)
     answers = await fan_out(gateway)
@@ -631,13 +624,13 @@ async def test_retry_after_in_every_form_reaches_every_waiter_capped_and_pauses_
     assert len(given) == 1
     assert low <= given.pop() <= high
     told_when = upstream_status == 429 or value is not None
-    assert upstream.requests == (1 if told_when else 3)  # only a 503 without Retry-After is retried
+    assert upstream.count() == (1 if told_when else 3)  # only a 503 without Retry-After is retried
     if told_when and pauses:
         # While paused, no upstream call for any id; the rest of the wait is told.
         follow_up = (await ask(gateway.url, "another-batch"))[0]
         assert (follow_up.status, follow_up.code) == (429, "upstream_rate_limited")
         assert 1 <= int(follow_up.headers["Retry-After"]) <= high
-        assert upstream.requests == 1
+        assert upstream.count() == 1
         clock.advance(high + 1)
     await ask(gateway.url, "another-batch")
-    assert upstream.requests == (2 if told_when else 6)
+    assert upstream.count() == (2 if told_when else 6)

@@ -15,7 +15,8 @@ from gateway.api.rules import must_wait, not_modified, requested_wait
 from gateway.cache.entry import CacheEntry, etag_of, is_older
 from gateway.cache.refresher import REFRESH_SHARE, Freshness
 from gateway.config import TtlSettings
-from tests.support import FakeClock, batch_body
+from tests.support import FakeClock
+from tests.upstream import batch_body
 
 ETAG = etag_of(batch_body("batch-1"))
 

@@ -18,23 +18,15 @@ from typing import Any
 import pytest
 
 from gateway.edge.server import RunningGateway
-from tests.batch_upstream import (
-    ACTIVE,
-    BatchUpstream,
-    assert_error,
-    assert_json_error_shape,
-    create_body,
-    upstream_fixture,  # noqa: F401  (the ``upstream`` fixture)
-    write_callers,
-)
 from tests.conftest import GatewayFactory
 from tests.support import Answer, LogCapture, make_config, raw_request, request_bytes
+from tests.upstream import ACTIVE, Upstream, assert_error, assert_json_error_shape, create_body, write_callers
 
 RAW_TIMEOUT_S = 10.0
 Headers = list[tuple[str | bytes, str | bytes] | bytes]
 
 
-async def writer_gateway(start: GatewayFactory, fake: BatchUpstream, **sections: Any) -> RunningGateway:
+async def writer_gateway(start: GatewayFactory, fake: Upstream, **sections: Any) -> RunningGateway:
     fake.seed("a", status=ACTIVE)
     fake.seed("batch-1", status=ACTIVE)
     return await start(make_config(fake.url, callers=write_callers(), **sections))
@@ -49,7 +41,7 @@ def assert_clean_refusal(answer: Answer, status: int | None = None, code: str | 
         assert_json_error_shape(answer)
 
 
-def assert_nothing_changed(upstream: BatchUpstream) -> None:
+def assert_nothing_changed(upstream: Upstream) -> None:
     assert upstream.count() == 0, [(s.method, s.path) for s in upstream.calls()]
     assert {b["status"] for b in upstream.batches.values()} == {ACTIVE}
 
@@ -105,7 +97,7 @@ CANCEL_TRICKS: list[tuple[str, str, Headers]] = [
     ids=[f"{m} {t} {h}" if h else f"{m} {t}" for m, t, h in CANCEL_TRICKS],
 )
 async def test_a_path_that_tries_to_pass_for_a_cancel_gets_a_json_4xx_and_cancels_nothing(
-    method: str, target: str, headers: Headers, upstream: BatchUpstream, start: GatewayFactory
+    method: str, target: str, headers: Headers, upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await writer_gateway(start, upstream)
     data = request_bytes(target, [*headers, ("Content-Length", "0")], method=method)
@@ -114,9 +106,7 @@ async def test_a_path_that_tries_to_pass_for_a_cancel_gets_a_json_4xx_and_cancel
     assert_nothing_changed(upstream)
 
 
-async def test_the_plain_cancel_path_is_the_only_one_that_cancels(
-    upstream: BatchUpstream, start: GatewayFactory
-) -> None:
+async def test_the_plain_cancel_path_is_the_only_one_that_cancels(upstream: Upstream, start: GatewayFactory) -> None:
     gateway = await writer_gateway(start, upstream)
     data = request_bytes("/v2/batches/a:cancel", [("Content-Length", "0")], method="POST")
     answer = await raw_request(gateway.url, data, timeout_s=RAW_TIMEOUT_S)
@@ -218,7 +208,7 @@ HOSTILE_BODIES: list[tuple[str, bytes, int | None, str | None]] = [
 
 @pytest.mark.parametrize(("name", "data", "status", "code"), HOSTILE_BODIES, ids=[c[0] for c in HOSTILE_BODIES])
 async def test_a_hostile_create_body_gets_a_json_4xx_and_never_reaches_the_upstream(
-    name: str, data: bytes, status: int | None, code: str | None, upstream: BatchUpstream, start: GatewayFactory
+    name: str, data: bytes, status: int | None, code: str | None, upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await writer_gateway(start, upstream)
     answer = await raw_request(gateway.url, data, timeout_s=RAW_TIMEOUT_S)
@@ -227,7 +217,7 @@ async def test_a_hostile_create_body_gets_a_json_4xx_and_never_reaches_the_upstr
 
 
 async def test_a_hostile_body_on_one_connection_does_not_disturb_the_next_request_on_another(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await writer_gateway(start, upstream)
     for _, data, _, _ in HOSTILE_BODIES[:4]:
@@ -238,7 +228,7 @@ async def test_a_hostile_body_on_one_connection_does_not_disturb_the_next_reques
 
 
 async def test_a_number_with_thousands_of_digits_in_a_keyed_create_is_never_a_500(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     """Canonicalising the body for the key's fingerprint must survive what Python's int() refuses."""
     gateway = await writer_gateway(start, upstream)
@@ -263,7 +253,7 @@ async def test_a_number_with_thousands_of_digits_in_a_keyed_create_is_never_a_50
     ],
 )
 async def test_a_hostile_cancel_body_gets_a_json_4xx_and_cancels_nothing(
-    name: str, body: bytes, content_type: str, upstream: BatchUpstream, start: GatewayFactory
+    name: str, body: bytes, content_type: str, upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await writer_gateway(start, upstream)
     headers: Headers = [("Content-Length", str(len(body))), ("Content-Type", content_type)]
@@ -291,7 +281,7 @@ async def test_a_lone_surrogate_anywhere_in_a_create_body_is_a_400_naming_the_fi
     body: bytes,
     field: str,
     idempotency_key: str | None,
-    upstream: BatchUpstream,
+    upstream: Upstream,
     start: GatewayFactory,
     logs: LogCapture,
 ) -> None:
@@ -305,7 +295,7 @@ async def test_a_lone_surrogate_anywhere_in_a_create_body_is_a_400_naming_the_fi
 
 
 async def test_a_valid_surrogate_pair_in_a_create_body_is_forwarded_as_sent(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await writer_gateway(start, upstream)
     body = create_body()[:-1] + b', "note": "\\ud83d\\ude00"}'

@@ -20,14 +20,6 @@ import pytest
 from cohere.batches import Batch
 
 from gateway.edge.server import RunningGateway
-from tests.batch_upstream import (
-    BatchUpstream,
-    assert_error,
-    create_body,
-    post_json,
-    upstream_fixture,  # noqa: F401  (the ``upstream`` fixture)
-    write_callers,
-)
 from tests.conftest import GatewayFactory
 from tests.support import (
     BILLING_KEY,
@@ -44,6 +36,7 @@ from tests.support import (
     sdk,
     store_locked,
 )
+from tests.upstream import Upstream, assert_error, create_body, post_json, write_callers
 
 BOUND_S = 30
 KEY = "create-nightly-2026-12-01"
@@ -63,7 +56,7 @@ def break_store_writes(gateway: RunningGateway) -> AbstractContextManager[None]:
 
 
 async def writer_gateway(
-    start: GatewayFactory, fake: BatchUpstream, billing: str = "all", **sections: Any
+    start: GatewayFactory, fake: Upstream, billing: str = "all", **sections: Any
 ) -> RunningGateway:
     return await start(make_config(fake.url, callers=write_callers(billing), **sections))
 
@@ -76,7 +69,7 @@ async def keyed_create(
     )
 
 
-def billing_posts(upstream: BatchUpstream) -> int:
+def billing_posts(upstream: Upstream) -> int:
     return sum(1 for seen in upstream.calls("create") if seen.headers.get("X-Client-Name") == "billing-service")
 
 
@@ -90,7 +83,7 @@ def without_request_id(answer: Answer) -> dict[str, Any]:
 
 
 async def test_the_same_key_and_body_after_the_first_finished_replays_its_answer_without_an_upstream_call(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await writer_gateway(start, upstream)
     client = sdk(gateway.url)
@@ -115,7 +108,7 @@ async def test_the_same_key_and_body_after_the_first_finished_replays_its_answer
 
 
 async def test_the_same_body_with_keys_reordered_and_other_spacing_is_the_same_request(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await writer_gateway(start, upstream)
     first = await keyed_create(
@@ -139,7 +132,7 @@ async def test_the_same_body_with_keys_reordered_and_other_spacing_is_the_same_r
     ],
 )
 async def test_the_same_key_with_another_body_is_refused_as_reused(
-    other_body: bytes, upstream: BatchUpstream, start: GatewayFactory
+    other_body: bytes, upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await writer_gateway(start, upstream)
     assert (await keyed_create(gateway)).status == 200
@@ -148,7 +141,7 @@ async def test_the_same_key_with_another_body_is_refused_as_reused(
 
 
 async def test_the_same_key_while_the_first_is_still_running_is_in_use_with_a_retry_after(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await writer_gateway(start, upstream)
     release = upstream.hold("create")
@@ -168,7 +161,7 @@ async def test_the_same_key_while_the_first_is_still_running_is_in_use_with_a_re
     assert upstream.count("create") == 1
 
 
-async def test_two_callers_using_the_same_key_are_independent(upstream: BatchUpstream, start: GatewayFactory) -> None:
+async def test_two_callers_using_the_same_key_are_independent(upstream: Upstream, start: GatewayFactory) -> None:
     gateway = await writer_gateway(start, upstream)
     billing = await keyed_create(gateway, caller_key=BILLING_KEY)
     reporting = await keyed_create(gateway, caller_key=REPORTING_KEY)
@@ -200,7 +193,7 @@ async def test_two_callers_using_the_same_key_are_independent(upstream: BatchUps
     ids=["empty", "256 characters", "a space", "a tab", "UTF-8", "latin-1", "cyrillic"],
 )
 async def test_an_idempotency_key_that_is_not_1_to_255_visible_ascii_characters_is_refused(
-    value: bytes, upstream: BatchUpstream, start: GatewayFactory
+    value: bytes, upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await writer_gateway(start, upstream)
     body = create_body()
@@ -221,7 +214,7 @@ VISIBLE_ASCII = "".join(chr(c) for c in range(0x21, 0x7F))
     "key", ["!", "~", "k" * 255, VISIBLE_ASCII, string.ascii_letters], ids=["!", "~", "255", "all", "letters"]
 )
 async def test_an_idempotency_key_of_1_to_255_visible_ascii_characters_is_accepted_and_recorded(
-    key: str, upstream: BatchUpstream, start: GatewayFactory
+    key: str, upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await writer_gateway(start, upstream)
     first = await keyed_create(gateway, key)
@@ -232,9 +225,7 @@ async def test_an_idempotency_key_of_1_to_255_visible_ascii_characters_is_accept
 
 
 @pytest.mark.parametrize("second", [KEY, "another-key"])
-async def test_two_idempotency_key_headers_are_refused(
-    second: str, upstream: BatchUpstream, start: GatewayFactory
-) -> None:
+async def test_two_idempotency_key_headers_are_refused(second: str, upstream: Upstream, start: GatewayFactory) -> None:
     gateway = await writer_gateway(start, upstream)
     body = create_body()
     headers: list[tuple[str | bytes, str | bytes] | bytes] = [
@@ -253,7 +244,7 @@ async def test_two_idempotency_key_headers_are_refused(
 
 @pytest.mark.parametrize("upstream_status", [400, 404, 422])
 async def test_a_definite_refusal_by_the_upstream_is_recorded_and_replayed(
-    upstream_status: int, upstream: BatchUpstream, start: GatewayFactory
+    upstream_status: int, upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.fail("create", upstream_status, body={"message": "dataset-1 cannot be used"}, times=1)
     gateway = await writer_gateway(start, upstream)
@@ -280,7 +271,7 @@ async def test_a_definite_refusal_by_the_upstream_is_recorded_and_replayed(
     ],
 )
 async def test_after_an_upstream_5xx_the_key_is_free_again(
-    upstream_status: int, status: int, code: str | None, upstream: BatchUpstream, start: GatewayFactory
+    upstream_status: int, status: int, code: str | None, upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.fail("create", upstream_status, times=1)
     gateway = await writer_gateway(start, upstream)
@@ -292,7 +283,7 @@ async def test_after_an_upstream_5xx_the_key_is_free_again(
 
 
 async def test_after_an_upstream_429_the_key_is_free_again_once_the_pause_is_over(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.fail("create", 429, headers={"Retry-After": "2"}, times=1)
     clock = FakeClock()
@@ -306,7 +297,7 @@ async def test_after_an_upstream_429_the_key_is_free_again_once_the_pause_is_ove
 
 
 async def test_a_keyed_create_refused_before_anything_was_sent_leaves_the_key_free(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.fail("retrieve", 429, headers={"Retry-After": "30"}, times=1)
     clock = FakeClock()
@@ -325,13 +316,13 @@ async def test_a_keyed_create_refused_before_anything_was_sent_leaves_the_key_fr
 # --- ambiguous failures: the batch may exist -----------------------------------------------
 
 
-def batches_named(upstream: BatchUpstream, name: str, dataset: str) -> list[str]:
+def batches_named(upstream: Upstream, name: str, dataset: str) -> list[str]:
     return [b["id"] for b in upstream.batches.values() if (b["name"], b["input_dataset_id"]) == (name, dataset)]
 
 
 @pytest.mark.parametrize("failure", ["timeout", "connection lost"])
 async def test_a_retry_after_an_ambiguous_failure_finds_the_created_batch_and_replays_it(
-    failure: str, upstream: BatchUpstream, start: GatewayFactory
+    failure: str, upstream: Upstream, start: GatewayFactory
 ) -> None:
     older = upstream.seed("older-same-name", name="nightly", input_dataset_id="dataset-1", age_s=86400)["id"]
     if failure == "timeout":
@@ -360,7 +351,7 @@ async def test_a_retry_after_an_ambiguous_failure_finds_the_created_batch_and_re
 
 
 async def test_an_ambiguous_create_whose_batch_is_not_found_upstream_is_created_on_retry(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.seed("older-same-name", name="nightly", input_dataset_id="dataset-1", age_s=86400)
     upstream.hang("create", work=False)  # the upstream never got as far as creating it
@@ -376,14 +367,14 @@ async def test_an_ambiguous_create_whose_batch_is_not_found_upstream_is_created_
     assert upstream.count("create") == 2
 
 
-async def ambiguous_first_try(gateway: RunningGateway, upstream: BatchUpstream) -> None:
+async def ambiguous_first_try(gateway: RunningGateway, upstream: Upstream) -> None:
     """A keyed create that times out before the upstream made anything: a retry looks before it creates."""
     upstream.hang("create", work=False)
     assert_error(await keyed_create(gateway), 504, "upstream_timeout")
 
 
 async def test_a_retry_after_an_ambiguous_failure_never_adopts_another_callers_batch(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await writer_gateway(start, upstream, billing="own", upstream={"timeout_s": 1})
     theirs = await keyed_create(gateway, "reporting-key", caller_key=REPORTING_KEY)  # the same fields exactly
@@ -411,7 +402,7 @@ async def test_a_retry_after_an_ambiguous_failure_never_adopts_another_callers_b
     ids=["another model", "created long after the first try", "two that match"],
 )
 async def test_a_retry_after_an_ambiguous_failure_adopts_no_batch_created_outside_unless_it_alone_matches(
-    seeded: dict[str, Any], upstream: BatchUpstream, start: GatewayFactory
+    seeded: dict[str, Any], upstream: Upstream, start: GatewayFactory
 ) -> None:
     fields = {"name": "nightly", "input_dataset_id": "dataset-1", "age_s": 0, **seeded}
     twice = fields.pop("twice", False)
@@ -431,7 +422,7 @@ async def test_a_retry_after_an_ambiguous_failure_adopts_no_batch_created_outsid
 
 
 async def test_a_retry_after_an_ambiguous_failure_adopts_the_one_batch_made_outside_that_matches_every_field(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.seed("outside-1", name="nightly", input_dataset_id="dataset-1", age_s=0, model="command-r")
     upstream.seed("outside-2", name="nightly", input_dataset_id="dataset-1", age_s=0, model="command-a")
@@ -448,7 +439,7 @@ async def test_a_retry_after_an_ambiguous_failure_adopts_the_one_batch_made_outs
 
 
 async def test_a_replay_survives_a_restart_on_the_same_store(
-    upstream: BatchUpstream, start: GatewayFactory, tmp_path: Path
+    upstream: Upstream, start: GatewayFactory, tmp_path: Path
 ) -> None:
     store = {"path": str(tmp_path / "s.db")}
     first_gateway = await writer_gateway(start, upstream, store=store)
@@ -467,7 +458,7 @@ async def test_a_replay_survives_a_restart_on_the_same_store(
 
 
 async def test_a_create_whose_record_cannot_be_written_still_answers_and_is_logged_and_counted(
-    upstream: BatchUpstream, start: GatewayFactory, logs: LogCapture
+    upstream: Upstream, start: GatewayFactory, logs: LogCapture
 ) -> None:
     gateway = await writer_gateway(start, upstream, billing="own")
     with break_store_writes(gateway):
@@ -480,7 +471,7 @@ async def test_a_create_whose_record_cannot_be_written_still_answers_and_is_logg
 
 
 async def test_an_own_callers_retrieve_when_the_store_cannot_be_read_is_503_never_the_batch(
-    upstream: BatchUpstream, start: GatewayFactory, tmp_path: Path
+    upstream: Upstream, start: GatewayFactory, tmp_path: Path
 ) -> None:
     upstream.seed("seeded-1")
     store = {"path": str(tmp_path / "s.db")}
@@ -497,7 +488,7 @@ async def test_an_own_callers_retrieve_when_the_store_cannot_be_read_is_503_neve
 
 
 async def test_a_keyed_create_when_the_store_cannot_be_read_is_503_without_an_upstream_call(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await writer_gateway(start, upstream)
     with break_store_reads(gateway):

@@ -16,12 +16,11 @@ import pytest
 
 from gateway.demo.simulator import Simulator
 from gateway.edge import server as gateway_server
-from tests.conftest import GatewayFactory, UpstreamFactory
+from tests.conftest import GatewayFactory
 from tests.support import (
     REPORTING_KEY,
     LogCapture,
     http,
-    json_handler,
     make_config,
     pipelined,
     read_answer,
@@ -29,6 +28,7 @@ from tests.support import (
     request_bytes,
     sdk,
 )
+from tests.upstream import Upstream, json_handler
 
 # Headers that differ between any two answers, whichever way they were made.
 PER_ANSWER = {"Date", "X-Request-ID", "Connection"}
@@ -38,20 +38,18 @@ def kept_alive(target: str = "/v2/batches/batch-1", **kwargs: object) -> bytes:
     return request_bytes(target, close=False, **kwargs)  # type: ignore[arg-type]
 
 
-async def test_pipelined_hits_behind_a_miss_are_answered_after_it(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
-) -> None:
-    upstream = await fake_upstream(json_handler())
+async def test_pipelined_hits_behind_a_miss_are_answered_after_it(upstream: Upstream, start: GatewayFactory) -> None:
+    upstream.script(json_handler())
     gateway = await start(make_config(upstream.url))
     await sdk(gateway.url).batches.retrieve("cached")
-    upstream.release = asyncio.Event()
+    release = upstream.hold(times=None)
     upstream.arrived.clear()
 
     exchange = asyncio.create_task(
         pipelined(gateway.url, kept_alive("/v2/batches/slow") + kept_alive("/v2/batches/cached") * 2, 3)
     )
     await asyncio.wait_for(upstream.arrived.wait(), 10)  # the miss is held at the upstream
-    upstream.release.set()
+    release.set()
     answers = await exchange
 
     assert [(a.json["batch"]["id"], a.header("X-Cache")) for a in answers] == [

@@ -15,6 +15,9 @@ from gateway.demo.simulator import Simulator
 from tests.conftest import ProcessFactory
 from tests.support import http, process_config, sha256_hex, write_config
 
+# The gateway under test runs in child processes (on uvloop whatever the test's loop): one loop is enough.
+pytestmark = pytest.mark.one_loop
+
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "COHERE_"))}

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.config import load_config, validate
 from gateway.demo.simulator import Simulator
 from gateway.edge.server import reload_config
-from tests.conftest import GatewayFactory, ProcessFactory, UpstreamFactory
+from tests.conftest import GatewayFactory, ProcessFactory
 from tests.support import (
     BILLING_KEY,
     PROCESS_WAIT_S,
@@ -34,10 +34,8 @@ from tests.support import (
     LogCapture,
     Samples,
     assert_no_secrets,
-    batch_body,
     free_port,
     http,
-    json_handler,
     make_config,
     process_config,
     raw_config,
@@ -49,6 +47,7 @@ from tests.support import (
     sha256_hex,
     write_config,
 )
+from tests.upstream import Upstream, batch_body, json_handler
 
 BATCH_ROUTE = "/v2/batches/{id}"
 ACCESS_FIELDS = {
@@ -68,9 +67,9 @@ ACCESS_FIELDS = {
 
 
 async def test_metrics_count_requests_by_caller_route_status_and_cache(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
-    upstream = await fake_upstream(json_handler())
+    upstream.script(json_handler())
     gateway = await start(make_config(upstream.url))
     await sdk(gateway.url).batches.retrieve("batch-1")
     await sdk(gateway.url).batches.retrieve("batch-1")
@@ -94,15 +93,13 @@ async def test_metrics_count_requests_by_caller_route_status_and_cache(
     assert sample_value(samples, "gateway_request_duration_seconds_count", route=BATCH_ROUTE) == 5
 
 
-async def test_metrics_count_upstream_calls_by_status_and_time_them(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
-) -> None:
+async def test_metrics_count_upstream_calls_by_status_and_time_them(upstream: Upstream, start: GatewayFactory) -> None:
     async def fails_for_boom(request: web.Request) -> web.Response:
         if request.path.endswith("/boom"):
             return web.json_response({"message": "down"}, status=500)
         return web.Response(body=batch_body(), content_type="application/json")
 
-    upstream = await fake_upstream(fails_for_boom)
+    upstream.script(fails_for_boom)
     gateway = await start(make_config(upstream.url, upstream={"retries": 0}))
     await sdk(gateway.url).batches.retrieve("batch-1")
     await sdk(gateway.url).batches.retrieve("batch-2")
@@ -113,7 +110,7 @@ async def test_metrics_count_upstream_calls_by_status_and_time_them(
 
     assert sample_value(samples, "gateway_upstream_calls_total", outcome="200") == 2
     assert sample_value(samples, "gateway_upstream_calls_total", outcome="500") == 1
-    assert sample_value(samples, "gateway_upstream_duration_seconds_count") == upstream.calls == 3
+    assert sample_value(samples, "gateway_upstream_duration_seconds_count") == upstream.count() == 3
     assert sample_value(samples, "gateway_upstream_duration_seconds_bucket", le="+Inf") == 3
     assert sample_value(samples, "gateway_upstream_duration_seconds_sum") > 0
 
@@ -146,31 +143,31 @@ async def wait_for_metric(url: str, name: str, expected: float, **labels: str) -
 
 
 async def test_metrics_show_single_flight_fetches_in_flight_and_the_requests_that_waited_on_them(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
-    upstream = await fake_upstream(json_handler())
-    upstream.release = asyncio.Event()
+    upstream.script(json_handler())
+    release = upstream.hold(times=None)
     gateway = await start(make_config(upstream.url))
     waiting = [asyncio.ensure_future(sdk(gateway.url).batches.retrieve("batch-1")) for _ in range(3)]
     await asyncio.wait_for(upstream.arrived.wait(), PROCESS_WAIT_S)
 
     during = await wait_for_metric(gateway.url, "gateway_singleflight_coalesced_total", 2)
     assert sample_value(during, "gateway_singleflight_inflight") == 1
-    upstream.release.set()
+    release.set()
     await asyncio.wait_for(asyncio.gather(*waiting), PROCESS_WAIT_S)
 
     _, after = await scrape_metrics(gateway.url)
     assert sample_value(after, "gateway_singleflight_inflight") == 0
-    assert sample_value(after, "gateway_upstream_calls_total", outcome="200") == upstream.calls == 1
+    assert sample_value(after, "gateway_upstream_calls_total", outcome="200") == upstream.count() == 1
 
 
-async def test_metrics_show_the_budget_and_the_breaker(fake_upstream: UpstreamFactory, start: GatewayFactory) -> None:
+async def test_metrics_show_the_budget_and_the_breaker(upstream: Upstream, start: GatewayFactory) -> None:
     async def fails_for_boom(request: web.Request) -> web.Response:
         if request.path.endswith("/boom"):
             return web.json_response({"message": "down"}, status=500)
         return web.Response(body=batch_body(), content_type="application/json")
 
-    upstream = await fake_upstream(fails_for_boom)
+    upstream.script(fails_for_boom)
     clock = FakeClock()  # frozen: the budget never refills during the test
     config = make_config(
         upstream.url,
@@ -258,9 +255,9 @@ EXPECTED_FAMILIES = {
 
 
 async def test_metrics_hold_every_documented_family_and_never_a_secret_or_a_batch_id(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
-    upstream = await fake_upstream(json_handler())
+    upstream.script(json_handler())
     gateway = await start(make_config(upstream.url))
     ids = [f"secretive-batch-{n}" for n in range(5)]
     for batch_id in ids:
@@ -283,9 +280,9 @@ async def test_metrics_hold_every_documented_family_and_never_a_secret_or_a_batc
 
 
 async def test_the_access_log_has_one_line_per_request_with_every_field(
-    fake_upstream: UpstreamFactory, start: GatewayFactory, logs: LogCapture
+    upstream: Upstream, start: GatewayFactory, logs: LogCapture
 ) -> None:
-    upstream = await fake_upstream(json_handler())
+    upstream.script(json_handler())
     gateway = await start(make_config(upstream.url))
     miss = await http(f"{gateway.url}/v2/batches/batch-1")
     hit = await http(f"{gateway.url}/v2/batches/batch-1", key=REPORTING_KEY)
@@ -388,9 +385,9 @@ async def run_varied_workload(url: str) -> list[bytes]:
 
 
 async def test_no_secret_reaches_a_log_under_a_varied_workload(
-    fake_upstream: UpstreamFactory, start: GatewayFactory, logs: LogCapture
+    upstream: Upstream, start: GatewayFactory, logs: LogCapture
 ) -> None:
-    upstream = await fake_upstream(echoing_upstream())
+    upstream.script(echoing_upstream())
     gateway = await start(make_config(upstream.url, upstream={"retries": 0}))
 
     await run_varied_workload(gateway.url)
@@ -400,10 +397,8 @@ async def test_no_secret_reaches_a_log_under_a_varied_workload(
     assert len(logs.events("gateway.access")) == 2 + 6 + 1 + len(MALFORMED_REQUESTS)
 
 
-async def test_no_secret_reaches_a_response_under_a_varied_workload(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
-) -> None:
-    upstream = await fake_upstream(echoing_upstream())
+async def test_no_secret_reaches_a_response_under_a_varied_workload(upstream: Upstream, start: GatewayFactory) -> None:
+    upstream.script(echoing_upstream())
     gateway = await start(make_config(upstream.url, upstream={"retries": 0}))
 
     answers = await run_varied_workload(gateway.url)
@@ -442,10 +437,11 @@ async def test_a_bearer_credential_in_a_logged_path_is_removed(
     assert "never-configured-credential-77" not in logs.text
 
 
+@pytest.mark.one_loop
 async def test_the_process_writes_only_json_lines_and_no_secret_under_a_varied_workload(
-    fake_upstream: UpstreamFactory, gateway_process: ProcessFactory, tmp_path: Path
+    upstream: Upstream, gateway_process: ProcessFactory, tmp_path: Path
 ) -> None:
-    upstream = await fake_upstream(echoing_upstream())
+    upstream.script(echoing_upstream())
     gateway = await gateway_process(
         write_config(tmp_path / "c.yaml", process_config(upstream.url, upstream={"retries": 0}))
     )
@@ -460,6 +456,7 @@ async def test_the_process_writes_only_json_lines_and_no_secret_under_a_varied_w
     assert_no_secrets(gateway.text)
 
 
+@pytest.mark.one_loop
 async def test_logging_level_is_honoured_at_start_and_after_a_reload(
     simulator: Simulator, gateway_process: ProcessFactory, tmp_path: Path
 ) -> None:

@@ -29,7 +29,7 @@ from aiohttp import web
 from gateway.config import load_config
 from gateway.demo.simulator import Simulator
 from gateway.edge.server import RunningGateway, reload_config
-from tests.conftest import GatewayFactory, ProcessFactory, UpstreamFactory
+from tests.conftest import GatewayFactory, ProcessFactory
 from tests.redis_server import RedisServer
 from tests.support import (
     ANALYTICS_KEY,
@@ -41,9 +41,7 @@ from tests.support import (
     GatewayProcess,
     LogCapture,
     assert_no_reload_secrets,
-    batch_body,
     free_port,
-    json_handler,
     make_config,
     process_config,
     raw_config,
@@ -52,6 +50,7 @@ from tests.support import (
     sdk,
     write_config,
 )
+from tests.upstream import Upstream, batch_body, json_handler
 
 
 def rotated(base_url: str, **sections: Any) -> dict[str, Any]:
@@ -85,10 +84,11 @@ async def gateway_from_a_config_file(
 # --- reload -------------------------------------------------------------------------------------
 
 
+@pytest.mark.one_loop
 async def test_sighup_swaps_in_the_new_token_and_callers_and_keeps_the_cache(
-    fake_upstream: UpstreamFactory, gateway_process: ProcessFactory, tmp_path: Path
+    upstream: Upstream, gateway_process: ProcessFactory, tmp_path: Path
 ) -> None:
-    upstream = await fake_upstream(json_handler())
+    upstream.script(json_handler())
     path, gateway = await process_from_a_config_file(gateway_process, tmp_path, upstream.url)
     await sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-1")
     assert upstream.headers[-1]["Authorization"] == f"Bearer {UPSTREAM_TOKEN}"
@@ -110,15 +110,16 @@ async def test_sighup_swaps_in_the_new_token_and_callers_and_keeps_the_cache(
             assert response.headers["X-Cache"] == "HIT"
         async with session.get(f"{gateway.url}/metrics") as response:
             metrics = await response.text()
-    assert upstream.calls == 2
+    assert upstream.count() == 2
     assert 'gateway_config_reloads_total{result="ok"} 1.0' in metrics
     assert "gateway_config_last_reload_success 1.0" in metrics
 
 
+@pytest.mark.one_loop
 async def test_sighup_with_a_bad_config_names_the_key_and_keeps_serving_the_old_one(
-    fake_upstream: UpstreamFactory, gateway_process: ProcessFactory, tmp_path: Path
+    upstream: Upstream, gateway_process: ProcessFactory, tmp_path: Path
 ) -> None:
-    upstream = await fake_upstream(json_handler())
+    upstream.script(json_handler())
     path, gateway = await process_from_a_config_file(gateway_process, tmp_path, upstream.url)
 
     broken = rotated(upstream.url, server={"host": "127.0.0.1", "port": 0})
@@ -140,9 +141,9 @@ async def test_sighup_with_a_bad_config_names_the_key_and_keeps_serving_the_old_
 
 
 async def test_reload_config_swaps_token_and_callers_in_process_and_the_cache_survives(
-    fake_upstream: UpstreamFactory, start: GatewayFactory, tmp_path: Path, logs: LogCapture
+    upstream: Upstream, start: GatewayFactory, tmp_path: Path, logs: LogCapture
 ) -> None:
-    upstream = await fake_upstream(json_handler())
+    upstream.script(json_handler())
     path, gateway = await gateway_from_a_config_file(start, tmp_path, upstream.url)
     await sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-1")
 
@@ -159,14 +160,14 @@ async def test_reload_config_swaps_token_and_callers_in_process_and_the_cache_su
     ):
         assert response.status == 200
         assert response.headers["X-Cache"] == "HIT"
-    assert upstream.calls == 2
+    assert upstream.count() == 2
     assert_no_reload_secrets(logs.text)
 
 
 async def test_a_bad_reload_in_process_keeps_the_old_config_and_flags_the_metric(
-    fake_upstream: UpstreamFactory, start: GatewayFactory, tmp_path: Path, logs: LogCapture
+    upstream: Upstream, start: GatewayFactory, tmp_path: Path, logs: LogCapture
 ) -> None:
-    upstream = await fake_upstream(json_handler())
+    upstream.script(json_handler())
     path, gateway = await gateway_from_a_config_file(start, tmp_path, upstream.url)
     broken = rotated(upstream.url)
     broken["callers"][1]["key"] = "short"
@@ -187,10 +188,11 @@ async def test_a_bad_reload_in_process_keeps_the_old_config_and_flags_the_metric
     assert gateway.state.metrics.last_reload_ok._value.get() == 1
 
 
+@pytest.mark.one_loop
 async def test_token_file_is_read_again_on_reload(
-    fake_upstream: UpstreamFactory, gateway_process: ProcessFactory, tmp_path: Path
+    upstream: Upstream, gateway_process: ProcessFactory, tmp_path: Path
 ) -> None:
-    upstream = await fake_upstream(json_handler())
+    upstream.script(json_handler())
     token_file = tmp_path / "cohere-token"
     token_file.write_text(UPSTREAM_TOKEN + "\n", encoding="utf-8")
     raw = process_config(upstream.url)
@@ -210,7 +212,7 @@ async def test_token_file_is_read_again_on_reload(
 
 
 async def test_a_request_in_flight_during_a_reload_finishes_and_its_retry_reads_the_new_upstream_settings(
-    fake_upstream: UpstreamFactory, start: GatewayFactory, tmp_path: Path, logs: LogCapture
+    upstream: Upstream, start: GatewayFactory, tmp_path: Path, logs: LogCapture
 ) -> None:
     first_answer = asyncio.Event()
 
@@ -220,7 +222,7 @@ async def test_a_request_in_flight_during_a_reload_finishes_and_its_retry_reads_
             return web.Response(status=502)
         return web.Response(body=batch_body("batch-1"), content_type="application/json")
 
-    upstream = await fake_upstream(fails_once_when_released)
+    upstream.script(fails_once_when_released)
     path, gateway = await gateway_from_a_config_file(start, tmp_path, upstream.url, upstream={"retries": 2})
     in_flight = asyncio.ensure_future(sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-1"))
     await asyncio.wait_for(upstream.arrived.wait(), PROCESS_WAIT_S)
@@ -232,7 +234,7 @@ async def test_a_request_in_flight_during_a_reload_finishes_and_its_retry_reads_
 
     response = await asyncio.wait_for(in_flight, PROCESS_WAIT_S)
     assert response.batch.id == "batch-1"
-    assert upstream.calls == 2
+    assert upstream.count() == 2
     # A retry made after the reload is an upstream call made after it (DESIGN §7).
     assert upstream.headers[1]["Authorization"] == f"Bearer {NEW_TOKEN}"
     assert upstream.headers[1]["X-Client-Name"] == "reporting"
@@ -259,12 +261,13 @@ async def connection_refused(url: str) -> bool:
     return False
 
 
+@pytest.mark.one_loop
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_a_stop_signal_lets_the_request_in_flight_finish_refuses_new_ones_and_exits_0(
-    signum: int, fake_upstream: UpstreamFactory, gateway_process: ProcessFactory, tmp_path: Path
+    signum: int, upstream: Upstream, gateway_process: ProcessFactory, tmp_path: Path
 ) -> None:
-    upstream = await fake_upstream(json_handler())
-    upstream.release = asyncio.Event()
+    upstream.script(json_handler())
+    release = upstream.hold(times=None)
     grace_s = 5.0
     gateway = await gateway_process(write_config(tmp_path / "config.yaml", process_config(upstream.url)))
     in_flight = asyncio.ensure_future(sdk(gateway.url).batches.retrieve("batch-1"))
@@ -273,7 +276,7 @@ async def test_a_stop_signal_lets_the_request_in_flight_finish_refuses_new_ones_
     mark = gateway.signal(signum)
     await gateway.wait_for_event("stopping", after=mark)
     assert await connection_refused(gateway.url)
-    upstream.release.set()
+    release.set()
 
     response = await asyncio.wait_for(in_flight, PROCESS_WAIT_S)
     assert response.batch.id == "batch-1"
@@ -281,11 +284,12 @@ async def test_a_stop_signal_lets_the_request_in_flight_finish_refuses_new_ones_
     await gateway.wait_for_event("stopped", after=mark)
 
 
+@pytest.mark.one_loop
 async def test_a_request_still_running_after_the_grace_period_is_cut_and_the_process_exits_0(
-    fake_upstream: UpstreamFactory, gateway_process: ProcessFactory, tmp_path: Path
+    upstream: Upstream, gateway_process: ProcessFactory, tmp_path: Path
 ) -> None:
-    upstream = await fake_upstream(json_handler())
-    upstream.release = asyncio.Event()  # never set before the gateway has gone
+    upstream.script(json_handler())
+    upstream.hold(times=None)  # never set before the gateway has gone
     raw = process_config(upstream.url)
     raw["server"]["shutdown_grace_s"] = 0.5
     gateway = await gateway_process(write_config(tmp_path / "config.yaml", raw))
@@ -308,9 +312,9 @@ def pid_in(path: Path) -> int:
 
 @pytest.mark.one_loop
 async def test_the_pid_file_names_the_running_gateway_and_a_sighup_sent_to_it_reloads(
-    fake_upstream: UpstreamFactory, gateway_process: ProcessFactory, tmp_path: Path
+    upstream: Upstream, gateway_process: ProcessFactory, tmp_path: Path
 ) -> None:
-    upstream = await fake_upstream(json_handler())
+    upstream.script(json_handler())
     pid_file = tmp_path / "run" / "cohere-gateway.pid"
     pid_file.parent.mkdir()
     raw = process_config(upstream.url)
@@ -330,9 +334,9 @@ async def test_the_pid_file_names_the_running_gateway_and_a_sighup_sent_to_it_re
 
 @pytest.mark.one_loop
 async def test_with_workers_the_pid_file_names_the_parent_and_each_worker_serves_metrics_on_the_metrics_port(
-    fake_upstream: UpstreamFactory, gateway_process: ProcessFactory, redis_server: RedisServer, tmp_path: Path
+    upstream: Upstream, gateway_process: ProcessFactory, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    upstream = await fake_upstream(json_handler())
+    upstream.script(json_handler())
     pid_file = tmp_path / "cohere-gateway.pid"
     metrics_port = free_port()
     raw = process_config(upstream.url, redis={"url": redis_server.url})

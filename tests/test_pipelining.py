@@ -21,16 +21,9 @@ from aiohttp import web
 
 from gateway.demo.simulator import Simulator
 from gateway.edge.server import RunningGateway, expect_error
-from tests.conftest import GatewayFactory, UpstreamFactory
-from tests.support import (
-    EXCHANGE_TIMEOUT_S,
-    Answer,
-    batch_body,
-    make_config,
-    read_answer,
-    request_bytes,
-    sdk,
-)
+from tests.conftest import GatewayFactory
+from tests.support import EXCHANGE_TIMEOUT_S, Answer, make_config, read_answer, request_bytes, sdk
+from tests.upstream import Upstream, batch_body
 
 CACHED = "batch-1"
 _fresh = itertools.count()
@@ -118,7 +111,7 @@ async def test_forty_pipelined_requests_after_a_request_whose_body_came_late_are
 
 
 async def test_a_half_sent_head_behind_a_slow_request_closes_the_connection_at_its_deadline(
-    fake_upstream: UpstreamFactory, start: GatewayFactory, way: str
+    upstream: Upstream, start: GatewayFactory, way: str
 ) -> None:
     async def slow_for_slow_ids(request: web.Request) -> web.Response:
         batch_id = request.match_info["tail"].rsplit("/", 1)[-1]
@@ -126,7 +119,7 @@ async def test_a_half_sent_head_behind_a_slow_request_closes_the_connection_at_i
             await asyncio.sleep(1.5)  # the upstream under test is a slow one
         return web.Response(body=batch_body(batch_id), content_type="application/json")
 
-    upstream = await fake_upstream(slow_for_slow_ids)
+    upstream.script(slow_for_slow_ids)
     gateway = await start(
         make_config(upstream.url, upstream=PLENTY, server={"header_timeout_s": 0.5, "keepalive_timeout_s": 30})
     )

@@ -24,20 +24,19 @@ from cohere.errors import BadRequestError
 
 from gateway.edge.server import RunningGateway
 from gateway.upstream.guards import BreakerState
-from tests.conftest import GatewayFactory, UpstreamFactory
+from tests.conftest import GatewayFactory
 from tests.support import (
     BILLING_KEY,
     REPORTING_KEY,
     Answer,
     FakeClock,
-    FakeUpstream,
-    batch_body,
     http,
     make_config,
     sample_value,
     scrape_metrics,
     sdk,
 )
+from tests.upstream import Upstream, batch_body
 
 BOUND_S = 20  # no exchange in this file may take longer
 
@@ -76,11 +75,9 @@ class Script:
         self._since = len(self.served)
 
 
-async def scripted(
-    fake_upstream: UpstreamFactory, *answers: int | tuple[int, dict[str, str]]
-) -> tuple[FakeUpstream, Script]:
+async def scripted(fake: Upstream, *answers: int | tuple[int, dict[str, str]]) -> tuple[Upstream, Script]:
     script = Script([a if isinstance(a, tuple) else (a, {}) for a in answers])
-    return await fake_upstream(script), script
+    return fake.script(script), script
 
 
 def budget(requests_per_s: float, burst: int, wait_s: float = 0.0, **upstream: Any) -> dict[str, Any]:
@@ -91,10 +88,10 @@ NO_JITTER = {"active_jitter": 0}  # active entries live exactly ttl_s.active (5 
 
 
 async def start_scripted(
-    fake_upstream: UpstreamFactory, start: GatewayFactory, *answers: int | tuple[int, dict[str, str]], **sections: Any
-) -> tuple[FakeUpstream, Script, FakeClock, RunningGateway]:
+    fake: Upstream, start: GatewayFactory, *answers: int | tuple[int, dict[str, str]], **sections: Any
+) -> tuple[Upstream, Script, FakeClock, RunningGateway]:
     """A scripted upstream and a gateway in front of it on a FakeClock; ``sections`` go to ``make_config``."""
-    upstream, script = await scripted(fake_upstream, *answers)
+    upstream, script = await scripted(fake, *answers)
     clock = FakeClock()
     gateway = await start(make_config(upstream.url, **sections), clock=clock)
     return upstream, script, clock, gateway
@@ -104,9 +101,9 @@ async def start_scripted(
 
 
 async def test_a_flood_of_distinct_ids_never_exceeds_burst_plus_rate_times_elapsed(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
-    upstream, _ = await scripted(fake_upstream, 200)
+    upstream, _ = await scripted(upstream, 200)
     rate, burst = 5, 5
     gateway = await start(make_config(upstream.url, upstream=budget(rate, burst, wait_s=0.3)))
     answers: list[Answer] = []
@@ -124,21 +121,19 @@ async def test_a_flood_of_distinct_ids_never_exceeds_burst_plus_rate_times_elaps
     await asyncio.wait_for(asyncio.gather(*(worker(n) for n in range(workers))), BOUND_S)
     elapsed = time.monotonic() - started
 
-    assert upstream.calls <= burst + rate * elapsed
-    assert upstream.calls >= burst  # the budget was used, not just refused
+    assert upstream.count() <= burst + rate * elapsed
+    assert upstream.count() >= burst  # the budget was used, not just refused
     refused = [a for a in answers if a.status != 200]
-    assert len(answers) - len(refused) == upstream.calls
+    assert len(answers) - len(refused) == upstream.count()
     assert refused, "the flood never ran the budget dry"
     assert {(a.status, a.code) for a in refused} == {(429, "rate_limited")}
     assert all(a.retry_after is not None and int(a.retry_after) >= 1 for a in refused)
     assert await metric(gateway, "gateway_upstream_rejected_total", reason="budget") == len(refused)
-    assert await metric(gateway, "gateway_upstream_calls_total", outcome="200") == upstream.calls
+    assert await metric(gateway, "gateway_upstream_calls_total", outcome="200") == upstream.count()
 
 
-async def test_cache_hits_are_served_while_the_budget_is_empty(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
-) -> None:
-    upstream, _ = await scripted(fake_upstream, 200)
+async def test_cache_hits_are_served_while_the_budget_is_empty(upstream: Upstream, start: GatewayFactory) -> None:
+    upstream, _ = await scripted(upstream, 200)
     gateway = await start(make_config(upstream.url, upstream=budget(0.5, 2)), clock=FakeClock())
     for batch_id in ("batch-a", "batch-b"):
         assert (await get(gateway, batch_id)).status == 200
@@ -150,14 +145,14 @@ async def test_cache_hits_are_served_while_the_budget_is_empty(
         hit = await get(gateway, batch_id)
         assert (hit.status, hit.headers["X-Cache"]) == (200, "HIT")
         assert json.loads(hit.body)["batch"]["id"] == batch_id
-    assert upstream.calls == 2
+    assert upstream.count() == 2
 
 
 async def test_a_kept_entry_answers_at_once_while_a_request_without_one_waits_for_budget(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     _, script, clock, gateway = await start_scripted(
-        fake_upstream, start, 200, upstream=budget(1, 2, wait_s=4), cache=NO_JITTER
+        upstream, start, 200, upstream=budget(1, 2, wait_s=4), cache=NO_JITTER
     )
     assert (await get(gateway, "kept")).status == 200
     clock.advance(6)  # "kept" is stale now; the budget is full again
@@ -176,10 +171,8 @@ async def test_a_kept_entry_answers_at_once_while_a_request_without_one_waits_fo
     assert script.served[-1] == "waiter"
 
 
-async def test_a_budget_wait_never_outlasts_the_upstream_deadline(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
-) -> None:
-    upstream, _ = await scripted(fake_upstream, 200)
+async def test_a_budget_wait_never_outlasts_the_upstream_deadline(upstream: Upstream, start: GatewayFactory) -> None:
+    upstream, _ = await scripted(upstream, 200)
     config = make_config(upstream.url, upstream=budget(2, 1, wait_s=30, timeout_s=1))
     gateway = await start(config, clock=FakeClock())  # frozen: no token ever comes
     assert (await get(gateway, "first")).status == 200
@@ -188,16 +181,16 @@ async def test_a_budget_wait_never_outlasts_the_upstream_deadline(
     # Refused for budget once the deadline is near, not cut off as a timeout.
     assert (answer.status, answer.code) == (429, "rate_limited")
     assert time.monotonic() - started < 1 + 1  # the deadline, plus slack for a busy machine
-    assert upstream.calls == 1
+    assert upstream.count() == 1
 
 
 # --- the upstream's 429 --------------------------------------------------------------
 
 
 async def test_after_an_upstream_429_no_id_is_fetched_until_retry_after_has_passed(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
-    _, script, clock, gateway = await start_scripted(fake_upstream, start, (429, {"Retry-After": "2"}), 200)
+    _, script, clock, gateway = await start_scripted(upstream, start, (429, {"Retry-After": "2"}), 200)
 
     first = await get(gateway, "batch-a")
     assert (first.status, first.code, first.retry_after) == (429, "upstream_rate_limited", "2")
@@ -220,9 +213,9 @@ async def test_after_an_upstream_429_no_id_is_fetched_until_retry_after_has_pass
     assert await metric(gateway, "gateway_upstream_calls_total", outcome="429") == 1
 
 
-async def test_during_a_pause_a_kept_entry_answers_stale(fake_upstream: UpstreamFactory, start: GatewayFactory) -> None:
+async def test_during_a_pause_a_kept_entry_answers_stale(upstream: Upstream, start: GatewayFactory) -> None:
     _, script, clock, gateway = await start_scripted(
-        fake_upstream, start, 200, (429, {"Retry-After": "30"}), cache=NO_JITTER
+        upstream, start, 200, (429, {"Retry-After": "30"}), cache=NO_JITTER
     )
     assert (await get(gateway, "kept")).status == 200
     clock.advance(6)
@@ -250,13 +243,13 @@ def http_date(offset_s: float) -> str:
     ids=["http-date", "http-date-capped", "seconds-capped", "garbage", "negative", "absent", "past-date"],
 )
 async def test_retry_after_dates_garbage_and_huge_values_pause_as_long_as_they_should(
-    fake_upstream: UpstreamFactory, start: GatewayFactory, retry_after: str | None, told: set[str], paused_s: float
+    upstream: Upstream, start: GatewayFactory, retry_after: str | None, told: set[str], paused_s: float
 ) -> None:
     if retry_after is not None and retry_after.startswith("date"):
         retry_after = http_date(float(retry_after.removeprefix("date")))
     headers = {} if retry_after is None else {"Retry-After": retry_after}
     _, script, clock, gateway = await start_scripted(
-        fake_upstream, start, (429, headers), 200, upstream={"retry_after_default_s": 7, "retry_after_max_s": 60}
+        upstream, start, (429, headers), 200, upstream={"retry_after_default_s": 7, "retry_after_max_s": 60}
     )
 
     answer = await get(gateway, "batch-a")
@@ -294,50 +287,50 @@ async def test_retry_after_dates_garbage_and_huge_values_pause_as_long_as_they_s
     ids=str,
 )
 async def test_only_connect_errors_502_503_and_504_are_retried(
-    fake_upstream: UpstreamFactory,
+    upstream: Upstream,
     start: GatewayFactory,
     answers: list[int | tuple[int, dict[str, str]]],
     status: int,
     code: str | None,
     calls: int,
 ) -> None:
-    upstream, _ = await scripted(fake_upstream, *answers)
+    upstream, _ = await scripted(upstream, *answers)
     gateway = await start(make_config(upstream.url, upstream={"retries": 2}), clock=FakeClock())
     answer = await get(gateway, "batch-1")
     assert (answer.status, answer.code) == (status, code)
-    assert upstream.calls == calls
+    assert upstream.count() == calls
     assert await metric(gateway, "gateway_upstream_retries_total") == calls - 1
 
 
 async def test_a_transient_502_twice_then_200_reaches_the_sdk_as_the_batch(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
-    upstream, _ = await scripted(fake_upstream, 502, 502, 200)
+    upstream, _ = await scripted(upstream, 502, 502, 200)
     gateway = await start(make_config(upstream.url, upstream={"retries": 2}))
     response = await sdk(gateway.url).batches.retrieve("batch-1")
     assert response.batch.id == "batch-1"
-    assert upstream.calls == 3
+    assert upstream.count() == 3
     assert await metric(gateway, "gateway_upstream_calls_total", outcome="502") == 2
     assert await metric(gateway, "gateway_upstream_calls_total", outcome="200") == 1
     assert await metric(gateway, "gateway_upstream_retries_total") == 2
 
 
 async def test_an_upstream_400_is_called_exactly_once_and_its_message_reaches_the_sdk(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
-    upstream, _ = await scripted(fake_upstream, 400)
+    upstream, _ = await scripted(upstream, 400)
     gateway = await start(make_config(upstream.url, upstream={"retries": 5}))
     with pytest.raises(BadRequestError) as raised:
         await sdk(gateway.url).batches.retrieve("batch-1")
     assert raised.value.body["message"] == "upstream says 400"
-    assert upstream.calls == 1
+    assert upstream.count() == 1
 
 
 async def test_a_503_with_retry_after_is_not_retried_and_pauses_every_id(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     _, script, clock, gateway = await start_scripted(
-        fake_upstream, start, (503, {"Retry-After": "3"}), 200, upstream={"retries": 2}
+        upstream, start, (503, {"Retry-After": "3"}), 200, upstream={"retries": 2}
     )
     answer = await get(gateway, "batch-a")
     assert (answer.status, answer.code, answer.retry_after) == (503, "upstream_unavailable", "3")
@@ -374,13 +367,13 @@ class socket_closed_port:
         self._socket.close()
 
 
-async def test_every_retry_spends_budget(fake_upstream: UpstreamFactory, start: GatewayFactory) -> None:
-    upstream, _ = await scripted(fake_upstream, 502)
+async def test_every_retry_spends_budget(upstream: Upstream, start: GatewayFactory) -> None:
+    upstream, _ = await scripted(upstream, 502)
     gateway = await start(make_config(upstream.url, upstream=budget(0.5, 2, retries=5)), clock=FakeClock())
     answer = await get(gateway, "batch-1")
     # Two tokens, two calls; the third try finds no budget and the real failure is reported.
     assert (answer.status, answer.code) == (502, "upstream_error")
-    assert upstream.calls == 2
+    assert upstream.count() == 2
     assert await metric(gateway, "gateway_upstream_budget_tokens") == 0
     assert await metric(gateway, "gateway_upstream_retries_total") == 1
 
@@ -409,28 +402,26 @@ async def test_a_dropped_connection_costs_one_budget_token_per_try(start: Gatewa
 
 
 async def test_retries_stop_before_the_deadline_and_report_the_real_failure(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
-    upstream, _ = await scripted(fake_upstream, 502)
+    upstream, _ = await scripted(upstream, 502)
     config = make_config(upstream.url, upstream={"retries": 5, "retry_backoff_s": 0.4, "timeout_s": 1})
     gateway = await start(config)
     gateway.state.upstream.jitter = lambda _low, high: high  # backoffs 0.4 s, then 0.8 s: past the deadline
     started = time.monotonic()
     answer = await get(gateway, "batch-1")
     assert (answer.status, answer.code) == (502, "upstream_error")  # not a 504 from a sleep cut short
-    assert upstream.calls == 2
+    assert upstream.count() == 2
     assert time.monotonic() - started < 1 + 1
 
 
-async def test_a_silent_upstream_is_answered_504_within_timeout_s(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
-) -> None:
-    upstream, _ = await scripted(fake_upstream, 200)
-    upstream.release = asyncio.Event()  # never set while the gateway waits
+async def test_a_silent_upstream_is_answered_504_within_timeout_s(upstream: Upstream, start: GatewayFactory) -> None:
+    upstream, _ = await scripted(upstream, 200)
+    upstream.hold(times=None)  # never set while the gateway waits
     gateway = await start(make_config(upstream.url, upstream={"retries": 3, "timeout_s": 0.5}))
     answer = await get(gateway, "batch-1")
     assert (answer.status, answer.code) == (504, "upstream_timeout")
-    assert upstream.calls == 1
+    assert upstream.count() == 1
     assert await metric(gateway, "gateway_upstream_calls_total", outcome="upstream_timeout") == 1
 
 
@@ -447,15 +438,13 @@ async def open_the_breaker(gateway: RunningGateway, script: Script) -> None:
 
 
 async def test_the_breaker_opens_after_consecutive_failures_and_fails_fast_or_stale(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
-    upstream, script, clock, gateway = await start_scripted(
-        fake_upstream, start, 200, upstream=BREAKER, cache=NO_JITTER
-    )
+    upstream, script, clock, gateway = await start_scripted(upstream, start, 200, upstream=BREAKER, cache=NO_JITTER)
     assert (await get(gateway, "kept")).status == 200
     clock.advance(6)  # "kept" is stale
     await open_the_breaker(gateway, script)
-    calls = upstream.calls
+    calls = upstream.count()
 
     fast = await get(gateway, "other")
     assert (fast.status, fast.code, fast.retry_after) == (503, "upstream_unavailable", "10")
@@ -464,7 +453,7 @@ async def test_the_breaker_opens_after_consecutive_failures_and_fails_fast_or_st
     clock.advance(4)
     later = await get(gateway, "other")
     assert (later.status, later.retry_after) == (503, "6")
-    assert upstream.calls == calls
+    assert upstream.count() == calls
     assert await metric(gateway, "gateway_upstream_rejected_total", reason="breaker_open") == 3
 
 
@@ -477,26 +466,27 @@ async def test_the_breaker_opens_after_consecutive_failures_and_fails_fast_or_st
     ids=["probe-succeeds-and-closes", "probe-fails-and-reopens"],
 )
 async def test_after_the_cooldown_exactly_one_probe_goes_upstream(
-    fake_upstream: UpstreamFactory,
+    upstream: Upstream,
     start: GatewayFactory,
     probe_answer: int,
     state_after: BreakerState,
     next_answer: tuple[int, str | None],
 ) -> None:
-    upstream, script, clock, gateway = await start_scripted(fake_upstream, start, 200, upstream=BREAKER)
+    upstream, script, clock, gateway = await start_scripted(upstream, start, 200, upstream=BREAKER)
     await open_the_breaker(gateway, script)
     clock.advance(10)
     assert await metric(gateway, "gateway_breaker_state") == BreakerState.HALF_OPEN.value
 
     script.then(probe_answer, 200)
-    upstream.release, upstream.arrived = asyncio.Event(), asyncio.Event()
+    release = upstream.hold(times=None)
+    upstream.arrived.clear()
     probe = asyncio.create_task(get(gateway, "probe"))
     await asyncio.wait_for(upstream.arrived.wait(), BOUND_S)
-    calls = upstream.calls
+    calls = upstream.count()
     others = [await get(gateway, f"while-probing-{n}") for n in range(3)]
     assert {(a.status, a.code, a.retry_after) for a in others} == {(503, "upstream_unavailable", "1")}
-    assert upstream.calls == calls  # only the probe is out
-    upstream.release.set()
+    assert upstream.count() == calls  # only the probe is out
+    release.set()
     assert (await asyncio.wait_for(probe, BOUND_S)).status == (200 if probe_answer == 200 else 502)
 
     assert await metric(gateway, "gateway_breaker_state") == state_after.value
@@ -506,9 +496,9 @@ async def test_after_the_cooldown_exactly_one_probe_goes_upstream(
 
 
 async def test_a_probe_refused_for_budget_neither_closes_the_breaker_nor_keeps_the_slot(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
-    _, script, clock, gateway = await start_scripted(fake_upstream, start, 200, upstream={**BREAKER, **budget(0.01, 3)})
+    _, script, clock, gateway = await start_scripted(upstream, start, 200, upstream={**BREAKER, **budget(0.01, 3)})
     await open_the_breaker(gateway, script)  # spends the 3 tokens
     clock.advance(10)  # cooldown over; 0.1 token back
 
@@ -523,15 +513,14 @@ async def test_a_probe_refused_for_budget_neither_closes_the_breaker_nor_keeps_t
     assert await metric(gateway, "gateway_breaker_state") == BreakerState.CLOSED.value
 
 
-async def test_a_cancelled_probe_frees_the_slot_for_the_next_call(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
-) -> None:
+async def test_a_cancelled_probe_frees_the_slot_for_the_next_call(upstream: Upstream, start: GatewayFactory) -> None:
     """A probe cut off mid-call (the gateway shutting down) must not leave the breaker stuck."""
-    upstream, script, clock, gateway = await start_scripted(fake_upstream, start, 200, upstream=BREAKER)
+    upstream, script, clock, gateway = await start_scripted(upstream, start, 200, upstream=BREAKER)
     await open_the_breaker(gateway, script)
     clock.advance(10)
     client = gateway.state.upstream
-    upstream.release, upstream.arrived = asyncio.Event(), asyncio.Event()
+    upstream.hold(times=None)
+    upstream.arrived.clear()
     from gateway.upstream.answers import accept_batch
     from gateway.upstream.client import UpstreamRequest, batch_path
 
@@ -550,9 +539,9 @@ async def test_a_cancelled_probe_frees_the_slot_for_the_next_call(
 
 
 async def test_a_caller_over_its_own_limit_is_refused_while_another_is_still_served(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
-    upstream, _ = await scripted(fake_upstream, 200)
+    upstream, _ = await scripted(upstream, 200)
     clock = FakeClock()
     limit = {"requests_per_s": 0.5, "burst": 2}
     callers = [
@@ -571,7 +560,7 @@ async def test_a_caller_over_its_own_limit_is_refused_while_another_is_still_ser
     quiet = sdk(gateway.url, BILLING_KEY)
     for batch_id in ("batch-1", "batch-2"):
         assert (await quiet.batches.retrieve(batch_id)).batch.id == batch_id
-    assert upstream.calls == 2
+    assert upstream.count() == 2
     assert await metric(gateway, "gateway_caller_rate_limited_total", caller="reporting") == 2
     assert await metric(gateway, "gateway_caller_rate_limited_total", caller="billing-service") == 0
 

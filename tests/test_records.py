@@ -1,5 +1,8 @@
-"""Ownership and idempotency records on SQLite (DESIGN §8 "Store" and "Idempotency-Key").
+"""Ownership and idempotency records: what only SQLite has (DESIGN §8 "Store" and "Idempotency-Key").
 
+The ``Records`` contract both backends keep is in tests/test_records_contract.py;
+here: records that outlive a restart of the file's process, leases and expiry
+to the exact second on a fake clock, the purge, the file's mode, and locks.
 Failures are real, not mocked: ``store_locked`` holds a lock on the database
 file from another connection, as another process would, so that the store's
 reads and writes fail after their busy timeout.
@@ -20,14 +23,10 @@ from typing import Any
 import pytest
 
 from gateway.errors import StoreUnavailable
-from gateway.records.base import Claimed, InUse, Replay, Reused, body_fingerprint
+from gateway.records.base import Claimed, InUse, Replay, body_fingerprint
 from gateway.records.sqlite import SqliteRecords
+from tests.records_kit import FP, LEASE_S, OTHER_FP, TTL_S
 from tests.support import BUSY_S, FakeClock, LogCapture, store_locked
-
-TTL_S = 3600.0
-LEASE_S = 20.0
-FP = body_fingerprint({"name": "nightly", "input_dataset_id": "ds-1", "model": "m"})
-OTHER_FP = body_fingerprint({"name": "nightly", "input_dataset_id": "ds-2", "model": "m"})
 
 OpenRecords = Callable[..., Awaitable[SqliteRecords]]
 
@@ -67,12 +66,6 @@ async def records(open_records: OpenRecords) -> SqliteRecords:
 # --- owners -------------------------------------------------------------------
 
 
-async def test_an_owner_recorded_is_answered_and_unknown_ids_have_none(records: SqliteRecords) -> None:
-    await records.record_owner("batch-1", "billing-service")
-    assert await records.owner_of("batch-1") == "billing-service"
-    assert await records.owner_of("batch-2") is None
-
-
 async def test_ownership_survives_a_restart(open_records: OpenRecords, db_path: str) -> None:
     first = await open_records()
     await first.record_owner("batch-1", "billing-service")
@@ -81,39 +74,7 @@ async def test_ownership_survives_a_restart(open_records: OpenRecords, db_path: 
     assert await again.owner_of("batch-1") == "billing-service"
 
 
-async def test_an_owner_recorded_by_another_process_is_seen_although_a_miss_came_first(
-    open_records: OpenRecords,
-) -> None:
-    reader, writer = await open_records(), await open_records()
-    assert await reader.owner_of("batch-1") is None  # not cached: a negative answer may change
-    await writer.record_owner("batch-1", "reporting")
-    assert await reader.owner_of("batch-1") == "reporting"
-
-
-async def test_recording_an_owner_twice_keeps_the_first(records: SqliteRecords, open_records: OpenRecords) -> None:
-    await records.record_owner("batch-1", "billing-service")
-    await records.record_owner("batch-1", "billing-service")
-    await records.record_owner("batch-1", "reporting")  # cannot happen with unique upstream ids; the first stays
-    assert await records.owner_of("batch-1") == "billing-service"
-    fresh = await open_records()
-    assert await fresh.owner_of("batch-1") == "billing-service"
-
-
-async def test_the_owner_cache_stays_within_its_bound(open_records: OpenRecords) -> None:
-    records = await open_records(owner_cache_size=2)
-    for number in range(5):
-        await records.record_owner(f"batch-{number}", "billing-service")
-    assert len(records._owners) == 2
-    assert await records.owner_of("batch-0") == "billing-service"  # evicted from memory, still on disk
-
-
 # --- idempotency keys -----------------------------------------------------------
-
-
-async def test_a_settled_key_is_replayed_with_its_status_and_body(records: SqliteRecords) -> None:
-    assert await records.claim_key("billing-service", "k1", FP) == Claimed(ambiguous_since=None)
-    await records.settle_key("billing-service", "k1", 200, b'{"batch": {"id": "b1"}}')
-    assert await records.claim_key("billing-service", "k1", FP) == Replay(200, b'{"batch": {"id": "b1"}}')
 
 
 async def test_a_settled_key_is_replayed_after_a_restart(open_records: OpenRecords) -> None:
@@ -125,17 +86,9 @@ async def test_a_settled_key_is_replayed_after_a_restart(open_records: OpenRecor
     assert await again.claim_key("billing-service", "k1", FP) == Replay(400, b'{"message": "bad model"}')
 
 
-@pytest.mark.parametrize("state", ["running", "ambiguous", "settled"])
-async def test_a_key_used_with_another_body_is_reused_whatever_its_state(records: SqliteRecords, state: str) -> None:
-    await records.claim_key("billing-service", "k1", FP)
-    if state == "ambiguous":
-        await records.mark_ambiguous("billing-service", "k1")
-    elif state == "settled":
-        await records.settle_key("billing-service", "k1", 200, b"{}")
-    assert await records.claim_key("billing-service", "k1", OTHER_FP) == Reused()
-
-
-async def test_a_running_key_is_in_use_for_what_is_left_of_its_lease(records: SqliteRecords, clock: FakeClock) -> None:
+async def test_on_a_fake_clock_a_running_key_is_in_use_for_exactly_what_is_left_of_its_lease(
+    records: SqliteRecords, clock: FakeClock
+) -> None:
     await records.claim_key("billing-service", "k1", FP)
     clock.advance(5)
     assert await records.claim_key("billing-service", "k1", FP) == InUse(retry_after_s=LEASE_S - 5)
@@ -143,7 +96,7 @@ async def test_a_running_key_is_in_use_for_what_is_left_of_its_lease(records: Sq
     assert await records.claim_key("billing-service", "k1", FP) == InUse(retry_after_s=1.0)  # at least 1 s
 
 
-async def test_a_running_key_past_its_lease_is_claimed_as_ambiguous_since_the_first_attempt(
+async def test_on_a_fake_clock_a_key_just_past_its_lease_is_claimed_as_ambiguous_since_exactly_the_first_attempt(
     records: SqliteRecords, clock: FakeClock
 ) -> None:
     first_attempt = clock.now
@@ -154,7 +107,7 @@ async def test_a_running_key_past_its_lease_is_claimed_as_ambiguous_since_the_fi
     assert isinstance(await records.claim_key("billing-service", "k1", FP), InUse)
 
 
-async def test_an_ambiguous_key_is_claimed_again_with_the_first_attempts_time(
+async def test_on_a_fake_clock_an_ambiguous_key_claimed_again_later_keeps_exactly_the_first_attempts_time(
     records: SqliteRecords, clock: FakeClock
 ) -> None:
     first_attempt = clock.now
@@ -169,36 +122,8 @@ async def test_an_ambiguous_key_is_claimed_again_with_the_first_attempts_time(
     assert await records.claim_key("billing-service", "k1", FP) == Claimed(ambiguous_since=first_attempt)
 
 
-async def test_a_released_key_is_free_again(records: SqliteRecords) -> None:
-    await records.claim_key("billing-service", "k1", FP)
-    await records.release_key("billing-service", "k1")
-    assert await records.claim_key("billing-service", "k1", FP) == Claimed(ambiguous_since=None)
-    # Free means free: another body may now use the key.
-    await records.release_key("billing-service", "k1")
-    assert await records.claim_key("billing-service", "k1", OTHER_FP) == Claimed(ambiguous_since=None)
-
-
-async def test_releasing_a_retry_of_an_ambiguous_attempt_keeps_it_ambiguous(
-    records: SqliteRecords, clock: FakeClock
-) -> None:
-    first_attempt = clock.now
-    await records.claim_key("billing-service", "k1", FP)
-    await records.mark_ambiguous("billing-service", "k1")
-    assert await records.claim_key("billing-service", "k1", FP) == Claimed(ambiguous_since=first_attempt)
-    await records.release_key("billing-service", "k1")  # the retry got a 429: it created nothing, the first may have
-    assert await records.claim_key("billing-service", "k1", FP) == Claimed(ambiguous_since=first_attempt)
-
-
-async def test_a_settled_outcome_is_never_downgraded(records: SqliteRecords) -> None:
-    await records.claim_key("billing-service", "k1", FP)
-    await records.settle_key("billing-service", "k1", 200, b"{}")
-    await records.mark_ambiguous("billing-service", "k1")
-    await records.release_key("billing-service", "k1")
-    assert await records.claim_key("billing-service", "k1", FP) == Replay(200, b"{}")
-
-
 @pytest.mark.parametrize("state", ["running", "ambiguous", "settled"])
-async def test_a_key_expires_idempotency_ttl_after_its_first_attempt(
+async def test_on_a_fake_clock_a_key_expires_exactly_idempotency_ttl_after_its_first_attempt(
     records: SqliteRecords, clock: FakeClock, state: str
 ) -> None:
     await records.claim_key("billing-service", "k1", FP)
@@ -223,24 +148,6 @@ async def test_expired_keys_are_purged_a_bounded_batch_at_a_time(
     with sqlite3.connect(db_path) as check:
         (rows,) = check.execute("SELECT count(*) FROM idempotency_keys").fetchone()
     assert rows == 2  # 100 expired: 64 purged by the first claim, 36 by the second
-
-
-async def test_the_same_key_for_two_callers_is_two_records(records: SqliteRecords) -> None:
-    assert await records.claim_key("billing-service", "k1", FP) == Claimed(ambiguous_since=None)
-    assert await records.claim_key("reporting", "k1", OTHER_FP) == Claimed(ambiguous_since=None)
-    await records.settle_key("billing-service", "k1", 200, b"billing")
-    assert isinstance(await records.claim_key("reporting", "k1", OTHER_FP), InUse)
-    await records.settle_key("reporting", "k1", 200, b"reporting")
-    assert await records.claim_key("billing-service", "k1", FP) == Replay(200, b"billing")
-    assert await records.claim_key("reporting", "k1", OTHER_FP) == Replay(200, b"reporting")
-
-
-async def test_concurrent_claims_of_one_key_give_exactly_one_claim(open_records: OpenRecords) -> None:
-    # Three stores on one file stand for three processes: atomicity must hold across them.
-    stores = [await open_records(busy_timeout_s=5.0) for _ in range(3)]
-    claims = await asyncio.gather(*(stores[number % 3].claim_key("billing-service", "k1", FP) for number in range(60)))
-    assert sum(isinstance(claim, Claimed) for claim in claims) == 1
-    assert sum(isinstance(claim, InUse) for claim in claims) == 59
 
 
 # --- the fingerprint --------------------------------------------------------------
@@ -411,15 +318,6 @@ async def test_a_store_file_that_is_not_a_database_does_not_start(tmp_path: Path
     records = SqliteRecords(str(path), TTL_S, LEASE_S)
     with pytest.raises(StoreUnavailable, match="cannot open"):
         await records.start()
-
-
-async def test_a_closed_store_refuses_to_answer(open_records: OpenRecords) -> None:
-    records = await open_records()
-    await records.close()
-    with pytest.raises(StoreUnavailable):
-        await records.owner_of("batch-1")
-    with pytest.raises(StoreUnavailable):
-        await records.record_owner("batch-1", "billing-service")
 
 
 @pytest.fixture

@@ -15,17 +15,9 @@ from aiohttp import web
 
 from gateway.config import GatewayConfig
 from gateway.edge.server import reload_config
-from tests.conftest import GatewayFactory, UpstreamFactory
-from tests.support import (
-    NEW_TOKEN,
-    PROCESS_WAIT_S,
-    UPSTREAM_TOKEN,
-    batch_body,
-    eventually,
-    http,
-    json_handler,
-    make_config,
-)
+from tests.conftest import GatewayFactory
+from tests.support import NEW_TOKEN, PROCESS_WAIT_S, UPSTREAM_TOKEN, eventually, http, make_config
+from tests.upstream import Upstream, batch_body, json_handler
 
 # The refresher's cadence: a waited batch is refreshed every 0.2 s.
 QUICK_TTL = {"active": 1, "active_min": 0.2, "active_max": 10}
@@ -38,10 +30,10 @@ def moved(base_url: str) -> GatewayConfig:
 
 
 async def test_refreshes_for_waiters_after_a_reload_reach_the_new_upstream_with_the_new_token(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
-    old = await fake_upstream(json_handler())
-    new = await fake_upstream(json_handler())
+    old = upstream.script(json_handler())
+    new = (await upstream.another()).script(json_handler())
     gateway = await start(make_config(old.url, cache={"ttl_s": QUICK_TTL}))
     url = f"{gateway.url}/v2/batches/batch-1"
     etag = (await http(url)).header("ETag")
@@ -53,13 +45,13 @@ async def test_refreshes_for_waiters_after_a_reload_reach_the_new_upstream_with_
         # Reload just as a refresh reaches the old host: no other refresh is out then.
         old.arrived.clear()
         await asyncio.wait_for(old.arrived.wait(), PROCESS_WAIT_S)
-        calls_before_reload = old.calls
+        calls_before_reload = old.count()
         assert reload_config(gateway.state, lambda: moved(new.url))
 
-        reached = await eventually(lambda: new.calls >= 3, REACHED_WITHIN_S)
-        old_calls_after_reload = old.calls - calls_before_reload
+        reached = await eventually(lambda: new.count() >= 3, REACHED_WITHIN_S)
+        old_calls_after_reload = old.count() - calls_before_reload
         # The batch moves on at the new host: the waiters hear of it from there.
-        new.handler = json_handler(body=batch_body("batch-1", num_successful_records=5))
+        new.script(json_handler(body=batch_body("batch-1", num_successful_records=5)))
         answers = await asyncio.wait_for(asyncio.gather(*waits), PROCESS_WAIT_S)
     finally:
         for wait in waits:
@@ -73,7 +65,7 @@ async def test_refreshes_for_waiters_after_a_reload_reach_the_new_upstream_with_
 
 
 async def test_a_retry_made_after_a_reload_goes_to_the_new_upstream_with_the_new_token(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     first_try_seen, fail_first_try = asyncio.Event(), asyncio.Event()
 
@@ -82,8 +74,8 @@ async def test_a_retry_made_after_a_reload_goes_to_the_new_upstream_with_the_new
         await fail_first_try.wait()
         return web.Response(status=502)
 
-    old = await fake_upstream(fails_when_released)
-    new = await fake_upstream(json_handler())
+    old = upstream.script(fails_when_released)
+    new = (await upstream.another()).script(json_handler())
     gateway = await start(make_config(old.url, upstream={"retries": 2}))
     answer = asyncio.ensure_future(http(f"{gateway.url}/v2/batches/batch-1"))
     await asyncio.wait_for(first_try_seen.wait(), PROCESS_WAIT_S)
@@ -92,7 +84,7 @@ async def test_a_retry_made_after_a_reload_goes_to_the_new_upstream_with_the_new
     fail_first_try.set()
     got = await asyncio.wait_for(answer, PROCESS_WAIT_S)
 
-    assert old.calls == 1, "the retry went to the old upstream"
+    assert old.count() == 1, "the retry went to the old upstream"
     assert (got.status, got.document["batch"]["id"]) == (200, "batch-1"), "the retry went to the old upstream"
     assert [h["Authorization"] for h in new.headers] == [f"Bearer {NEW_TOKEN}"]
     assert new.headers[0]["X-Client-Name"] == "billing-service"

@@ -3,7 +3,7 @@
 Each test starts three ``python -m gateway`` processes ("replicas": A, B and
 C) with the same ``redis.url`` and ``redis.key_prefix``, a real
 ``redis-server`` of its own (``tests/redis_server.py``) and the fake batch
-upstream of ``tests/batch_upstream.py`` in the test process, which counts
+upstream of ``tests/upstream.py`` in the test process, which counts
 every call it gets. Callers use the cohere SDK (its raw responses show the
 headers); Redis is watched with its own ``MONITOR`` and ``INFO``, and killed,
 stopped (SIGSTOP) and restarted for real. Nothing is mocked.
@@ -34,13 +34,6 @@ from cohere.core.api_error import ApiError
 from multidict import CIMultiDict
 
 from gateway.config import deep_merge
-from tests.batch_upstream import (
-    ACTIVE,
-    CANCELING,
-    BatchUpstream,
-    upstream_fixture,  # noqa: F401  (the ``upstream`` fixture)
-    write_callers,
-)
 from tests.conftest import ProcessFactory
 from tests.redis_server import RedisServer
 from tests.support import (
@@ -54,6 +47,7 @@ from tests.support import (
     scrape_metrics,
     write_config,
 )
+from tests.upstream import ACTIVE, CANCELING, Upstream, write_callers
 
 # Every test here runs three child processes, which use uvloop whatever loop the test runs on.
 pytestmark = pytest.mark.one_loop
@@ -144,7 +138,7 @@ async def start_replicas(
 
 @pytest.fixture
 async def replicas(
-    gateway_process: ProcessFactory, redis_server: RedisServer, upstream: BatchUpstream, tmp_path: Path
+    gateway_process: ProcessFactory, redis_server: RedisServer, upstream: Upstream, tmp_path: Path
 ) -> AsyncIterator[StartReplicas]:
     """Start three replicas in front of ``upstream`` on ``redis_server``; their clients closed at the end."""
     started: list[Replica] = []
@@ -159,7 +153,7 @@ async def replicas(
         await replica.close()
 
 
-def retrieves(upstream: BatchUpstream, batch_id: str) -> int:
+def retrieves(upstream: Upstream, batch_id: str) -> int:
     """Upstream retrieves of ``batch_id`` so far."""
     return sum(1 for seen in upstream.calls("retrieve") if seen.path == f"/v2/batches/{batch_id}")
 
@@ -180,7 +174,7 @@ async def waiting_on_flights(group: list[Replica]) -> float:
     return coalesced + await total(group, "gateway_shared_flights_total", role="followed")
 
 
-async def sixty_at_once(group: list[Replica], upstream: BatchUpstream, batch_id: str) -> list[Answer]:
+async def sixty_at_once(group: list[Replica], upstream: Upstream, batch_id: str) -> list[Answer]:
     """60 concurrent retrieves of an uncached id, spread over the replicas, all waiting before any answer.
 
     The upstream holds its answers until every request has joined a flight
@@ -223,7 +217,7 @@ async def poll_until(condition: Callable[[], Awaitable[bool]], within_s: float) 
 
 
 async def test_sixty_concurrent_misses_across_three_replicas_make_one_upstream_call(
-    replicas: StartReplicas, upstream: BatchUpstream
+    replicas: StartReplicas, upstream: Upstream
 ) -> None:
     group = await replicas()
     upstream.seed("batch-flight")
@@ -241,7 +235,7 @@ async def test_sixty_concurrent_misses_across_three_replicas_make_one_upstream_c
 
 
 async def test_an_answer_fetched_through_one_replica_is_a_hit_on_the_others(
-    replicas: StartReplicas, upstream: BatchUpstream
+    replicas: StartReplicas, upstream: Upstream
 ) -> None:
     group = await replicas()
     upstream.seed("batch-shared")
@@ -259,7 +253,7 @@ async def test_an_answer_fetched_through_one_replica_is_a_hit_on_the_others(
 RATE, BURST = 1.0, 4
 
 
-async def test_three_replicas_spend_one_budget_not_three(replicas: StartReplicas, upstream: BatchUpstream) -> None:
+async def test_three_replicas_spend_one_budget_not_three(replicas: StartReplicas, upstream: Upstream) -> None:
     # budget_wait_s 0: a request finding the bucket empty is refused at once, so the window stays short.
     group = await replicas(upstream={"rate_limit": {"requests_per_s": RATE, "burst": BURST}, "budget_wait_s": 0})
     ids = [f"batch-budget-{n}" for n in range(5 * REPLICAS)]
@@ -285,7 +279,7 @@ async def test_three_replicas_spend_one_budget_not_three(replicas: StartReplicas
 
 
 async def test_with_redis_lost_each_replica_spends_its_share_of_the_budget_never_the_whole(
-    replicas: StartReplicas, upstream: BatchUpstream, redis_server: RedisServer
+    replicas: StartReplicas, upstream: Upstream, redis_server: RedisServer
 ) -> None:
     group = await replicas(upstream={"rate_limit": {"requests_per_s": 0.01, "burst": 6}, "budget_wait_s": 0})
     ids = [f"batch-share-{n}" for n in range(6 * REPLICAS)]
@@ -314,7 +308,7 @@ async def test_with_redis_lost_each_replica_spends_its_share_of_the_budget_never
 
 
 async def test_an_upstream_429_seen_by_one_replica_pauses_all_three(
-    replicas: StartReplicas, upstream: BatchUpstream
+    replicas: StartReplicas, upstream: Upstream
 ) -> None:
     group = await replicas()
     for n in range(REPLICAS):
@@ -339,7 +333,7 @@ EVICTED_WITHIN_S = 1.0  # far below the active TTL below: only the eviction can 
 
 
 async def test_a_cancel_through_one_replica_evicts_the_batch_on_every_replica(
-    replicas: StartReplicas, upstream: BatchUpstream
+    replicas: StartReplicas, upstream: Upstream
 ) -> None:
     group = await replicas(callers=write_callers(), cache={"ttl_s": {"active": 30}})
     upstream.seed("batch-cancel", status=ACTIVE)
@@ -363,7 +357,7 @@ async def test_a_cancel_through_one_replica_evicts_the_batch_on_every_replica(
 
 
 async def test_a_request_waiting_on_one_replica_wakes_when_a_cancel_through_another_changes_its_batch(
-    replicas: StartReplicas, upstream: BatchUpstream
+    replicas: StartReplicas, upstream: Upstream
 ) -> None:
     # No refresh of its own for 30 s: only word from the other replica can wake the waiter in time.
     group = await replicas(callers=write_callers(), cache={"ttl_s": {"active_min": 30, "active": 30, "active_max": 60}})
@@ -400,7 +394,7 @@ async def _held(replica: Replica) -> bool:
 
 
 async def test_a_batch_created_through_one_replica_is_its_creators_on_every_replica(
-    replicas: StartReplicas, upstream: BatchUpstream
+    replicas: StartReplicas, upstream: Upstream
 ) -> None:
     group = await replicas(callers=write_callers(billing="own", reporting="own"))
 
@@ -495,7 +489,7 @@ HANDSHAKE = ("HELLO", "CLIENT ", "AUTH", "SELECT")
 
 
 async def test_fresh_hits_on_every_replica_send_no_command_to_redis(
-    replicas: StartReplicas, upstream: BatchUpstream, redis_server: RedisServer
+    replicas: StartReplicas, upstream: Upstream, redis_server: RedisServer
 ) -> None:
     group = await replicas()
     upstream.seed("batch-warm", status=COMPLETED)  # terminal: fresh for a day, never refreshed
@@ -551,7 +545,7 @@ POLL_IDS = [f"batch-poll-{n}" for n in range(6)]
 
 
 async def test_killing_redis_under_load_fails_no_poll_and_sharing_resumes_after_a_restart(
-    replicas: StartReplicas, upstream: BatchUpstream, redis_server: RedisServer
+    replicas: StartReplicas, upstream: Upstream, redis_server: RedisServer
 ) -> None:
     # A 1 s active TTL: entries expire during the outage, so polls need the upstream while Redis is gone.
     group = await replicas(cache={"ttl_s": {"active": 1}})
@@ -611,7 +605,7 @@ FETCHED_WITHIN_S = 1.0  # a miss waits for at most one Redis timeout, then goes 
 
 
 async def test_a_stalled_redis_slows_no_request_past_a_redis_timeout(
-    replicas: StartReplicas, upstream: BatchUpstream, redis_server: RedisServer
+    replicas: StartReplicas, upstream: Upstream, redis_server: RedisServer
 ) -> None:
     group = await replicas()
     upstream.seed("batch-cached", status=COMPLETED)
@@ -654,7 +648,7 @@ TAKEOVER_SLACK_S = 2.5  # the second upstream call and the answer, on 2 shared c
 
 
 async def test_a_leader_killed_holding_the_lock_is_taken_over_once_the_lock_expires(
-    replicas: StartReplicas, upstream: BatchUpstream
+    replicas: StartReplicas, upstream: Upstream
 ) -> None:
     group = await replicas(upstream={"timeout_s": TIMEOUT_S})
     leader, follower, third = group

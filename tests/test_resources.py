@@ -26,18 +26,8 @@ from gateway.runtime import build_state
 from gateway.upstream.answers import UpstreamReply
 from gateway.upstream.cohere import Lifetime
 from tests.conftest import GatewayFactory
-from tests.support import (
-    BILLING_KEY,
-    FakeClock,
-    LogCapture,
-    RawUpstream,
-    assert_no_secrets,
-    batch_body,
-    eventually,
-    http_answer,
-    make_config,
-    sdk,
-)
+from tests.support import BILLING_KEY, FakeClock, LogCapture, assert_no_secrets, eventually, make_config, sdk
+from tests.upstream import Upstream, batch_body, http_answer
 
 BOUND_S = 60.0
 
@@ -251,7 +241,7 @@ async def _start_own(config: Any, redactor: Redactor) -> RunningGateway:
 async def test_a_thousand_concurrent_misses_stay_within_max_connections_and_leak_no_descriptors(
     logs: LogCapture, redactor: Redactor
 ) -> None:
-    def config_for(upstream: RawUpstream) -> Any:
+    def config_for(upstream: Upstream) -> Any:
         limits = {"max_connections": MAX_CONNECTIONS, "rate_limit": {"requests_per_s": 10_000, "burst": 5_000}}
         return make_config(upstream.url, upstream=limits)
 
@@ -269,7 +259,7 @@ async def test_a_thousand_concurrent_misses_stay_within_max_connections_and_leak
     try:
         first = await concurrent_misses(gateway, [f"miss-{i}" for i in range(MISSES)])
         assert first == [200] * MISSES
-        assert upstream.requests == MISSES
+        assert upstream.count() == MISSES
         assert upstream.max_open == MAX_CONNECTIONS  # the limit was reached, and never passed
         # Kept-alive upstream connections (both ends live in this process) and nothing else.
         assert await eventually(lambda: open_fds() <= before + 2 * MAX_CONNECTIONS + 4), open_fds() - before
@@ -288,7 +278,7 @@ async def test_a_thousand_concurrent_misses_stay_within_max_connections_and_leak
     assert await eventually(lambda: open_fds() <= before), open_fds() - before
 
 
-async def _counting_upstream() -> RawUpstream:
+async def _counting_upstream() -> Upstream:
     """A keep-alive upstream that holds answers until ``MAX_CONNECTIONS`` requests are open at once."""
     in_progress = 0
     release = asyncio.Event()
@@ -304,4 +294,4 @@ async def _counting_upstream() -> RawUpstream:
         await writer.drain()
         in_progress -= 1
 
-    return await RawUpstream(respond).start()
+    return (await Upstream().start()).raw(respond)

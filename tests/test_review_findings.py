@@ -22,16 +22,6 @@ from urllib.parse import urlsplit
 import pytest
 
 from gateway.edge.server import RunningGateway
-from tests.batch_upstream import (
-    ACTIVE,
-    ALL_OPERATIONS,
-    BatchUpstream,
-    assert_error,
-    caller,
-    create_body,
-    upstream_fixture,  # noqa: F401  (the ``upstream`` fixture)
-    write_callers,
-)
 from tests.conftest import GatewayFactory
 from tests.support import (
     ANALYTICS_KEY,
@@ -45,6 +35,7 @@ from tests.support import (
     read_answer,
     registry_value,
 )
+from tests.upstream import ACTIVE, ALL_OPERATIONS, Upstream, assert_error, caller, create_body, write_callers
 
 WAIT_S = 10.0  # bound on every wait in this module
 CREATE = "/v2/batches"
@@ -96,7 +87,7 @@ async def body_held_back(
         writer.close()
 
 
-async def writers_gateway(start: GatewayFactory, upstream: BatchUpstream, **server: Any) -> RunningGateway:
+async def writers_gateway(start: GatewayFactory, upstream: Upstream, **server: Any) -> RunningGateway:
     upstream.seed("batch-1", status=ACTIVE)
     return await start(make_config(upstream.url, callers=write_callers(), server=server))
 
@@ -112,7 +103,7 @@ def body_for(target: str) -> bytes:
 
 @pytest.mark.parametrize("target", [CREATE, CANCEL], ids=["create", "cancel"])
 async def test_a_body_that_stops_arriving_is_answered_408_and_its_connection_closed(
-    target: str, upstream: BatchUpstream, start: GatewayFactory
+    target: str, upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await writers_gateway(start, upstream, body_timeout_s=0.3)
     async with body_held_back(gateway, target, body_for(target)) as held:
@@ -128,7 +119,7 @@ async def test_a_body_that_stops_arriving_is_answered_408_and_its_connection_clo
     assert registry_value(gateway, "gateway_requests_total", **labels) == 1
 
 
-async def test_a_body_that_keeps_arriving_slowly_is_not_cut_off(upstream: BatchUpstream, start: GatewayFactory) -> None:
+async def test_a_body_that_keeps_arriving_slowly_is_not_cut_off(upstream: Upstream, start: GatewayFactory) -> None:
     gateway = await writers_gateway(start, upstream, body_timeout_s=1.0)
     body = create_body()
     async with body_held_back(gateway, CREATE, body, sent=0) as held:
@@ -181,7 +172,7 @@ async def test_a_caller_revoked_while_its_body_was_arriving_is_refused_without_a
     callers: list[dict[str, Any]],
     status: int,
     code: str,
-    upstream: BatchUpstream,
+    upstream: Upstream,
     start: GatewayFactory,
 ) -> None:
     gateway = await writers_gateway(start, upstream)
@@ -196,10 +187,10 @@ async def test_a_caller_revoked_while_its_body_was_arriving_is_refused_without_a
 
 
 async def test_a_body_that_arrives_after_a_reload_goes_to_the_upstream_configured_then(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     gateway = await writers_gateway(start, upstream)
-    moved = await BatchUpstream().start()
+    moved = await Upstream().start()
     try:
         async with body_held_back(gateway, CREATE, create_body()) as held:
             gateway.state.apply(make_config(moved.url, callers=write_callers()))
@@ -218,7 +209,7 @@ async def test_a_body_that_arrives_after_a_reload_goes_to_the_upstream_configure
 @pytest.mark.parametrize("idempotency_key", [None, "hang-up-1"], ids=["plain", "keyed"])
 @pytest.mark.parametrize("target", [CREATE, CANCEL], ids=["create", "cancel"])
 async def test_a_client_that_hangs_up_mid_body_is_no_server_error(
-    target: str, idempotency_key: str | None, upstream: BatchUpstream, start: GatewayFactory, logs: LogCapture
+    target: str, idempotency_key: str | None, upstream: Upstream, start: GatewayFactory, logs: LogCapture
 ) -> None:
     gateway = await writers_gateway(start, upstream)
     headers = {"Idempotency_Key": idempotency_key} if idempotency_key else {}
@@ -229,7 +220,7 @@ async def test_a_client_that_hangs_up_mid_body_is_no_server_error(
 
 
 async def test_a_client_that_hangs_up_mid_chunked_body_is_no_server_error(
-    upstream: BatchUpstream, start: GatewayFactory, logs: LogCapture
+    upstream: Upstream, start: GatewayFactory, logs: LogCapture
 ) -> None:
     gateway = await writers_gateway(start, upstream)
     parts = urlsplit(gateway.url)
@@ -244,7 +235,7 @@ async def test_a_client_that_hangs_up_mid_chunked_body_is_no_server_error(
     await assert_no_server_error(gateway, upstream, logs)
 
 
-async def assert_no_server_error(gateway: RunningGateway, upstream: BatchUpstream, logs: LogCapture) -> None:
+async def assert_no_server_error(gateway: RunningGateway, upstream: Upstream, logs: LogCapture) -> None:
     """Once the request is accounted for: no upstream call, no ERROR line, and counted as 499, not as a 5xx."""
 
     def answered() -> bool:

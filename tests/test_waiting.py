@@ -30,8 +30,7 @@ from aiohttp import web
 from gateway.demo.simulator import Simulator, start_simulator
 from gateway.edge.server import RunningGateway, start_gateway
 from gateway.runtime import build_state
-from tests.batch_upstream import BatchUpstream, post_json, upstream_fixture, write_callers
-from tests.conftest import GatewayFactory, ProcessFactory, UpstreamFactory
+from tests.conftest import GatewayFactory, ProcessFactory
 from tests.support import (
     BILLING_KEY,
     PROCESS_WAIT_S,
@@ -39,11 +38,8 @@ from tests.support import (
     UPSTREAM_TOKEN,
     Answer,
     FakeClock,
-    FakeUpstream,
-    batch_body,
     eventually,
     http,
-    json_handler,
     make_config,
     pipelined,
     process_config,
@@ -54,8 +50,7 @@ from tests.support import (
     sdk,
     write_config,
 )
-
-__all__ = ["upstream_fixture"]  # the BatchUpstream fixture, used by the cancel test
+from tests.upstream import Upstream, batch_body, json_handler, post_json, write_callers
 
 # Headers that differ between any two answers, whichever way they were made.
 PER_ANSWER = {"Date", "X-Request-ID", "Connection"}
@@ -114,10 +109,10 @@ def stamp(seconds_ago: float) -> str:
 
 
 async def a_gateway_holding_batch_1(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
-) -> tuple[RunningGateway, FakeUpstream, Answer, str]:
+    upstream: Upstream, start: GatewayFactory
+) -> tuple[RunningGateway, Upstream, Answer, str]:
     """A gateway in front of a steady upstream, with batch-1 cached: both, the first answer, and its ETag."""
-    upstream = await fake_upstream(json_handler())
+    upstream.script(json_handler())
     gateway = await start(make_config(upstream.url))
     first = await http(f"{gateway.url}/v2/batches/batch-1")
     etag = first.header("ETag")
@@ -126,10 +121,10 @@ async def a_gateway_holding_batch_1(
 
 
 async def test_every_batch_answer_carries_a_strong_etag_that_follows_its_body(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     handler = Switchable(batch_body("batch-1", num_successful_records=1))
-    upstream = await fake_upstream(handler)
+    upstream.script(handler)
     clock = FakeClock()
     gateway = await start(make_config(upstream.url), clock=clock)
     url = f"{gateway.url}/v2/batches/batch-1"
@@ -150,9 +145,9 @@ async def test_every_batch_answer_carries_a_strong_etag_that_follows_its_body(
 
 
 async def test_a_cached_404_carries_an_etag_and_a_wait_on_it_is_answered_at_once(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
-    upstream = await fake_upstream(json_handler(404, b'{"message": "no such batch"}'))
+    upstream.script(json_handler(404, b'{"message": "no such batch"}'))
     gateway = await start(make_config(upstream.url))
     url = f"{gateway.url}/v2/batches/batch-gone"
     first = await http(url)
@@ -169,7 +164,7 @@ async def test_a_cached_404_carries_an_etag_and_a_wait_on_it_is_answered_at_once
         assert answer.header("ETag") == etag
         assert answer.header("Preference-Applied") is None
     assert elapsed < 2
-    assert upstream.calls == 1
+    assert upstream.count() == 1
 
 
 def if_none_match_forms(etag: str) -> dict[str, str]:
@@ -183,9 +178,9 @@ def if_none_match_forms(etag: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("form", ["the tag", "star", "weak form", "in a list"])
 async def test_if_none_match_naming_the_answer_gets_304_with_the_cache_headers_on_both_answer_paths(
-    form: str, fake_upstream: UpstreamFactory, start: GatewayFactory
+    form: str, upstream: Upstream, start: GatewayFactory
 ) -> None:
-    gateway, upstream, _first, etag = await a_gateway_holding_batch_1(fake_upstream, start)
+    gateway, upstream, _first, etag = await a_gateway_holding_batch_1(upstream, start)
     conditional = [("If-None-Match", if_none_match_forms(etag)[form])]
 
     # After a plain hit on the connection, a kept-alive hit is answered inline.
@@ -203,13 +198,13 @@ async def test_if_none_match_naming_the_answer_gets_304_with_the_cache_headers_o
     assert set(inline.headers) - PER_ANSWER == set(through_app.headers) - PER_ANSWER
     for name in set(inline.headers) - PER_ANSWER:
         assert inline.headers.getall(name) == through_app.headers.getall(name), name
-    assert upstream.calls == 1
+    assert upstream.count() == 1
 
 
 async def test_if_none_match_naming_another_answer_gets_the_200_on_both_answer_paths(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
-    upstream = await fake_upstream(json_handler())
+    upstream.script(json_handler())
     gateway = await start(make_config(upstream.url))
     first = await http(f"{gateway.url}/v2/batches/batch-1")
     conditional = [("If-None-Match", '"not-this-one", W/"nor-this"')]
@@ -227,10 +222,10 @@ async def test_if_none_match_naming_another_answer_gets_the_200_on_both_answer_p
 
 
 async def test_a_wait_with_the_current_etag_ends_in_200_with_the_new_body_when_the_batch_changes(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     handler = Switchable(batch_body("batch-1", num_successful_records=1))
-    upstream = await fake_upstream(handler)
+    upstream.script(handler)
     gateway = await start(make_config(upstream.url, cache={"ttl_s": QUICK_TTL}))
     url = f"{gateway.url}/v2/batches/batch-1"
     etag = (await http(url)).header("ETag")
@@ -249,9 +244,9 @@ async def test_a_wait_with_the_current_etag_ends_in_200_with_the_new_body_when_t
 
 
 async def test_a_wait_on_a_kept_alive_connection_with_the_current_etag_ends_in_304_once_its_time_is_up(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
-    gateway, _upstream, _first, etag = await a_gateway_holding_batch_1(fake_upstream, start)
+    gateway, _upstream, _first, etag = await a_gateway_holding_batch_1(upstream, start)
     wait = [("Prefer", "wait=1"), ("If-None-Match", etag)]
 
     # A plain hit first, so that the connection is one the inline path answers: the wait is held all the same.
@@ -268,10 +263,8 @@ async def test_a_wait_on_a_kept_alive_connection_with_the_current_etag_ends_in_3
     assert (waits_ended(gateway, "timeout"), waiters(gateway)) == (1, 0)
 
 
-async def test_waiters_on_one_batch_do_not_all_return_together(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
-) -> None:
-    upstream = await fake_upstream(json_handler())
+async def test_waiters_on_one_batch_do_not_all_return_together(upstream: Upstream, start: GatewayFactory) -> None:
+    upstream.script(json_handler())
     gateway = await start(make_config(upstream.url))
     url = f"{gateway.url}/v2/batches/batch-1"
     etag = (await http(url)).header("ETag")
@@ -316,9 +309,9 @@ async def test_the_sdk_waiting_without_if_none_match_gets_the_new_state_when_the
 
 
 async def test_a_wait_without_if_none_match_that_sees_no_change_ends_in_200_with_the_current_state(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
-    upstream = await fake_upstream(json_handler())
+    upstream.script(json_handler())
     gateway = await start(make_config(upstream.url))
     url = f"{gateway.url}/v2/batches/batch-1"
     first = await http(url)
@@ -332,9 +325,9 @@ async def test_a_wait_without_if_none_match_that_sees_no_change_ends_in_200_with
 
 
 async def test_a_wait_for_a_batch_the_gateway_never_saw_is_answered_at_once(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
-    upstream = await fake_upstream(json_handler())
+    upstream.script(json_handler())
     gateway = await start(make_config(upstream.url))
 
     answer, elapsed = await timed(http(f"{gateway.url}/v2/batches/batch-new", headers=waiting(30)))
@@ -346,9 +339,9 @@ async def test_a_wait_for_a_batch_the_gateway_never_saw_is_answered_at_once(
 
 
 async def test_a_wait_is_capped_at_max_wait_s_and_preference_applied_says_so(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
-    upstream = await fake_upstream(json_handler())
+    upstream.script(json_handler())
     gateway = await start(make_config(upstream.url, cache={"max_wait_s": 1}))
     url = f"{gateway.url}/v2/batches/batch-1"
     etag = (await http(url)).header("ETag")
@@ -361,9 +354,9 @@ async def test_a_wait_is_capped_at_max_wait_s_and_preference_applied_says_so(
 
 @pytest.mark.parametrize("conditional", [True, False], ids=["with If-None-Match", "without"])
 async def test_a_terminal_batch_is_answered_at_once_without_preference_applied(
-    conditional: bool, fake_upstream: UpstreamFactory, start: GatewayFactory
+    conditional: bool, upstream: Upstream, start: GatewayFactory
 ) -> None:
-    upstream = await fake_upstream(json_handler(body=batch_body("batch-1", "BATCH_STATUS_COMPLETED")))
+    upstream.script(json_handler(body=batch_body("batch-1", "BATCH_STATUS_COMPLETED")))
     gateway = await start(make_config(upstream.url))
     url = f"{gateway.url}/v2/batches/batch-1"
     etag = (await http(url)).header("ETag")
@@ -378,9 +371,9 @@ async def test_a_terminal_batch_is_answered_at_once_without_preference_applied(
 
 
 async def test_a_wait_whose_if_none_match_does_not_match_is_answered_at_once_with_200(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
-    upstream = await fake_upstream(json_handler())
+    upstream.script(json_handler())
     gateway = await start(make_config(upstream.url))
     url = f"{gateway.url}/v2/batches/batch-1"
     first = await http(url)
@@ -393,10 +386,10 @@ async def test_a_wait_whose_if_none_match_does_not_match_is_answered_at_once_wit
 
 
 async def test_past_max_waiters_a_new_wait_is_answered_at_once_without_preference_applied_and_counted(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     handler = Switchable(batch_body("batch-1", num_successful_records=1))
-    upstream = await fake_upstream(handler)
+    upstream.script(handler)
     gateway = await start(make_config(upstream.url, cache={"max_waiters": 2, "ttl_s": QUICK_TTL}))
     url = f"{gateway.url}/v2/batches/batch-1"
     etag = (await http(url)).header("ETag")
@@ -414,10 +407,10 @@ async def test_past_max_waiters_a_new_wait_is_answered_at_once_without_preferenc
 
 
 async def test_a_caller_past_its_own_waiter_cap_is_answered_at_once_while_another_caller_still_waits(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     handler = Switchable(batch_body("batch-1", num_successful_records=1))
-    upstream = await fake_upstream(handler)
+    upstream.script(handler)
     config = make_config(upstream.url, cache={"max_waiters": 100, "max_waiters_per_caller": 2, "ttl_s": QUICK_TTL})
     gateway = await start(config)
     url = f"{gateway.url}/v2/batches/batch-1"
@@ -438,10 +431,8 @@ async def test_a_caller_past_its_own_waiter_cap_is_answered_at_once_while_anothe
     assert [(a.status, a.header("Preference-Applied")) for a in woken] == [(200, "wait=10")] * 3
 
 
-async def test_a_wait_counts_once_against_the_callers_rate_limit(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
-) -> None:
-    upstream = await fake_upstream(json_handler())
+async def test_a_wait_counts_once_against_the_callers_rate_limit(upstream: Upstream, start: GatewayFactory) -> None:
+    upstream.script(json_handler())
     limited = [{"name": "billing-service", "key": BILLING_KEY, "rate_limit": {"requests_per_s": 0.01, "burst": 3}}]
     gateway = await start(make_config(upstream.url, callers=limited, cache={"ttl_s": QUICK_TTL}))
     url = f"{gateway.url}/v2/batches/batch-1"
@@ -461,9 +452,9 @@ async def test_a_wait_counts_once_against_the_callers_rate_limit(
 
 
 async def test_a_hundred_waiters_on_one_batch_cost_at_most_one_upstream_call_per_active_min(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
-    upstream = await fake_upstream(json_handler())
+    upstream.script(json_handler())
     gateway = await start(make_config(upstream.url, cache={"ttl_s": QUICK_TTL, "max_waiters": 1000}))
     url = f"{gateway.url}/v2/batches/batch-1"
     etag = (await http(url)).header("ETag")
@@ -478,7 +469,7 @@ async def test_a_hundred_waiters_on_one_batch_cost_at_most_one_upstream_call_per
                 assert response.headers.get("Preference-Applied") == f"wait={wait_s}"
                 return response.status
 
-        calls_before = upstream.calls
+        calls_before = upstream.count()
         started = time.monotonic()
         waits = [asyncio.ensure_future(wait_once()) for _ in range(100)]
         await held(gateway, 100)
@@ -486,15 +477,13 @@ async def test_a_hundred_waiters_on_one_batch_cost_at_most_one_upstream_call_per
         elapsed = time.monotonic() - started
 
     assert statuses == [304] * 100
-    refreshes = upstream.calls - calls_before
+    refreshes = upstream.count() - calls_before
     assert 1 <= refreshes <= elapsed / QUICK_TTL["active_min"] + 1, (refreshes, elapsed)
 
 
-async def test_a_refresh_whose_body_changed_wakes_every_waiter(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
-) -> None:
+async def test_a_refresh_whose_body_changed_wakes_every_waiter(upstream: Upstream, start: GatewayFactory) -> None:
     handler = Switchable(batch_body("batch-1", num_successful_records=1))
-    upstream = await fake_upstream(handler)
+    upstream.script(handler)
     gateway = await start(make_config(upstream.url, cache={"ttl_s": QUICK_TTL}))
     url = f"{gateway.url}/v2/batches/batch-1"
     etag = (await http(url)).header("ETag")
@@ -511,10 +500,10 @@ async def test_a_refresh_whose_body_changed_wakes_every_waiter(
 
 
 async def test_a_poll_that_fetches_a_changed_body_wakes_the_waiters_at_once(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     handler = Switchable(batch_body("batch-1", num_successful_records=1))
-    upstream = await fake_upstream(handler)
+    upstream.script(handler)
     clock = FakeClock()
     # The refresher's own next call is 5 s away: only the poll can bring the change sooner.
     slow = {"active": 5, "active_min": 5, "active_max": 10}
@@ -535,9 +524,9 @@ async def test_a_poll_that_fetches_a_changed_body_wakes_the_waiters_at_once(
 
 
 async def test_a_hit_pipelined_behind_a_held_wait_is_answered_after_it(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
-    gateway, _upstream, first, etag = await a_gateway_holding_batch_1(fake_upstream, start)
+    gateway, _upstream, first, etag = await a_gateway_holding_batch_1(upstream, start)
     wait = [("Prefer", "wait=1"), ("If-None-Match", etag)]
 
     answers = await pipelined(gateway.url, kept_alive() + kept_alive(headers=wait) + kept_alive(), 3)
@@ -547,7 +536,7 @@ async def test_a_hit_pipelined_behind_a_held_wait_is_answered_after_it(
 
 
 async def test_a_cancel_wakes_the_waiters_of_that_batch_with_the_new_state(
-    upstream: BatchUpstream, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     upstream.seed("batch-a")
     upstream.seed("batch-b")
@@ -571,10 +560,8 @@ async def test_a_cancel_wakes_the_waiters_of_that_batch_with_the_new_state(
     assert (waits_ended(gateway, "changed"), waits_ended(gateway, "timeout")) == (3, 1)
 
 
-async def test_a_waiter_whose_client_disconnects_is_dropped_at_once(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
-) -> None:
-    upstream = await fake_upstream(json_handler())
+async def test_a_waiter_whose_client_disconnects_is_dropped_at_once(upstream: Upstream, start: GatewayFactory) -> None:
+    upstream.script(json_handler())
     gateway = await start(make_config(upstream.url))
     etag = (await http(f"{gateway.url}/v2/batches/batch-1")).header("ETag")
     assert etag is not None
@@ -589,10 +576,11 @@ async def test_a_waiter_whose_client_disconnects_is_dropped_at_once(
     assert waits_ended(gateway, "gone") == 1
 
 
+@pytest.mark.one_loop
 async def test_sigterm_answers_every_waiter_at_once_and_the_process_exits_0(
-    fake_upstream: UpstreamFactory, gateway_process: ProcessFactory, tmp_path: Path
+    upstream: Upstream, gateway_process: ProcessFactory, tmp_path: Path
 ) -> None:
-    upstream = await fake_upstream(json_handler())
+    upstream.script(json_handler())
     gateway = await gateway_process(write_config(tmp_path / "config.yaml", process_config(upstream.url)))
     co = sdk(gateway.url)
     first = await co.batches.retrieve("batch-1")
@@ -625,9 +613,9 @@ async def test_sigterm_answers_every_waiter_at_once_and_the_process_exits_0(
 
 
 async def test_stopping_the_gateway_answers_every_waiter_at_once_with_the_current_state(
-    fake_upstream: UpstreamFactory,
+    upstream: Upstream,
 ) -> None:
-    upstream = await fake_upstream(json_handler())
+    upstream.script(json_handler())
     # Started here, not by the fixture, so that the test stops it itself (once).
     gateway = await start_gateway(build_state(make_config(upstream.url)), "127.0.0.1", 0)
     try:
@@ -649,9 +637,9 @@ async def test_stopping_the_gateway_answers_every_waiter_at_once_with_the_curren
 
 
 async def test_a_wait_of_zero_seconds_is_no_wait_on_either_answer_path(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
-    upstream = await fake_upstream(json_handler())
+    upstream.script(json_handler())
     gateway = await start(make_config(upstream.url))
     etag = (await http(f"{gateway.url}/v2/batches/batch-1")).header("ETag")
     assert etag is not None
@@ -694,10 +682,10 @@ REGRESSIONS = {
 
 @pytest.mark.parametrize("kind", list(REGRESSIONS))
 async def test_an_older_upstream_answer_is_not_stored_and_the_held_one_keeps_serving(
-    kind: str, fake_upstream: UpstreamFactory, start: GatewayFactory
+    kind: str, upstream: Upstream, start: GatewayFactory
 ) -> None:
     newer, older = REGRESSIONS[kind]
-    upstream = await fake_upstream(newer_then_older(newer, older))
+    upstream.script(newer_then_older(newer, older))
     clock = FakeClock()
     gateway = await start(make_config(upstream.url, cache={"ttl_s": {"active": 1, "terminal": 1}}), clock=clock)
     url = f"{gateway.url}/v2/batches/batch-1"
@@ -707,7 +695,7 @@ async def test_an_older_upstream_answer_is_not_stored_and_the_held_one_keeps_ser
     refreshed = await http(url)
     later = await http(url)
 
-    assert upstream.calls == 2
+    assert upstream.count() == 2
     assert refreshed.body == later.body == first.body
     assert refreshed.header("ETag") == first.header("ETag")
     assert later.header("X-Cache") == "HIT"  # the held answer is fresh again
@@ -715,10 +703,10 @@ async def test_an_older_upstream_answer_is_not_stored_and_the_held_one_keeps_ser
 
 
 async def test_waiters_on_a_batch_whose_upstream_answers_an_older_state_still_cost_one_call_per_active_min(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     newer, older = REGRESSIONS["earlier updated_at"]
-    upstream = await fake_upstream(newer_then_older(newer, older))
+    upstream.script(newer_then_older(newer, older))
     gateway = await start(make_config(upstream.url, cache={"ttl_s": QUICK_TTL}))
     url = f"{gateway.url}/v2/batches/batch-1"
     etag = (await http(url)).header("ETag")
@@ -726,7 +714,7 @@ async def test_waiters_on_a_batch_whose_upstream_answers_an_older_state_still_co
     answer, elapsed = await timed(http(url, headers=waiting(2, etag)))
 
     assert (answer.status, answer.header("ETag")) == (304, etag)  # the older state never reached the caller
-    refreshes = upstream.calls - 1
+    refreshes = upstream.count() - 1
     assert registry_value(gateway, "gateway_upstream_regressions_total") >= 1
     assert refreshes <= elapsed / QUICK_TTL["active_min"] + 1, (refreshes, elapsed)
 
@@ -735,7 +723,7 @@ async def test_waiters_on_a_batch_whose_upstream_answers_an_older_state_still_co
 
 
 async def test_polled_active_batches_share_a_short_budget_by_stretching_their_intervals_and_nobody_gets_429(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     finished: set[str] = set()
 
@@ -744,7 +732,7 @@ async def test_polled_active_batches_share_a_short_budget_by_stretching_their_in
         status = "BATCH_STATUS_COMPLETED" if batch_id in finished else "BATCH_STATUS_IN_PROGRESS"
         return web.Response(body=batch_body(batch_id, status), content_type="application/json")
 
-    upstream = await fake_upstream(handler)
+    upstream.script(handler)
     clock = FakeClock()
     ttl = {"active": 1, "active_min": 0.5, "active_max": 10}
     config = make_config(upstream.url, upstream={"rate_limit": {"requests_per_s": 4, "burst": 4}}, cache={"ttl_s": ttl})
@@ -796,10 +784,8 @@ async def test_polled_active_batches_share_a_short_budget_by_stretching_their_in
     assert followed_after == 19
 
 
-async def test_a_stretched_refresh_interval_never_passes_active_max(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
-) -> None:
-    upstream = await fake_upstream(json_handler())
+async def test_a_stretched_refresh_interval_never_passes_active_max(upstream: Upstream, start: GatewayFactory) -> None:
+    upstream.script(json_handler())
     clock = FakeClock()
     ttl = {"active": 1, "active_min": 0.5, "active_max": 3}
     config = make_config(upstream.url, upstream={"rate_limit": {"requests_per_s": 4, "burst": 4}}, cache={"ttl_s": ttl})
@@ -816,10 +802,10 @@ async def test_a_stretched_refresh_interval_never_passes_active_max(
 
 
 async def test_a_wait_without_if_none_match_on_an_entry_that_changed_upstream_since_it_expired_is_answered_at_once(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     handler = Switchable(batch_body("batch-1", num_successful_records=1))
-    upstream = await fake_upstream(handler)
+    upstream.script(handler)
     clock = FakeClock()
     gateway = await start(make_config(upstream.url), clock=clock)
     url = f"{gateway.url}/v2/batches/batch-1"
@@ -835,10 +821,10 @@ async def test_a_wait_without_if_none_match_on_an_entry_that_changed_upstream_si
 
 
 async def test_waiters_see_the_change_soon_after_an_upstream_outage_that_outlasted_their_entry(
-    fake_upstream: UpstreamFactory, start: GatewayFactory
+    upstream: Upstream, start: GatewayFactory
 ) -> None:
     handler = Switchable(batch_body("batch-1", num_successful_records=1))
-    upstream = await fake_upstream(handler)
+    upstream.script(handler)
     config = make_config(
         upstream.url,
         upstream={"retries": 0, "breaker": {"failures": 1000}},

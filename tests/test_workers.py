@@ -26,7 +26,7 @@ import pytest
 from gateway.config import RedisSettings
 from gateway.ops.metrics import Metrics
 from gateway.replicas.link import HEARTBEAT_S, RedisLink
-from tests.conftest import LOOPS, ProcessFactory, UpstreamFactory
+from tests.conftest import ProcessFactory
 from tests.redis_server import RedisServer
 from tests.support import (
     ANALYTICS_KEY,
@@ -36,17 +36,17 @@ from tests.support import (
     GatewayProcess,
     eventually,
     free_port,
-    json_handler,
     process_config,
     read_answer,
     request_bytes,
     sdk,
     write_config,
 )
+from tests.upstream import Upstream, json_handler
 
 # The gateway processes run on uvloop whatever loop a test runs on; the test's loop only drives the
 # client, so each of these tests runs once, on the first loop of LOOPS (process starts are the cost).
-one_loop = pytest.mark.asyncio(loop_factories=LOOPS[:1])
+pytestmark = pytest.mark.one_loop
 
 WORKERS = 2
 CONNECTIONS = 24  # new connections per check: all landing on one of two workers has odds of 2 in 16 million
@@ -183,11 +183,10 @@ def test_a_worker_that_cannot_start_stops_the_start_with_its_exit_code_and_messa
 # --- serving, reloading, restarting, stopping ---------------------------------------------------
 
 
-@one_loop
 async def test_two_workers_answer_on_one_port_and_each_reloads_on_sighup(
-    fake_upstream: UpstreamFactory, redis_server: RedisServer, workers: WorkersFactory, tmp_path: Path
+    upstream: Upstream, redis_server: RedisServer, workers: WorkersFactory, tmp_path: Path
 ) -> None:
-    upstream = await fake_upstream(json_handler())
+    upstream.script(json_handler())
     parent, pids = await workers(workers_config(upstream.url, redis_server.url))
 
     assert await answering_pids(parent.url, pids) == set(pids)
@@ -203,11 +202,10 @@ async def test_two_workers_answer_on_one_port_and_each_reloads_on_sighup(
     assert await answering_pids(parent.url, pids, key=ANALYTICS_KEY) == set(pids)
 
 
-@one_loop
 async def test_a_worker_killed_is_started_again_and_the_port_keeps_serving(
-    fake_upstream: UpstreamFactory, redis_server: RedisServer, workers: WorkersFactory
+    upstream: Upstream, redis_server: RedisServer, workers: WorkersFactory
 ) -> None:
-    upstream = await fake_upstream(json_handler())
+    upstream.script(json_handler())
     parent, pids = await workers(workers_config(upstream.url, redis_server.url))
     killed, survivor = pids
 
@@ -226,20 +224,19 @@ async def test_a_worker_killed_is_started_again_and_the_port_keeps_serving(
     assert parent.proc.returncode is None
 
 
-@one_loop
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_a_stop_signal_lets_the_request_in_flight_finish_and_the_parent_exits_0(
-    signum: int, fake_upstream: UpstreamFactory, redis_server: RedisServer, workers: WorkersFactory
+    signum: int, upstream: Upstream, redis_server: RedisServer, workers: WorkersFactory
 ) -> None:
-    upstream = await fake_upstream(json_handler())
-    upstream.release = asyncio.Event()
+    upstream.script(json_handler())
+    release = upstream.hold(times=None)
     parent, _pids = await workers(workers_config(upstream.url, redis_server.url))
     in_flight = asyncio.ensure_future(sdk(parent.url).batches.retrieve("batch-1"))
     await asyncio.wait_for(upstream.arrived.wait(), PROCESS_WAIT_S)
 
     mark = parent.signal(signum)
     await parent.wait_for_events("stopping", 1 + WORKERS, after=mark)
-    upstream.release.set()
+    release.set()
 
     response = await asyncio.wait_for(in_flight, PROCESS_WAIT_S)
     assert response.batch.id == "batch-1"
@@ -272,11 +269,10 @@ async def refuses_connections(url: str) -> bool:
     return False
 
 
-@one_loop
 async def test_the_workers_stop_and_free_the_port_when_the_parent_is_killed(
-    fake_upstream: UpstreamFactory, redis_server: RedisServer, workers: WorkersFactory
+    upstream: Upstream, redis_server: RedisServer, workers: WorkersFactory
 ) -> None:
-    upstream = await fake_upstream(json_handler())
+    upstream.script(json_handler())
     parent, pids = await workers(workers_config(upstream.url, redis_server.url))
 
     parent.proc.kill()
@@ -293,7 +289,6 @@ async def test_the_workers_stop_and_free_the_port_when_the_parent_is_killed(
 CLOSE_WITHIN_S = 2 * HEARTBEAT_S + 1  # the link's loops notice a close within HEARTBEAT_S each
 
 
-@one_loop
 async def test_closing_the_redis_link_at_any_moment_ends_within_a_heartbeat(redis_server: RedisServer) -> None:
     """On Python 3.11, redis-py can swallow the cancel of a task in a command; a close must not wait for ever.
 
@@ -330,12 +325,11 @@ async def cancel_until_done(closing: asyncio.Future[None]) -> None:
 CONCURRENT = 60
 
 
-@one_loop
 async def test_sixty_concurrent_requests_for_one_uncached_batch_across_both_workers_make_one_upstream_call(
-    fake_upstream: UpstreamFactory, redis_server: RedisServer, workers: WorkersFactory
+    upstream: Upstream, redis_server: RedisServer, workers: WorkersFactory
 ) -> None:
-    upstream = await fake_upstream(json_handler())
-    upstream.release = asyncio.Event()
+    upstream.script(json_handler())
+    release = upstream.hold(times=None)
     parent, pids = await workers(workers_config(upstream.url, redis_server.url))
     parts = urlsplit(parent.url)
     assert parts.port is not None
@@ -348,7 +342,7 @@ async def test_sixty_concurrent_requests_for_one_uncached_batch_across_both_work
             writer.write(request_bytes("/v2/batches/batch-shared", close=False))
         # All sixty are sent before the first fetch is let go: the others wait for it, on either worker.
         await asyncio.wait_for(upstream.arrived.wait(), PROCESS_WAIT_S)
-        upstream.release.set()
+        release.set()
         answers = await asyncio.gather(*(read_answer(reader) for reader, _writer in connections))
         holders = {connection_holder(parts.port, w.get_extra_info("sockname")[1], pids) for _r, w in connections}
     finally:
@@ -358,4 +352,4 @@ async def test_sixty_concurrent_requests_for_one_uncached_batch_across_both_work
     assert [answer.status for answer in answers] == [200] * CONCURRENT
     assert {answer.document["batch"]["id"] for answer in answers} == {"batch-shared"}
     assert holders == set(pids), "both workers answered"
-    assert upstream.calls == 1, f"{upstream.calls} upstream calls for one batch"
+    assert upstream.count() == 1, f"{upstream.count()} upstream calls for one batch"
