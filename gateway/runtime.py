@@ -74,7 +74,7 @@ def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Cl
     upstream = UpstreamClient(
         config.upstream, metrics, clock, shared=SharedBudget(link, clock) if link is not None else None
     )
-    refresher = Refresher(cache, waiters, clock, upstream.refresh_wait_s, upstream.flight_wait_s)
+    refresher = Refresher(cache, waiters, clock, upstream.budget.refresh_wait_s, upstream.flight_wait_s)
     _watch(metrics, cache, waiters, freshness)
     state = GatewayState(
         snapshot=Snapshot(config, CallerDirectory(config.callers)),
@@ -118,7 +118,7 @@ def _hear_other_processes(link: RedisLink, cache: BatchCache, shared: SharedCach
     def heard(kind: str, batch_id: str, payload: bytes) -> None:
         if kind == PAUSED:
             with contextlib.suppress(ValueError):
-                upstream.hold(float(payload))
+                upstream.budget.hold(float(payload))
             return
         if kind == EVICTED:
             cache.forget(batch_id)

@@ -10,7 +10,8 @@ It serves the four batch endpoints as upstream does (DESIGN §2):
   with non-empty string ``name``, ``input_dataset_id`` and ``model``; it then
   moves on as a retrieved one does.
 - ``GET /v2/batches``: the batches it knows (created or first seen by
-  retrieve), newest first by ``created_at`` or ``updated_at``, in pages.
+  retrieve), newest first by ``created_at`` or ``updated_at``, in pages
+  (``gateway.demo.pages`` reads the query and the page tokens).
 - ``POST /v2/batches/{id}:cancel``: an active batch goes CANCELING, with its
   counters frozen, and CANCELED ``cancel_s`` later; a terminal one stays.
 
@@ -33,8 +34,6 @@ Two controls for the tests and the benchmark (DESIGN §9):
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
 import json
@@ -50,15 +49,12 @@ from aiohttp import web
 from cachetools import LRUCache
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.demo.pages import page_token, read_page_query
 from gateway.upstream.guards import Clock
 
 # Bounds for what the simulator remembers, so long benchmark runs stay flat.
 MAX_TRACKED_IDS = 200_000
 MAX_RECORDED_REQUESTS = 10_000
-# List paging, as upstream: the default and the largest page.
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
-ORDERS = ("created_at", "updated_at")
 CREATE_FIELDS = ("name", "input_dataset_id", "model")
 
 ACTIVE_STATUSES = frozenset({"BATCH_STATUS_QUEUED", "BATCH_STATUS_IN_PROGRESS", "BATCH_STATUS_CANCELING"})
@@ -336,24 +332,14 @@ class Simulator:
         await self._record(request)
         if not self._authorized(request):
             return _error(401, "invalid api token")
-        query = request.query
-        order_by = query.get("order_by", "created_at")
-        if order_by not in ORDERS:
-            return _error(400, f"order_by must be one of {', '.join(ORDERS)}")
-        size = query.get("page_size", "0")
-        if not size.isdigit():
-            return _error(400, "page_size must be a non-negative integer")
-        # As upstream documents: unset (or 0) is 50, and above 1000 is 1000.
-        page_size = min(int(size), MAX_PAGE_SIZE) or DEFAULT_PAGE_SIZE
-        after = None
-        if query.get("page_token"):
-            after = _read_token(query["page_token"], order_by)
-            if after is None:
-                return _error(400, "invalid page_token")
-        batches, more = self.page(order_by, page_size, after)
+        wanted = read_page_query(request.query)
+        if isinstance(wanted, str):
+            return _error(400, wanted)
+        batches, more = self.page(wanted.order_by, wanted.page_size, wanted.after)
         answer: dict[str, Any] = {"batches": batches}
         if more:
-            answer["next_page_token"] = _page_token(order_by, batches[-1][order_by], batches[-1]["id"])
+            last = batches[-1]
+            answer["next_page_token"] = page_token(wanted.order_by, last[wanted.order_by], last["id"])
         return web.json_response(answer)
 
     async def cancel_batch(self, request: web.Request) -> web.Response:
@@ -380,23 +366,6 @@ class Simulator:
 
 def _terminal(batch_id: str) -> str:
     return "BATCH_STATUS_FAILED" if "fail" in batch_id else "BATCH_STATUS_COMPLETED"
-
-
-def _page_token(order_by: str, stamp: str, batch_id: str) -> str:
-    """An opaque token (URL-safe base64) for the page after ``(stamp, batch_id)`` in ``order_by`` order."""
-    return base64.urlsafe_b64encode(json.dumps([order_by, stamp, batch_id]).encode()).decode()
-
-
-def _read_token(token: str, order_by: str) -> tuple[str, str] | None:
-    try:
-        decoded = json.loads(base64.urlsafe_b64decode(token.encode()))
-    except (ValueError, binascii.Error):
-        return None
-    if not (isinstance(decoded, list) and len(decoded) == 3 and all(isinstance(part, str) for part in decoded)):
-        return None
-    if decoded[0] != order_by:
-        return None
-    return decoded[1], decoded[2]
 
 
 def _error(status: int, message: str) -> web.Response:

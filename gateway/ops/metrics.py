@@ -23,7 +23,17 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
+        # The collectors by family; each is an attribute named for what it counts.
+        self._requests(self.registry)
+        self._upstream(self.registry)
+        self._cache(self.registry)
+        self._records(self.registry)
+        self._waiting(self.registry)
+        self._process(self.registry)
+        self.redis: RedisMetrics | None = None
+
+    def _requests(self, r: CollectorRegistry) -> None:
+        """What callers asked and were answered."""
         self.requests = Counter(
             "gateway_requests",
             "Requests answered, by caller, route, status and cache result.",
@@ -37,6 +47,15 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.caller_rejections = Counter(
+            "gateway_caller_rate_limited",
+            "Requests refused for being over the caller's own limit.",
+            ["caller"],
+            registry=r,
+        )
+
+    def _upstream(self, r: CollectorRegistry) -> None:
+        """Calls to the upstream, and the guards (budget, pause, breaker) that hold them back."""
         self.upstream_calls = Counter(
             "gateway_upstream_calls",
             "HTTP calls made to the upstream (each retry is one), by outcome: an HTTP status or an error code.",
@@ -68,6 +87,14 @@ class Metrics:
         self.paused_seconds = Gauge(
             "gateway_upstream_paused_seconds", "Seconds left before upstream calls resume.", registry=r
         )
+        self.regressions = Counter(
+            "gateway_upstream_regressions",
+            "Upstream answers older than the one held (earlier updated_at, or active after terminal): not stored.",
+            registry=r,
+        )
+
+    def _cache(self, r: CollectorRegistry) -> None:
+        """The answer cache and single-flight."""
         self.cache_entries = Gauge("gateway_cache_entries", "Entries in the answer cache.", registry=r)
         self.cache_removals = Counter(
             "gateway_cache_removals",
@@ -81,12 +108,9 @@ class Metrics:
         self.coalesced = Counter(
             "gateway_singleflight_coalesced", "Requests that waited on another request's upstream fetch.", registry=r
         )
-        self.caller_rejections = Counter(
-            "gateway_caller_rate_limited",
-            "Requests refused for being over the caller's own limit.",
-            ["caller"],
-            registry=r,
-        )
+
+    def _records(self, r: CollectorRegistry) -> None:
+        """The ownership and idempotency records."""
         self.store_write_failures = Counter(
             "gateway_store_write_failures",
             "Records the store could not write: a new batch's owner, an idempotent create's outcome.",
@@ -98,6 +122,9 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+
+    def _waiting(self, r: CollectorRegistry) -> None:
+        """Prefer: wait, and how often active batches are refreshed."""
         self.waiters = Gauge("gateway_waiters", "Requests held by Prefer: wait until their batch changes.", registry=r)
         self.waits_ended = Counter(
             "gateway_waits_ended",
@@ -117,11 +144,9 @@ class Metrics:
         self.followed_batches = Gauge(
             "gateway_followed_batches", "Active batches polled or waited on lately (sharing the budget).", registry=r
         )
-        self.regressions = Counter(
-            "gateway_upstream_regressions",
-            "Upstream answers older than the one held (earlier updated_at, or active after terminal): not stored.",
-            registry=r,
-        )
+
+    def _process(self, r: CollectorRegistry) -> None:
+        """This gateway itself: its config reloads and its build."""
         self.reloads = Counter(
             "gateway_config_reloads", "Config reloads, by result: ok or error.", ["result"], registry=r
         )
@@ -136,7 +161,6 @@ class Metrics:
             registry=r,
         )
         self.build_info.labels(version=__version__, python=platform.python_version()).set(1)
-        self.redis: RedisMetrics | None = None
 
     def track_redis(self) -> RedisMetrics:
         """The shared tier's collectors (DESIGN §10), registered only when ``redis.url`` is set."""

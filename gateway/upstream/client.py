@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,11 +27,10 @@ import aiohttp
 
 from gateway import __version__, errors
 from gateway.config import UpstreamSettings
-from gateway.errors import RedisDown
 from gateway.ops.metrics import Metrics
-from gateway.upstream.budget import PAUSED_BY_ANOTHER, SharedBudget
+from gateway.upstream.budget import SharedBudget, UpstreamBudget
 from gateway.upstream.cohere import error_for_status, now_utc, parse_retry_after
-from gateway.upstream.guards import Admission, CircuitBreaker, Clock, TokenBucket
+from gateway.upstream.guards import Admission, CircuitBreaker, Clock
 
 USER_AGENT = f"cohere-gateway/{__version__}"
 # Caller headers that describe the calling SDK and are safe to pass on.
@@ -42,8 +40,6 @@ FORWARDED_CALLER_HEADERS = ("X-Fern-Language", "X-Fern-SDK-Name", "X-Fern-SDK-Ve
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
 READ_CHUNK = 65536
 BATCHES_PATH = "/v2/batches"
-# The share of the budget's burst that refreshes of held answers leave to new ids and writes.
-RESERVED_SHARE = 0.25
 # A request waiting on another's fetch gives up a little after that fetch's own deadline would have fired.
 FLIGHT_MARGIN_S = 1.0
 
@@ -108,6 +104,19 @@ class _Retryable(Exception):
         self.error = error
 
 
+def _headers(request: UpstreamRequest, settings: UpstreamSettings) -> dict[str, str]:
+    """The upstream call's headers: the token in force, who asks, and the SDK headers passed on."""
+    headers = {
+        "Authorization": f"Bearer {settings.token_value}",
+        "X-Client-Name": request.caller_name,
+        "X-Request-ID": request.request_id,
+        **dict(request.caller_headers),
+    }
+    if request.body is not None:
+        headers["Content-Type"] = "application/json"
+    return headers
+
+
 class UpstreamClient:
     """Owns the ``ClientSession`` and the guards that keep upstream calls in check."""
 
@@ -121,21 +130,13 @@ class UpstreamClient:
     ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self._clock = clock
         # Draws a backoff in [low, high]; tests pin it to make retries deterministic.
         self.jitter = jitter
-        self.budget = TokenBucket(settings.rate_limit.requests_per_s, settings.rate_limit.burst, clock)
+        # The budget and the pause; with ``shared``, one for every process, on Redis (DESIGN §10).
+        self.budget = UpstreamBudget(settings.rate_limit, metrics, clock, shared)
         self.breaker = CircuitBreaker(settings.breaker.failures, settings.breaker.cooldown_s, clock)
-        self.paused_until = 0.0
-        # One budget and pause for every process, on Redis (DESIGN §10), when configured.
-        self.shared = shared
-        self._shares = 1
-        # Writes waiting for a budget token: reads take none meanwhile.
-        self._writes_waiting = 0
         self._session: aiohttp.ClientSession | None = None
-        metrics.budget_tokens.set_function(self._tokens_left)
         metrics.breaker_state.set_function(lambda: self.breaker.state.value)
-        metrics.paused_seconds.set_function(lambda: max(0.0, self.paused_until - self._clock()))
 
     async def start(self) -> None:
         s = self.settings
@@ -165,35 +166,12 @@ class UpstreamClient:
     def reconfigure(self, settings: UpstreamSettings) -> None:
         """Take a reloaded config; connection limits keep their start-up values."""
         self.settings = settings
-        self._reshare(self._shares)
+        self.budget.reconfigure(settings.rate_limit)
         self.breaker.reconfigure(settings.breaker.failures, settings.breaker.cooldown_s)
 
     def flight_wait_s(self) -> float:
         """How long a request may wait on a fetch that another request leads, under the config in force."""
         return self.settings.timeout_s + FLIGHT_MARGIN_S
-
-    def _reshare(self, shares: int) -> None:
-        """This process's own bucket: the whole budget, or its share while Redis is lost (DESIGN §10)."""
-        self._shares = shares
-        limit = self.settings.rate_limit
-        self.budget.reconfigure(limit.requests_per_s / shares, max(1, limit.burst // shares))
-
-    def _shared_budget(self) -> SharedBudget | None:
-        """The shared budget while Redis answers; else None, with this process's bucket cut to its share."""
-        shared = self.shared
-        if shared is None:
-            return None
-        if shared.link.usable:
-            if self._shares != 1:
-                self._reshare(1)  # back to sharing: the local bucket is the whole budget again
-            return shared
-        if shared.link.alive != self._shares:
-            self._reshare(shared.link.alive)
-        return None
-
-    def _tokens_left(self) -> float:
-        shared = self.shared
-        return shared.tokens if shared is not None and shared.link.up else self.budget.tokens
 
     async def fetch(self, request: UpstreamRequest, may_wait: bool, accept: Accept[R]) -> R:
         """One logical call, with the guards, retries and deadline; ``accept`` reads its answer.
@@ -207,7 +185,7 @@ class UpstreamClient:
         one in force when the fetch began.
         """
         settings = self.settings
-        self._check_paused()
+        self.budget.check_paused()
         admission = self.breaker.admit()
         if not admission.admitted:
             self.metrics.upstream_rejected.labels("breaker_open").inc()
@@ -242,104 +220,6 @@ class UpstreamClient:
         else:
             self.breaker.record_failure()
 
-    def _check_paused(self) -> None:
-        remaining = self.paused_until - self._clock()
-        if remaining > 0:
-            self.metrics.upstream_rejected.labels("paused").inc()
-            raise errors.UpstreamRateLimited(retry_after_s=remaining)
-
-    def _pause(self, seconds: float) -> float:
-        """Stop every upstream call for ``seconds``; return the time the pause has left."""
-        self.metrics.upstream_pauses.inc()
-        if self.shared is not None:
-            self.shared.link.in_background(self.shared.pause(seconds))
-        return self.hold(seconds)
-
-    def hold(self, seconds: float) -> float:
-        """Hold this process's upstream calls for ``seconds`` (another process was told to pause)."""
-        now = self._clock()
-        if now + seconds >= self.paused_until:
-            self.paused_until = now + seconds
-            # Not (now + seconds) - now: in floating point that can exceed seconds by
-            # an ulp, and a Retry-After of 7 would then be rounded up to 8.
-            return seconds
-        return self.paused_until - now
-
-    async def _spend_budget(self, settings: UpstreamSettings, may_wait: bool, write: bool, deadline: float) -> None:
-        """Take a budget token, waiting at most ``budget_wait_s`` (and never past the deadline) if allowed.
-
-        A write may wait until the deadline, and reads take no token while
-        one waits (DESIGN §8: writes come first). The time waited is counted
-        in sleeps rather than read from the clock, so a frozen test clock
-        cannot make the wait endless.
-        """
-        if write:
-            self._writes_waiting += 1
-        try:
-            await self._take_token(settings, may_wait, secrets.token_hex(6) if write else "", deadline)
-        finally:
-            if write:
-                self._writes_waiting -= 1
-
-    async def _take_token(self, settings: UpstreamSettings, may_wait: bool, writer: str, deadline: float) -> None:
-        """``writer`` names a write (a create or cancel), "" for a read."""
-        loop = asyncio.get_running_loop()
-        allowed = settings.timeout_s if writer else settings.budget_wait_s if may_wait else 0.0
-        # A refresh of an answer the gateway holds (it may not wait: the held answer
-        # serves meanwhile) leaves a reserve for new ids and writes (DESIGN §9).
-        reserved = not (may_wait or writer)
-        waited = 0.0
-        while (wait := await self._next_token(writer, reserved)) > 0:
-            # A sleep that would end at the deadline is pointless: the fetch would be cut off.
-            if waited + wait > allowed or loop.time() + wait >= deadline:
-                self.metrics.upstream_rejected.labels("budget").inc()
-                raise errors.RateLimited(retry_after_s=wait)
-            await asyncio.sleep(wait)
-            waited += wait
-
-    def refresh_wait_s(self) -> float:
-        """Seconds until a refresh of a held answer could take a token (0: now)."""
-        paused = self.paused_until - self._clock()
-        if paused > 0:
-            return paused
-        limit = self.settings.rate_limit
-        shared = self._shared_budget()
-        if shared is not None:
-            # From the shared bucket as last seen: a guess must not wait on Redis.
-            return shared.estimated_wait(limit.requests_per_s, limit.burst, int(RESERVED_SHARE * limit.burst))
-        return self._token_wait(False, int(RESERVED_SHARE * self.budget.burst), take=False)
-
-    async def _next_token(self, writer: str, reserved: bool) -> float:
-        """0 with a token taken, or the seconds until one is due: from the shared budget while Redis answers,
-        else from this process's share of it. ``reserved``: leave the reserve (RESERVED_SHARE) to others."""
-        write = bool(writer)
-        shared = self._shared_budget()
-        if shared is not None and (write or not self._writes_waiting):
-            limit = self.settings.rate_limit
-            reserve = int(RESERVED_SHARE * limit.burst) if reserved else 0
-            try:
-                kind, wait = await shared.take(limit.requests_per_s, limit.burst, reserve, writer)
-            except RedisDown:
-                self._reshare(shared.link.alive)  # Redis lost (or refusing) just now: this process's share
-            else:
-                if kind == PAUSED_BY_ANOTHER:
-                    self.metrics.upstream_rejected.labels("paused").inc()
-                    raise errors.UpstreamRateLimited(retry_after_s=self.hold(wait))
-                return wait
-        return self._token_wait(write, int(RESERVED_SHARE * self.budget.burst) if reserved else 0)
-
-    def _token_wait(self, write: bool, reserve: int, take: bool = True) -> float:
-        """0 with a token taken, or the seconds until one is due (for a read, while no write waits).
-
-        A call with a ``reserve`` takes a token only while more than that many are left.
-        """
-        if not write and self._writes_waiting:
-            return 1 / self.budget.rate
-        tokens = self.budget.tokens
-        if tokens < reserve + 1:
-            return (reserve + 1 - tokens) / self.budget.rate
-        return self.budget.try_take() if take else 0.0
-
     def _backoff_s(self, settings: UpstreamSettings, retry: int) -> float:
         """Full jitter: a random wait up to an exponential cap (``retry`` counts from 1)."""
         return self.jitter(0.0, settings.retry_backoff_s * 2 ** (retry - 1))
@@ -358,9 +238,9 @@ class UpstreamClient:
             # Read again for each try: a reload during the last one (or its backoff) applies to this one.
             settings = self.settings
             try:
-                self._check_paused()  # another request may have been told to pause meanwhile
-                await self._spend_budget(settings, may_wait or last is not None, request.write, tally.deadline)
-                self._check_paused()
+                self.budget.check_paused()  # another request may have been told to pause meanwhile
+                await self.budget.spend(settings, may_wait or last is not None, request.write, tally.deadline)
+                self.budget.check_paused()
             except (errors.RateLimited, errors.UpstreamRateLimited):
                 if last is not None:
                     raise last from None  # a retry refused: report the real failure
@@ -388,16 +268,15 @@ class UpstreamClient:
     async def _attempt(
         self, request: UpstreamRequest, settings: UpstreamSettings, accept: Accept[R], deadline: float
     ) -> R:
+        """One HTTP call and what its answer means; ``_Retryable`` if another call may fix a failure."""
+        status, body, retry_after = await self._send(request, settings, deadline)
+        return self._interpret(request, status, body, retry_after, settings, accept)
+
+    async def _send(
+        self, request: UpstreamRequest, settings: UpstreamSettings, deadline: float
+    ) -> tuple[int, bytes, str | None]:
+        """The HTTP call (counted, timed and traced): status, capped body, ``Retry-After``; or an error."""
         assert self._session is not None, "UpstreamClient.start() was not awaited"
-        headers = {
-            "Authorization": f"Bearer {settings.token_value}",
-            "X-Client-Name": request.caller_name,
-            "X-Request-ID": request.request_id,
-            **dict(request.caller_headers),
-        }
-        if request.body is not None:
-            headers["Content-Type"] = "application/json"
-        url = f"{settings.base_url}{request.path}"
         started = time.perf_counter()
         outcome = "unknown"
         trace = request.trace
@@ -405,10 +284,10 @@ class UpstreamClient:
         try:
             async with self._session.request(
                 request.method,
-                url,
+                f"{settings.base_url}{request.path}",
                 params=request.query or None,
                 data=request.body,
-                headers=headers,
+                headers=_headers(request, settings),
                 allow_redirects=False,
             ) as response:
                 outcome = str(response.status)
@@ -450,7 +329,7 @@ class UpstreamClient:
             self.metrics.upstream_seconds.observe(elapsed)
             trace.upstream_ms = round(elapsed * 1000, 2)
             trace.upstream_status = int(outcome) if outcome.isdigit() else None
-        return self._interpret(request, response.status, body, retry_after, settings, accept)
+        return response.status, body, retry_after
 
     def _interpret(
         self,
@@ -472,7 +351,7 @@ class UpstreamClient:
             asked = parse_retry_after(
                 retry_after, now=now_utc(), default_s=settings.retry_after_default_s, max_s=settings.retry_after_max_s
             )
-            wait = self._pause(asked)
+            wait = self.budget.pause(asked)
         elif status == 503:
             wait = settings.retry_after_default_s
         error = error_for_status(status, body, wait)

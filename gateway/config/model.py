@@ -1,132 +1,43 @@
-"""The gateway's configuration: load ``config.yaml``, interpolate, validate.
+"""The configuration's model: frozen pydantic sections, one per block of ``config.yaml``.
 
-The file is read once per start or reload into frozen objects. Validation
-reports every problem at once, each prefixed with the dotted path of its key
-(``callers.1.key_sha256: ...``), so an operator fixes the file in one pass.
-Secrets (the upstream token, caller keys) are held as ``SecretStr`` so that a
-stray ``repr`` or log line never shows them.
+Each section forbids unknown keys and checks its own values; a check that
+spans keys raises a problem carrying the exact dotted path to name. Secrets
+(the upstream token, caller keys) are held as ``SecretStr`` so that a stray
+``repr`` or log line never shows them.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
-import os
 import re
-import types
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     PlainValidator,
     SecretStr,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-_SAFE_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+from gateway.config.keys import TokenFile, check_usable_key, read_token_file, weak_key_problem
+
 _CALLER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-# A caller key is a bearer secret: short ones can be guessed.
-MIN_CALLER_KEY_LENGTH = 16
 
-# The demo's callers (gateway/demo.py) use these keys. They are published in the
-# README, so they are accepted only with --demo, never from a config file.
-DEMO_BILLING_KEY = "demo-billing-key-0001"
-DEMO_REPORTING_KEY = "demo-reporting-key-0002"
-DEMO_KEYS = frozenset({DEMO_BILLING_KEY, DEMO_REPORTING_KEY})
-# Keys anyone would try first, or that an example once published. A caller
-# whose key (in clear or as key_sha256) is one of them is refused; the short
-# ones are refused by length too, but a key_sha256 hides the length.
-WEAK_KEYS = frozenset(
-    {
-        "",
-        "test",
-        "testing",
-        "password",
-        "passw0rd",
-        "password1",
-        "password123",
-        "changeme",
-        "change-me",
-        "changeit",
-        "replace-me",
-        "secret",
-        "admin",
-        "root",
-        "guest",
-        "default",
-        "example",
-        "demo",
-        "key",
-        "apikey",
-        "api-key",
-        "token",
-        "letmein",
-        "qwerty",
-        "hunter2",
-        "123456",
-        "1234567890",
-        "12345678",
-        "123456789",
-        "1234567890123456",
-        "0000000000000000",
-        "some-key-of-16-chars-or-more",
-    }
-)
-_WEAK_DIGESTS = frozenset(hashlib.sha256(key.encode()).hexdigest() for key in WEAK_KEYS)
-_DEMO_DIGESTS = frozenset(hashlib.sha256(key.encode()).hexdigest() for key in DEMO_KEYS)
 # ValidationInfo.context key: the config is the one --demo builds (its demo callers are allowed).
 DEMO_CONTEXT = "demo"
-NEW_KEY_HINT = "make a new one with: cohere-gateway new-caller NAME"
-
-
-class ConfigError(Exception):
-    """The configuration is unusable; ``problems`` lists every reason."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__("\n".join(problems))
 
 
 def _problem(path: str, text: str) -> PydanticCustomError:
     # The message carries its own path: cross-field checks run on a parent
     # model but must still name the exact key that is wrong.
     return PydanticCustomError("config_problem", "{path}: {text}", {"path": path, "text": text})
-
-
-@dataclass(frozen=True, slots=True)
-class TokenFile:
-    """A token read from a file (a mounted secret); re-read on every reload."""
-
-    path: Path
-    token: SecretStr
-
-
-def _read_token_file(value: object) -> TokenFile:
-    if isinstance(value, TokenFile):
-        return value
-    if not isinstance(value, str | Path) or not str(value):
-        raise ValueError("must be a file path")
-    path = Path(value)
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    if not token:
-        raise ValueError(f"{path} is empty")
-    return TokenFile(path=path, token=SecretStr(token))
 
 
 class _Section(BaseModel):
@@ -189,7 +100,7 @@ class ServerSettings(_Section):
 class UpstreamSettings(_Section):
     base_url: str = "https://api.cohere.com"
     token: SecretStr | None = None
-    token_file: Annotated[TokenFile, PlainValidator(_read_token_file)] | None = None
+    token_file: Annotated[TokenFile, PlainValidator(read_token_file)] | None = None
     timeout_s: PositiveSeconds = 15
     connect_timeout_s: PositiveSeconds = 5
     retries: Annotated[int, Field(ge=0, le=10)] = 2
@@ -281,25 +192,8 @@ DEFAULT_ALLOW: frozenset[Operation] = frozenset({"retrieve", "list"})
 Scope = Literal["all", "own"]
 
 
-def weak_key_problem(hexdigest: str, demo: bool = False) -> str | None:
-    """Why a caller key with this sha256 (hex) must not be accepted, or None if it may."""
-    if hexdigest in _WEAK_DIGESTS:
-        return f"is a well-known weak key; {NEW_KEY_HINT}"
-    if hexdigest in _DEMO_DIGESTS and not demo:
-        return f"is a demo key (published with the gateway), accepted only with --demo; {NEW_KEY_HINT}"
-    return None
-
-
 def _in_demo(info: ValidationInfo) -> bool:
     return bool(info.context and info.context.get(DEMO_CONTEXT))
-
-
-def _usable_key(key: str, info: ValidationInfo) -> None:
-    if len(key) < MIN_CALLER_KEY_LENGTH:
-        raise ValueError(f"must be at least {MIN_CALLER_KEY_LENGTH} characters (is its environment variable set?)")
-    problem = weak_key_problem(hashlib.sha256(key.encode()).hexdigest(), _in_demo(info))
-    if problem:
-        raise ValueError(problem)
 
 
 class CallerSettings(_Section):
@@ -307,7 +201,7 @@ class CallerSettings(_Section):
     key: SecretStr | None = None
     key_sha256: str | None = None
     # A file holding the key in clear (a mounted secret), re-read on every reload like upstream.token_file.
-    key_file: Annotated[TokenFile, PlainValidator(_read_token_file)] | None = None
+    key_file: Annotated[TokenFile, PlainValidator(read_token_file)] | None = None
     rate_limit: RateLimit | None = None
     allow: frozenset[Operation] = DEFAULT_ALLOW
     batches: Scope = "all"
@@ -331,14 +225,14 @@ class CallerSettings(_Section):
     @classmethod
     def _strong_key(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         if value is not None:
-            _usable_key(value.get_secret_value(), info)
+            check_usable_key(value.get_secret_value(), _in_demo(info))
         return value
 
     @field_validator("key_file")
     @classmethod
     def _strong_key_file(cls, value: TokenFile | None, info: ValidationInfo) -> TokenFile | None:
         if value is not None:
-            _usable_key(value.token.get_secret_value(), info)
+            check_usable_key(value.token.get_secret_value(), _in_demo(info))
         return value
 
     @field_validator("key_sha256")
@@ -463,184 +357,3 @@ class GatewayConfig(_Section):
         found += [key for c in self.callers if (key := c.key_value) is not None]
         found += self.redis.passwords
         return found
-
-
-def interpolate(value: Any, env: Mapping[str, str], path: str = "") -> tuple[Any, list[str]]:
-    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of a YAML tree."""
-    problems: list[str] = []
-    if isinstance(value, str):
-
-        def substitute(match: re.Match[str]) -> str:
-            name, default = match.group(1), match.group(2)
-            if name in env:
-                return env[name]
-            if default is not None:
-                return default
-            problems.append(f"{path or 'config'}: environment variable {name} is not set")
-            return ""
-
-        return _ENV_REFERENCE.sub(substitute, value), problems
-    if isinstance(value, dict):
-        result: dict[Any, Any] = {}
-        for key, item in value.items():
-            result[key], found = interpolate(item, env, f"{path}.{key}" if path else str(key))
-            problems += found
-        return result, problems
-    if isinstance(value, list):
-        items = []
-        for index, item in enumerate(value):
-            interpolated, found = interpolate(item, env, f"{path}.{index}")
-            items.append(interpolated)
-            problems += found
-        return items, problems
-    return value, problems
-
-
-def duplicate_callers(callers: Any) -> list[str]:
-    """Callers sharing a name or a key, checked on the raw list.
-
-    This runs beside model validation rather than inside it, so that a
-    duplicate is reported even when another caller has a problem of its own.
-    """
-    if not isinstance(callers, list):
-        return []
-    problems: list[str] = []
-    names: dict[str, int] = {}
-    digests: dict[str, int] = {}
-    for index, caller in enumerate(callers):
-        if not isinstance(caller, dict):
-            continue
-        name, key, digest = caller.get("name"), caller.get("key"), caller.get("key_sha256")
-        if isinstance(name, str):
-            if name in names:
-                problems.append(f"callers.{index}.name: duplicate of callers.{names[name]}.name")
-            names.setdefault(name, index)
-        field, hexdigest = (
-            ("key", hashlib.sha256(key.encode()).hexdigest())
-            if isinstance(key, str) and key
-            else ("key_sha256", digest.lower() if isinstance(digest, str) else None)
-        )
-        if hexdigest:
-            if hexdigest in digests:
-                problems.append(f"callers.{index}.{field}: same key as callers.{digests[hexdigest]}")
-            digests.setdefault(hexdigest, index)
-    return problems
-
-
-def _shared_key_files(callers: list[CallerSettings]) -> list[str]:
-    """Callers whose ``key_file`` holds another caller's key (``duplicate_callers`` sees only the file's path)."""
-    problems: list[str] = []
-    first: dict[bytes, int] = {}
-    for index, caller in enumerate(callers):
-        earlier = first.setdefault(caller.key_digest, index)
-        if earlier != index and (caller.key_file is not None or callers[earlier].key_file is not None):
-            field = "key_file" if caller.key_file is not None else "key" if caller.key is not None else "key_sha256"
-            problems.append(f"callers.{index}.{field}: same key as callers.{earlier}")
-    return problems
-
-
-def _format(error: Any) -> str:
-    if error["type"] == "config_problem":
-        return str(error["msg"])
-    path = ".".join(str(part) for part in error["loc"]) or "config"
-    if error["type"] == "extra_forbidden":
-        return f"{path}: {unknown_key(tuple(error['loc']))}"
-    message = str(error["msg"]).removeprefix("Value error, ")
-    # Never echo the offending input: it may be a secret.
-    return f"{path}: {message}"
-
-
-def unknown_key(loc: tuple[str | int, ...]) -> str:
-    """The problem text for an unknown key at ``loc``, suggesting the nearest valid key there."""
-    *parents, name = loc
-    section: type[BaseModel] | None = GatewayConfig
-    for part in parents:
-        if section is None:
-            break
-        if isinstance(part, str):
-            field = section.model_fields.get(part)
-            section = None if field is None else _section_of(field.annotation)
-        # An int is a list index: the element's model is already the section.
-    choices = list(section.model_fields) if section is not None else []
-    close = difflib.get_close_matches(str(name), choices, n=1)
-    if not close:
-        return "unknown key"
-    return f"unknown key (did you mean {'.'.join(str(part) for part in (*parents, close[0]))}?)"
-
-
-def _section_of(annotation: Any) -> type[BaseModel] | None:
-    """The config model inside an annotation (``X``, ``X | None``, ``list[X]``, ``Annotated[X, ...]``)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if get_origin(annotation) in (Union, types.UnionType, list, Annotated):
-        for inner in get_args(annotation):
-            found = _section_of(inner)
-            if found is not None:
-                return found
-    return None
-
-
-def validate(raw: Any, env: Mapping[str, str], *, demo: bool = False) -> GatewayConfig:
-    """Turn a parsed YAML document into a config, or raise ConfigError with every problem.
-
-    ``demo``: the config ``--demo`` builds, whose callers hold the demo keys.
-    """
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(["config: the file must be a YAML mapping of sections"])
-    data, unset = interpolate(raw, env)
-    problems = duplicate_callers(data.get("callers"))
-    try:
-        config = GatewayConfig.model_validate(data, context={DEMO_CONTEXT: demo})
-    except ValidationError as exc:
-        problems += [_format(error) for error in exc.errors()]
-    else:
-        problems += _shared_key_files(config.callers)
-        if not unset and not problems:
-            return config
-    # An unset variable leaves its key empty, which then fails its own check
-    # too; the operator needs only the first reason for each key.
-    unset_paths = {_path_of(problem) for problem in unset}
-    raise ConfigError(unset + [p for p in problems if _path_of(p) not in unset_paths])
-
-
-def _path_of(problem: str) -> str:
-    return problem.partition(": ")[0]
-
-
-def read_yaml(path: Path) -> Any:
-    """Parse the config file, turning I/O and syntax errors into ConfigError."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"config: cannot read {path}: {getattr(exc, 'strerror', None) or exc}"]) from None
-    try:
-        # libyaml's loader when PyYAML was built with it (its wheels are): five times
-        # faster than the pure-Python one, which took 4 s for 10,000 callers.
-        return yaml.load(text, Loader=_SAFE_LOADER)  # noqa: S506 (a safe loader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError([f"config: {path} is not valid YAML{where}"]) from None
-
-
-def load_config(
-    path: Path, env: Mapping[str, str] | None = None, overrides: dict[str, Any] | None = None, *, demo: bool = False
-) -> GatewayConfig:
-    """Read, interpolate and validate ``path``; ``overrides`` replace whole sections' keys."""
-    raw = read_yaml(path) if path.exists() or overrides is None else {}
-    if overrides and isinstance(raw, dict):
-        raw = deep_merge(raw, overrides)
-    return validate(raw, os.environ if env is None else env, demo=demo)
-
-
-def deep_merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with ``overrides`` laid over it, mapping by mapping."""
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
