@@ -28,7 +28,8 @@ from aiohttp import web
 
 from gateway.config import load_config
 from gateway.demo.simulator import Simulator
-from gateway.edge.server import RunningGateway, reload_config
+from gateway.edge.server import RunningGateway
+from gateway.runtime import reload_config
 from tests.conftest import GatewayFactory, ProcessFactory, UpstreamFactory
 from tests.redis_server import RedisServer
 from tests.support import (
@@ -96,7 +97,7 @@ async def test_sighup_swaps_in_the_new_token_and_callers_and_keeps_the_cache(
     write_config(path, rotated(upstream.url, server={"host": "127.0.0.1", "port": 0}))
     mark = gateway.signal(signal.SIGHUP)
     reloaded = await gateway.wait_for_event("config reloaded", after=mark)
-    assert reloaded["callers"] == ["billing-service", "analytics"]
+    assert reloaded["callers"] == 2  # how many, not their names
 
     fresh = await sdk(gateway.url, ANALYTICS_KEY).batches.retrieve("batch-2")
     assert fresh.batch.id == "batch-2"
@@ -147,7 +148,7 @@ async def test_reload_config_swaps_token_and_callers_in_process_and_the_cache_su
     await sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-1")
 
     write_config(path, rotated(upstream.url))
-    assert reload_config(gateway.state, partial(load_config, path))
+    assert await reload_config(gateway.state, partial(load_config, path))
 
     await sdk(gateway.url, ANALYTICS_KEY).batches.retrieve("batch-2")
     assert upstream.headers[-1]["Authorization"] == f"Bearer {NEW_TOKEN}"
@@ -172,7 +173,7 @@ async def test_a_bad_reload_in_process_keeps_the_old_config_and_flags_the_metric
     broken["callers"][1]["key"] = "short"
     write_config(path, broken)
 
-    assert not reload_config(gateway.state, partial(load_config, path))
+    assert not await reload_config(gateway.state, partial(load_config, path))
 
     [refused] = [e for e in logs.events("gateway") if e["event"].startswith("config reload refused")]
     assert refused["level"] == "error"
@@ -183,7 +184,7 @@ async def test_a_bad_reload_in_process_keeps_the_old_config_and_flags_the_metric
     assert gateway.state.metrics.last_reload_ok._value.get() == 0
 
     write_config(path, rotated(upstream.url))
-    assert reload_config(gateway.state, partial(load_config, path))
+    assert await reload_config(gateway.state, partial(load_config, path))
     assert gateway.state.metrics.last_reload_ok._value.get() == 1
 
 
@@ -227,7 +228,7 @@ async def test_a_request_in_flight_during_a_reload_finishes_and_its_retry_reads_
 
     # The new config drops the caller and rotates the token.
     write_config(path, rotated(upstream.url, upstream={"retries": 2}))
-    assert reload_config(gateway.state, partial(load_config, path))
+    assert await reload_config(gateway.state, partial(load_config, path))
     first_answer.set()
 
     response = await asyncio.wait_for(in_flight, PROCESS_WAIT_S)
