@@ -9,8 +9,13 @@ closures: they are only called once everything here exists.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import signal
 import time
+from collections.abc import Callable
+from typing import Any
 
 from gateway.api.auth import CallerDirectory
 from gateway.api.state import GatewayState, Snapshot
@@ -19,9 +24,11 @@ from gateway.cache.entry import Role
 from gateway.cache.refresher import Freshness, Refresher
 from gateway.cache.store import MemoryStore
 from gateway.cache.waiting import Waiters
-from gateway.config import GatewayConfig
-from gateway.ops.logs import Redactor
+from gateway.config import ConfigError, GatewayConfig
+from gateway.edge.server import RunningGateway
+from gateway.ops.logs import Redactor, log_event
 from gateway.ops.metrics import Metrics
+from gateway.ops.workers import pid_file
 from gateway.records.base import Records
 from gateway.records.redis import RedisRecords
 from gateway.records.sqlite import SqliteRecords
@@ -30,6 +37,8 @@ from gateway.replicas.shared_budget import SharedBudget, SharedCallerLimits
 from gateway.replicas.shared_cache import LOCK_MARGIN_S, SharedCache
 from gateway.upstream.client import UpstreamClient
 from gateway.upstream.guards import Clock
+
+log = logging.getLogger("gateway")
 
 # How long past upstream.timeout_s a create may hold its Idempotency-Key: its
 # search for an earlier try's batch and the create each take up to one timeout.
@@ -127,3 +136,109 @@ def _hear_other_processes(link: RedisLink, cache: BatchCache, shared: SharedCach
         shared.heard(kind, batch_id, payload)
 
     link.subscribe(heard)
+
+
+# --- reload and signals -------------------------------------------------------------------------------------------
+
+
+async def reload_config(state: GatewayState, load: Callable[[], GatewayConfig]) -> bool:
+    """Re-read the config (and token file); swap it in if valid, else keep the old one.
+
+    The file is read, parsed and validated in a thread: with thousands of
+    callers that takes long enough to stall every connection if done on the
+    event loop. Only the swap (``GatewayState.apply``) runs on the loop.
+    """
+    try:
+        config = await asyncio.to_thread(load)
+    except ConfigError as exc:
+        return _refuse_reload(state, exc.problems)
+    except Exception as exc:  # a reload must never take the serving gateway down
+        log.exception("config reload failed")
+        return _refuse_reload(state, [f"config: {type(exc).__name__}"])
+    state.apply(config)
+    state.metrics.reloads.labels("ok").inc()
+    state.metrics.last_reload_ok.set(1)
+    # Counts, not names: a list of 10,000 callers is no log line.
+    limited = sum(1 for c in config.callers if c.rate_limit is not None)
+    log_event(log, logging.INFO, "config reloaded", callers=len(config.callers), rate_limited_callers=limited)
+    return True
+
+
+def _refuse_reload(state: GatewayState, problems: list[str]) -> bool:
+    state.metrics.reloads.labels("error").inc()
+    state.metrics.last_reload_ok.set(0)
+    log_event(log, logging.ERROR, "config reload refused; the old config keeps serving", problems=problems)
+    return False
+
+
+class Reloader:
+    """SIGHUP's reloads: one at a time; signals that come during one coalesce into one more after it.
+
+    The one after it reads the file as it is by then, so no change signalled
+    is missed, and a burst of signals costs two reloads at most.
+    """
+
+    def __init__(self, state: GatewayState, load: Callable[[], GatewayConfig]) -> None:
+        self._state = state
+        self._load = load
+        self._task: asyncio.Task[None] | None = None
+        self._again = False
+        self.done = asyncio.Event()  # set whenever no reload is running or due
+
+    def signalled(self) -> None:
+        """The SIGHUP handler: start a reload, or ask for one more after the one running."""
+        if self._task is not None and not self._task.done():
+            self._again = True
+            return
+        self.done.clear()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while True:  # bounded: each turn needs a signal that came during the last one
+                self._again = False
+                await reload_config(self._state, self._load)
+                if not self._again:
+                    return
+        finally:
+            self.done.set()
+
+    async def close(self) -> None:
+        """Let a reload under way finish (it is short; a stop must not leave a thread behind)."""
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def serve_until_signalled(
+    running: RunningGateway, load: Callable[[], GatewayConfig], *, pid_file_path: str = ""
+) -> None:
+    """Serve until SIGTERM or SIGINT; SIGHUP reloads the config (``Reloader``).
+
+    ``pid_file_path``: where to write this process's pid while it serves (a worker passes "").
+    """
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    reloader = Reloader(running.state, load)
+    loop.add_signal_handler(signal.SIGHUP, reloader.signalled)
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    loop.add_signal_handler(signal.SIGINT, stopping.set)
+    serving: dict[str, Any] = {"url": running.url}
+    if running.metrics_port is not None:
+        serving["metrics_url"] = running.metrics_url
+    log_event(log, logging.INFO, "serving", **serving)
+    with pid_file(pid_file_path):
+        await stopping.wait()
+        loop.remove_signal_handler(signal.SIGHUP)
+        await reloader.close()
+        await _stop(running)
+
+
+async def _stop(running: RunningGateway) -> None:
+    log_event(
+        log,
+        logging.INFO,
+        "stopping: finishing requests in flight",
+        grace_s=running.state.snapshot.config.server.shutdown_grace_s,
+    )
+    await running.stop()
+    log_event(log, logging.INFO, "stopped")

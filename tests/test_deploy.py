@@ -27,7 +27,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError
 
 import gateway
-from gateway.edge.server import reload_config
+from gateway.runtime import reload_config
 from tests.conftest import GatewayFactory
 from tests.opskit import REPO, Exported, documented_metric_problems, exported_from_text, metric_problems
 from tests.redis_server import REDIS_SERVER, RedisServer
@@ -748,7 +748,7 @@ async def exported_metrics(
         ]:
             async with session.get(f"{gateway_.url}/v2/batches/{path}", headers=headers) as response:
                 await response.read()
-    assert reload_config(gateway_.state, lambda: config)  # config_reloads
+    assert await reload_config(gateway_.state, lambda: config)  # config_reloads
 
     link = gateway_.state.redis
     assert link is not None

@@ -15,7 +15,7 @@ import pytest
 import gateway
 from gateway.api.state import GatewayState
 from gateway.demo.simulator import Simulator
-from gateway.edge import server as gateway_server
+from gateway.edge import connection as gateway_connection
 from gateway.edge.server import start_gateway
 from gateway.runtime import build_state
 from tests.conftest import GatewayFactory
@@ -70,7 +70,7 @@ async def head_then_get(url: str, target: str, **kwargs: object) -> tuple[Answer
 def inline_answers(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     """Every answer the inline path made during the test."""
     made: list[bytes] = []
-    answer = gateway_server.answer_fresh_hit
+    answer = gateway_connection.answer_fresh_hit
 
     def recorded(state: GatewayState, message: object) -> bytes | None:
         response = answer(state, message)  # type: ignore[arg-type]
@@ -78,7 +78,7 @@ def inline_answers(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
             made.append(response)
         return response
 
-    monkeypatch.setattr(gateway_server, "answer_fresh_hit", recorded)
+    monkeypatch.setattr(gateway_connection, "answer_fresh_hit", recorded)
     return made
 
 

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from gateway.demo.simulator import Simulator
-from gateway.edge import server as gateway_server
+from gateway.edge import connection as gateway_connection
 from tests.conftest import GatewayFactory
 from tests.support import (
     REPORTING_KEY,
@@ -178,7 +178,7 @@ async def test_a_hit_the_inline_path_fails_on_is_still_answered_by_the_app(
     def broken(*_args: object) -> bytes:
         raise RuntimeError("a bug in the inline path")
 
-    monkeypatch.setattr(gateway_server, "answer_fresh_hit", broken)
+    monkeypatch.setattr(gateway_connection, "answer_fresh_hit", broken)
     [answer] = await pipelined(gateway.url, kept_alive(), 1)
 
     assert (answer.status, answer.header("X-Cache")) == (200, "HIT")
@@ -194,15 +194,15 @@ async def test_a_client_pipelining_hits_cannot_make_the_gateway_hold_what_it_sen
     request = kept_alive()
     received: dict[int, int] = {}
     most_held = 0
-    answer_data = gateway_server._JsonErrorHandler.data_received
+    answer_data = gateway_connection.GatewayConnection.data_received
 
-    def measured(connection: gateway_server._JsonErrorHandler, data: bytes) -> None:
+    def measured(connection: gateway_connection.GatewayConnection, data: bytes) -> None:
         nonlocal most_held
         received[id(connection)] = received.get(id(connection), 0) + len(data)
         answer_data(connection, data)
-        most_held = max(most_held, received[id(connection)] - connection._request_count * len(request))
+        most_held = max(most_held, received[id(connection)] - connection.requests_parsed * len(request))
 
-    monkeypatch.setattr(gateway_server._JsonErrorHandler, "data_received", measured)
+    monkeypatch.setattr(gateway_connection.GatewayConnection, "data_received", measured)
     count = 36_000  # about 4 MB, sent at once; the answers are read as they come
     reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
     try:

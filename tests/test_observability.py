@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import load_config, validate
 from gateway.demo.simulator import Simulator
-from gateway.edge.server import reload_config
+from gateway.runtime import reload_config
 from tests.conftest import GatewayFactory, ProcessFactory
 from tests.support import (
     BILLING_KEY,
@@ -221,10 +221,10 @@ async def test_metrics_count_reloads_and_whether_the_last_one_succeeded(
     assert sample_value(before, "gateway_config_last_reload_success") == 1
 
     path.write_text("callers: [", encoding="utf-8")
-    reload_config(gateway.state, lambda: load_config(path))
+    await reload_config(gateway.state, lambda: load_config(path))
     _, failed = await scrape_metrics(gateway.url)
     write_config(path, raw_config(simulator.url))
-    reload_config(gateway.state, lambda: load_config(path))
+    await reload_config(gateway.state, lambda: load_config(path))
     _, recovered = await scrape_metrics(gateway.url)
 
     assert sample_value(failed, "gateway_config_last_reload_success") == 0

@@ -20,7 +20,8 @@ import pytest
 from aiohttp import web
 
 from gateway.demo.simulator import Simulator
-from gateway.edge.server import RunningGateway, expect_error
+from gateway.edge.rejections import expect_error
+from gateway.edge.server import RunningGateway
 from tests.conftest import GatewayFactory
 from tests.support import EXCHANGE_TIMEOUT_S, Answer, make_config, read_answer, request_bytes, sdk
 from tests.upstream import Upstream, batch_body

@@ -14,7 +14,7 @@ import asyncio
 from aiohttp import web
 
 from gateway.config import GatewayConfig
-from gateway.edge.server import reload_config
+from gateway.runtime import reload_config
 from tests.conftest import GatewayFactory
 from tests.support import NEW_TOKEN, PROCESS_WAIT_S, UPSTREAM_TOKEN, eventually, http, make_config
 from tests.upstream import Upstream, batch_body, json_handler
@@ -46,7 +46,7 @@ async def test_refreshes_for_waiters_after_a_reload_reach_the_new_upstream_with_
         old.arrived.clear()
         await asyncio.wait_for(old.arrived.wait(), PROCESS_WAIT_S)
         calls_before_reload = old.count()
-        assert reload_config(gateway.state, lambda: moved(new.url))
+        assert await reload_config(gateway.state, lambda: moved(new.url))
 
         reached = await eventually(lambda: new.count() >= 3, REACHED_WITHIN_S)
         old_calls_after_reload = old.count() - calls_before_reload
@@ -80,7 +80,7 @@ async def test_a_retry_made_after_a_reload_goes_to_the_new_upstream_with_the_new
     answer = asyncio.ensure_future(http(f"{gateway.url}/v2/batches/batch-1"))
     await asyncio.wait_for(first_try_seen.wait(), PROCESS_WAIT_S)
 
-    assert reload_config(gateway.state, lambda: moved(new.url))
+    assert await reload_config(gateway.state, lambda: moved(new.url))
     fail_first_try.set()
     got = await asyncio.wait_for(answer, PROCESS_WAIT_S)
 

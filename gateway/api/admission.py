@@ -44,7 +44,7 @@ async def admit(request: web.Request, operation: Operation) -> Admitted:
     snapshot = state.snapshot
     caller = snapshot.callers.authenticate(request.headers.getall("Authorization", []))
     request[CALLER] = caller.name
-    await _check_caller_limit(state, caller)
+    await check_caller_limit(state, caller)
     rules.authorize(caller, operation)
     return Admitted(state, snapshot, caller)
 
@@ -101,14 +101,20 @@ async def receive_body(request: web.Request, admitted: Admitted, operation: Oper
         chunks.append(chunk)
 
 
-async def _check_caller_limit(state: GatewayState, caller: Caller) -> None:
+async def check_caller_limit(state: GatewayState, caller: Caller) -> None:
+    """Take a token of the caller's ``rate_limit``, or raise 429 ``caller_rate_limited``."""
     if caller.rate_limit is None:
         return
     # Awaited: with redis.url the caller's bucket is in Redis, one for every process.
     wait = await state.take_caller_token(caller.name, caller.rate_limit)
     if wait:
-        state.metrics.caller_rejections.labels(caller.name).inc()
+        count_limit_refusal(state, caller)
         raise errors.CallerRateLimited(retry_after_s=wait)
+
+
+def count_limit_refusal(state: GatewayState, caller: Caller) -> None:
+    """The metric of a request refused for its caller's own rate limit."""
+    state.metrics.caller_rejections.labels(caller.name).inc()
 
 
 async def check_scope(state: GatewayState, caller: Caller, batch_id: str) -> None:

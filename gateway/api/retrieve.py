@@ -12,26 +12,61 @@ from aiohttp import web
 
 from gateway import errors
 from gateway.api import rules
-from gateway.api.admission import Admitted, admit, check_scope, upstream_request
+from gateway.api.admission import Admitted, check_caller_limit, check_scope, count_limit_refusal, upstream_request
 from gateway.api.answers import cache_headers
 from gateway.api.auth import Caller
-from gateway.api.keys import CACHE_STATE
+from gateway.api.decide import (
+    Answer,
+    HandOn,
+    Head,
+    Refuse,
+    Rendered,
+    Stage,
+    decide,
+    render,
+    take_token,
+    token_taken,
+)
+from gateway.api.keys import CACHE_STATE, CALLER, STATE
 from gateway.api.state import GatewayState
 from gateway.cache.entry import CacheResult, CacheState
 from gateway.cache.waiting import WaitEnd
 from gateway.config import CacheSettings
 from gateway.upstream.answers import UpstreamReply, accept_batch, accept_json_object
 from gateway.upstream.client import BATCHES_PATH, UpstreamRequest, batch_path
-from gateway.upstream.cohere import new_request_id, parse_batch_id, upstream_message
+from gateway.upstream.cohere import new_request_id, upstream_message
 
 
 async def get_batch(request: web.Request) -> web.Response:
-    """``GET /v2/batches/{id}``: authenticate, validate, answer from the cache; wait for a change if asked."""
-    admitted = await admit(request, "retrieve")
-    state, caller = admitted.state, admitted.caller
-    batch_id = parse_batch_id(request.match_info["id"])
-    await check_scope(state, caller, batch_id)
-    config = admitted.snapshot.config
+    """``GET /v2/batches/{id}``: the one decision (``gateway.api.decide``), then what it handed on, if anything."""
+    state = request.app[STATE]
+    snapshot = state.snapshot
+    head = Head(request.method, request.match_info["id"], request.headers)
+    decision = decide(state, snapshot, head, take_token)
+    if isinstance(decision, HandOn) and decision.stage is Stage.LIMIT:
+        request[CALLER] = decision.caller.name
+        await check_caller_limit(state, decision.caller)  # the caller's bucket is in Redis
+        decision = decide(state, snapshot, head, token_taken)
+    if isinstance(decision, Refuse):
+        if decision.caller is not None:
+            request[CALLER] = decision.caller.name
+            if isinstance(decision.error, errors.CallerRateLimited):
+                count_limit_refusal(state, decision.caller)
+        raise decision.error
+    request[CALLER] = decision.caller.name
+    if isinstance(decision, Answer):
+        request[CACHE_STATE] = CacheState.HIT.value
+        return _response(decision.rendered)
+    assert decision.batch_id is not None  # handed on past the id's step
+    admitted = Admitted(state, snapshot, decision.caller)
+    if decision.stage is Stage.SCOPE:
+        await check_scope(state, decision.caller, decision.batch_id)
+    return await _from_cache(request, admitted, decision.batch_id)
+
+
+async def _from_cache(request: web.Request, admitted: Admitted, batch_id: str) -> web.Response:
+    """Answer from the cache or one shared upstream call; hold the request for a change if asked."""
+    state, caller, config = admitted.state, admitted.caller, admitted.snapshot.config
     wait_s = state.upstream.flight_wait_s()
 
     def fetch(may_wait: bool) -> Awaitable[UpstreamReply]:
@@ -106,10 +141,13 @@ async def _wait_for_change(
 
 def _render(result: CacheResult, now: float, if_none_match: list[str]) -> web.Response:
     entry = result.entry
-    headers = cache_headers(entry, result.state, now)
     if entry.status == 200:
-        if rules.not_modified(if_none_match, entry.etag):
-            return web.Response(status=304, headers=headers)
-        return web.Response(body=entry.body, headers=headers, content_type="application/json")
+        return _response(render(entry, result.state, now, if_none_match))
     # A cached 404: rendered as the contract's error, with the cache headers kept.
+    headers = cache_headers(entry, result.state, now)
     raise errors.NotFound(upstream_message(entry.body), upstream_status=404, headers=headers)
+
+
+def _response(rendered: Rendered) -> web.Response:
+    """The app's response for a rendered batch answer (aiohttp leaves the body out of a HEAD's)."""
+    return web.Response(status=rendered.status, headers=rendered.headers, body=rendered.body or None)

@@ -26,6 +26,7 @@ from typing import TypeVar
 import aiohttp
 
 from gateway import __version__, errors
+from gateway._aiohttp import turn_off_silent_resend
 from gateway.config import UpstreamSettings
 from gateway.ops.metrics import Metrics
 from gateway.upstream.budget import SharedBudget, UpstreamBudget
@@ -149,11 +150,8 @@ class UpstreamClient:
             headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
         )
         # aiohttp silently resends an idempotent request once when the connection
-        # drops (reset, closed before an answer). That second call would bypass the
-        # budget and the retry count, so retries stay ours alone. There is no public
-        # switch for it; the attribute is in ClientSession's own list of fields.
-        if hasattr(self._session, "_retry_connection"):
-            self._session._retry_connection = False
+        # drops: retries stay ours alone (gateway/_aiohttp.py says how).
+        turn_off_silent_resend(self._session)
 
     @property
     def started(self) -> bool:

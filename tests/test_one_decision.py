@@ -1,0 +1,165 @@
+"""A request for a batch gets one decision, whichever way it is answered (gateway/api/decide.py).
+
+A kept-alive request is offered to the inline path first; one with
+``Connection: close`` always goes through the Application. Both ask the
+same ``decide``: the same answer, the same headers, the same refusals, and
+the inline path answers what it can carry, ``Prefer: wait=0`` and a
+percent-encoded id included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlsplit
+
+import pytest
+
+from gateway.api.state import GatewayState
+from gateway.demo.simulator import Simulator
+from gateway.edge import connection as gateway_connection
+from tests.batch_upstream import (
+    BatchUpstream,
+    upstream_fixture,  # noqa: F401  (the ``upstream`` fixture)
+    write_callers,
+)
+from tests.conftest import GatewayFactory
+from tests.support import (
+    BILLING_KEY,
+    EXCHANGE_TIMEOUT_S,
+    REPORTING_KEY,
+    Answer,
+    http,
+    make_config,
+    parse_response,
+    read_answer,
+    registry_value,
+    request_bytes,
+    sdk,
+)
+from tests.test_batch_api import create
+
+# Headers that differ between any two answers, whichever way they were made.
+PER_ANSWER = {"Date", "X-Request-ID", "Connection"}
+
+
+@pytest.fixture
+def inline_answers(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every answer the inline path made during the test."""
+    made: list[bytes] = []
+    answer = gateway_connection.answer_fresh_hit
+
+    def recorded(state: GatewayState, message: object) -> bytes | None:
+        response = answer(state, message)  # type: ignore[arg-type]
+        if response is not None:
+            made.append(response)
+        return response
+
+    monkeypatch.setattr(gateway_connection, "answer_fresh_hit", recorded)
+    return made
+
+
+async def one_answer(url: str, data: bytes, *, head: bool = False) -> Answer:
+    """The answer to the one request in ``data``, on a connection of its own."""
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    try:
+        writer.write(data)
+        if head:
+            return parse_response(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), EXCHANGE_TIMEOUT_S))
+        return await read_answer(reader)
+    finally:
+        writer.close()
+
+
+async def both_ways(url: str, target: str, *, method: str = "GET", **kwargs: object) -> tuple[Answer, Answer]:
+    """The answer offered to the inline path (kept alive), and the app's (Connection: close)."""
+    head = method == "HEAD"
+    kept = await one_answer(url, request_bytes(target, method=method, close=False, **kwargs), head=head)  # type: ignore[arg-type]
+    closing = await one_answer(url, request_bytes(target, method=method, close=True, **kwargs), head=head)  # type: ignore[arg-type]
+    return kept, closing
+
+
+def assert_same_answer(kept: Answer, closing: Answer, *, also_differ: frozenset[str] = frozenset()) -> None:
+    assert kept.status == closing.status
+    if kept.status >= 400:  # the contract's error: the same but for its request id
+        assert {**kept.json, "request_id": "-"} == {**closing.json, "request_id": "-"}
+    else:
+        assert kept.body == closing.body
+    differ = PER_ANSWER | also_differ
+    assert set(kept.headers) - differ == set(closing.headers) - differ
+    for name in set(kept.headers) - differ:
+        assert kept.headers.getall(name) == closing.headers.getall(name), name
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "headers", "status"),
+    [
+        ("GET", "/v2/batches/batch-1", [], 200),
+        ("HEAD", "/v2/batches/batch-1", [], 200),
+        ("GET", "/v2/batches/batch-1", [("If-None-Match", "ETAG")], 304),
+        ("HEAD", "/v2/batches/batch-1", [("If-None-Match", "ETAG")], 304),
+        ("GET", "/v2/batches/batch-1", [("Prefer", "wait=0")], 200),
+        ("GET", "/v2/batches/batch-1", [("Prefer", "wait=0"), ("If-None-Match", "ETAG")], 304),
+        ("GET", "/v2/batches/batch%2D1", [], 200),  # the decoded id, as the router gives it
+        ("GET", "/v2/batches/batch-1?view=full", [], 200),  # the query is no part of the route
+    ],
+    ids=["get", "head", "304", "head-304", "wait=0", "wait=0-304", "percent-encoded", "query"],
+)
+async def test_a_fresh_hit_gets_the_same_answer_inline_and_through_the_app_and_the_inline_path_answers_it(
+    simulator: Simulator,
+    start: GatewayFactory,
+    inline_answers: list[bytes],
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]],
+    status: int,
+) -> None:
+    gateway = await start(make_config(simulator.url))
+    etag = (await http(f"{gateway.url}/v2/batches/batch-1")).header("ETag")
+    assert etag is not None
+    sent = [(name, etag if value == "ETAG" else value) for name, value in headers]
+    inline_answers.clear()
+
+    kept, closing = await both_ways(gateway.url, target, method=method, headers=sent)
+
+    assert (kept.status, kept.header("X-Cache"), kept.header("Preference-Applied")) == (status, "HIT", None)
+    assert_same_answer(kept, closing)
+    assert len(inline_answers) == 1  # the kept-alive one; Connection: close always goes to the app
+
+
+async def test_a_caller_over_its_rate_limit_is_refused_the_same_way_on_both_paths_and_counted_once_each(
+    simulator: Simulator, start: GatewayFactory, inline_answers: list[bytes]
+) -> None:
+    limited = {"name": "billing-service", "key": BILLING_KEY, "rate_limit": {"requests_per_s": 0.001, "burst": 2}}
+    gateway = await start(make_config(simulator.url, callers=[limited, {"name": "reporting", "key": REPORTING_KEY}]))
+    await sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-1")  # cached, without spending billing's tokens
+    inline_answers.clear()
+
+    allowed = await both_ways(gateway.url, "/v2/batches/batch-1")
+    refused = await both_ways(gateway.url, "/v2/batches/batch-1")
+
+    assert [a.status for a in (*allowed, *refused)] == [200, 200, 429, 429]
+    assert_same_answer(*refused, also_differ=frozenset({"Retry-After"}))
+    assert refused[0].json["code"] == refused[1].json["code"] == "caller_rate_limited"
+    assert len(inline_answers) == 1  # a refusal is the app's to answer
+    # Each refusal counted once: the one the inline path handed on was not counted twice, nor charged.
+    assert registry_value(gateway, "gateway_caller_rate_limited_total", caller="billing-service") == 2
+
+
+async def test_an_own_scoped_caller_gets_its_own_batch_inline_and_another_callers_batch_is_a_404_on_both_paths(
+    upstream: BatchUpstream, start: GatewayFactory, inline_answers: list[bytes]
+) -> None:
+    gateway = await start(make_config(upstream.url, callers=write_callers(billing="own", reporting="own")))
+    batch_id = await create(gateway, BILLING_KEY)
+    await http(f"{gateway.url}/v2/batches/{batch_id}")  # cached
+    inline_answers.clear()
+
+    own = await both_ways(gateway.url, f"/v2/batches/{batch_id}")
+    assert len(inline_answers) == 1  # the owner is known in memory since the create
+    others = await both_ways(gateway.url, f"/v2/batches/{batch_id}", key=REPORTING_KEY)
+
+    assert [a.status for a in (*own, *others)] == [200, 200, 404, 404]
+    assert_same_answer(*own)
+    assert_same_answer(*others)
+    assert others[0].json["code"] == "not_found"
+    assert len(inline_answers) == 1  # not the refusals
