@@ -17,11 +17,6 @@ import pytest
 from gateway.api.state import GatewayState
 from gateway.demo.simulator import Simulator
 from gateway.edge import connection as gateway_connection
-from tests.batch_upstream import (
-    BatchUpstream,
-    upstream_fixture,  # noqa: F401  (the ``upstream`` fixture)
-    write_callers,
-)
 from tests.conftest import GatewayFactory
 from tests.support import (
     BILLING_KEY,
@@ -37,6 +32,7 @@ from tests.support import (
     sdk,
 )
 from tests.test_batch_api import create
+from tests.upstream import Upstream, write_callers
 
 # Headers that differ between any two answers, whichever way they were made.
 PER_ANSWER = {"Date", "X-Request-ID", "Connection"}
@@ -147,7 +143,7 @@ async def test_a_caller_over_its_rate_limit_is_refused_the_same_way_on_both_path
 
 
 async def test_an_own_scoped_caller_gets_its_own_batch_inline_and_another_callers_batch_is_a_404_on_both_paths(
-    upstream: BatchUpstream, start: GatewayFactory, inline_answers: list[bytes]
+    upstream: Upstream, start: GatewayFactory, inline_answers: list[bytes]
 ) -> None:
     gateway = await start(make_config(upstream.url, callers=write_callers(billing="own", reporting="own")))
     batch_id = await create(gateway, BILLING_KEY)
