@@ -244,3 +244,45 @@ def test_a_key_the_design_misses_or_invents_fails_the_design_config_check(tmp_pa
     assert any(
         p.startswith("docs/design.md §4's yaml block is not a valid config: cache.max_holders") for p in problems
     )
+
+
+def documented_modules(text: str) -> set[str]:
+    """The module paths the layout block of docs/development.md names (``edge/server.py``...)."""
+    block = text.split("## The layout", 1)[1].split("```", 2)[1]
+    found: set[str] = set()
+    folder = ""
+    for line in block.splitlines():
+        name = line.strip().split(" ", 1)[0]
+        indent = len(line) - len(line.lstrip())
+        if indent == 2 and name.endswith("/"):
+            folder = name
+        elif indent == 2 and name.endswith(".py"):
+            folder = ""
+            found.add(name)
+        elif indent == 4 and name.endswith(".py"):
+            found.add(folder + name)
+    return found
+
+
+def package_modules(root: Path) -> set[str]:
+    gateway = root / "gateway"
+    return {
+        str(path.relative_to(gateway))
+        for path in gateway.rglob("*.py")
+        if path.name != "__init__.py" or path.parent == gateway
+    }
+
+
+def test_the_development_page_names_every_module_of_the_package_and_no_other() -> None:
+    documented = documented_modules((REPO / "docs" / "development.md").read_text(encoding="utf-8"))
+    modules = package_modules(REPO)
+    assert modules - documented == set(), "modules with no line in docs/development.md's layout"
+    assert documented - modules == set(), "lines in docs/development.md's layout for modules that do not exist"
+
+
+def test_the_module_check_fails_on_a_module_missing_from_the_page(tmp_path: Path) -> None:
+    (tmp_path / "gateway" / "edge").mkdir(parents=True)
+    for name in ("__init__.py", "cli.py", "edge/__init__.py", "edge/server.py", "edge/new.py"):
+        (tmp_path / "gateway" / name).write_text("")
+    page = "## The layout\n\n```\ngateway/\n  __init__.py  v\n  cli.py  c\n  edge/  e\n    server.py  s\n```\n"
+    assert package_modules(tmp_path) - documented_modules(page) == {"edge/new.py"}
