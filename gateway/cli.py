@@ -192,7 +192,7 @@ async def _serve(args: argparse.Namespace, redact: Redactor, stack: contextlib.E
         state = build_state(config, redact)
         running = await start_gateway(state, args.host, args.port, reuse_port=args.worker is not None)
     except StoreUnavailable as exc:
-        # The record store cannot be opened: as bad as a bad config (DESIGN §3).
+        # The record store cannot be opened: as bad as a bad config (docs/design.md §3).
         report([exc.message])
         return 2
     except OSError as exc:

@@ -5,7 +5,7 @@ rate limit, then the operation's permission (``gateway.policy``), in that
 order, before its input is checked and anything reaches the upstream. A
 route that reads a body reads it with ``receive_body``: each byte must
 come within ``server.body_timeout_s``, and once the body is whole the
-caller is admitted again under the config in force then (DESIGN §7).
+caller is admitted again under the config in force then (docs/design.md §7).
 """
 
 from __future__ import annotations

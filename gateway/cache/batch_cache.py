@@ -18,7 +18,7 @@ create answered; ``evict`` drops an id after a cancel, and a refresh
 already in flight for it then answers its waiters but stores nothing, so
 the state from before the cancel never comes back.
 
-Answers only move forward (DESIGN §9): an upstream answer older than the
+Answers only move forward (docs/design.md §9): an upstream answer older than the
 entry held (an earlier ``updated_at``, or an active status after a terminal
 one) is not stored; the held entry keeps serving, fresh again, and the
 regression is counted. Every stored answer whose body differs from the one

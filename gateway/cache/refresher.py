@@ -1,4 +1,4 @@
-"""Waiting for a change, and freshness that follows the upstream budget (DESIGN §9).
+"""Waiting for a change, and freshness that follows the upstream budget (docs/design.md §9).
 
 ``Waiters`` holds the requests that asked ``Prefer: wait=N``: each waits on
 one future, settled when its batch's answer changes (``changed``), when its
@@ -126,7 +126,7 @@ class Refresher:
         self._waiters = waiters
         self._clock = clock
         self._budget_wait_s = budget_wait_s
-        # Asked at each refresh, as the fetchers read the upstream settings in force then (DESIGN §7).
+        # Asked at each refresh, as the fetchers read the upstream settings in force then (docs/design.md §7).
         self._flight_wait_s = flight_wait_s
         self._fetchers: dict[str, Callable[[], Fetch]] = {}
         self._tried_at: dict[str, float] = {}

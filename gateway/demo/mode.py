@@ -31,7 +31,7 @@ def demo_overrides(simulator_url: str, token: str, store_path: str) -> dict[str,
     """Point a config at the simulator, with its token and the demo callers, and keep it off shared state.
 
     The demo's batches and simulated failures are not the organisation's: the
-    demo never writes to a configured Redis or store (DESIGN §7). It runs one
+    demo never writes to a configured Redis or store (docs/design.md §7). It runs one
     process, since the simulator lives in it, whatever ``server.workers`` says.
     """
     return {

@@ -1,4 +1,4 @@
-"""Ownership and idempotency records (DESIGN §8 "Store" and "Idempotency-Key").
+"""Ownership and idempotency records (docs/design.md §8 "Store" and "Idempotency-Key").
 
 ``Records`` is the interface the handlers use without knowing the backend:
 ``SqliteRecords`` here (the embedded default, at ``store.path``), and a Redis

@@ -1,4 +1,4 @@
-"""Ownership and idempotency records on the shared Redis (DESIGN §8 "Store", §10).
+"""Ownership and idempotency records on the shared Redis (docs/design.md §8 "Store", §10).
 
 ``RedisRecords`` is the ``Records`` of ``gateway.records`` for replicas and
 workers: the same states and answers as ``SqliteRecords``, kept where every

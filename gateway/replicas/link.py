@@ -1,4 +1,4 @@
-"""One process's link to the shared Redis (DESIGN §10): bounded calls, a breaker, heartbeats, events.
+"""One process's link to the shared Redis (docs/design.md §10): bounded calls, a breaker, heartbeats, events.
 
 Every Redis call goes through ``RedisLink.call``: it is bounded by
 ``redis.timeout_s`` and never retried (the client is built with no retries
