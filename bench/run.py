@@ -9,7 +9,7 @@
     python bench/run.py --quick --only reload           # a SIGHUP under a busy connection
 
 Every server runs in its own process on 127.0.0.1: the simulated upstream
-(bench/sim_server.py, the gateway's own ``gateway.demo.Simulator``), the
+(bench/sim_server.py, the gateway's own ``gateway.demo.simulator.Simulator``), the
 gateway (``python -m gateway --config <generated>``), the framework
 ceiling (bench/ceiling.py) and Debian's nginx (bench/nginx.conf.template).
 wrk generates the cache-hit load; the other scenarios use an aiohttp client

@@ -60,7 +60,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--demo", action="store_true", help="run against an in-process simulated upstream (no Cohere account needed)"
     )
-    # Set by the parent of server.workers for each worker it starts (gateway/workers.py): the worker's
+    # Set by the parent of server.workers for each worker it starts (gateway/ops/workers.py): the worker's
     # number, and the pipe on which it says that it serves. Not for operators.
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)

@@ -530,7 +530,7 @@ async def test_fresh_hits_on_every_replica_send_no_command_to_redis(
 
 
 def is_heartbeat(command: str) -> bool:
-    """A process's heartbeat: ``redis_link``'s EVALSHA on the ``alive`` key (KEYS[1]), with its process id."""
+    """A process's heartbeat: ``RedisLink``'s EVALSHA on the ``alive`` key (KEYS[1]), with its process id."""
     words = command.split()
     return len(words) > 4 and words[0] == "EVALSHA" and words[2] == "1" and words[3].endswith("alive")
 

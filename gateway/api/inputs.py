@@ -1,7 +1,7 @@
 """The rules of the batch API (docs/design.md §8), as pure functions both answer paths call.
 
-A hit is answered inline (``gateway.fastpath``) or by the app
-(``gateway.handlers``); each rule lives here once, so the two cannot
+A hit is answered inline (``gateway.edge.inline``) or by the app
+(``gateway.api.retrieve``); each rule lives here once, so the two cannot
 disagree. Where the inline path cannot carry a rule's outcome out (a
 refusal, a look-up in the store), it hands the request to the app, which
 applies the same rule again and answers.

@@ -9,7 +9,7 @@ from typing import Any
 
 from gateway.config import DEMO_BILLING_KEY, DEMO_REPORTING_KEY
 
-# Their keys are refused outside --demo (gateway/config.py): they are published.
+# Their keys are refused outside --demo (gateway/config/keys.py): they are published.
 DEMO_CALLERS: tuple[dict[str, Any], ...] = (
     # Runs batches: all four operations, and sees only the batches it created.
     {

@@ -3,7 +3,12 @@
 
 A Lua script refills and takes on Redis's clock (``TIME``), so that the
 processes' own clocks never matter; it also refuses while the shared
-pause runs. ``SharedCallerLimits`` runs the same script on each caller's keys.
+pause runs. ``SharedCallerLimits`` runs the same script on each caller's keys,
+for ``callers[].rate_limit`` (docs/design.md §7).
+
+Every method may raise ``RedisDown``; the budget (``gateway.upstream.budget``)
+then falls back to ``rate / processes alive``, and a caller's limit to its
+share in a bucket of this process's (``gateway.api.state``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What replicas and workers share through Redis (docs/design.md §10): cache entries, single-flight, budget, pause.
+"""The cache entries and single-flight that replicas and workers share through Redis (docs/design.md §10).
 
 ``SharedCache`` sits behind each process's in-memory cache. A miss in
 memory looks in Redis; if Redis has no answer that will do, one process
@@ -9,15 +9,11 @@ which one of them takes over). The leader stores the answer in Redis and
 says so; a failure is said too, so that the followers answer the same
 error rather than each calling the upstream again.
 
-``SharedBudget`` is one token bucket for every process: a Lua script
-that refills and takes on Redis's clock (``TIME``), so that the
-processes' own clocks never matter, and that also refuses while the
-shared 429 pause runs. ``SharedCallerLimits`` runs the same script on a
-bucket of each caller's, for ``callers[].rate_limit`` (docs/design.md §7).
+The budget, the 429 pause and each caller's own ``rate_limit`` are shared
+in ``gateway.replicas.shared_budget``.
 
-Every method may raise ``RedisDown``; the callers (``gateway.cache``,
-``gateway.upstream``) then fall back to their local policy: memory only,
-single-flight per process, and ``rate / processes alive`` of the budget.
+Every method may raise ``RedisDown``; the cache (``gateway.cache.batch_cache``)
+then falls back to its local policy: memory only, single-flight per process.
 """
 
 from __future__ import annotations
