@@ -14,7 +14,7 @@
 # The container always listens on 8080 (--port overrides server.port), so
 # EXPOSE and HEALTHCHECK hold whatever the config says.
 #
-# The record store (DESIGN §8: who created which batch, Idempotency-Key
+# The record store (docs/design.md §8: who created which batch, Idempotency-Key
 # records) lives in the volume /var/lib/cohere-gateway, the working
 # directory, so the default store.path ./cohere-gateway.db lands there and
 # survives a new container. Give it a named volume (or a host directory

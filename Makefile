@@ -57,7 +57,7 @@ promtool:
 	apt-get install -y -q prometheus >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q prometheus >/dev/null; }; \
 	command -v promtool >/dev/null
 
-# redis-server (the replicas' tests start their own, DESIGN §10) comes from Debian's redis-server package, installed when missing.
+# redis-server (the replicas' tests start their own, docs/design.md §10) comes from Debian's redis-server package, installed when missing.
 redis-server:
 	@if command -v redis-server >/dev/null; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \

@@ -4,12 +4,12 @@
     python bench/run.py --quick    # about 5 minutes; results go to a temporary folder
     python bench/run.py --smoke    # under a minute: every scenario once, minimally (CI)
     python bench/run.py --quick --only callers,config   # just some scenarios (see --help)
-    python bench/run.py --quick --only notice           # time to notice a change (DESIGN §9)
-    python bench/run.py --quick --only replicas         # replicas sharing one Redis (DESIGN §10)
+    python bench/run.py --quick --only notice           # time to notice a change (docs/design.md §9)
+    python bench/run.py --quick --only replicas         # replicas sharing one Redis (docs/design.md §10)
     python bench/run.py --quick --only reload           # a SIGHUP under a busy connection
 
 Every server runs in its own process on 127.0.0.1: the simulated upstream
-(bench/sim_server.py, the gateway's own ``gateway.demo.Simulator``), the
+(bench/sim_server.py, the gateway's own ``gateway.demo.simulator.Simulator``), the
 gateway (``python -m gateway --config <generated>``), the framework
 ceiling (bench/ceiling.py) and Debian's nginx (bench/nginx.conf.template).
 wrk generates the cache-hit load; the other scenarios use an aiohttp client
@@ -18,8 +18,8 @@ for several rounds, and reports medians and ratios. The scenarios, one module
 each in bench/scenarios/: 1 hits, 2 upstream (calls on a lifecycle workload),
 3 miss (overhead), 4 memory (per entry), 5 callers (hits with 2,000 callers),
 6 config (validating 10,000 callers, in this process), 7 notice (time to
-notice a change, DESIGN §9: nginx, the gateway polled, the gateway waited on),
-8 replicas (DESIGN §10: 3 processes on one redis-server, Debian's, then
+notice a change, docs/design.md §9: nginx, the gateway polled, the gateway waited on),
+8 replicas (docs/design.md §10: 3 processes on one redis-server, Debian's, then
 Redis killed mid-run, then hits with redis.url), 9 reload (the longest gap
 between answers on a busy connection while SIGHUP reloads 10,000 callers).
 

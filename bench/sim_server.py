@@ -2,7 +2,7 @@
 
 Each contender gets its own namespace (``/{ns}/v2/batches...``: the whole
 batch API), a fresh
-``gateway.demo.Simulator`` with its own lifetime, so that the same batch
+``gateway.demo.simulator.Simulator`` with its own lifetime, so that the same batch
 ids follow the same lifecycle for every contender and every contender's
 upstream calls are counted apart. ``/_bench/...`` routes (never counted)
 report and reset the counters, and schedule batches' completions

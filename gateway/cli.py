@@ -60,7 +60,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--demo", action="store_true", help="run against an in-process simulated upstream (no Cohere account needed)"
     )
-    # Set by the parent of server.workers for each worker it starts (gateway/workers.py): the worker's
+    # Set by the parent of server.workers for each worker it starts (gateway/ops/workers.py): the worker's
     # number, and the pipe on which it says that it serves. Not for operators.
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -192,7 +192,7 @@ async def _serve(args: argparse.Namespace, redact: Redactor, stack: contextlib.E
         state = build_state(config, redact)
         running = await start_gateway(state, args.host, args.port, reuse_port=args.worker is not None)
     except StoreUnavailable as exc:
-        # The record store cannot be opened: as bad as a bad config (DESIGN §3).
+        # The record store cannot be opened: as bad as a bad config (docs/design.md §3).
         report([exc.message])
         return 2
     except OSError as exc:

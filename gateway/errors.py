@@ -1,7 +1,7 @@
 """The contract's error table as one exception tree, rendered in one place.
 
 Every error a caller can see is a ``GatewayError`` subclass whose ``status``
-and ``code`` are one row of DESIGN.md §5::
+and ``code`` are one row of docs/design.md §5::
 
     GatewayError
     ├── CallerError            caused by the caller; never answered from stale
@@ -171,7 +171,7 @@ class IdempotencyKeyInUse(CallerError):
 
 
 class RequestTimeout(CallerError):
-    """A request body that sent no byte for ``server.body_timeout_s`` (DESIGN §7); the connection is closed."""
+    """A request body that sent no byte for ``server.body_timeout_s`` (docs/design.md §7); the connection is closed."""
 
     status = 408
     code = "request_timeout"

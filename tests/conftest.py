@@ -38,7 +38,7 @@ from tests.upstream import upstream
 # Fixtures of other modules, for every test module: the fake upstream, the two backends of Records.
 __all__ = ["open_redis_records", "open_sqlite_records", "upstream"]
 
-# The whole suite runs on each loop named here (DESIGN: the server runs on uvloop;
+# The whole suite runs on each loop named here (docs/design.md §3: the server runs on uvloop;
 # the default loop must work too). GATEWAY_TEST_LOOPS=uvloop narrows it.
 LOOPS = os.environ.get("GATEWAY_TEST_LOOPS", "uvloop,asyncio").split(",")
 
@@ -106,7 +106,7 @@ async def start(logs: LogCapture, redactor: Redactor) -> AsyncIterator[GatewayFa
 
 @pytest.fixture
 async def redis_server() -> AsyncIterator[RedisServer]:
-    """A real, empty redis-server of this test's own (DESIGN §10), killed afterwards."""
+    """A real, empty redis-server of this test's own (docs/design.md §10), killed afterwards."""
     server = await RedisServer().start()
     try:
         yield server

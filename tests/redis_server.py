@@ -1,4 +1,4 @@
-"""A real ``redis-server`` (Debian's package) for the tests of DESIGN §10, started by the tests themselves.
+"""A real ``redis-server`` (Debian's package) for the tests of docs/design.md §10, started by the tests themselves.
 
 Each server listens on a free port of 127.0.0.1 with no persistence, and can
 be killed (SIGKILL), paused (SIGSTOP) and continued, and restarted on the

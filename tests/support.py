@@ -54,7 +54,7 @@ def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-# Every config gets a store file of its own (DESIGN §8), so that no test sees
+# Every config gets a store file of its own (docs/design.md §8), so that no test sees
 # another's ownership or idempotency records; a test that restarts a gateway
 # on the same store passes ``store={"path": ...}`` itself.
 _STORE_ROOT = Path(tempfile.mkdtemp(prefix="cohere-gateway-tests-"))

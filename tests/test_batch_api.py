@@ -1,4 +1,4 @@
-"""The whole batch API, per caller (DESIGN §8), as services and the upstream see it.
+"""The whole batch API, per caller (docs/design.md §8), as services and the upstream see it.
 
 Create, list, retrieve and cancel through the real gateway, in front of the
 fake Cohere batch API of ``tests/upstream.py``, with the cohere SDK as
@@ -830,7 +830,8 @@ async def test_an_own_caller_gets_its_own_cached_batch_on_a_kept_alive_connectio
 async def test_with_redis_lost_an_own_callers_unknown_owner_fails_closed_after_an_inline_hit_on_the_same_connection(
     upstream: Upstream, start: GatewayFactory, redis_server: RedisServer
 ) -> None:
-    """DESIGN §10: the owner this process knows still answers inline; one only Redis knew is 503, never a guess."""
+    """docs/design.md §10: the owner this process knows still answers inline; one only Redis knew is 503,
+    never a guess."""
     shared = {"redis": {"url": redis_server.url, "probe_interval_s": 30}}
     here = await writer_gateway(start, upstream, billing="own", reporting="all", **shared)
     there = await writer_gateway(start, upstream, billing="own", reporting="all", **shared)

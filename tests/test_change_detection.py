@@ -1,4 +1,4 @@
-"""One list call looks for the changes of many waited batches (DESIGN §9, gateway/refresh.py).
+"""One list call looks for the changes of many waited batches (docs/design.md §9, gateway/cache/refresher.py).
 
 With three or more batches waited on, the gateway asks
 ``GET /v2/batches?order_by=updated_at`` once per interval instead of

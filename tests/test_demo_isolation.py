@@ -1,4 +1,4 @@
-"""``--demo`` keeps off everything real (DESIGN §7): a configured Redis, the store, every interface.
+"""``--demo`` keeps off everything real (docs/design.md §7): a configured Redis, the store, every interface.
 
 The config file given to the demo is the production one, as in a Kubernetes
 pod where ``$REDIS_URL`` is set: it names a real Redis (a redis-server this

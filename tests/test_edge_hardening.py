@@ -1,8 +1,8 @@
 """What every answer says about the server, HEAD on every GET route, and /metrics on a port of its own.
 
 Checked on the three kinds of answer the gateway makes: by the app (through
-its middleware), by the inline path for fresh hits (gateway/fastpath.py), and
-by the connection itself for requests that never parse (gateway/server.py).
+its middleware), by the inline path for fresh hits (gateway/edge/inline.py), and
+by the connection itself for requests that never parse (gateway/edge/rejections.py).
 """
 
 from __future__ import annotations

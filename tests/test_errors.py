@@ -1,4 +1,4 @@
-"""Every row of DESIGN §5's error table, through the real gateway.
+"""Every row of docs/design.md §5's error table, through the real gateway.
 
 The SDK is the client wherever it can send the input (it is what callers
 see); aiohttp or a raw socket where it cannot (no key, wrong method, paths a

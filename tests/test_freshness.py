@@ -1,4 +1,4 @@
-"""The pure decisions of DESIGN §9, table by table.
+"""The pure decisions of docs/design.md §9, table by table.
 
 Both ways a hit is answered (inline and the app) call these rules, so a
 row here holds for both: does ``If-None-Match`` name the answer, what

@@ -601,7 +601,7 @@ async def test_error_answers_never_echo_what_the_caller_sent_as_a_key(
 # The same cases with batch-1 fresh in the cache
 #
 # A plain fresh hit is answered as soon as its request is parsed, before
-# aiohttp's Application (gateway/fastpath.py). Each case is sent again on a
+# aiohttp's Application (gateway/edge/inline.py). Each case is sent again on a
 # kept-alive connection (where that can happen) after batch-1 was fetched
 # once: it must get the answer it gets uncached, and cause no other call.
 # ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Hostile writes (DESIGN §8): paths that try to pass for a cancel, and create bodies built to hurt.
+"""Hostile writes (docs/design.md §8): paths that try to pass for a cancel, and create bodies built to hurt.
 
 Every case goes over a raw socket (a client library would normalise most of
 them) to a real gateway whose callers may create and cancel, in front of the

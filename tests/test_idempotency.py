@@ -1,4 +1,4 @@
-"""Idempotency-Key on create (DESIGN §8), as a service retrying a create sees it.
+"""Idempotency-Key on create (docs/design.md §8), as a service retrying a create sees it.
 
 A keyed create that finished is replayed, not repeated; a key reused with
 another body is refused; a key whose first request still runs is busy; a

@@ -1,4 +1,4 @@
-"""Fresh hits answered as soon as they are parsed (gateway/fastpath.py), as a client sees them.
+"""Fresh hits answered as soon as they are parsed (gateway/edge/inline.py), as a client sees them.
 
 A plain fresh hit on a kept-alive connection is answered before aiohttp's
 Application; these tests pin down what that must not change: the order of

@@ -1,4 +1,4 @@
-"""``cohere-gateway new-caller NAME`` (DESIGN §8 "Ops"), end to end: print, paste, check, serve."""
+"""``cohere-gateway new-caller NAME`` (docs/design.md §8 "Ops"), end to end: print, paste, check, serve."""
 
 from __future__ import annotations
 

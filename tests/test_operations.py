@@ -324,7 +324,7 @@ async def test_a_request_in_flight_during_a_reload_finishes_and_its_retry_reads_
     response = await asyncio.wait_for(in_flight, PROCESS_WAIT_S)
     assert response.batch.id == "batch-1"
     assert upstream.count() == 2
-    # A retry made after the reload is an upstream call made after it (DESIGN §7).
+    # A retry made after the reload is an upstream call made after it (docs/design.md §7).
     assert upstream.headers[1]["Authorization"] == f"Bearer {NEW_TOKEN}"
     assert upstream.headers[1]["X-Client-Name"] == "reporting"
     with pytest.raises(cohere.UnauthorizedError):

@@ -47,7 +47,7 @@ from tests.support import (
     raw_config,
 )
 
-# DESIGN.md §5, read as "the whole string" (Python's ``$`` would also let a trailing newline through).
+# docs/design.md §5, read as "the whole string" (Python's ``$`` would also let a trailing newline through).
 CONTRACT_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z")
 T = TypeVar("T")
 

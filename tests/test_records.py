@@ -1,4 +1,4 @@
-"""Ownership and idempotency records: what only SQLite has (DESIGN §8 "Store" and "Idempotency-Key").
+"""Ownership and idempotency records: what only SQLite has (docs/design.md §8 "Store" and "Idempotency-Key").
 
 The ``Records`` contract both backends keep is in tests/test_records_contract.py;
 here: records that outlive a restart of the file's process, leases and expiry

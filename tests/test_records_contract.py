@@ -1,4 +1,4 @@
-"""The ``Records`` contract (DESIGN §8 "Store" and "Idempotency-Key", §10), once, on each backend.
+"""The ``Records`` contract (docs/design.md §8 "Store" and "Idempotency-Key", §10), once, on each backend.
 
 Every test runs on ``SqliteRecords`` (one file, opened as processes would) and
 on ``RedisRecords`` (the test's own redis-server, opened as replicas would),

@@ -1,4 +1,4 @@
-"""Ownership and idempotency records: what only Redis has (DESIGN §8 "Store", §10), on a real redis-server.
+"""Ownership and idempotency records: what only Redis has (docs/design.md §8 "Store", §10), on a real redis-server.
 
 The ``Records`` contract both backends keep is in tests/test_records_contract.py;
 here: replicas sharing records, expiry on Redis's clock, key names that cannot

@@ -1,4 +1,4 @@
-"""A reload reaches every upstream call made after it (DESIGN §7).
+"""A reload reaches every upstream call made after it (docs/design.md §7).
 
 A reload that rotates the upstream token or moves ``base_url`` must apply to
 the calls the gateway makes on its own, long after the request that started

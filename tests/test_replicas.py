@@ -1,4 +1,4 @@
-"""Three replicas that act as one gateway on one Redis (DESIGN §10), seen from outside.
+"""Three replicas that act as one gateway on one Redis (docs/design.md §10), seen from outside.
 
 Each test starts three ``python -m gateway`` processes ("replicas": A, B and
 C) with the same ``redis.url`` and ``redis.key_prefix``, a real
@@ -530,7 +530,7 @@ async def test_fresh_hits_on_every_replica_send_no_command_to_redis(
 
 
 def is_heartbeat(command: str) -> bool:
-    """A process's heartbeat: ``redis_link``'s EVALSHA on the ``alive`` key (KEYS[1]), with its process id."""
+    """A process's heartbeat: ``RedisLink``'s EVALSHA on the ``alive`` key (KEYS[1]), with its process id."""
     words = command.split()
     return len(words) > 4 and words[0] == "EVALSHA" and words[2] == "1" and words[3].endswith("alive")
 
@@ -642,7 +642,7 @@ async def test_a_stalled_redis_slows_no_request_past_a_redis_timeout(
 
 
 TIMEOUT_S = 2.0  # upstream.timeout_s
-LOCK_TTL_S = TIMEOUT_S + 0.5  # DESIGN §10: the lock outlives one upstream call
+LOCK_TTL_S = TIMEOUT_S + 0.5  # docs/design.md §10: the lock outlives one upstream call
 LOCK_TAKEN_BEFORE_S = 0.5  # the lock is taken a little before its holder's call reaches the upstream
 TAKEOVER_SLACK_S = 2.5  # the second upstream call and the answer, on 2 shared cores
 

@@ -1,4 +1,5 @@
-"""Request bodies (DESIGN §7, §8): they must keep arriving, and a body that arrived is judged by the config in force.
+"""Request bodies (docs/design.md §7, §8): they must keep arriving, and a body that arrived is judged by the config
+in force.
 
 A caller is admitted when the head of its request arrives; its body may
 come much later. These tests hold a body back over a raw socket (the head

@@ -1,4 +1,4 @@
-"""The pieces of the shared tier (DESIGN §10) on a real Redis, mostly without HTTP.
+"""The pieces of the shared tier (docs/design.md §10) on a real Redis, mostly without HTTP.
 
 Entries travel between processes with wall-clock times; the budget and the
 pause are Lua scripts on Redis's clock. The black-box tests with three
@@ -342,7 +342,7 @@ async def test_a_redis_that_refuses_calls_fails_no_request(
     assert registry_value(gateway, "gateway_redis_up") == 1
 
 
-# --- a caller's own rate_limit, shared (DESIGN §7) --------------------------------------------------------------
+# --- a caller's own rate_limit, shared (docs/design.md §7) ------------------------------------------------------
 
 # rate 0.01/s: no refill to speak of during a test.
 CALLER_LIMIT = {"requests_per_s": 0.01, "burst": 4}

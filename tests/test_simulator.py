@@ -1,4 +1,4 @@
-"""The simulated upstream serves the whole batch API as Cohere does (DESIGN §2): create, list, retrieve, cancel.
+"""The simulated upstream serves the whole batch API as Cohere does (docs/design.md §2): create, list, retrieve, cancel.
 
 These drive the simulator directly, with the cohere SDK and aiohttp, on
 127.0.0.1; the gateway is not involved.
@@ -331,7 +331,7 @@ def test_the_demo_callers_are_a_valid_config() -> None:
     assert [c["name"] for c in DEMO_CALLERS] == ["demo-billing", "demo-reporting"]
 
 
-# --- a lagging read replica, and scheduled completions (DESIGN §9) -------------------------------------------------
+# --- a lagging read replica, and scheduled completions (docs/design.md §9) -----------------------------------------
 
 
 async def retrieve(simulator: Simulator, batch_id: str) -> dict[str, Any]:

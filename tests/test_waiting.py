@@ -1,4 +1,4 @@
-"""Waiting for a change (DESIGN §9), as a caller sees it.
+"""Waiting for a change (docs/design.md §9), as a caller sees it.
 
 ETags and 304 on both ways a hit is answered, ``Prefer: wait=N`` with and
 without ``If-None-Match``, the bounds on waiting (``cache.max_wait_s``,

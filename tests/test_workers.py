@@ -1,4 +1,4 @@
-"""``server.workers: N`` (DESIGN §10): N gateway processes on one port under one parent.
+"""``server.workers: N`` (docs/design.md §10): N gateway processes on one port under one parent.
 
 Real processes: ``python -m gateway`` with two workers, a real redis-server
 (N > 1 needs ``redis.url``) and a fake upstream served by the test. Which
@@ -320,7 +320,7 @@ async def cancel_until_done(closing: asyncio.Future[None]) -> None:
             return
 
 
-# --- one upstream call across the workers (the shared tier, DESIGN §10) ---------------------------
+# --- one upstream call across the workers (the shared tier, docs/design.md §10) -------------------
 
 CONCURRENT = 60
 

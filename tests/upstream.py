@@ -1,7 +1,7 @@
 """The fake Cohere upstream of the test suite (one class, one fixture), and helpers for the tests of it.
 
 ``Upstream`` listens on 127.0.0.1 and, left alone, serves the batch API the
-way Cohere does (DESIGN §8): ``POST /v2/batches`` creates a batch with a
+way Cohere does (docs/design.md §8): ``POST /v2/batches`` creates a batch with a
 fresh id, ``GET /v2/batches`` lists them a page at a time,
 ``GET /v2/batches/{id}`` retrieves one and ``POST /v2/batches/{id}:cancel``
 sets it CANCELING. A test changes what it answers:

@@ -1,5 +1,5 @@
-"""Scenario 7: time to notice a change (DESIGN §9): from a batch changing upstream to its waiting caller holding
-the new state.
+"""Scenario 7: time to notice a change (docs/design.md §9): from a batch changing upstream to its waiting caller
+holding the new state.
 
 nginx runs first, then the gateway with polling callers, then with long-poll callers, each alone on a fresh
 simulator namespace whose batches complete at scheduled moments; the gateways run at nginx's upstream call rate.
@@ -237,7 +237,7 @@ def nginx_round(
 def long_poll_round(
     env: Env, schedule: dict[str, float], headers: dict[str, str], budget: tuple[float, int]
 ) -> dict[str, Any] | None:
-    """The long-poll gateway's round; None if it did not start or sent no ETag (DESIGN §9 not in this build)."""
+    """The long-poll gateway's round; None if it did not start or sent no ETag (docs/design.md §9 not in this build)."""
     waiting = start_long_poll_gateway(env, budget)
     if waiting is None:
         return None
@@ -245,8 +245,8 @@ def long_poll_round(
     etag, applied = uvloop.run(probe_long_poll(waiting.url, env.key))
     if etag is None:
         env.notes.append(
-            "time to notice: the gateway sent no ETag (DESIGN §9 is not in this build): the long-poll contender "
-            "was not run and its figures are null"
+            "time to notice: the gateway sent no ETag (docs/design.md §9 is not in this build): "
+            "the long-poll contender was not run and its figures are null"
         )
     else:
         log(f"notice: gateway, {len(schedule)} long-poll callers (Prefer: wait={NOTICE_WAIT_S}; probe: {applied})")
@@ -300,7 +300,7 @@ def keys(notice: dict[str, Any]) -> dict[str, Any]:
 
 
 def lines(env: Env, notice: dict[str, Any]) -> list[str]:
-    lines = ["", "### 7. Time to notice a change (DESIGN §9)", ""]
+    lines = ["", "### 7. Time to notice a change (docs/design.md §9)", ""]
     if not notice:
         return [*lines, "Skipped (not asked for)."]
     budget = notice["budget"]

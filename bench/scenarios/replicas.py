@@ -1,4 +1,4 @@
-"""Scenario 8: replicas sharing one Redis (DESIGN §10).
+"""Scenario 8: replicas sharing one Redis (docs/design.md §10).
 
 The lifecycle workload of scenario 2 through 3 gateway processes sharing one redis-server (Debian's, started here
 on a free port, no persistence), through 3 without Redis and through 1, at once; then the 3 on Redis again with
@@ -152,7 +152,7 @@ async def redis_transitions(url: str) -> dict[str, int]:
 
 def replica_hits(env: Env, redis: Proc) -> dict[str, Any]:
     """Cache hits of a fresh process with redis.url set against a fresh one without, alike but for that, alternated
-    (a fresh hit in a process's own memory does not touch Redis, DESIGN §10)."""
+    (a fresh hit in a process's own memory does not touch Redis, docs/design.md §10)."""
     if env.wrk is None:
         env.notes.append("scenario 8: hits with redis.url not measured: wrk is not installed")
         return {}
@@ -188,7 +188,7 @@ def counts(seen: list[dict[str, int]], event: str) -> str:
 
 
 def lines(env: Env, replicas: dict[str, Any]) -> list[str]:
-    lines = ["", f"### 8. {REPLICAS} replicas sharing one Redis (DESIGN §10)", ""]
+    lines = ["", f"### 8. {REPLICAS} replicas sharing one Redis (docs/design.md §10)", ""]
     if not replicas:
         return [*lines, "Skipped (redis-server is not installed, or not asked for)."]
     mode, rows, outage = env.mode, replicas["runs"], replicas["outage"]

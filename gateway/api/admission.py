@@ -1,11 +1,13 @@
-"""The batch API's routes (retrieve, list, cancel; create is in ``gateway.create``) and the service endpoints.
+"""Admission to the batch API: who the caller is, its own limit, its permission and its ``own`` scope.
 
-Each batch route starts with ``admit``: the caller key, the caller's own
-rate limit, then the operation's permission (``gateway.policy``), in that
-order, before its input is checked and anything reaches the upstream. A
+List, cancel (``gateway.api.batches``) and create (``gateway.api.create``)
+start with ``admit``: the caller key, the caller's own rate limit, then the
+operation's permission (``gateway.api.rules``), in that order, before their
+input is checked and anything reaches the upstream; retrieve takes the same
+steps in the same order in the one decision (``gateway.api.decide``). A
 route that reads a body reads it with ``receive_body``: each byte must
 come within ``server.body_timeout_s``, and once the body is whole the
-caller is admitted again under the config in force then (DESIGN §7).
+caller is admitted again under the config in force then (docs/design.md §7).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ async def receive_body(request: web.Request, admitted: Admitted, operation: Oper
     """The whole body, each read bounded by ``server.body_timeout_s``; then the caller admitted again.
 
     A body with no byte for that long is 408 ``request_timeout`` (the
-    connection is closed; see ``gateway.server``). A client that hangs up
+    connection is closed; see ``gateway.edge.connection``). A client that hangs up
     mid-body ends the request as ``ClientDisconnected``: logged at INFO,
     never a server error.
     """

@@ -14,7 +14,7 @@ def json_answer(status: int, body: bytes, headers: dict[str, str] | None = None)
 
 
 def cache_headers(entry: CacheEntry, state: CacheState, now: float) -> dict[str, str]:
-    """The cache's headers on a batch answer (DESIGN §5, §9), for both ways a hit is served."""
+    """The cache's headers on a batch answer (docs/design.md §5, §9), for both ways a hit is served."""
     fresh_s = 0 if state is CacheState.STALE else entry.fresh_s(now)
     return {
         "X-Cache": state.value,

@@ -15,7 +15,7 @@ _NO_DIGEST = bytes(32)
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """An authenticated internal service, as configured: who it is and what it may do (DESIGN §8)."""
+    """An authenticated internal service, as configured: who it is and what it may do (docs/design.md §8)."""
 
     name: str
     rate_limit: RateLimit | None

@@ -1,4 +1,4 @@
-"""``POST /v2/batches``: create a batch, at most once per ``Idempotency-Key`` (DESIGN §8).
+"""``POST /v2/batches``: create a batch, at most once per ``Idempotency-Key`` (docs/design.md §8).
 
 A create is never retried once a byte of it may have reached the upstream.
 On success the new id is recorded as the caller's before the answer
@@ -165,7 +165,7 @@ async def _settle(admitted: Admitted, key: str, status: int, body: bytes) -> Non
 async def _find_created(
     request: web.Request, admitted: Admitted, document: dict[str, Any], since: float
 ) -> JsonAnswer | None:
-    """The batch an earlier, ambiguous try made, if exactly one batch can be it (DESIGN §8).
+    """The batch an earlier, ambiguous try made, if exactly one batch can be it (docs/design.md §8).
 
     A candidate matches every field the create sent (``inputs.matches_create``),
     was created within ``_creation_window`` of the first try, and is owned by

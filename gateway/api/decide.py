@@ -3,7 +3,7 @@
 A request for a batch is answered inline, as soon as its head is parsed
 (``gateway.edge.inline``), or by the Application (``gateway.api.retrieve``).
 Both call ``decide`` with the routed head; it runs the steps in the one
-order the contract gives (DESIGN §7, §8, §9):
+order the contract gives (docs/design.md §7, §8, §9):
 
 1. authenticate the caller key (401);
 2. the caller's own rate limit (429);
@@ -155,7 +155,7 @@ def decide(state: GatewayState, snapshot: Snapshot, head: Head, limit: Limit) ->
 
 
 def render(entry: CacheEntry, cache_state: CacheState, now: float, if_none_match: list[str]) -> Rendered:
-    """A cached 200 as its answer: 304 with no body when ``If-None-Match`` names its ETag (DESIGN §9)."""
+    """A cached 200 as its answer: 304 with no body when ``If-None-Match`` names its ETag (docs/design.md §9)."""
     headers = cache_headers(entry, cache_state, now)
     if rules.not_modified(if_none_match, entry.etag):
         return Rendered(304, headers, b"")

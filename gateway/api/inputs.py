@@ -1,7 +1,7 @@
-"""The rules of the batch API (DESIGN §8), as pure functions both answer paths call.
+"""The rules of the batch API (docs/design.md §8), as pure functions both answer paths call.
 
-A hit is answered inline (``gateway.fastpath``) or by the app
-(``gateway.handlers``); each rule lives here once, so the two cannot
+A hit is answered inline (``gateway.edge.inline``) or by the app
+(``gateway.api.retrieve``); each rule lives here once, so the two cannot
 disagree. Where the inline path cannot carry a rule's outcome out (a
 refusal, a look-up in the store), it hands the request to the app, which
 applies the same rule again and answers.
@@ -23,7 +23,7 @@ from multidict import MultiMapping
 from gateway import errors
 from gateway.upstream.cohere import UNPARSEABLE
 
-# 1 to 255 visible ASCII characters (DESIGN §8).
+# 1 to 255 visible ASCII characters (docs/design.md §8).
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 _PAGE_TOKEN = re.compile(r"[A-Za-z0-9._~=-]{1,1024}")
 _PAGE_SIZE = re.compile(r"[0-9]{1,4}")

@@ -101,7 +101,7 @@ def _waiter_limit(state: GatewayState, caller: Caller, settings: CacheSettings) 
     """Why a new wait may not be held (all the slots taken, or all of this caller's), or None if it may."""
     if state.waiters.total >= settings.max_waiters:
         return WaitEnd.LIMIT
-    # One caller must not take every slot: the others can still wait (DESIGN §7).
+    # One caller must not take every slot: the others can still wait (docs/design.md §7).
     if state.waiters.held_by(caller.name) >= settings.max_waiters_per_caller:
         return WaitEnd.CALLER_LIMIT
     return None

@@ -50,7 +50,7 @@ class GatewayState:
     freshness: Freshness
     refresher: Refresher
     clock: Clock = time.monotonic
-    # The shared tier (DESIGN §10), when redis.url is set.
+    # The shared tier (docs/design.md §10), when redis.url is set.
     redis: RedisLink | None = None
     access_log: AccessLog = field(default_factory=AccessLog)
     # Each caller's own rate_limit: in this process, and with redis.url one bucket in Redis for every process.
@@ -89,7 +89,7 @@ class GatewayState:
     async def take_caller_token(self, name: str, limit: RateLimit) -> float:
         """0 with a token of caller ``name``'s ``rate_limit`` taken, else the seconds until one is due.
 
-        With redis.url, one bucket in Redis for every process (DESIGN §7, §10).
+        With redis.url, one bucket in Redis for every process (docs/design.md §7, §10).
         While Redis is lost, or fails this call, this process takes its share:
         the rate (and burst) divided by the processes last seen alive, as the
         upstream budget does, so N processes never give a caller N limits.

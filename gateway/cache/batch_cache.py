@@ -1,14 +1,15 @@
 """The answer cache: a bounded store with per-entry TTL, and single-flight.
 
-``MemoryStore`` holds at most ``cache.max_entries`` entries (cachetools'
-``TLRUCache``): storing one more evicts the least recently used. An entry is
-*fresh* until ``fresh_until``: ``ttl_s.terminal`` for a terminal batch,
-``ttl_s.active`` (shortened by a random fraction of up to
-``active_jitter``, so that entries stored together do not expire together)
-for any other, ``ttl_s.not_found`` for an upstream 404. A batch entry is
-then kept ``stale_if_error_s`` longer, to answer while the upstream fails; a
-404 is not (a stale "not found" could make a poller give up on a batch that
-exists). Past ``keep_until`` an entry expires and is dropped.
+The store is ``MemoryStore`` (``gateway.cache.store``), single-flight is
+``SingleFlight`` (``gateway.cache.flight``). ``MemoryStore`` holds at most
+``cache.max_entries`` entries (cachetools' ``TLRUCache``): storing one more
+evicts the least recently used. An entry is *fresh* until ``fresh_until``:
+``ttl_s.terminal`` for a terminal batch, ``ttl_s.active`` (shortened by a
+random fraction of up to ``active_jitter``, so that entries stored together
+do not expire together) for any other, ``ttl_s.not_found`` for an upstream
+404. A batch entry is then kept ``stale_if_error_s`` longer, to answer while
+the upstream fails; a 404 is not (a stale "not found" could make a poller
+give up on a batch that exists). Past ``keep_until`` an entry expires and is dropped.
 
 ``BatchCache.get`` is the request path: a fresh entry answers at once (HIT);
 otherwise one upstream call per id is made however many callers ask
@@ -18,7 +19,7 @@ create answered; ``evict`` drops an id after a cancel, and a refresh
 already in flight for it then answers its waiters but stores nothing, so
 the state from before the cancel never comes back.
 
-Answers only move forward (DESIGN §9): an upstream answer older than the
+Answers only move forward (docs/design.md §9): an upstream answer older than the
 entry held (an earlier ``updated_at``, or an active status after a terminal
 one) is not stored; the held entry keeps serving, fresh again, and the
 regression is counted. Every stored answer whose body differs from the one

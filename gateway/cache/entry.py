@@ -19,7 +19,7 @@ Clock = Callable[[], float]
 class CacheEntry:
     """One upstream answer: a 200 batch body, or a 404 error body.
 
-    ``etag`` is a strong validator derived from the body (DESIGN §9);
+    ``etag`` is a strong validator derived from the body (docs/design.md §9);
     ``updated_at`` (epoch seconds) and ``terminal`` are read from a batch's
     body, to refuse answers older than this one.
     """
@@ -46,7 +46,7 @@ def etag_of(body: bytes) -> str:
 
 
 def is_older(new: CacheEntry, held: CacheEntry) -> bool:
-    """Whether ``new`` describes the batch as it was before ``held`` did (DESIGN §9)."""
+    """Whether ``new`` describes the batch as it was before ``held`` did (docs/design.md §9)."""
     if new.status != 200 or held.status != 200:
         return False
     if held.terminal and not new.terminal:

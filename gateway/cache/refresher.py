@@ -1,10 +1,10 @@
-"""Waiting for a change, and freshness that follows the upstream budget (DESIGN §9).
+"""Refreshes for waited batches, and freshness that follows the upstream budget (docs/design.md §9).
 
-``Waiters`` holds the requests that asked ``Prefer: wait=N``: each waits on
-one future, settled when its batch's answer changes (``changed``), when its
-time is up, when its client goes away, or when the gateway stops
-(``release_all``). A thousand waiters on one batch cost one future each, and
-the upstream nothing more.
+``Waiters`` (``gateway.cache.waiting``) holds the requests that asked
+``Prefer: wait=N``: each waits on one future, settled when its batch's answer
+changes (``changed``), when its time is up, when its client goes away, or
+when the gateway stops (``release_all``). A thousand waiters on one batch
+cost one future each, and the upstream nothing more.
 
 ``Refresher`` makes waiting cost no upstream calls of its own: while a
 batch has waiters, it refreshes the batch itself every
@@ -20,7 +20,7 @@ active interval must stretch so that their refreshes fit in
 ``cache.ttl_s.active_max``; a terminal batch leaves the count at once, so
 what it saved goes to the batches still running. The rest of the budget
 is left to new ids and writes: refreshes of an answer the gateway already
-holds never take the last tokens (``gateway.upstream``).
+holds never take the last tokens (``gateway.upstream.budget``).
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class Refresher:
         self._waiters = waiters
         self._clock = clock
         self._budget_wait_s = budget_wait_s
-        # Asked at each refresh, as the fetchers read the upstream settings in force then (DESIGN §7).
+        # Asked at each refresh, as the fetchers read the upstream settings in force then (docs/design.md §7).
         self._flight_wait_s = flight_wait_s
         self._fetchers: dict[str, Callable[[], Fetch]] = {}
         self._tried_at: dict[str, float] = {}

@@ -81,14 +81,14 @@ class ServerSettings(_Section):
     max_line_size: Annotated[int, Field(ge=256)] = 8190
     max_field_size: Annotated[int, Field(ge=256)] = 8190
     max_headers: Annotated[int, Field(ge=8)] = 64
-    # A create's JSON body (DESIGN §8); larger is 413 request_too_large.
+    # A create's JSON body (docs/design.md §8); larger is 413 request_too_large.
     max_body_bytes: Annotated[int, Field(ge=0)] = 65536
     # Connections the kernel queues before the gateway accepts them; past it a
     # burst of connects is dropped and waits for the client's SYN retry (1 s, 3 s...).
     backlog: Annotated[int, Field(ge=1)] = 1024
-    # Processes serving one port (SO_REUSEPORT) under one parent; above 1 needs redis.url (DESIGN §10).
+    # Processes serving one port (SO_REUSEPORT) under one parent; above 1 needs redis.url (docs/design.md §10).
     workers: Annotated[int, Field(ge=1, le=64)] = 1
-    # A request body that sends no byte for this long is 408 request_timeout (DESIGN §7).
+    # A request body that sends no byte for this long is 408 request_timeout (docs/design.md §7).
     body_timeout_s: PositiveSeconds = 30
     # /metrics on a listener of its own (same host), so the API port need not expose
     # every caller's name and traffic; 0: /metrics stays on the API port.
@@ -143,7 +143,7 @@ class TtlSettings(_Section):
     active: PositiveSeconds = 5
     terminal: PositiveSeconds = 86400
     not_found: PositiveSeconds = 10
-    # A batch with waiters is refreshed this often while the budget allows (DESIGN §9)...
+    # A batch with waiters is refreshed this often while the budget allows (docs/design.md §9)...
     active_min: PositiveSeconds = 1
     # ...and no active interval stretches past this when the budget is short.
     active_max: PositiveSeconds = 60
@@ -166,7 +166,7 @@ class CacheSettings(_Section):
     max_wait_s: PositiveSeconds = 55
     # Requests held at once; past this, a new one is answered at once.
     max_waiters: Annotated[int, Field(ge=0)] = 10000
-    # Requests one caller may hold at once, so that one caller cannot take every slot (DESIGN §7).
+    # Requests one caller may hold at once, so that one caller cannot take every slot (docs/design.md §7).
     max_waiters_per_caller: Annotated[int, Field(ge=0)] = 1000
 
 
@@ -183,7 +183,7 @@ class LoggingSettings(_Section):
         return level
 
 
-# The batch API's operations (DESIGN §8), as named in ``callers[].allow``.
+# The batch API's operations (docs/design.md §8), as named in ``callers[].allow``.
 Operation = Literal["retrieve", "list", "create", "cancel"]
 OPERATIONS: tuple[Operation, ...] = ("retrieve", "list", "create", "cancel")
 # What a caller may do unless its ``allow`` says otherwise: what every caller could do before §8.
@@ -274,7 +274,7 @@ class CallerSettings(_Section):
 
 
 class StoreSettings(_Section):
-    """Where ownership and idempotency records live (DESIGN §8): a SQLite file."""
+    """Where ownership and idempotency records live (docs/design.md §8): a SQLite file."""
 
     path: Annotated[str, Field(min_length=1)] = "./cohere-gateway.db"
 
@@ -283,7 +283,7 @@ REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 class RedisSettings(_Section):
-    """The Redis that replicas and workers share (DESIGN §10); no ``url``: everything stays in-process."""
+    """The Redis that replicas and workers share (docs/design.md §10); no ``url``: everything stays in-process."""
 
     url: SecretStr | None = None  # may carry a password: held as a secret, redacted in logs
     key_prefix: str = "cohere-gateway:"
@@ -346,7 +346,7 @@ class GatewayConfig(_Section):
         if self.server.workers > 1 and self.redis.url is None:
             # Workers without Redis would each spend the whole budget and keep their own records.
             raise _problem(
-                "server.workers", f"{self.server.workers} workers need redis.url (DESIGN §10); set it or use 1"
+                "server.workers", f"{self.server.workers} workers need redis.url (docs/design.md §10); set it or use 1"
             )
         return self
 

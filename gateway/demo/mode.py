@@ -9,7 +9,7 @@ from typing import Any
 
 from gateway.config import DEMO_BILLING_KEY, DEMO_REPORTING_KEY
 
-# Their keys are refused outside --demo (gateway/config.py): they are published.
+# Their keys are refused outside --demo (gateway/config/keys.py): they are published.
 DEMO_CALLERS: tuple[dict[str, Any], ...] = (
     # Runs batches: all four operations, and sees only the batches it created.
     {
@@ -31,7 +31,7 @@ def demo_overrides(simulator_url: str, token: str, store_path: str) -> dict[str,
     """Point a config at the simulator, with its token and the demo callers, and keep it off shared state.
 
     The demo's batches and simulated failures are not the organisation's: the
-    demo never writes to a configured Redis or store (DESIGN §7). It runs one
+    demo never writes to a configured Redis or store (docs/design.md §7). It runs one
     process, since the simulator lives in it, whatever ``server.workers`` says.
     """
     return {

@@ -1,6 +1,6 @@
 """A simulated Cohere batch API, for ``--demo``, the tests and the benchmark.
 
-It serves the four batch endpoints as upstream does (DESIGN §2):
+It serves the four batch endpoints as upstream does (docs/design.md §2):
 
 - ``GET /v2/batches/{id}``: any id starts QUEUED when first asked for, moves
   to IN_PROGRESS with growing record counters, and ends COMPLETED within
@@ -19,7 +19,7 @@ It serves the four batch endpoints as upstream does (DESIGN §2):
 moves exactly when the answer does. A wrong token gets 401, and an invalid
 request 400 ``{"message": ...}``, as upstream does.
 
-Two controls for the tests and the benchmark (DESIGN §9):
+Two controls for the tests and the benchmark (docs/design.md §9):
 
 - **A lagging read replica.** With ``lag_s`` and ``lag_every`` both set,
   every ``lag_every``-th GET of a given batch describes it as it was

@@ -134,7 +134,7 @@ class GatewayConnection(Connection):
         elif self._head_overdue:
             self._after_overdue_head(request)
         if response.status == errors.RequestTimeout.status and not request.content.is_eof():
-            # The body stopped arriving (DESIGN §7): close now, where aiohttp would linger for it once more.
+            # The body stopped arriving (docs/design.md §7): close now, where aiohttp would linger for it once more.
             self.force_close()
         return response, reset
 

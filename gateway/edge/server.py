@@ -84,7 +84,7 @@ async def start_gateway(
     """Start serving ``state`` (built by ``gateway.runtime.build_state``); ``host``/``port`` override
     its config (port 0 picks one).
 
-    ``reuse_port``: listen with SO_REUSEPORT, beside the other workers on the port (gateway/workers.py).
+    ``reuse_port``: listen with SO_REUSEPORT, beside the other workers on the port (gateway/ops/workers.py).
     """
     config = state.snapshot.config
     server = config.server

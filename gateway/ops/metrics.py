@@ -163,7 +163,7 @@ class Metrics:
         self.build_info.labels(version=__version__, python=platform.python_version()).set(1)
 
     def track_redis(self) -> RedisMetrics:
-        """The shared tier's collectors (DESIGN §10), registered only when ``redis.url`` is set."""
+        """The shared tier's collectors (docs/design.md §10), registered only when ``redis.url`` is set."""
         if self.redis is None:
             self.redis = RedisMetrics(self.registry)
         return self.redis

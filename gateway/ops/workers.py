@@ -1,4 +1,4 @@
-"""``server.workers``: N gateway processes on one port, under one parent (DESIGN §10).
+"""``server.workers``: N gateway processes on one port, under one parent (docs/design.md §10).
 
 The parent never serves a request. It starts N workers (``python -m gateway``
 with the hidden ``--worker`` flag), each listening on the same port with

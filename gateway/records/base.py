@@ -1,8 +1,9 @@
-"""Ownership and idempotency records (DESIGN §8 "Store" and "Idempotency-Key").
+"""Ownership and idempotency records (docs/design.md §8 "Store" and "Idempotency-Key").
 
-``Records`` is the interface the handlers use without knowing the backend:
-``SqliteRecords`` here (the embedded default, at ``store.path``), and a Redis
-implementation of the same Protocol for replicas (§10). Two kinds of record:
+``Records`` is the interface the routes use without knowing the backend:
+``SqliteRecords`` (``gateway.records.sqlite``, the embedded default, at
+``store.path``), and ``RedisRecords`` (``gateway.records.redis``) for
+replicas (§10). Two kinds of record:
 
 - **owners**: which caller (by configured ``name``) created which batch id.
   Written once per create, never changed, read by every ``own``-scoped check.

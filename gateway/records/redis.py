@@ -1,6 +1,6 @@
-"""Ownership and idempotency records on the shared Redis (DESIGN §8 "Store", §10).
+"""Ownership and idempotency records on the shared Redis (docs/design.md §8 "Store", §10).
 
-``RedisRecords`` is the ``Records`` of ``gateway.records`` for replicas and
+``RedisRecords`` is the ``Records`` of ``gateway.records.base`` for replicas and
 workers: the same states and answers as ``SqliteRecords``, kept where every
 process sees them. Keys, under ``redis.key_prefix``:
 

@@ -51,7 +51,7 @@ _WRITE_ATTEMPTS = 3
 _WRITE_BACKOFF_S = 0.05
 
 
-# The store holds who created which batch: readable by the gateway's own user only (DESIGN §7).
+# The store holds who created which batch: readable by the gateway's own user only (docs/design.md §7).
 PRIVATE_FILE_MODE = 0o600
 
 

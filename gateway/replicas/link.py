@@ -1,4 +1,4 @@
-"""One process's link to the shared Redis (DESIGN §10): bounded calls, a breaker, heartbeats, events.
+"""One process's link to the shared Redis (docs/design.md §10): bounded calls, a breaker, heartbeats, events.
 
 Every Redis call goes through ``RedisLink.call``: it is bounded by
 ``redis.timeout_s`` and never retried (the client is built with no retries
@@ -14,7 +14,7 @@ While Redis answers, the link also:
 - **beats**: every ``HEARTBEAT_S`` each process notes itself alive in one
   sorted set (scored by Redis's clock), and learns how many processes were
   seen within ``ALIVE_HORIZON_S``. While Redis is lost, that last count
-  divides the budget (``gateway.shared``).
+  divides the budget (``gateway.upstream.budget``).
 - **carries events**: one pub/sub channel per key prefix, on which each
   process says what others must know at once (an answer stored, an id
   evicted, a pause). Messages name their sender, which ignores its own.
@@ -68,8 +68,9 @@ return redis.call('ZCARD', KEYS[1])
 """
 
 EventHandler = Callable[[str, str, bytes], None]
-# The events on the channel (``gateway.shared``): an answer stored (payload: its ETag), an id evicted,
-# a leader's failure (payload: the error), a leader gone with nothing stored, a 429 pause (payload: its seconds).
+# The events on the channel (``gateway.replicas.shared_cache`` and ``shared_budget`` send them): an answer
+# stored (payload: its ETag), an id evicted, a leader's failure (payload: the error), a leader gone with nothing
+# stored, a 429 pause (payload: its seconds).
 STORED, EVICTED, FAILED, RELEASED, PAUSED = "stored", "evicted", "failed", "released", "paused"
 # How long close() waits for a cancelled task before cancelling it again (see _until_cancelled).
 _CANCEL_AGAIN_S = 0.05

@@ -3,7 +3,12 @@
 
 A Lua script refills and takes on Redis's clock (``TIME``), so that the
 processes' own clocks never matter; it also refuses while the shared
-pause runs. ``SharedCallerLimits`` runs the same script on each caller's keys.
+pause runs. ``SharedCallerLimits`` runs the same script on each caller's keys,
+for ``callers[].rate_limit`` (docs/design.md §7).
+
+Every method may raise ``RedisDown``; the budget (``gateway.upstream.budget``)
+then falls back to ``rate / processes alive``, and a caller's limit to its
+share in a bucket of this process's (``gateway.api.state``).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from gateway.upstream.guards import Clock
 # One token bucket on Redis's clock. KEYS: bucket, pause, writes waiting (a sorted set by expiry).
 # ARGV: rate, burst, reserve, take (1/0), write (1/0), the write's token.
 # Returns {kind, seconds, tokens}: kind 0 a token is taken (or would be), 1 wait for budget, 2 paused.
-# Writes come first (DESIGN §8) in every process: a write that must wait is noted until a little
+# Writes come first (docs/design.md §8) in every process: a write that must wait is noted until a little
 # past its wait, and meanwhile no read takes a token. Numbers travel as strings: Redis turns a
 # Lua number reply into an integer.
 _TAKE = """
@@ -92,7 +97,7 @@ class SharedBudget:
 
 
 class SharedCallerLimits:
-    """Each caller's own ``rate_limit`` as one bucket for every process (DESIGN §7, §10).
+    """Each caller's own ``rate_limit`` as one bucket for every process (docs/design.md §7, §10).
 
     The budget's script (``_TAKE``) on keys of the caller's own: its pause and
     writes keys are never set, so neither ever holds a caller up, and the

@@ -1,4 +1,4 @@
-"""What replicas and workers share through Redis (DESIGN §10): cache entries, single-flight, budget, pause.
+"""The cache entries and single-flight that replicas and workers share through Redis (docs/design.md §10).
 
 ``SharedCache`` sits behind each process's in-memory cache. A miss in
 memory looks in Redis; if Redis has no answer that will do, one process
@@ -9,15 +9,11 @@ which one of them takes over). The leader stores the answer in Redis and
 says so; a failure is said too, so that the followers answer the same
 error rather than each calling the upstream again.
 
-``SharedBudget`` is one token bucket for every process: a Lua script
-that refills and takes on Redis's clock (``TIME``), so that the
-processes' own clocks never matter, and that also refuses while the
-shared 429 pause runs. ``SharedCallerLimits`` runs the same script on a
-bucket of each caller's, for ``callers[].rate_limit`` (DESIGN §7).
+The budget, the 429 pause and each caller's own ``rate_limit`` are shared
+in ``gateway.replicas.shared_budget``.
 
-Every method may raise ``RedisDown``; the callers (``gateway.cache``,
-``gateway.upstream``) then fall back to their local policy: memory only,
-single-flight per process, and ``rate / processes alive`` of the budget.
+Every method may raise ``RedisDown``; the cache (``gateway.cache.batch_cache``)
+then falls back to its local policy: memory only, single-flight per process.
 """
 
 from __future__ import annotations
@@ -38,7 +34,7 @@ from gateway.errors import RedisDown
 from gateway.replicas.link import EVICTED, FAILED, RELEASED, STORED, RedisLink
 from gateway.upstream.guards import Clock
 
-# Past upstream.timeout_s, the lock's TTL leaves this for storing the answer (DESIGN §10).
+# Past upstream.timeout_s, the lock's TTL leaves this for storing the answer (docs/design.md §10).
 LOCK_MARGIN_S = 0.5
 # A follower looks again at least this often, whatever it hears: a lost event costs this much at most.
 FOLLOW_POLL_S = 1.0
@@ -55,7 +51,7 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-# Store an answer for every process, unless it is older than the one held (DESIGN §9: answers only
+# Store an answer for every process, unless it is older than the one held (docs/design.md §9: answers only
 # move forward), or the flight that got it no longer holds the id's lock (a cancel evicted the id,
 # and the lock with it, while the answer was on its way). KEYS: entry, lock. ARGV: value, px, the
 # flight's token ('' for none: a create's answer), status, updated_at ('' for none), terminal (1/0).

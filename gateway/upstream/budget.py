@@ -68,13 +68,13 @@ class SharedBudget(Protocol):
 class UpstreamBudget:
     """The upstream budget as this process spends it: a token per HTTP call, and the upstream's pause.
 
-    With a shared budget (Redis, DESIGN §10) every process takes from one
+    With a shared budget (Redis, docs/design.md §10) every process takes from one
     bucket and honours one pause. While Redis is lost this process takes its
     share (the budget divided by the processes last seen alive) from its own
     bucket, and takes the whole budget again once Redis answers. Writes come
-    first (DESIGN §8): while one waits for a token, reads take none. A refresh
+    first (docs/design.md §8): while one waits for a token, reads take none. A refresh
     of an answer the gateway holds leaves a reserve (``RESERVED_SHARE``) to
-    new ids and writes (DESIGN §9).
+    new ids and writes (docs/design.md §9).
     """
 
     def __init__(
@@ -130,7 +130,7 @@ class UpstreamBudget:
         """Take a budget token, waiting at most ``budget_wait_s`` (and never past the deadline) if allowed.
 
         A write may wait until the deadline, and reads take no token while
-        one waits (DESIGN §8: writes come first). The time waited is counted
+        one waits (docs/design.md §8: writes come first). The time waited is counted
         in sleeps rather than read from the clock, so a frozen test clock
         cannot make the wait endless.
         """
@@ -147,7 +147,7 @@ class UpstreamBudget:
         loop = asyncio.get_running_loop()
         allowed = settings.timeout_s if writer else settings.budget_wait_s if may_wait else 0.0
         # A refresh of an answer the gateway holds (it may not wait: the held answer
-        # serves meanwhile) leaves a reserve for new ids and writes (DESIGN §9).
+        # serves meanwhile) leaves a reserve for new ids and writes (docs/design.md §9).
         reserved = not (may_wait or writer)
         waited = 0.0
         while (wait := await self._next_token(writer, reserved)) > 0:
@@ -204,7 +204,7 @@ class UpstreamBudget:
     # --- this process's share ---
 
     def _reshare(self, shares: int) -> None:
-        """This process's own bucket: the whole budget, or its share while Redis is lost (DESIGN §10)."""
+        """This process's own bucket: the whole budget, or its share while Redis is lost (docs/design.md §10)."""
         self._shares = shares
         self.bucket.reconfigure(self.limit.requests_per_s / shares, max(1, self.limit.burst // shares))
 

@@ -10,7 +10,7 @@ and cancel. Each says what answer it accepts (``Accept``); everything else
 becomes the contract's error in one place. Writes (create, cancel) come
 first for the budget: they may wait for it up to the deadline, and while
 one waits, reads take no token. A create is never retried once a byte of
-it may have reached the upstream (DESIGN §8); only a failed connect is.
+it may have reached the upstream (docs/design.md §8); only a failed connect is.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class UpstreamClient:
         self.metrics = metrics
         # Draws a backoff in [low, high]; tests pin it to make retries deterministic.
         self.jitter = jitter
-        # The budget and the pause; with ``shared``, one for every process, on Redis (DESIGN §10).
+        # The budget and the pause; with ``shared``, one for every process, on Redis (docs/design.md §10).
         self.budget = UpstreamBudget(settings.rate_limit, metrics, clock, shared)
         self.breaker = CircuitBreaker(settings.breaker.failures, settings.breaker.cooldown_s, clock)
         self._session: aiohttp.ClientSession | None = None
@@ -179,7 +179,7 @@ class UpstreamClient:
         Every HTTP call reads the upstream settings in force when it is made
         (``self.settings``, which a reload replaces), never a copy the caller
         took earlier: a reload that rotates the token or moves ``base_url``
-        reaches refreshes and retries too (DESIGN §7). The deadline is the
+        reaches refreshes and retries too (docs/design.md §7). The deadline is the
         one in force when the fetch began.
         """
         settings = self.settings

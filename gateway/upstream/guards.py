@@ -1,7 +1,9 @@
 """Clock-driven guards on upstream traffic: a token bucket and a circuit breaker.
 
 Both are plain objects with an injectable clock and no I/O, so their rules
-are tested as pure logic; ``upstream.py`` and ``handlers.py`` use them.
+are tested as pure logic; ``gateway.upstream.client`` (the breaker) and
+``gateway.upstream.budget`` (the bucket) use them, and ``gateway.api.state``
+(a bucket per caller, for its own ``rate_limit``).
 """
 
 from __future__ import annotations
