@@ -89,7 +89,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     except errors.GatewayError as error:
         response = error_response(error, request_id, state.redact.known)
         if CACHE_STATE in request and "X-Cache" not in response.headers:
-            # An upstream failure on the batch route: still a batch answer (DESIGN §5),
+            # An upstream failure on the batch route: still a batch answer (docs/design.md §5),
             # but nothing was cached, so nothing may be reused.
             response.headers["X-Cache"] = request[CACHE_STATE]
             response.headers["Cache-Control"] = "no-store"
@@ -186,7 +186,7 @@ async def _refresher(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _redis_link(app: web.Application) -> AsyncIterator[None]:
-    """The link to the shared Redis (DESIGN §10), when one is configured; a Redis that is down is not fatal."""
+    """The link to the shared Redis (docs/design.md §10), when one is configured; a Redis that is down is not fatal."""
     link = app[STATE].redis
     if link is not None:
         await link.start()

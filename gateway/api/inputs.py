@@ -1,15 +1,10 @@
-"""The rules of the batch API (docs/design.md §8), as pure functions both answer paths call.
+"""What a caller may send to the batch API (docs/design.md §8), checked as pure functions.
 
-A hit is answered inline (``gateway.edge.inline``) or by the app
-(``gateway.api.retrieve``); each rule lives here once, so the two cannot
-disagree. Where the inline path cannot carry a rule's outcome out (a
-refusal, a look-up in the store), it hands the request to the app, which
-applies the same rule again and answers.
-
-Also here: what a caller may send. The list query, the create body, the
-cancel body and the ``Idempotency-Key`` are checked before anything
-reaches the upstream, and every problem is named in one 400
-``invalid_request``.
+The list query, the create body (valid Unicode throughout), the cancel body
+and the ``Idempotency-Key`` are checked before anything reaches the
+upstream, and every problem is named in one 400 ``invalid_request``. Also
+here: whether a listed batch matches every field a create sent (the
+recovery of an ambiguous create, ``gateway.api.create``).
 """
 
 from __future__ import annotations
