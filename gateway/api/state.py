@@ -23,7 +23,7 @@ from gateway.cache.refresher import Freshness, Refresher
 from gateway.cache.waiting import Waiters
 from gateway.config import GatewayConfig, RateLimit
 from gateway.errors import RedisDown
-from gateway.ops.logs import AccessLog, Redactor, set_level
+from gateway.ops.logs import AccessLog, RedactionForms, Redactor, set_level
 from gateway.ops.metrics import Metrics
 from gateway.records.base import Records
 from gateway.replicas.link import RedisLink
@@ -36,6 +36,14 @@ from gateway.upstream.guards import Clock, TokenBucket
 class Snapshot:
     config: GatewayConfig
     callers: CallerDirectory
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A reloaded config ready to swap in: its snapshot and the redactor's new forms."""
+
+    snapshot: Snapshot
+    redaction: RedactionForms
 
 
 @dataclass
@@ -59,22 +67,34 @@ class GatewayState:
     # Prometheus children by label values (bounded: callers x routes x statuses x cache states).
     metric_children: dict[object, Any] = field(default_factory=dict)
 
-    def apply(self, config: GatewayConfig) -> None:
-        """Swap in a validated config.
+    def prepare(self, config: GatewayConfig) -> Prepared:
+        """What ``apply`` swaps in for ``config``, built without touching what serves now.
+
+        Safe off the event loop (a reload prepares in a thread): with thousands
+        of callers, the key digests and the redactor's finder take tens of
+        milliseconds that would otherwise stall every connection.
+        """
+        snapshot = Snapshot(config, CallerDirectory(config.callers))
+        return Prepared(snapshot, self.redact.prepare(config.secrets))
+
+    def apply(self, config: GatewayConfig | Prepared) -> None:
+        """Swap in a validated config (prepared, or prepared here).
 
         ``cache.max_entries``, ``server``, ``store``, ``batches`` and ``redis`` keep their start-up values.
         """
-        self.redact.update(config.secrets)
-        if config.logging.level != self.snapshot.config.logging.level:
-            set_level(config.logging.level)
-        self.upstream.reconfigure(config.upstream)
-        self.cache.settings = config.cache
+        prepared = config if isinstance(config, Prepared) else self.prepare(config)
+        new = prepared.snapshot.config
+        self.redact.install(prepared.redaction)
+        if new.logging.level != self.snapshot.config.logging.level:
+            set_level(new.logging.level)
+        self.upstream.reconfigure(new.upstream)
+        self.cache.settings = new.cache
         # A caller that keeps its limit keeps its bucket (reconfigured on its next use).
-        limited = {c.name for c in config.callers if c.rate_limit is not None}
+        limited = {c.name for c in new.callers if c.rate_limit is not None}
         for name in list(self.caller_buckets):
             if name not in limited:
                 del self.caller_buckets[name]
-        self.snapshot = Snapshot(config, CallerDirectory(config.callers))
+        self.snapshot = prepared.snapshot
 
     def caller_bucket(self, name: str, limit: RateLimit, shares: int = 1) -> TokenBucket:
         """The caller's bucket in this process: its whole limit, or its share of it (``shares`` processes)."""

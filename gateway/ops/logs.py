@@ -18,6 +18,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -70,30 +71,62 @@ def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
+@dataclass(frozen=True, slots=True)
+class RedactionForms:
+    """The secrets to remove, in every form a log line can hold them, and a finder for them all."""
+
+    # Longest first, so that a secret containing another is removed whole.
+    secrets: tuple[str, ...] = ()
+    # The same secrets as they read inside a JSON string (a quote or a
+    # backslash escaped, non-ASCII as \uXXXX), to find them in rendered lines.
+    in_json: tuple[str, ...] = ()
+    # Finds any form of any secret in one pass, once there are many.
+    finder: ahocorasick_rs.BytesAhoCorasick | None = None
+
+
 class Redactor:
-    """Knows the secrets in force; config reloads update it."""
+    """Knows the secrets in force; config reloads update it.
+
+    ``prepare`` builds the forms of a new set of secrets without touching the
+    ones in use (a reload builds them off the event loop: with 10,000 caller
+    keys that takes tens of milliseconds), ``install`` swaps them in at once.
+    """
 
     def __init__(self) -> None:
-        self._secrets: tuple[str, ...] = ()
-        # The same secrets as they read inside a JSON string (a quote or a
-        # backslash escaped, non-ASCII as \uXXXX), to find them in rendered lines.
-        self._in_json: tuple[str, ...] = ()
-        # Finds any form of any secret in one pass, once there are many.
-        self._finder: ahocorasick_rs.BytesAhoCorasick | None = None
+        self._forms = RedactionForms()
 
-    def update(self, secrets: list[str]) -> None:
-        kept = {s for s in secrets if len(s) >= _REDACTOR_LENGTH_FLOOR} | set(self._secrets)
-        # Longest first, so that a secret containing another is removed whole.
-        self._secrets = tuple(sorted(kept, key=len, reverse=True))
-        self._in_json = tuple(set().union(*map(_json_forms, kept)))
-        forms = set(self._secrets) | set(self._in_json)
-        self._finder = (
+    @property
+    def _secrets(self) -> tuple[str, ...]:
+        return self._forms.secrets
+
+    @property
+    def _in_json(self) -> tuple[str, ...]:
+        return self._forms.in_json
+
+    @property
+    def _finder(self) -> ahocorasick_rs.BytesAhoCorasick | None:
+        return self._forms.finder
+
+    def prepare(self, secrets: list[str]) -> RedactionForms:
+        """The forms of ``secrets`` and of every secret known so far (a rotated-out one stays redacted)."""
+        kept = {s for s in secrets if len(s) >= _REDACTOR_LENGTH_FLOOR} | set(self._forms.secrets)
+        ordered = tuple(sorted(kept, key=len, reverse=True))
+        in_json = tuple(set().union(*map(_json_forms, kept)))
+        forms = set(ordered) | set(in_json)
+        finder = (
             ahocorasick_rs.BytesAhoCorasick(
                 [_utf8(form) for form in forms], implementation=ahocorasick_rs.Implementation.ContiguousNFA
             )
             if len(forms) > _SCAN_EACH_UP_TO
             else None
         )
+        return RedactionForms(ordered, in_json, finder)
+
+    def install(self, forms: RedactionForms) -> None:
+        self._forms = forms
+
+    def update(self, secrets: list[str]) -> None:
+        self.install(self.prepare(secrets))
 
     def _holds_any(self, text: str, forms: tuple[str, ...]) -> bool:
         if self._finder is None:
