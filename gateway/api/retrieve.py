@@ -27,7 +27,7 @@ from gateway.api.decide import (
     take_token,
     token_taken,
 )
-from gateway.api.keys import CACHE_STATE, CALLER, STATE
+from gateway.api.keys import CACHE_STATE, CALLER, STATE, client_gone
 from gateway.api.state import GatewayState
 from gateway.cache.entry import CacheResult, CacheState
 from gateway.cache.waiting import WaitEnd
@@ -134,7 +134,7 @@ async def _wait_for_change(
     state.refresher.follow(batch_id, refresh_fetch, list_page)
     # The end of a wait is spread by up to N/16, so that waiters do not all return together.
     held_s = applied_s * (1 - state.cache.jitter() / 16)
-    end = await state.waiters.wait(batch_id, caller.name, held_s, getattr(request.protocol, "closed", None))
+    end = await state.waiters.wait(batch_id, caller.name, held_s, client_gone(request))
     state.metrics.waits_ended.labels(end.value).inc()
     return await state.cache.get(batch_id, fetch, wait_s)
 
