@@ -8,7 +8,9 @@ in-process, or the child process's stderr).
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import signal
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,13 @@ import cohere
 import pytest
 from aiohttp import web
 from cohere.core.api_error import ApiError
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import load_config, validate
 from gateway.demo.simulator import Simulator
+from gateway.ops.logs import ACCESS_LOGGER, AccessLog, JsonFormatter, Redactor
 from gateway.runtime import reload_config
 from tests.conftest import GatewayFactory, ProcessFactory
 from tests.support import (
@@ -320,6 +325,89 @@ async def test_a_request_aiohttp_cannot_parse_gets_an_access_log_line_and_is_cou
     assert line["request_id"].encode() in answer.raw
     _, samples = await scrape_metrics(gateway.url)
     assert sample_value(samples, "gateway_requests_total", caller="-", route="unparsed", status="400", cache="-") == 1
+
+
+# What a client controls in an access line: the path of an unmatched route, the batch id as
+# sent, the method, an X-Request-ID. Any text, with or without a secret or a bearer credential in it.
+CLIENT_FIELDS = ("request_id", "method", "path", "batch_id")
+access_secrets = st.text(
+    st.characters(blacklist_characters="[]", blacklist_categories=("Cs",)), min_size=6, max_size=24
+)
+access_texts = st.text(max_size=30).filter(lambda t: "bearer" not in t.lower())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    field=st.sampled_from(CLIENT_FIELDS),
+    secret=access_secrets,
+    before=access_texts,
+    after=access_texts,
+    leak=st.sampled_from(["secret", "bearer", "none"]),
+)
+# DEL is left raw by orjson and escaped by json; a quote and a backslash are escaped by both.
+@example(field="path", secret='k"e\\y\x7fwith-del', before="/v2/", after="/x", leak="secret")
+# Surrogates stand for header bytes that were not UTF-8.
+@example(field="batch_id", secret="caf\u00e9-secret", before="\udcff", after="\u2603", leak="secret")
+@example(field="request_id", secret="never-configured-77", before="", after="", leak="bearer")
+def test_an_access_line_keeps_every_value_a_client_sent_but_never_a_secret(
+    field: str, secret: str, before: str, after: str, leak: str
+) -> None:
+    redactor = Redactor()
+    redactor.update([secret])
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter(redactor))
+    logger = logging.getLogger(ACCESS_LOGGER)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    inside = {"secret": secret, "bearer": f"Bearer {secret}", "none": ""}[leak]
+    sent = before + inside + after
+    fields: dict[str, Any] = {"request_id": "req-1", "method": "GET", "path": "unmatched", "batch_id": None}
+    fields[field] = sent
+    try:
+        # Outside a running loop the line is logged at once, through the same formatter as a batch.
+        AccessLog().add(
+            **fields,
+            caller="billing-service",
+            status=404,
+            cache="-",
+            upstream_status=None,
+            upstream_ms=None,
+            total_ms=0.5,
+        )
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+
+    [text] = stream.getvalue().splitlines()
+    assert text.isascii()
+    line = json.loads(text)
+    assert list(line) == ["time", "level", "logger", "event", *ACCESS_FIELDS_IN_ORDER]
+    assert {k: line[k] for k in ("caller", "status", "cache", "total_ms")} == {
+        "caller": "billing-service",
+        "status": 404,
+        "cache": "-",
+        "total_ms": 0.5,
+    }
+    if leak == "none" and secret not in sent:
+        assert line[field] == sent  # nothing to remove: kept as the client sent it
+    else:
+        assert "[REDACTED]" in line[field]
+        assert secret not in line[field]
+
+
+ACCESS_FIELDS_IN_ORDER = [
+    "request_id",
+    "caller",
+    "method",
+    "path",
+    "batch_id",
+    "status",
+    "cache",
+    "upstream_status",
+    "upstream_ms",
+    "total_ms",
+]
 
 
 def echoing_upstream() -> Any:

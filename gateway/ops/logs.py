@@ -14,12 +14,14 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import re
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
 import ahocorasick_rs
@@ -35,6 +37,7 @@ _FALLBACK_ENCODER = json.JSONEncoder(ensure_ascii=True, default=str, separators=
 
 
 _ORJSON_AS_JSON = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+_ORJSON_LINE = _ORJSON_AS_JSON | orjson.OPT_APPEND_NEWLINE
 
 
 def render_json(value: Any) -> str:
@@ -52,6 +55,17 @@ def render_json(value: Any) -> str:
     except TypeError:
         return _FALLBACK_ENCODER.encode(value)
     return rendered.decode("ascii") if rendered.isascii() else _FALLBACK_ENCODER.encode(value)
+
+
+def _render_lines(payloads: list[dict[str, Any]]) -> str:
+    """Each of ``payloads`` as ``render_json`` renders it, one a line: one decode and one ASCII test for all."""
+    try:
+        rendered = b"".join([orjson.dumps(p, default=str, option=_ORJSON_LINE) for p in payloads])
+    except TypeError:
+        rendered = b"\xff"  # not ASCII: rendered line by line below
+    if rendered.isascii():
+        return rendered[:-1].decode("ascii")
+    return "\n".join(map(render_json, payloads))
 
 
 def _json_forms(secret: str) -> set[str]:
@@ -160,10 +174,33 @@ def _utc_second(second: int) -> str:
     return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
+# Every ending a timestamp can have, made once: formatting it cost as much as rendering the rest of an access line.
+_MILLISECONDS = tuple(f".{ms:03d}+00:00" for ms in range(1000))
+
+
 def _timestamp(created: float) -> str:
     """``created`` as ISO 8601 UTC with milliseconds; the part up to the second is made once a second."""
     second = int(created)
-    return f"{_utc_second(second)}.{int((created - second) * 1000):03d}+00:00"
+    return _utc_second(second) + _MILLISECONDS[int((created - second) * 1000)]
+
+
+# One access line's values, in the order they are rendered (docs/observability.md, "Logs"); its time goes first.
+ACCESS_FIELDS = (
+    "request_id",
+    "caller",
+    "method",
+    "path",
+    "batch_id",
+    "status",
+    "cache",
+    "upstream_status",
+    "upstream_ms",
+    "total_ms",
+)
+# (time added, then the values of ACCESS_FIELDS in order)
+AccessEntry = tuple[
+    float, str, str, str | None, str | None, str | None, int, str, int | None, float | None, float | None
+]
 
 
 class JsonFormatter(logging.Formatter):
@@ -181,12 +218,14 @@ class JsonFormatter(logging.Formatter):
     Non-ASCII is escaped, so a line never fails to encode: a header decoded
     with surrogate escapes would otherwise break the handler, whose fallback
     prints the raw record to stderr. A record carrying an ``AccessLog``
-    batch renders as one line per entry.
+    batch renders as one line per entry, the same fields in the same order,
+    made from pieces (``_AccessLines``) and searched the same way.
     """
 
     def __init__(self, redact: Redactor) -> None:
         super().__init__()
         self._redact = redact
+        self._access_lines = _AccessLines()
 
     def _clean(self, value: Any) -> Any:
         if isinstance(value, str):
@@ -200,18 +239,105 @@ class JsonFormatter(logging.Formatter):
         return self._redact(str(value))
 
     def format(self, record: logging.LogRecord) -> str:
-        batch: list[tuple[float, dict[str, Any]]] | None = getattr(record, "batch", None)
-        entries = batch if batch is not None else [(record.created, getattr(record, "fields", {}))]
-        head = {"level": record.levelname.lower(), "logger": record.name, "event": record.getMessage()}
-        payloads = [{"time": _timestamp(created), **head, **fields} for created, fields in entries]
-        if record.exc_info:
-            payloads[-1]["exception"] = self.formatException(record.exc_info)
-        text = "\n".join(map(render_json, payloads))
-        # Two substring searches are far cheaper than cleaning every value, and nearly always false.
+        level, event = record.levelname.lower(), record.getMessage()
+        access: list[AccessEntry] | None = getattr(record, "access", None)
+        payloads = None
+        text = None
+        if access is not None and not record.exc_info:
+            with contextlib.suppress(TypeError):  # a value of another type than AccessLog.add takes
+                text = self._access_lines.render(level, record.name, event, access)
+        if text is None:
+            payloads = self._payloads(record, level, event, access)
+            text = _render_lines(payloads)
+        # Every line is searched, whatever its values: two substring searches over the whole
+        # batch are far cheaper than cleaning every value, and nearly always false.
         # Rendered lines hold no raw newline, so no secret spans two of them.
         if "bearer" in text.lower() or self._redact.found_in_json(text):
+            payloads = payloads or self._payloads(record, level, event, access)
             text = "\n".join(render_json(self._clean(payload)) for payload in payloads)
         return text
+
+    def _payloads(
+        self, record: logging.LogRecord, level: str, event: str, access: list[AccessEntry] | None
+    ) -> list[dict[str, Any]]:
+        """The record's lines as dicts: one, or one per entry of an access batch."""
+        head = {"level": level, "logger": record.name, "event": event}
+        if access is not None:
+            payloads = [
+                {"time": _timestamp(e[0]), **head, **dict(zip(ACCESS_FIELDS, e[1:], strict=True))} for e in access
+            ]
+        else:
+            payloads = [{"time": _timestamp(record.created), **head, **getattr(record, "fields", {})}]
+        if record.exc_info:
+            payloads[-1]["exception"] = self.formatException(record.exc_info)
+        return payloads
+
+
+class _AccessLines:
+    """Renders a batch of access entries as JSON lines, from pieces made once.
+
+    The keys, and the values that repeat from line to line (caller, method,
+    route; status, cache state, upstream status), are rendered once into a
+    piece of a line; only the time, the ids and the timings are rendered per
+    line, by the json module's C string encoder (non-ASCII escaped, as
+    ``render_json`` escapes it). The pieces are remembered by value, a bounded
+    number of them: a 404's path is the client's, and could be new on every
+    line. Not orjson per value: its output buffers, four a line held until
+    the batch is joined, made it slower than one ``render_json`` a line.
+    """
+
+    _KEEP = 1024  # pieces of each kind; past that they are all made again
+
+    def __init__(self) -> None:
+        self._middles: dict[tuple[str, str | None, str | None], str] = {}
+        self._tails: dict[tuple[int, str, int | None], str] = {}
+
+    def render(self, level: str, logger: str, event: str, entries: list[AccessEntry]) -> str:
+        quote, milliseconds = _quote, _MILLISECONDS
+        middles, tails = self._middles, self._tails
+        head = (
+            f'","level":{render_json(level)},"logger":{render_json(logger)},"event":{render_json(event)},"request_id":'
+        )
+        parts: list[str] = []
+        second, start = -1, ""
+        for e in entries:
+            created = e[0]
+            if int(created) != second:
+                second = int(created)
+                start = '\n{"time":"' + _utc_second(second)
+            middle = middles.get(key := (e[2], e[3], e[4]))
+            if middle is None:
+                middle = ',"caller":{},"method":{},"path":{},"batch_id":'.format(*map(render_json, key))
+                _keep(middles, key, middle)
+            tail = tails.get(end := (e[6], e[7], e[8]))
+            if tail is None:
+                tail = ',"status":{},"cache":{},"upstream_status":{},"upstream_ms":'.format(*map(render_json, end))
+                _keep(tails, end, tail)
+            parts += (
+                start,
+                milliseconds[int((created - second) * 1000)],
+                head,
+                quote(e[1]),
+                middle,
+                "null" if e[5] is None else quote(e[5]),
+                tail,
+                _number(e[9]),
+                ',"total_ms":',
+                _number(e[10]),
+                "}",
+            )
+        return "".join(parts)[1:]
+
+
+def _keep(pieces: dict[Any, str], key: Any, piece: str) -> None:
+    if len(pieces) >= _AccessLines._KEEP:
+        pieces.clear()
+    pieces[key] = piece
+
+
+def _number(value: float | None) -> str:
+    """A timing as JSON: null when there is none (or it is not finite, which JSON cannot hold)."""
+    return repr(value) if value is not None and math.isfinite(value) else "null"
 
 
 class _FlushAtTurnEnd:
@@ -245,7 +371,8 @@ class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     Inside a running event loop, formatted lines are collected and written
     (one ``write``, one flush) at the loop's next turn, so that a busy
-    gateway makes one write per loop turn rather than one per request.
+    gateway makes one write per loop turn rather than one per request; an
+    ``AccessLog`` batch, logged at a turn's end, is written at once.
     Outside a loop, each line is written at once. ``logging.shutdown``
     (at exit) flushes whatever is pending.
 
@@ -264,7 +391,12 @@ class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
-        self._flush_soon.request()
+        if hasattr(record, "access"):
+            # Access lines come batched at a turn's end already: written now, with what is
+            # pending, rather than a callback and a loop turn later.
+            self.flush()
+        else:
+            self._flush_soon.request()
 
     def flush(self) -> None:
         self.acquire()
@@ -298,13 +430,41 @@ class AccessLog:
 
     def __init__(self) -> None:
         self._logger = logging.getLogger(ACCESS_LOGGER)
-        self._pending: list[tuple[float, dict[str, Any]]] = []
+        self._pending: list[AccessEntry] = []
         self._flush_soon = _FlushAtTurnEnd(self.flush)
 
-    def add(self, **fields: Any) -> None:
+    def add(
+        self,
+        *,
+        request_id: str,
+        caller: str,
+        method: str | None,
+        path: str | None,
+        batch_id: str | None,
+        status: int,
+        cache: str,
+        upstream_status: int | None,
+        upstream_ms: float | None,
+        total_ms: float | None,
+    ) -> None:
+        """One line (the fields of ``ACCESS_FIELDS``): kept as a tuple, rendered and redacted at the turn's end."""
         if not self._logger.isEnabledFor(logging.INFO):
             return
-        self._pending.append((time.time(), fields))
+        self._pending.append(
+            (
+                time.time(),
+                request_id,
+                caller,
+                method,
+                path,
+                batch_id,
+                status,
+                cache,
+                upstream_status,
+                upstream_ms,
+                total_ms,
+            )
+        )
         self._flush_soon.request()
 
     def flush(self) -> None:
@@ -312,7 +472,7 @@ class AccessLog:
         self._flush_soon.done()
         if self._pending:
             batch, self._pending = self._pending, []
-            self._logger.info("request", extra={"batch": batch})
+            self._logger.info("request", extra={"access": batch})
 
 
 def configure_logging(level: str, redact: Redactor, stream: Any = None) -> None:
