@@ -330,9 +330,13 @@ async def test_a_request_aiohttp_cannot_parse_gets_an_access_log_line_and_is_cou
 # What a client controls in an access line: the path of an unmatched route, the batch id as
 # sent, the method, an X-Request-ID. Any text, with or without a secret or a bearer credential in it.
 CLIENT_FIELDS = ("request_id", "method", "path", "batch_id")
+# The text every access line holds whatever the client sent: its keys and the gateway's own values. A
+# "secret" inside one of them (a password "logger") is redacted there too, which says nothing of the
+# client's values, so the property is tried with secrets that are not part of that text.
+FIXED_TEXT = ("time", "level", "logger", "event", "info", "gateway.access", "request", "billing-service")
 access_secrets = st.text(
     st.characters(blacklist_characters="[]", blacklist_categories=("Cs",)), min_size=6, max_size=24
-)
+).filter(lambda secret: not any(secret in fixed for fixed in (*FIXED_TEXT, *ACCESS_FIELDS_IN_ORDER)))
 access_texts = st.text(max_size=30).filter(lambda t: "bearer" not in t.lower())
 
 
