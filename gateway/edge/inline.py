@@ -33,6 +33,7 @@ BATCH_PATH_PREFIX = BATCH_ROUTE.removesuffix("{id}")
 STATUS_LINES = {200: "HTTP/1.1 200 OK\r\n", 304: "HTTP/1.1 304 Not Modified\r\n"}
 # HEAD is GET without the body (RFC 9110 9.3.2): the rules and the head are the same.
 METHODS = frozenset({"GET", "HEAD"})
+HIT = CacheState.HIT.value  # an Enum's .value is a property: read once, not per hit
 
 
 def routed_head(message: RawRequestMessage) -> Head | None:
@@ -81,7 +82,7 @@ def answer_fresh_hit(state: GatewayState, message: RawRequestMessage) -> bytes |
         path=BATCH_ROUTE,
         batch_id=decision.batch_id,
         status=decision.status,
-        cache=CacheState.HIT.value,
+        cache=HIT,
         trace=None,
         elapsed_s=time.perf_counter() - started,
         method=message.method,
@@ -124,7 +125,8 @@ class _Heads:
         entry, now = answer.entry, answer.now
         key = (id(entry), answer.not_modified, with_body)
         # CacheEntry.age_s and fresh_s (a hit is fresh, so max-age is fresh_s), without two calls.
-        varies = (max(0, int(now - entry.fetched_at)), max(0, int(entry.fresh_until - now)), rfc822_formatted_time())
+        age, fresh_s = int(now - entry.fetched_at), int(entry.fresh_until - now)
+        varies = (age if age > 0 else 0, fresh_s if fresh_s > 0 else 0, rfc822_formatted_time())
         kept = self._kept.get(key)
         if kept is None or kept[0] is not entry or kept[1] != varies:
             before, after = _split_at_request_id(answer.rendered, varies[2], with_body=with_body)

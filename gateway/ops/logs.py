@@ -210,7 +210,7 @@ class JsonFormatter(logging.Formatter):
         return payloads
 
 
-class _FlushAtTurnEnd:
+class FlushAtTurnEnd:
     """Calls ``flush`` once at the end of the running event loop's turn, however often asked; at once outside a loop.
 
     The loop a flush is scheduled on is remembered, not a flag: a loop
@@ -258,7 +258,7 @@ class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self._pending: list[str] = []
-        self._flush_soon = _FlushAtTurnEnd(self.flush)
+        self._flush_soon = FlushAtTurnEnd(self.flush)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -306,7 +306,7 @@ class AccessLog:
     def __init__(self) -> None:
         self._logger = logging.getLogger(ACCESS_LOGGER)
         self._pending: list[AccessEntry] = []
-        self._flush_soon = _FlushAtTurnEnd(self.flush)
+        self._flush_soon = FlushAtTurnEnd(self.flush)
 
     def add(
         self,
