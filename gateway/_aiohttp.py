@@ -22,7 +22,6 @@ When upgrading aiohttp: read the diff of ``web_protocol.py``,
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -225,7 +224,7 @@ class Connection(RequestHandler):
         if self._manager is not None:
             self._manager.requests_count += 1
         if self._keepalive_timeout > 0:
-            loop = asyncio.get_running_loop()
+            loop = self._loop  # the connection's loop (asyncio.get_running_loop() costs a getpid() a call)
             self._next_keepalive_close_time = loop.time() + self._keepalive_timeout
             if self._keepalive_handle is None:
                 self._keepalive_handle = loop.call_at(self._next_keepalive_close_time, self._process_keepalive)

@@ -145,12 +145,13 @@ def record_request(
     counter = children.get(labels)
     if counter is None:
         counter = children[labels] = state.metrics.requests.labels(caller, route, str(status), cache)
-    counter.inc()
+    histogram = None
     if elapsed_s is not None:
         histogram = children.get(route)
         if histogram is None:
             histogram = children[route] = state.metrics.request_seconds.labels(route)
-        histogram.observe(elapsed_s)
+    # Counted and timed at the loop turn's end, with the turn's other requests (Metrics.tally).
+    state.metrics.tally.add(counter, histogram, elapsed_s)
     if not state.snapshot.config.logging.access_log:
         return
     state.access_log.add(

@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 from multidict import CIMultiDictProxy
 
@@ -45,9 +46,12 @@ from gateway.upstream.cohere import parse_batch_id
 JSON = "application/json"
 
 
-@dataclass(frozen=True, slots=True)
-class Head:
-    """A routed request for one batch: what the decision reads."""
+class Head(NamedTuple):
+    """A routed request for one batch: what the decision reads.
+
+    Head and Answer are made on every hit: a NamedTuple is as immutable as a
+    frozen dataclass, and made in a third of its time.
+    """
 
     method: str  # GET or HEAD
     batch_id: str  # the route's {id}, decoded, not yet validated
@@ -72,11 +76,22 @@ class Rendered:
     body: bytes  # empty for a 304; a HEAD's writer leaves it out
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
+class Answer(NamedTuple):
+    """A fresh 200 from memory: 304 when ``If-None-Match`` named its ETag; rendered as ``rendered`` says."""
+
     caller: Caller
     batch_id: str
-    rendered: Rendered
+    entry: CacheEntry
+    now: float  # the clock when decided: Age and max-age are counted from it
+    not_modified: bool
+
+    @property
+    def status(self) -> int:
+        return 304 if self.not_modified else 200
+
+    @property
+    def rendered(self) -> Rendered:
+        return rendered_hit(self.entry, self.now, self.not_modified)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,13 +166,23 @@ def decide(state: GatewayState, snapshot: Snapshot, head: Head, limit: Limit) ->
     # A fresh entry is also what the cache held on arrival: the caller holds it unless it names another.
     if wait_s and rules.must_wait(entry, if_none_match, entry):
         return HandOn(Stage.WAIT, caller, batch_id)
-    return Answer(caller, batch_id, render(entry, CacheState.HIT, state.clock(), if_none_match))
+    not_modified = bool(if_none_match) and rules.not_modified(if_none_match, entry.etag)
+    return Answer(caller, batch_id, entry, state.clock(), not_modified)
 
 
 def render(entry: CacheEntry, cache_state: CacheState, now: float, if_none_match: list[str]) -> Rendered:
     """A cached 200 as its answer: 304 with no body when ``If-None-Match`` names its ETag (docs/design.md §9)."""
+    return _rendered(entry, cache_state, now, rules.not_modified(if_none_match, entry.etag))
+
+
+def rendered_hit(entry: CacheEntry, now: float, not_modified: bool) -> Rendered:
+    """A fresh hit's answer (``Answer.rendered``): the rendering ``render`` gives."""
+    return _rendered(entry, CacheState.HIT, now, not_modified)
+
+
+def _rendered(entry: CacheEntry, cache_state: CacheState, now: float, not_modified: bool) -> Rendered:
     headers = cache_headers(entry, cache_state, now)
-    if rules.not_modified(if_none_match, entry.etag):
+    if not_modified:
         return Rendered(304, headers, b"")
     headers["Content-Type"] = JSON
     return Rendered(200, headers, entry.body)

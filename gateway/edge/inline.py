@@ -27,12 +27,13 @@ from gateway._aiohttp import RawRequestMessage, rfc822_formatted_time
 from gateway.api.app import BATCH_ROUTE, SERVER, record_request, request_id_for
 from gateway.api.decide import Answer, Head, Rendered, decide, take_token, token_available
 from gateway.api.state import GatewayState
-from gateway.cache.entry import CacheState
+from gateway.cache.entry import CacheEntry, CacheState
 
 BATCH_PATH_PREFIX = BATCH_ROUTE.removesuffix("{id}")
 STATUS_LINES = {200: "HTTP/1.1 200 OK\r\n", 304: "HTTP/1.1 304 Not Modified\r\n"}
 # HEAD is GET without the body (RFC 9110 9.3.2): the rules and the head are the same.
 METHODS = frozenset({"GET", "HEAD"})
+HIT = CacheState.HIT.value  # an Enum's .value is a property: read once, not per hit
 
 
 def routed_head(message: RawRequestMessage) -> Head | None:
@@ -72,8 +73,7 @@ def answer_fresh_hit(state: GatewayState, message: RawRequestMessage) -> bytes |
     if caller.rate_limit is not None and take_token(state, caller) != 0:
         return None
     request_id = request_id_for(message.headers)
-    rendered = decision.rendered
-    response = serialize(rendered, request_id, with_body=message.method == "GET")
+    response = _heads.response(decision, request_id, with_body=message.method == "GET")
     record_request(
         state,
         request_id=request_id,
@@ -81,8 +81,8 @@ def answer_fresh_hit(state: GatewayState, message: RawRequestMessage) -> bytes |
         route=BATCH_ROUTE,
         path=BATCH_ROUTE,
         batch_id=decision.batch_id,
-        status=rendered.status,
-        cache=CacheState.HIT.value,
+        status=decision.status,
+        cache=HIT,
         trace=None,
         elapsed_s=time.perf_counter() - started,
         method=message.method,
@@ -90,13 +90,50 @@ def answer_fresh_hit(state: GatewayState, message: RawRequestMessage) -> bytes |
     return response
 
 
-def serialize(rendered: Rendered, request_id: str, *, with_body: bool) -> bytes:
-    """``rendered`` as the bytes of an HTTP/1.1 answer: the head the app's writer sends for it, and the body."""
+def _split_at_request_id(rendered: Rendered, date: str, *, with_body: bool) -> tuple[bytes, bytes]:
+    """The bytes of ``rendered``'s answer before its request id, and after it."""
     lines = [STATUS_LINES[rendered.status]]
     lines += [f"{name}: {value}\r\n" for name, value in rendered.headers.items()]
-    lines.append(f"X-Request-ID: {request_id}\r\n")
+    lines.append("X-Request-ID: ")
+    before = "".join(lines).encode("latin-1")
+    after = "\r\n"
     if rendered.status != 304:
-        lines.append(f"Content-Length: {len(rendered.body)}\r\n")
-    lines.append(f"Date: {rfc822_formatted_time()}\r\nServer: {SERVER}\r\n\r\n")
-    head = "".join(lines).encode("latin-1")
-    return head + rendered.body if with_body else head
+        after += f"Content-Length: {len(rendered.body)}\r\n"
+    after += f"Date: {date}\r\nServer: {SERVER}\r\n\r\n"
+    return before, after.encode("latin-1") + rendered.body if with_body else after.encode("latin-1")
+
+
+class _Heads:
+    """A fresh hit's answer bytes, made once a second per cache entry, not once a request.
+
+    Of a hit's answer only the request id changes from one request to the
+    next: Age, max-age and Date change once a second, the rest with the
+    entry. So the bytes around the request id are kept for the last second
+    of each entry seen, made from ``Answer.rendered`` (the app's rendering
+    too) whenever any of them would differ. A bounded number of entries are
+    kept; past that all are forgotten at once. An entry is held by the
+    value, so its ``id`` cannot be reused while it is kept.
+    """
+
+    _KEEP = 4096
+
+    def __init__(self) -> None:
+        # (id(entry), 304?, body?) -> (entry, (age, max-age, Date), bytes before the request id, bytes after it)
+        self._kept: dict[tuple[int, bool, bool], tuple[CacheEntry, tuple[int, int, str], bytes, bytes]] = {}
+
+    def response(self, answer: Answer, request_id: str, *, with_body: bool) -> bytes:
+        entry, now = answer.entry, answer.now
+        key = (id(entry), answer.not_modified, with_body)
+        # CacheEntry.age_s and fresh_s (a hit is fresh, so max-age is fresh_s), without two calls.
+        age, fresh_s = int(now - entry.fetched_at), int(entry.fresh_until - now)
+        varies = (age if age > 0 else 0, fresh_s if fresh_s > 0 else 0, rfc822_formatted_time())
+        kept = self._kept.get(key)
+        if kept is None or kept[0] is not entry or kept[1] != varies:
+            before, after = _split_at_request_id(answer.rendered, varies[2], with_body=with_body)
+            if len(self._kept) >= self._KEEP:
+                self._kept.clear()
+            kept = self._kept[key] = (entry, varies, before, after)
+        return b"".join((kept[2], request_id.encode("latin-1"), kept[3]))
+
+
+_heads = _Heads()

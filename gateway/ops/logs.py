@@ -11,66 +11,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
-import math
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
 import ahocorasick_rs
-import orjson
+
+from gateway.ops.lines import (
+    ACCESS_FIELDS,
+    FALLBACK_ENCODER,
+    AccessEntry,
+    AccessLines,
+    render_json,
+    render_lines,
+    timestamp,
+)
 
 ACCESS_LOGGER = "gateway.access"
 REDACTED = "[REDACTED]"
 _BEARER = re.compile(r"(?i)(bearer)(\s+|%20|\+)[^\s\"',;]+")
 _REDACTOR_LENGTH_FLOOR = 6  # shorter "secrets" would shred ordinary words
-# For what orjson will not render (see render_json). One encoder for every line:
-# json.dumps builds a new one per call when given options.
-_FALLBACK_ENCODER = json.JSONEncoder(ensure_ascii=True, default=str, separators=(",", ":"))
-
-
-_ORJSON_AS_JSON = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
-_ORJSON_LINE = _ORJSON_AS_JSON | orjson.OPT_APPEND_NEWLINE
-
-
-def render_json(value: Any) -> str:
-    """``value`` as compact JSON, with non-ASCII escaped.
-
-    orjson renders it: ten times faster than the json module, which counts
-    on a cache hit, whose access line was the largest cost left (bench/).
-    json takes over for what orjson refuses (lone surrogates from header
-    bytes that are not UTF-8, non-string keys, integers past 64 bits) and
-    for anything non-ASCII, which orjson leaves unescaped.
-    """
-    try:
-        # Dataclasses and datetimes go to default=str, as with json, not field by field.
-        rendered = orjson.dumps(value, default=str, option=_ORJSON_AS_JSON)
-    except TypeError:
-        return _FALLBACK_ENCODER.encode(value)
-    return rendered.decode("ascii") if rendered.isascii() else _FALLBACK_ENCODER.encode(value)
-
-
-def _render_lines(payloads: list[dict[str, Any]]) -> str:
-    """Each of ``payloads`` as ``render_json`` renders it, one a line: one decode and one ASCII test for all."""
-    try:
-        rendered = b"".join([orjson.dumps(p, default=str, option=_ORJSON_LINE) for p in payloads])
-    except TypeError:
-        rendered = b"\xff"  # not ASCII: rendered line by line below
-    if rendered.isascii():
-        return rendered[:-1].decode("ascii")
-    return "\n".join(map(render_json, payloads))
 
 
 def _json_forms(secret: str) -> set[str]:
     """``secret`` as it reads inside a rendered JSON string, by either encoder (they escape DEL differently)."""
-    return {render_json(secret)[1:-1], _FALLBACK_ENCODER.encode(secret)[1:-1]}
+    return {render_json(secret)[1:-1], FALLBACK_ENCODER.encode(secret)[1:-1]}
 
 
 # Up to this many secret forms, a substring test per form is fastest (memchr);
@@ -169,40 +140,6 @@ class Redactor:
         return text
 
 
-@functools.lru_cache(maxsize=4)
-def _utc_second(second: int) -> str:
-    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-
-
-# Every ending a timestamp can have, made once: formatting it cost as much as rendering the rest of an access line.
-_MILLISECONDS = tuple(f".{ms:03d}+00:00" for ms in range(1000))
-
-
-def _timestamp(created: float) -> str:
-    """``created`` as ISO 8601 UTC with milliseconds; the part up to the second is made once a second."""
-    second = int(created)
-    return _utc_second(second) + _MILLISECONDS[int((created - second) * 1000)]
-
-
-# One access line's values, in the order they are rendered (docs/observability.md, "Logs"); its time goes first.
-ACCESS_FIELDS = (
-    "request_id",
-    "caller",
-    "method",
-    "path",
-    "batch_id",
-    "status",
-    "cache",
-    "upstream_status",
-    "upstream_ms",
-    "total_ms",
-)
-# (time added, then the values of ACCESS_FIELDS in order)
-AccessEntry = tuple[
-    float, str, str, str | None, str | None, str | None, int, str, int | None, float | None, float | None
-]
-
-
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, event, and any ``fields``.
 
@@ -219,13 +156,13 @@ class JsonFormatter(logging.Formatter):
     with surrogate escapes would otherwise break the handler, whose fallback
     prints the raw record to stderr. A record carrying an ``AccessLog``
     batch renders as one line per entry, the same fields in the same order,
-    made from pieces (``_AccessLines``) and searched the same way.
+    made from pieces (``AccessLines``) and searched the same way.
     """
 
     def __init__(self, redact: Redactor) -> None:
         super().__init__()
         self._redact = redact
-        self._access_lines = _AccessLines()
+        self._access_lines = AccessLines()
 
     def _clean(self, value: Any) -> Any:
         if isinstance(value, str):
@@ -248,7 +185,7 @@ class JsonFormatter(logging.Formatter):
                 text = self._access_lines.render(level, record.name, event, access)
         if text is None:
             payloads = self._payloads(record, level, event, access)
-            text = _render_lines(payloads)
+            text = render_lines(payloads)
         # Every line is searched, whatever its values: two substring searches over the whole
         # batch are far cheaper than cleaning every value, and nearly always false.
         # Rendered lines hold no raw newline, so no secret spans two of them.
@@ -264,83 +201,16 @@ class JsonFormatter(logging.Formatter):
         head = {"level": level, "logger": record.name, "event": event}
         if access is not None:
             payloads = [
-                {"time": _timestamp(e[0]), **head, **dict(zip(ACCESS_FIELDS, e[1:], strict=True))} for e in access
+                {"time": timestamp(e[0]), **head, **dict(zip(ACCESS_FIELDS, e[1:], strict=True))} for e in access
             ]
         else:
-            payloads = [{"time": _timestamp(record.created), **head, **getattr(record, "fields", {})}]
+            payloads = [{"time": timestamp(record.created), **head, **getattr(record, "fields", {})}]
         if record.exc_info:
             payloads[-1]["exception"] = self.formatException(record.exc_info)
         return payloads
 
 
-class _AccessLines:
-    """Renders a batch of access entries as JSON lines, from pieces made once.
-
-    The keys, and the values that repeat from line to line (caller, method,
-    route; status, cache state, upstream status), are rendered once into a
-    piece of a line; only the time, the ids and the timings are rendered per
-    line, by the json module's C string encoder (non-ASCII escaped, as
-    ``render_json`` escapes it). The pieces are remembered by value, a bounded
-    number of them: a 404's path is the client's, and could be new on every
-    line. Not orjson per value: its output buffers, four a line held until
-    the batch is joined, made it slower than one ``render_json`` a line.
-    """
-
-    _KEEP = 1024  # pieces of each kind; past that they are all made again
-
-    def __init__(self) -> None:
-        self._middles: dict[tuple[str, str | None, str | None], str] = {}
-        self._tails: dict[tuple[int, str, int | None], str] = {}
-
-    def render(self, level: str, logger: str, event: str, entries: list[AccessEntry]) -> str:
-        quote, milliseconds = _quote, _MILLISECONDS
-        middles, tails = self._middles, self._tails
-        head = (
-            f'","level":{render_json(level)},"logger":{render_json(logger)},"event":{render_json(event)},"request_id":'
-        )
-        parts: list[str] = []
-        second, start = -1, ""
-        for e in entries:
-            created = e[0]
-            if int(created) != second:
-                second = int(created)
-                start = '\n{"time":"' + _utc_second(second)
-            middle = middles.get(key := (e[2], e[3], e[4]))
-            if middle is None:
-                middle = ',"caller":{},"method":{},"path":{},"batch_id":'.format(*map(render_json, key))
-                _keep(middles, key, middle)
-            tail = tails.get(end := (e[6], e[7], e[8]))
-            if tail is None:
-                tail = ',"status":{},"cache":{},"upstream_status":{},"upstream_ms":'.format(*map(render_json, end))
-                _keep(tails, end, tail)
-            parts += (
-                start,
-                milliseconds[int((created - second) * 1000)],
-                head,
-                quote(e[1]),
-                middle,
-                "null" if e[5] is None else quote(e[5]),
-                tail,
-                _number(e[9]),
-                ',"total_ms":',
-                _number(e[10]),
-                "}",
-            )
-        return "".join(parts)[1:]
-
-
-def _keep(pieces: dict[Any, str], key: Any, piece: str) -> None:
-    if len(pieces) >= _AccessLines._KEEP:
-        pieces.clear()
-    pieces[key] = piece
-
-
-def _number(value: float | None) -> str:
-    """A timing as JSON: null when there is none (or it is not finite, which JSON cannot hold)."""
-    return repr(value) if value is not None and math.isfinite(value) else "null"
-
-
-class _FlushAtTurnEnd:
+class FlushAtTurnEnd:
     """Calls ``flush`` once at the end of the running event loop's turn, however often asked; at once outside a loop.
 
     The loop a flush is scheduled on is remembered, not a flag: a loop
@@ -351,15 +221,20 @@ class _FlushAtTurnEnd:
     def __init__(self, flush: Callable[[], None]) -> None:
         self._flush = flush
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0  # the thread running that loop
 
     def request(self) -> None:
+        # Asked again on the loop that runs the flush: nothing to do. Known without
+        # asyncio.get_running_loop(), which costs a getpid() a call (once per request).
+        if self._loop is not None and self._thread == threading.get_ident() and self._loop.is_running():
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self._flush()
             return
         if self._loop is not loop:
-            self._loop = loop
+            self._loop, self._thread = loop, threading.get_ident()
             loop.call_soon(self._flush)
 
     def done(self) -> None:
@@ -383,7 +258,7 @@ class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self._pending: list[str] = []
-        self._flush_soon = _FlushAtTurnEnd(self.flush)
+        self._flush_soon = FlushAtTurnEnd(self.flush)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -431,7 +306,7 @@ class AccessLog:
     def __init__(self) -> None:
         self._logger = logging.getLogger(ACCESS_LOGGER)
         self._pending: list[AccessEntry] = []
-        self._flush_soon = _FlushAtTurnEnd(self.flush)
+        self._flush_soon = FlushAtTurnEnd(self.flush)
 
     def add(
         self,
