@@ -14,8 +14,10 @@ import pytest
 import uvloop
 from hypothesis import settings
 
+from gateway.api.state import GatewayState
 from gateway.config import GatewayConfig, RedisSettings
 from gateway.demo.simulator import Simulator, start_simulator
+from gateway.edge import connection as gateway_connection
 from gateway.edge.server import RunningGateway, start_gateway
 from gateway.ops.logs import Redactor
 from gateway.ops.metrics import Metrics
@@ -184,3 +186,19 @@ async def gateway_process() -> AsyncIterator[ProcessFactory]:
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+@pytest.fixture
+def inline_answers(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every answer the inline path made during the test."""
+    made: list[bytes] = []
+    answer = gateway_connection.answer_fresh_hit
+
+    def recorded(state: GatewayState, message: object) -> bytes | None:
+        response = answer(state, message)  # type: ignore[arg-type]
+        if response is not None:
+            made.append(response)
+        return response
+
+    monkeypatch.setattr(gateway_connection, "answer_fresh_hit", recorded)
+    return made

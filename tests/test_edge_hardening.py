@@ -13,9 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 
 import gateway
-from gateway.api.state import GatewayState
 from gateway.demo.simulator import Simulator
-from gateway.edge import connection as gateway_connection
 from gateway.edge.server import start_gateway
 from gateway.runtime import build_state
 from tests.conftest import GatewayFactory
@@ -64,22 +62,6 @@ async def head_then_get(url: str, target: str, **kwargs: object) -> tuple[Answer
         return await read_head(reader), await read_answer(reader)
     finally:
         writer.close()
-
-
-@pytest.fixture
-def inline_answers(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """Every answer the inline path made during the test."""
-    made: list[bytes] = []
-    answer = gateway_connection.answer_fresh_hit
-
-    def recorded(state: GatewayState, message: object) -> bytes | None:
-        response = answer(state, message)  # type: ignore[arg-type]
-        if response is not None:
-            made.append(response)
-        return response
-
-    monkeypatch.setattr(gateway_connection, "answer_fresh_hit", recorded)
-    return made
 
 
 # --- Server ------------------------------------------------------------------------------------

@@ -14,9 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from gateway.api.state import GatewayState
 from gateway.demo.simulator import Simulator
-from gateway.edge import connection as gateway_connection
 from tests.conftest import GatewayFactory
 from tests.support import (
     BILLING_KEY,
@@ -36,22 +34,6 @@ from tests.upstream import Upstream, write_callers
 
 # Headers that differ between any two answers, whichever way they were made.
 PER_ANSWER = {"Date", "X-Request-ID", "Connection"}
-
-
-@pytest.fixture
-def inline_answers(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """Every answer the inline path made during the test."""
-    made: list[bytes] = []
-    answer = gateway_connection.answer_fresh_hit
-
-    def recorded(state: GatewayState, message: object) -> bytes | None:
-        response = answer(state, message)  # type: ignore[arg-type]
-        if response is not None:
-            made.append(response)
-        return response
-
-    monkeypatch.setattr(gateway_connection, "answer_fresh_hit", recorded)
-    return made
 
 
 async def one_answer(url: str, data: bytes, *, head: bool = False) -> Answer:
