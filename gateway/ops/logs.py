@@ -80,18 +80,6 @@ class Redactor:
     def __init__(self) -> None:
         self._forms = RedactionForms()
 
-    @property
-    def _secrets(self) -> tuple[str, ...]:
-        return self._forms.secrets
-
-    @property
-    def _in_json(self) -> tuple[str, ...]:
-        return self._forms.in_json
-
-    @property
-    def _finder(self) -> ahocorasick_rs.BytesAhoCorasick | None:
-        return self._forms.finder
-
     def prepare(self, secrets: list[str]) -> RedactionForms:
         """The forms of ``secrets`` and of every secret known so far (a rotated-out one stays redacted)."""
         kept = {s for s in secrets if len(s) >= _REDACTOR_LENGTH_FLOOR} | set(self._forms.secrets)
@@ -113,23 +101,27 @@ class Redactor:
     def update(self, secrets: list[str]) -> None:
         self.install(self.prepare(secrets))
 
-    def _holds_any(self, text: str, forms: tuple[str, ...]) -> bool:
-        if self._finder is None:
-            return any(form in text for form in forms)
-        return bool(self._finder.find_matches_as_indexes(_utf8(text)))
+    @staticmethod
+    def _holds_any(forms: RedactionForms, text: str, candidates: tuple[str, ...]) -> bool:
+        # The finder knows every form at once; without one (few secrets), each is searched for.
+        if forms.finder is None:
+            return any(candidate in text for candidate in candidates)
+        return bool(forms.finder.find_matches_as_indexes(_utf8(text)))
 
     def known(self, text: str) -> str:
         """``text`` without the secrets in force."""
-        if not self._holds_any(text, self._secrets):
+        forms = self._forms
+        if not self._holds_any(forms, text, forms.secrets):
             return text
-        for secret in self._secrets:
+        for secret in forms.secrets:
             if secret in text:
                 text = text.replace(secret, REDACTED)
         return text
 
     def found_in_json(self, text: str) -> bool:
         """Whether rendered JSON holds a secret in force, in whatever string it was escaped."""
-        return self._holds_any(text, self._in_json)
+        forms = self._forms
+        return self._holds_any(forms, text, forms.in_json)
 
     def __call__(self, text: str) -> str:
         """``text`` without the known secrets and without any bearer credential."""
