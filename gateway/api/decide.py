@@ -135,8 +135,7 @@ def token_available(state: GatewayState, caller: Caller) -> float | None:
     if state.shared_caller_limits is not None:
         return None
     assert caller.rate_limit is not None
-    tokens = state.caller_bucket(caller.name, caller.rate_limit).tokens
-    return 0.0 if tokens >= 1 else (1 - tokens) / caller.rate_limit.requests_per_s
+    return state.caller_bucket(caller.name, caller.rate_limit).wait_s()
 
 
 def decide(state: GatewayState, snapshot: Snapshot, head: Head, limit: Limit) -> Decision:

@@ -196,10 +196,10 @@ class UpstreamBudget:
         """
         if not write and self._writes_waiting:
             return 1 / self.bucket.rate
-        tokens = self.bucket.tokens
-        if tokens < reserve + 1:
-            return (reserve + 1 - tokens) / self.bucket.rate
-        return self.bucket.try_take() if take else 0.0
+        wait = self.bucket.wait_s(reserve)
+        if wait or not take:
+            return wait
+        return self.bucket.try_take()
 
     # --- this process's share ---
 

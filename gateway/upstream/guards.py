@@ -47,13 +47,18 @@ class TokenBucket:
         self._refill()
         return self._tokens
 
+    def wait_s(self, reserve: int = 0) -> float:
+        """0 if a token is there now beyond ``reserve`` kept ones, else the seconds until one is; nothing is taken."""
+        self._refill()
+        needed = reserve + 1
+        return 0.0 if self._tokens >= needed else (needed - self._tokens) / self.rate
+
     def try_take(self) -> float:
         """Take a token and return 0, or return the seconds until one is due."""
-        self._refill()
-        if self._tokens >= 1:
+        wait = self.wait_s()
+        if not wait:
             self._tokens -= 1
-            return 0.0
-        return (1 - self._tokens) / self.rate
+        return wait
 
 
 class BreakerState(Enum):
