@@ -30,7 +30,10 @@ from tests.support import (
     sdk,
 )
 from tests.test_batch_api import create
-from tests.upstream import Upstream, write_callers
+from tests.upstream import ALL_OPERATIONS, Upstream, caller, write_callers
+
+# A third caller, allowed the defaults over every batch, with no limit of its own.
+OPS_KEY = "ops-caller-key-00000000000000000001"
 
 # Headers that differ between any two answers, whichever way they were made.
 PER_ANSWER = {"Date", "X-Request-ID", "Connection"}
@@ -141,3 +144,47 @@ async def test_an_own_scoped_caller_gets_its_own_batch_inline_and_another_caller
     assert_same_answer(*others)
     assert others[0].json["code"] == "not_found"
     assert len(inline_answers) == 1  # not the refusals
+
+
+async def test_on_one_kept_alive_connection_each_request_gets_its_own_decision_after_a_fast_answer(
+    upstream: Upstream, start: GatewayFactory, inline_answers: list[bytes]
+) -> None:
+    """A connection that has just had an inline answer asks every rule again for the next request:
+    the caller's limit, its scope and the wait; a refusal goes to the app, and the next hit is inline again."""
+    limited = caller(
+        "billing-service", BILLING_KEY, ALL_OPERATIONS, "own", rate_limit={"requests_per_s": 0.001, "burst": 3}
+    )
+    callers = [limited, caller("reporting", REPORTING_KEY, ALL_OPERATIONS, "own"), caller("ops", OPS_KEY)]
+    gateway = await start(make_config(upstream.url, callers=callers))
+    batch_id = await create(gateway, BILLING_KEY)  # billing's first token; the answer is the cached entry
+    inline_answers.clear()
+    target = f"/v2/batches/{batch_id}"
+    sent = [
+        request_bytes(target, key=BILLING_KEY, close=False),  # a hit: billing's second token
+        request_bytes(target, method="HEAD", key=BILLING_KEY, close=False),  # its third
+        request_bytes(target, key=BILLING_KEY, close=False),  # past its limit
+        request_bytes(target, key=REPORTING_KEY, close=False),  # not reporting's batch
+        request_bytes(target, [("Prefer", "wait=0")], key=OPS_KEY, close=False),  # no wait: a hit
+    ]
+
+    parts = urlsplit(gateway.url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    answers: list[Answer] = []
+    try:
+        for request in sent:
+            writer.write(request)
+            if request.startswith(b"HEAD"):
+                answers.append(
+                    parse_response(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), EXCHANGE_TIMEOUT_S))
+                )
+            else:
+                answers.append(await read_answer(reader))
+    finally:
+        writer.close()
+
+    assert [a.status for a in answers] == [200, 200, 429, 404, 200]
+    assert answers[2].json["code"] == "caller_rate_limited"
+    assert answers[3].json["code"] == "not_found"
+    assert answers[4].header("Preference-Applied") is None
+    assert len(inline_answers) == 3  # the two hits of billing and the one of ops; the refusals were the app's
+    assert registry_value(gateway, "gateway_caller_rate_limited_total", caller="billing-service") == 1
