@@ -194,6 +194,30 @@ class ClientDisconnected(CallerError):
     default_message = "The client closed the connection before its request body was whole."
 
 
+class DownloadUrlInvalid(CallerError):
+    """A download URL whose signature, caller or permission does not hold (docs/design.md §11)."""
+
+    status = 403
+    code = "download_url_invalid"
+    default_message = "This download URL is not valid. Get a fresh one from the dataset."
+
+
+class DownloadUrlExpired(CallerError):
+    """A download URL past its expiry (docs/design.md §11)."""
+
+    status = 403
+    code = "download_url_expired"
+    default_message = "This download URL has expired. Get a fresh one from the dataset."
+
+
+class CursorExpired(CallerError):
+    """An events cursor older than the events kept (docs/design.md §12)."""
+
+    status = 410
+    code = "cursor_expired"
+    default_message = "This cursor is older than the events kept. List what you need, then resume from after=latest."
+
+
 class StoreUnavailable(GatewayError):
     """The gateway's own record store cannot answer: never a guess."""
 

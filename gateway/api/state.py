@@ -22,7 +22,9 @@ from gateway.cache.batch_cache import BatchCache
 from gateway.cache.refresher import Freshness, Refresher
 from gateway.cache.waiting import Waiters
 from gateway.config import GatewayConfig, RateLimit
+from gateway.datasets.links import DirectLinks, PartLinks
 from gateway.errors import RedisDown
+from gateway.events.base import EventLog
 from gateway.ops.logs import AccessLog, RedactionForms, Redactor, set_level
 from gateway.ops.metrics import Metrics
 from gateway.records.base import Records
@@ -64,6 +66,10 @@ class GatewayState:
     # Each caller's own rate_limit: in this process, and with redis.url one bucket in Redis for every process.
     caller_buckets: dict[str, TokenBucket] = field(default_factory=dict)
     shared_caller_limits: SharedCallerLimits | None = None
+    # What part URLs become in dataset answers (docs/design.md §11, "Downloads").
+    links: PartLinks = field(default_factory=DirectLinks)
+    # The event log (docs/design.md §12), when events.enabled.
+    events: EventLog | None = None
     # Prometheus children by label values (bounded: callers x routes x statuses x cache states).
     metric_children: dict[object, Any] = field(default_factory=dict)
 

@@ -27,7 +27,6 @@ from gateway.config.model import (
     GatewayConfig,
     LoggingSettings,
     Operation,
-    RateLimit,
     RedisSettings,
     Scope,
     ServerSettings,
@@ -35,6 +34,7 @@ from gateway.config.model import (
     TtlSettings,
     UpstreamSettings,
 )
+from gateway.config.section import RateLimit
 
 __all__ = [
     "DEFAULT_ALLOW",

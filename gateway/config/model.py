@@ -14,8 +14,6 @@ from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     PlainValidator,
     SecretStr,
@@ -23,9 +21,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
 
+from gateway.config.features import DatasetsSettings, EventsSettings, WebhookSettings
 from gateway.config.keys import TokenFile, check_usable_key, read_token_file, weak_key_problem
+from gateway.config.section import PositiveSeconds, RateLimit, Section, problem
 
 _CALLER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -34,45 +33,14 @@ _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 DEMO_CONTEXT = "demo"
 
 
-def _problem(path: str, text: str) -> PydanticCustomError:
-    # The message carries its own path: cross-field checks run on a parent
-    # model but must still name the exact key that is wrong.
-    return PydanticCustomError("config_problem", "{path}: {text}", {"path": path, "text": text})
-
-
-class _Section(BaseModel):
-    # Unknown keys are errors: a typo must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _numbers_are_not_booleans(cls, value: Any, info: ValidationInfo) -> Any:
-        # Numbers stay lax (``${PORT}`` interpolates to a string), but YAML's
-        # ``yes``/``true`` must not silently become 1.
-        field = cls.model_fields.get(info.field_name or "")
-        if isinstance(value, bool) and field is not None and field.annotation in (int, float):
-            raise ValueError("must be a number, not true/false")
-        return value
-
-
-PositiveSeconds = Annotated[float, Field(gt=0)]
-
-
-class RateLimit(_Section):
-    """A token bucket: ``requests_per_s`` refill, ``burst`` capacity."""
-
-    requests_per_s: PositiveSeconds
-    burst: Annotated[int, Field(ge=1)]
-
-
-class BreakerSettings(_Section):
+class BreakerSettings(Section):
     """After ``failures`` consecutive upstream failures, fail fast for ``cooldown_s``."""
 
     failures: Annotated[int, Field(ge=1)] = 5
     cooldown_s: PositiveSeconds = 30
 
 
-class ServerSettings(_Section):
+class ServerSettings(Section):
     host: str = "0.0.0.0"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     shutdown_grace_s: PositiveSeconds = 10
@@ -95,9 +63,19 @@ class ServerSettings(_Section):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
     # A file the gateway writes its pid to at start and removes at exit (for kill -HUP); empty: none.
     pid_file: str = ""
+    # How callers reach the gateway (for the download URLs of docs/design.md §11), e.g.
+    # https://cohere-gateway.internal; empty: http://<the request's Host>.
+    public_url: str = ""
+
+    @field_validator("public_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        if value and not re.match(r"^https?://[^/?#\s@]+(/[^?#\s]*)?$", value):
+            raise ValueError("must be empty or an http:// or https:// URL with no query or fragment")
+        return value.rstrip("/")
 
 
-class UpstreamSettings(_Section):
+class UpstreamSettings(Section):
     base_url: str = "https://api.cohere.com"
     token: SecretStr | None = None
     token_file: Annotated[TokenFile, PlainValidator(read_token_file)] | None = None
@@ -123,11 +101,11 @@ class UpstreamSettings(_Section):
     @model_validator(mode="after")
     def _exactly_one_token_source(self) -> UpstreamSettings:
         if self.token is not None and self.token_file is not None:
-            raise _problem("upstream.token", "set token or token_file, not both")
+            raise problem("upstream.token", "set token or token_file, not both")
         if self.token is None and self.token_file is None:
-            raise _problem("upstream.token", "required (or upstream.token_file)")
+            raise problem("upstream.token", "required (or upstream.token_file)")
         if self.token is not None and not self.token.get_secret_value().strip():
-            raise _problem("upstream.token", "is empty (is its environment variable set?)")
+            raise problem("upstream.token", "is empty (is its environment variable set?)")
         return self
 
     @property
@@ -139,7 +117,7 @@ class UpstreamSettings(_Section):
         return self.token.get_secret_value().strip()
 
 
-class TtlSettings(_Section):
+class TtlSettings(Section):
     active: PositiveSeconds = 5
     terminal: PositiveSeconds = 86400
     not_found: PositiveSeconds = 10
@@ -151,11 +129,11 @@ class TtlSettings(_Section):
     @model_validator(mode="after")
     def _ordered(self) -> TtlSettings:
         if not self.active_min <= self.active <= self.active_max:
-            raise _problem("cache.ttl_s", "needs active_min <= active <= active_max")
+            raise problem("cache.ttl_s", "needs active_min <= active <= active_max")
         return self
 
 
-class CacheSettings(_Section):
+class CacheSettings(Section):
     max_entries: Annotated[int, Field(ge=1)] = 100000
     ttl_s: TtlSettings = TtlSettings()
     stale_if_error_s: Annotated[float, Field(ge=0)] = 600
@@ -170,7 +148,7 @@ class CacheSettings(_Section):
     max_waiters_per_caller: Annotated[int, Field(ge=0)] = 1000
 
 
-class LoggingSettings(_Section):
+class LoggingSettings(Section):
     level: str = "INFO"
     access_log: bool = True
 
@@ -183,9 +161,20 @@ class LoggingSettings(_Section):
         return level
 
 
-# The batch API's operations (docs/design.md §8), as named in ``callers[].allow``.
-Operation = Literal["retrieve", "list", "create", "cancel"]
-OPERATIONS: tuple[Operation, ...] = ("retrieve", "list", "create", "cancel")
+# The operations (docs/design.md §8, §11), as named in ``callers[].allow``.
+Operation = Literal[
+    "retrieve", "list", "create", "cancel", "upload_dataset", "read_dataset", "delete_dataset", "dataset_usage"
+]
+OPERATIONS: tuple[Operation, ...] = (
+    "retrieve",
+    "list",
+    "create",
+    "cancel",
+    "upload_dataset",
+    "read_dataset",
+    "delete_dataset",
+    "dataset_usage",
+)
 # What a caller may do unless its ``allow`` says otherwise: what every caller could do before §8.
 DEFAULT_ALLOW: frozenset[Operation] = frozenset({"retrieve", "list"})
 # ``all``: every batch of the organisation; ``own``: only those the caller created through the gateway.
@@ -196,7 +185,7 @@ def _in_demo(info: ValidationInfo) -> bool:
     return bool(info.context and info.context.get(DEMO_CONTEXT))
 
 
-class CallerSettings(_Section):
+class CallerSettings(Section):
     name: str
     key: SecretStr | None = None
     key_sha256: str | None = None
@@ -205,6 +194,7 @@ class CallerSettings(_Section):
     rate_limit: RateLimit | None = None
     allow: frozenset[Operation] = DEFAULT_ALLOW
     batches: Scope = "all"
+    webhook: WebhookSettings | None = None
 
     @field_validator("allow", mode="before")
     @classmethod
@@ -242,9 +232,9 @@ class CallerSettings(_Section):
             value = value.lower()
             if not _SHA256_HEX.match(value):
                 raise ValueError("must be 64 hex digits (sha256 of the key)")
-            problem = weak_key_problem(value, _in_demo(info))
-            if problem:
-                raise ValueError(problem)
+            weak = weak_key_problem(value, _in_demo(info))
+            if weak:
+                raise ValueError(weak)
         return value
 
     @model_validator(mode="after")
@@ -273,7 +263,7 @@ class CallerSettings(_Section):
         return bytes.fromhex(self.key_sha256)
 
 
-class StoreSettings(_Section):
+class StoreSettings(Section):
     """Where ownership and idempotency records live (docs/design.md §8): a SQLite file."""
 
     path: Annotated[str, Field(min_length=1)] = "./cohere-gateway.db"
@@ -282,7 +272,7 @@ class StoreSettings(_Section):
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
-class RedisSettings(_Section):
+class RedisSettings(Section):
     """The Redis that replicas and workers share (docs/design.md §10); no ``url``: everything stays in-process."""
 
     url: SecretStr | None = None  # may carry a password: held as a secret, redacted in logs
@@ -326,12 +316,12 @@ class RedisSettings(_Section):
         return sorted({form for raw in found if raw for form in (raw, unquote(raw))})
 
 
-class BatchesSettings(_Section):
+class BatchesSettings(Section):
     # How long an Idempotency-Key's outcome is kept and replayed.
     idempotency_ttl_s: PositiveSeconds = 86400
 
 
-class GatewayConfig(_Section):
+class GatewayConfig(Section):
     server: ServerSettings = ServerSettings()
     upstream: UpstreamSettings
     cache: CacheSettings = CacheSettings()
@@ -339,13 +329,15 @@ class GatewayConfig(_Section):
     store: StoreSettings = StoreSettings()
     batches: BatchesSettings = BatchesSettings()
     redis: RedisSettings = RedisSettings()
+    datasets: DatasetsSettings = DatasetsSettings()
+    events: EventsSettings = EventsSettings()
     callers: Annotated[list[CallerSettings], Field(min_length=1)]
 
     @model_validator(mode="after")
     def _workers_share_through_redis(self) -> GatewayConfig:
         if self.server.workers > 1 and self.redis.url is None:
             # Workers without Redis would each spend the whole budget and keep their own records.
-            raise _problem(
+            raise problem(
                 "server.workers", f"{self.server.workers} workers need redis.url (docs/design.md §10); set it or use 1"
             )
         return self
@@ -356,4 +348,7 @@ class GatewayConfig(_Section):
         found = [self.upstream.token_value]
         found += [key for c in self.callers if (key := c.key_value) is not None]
         found += self.redis.passwords
+        found += [secret for c in self.callers if c.webhook is not None for secret in c.webhook.secret_values]
+        if (signing_key := self.datasets.signing_key) is not None:
+            found.append(signing_key)
         return found

@@ -5,8 +5,10 @@
 ``store.path``), and ``RedisRecords`` (``gateway.records.redis``) for
 replicas (§10). Two kinds of record:
 
-- **owners**: which caller (by configured ``name``) created which batch id.
-  Written once per create, never changed, read by every ``own``-scoped check.
+- **owners**: which caller (by configured ``name``) created which batch id,
+  and which uploaded (or owns as a batch's output) which dataset, under
+  ``dataset_key(id)``. Written once, never changed, read by every
+  ``own``-scoped check.
 - **idempotency keys**: per (caller, key), the body's fingerprint and the
   state of the create that claimed it::
 
@@ -130,6 +132,11 @@ class KnownOwners:
             if owner is not None:
                 self._owners[batch_id] = owner
         return owner
+
+
+def dataset_key(dataset_id: str) -> str:
+    """The owners record of a dataset (docs/design.md §11): ids never hold ':', so no batch id is ever this."""
+    return f"dataset:{dataset_id}"
 
 
 def body_fingerprint(document: object) -> str:

@@ -1,0 +1,124 @@
+"""The event log's interface (docs/design.md §12, "Events"): what is seen, what is kept, how it is read.
+
+Whatever answer passes through the gateway (a retrieve, a list, a create, a
+refresh, the follower's own calls) reports what it saw of each batch or
+dataset as a ``Sighting``. The ``EventLog`` turns sightings into events:
+
+- a subject it has never seen: one event if it is active (and it is then
+  *followed*), none if it is already final;
+- a followed subject whose status changed: one event, whichever process or
+  request saw it first (the check and the append are one atomic step in the
+  store); a final status ends the following;
+- anything else (same status, an older answer, a final subject seen active
+  again by a late answer): nothing.
+
+Events are kept in the store (SQLite, or Redis with ``redis.url``), in
+``seq`` order, for ``events.retention_s`` and at most ``events.max_events``.
+``seq`` only grows. A cursor names the log (so that a cursor from another
+gateway is refused, not misread) and a ``seq``; it is opaque to callers.
+Each event's JSON is rendered once, when it is appended, and every reader
+(feed pages, streams, webhooks) sends those same bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from gateway import errors
+
+Kind = Literal["batch", "dataset"]
+_CURSOR = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_BATCH_PREFIX = "BATCH_STATUS_"
+
+
+@dataclass(frozen=True, slots=True)
+class Sighting:
+    """What one answer showed of one batch or dataset."""
+
+    kind: Kind
+    subject: str  # the batch or dataset id
+    status: str  # as the upstream wrote it: "BATCH_STATUS_COMPLETED", "validated"
+    final: bool  # the status cannot change any more
+    updated_at: float | None  # epoch seconds, when the object says (an older answer never makes an event)
+    owner: str | None  # the caller that created it through the gateway, if any
+    data: bytes  # the object's JSON as the gateway saw it (a dataset without its part URLs)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One kept event: what readers filter on, and its JSON, rendered once."""
+
+    seq: int  # its position in the log: strictly increasing, never reused
+    type: str  # "batch.completed", "dataset.validated"
+    subject: str
+    owner: str | None
+    created_at: float  # epoch seconds
+    payload: bytes  # {"id": <cursor>, "type", "created_at", "owner", "data": {"batch"|"dataset": {...}}}
+
+    @property
+    def kind(self) -> Kind:
+        return "dataset" if self.type.startswith("dataset.") else "batch"
+
+
+def event_type(kind: Kind, status: str) -> str:
+    """``batch.`` and the status without its prefix in lower case, or ``dataset.`` and the validation status."""
+    if kind == "batch":
+        return "batch." + status.removeprefix(_BATCH_PREFIX).lower()
+    return "dataset." + status.lower()
+
+
+def encode_cursor(log_id: str, seq: int) -> str:
+    """The opaque cursor of ``seq`` in the log ``log_id``: base64url, no padding."""
+    return base64.urlsafe_b64encode(f"{log_id}.{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, log_id: str) -> int:
+    """The ``seq`` of a cursor this log issued; 400 ``invalid_request`` for any other string."""
+    bad = errors.InvalidRequest("after: not a cursor this gateway issued.")
+    if not _CURSOR.fullmatch(cursor):
+        raise bad
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise bad from None
+    name, _, number = text.rpartition(".")
+    if name != log_id or not number.isdigit() or len(number) > 18:
+        raise bad
+    return int(number)
+
+
+class EventLog(Protocol):
+    """Sightings in, events out: one interface, any backend (``gateway.events`` stores)."""
+
+    @property
+    def log_id(self) -> str:
+        """This log's identity, kept in the store (so it survives restarts): cursors name it."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def record(self, sighting: Sighting) -> Event | None:
+        """Turn one sighting into at most one event (see the module's rules); the event if one was appended."""
+        ...
+
+    async def followed(self, kind: Kind, limit: int) -> list[str]:
+        """Ids of ``kind`` still followed (active when last seen), at most ``limit``, least recently checked first."""
+        ...
+
+    async def bounds(self) -> tuple[int, int]:
+        """``(oldest kept seq, newest seq)``: ``(newest + 1, newest)`` when none is kept, ``(1, 0)`` when new."""
+        ...
+
+    async def read_after(self, seq: int, limit: int) -> list[Event]:
+        """Up to ``limit`` events with a seq above ``seq``, in order (readers filter by caller afterwards)."""
+        ...
+
+    async def wait_beyond(self, seq: int, timeout_s: float) -> bool:
+        """Return True as soon as an event above ``seq`` exists (appended by any process), False after ``timeout_s``."""
+        ...
