@@ -423,7 +423,7 @@ class Upstream:
     @staticmethod
     def _answered(seen: Seen, answer: web.StreamResponse, request: web.Request | None = None) -> web.StreamResponse:
         upload = request.get(UPLOAD_KEY) if request is not None else None
-        if isinstance(upload, Upload):
+        if upload is not None:
             seen.upload, seen.body_size = upload, upload.body_size
         seen.answer_status = answer.status
         if isinstance(answer, web.Response) and isinstance(answer.body, bytes):

@@ -50,7 +50,7 @@ from gateway.upstream.guards import Clock
 
 WAIT_FOR_VALIDATION_S = 5.0  # how long a GET waits for a validation whose time is up before answering processing
 MAX_RECORDED_UPLOADS = 1000
-UPLOAD_KEY = "demo.upload"  # where an upload's record is left on its request, for the fake upstream
+UPLOAD_KEY = web.RequestKey("demo_upload", Upload)  # an upload's record, left on its request for the fake upstream
 ROUTES = (
     ("POST", "/v1/datasets", "upload"),
     ("GET", "/v1/datasets", "datasets"),
@@ -173,11 +173,12 @@ class SimulatedDatasets:
             return None
         return sum(part.num_rows for part in known.parsed.parts)
 
-    def unusable_input(self, dataset_id: str) -> str | None:
+    async def unusable_input(self, dataset_id: str) -> str | None:
         """Why a batch may not read this dataset (None: it may, or the simulator has never heard of it)."""
         known = self.datasets.get(dataset_id)
         if known is None:
             return None
+        await self._settled(known)
         if known.dataset_type not in INPUT_TYPES:
             return f"dataset {dataset_id} is of type {known.dataset_type}, not a batch input type"
         if self.status(known)[0] != "validated":
@@ -320,7 +321,9 @@ class SimulatedDatasets:
         target = self.directory / f"{known.id}.upload"
         try:
             parts = await receive(request, target, self.max_upload_bytes)
-        except BaseException:  # the client left mid-body (or the handler was cancelled): keep nothing
+        except ConnectionError:  # the client left mid-body: nothing is kept, and nobody hears the answer
+            parts = "the connection was lost mid-upload"
+        except BaseException:  # the handler was cancelled (the fake upstream's server does so): keep nothing
             target.unlink(missing_ok=True)
             raise
         received = request.content.total_bytes
@@ -363,7 +366,10 @@ class SimulatedDatasets:
             async def handler(request: web.Request, route: str = route) -> web.StreamResponse:
                 return await self.answer(route, request, dict(request.match_info))
 
-            router.add_route(method, prefix + pattern, handler)
+            if method == "GET":  # and HEAD, as a storage host answers it
+                router.add_get(prefix + pattern, handler)
+            else:
+                router.add_route(method, prefix + pattern, handler)
 
 
 def _one(query: dict[str, list[str]], name: str) -> str | None:

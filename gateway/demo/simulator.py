@@ -333,7 +333,7 @@ class Simulator:
         bad = [name for name in CREATE_FIELDS if not (isinstance(document.get(name), str) and document[name])]
         if bad:
             return _error(400, f"invalid or missing field(s): {', '.join(bad)} (each must be a non-empty string)")
-        unusable = self.datasets.unusable_input(document["input_dataset_id"])
+        unusable = await self.datasets.unusable_input(document["input_dataset_id"])
         if unusable is not None:
             return _error(400, unusable)
         return web.json_response({"batch": self.create(*(document[name] for name in CREATE_FIELDS))})
