@@ -219,6 +219,18 @@ async def test_a_bad_row_fails_the_dataset_naming_its_line(
     assert dataset["dataset_parts"] == []
 
 
+async def test_with_skip_malformed_input_bad_lines_are_skipped_and_named_in_warnings(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    content = jsonl(ROWS[:2]) + b"{not json\n" + b"y" * (MiB + 5) + b"\n" + jsonl(ROWS[2:3])
+    dataset_id = await upload(sim, tmp_path, content, skip_malformed_input=True)
+    dataset = (await sdk(sim.url, key=sim.token).wait(cohere.DatasetsCreateResponse(id=dataset_id))).dataset
+    assert dataset.validation_warnings == ["line 3: not valid JSON", f"line 4: longer than {MiB} bytes"]
+    assert dataset.dataset_parts is not None
+    rows = await saved_rows(dataset, tmp_path)
+    assert [row["custom_id"] for row in rows] == ["row-0", "row-1", "row-2"]
+
+
 async def test_a_type_the_demo_does_not_parse_ends_skipped(sim: Simulator, tmp_path: Path) -> None:
     dataset_id = await upload(sim, tmp_path, b"some,csv\n", "embed-input")
     assert (await get_document(sim, dataset_id))["validation_status"] == "skipped"
@@ -255,6 +267,22 @@ async def test_every_dataset_object_has_exactly_the_fields_and_types_of_cohere_s
     kept_document = await get_document(sim, kept)
     assert kept_document["preserve_fields"] == ["custom_id"]
     assert kept_document["dataset_parts"][0]["original_url"]
+
+
+async def test_a_batch_on_an_uploaded_dataset_has_exactly_the_fields_of_cohere_s_batch(
+    sim: Simulator, clock: FakeClock, tmp_path: Path
+) -> None:
+    dataset_id = await upload(sim, tmp_path, jsonl(ROWS))
+    body = json.dumps({"name": "n", "input_dataset_id": dataset_id, "model": "m"}).encode()
+    created = (await http(f"{sim.url}/v2/batches", method="POST", key=sim.token, data=body)).document["batch"]
+    clock.advance(21)
+    done = (await http(f"{sim.url}/v2/batches/{created['id']}", key=sim.token)).document["batch"]
+    fields = schema_keys(Batch)
+    assert set(created) == fields - {"output_dataset_id"}  # none yet, as upstream
+    assert set(done) == fields
+    for batch in (created, done):
+        assert Batch.model_validate(batch).model_extra == {}
+    assert (done["status"], done["num_records"], done["num_successful_records"]) == ("BATCH_STATUS_COMPLETED", 7, 7)
 
 
 async def test_the_kept_original_file_downloads_as_it_was_uploaded(sim: Simulator, tmp_path: Path) -> None:

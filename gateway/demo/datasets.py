@@ -218,16 +218,17 @@ class SimulatedDatasets:
             parsed = await asyncio.to_thread(work, inputs, input_type, self.directory, known.id, self.rows_per_part)
             known.size_bytes = sum(part.size_bytes for part in parsed.parts)
         elif known.original is not None and known.dataset_type in INPUT_TYPES:
-            args = (known.original, self.directory, known.id, known.dataset_type, self.rows_per_part)
+            skip = known.query.get("skip_malformed_input") == ["true"]
+            args = (known.original, self.directory, known.id, known.dataset_type, self.rows_per_part, skip)
             parsed = await asyncio.to_thread(rows.validate_jsonl, *args)
         else:
             parsed = Parsed()
         if known.original is not None and known.query.get("keep_original_file") != ["true"]:
             known.original.unlink(missing_ok=True)
             known.original = None
-        if known.deleted:
-            _remove_files(known)
         known.parsed = parsed
+        if known.deleted:  # deleted while it was being validated: nothing of it stays on disk
+            _remove_files(known)
 
     async def _settled(self, known: StoredDataset) -> None:
         """Start the dataset's validation if it waits for one; if its time is up, give it a moment to end."""
@@ -258,13 +259,13 @@ class SimulatedDatasets:
             "required_fields": list(rows.REQUIRED_FIELDS) if known.dataset_type in INPUT_TYPES else [],
             "preserve_fields": query.get("keep_fields", []) + query.get("optional_fields", []),
             "dataset_parts": [self._render_part(known, part, origin) for part in (parsed.parts if parsed else ())],
-            "validation_warnings": [],
+            "validation_warnings": list(parsed.warnings) if parsed else [],
             "parse_info": {"separator": _one(query, "text_separator"), "delimiter": _one(query, "csv_delimiter")},
             "metrics": None,
         }
 
     def _render_part(self, known: StoredDataset, part: rows.Part, origin: str) -> dict[str, Any]:
-        base = f"{self.origin or origin}"
+        base = self.origin or origin
         path = f"{self.prefix}/storage/{known.id}"
         original = self.urls.sign(base, f"{path}/original") if known.original and part.index == 0 else None
         return {

@@ -20,6 +20,7 @@ from fastavro.write import Writer
 
 # A longer line fails the dataset (and is never held whole).
 MAX_LINE_BYTES = 1 << 20
+MAX_WARNINGS = 20  # skipped lines named in validation_warnings (the rest are counted)
 SAMPLES_PER_PART = 3
 MAX_SAMPLE_CHARS = 1000
 EMBEDDING_DIMENSIONS = 8
@@ -69,6 +70,7 @@ class Parsed:
 
     parts: tuple[Part, ...] = ()
     error: str | None = None
+    warnings: tuple[str, ...] = ()  # the lines skipped, with ``skip_malformed_input``
 
 
 class PartWriter:
@@ -136,27 +138,39 @@ def check_row(line: bytes, number: int) -> dict[str, Any] | str:
     return {"custom_id": custom_id, "body": json.dumps(document["body"])}
 
 
-def _lines(source: BinaryIO) -> Iterator[bytes]:
-    """The file's lines, each read with a bound; a line past ``MAX_LINE_BYTES`` comes back cut (and too long)."""
+def _lines(source: BinaryIO) -> Iterator[bytes | None]:
+    """The file's lines, each read with a bound; None for a line past ``MAX_LINE_BYTES`` (read to its end)."""
     while line := source.readline(MAX_LINE_BYTES + 1):
-        yield line
+        if len(line) <= MAX_LINE_BYTES:
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):
+            line = source.readline(MAX_LINE_BYTES)
+        yield None
 
 
-def validate_jsonl(source: Path, directory: Path, stem: str, dataset_type: str, rows_per_part: int) -> Parsed:
-    """Check every line of an uploaded batch input file and write its rows as Avro parts."""
+def validate_jsonl(
+    source: Path, directory: Path, stem: str, dataset_type: str, rows_per_part: int, skip_malformed: bool = False
+) -> Parsed:
+    """Check every line of an uploaded batch input file and write its rows as Avro parts.
+
+    The first bad line fails the dataset; with ``skip_malformed`` (Cohere's
+    ``skip_malformed_input``) bad lines are skipped and named in warnings.
+    """
     parts = PartWriter(directory, stem, dataset_type, rows_per_part)
-    error = None
+    error, warnings, skipped = None, [], 0
     with source.open("rb") as lines:
         for number, line in enumerate(_lines(lines), 1):
-            if len(line) > MAX_LINE_BYTES:
-                error = f"line {number}: longer than {MAX_LINE_BYTES} bytes"
-                break
-            if not line.strip():
+            if line is not None and not line.strip():
                 continue  # blank lines (a trailing newline, say) hold no row
-            row = check_row(line, number)
-            if isinstance(row, str):
+            row = f"line {number}: longer than {MAX_LINE_BYTES} bytes" if line is None else check_row(line, number)
+            if isinstance(row, str) and not skip_malformed:
                 error = row
                 break
+            if isinstance(row, str):
+                skipped += 1
+                warnings += [row] if skipped <= MAX_WARNINGS else []
+                continue
             parts.add(row)
     written = parts.close()
     if error is None and not written:
@@ -164,7 +178,9 @@ def validate_jsonl(source: Path, directory: Path, stem: str, dataset_type: str, 
     if error is not None:
         parts.discard()
         return Parsed(error=error)
-    return Parsed(written)
+    if skipped > MAX_WARNINGS:
+        warnings.append(f"{skipped - MAX_WARNINGS} more malformed lines skipped")
+    return Parsed(written, warnings=tuple(warnings))
 
 
 def read_rows(parts: Iterable[Part]) -> Iterator[dict[str, Any]]:
@@ -187,11 +203,14 @@ def output_row(input_type: str, row: dict[str, Any]) -> dict[str, Any]:
 
 def write_output(inputs: tuple[Part, ...], input_type: str, directory: Path, stem: str, rows_per_part: int) -> Parsed:
     """A batch's output dataset: one row per input row, in the input's order."""
+    gone = Parsed(error="the input dataset's parts are gone (deleted?)")
+    if not inputs:
+        return gone
     parts = PartWriter(directory, stem, OUTPUT_TYPE[input_type], rows_per_part)
     try:
         for row in read_rows(inputs):
             parts.add(output_row(input_type, row))
     except OSError:
         parts.discard()
-        return Parsed(error="the input dataset's parts are gone (deleted?)")
+        return gone
     return Parsed(parts.close())
