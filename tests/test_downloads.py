@@ -37,6 +37,7 @@ from tests.support import (
     FakeClock,
     LogCapture,
     assert_no_secrets,
+    eventually,
     http,
     make_config,
     registry_value,
@@ -78,6 +79,10 @@ class Storage:
     requests: list[StorageSeen] = field(default_factory=list)
     token: str = field(default_factory=lambda: secrets.token_hex(8))
     redirect_to: str | None = None
+    # Files made as they are sent (name: size), and how many of their bytes have been written so far.
+    streamed: dict[str, int] = field(default_factory=dict)
+    written: int = 0
+    cut_after: int | None = None  # a streamed file's connection is cut once this many bytes are written
     url: str = ""
     _runner: web.AppRunner | None = None
 
@@ -109,6 +114,8 @@ class Storage:
             return web.Response(status=302, headers={"Location": self.redirect_to})
         if request.query.get("token") != self.token:
             return web.Response(status=403, body=b"<Error>ExpiredToken</Error>", content_type="application/xml")
+        if request.match_info["name"] in self.streamed:
+            return await self._stream(request, self.streamed[request.match_info["name"]])
         data = self.files.get(request.match_info["name"])
         if data is None:
             return web.Response(status=404)
@@ -125,6 +132,24 @@ class Storage:
             content_type="application/avro",
             headers={"Content-Range": f"bytes {first}-{last}/{len(data)}"},
         )
+
+    async def _stream(self, request: web.Request, size: int) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = size
+        await response.prepare(request)
+        chunk = b"x" * STREAM_CHUNK
+        while self.written < size:
+            if self.cut_after is not None and self.written >= self.cut_after:
+                assert request.transport is not None
+                request.transport.abort()
+                return response
+            await response.write(chunk[: size - self.written])
+            self.written += min(STREAM_CHUNK, size - self.written)
+        await response.write_eof()
+        return response
+
+
+STREAM_CHUNK = 256 * 1024
 
 
 def dataset_object(storage: Storage, dataset_id: str = DATASET_ID, part_origin: str | None = None) -> dict[str, Any]:
@@ -430,3 +455,96 @@ async def test_a_configured_signing_key_signs_urls_that_every_process_configured
     answer = await http(signed(first, storage).replace(first.url, second.url), key=None)
 
     assert answer.status == 200
+
+
+# ---------------------------------------------------------------------------
+# Streaming: a slow caller slows the read; a cut from storage reaches the caller
+# ---------------------------------------------------------------------------
+
+BIG = 256 * 1024 * 1024
+
+
+async def plateau(read: Callable[[], int], polls: int = 10, every_s: float = 0.05, within_s: float = 20.0) -> int:
+    """``read()`` once it has stopped changing for ``polls`` polls in a row (bounded by ``within_s``)."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + within_s
+    last, same = read(), 0
+    while same < polls and loop.time() < give_up:
+        await asyncio.sleep(every_s)
+        now = read()
+        same = same + 1 if now == last else 0
+        last = now
+    return last
+
+
+async def test_a_caller_that_stops_reading_stops_the_read_from_storage(
+    start: GatewayFactory, upstream: Upstream, storage: Storage
+) -> None:
+    storage.streamed[f"{DATASET_ID}.avro"] = BIG
+    serve_datasets(upstream, storage)
+    gateway = await start(download_config(upstream, storage))
+    url = signed(gateway, storage)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        path = url.removeprefix(gateway.url)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: gateway\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert f"Content-Length: {BIG}".encode() in head
+
+        held = await plateau(lambda: storage.written)
+
+        # Held back by the caller: what sits in socket buffers and the gateway's reader, a few MiB, not the file.
+        assert held < 32 * 1024 * 1024, held
+        received = 0
+        while received < BIG:
+            chunk = await asyncio.wait_for(reader.read(1 << 20), 10)
+            assert chunk
+            received += len(chunk)
+        assert received == BIG
+    finally:
+        writer.close()
+
+
+async def test_a_part_cut_short_by_storage_reaches_the_caller_as_a_cut_connection_not_a_whole_file(
+    start: GatewayFactory, upstream: Upstream, storage: Storage
+) -> None:
+    storage.streamed[f"{DATASET_ID}.avro"] = 4 * 1024 * 1024
+    storage.cut_after = 1024 * 1024
+    serve_datasets(upstream, storage)
+    gateway = await start(download_config(upstream, storage))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        path = signed(gateway, storage).removeprefix(gateway.url)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: gateway\r\n\r\n".encode())
+        received = 0
+        for _ in range(10_000):  # bounded: ends when the gateway closes the connection
+            chunk = await asyncio.wait_for(reader.read(1 << 20), 10)
+            if not chunk:
+                break
+            received += len(chunk)
+    finally:
+        writer.close()
+
+    assert received < 4 * 1024 * 1024
+    assert registry_value(gateway, "gateway_downloads_total", caller="billing-service", outcome="storage_failed") == 1
+
+
+async def test_a_caller_that_hangs_up_mid_part_ends_the_read_from_storage_with_no_error_logged(
+    start: GatewayFactory, upstream: Upstream, storage: Storage, logs: LogCapture
+) -> None:
+    storage.streamed[f"{DATASET_ID}.avro"] = BIG
+    serve_datasets(upstream, storage)
+    gateway = await start(download_config(upstream, storage))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    path = signed(gateway, storage).removeprefix(gateway.url)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: gateway\r\n\r\n".encode())
+    await asyncio.wait_for(reader.readexactly(1 << 20), 10)
+    writer.transport.abort()
+
+    def counted() -> bool:
+        return registry_value(gateway, "gateway_downloads_total", caller="billing-service", outcome="client_gone") == 1
+
+    assert await eventually(counted)
+    assert await plateau(lambda: storage.written) < BIG
+    assert not [e for e in logs.events() if e["level"] in ("ERROR", "CRITICAL")]

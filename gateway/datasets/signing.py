@@ -176,10 +176,10 @@ class SignedLinks:
         URL learns it has expired).
         """
         values: dict[str, str] = {}
-        for name in query:
+        for name, value in query.items():  # every pair, repeated names included
             if name not in QUERY or name in values:
                 raise errors.DownloadUrlInvalid()
-            values[name] = query[name]
+            values[name] = value
         if len(values) != len(QUERY):
             raise errors.DownloadUrlInvalid()
         expires_text, signature = values["expires"], values["signature"]
