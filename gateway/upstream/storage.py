@@ -21,6 +21,9 @@ from gateway._aiohttp import turn_off_silent_resend
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # What of the caller's request goes to the storage host: only which bytes it wants.
 FORWARDED_REQUEST_HEADERS = ("Range", "If-Range")
+# What a download may hold of a part before its caller takes it (aiohttp pauses reading at twice this):
+# large enough that each turn of the copy loop moves a lot (bench/run.py, download_vs_direct), small per download.
+READ_BUFFER = 1 << 20
 
 
 def origin_of(url: str) -> tuple[str, str, int] | None:
@@ -59,6 +62,7 @@ class StorageClient:
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,  # the bytes go to the caller as stored, with their Content-Length
             skip_auto_headers=("User-Agent",),
+            read_bufsize=READ_BUFFER,
         )
         turn_off_silent_resend(self._session)
 
