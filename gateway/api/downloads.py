@@ -235,15 +235,24 @@ async def _relay(request: web.Request, reply: aiohttp.ClientResponse, tally: _Ta
             await response.write(chunk)
             tally.sent += len(chunk)
         await response.write_eof()
-    except ConnectionResetError:
+    except ConnectionError:  # the caller hung up ("Connection lost", or a reset)
         tally.outcome = "client_gone"
     except (errors.GatewayError, aiohttp.ClientError, TimeoutError) as exc:
         # The head is sent: the only way left to say the body is short is to cut the connection.
         tally.outcome = "storage_failed"
         log_event(log, logging.WARNING, "a part stopped arriving from storage", reason=_reason(exc))
-        if request.transport is not None:
-            request.transport.abort()
+        _cut(request)
+    except Exception:
+        # Never an error answer: a head is already sent. Logged as a bug, and the body cut short.
+        tally.outcome = "internal_error"
+        log.exception("a download failed mid-part")
+        _cut(request)
     return response
+
+
+def _cut(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.abort()
 
 
 def _reason(exc: BaseException) -> Any:
