@@ -271,6 +271,34 @@ async def test_the_sdks_save_dataset_reads_every_row_through_the_gateway_and_no_
     assert registry_value(gateway, "gateway_downloads_total", caller="billing-service", outcome="ok") == 1
 
 
+async def test_save_dataset_of_a_simulated_dataset_through_the_gateway_gets_its_rows_and_storage_no_token(
+    start: GatewayFactory, upstream: Upstream, tmp_path: Path
+) -> None:
+    """The simulator's own dataset and storage routes (the fake upstream fails the test on any Authorization
+    reaching its storage route)."""
+    inputs = [{"custom_id": f"c-{n}", "body": json.dumps({"texts": [f"text {n}"]})} for n in range(250)]
+    dataset_id = upstream.seed_dataset(inputs)
+    callers = [{"name": "billing-service", "key": BILLING_KEY, "allow": READ_ALL}]
+    gateway = await start(make_config(upstream.url, callers=callers, datasets={"part_origins": [upstream.url]}))
+    seen = await http(f"{upstream.url}/v1/datasets/{dataset_id}", key=UPSTREAM_TOKEN)
+    assert seen.status == 200
+    upstream_answer = seen.document["dataset"]
+    assert len(upstream_answer["dataset_parts"]) > 1  # several parts, each its own download
+
+    answer = gateway.state.links.rewrite(upstream_answer, caller="billing-service", base_url=gateway.url)
+    assert upstream.url not in json.dumps(answer)
+    dataset = cohere.Dataset.model_validate({**answer, "schema_": answer["schema"]})
+    target = tmp_path / "rows.jsonl"
+    co = cohere.ClientV2(api_key=BILLING_KEY, base_url=gateway.url)
+    await asyncio.to_thread(co.utils.save_dataset, dataset, str(target))
+
+    saved = [json.loads(line) for line in target.read_text().splitlines()]
+    assert saved == inputs
+    parts = upstream.calls("part")
+    assert len(parts) == len(answer["dataset_parts"])
+    assert all("Authorization" not in part.headers for part in parts)
+
+
 async def test_a_range_request_gets_206_with_only_those_bytes_and_their_content_range(
     start: GatewayFactory, upstream: Upstream, storage: Storage
 ) -> None:
