@@ -26,6 +26,8 @@ from gateway.cache.refresher import Freshness, Refresher
 from gateway.cache.store import MemoryStore
 from gateway.cache.waiting import Waiters
 from gateway.config import ConfigError, GatewayConfig
+from gateway.datasets.links import DirectLinks, PartLinks
+from gateway.datasets.signing import SignedLinks
 from gateway.edge.server import RunningGateway
 from gateway.ops.logs import Redactor, log_event
 from gateway.ops.metrics import Metrics
@@ -52,6 +54,16 @@ def records_for(config: GatewayConfig, link: RedisLink | None) -> Records:
     if link is not None:
         return RedisRecords(link, config.batches.idempotency_ttl_s, lease_s)
     return SqliteRecords(config.store.path, config.batches.idempotency_ttl_s, lease_s=lease_s)
+
+
+def links_for(config: GatewayConfig, link: RedisLink | None, current: Callable[[], GatewayConfig]) -> PartLinks:
+    """Part URLs in dataset answers (docs/design.md §11): signed gateway URLs, or the upstream's (``direct``).
+
+    The mode is read at start; the TTL and a configured key follow reloads (``current``).
+    """
+    if config.datasets.downloads == "direct":
+        return DirectLinks()
+    return SignedLinks(lambda: current().datasets, link)
 
 
 def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Clock = time.monotonic) -> GatewayState:
@@ -99,6 +111,7 @@ def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Cl
         clock=clock,
         redis=link,
         shared_caller_limits=SharedCallerLimits(link) if link is not None else None,
+        links=links_for(config, link, lambda: state_of[0].snapshot.config),
     )
     state_of.append(state)
     state.redact.update(config.secrets)

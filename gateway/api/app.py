@@ -18,7 +18,7 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDictProxy
 
 from gateway import errors
-from gateway.api import batches, create, retrieve, service
+from gateway.api import batches, create, downloads, retrieve, service
 from gateway.api.keys import CACHE_STATE, CALLER, REQUEST_ID, STATE, TRACE
 from gateway.api.state import GatewayState
 from gateway.upstream.client import RequestTrace
@@ -223,6 +223,8 @@ def build_app(state: GatewayState) -> web.Application:
     app.router.add_get(BATCHES_ROUTE, batches.list_batches)
     app.router.add_post(BATCHES_ROUTE, create.create_batch)
     app.router.add_post(CANCEL_ROUTE, batches.cancel_batch)
+    app.router.add_get(downloads.PART_ROUTE, downloads.download_part)
+    app.router.add_get(downloads.ORIGINAL_ROUTE, downloads.download_original)
     app.router.add_get("/healthz", service.healthz)
     app.router.add_get("/readyz", service.readyz)
     if not state.snapshot.config.server.metrics_port:
@@ -231,6 +233,8 @@ def build_app(state: GatewayState) -> web.Application:
     app.cleanup_ctx.append(_record_store)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_refresher)
+    app[downloads.DOWNLOADS] = downloads.Downloads(state)
+    app.cleanup_ctx.append(app[downloads.DOWNLOADS].lifecycle)
     app.on_shutdown.append(_answer_waiters)
     return app
 
