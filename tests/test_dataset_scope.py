@@ -104,16 +104,18 @@ async def test_an_own_caller_may_not_create_a_batch_from_another_callers_dataset
     assert created == ["ds-billing", "ds-uploaded-around-the-gateway"]
 
 
-async def test_a_batch_with_every_caller_in_scope_may_name_any_dataset(
+async def test_a_caller_with_every_batch_in_scope_reads_and_names_any_dataset(
     upstream: Upstream, start: GatewayFactory
 ) -> None:
-    FakeDatasets(upstream)
+    FakeDatasets(upstream).add("ds-reporting", "validated")
     gateway = await start(dataset_config(upstream.url, "all"))
     await uploaded(gateway, "ds-reporting", "reporting")
 
-    answer = await post_json(f"{gateway.url}/v2/batches", create_body(input_dataset_id="ds-reporting"))
+    read = await http(f"{gateway.url}/v1/datasets/ds-reporting")
+    created = await post_json(f"{gateway.url}/v2/batches", create_body(input_dataset_id="ds-reporting"))
 
-    assert answer.status == 200
+    assert (read.status, read.document["dataset"]["id"]) == (200, "ds-reporting")
+    assert created.status == 200
 
 
 async def finish(upstream: Upstream, batch_id: str, output: str) -> None:
@@ -245,4 +247,6 @@ async def test_the_sdk_sees_another_callers_dataset_as_not_found(upstream: Upstr
         await asyncio.wait_for(sdk(gateway.url, BILLING_KEY).datasets.get("ds-1"), BOUND_S)
 
     assert refused.value.status_code == 404
+    assert isinstance(refused.value.body, dict)
+    assert refused.value.body["code"] == "not_found"
     assert upstream.requests == []
