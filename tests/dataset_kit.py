@@ -2,8 +2,9 @@
 
 ``FakeDatasets(upstream)`` scripts ``tests/upstream.py``'s upstream: it
 answers ``GET /v1/datasets/usage``, ``GET /v1/datasets``, ``GET`` and
-``DELETE /v1/datasets/{id}`` with Cohere's shapes, and passes every other
-request on to the fake's own batch API. ``CountingLinks`` stands in for the
+``DELETE /v1/datasets/{id}`` with Cohere's shapes from datasets a test
+sets up and changes at will (a validation that ends when the test says, an
+answer older than the last); every other route stays the fake's own. ``CountingLinks`` stands in for the
 gateway's signed links: every answer gets part URLs of its own, so that a
 test can tell that each answer was rewritten for its caller.
 """
@@ -17,9 +18,8 @@ from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
-from multidict import CIMultiDict, MultiDict
 
-from tests.upstream import Seen, Upstream, endpoint_of, iso
+from tests.upstream import Seen, Upstream, iso
 
 STORAGE = "https://storage.googleapis.com/cohere-datasets"
 
@@ -59,7 +59,8 @@ class FakeDatasets:
         self.upstream = upstream
         self.datasets: dict[str, dict[str, Any]] = {}
         self.usage = usage
-        upstream.script(self._handle)
+        for route in ("dataset", "datasets", "delete_dataset", "dataset_usage"):
+            upstream.script(self._handle, route)
 
     def add(self, dataset_id: str, status: str = "processing", **fields: Any) -> dict[str, Any]:
         self.datasets[dataset_id] = dataset(dataset_id, status, **fields)
@@ -85,20 +86,7 @@ class FakeDatasets:
                 del self.datasets[dataset_id]
                 return _json(200, {})
             return _json(200, {"dataset": self.datasets[dataset_id]})
-        return await self._batch_api(request)
-
-    async def _batch_api(self, request: web.Request) -> web.Response:
-        endpoint, batch_id = endpoint_of(request.method, request.path)
-        seen = Seen(
-            endpoint,
-            request.method,
-            request.path,
-            MultiDict(request.query),
-            request.query_string,
-            CIMultiDict(request.headers),
-            await request.read(),
-        )
-        return self.upstream._api(endpoint, batch_id, seen)
+        return _json(404, {"message": "not a dataset route"})
 
 
 def _json(status: int, document: Any) -> web.Response:

@@ -112,6 +112,34 @@ async def test_the_sdk_gets_lists_deletes_and_sizes_datasets_through_the_gateway
         assert seen.headers["X-Client-Name"] == "billing-service"
 
 
+async def test_the_sdk_reads_the_simulated_upstreams_datasets_through_the_gateway(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    seeded = upstream.seed_dataset([{"custom_id": str(n), "body": "{}"} for n in range(3)], name="embed-in")
+    gateway = await start(dataset_config(upstream.url))
+    gateway.state.links = CountingLinks()
+    co = sdk(gateway.url)
+
+    got = await asyncio.wait_for(co.datasets.get(seeded), BOUND_S)
+    again = await asyncio.wait_for(co.datasets.with_raw_response.get(seeded), BOUND_S)
+    listed = await asyncio.wait_for(co.datasets.list(validation_status="validated"), BOUND_S)
+    usage = await asyncio.wait_for(co.datasets.get_usage(), BOUND_S)
+    await asyncio.wait_for(co.datasets.delete(seeded), BOUND_S)
+    after = await asyncio.wait_for(co.datasets.list(), BOUND_S)
+
+    assert got.dataset.validation_status == "validated"
+    assert again.headers["x-cache"] == "HIT"
+    assert again.headers["etag"].startswith('W/"')
+    parts = [*(got.dataset.dataset_parts or []), *((listed.datasets or [])[0].dataset_parts or [])]
+    assert parts
+    assert all((p.url or "").startswith(f"{gateway.url}/v1/datasets/{seeded}/parts/") for p in parts)
+    assert upstream.url not in json.dumps([p.url for p in parts])
+    assert [d.id for d in listed.datasets or []] == [seeded]
+    assert (usage.organization_usage or 0) > 0
+    assert after.datasets in (None, [])
+    assert [upstream.count(r) for r in ("dataset", "datasets", "dataset_usage", "delete_dataset")] == [1, 2, 1, 1]
+
+
 async def test_co_wait_returns_once_validation_ends_with_few_upstream_calls(
     upstream: Upstream, start: GatewayFactory
 ) -> None:

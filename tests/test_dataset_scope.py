@@ -250,3 +250,31 @@ async def test_the_sdk_sees_another_callers_dataset_as_not_found(upstream: Upstr
     assert isinstance(refused.value.body, dict)
     assert refused.value.body["code"] == "not_found"
     assert upstream.requests == []
+
+
+async def test_an_own_caller_reads_the_simulated_output_of_its_batch_and_no_other_caller_does(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    seeded = upstream.seed_dataset([{"custom_id": str(n), "body": "{}"} for n in range(3)], name="embed-in")
+    gateway = await start(dataset_config(upstream.url, "own"))
+    await uploaded(gateway, seeded, "billing-service")
+    co, other = sdk(gateway.url), sdk(gateway.url, REPORTING_KEY)
+    created = (await co.batches.create(request=Batch(name="b", input_dataset_id=seeded, model="embed"))).batch
+    output = upstream.datasets.batch_output(created.id, seeded, upstream.datasets.now())
+    assert output is not None
+    upstream.batches[created.id]["output_dataset_id"] = output
+    upstream.set_status(created.id, COMPLETED)
+    await gateway.state.cache.evict(created.id)
+
+    finished = (await co.batches.retrieve(created.id)).batch
+    results = await asyncio.wait_for(co.wait(await co.datasets.get(output), timeout=BOUND_S, interval=0.05), BOUND_S)
+    with pytest.raises(ApiError) as refused:
+        await other.datasets.get(output)
+    with pytest.raises(ApiError) as not_an_input:
+        await other.batches.create(request=Batch(name="b", input_dataset_id=output, model="embed"))
+
+    assert finished.output_dataset_id == output
+    assert results.dataset.validation_status == "validated"
+    assert sum(p.num_rows or 0 for p in results.dataset.dataset_parts or []) == 3
+    assert [refused.value.status_code, not_an_input.value.status_code] == [404, 404]
+    assert upstream.count("create") == 1
