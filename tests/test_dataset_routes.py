@@ -287,7 +287,7 @@ async def test_with_direct_links_a_dataset_answer_is_the_upstreams_bytes(
 ) -> None:
     fake = FakeDatasets(upstream)
     fake.add("ds-1", "validated")
-    gateway = await start(dataset_config(upstream.url))
+    gateway = await start(dataset_config(upstream.url, datasets={"downloads": "direct"}))
 
     answer = await get(gateway.url, "/v1/datasets/ds-1")
 
