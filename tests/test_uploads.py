@@ -5,23 +5,19 @@ the caller's name, the new dataset is the caller's, and an upload repeated
 with the same ``Idempotency-Key`` and file is replayed, not made twice,
 even though the SDK picks a new multipart boundary every time.
 
-The fake upstream's dataset routes here are ``FakeDatasets``, scripted on
-``tests.upstream.Upstream``: it parses the multipart body as Cohere does
-and answers ``{"id": ...}``, and lists what it holds.
+The fake upstream's dataset routes are the simulator's (``tests.upstream``):
+it parses the multipart body as it streams, as Cohere does, keeps each
+part's size and SHA-256, answers ``{"id": ...}`` and lists what it holds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import hashlib
 import json
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
-from python_multipart import MultipartParser
-from python_multipart.multipart import parse_options_header
 
 from gateway.edge.server import RunningGateway
 from gateway.records.base import dataset_key
@@ -37,98 +33,13 @@ from tests.support import (
     registry_value,
     sdk,
 )
-from tests.upstream import ALL_OPERATIONS, Upstream, assert_error, caller, iso
+from tests.upstream import ALL_OPERATIONS, Seen, Upstream, assert_error, caller
 
 BOUND_S = 30
 UPLOAD_PATH = "/v1/datasets"
 EMBED = "batch-embed-v2-input"
 ROWS = b"".join(b'{"custom_id": "r%d", "body": {"texts": ["hello %d"]}}\n' % (i, i) for i in range(200))
 KEY = "upload-nightly-2026-12-01"
-
-
-# --- the fake upstream's dataset routes, and the multipart they read ----------------------
-
-
-@dataclass
-class Part:
-    name: str
-    filename: str
-    content_type: str
-    data: bytes
-
-
-def parse_parts(content_type: str, body: bytes) -> list[Part]:
-    """The parts of a multipart body (python-multipart, as a real server would)."""
-    _, options = parse_options_header(content_type)
-    parts: list[Part] = []
-    headers: dict[str, bytes] = {}
-    field_name, value, data = bytearray(), bytearray(), bytearray()
-
-    def header_end() -> None:
-        headers[bytes(field_name).decode().lower()] = bytes(value)
-        field_name.clear()
-        value.clear()
-
-    def part_end() -> None:
-        _, disposition = parse_options_header(headers.get("content-disposition", b""))
-        parts.append(
-            Part(
-                disposition.get(b"name", b"").decode(),
-                disposition.get(b"filename", b"").decode(),
-                headers.get("content-type", b"").decode(),
-                bytes(data),
-            )
-        )
-        headers.clear()
-        data.clear()
-
-    parser = MultipartParser(
-        options[b"boundary"],
-        {
-            "on_header_field": lambda d, s, e: field_name.extend(d[s:e]),
-            "on_header_value": lambda d, s, e: value.extend(d[s:e]),
-            "on_header_end": header_end,
-            "on_part_data": lambda d, s, e: data.extend(d[s:e]),
-            "on_part_end": part_end,
-        },
-    )
-    parser.write(body)
-    parser.finalize()
-    return parts
-
-
-@dataclass
-class FakeDatasets:
-    """``POST /v1/datasets`` and ``GET /v1/datasets`` of a fake upstream (every other route: 404)."""
-
-    datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
-    uploads: list[list[Part]] = field(default_factory=list)
-    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-
-    async def handle(self, request: web.Request) -> web.Response:
-        if request.path == UPLOAD_PATH and request.method == "POST":
-            parts = parse_parts(request.headers["Content-Type"], await request.read())
-            if not any(part.name == "data" for part in parts):
-                return web.json_response({"message": "no data part"}, status=400)
-            self.uploads.append(parts)
-            dataset_id = f"{request.query['name']}-{next(self._ids):04d}"
-            self.datasets[dataset_id] = {
-                "id": dataset_id,
-                "name": request.query["name"],
-                "dataset_type": request.query["type"],
-                "created_at": iso(datetime.now(UTC)),
-                "validation_status": "queued",
-            }
-            return web.json_response({"id": dataset_id})
-        if request.path == UPLOAD_PATH and request.method == "GET":
-            return web.json_response({"datasets": list(self.datasets.values())})
-        return web.json_response({"message": "no such route"}, status=404)
-
-
-def fake_datasets(upstream: Upstream) -> FakeDatasets:
-    fake = FakeDatasets()
-    upstream.script(fake.handle)
-    return fake
 
 
 def uploaders(**extra: Any) -> list[dict[str, Any]]:
@@ -143,8 +54,8 @@ async def upload_gateway(start: GatewayFactory, fake: Upstream, **sections: Any)
     return await start(make_config(fake.url, callers=uploaders(), **sections))
 
 
-def uploads_seen(upstream: Upstream) -> list[Any]:
-    return [seen for seen in upstream.requests if seen.method == "POST" and seen.path == UPLOAD_PATH]
+def uploads_seen(upstream: Upstream) -> list[Seen]:
+    return upstream.calls("upload")
 
 
 async def sdk_upload(gateway: RunningGateway, data: bytes = ROWS, key: str | None = None, **kwargs: Any) -> Any:
@@ -190,18 +101,20 @@ async def post_upload(
 async def test_an_sdk_upload_reaches_the_upstream_as_sent_and_the_new_dataset_is_the_callers(
     upstream: Upstream, start: GatewayFactory, logs: LogCapture
 ) -> None:
-    fake = fake_datasets(upstream)
     gateway = await upload_gateway(start, upstream)
 
     answer = await sdk_upload(gateway)
 
-    assert answer.data.id == "nightly-0001"
+    dataset_id = answer.data.id
+    assert dataset_id in upstream.datasets.datasets
     [seen] = uploads_seen(upstream)
     assert seen.headers["Authorization"] == f"Bearer {UPSTREAM_TOKEN}"
     assert seen.headers["X-Client-Name"] == "billing-service"
     assert (seen.query["name"], seen.query["type"]) == ("nightly", EMBED)
-    assert [(p.name, p.filename, p.data) for p in fake.uploads[0]] == [("data", "rows.jsonl", ROWS)]
-    assert await gateway.state.records.owner_of(dataset_key("nightly-0001")) == "billing-service"
+    assert seen.upload is not None
+    assert [(p.name, p.filename, p.size) for p in seen.upload.parts] == [("data", "rows.jsonl", len(ROWS))]
+    assert seen.data_sha256 == hashlib.sha256(ROWS).hexdigest()
+    assert await gateway.state.records.owner_of(dataset_key(dataset_id)) == "billing-service"
     assert registry_value(gateway, "gateway_dataset_upload_bytes_total", caller="billing-service") >= len(ROWS)
     assert registry_value(gateway, "gateway_dataset_uploads_total", caller="billing-service", outcome="created") == 1
     gateway.state.access_log.flush()
@@ -212,7 +125,13 @@ async def test_an_sdk_upload_reaches_the_upstream_as_sent_and_the_new_dataset_is
 async def test_the_upstream_gets_the_callers_body_and_content_type_byte_for_byte(
     upstream: Upstream, start: GatewayFactory
 ) -> None:
-    fake_datasets(upstream)
+    received: list[bytes] = []
+
+    async def keep_the_bytes(request: web.Request) -> web.Response:
+        received.append(await request.read())
+        return web.json_response({"id": "dataset-bytes"})
+
+    upstream.script(keep_the_bytes, "upload")
     gateway = await upload_gateway(start, upstream)
     content_type, body = multipart(boundary="----exact-bytes-7d3a")
 
@@ -220,26 +139,24 @@ async def test_the_upstream_gets_the_callers_body_and_content_type_byte_for_byte
 
     assert answer.status == 200, answer.body
     [seen] = uploads_seen(upstream)
-    assert (seen.body, seen.headers["Content-Type"]) == (body, content_type)
+    assert (received, seen.headers["Content-Type"]) == ([body], content_type)
 
 
 async def test_an_upload_larger_than_the_json_body_limit_still_goes_through(
     upstream: Upstream, start: GatewayFactory
 ) -> None:
-    fake = fake_datasets(upstream)
     gateway = await upload_gateway(start, upstream, server={"max_body_bytes": 4096})
     rows = ROWS * 40  # ~200 KB, fifty times server.max_body_bytes
 
     answer = await sdk_upload(gateway, rows)
 
-    assert answer.data.id
-    assert fake.uploads[0][0].data == rows
+    assert answer.data.id in upstream.datasets.datasets
+    assert uploads_seen(upstream)[0].data_sha256 == hashlib.sha256(rows).hexdigest()
 
 
 async def test_a_caller_not_allowed_to_upload_is_refused_before_its_body_is_read(
     upstream: Upstream, start: GatewayFactory
 ) -> None:
-    fake_datasets(upstream)
     gateway = await upload_gateway(start, upstream)
     content_type, body = multipart()
 
@@ -255,7 +172,6 @@ async def test_a_caller_not_allowed_to_upload_is_refused_before_its_body_is_read
 async def test_an_upload_repeated_with_the_sdk_and_the_same_key_is_replayed_without_a_second_upload(
     upstream: Upstream, start: GatewayFactory
 ) -> None:
-    fake_datasets(upstream)
     gateway = await upload_gateway(start, upstream)
 
     first = await sdk_upload(gateway, key=KEY)
@@ -272,7 +188,6 @@ async def test_an_upload_repeated_with_the_sdk_and_the_same_key_is_replayed_with
 async def test_the_same_key_with_another_boundary_is_a_replay_and_with_another_file_is_refused(
     upstream: Upstream, start: GatewayFactory
 ) -> None:
-    fake_datasets(upstream)
     gateway = await upload_gateway(start, upstream)
     first = await post_upload(gateway, *reversed(multipart(boundary="first")), idempotency_key=KEY)
     other_boundary = await post_upload(gateway, *reversed(multipart(boundary="second")), idempotency_key=KEY)
@@ -289,7 +204,6 @@ async def test_the_same_key_with_another_boundary_is_a_replay_and_with_another_f
 async def test_an_upload_and_a_batch_create_with_the_same_key_do_not_collide(
     upstream: Upstream, start: GatewayFactory
 ) -> None:
-    fake_datasets(upstream)
     gateway = await upload_gateway(start, upstream)
 
     uploaded = await sdk_upload(gateway, key=KEY)
@@ -307,15 +221,14 @@ async def test_an_upload_and_a_batch_create_with_the_same_key_do_not_collide(
 async def test_after_an_ambiguous_upload_a_retry_with_the_key_finds_the_dataset_and_replays_it(
     upstream: Upstream, start: GatewayFactory
 ) -> None:
-    fake = fake_datasets(upstream)
     gateway = await upload_gateway(start, upstream, upstream={"timeout_s": 1})
-    upstream.hang("*")  # the upstream makes the dataset, then never answers
+    upstream.hang("upload")  # the upstream makes the dataset, then never answers
 
     lost = await post_upload(gateway, *reversed(multipart()), idempotency_key=KEY)
     retried = await post_upload(gateway, *reversed(multipart(boundary="retry")), idempotency_key=KEY)
 
     assert_error(lost, 504, "upstream_timeout")
-    [made] = fake.datasets
+    [made] = upstream.datasets.datasets
     assert (retried.status, retried.document, retried.header("Idempotent-Replayed")) == (200, {"id": made}, "true")
     assert len(uploads_seen(upstream)) == 1
     assert await gateway.state.records.owner_of(dataset_key(made)) == "billing-service"
@@ -324,13 +237,12 @@ async def test_after_an_ambiguous_upload_a_retry_with_the_key_finds_the_dataset_
 async def test_after_an_ambiguous_upload_a_retry_with_another_file_is_refused(
     upstream: Upstream, start: GatewayFactory
 ) -> None:
-    fake = fake_datasets(upstream)
     gateway = await upload_gateway(start, upstream, upstream={"timeout_s": 1})
-    upstream.hang("*")
+    upstream.hang("upload")
 
     lost = await post_upload(gateway, *reversed(multipart()), idempotency_key=KEY)
-    other = await post_upload(gateway, *reversed(multipart(b"other rows\n")), idempotency_key=KEY)
+    other = await post_upload(gateway, *reversed(multipart(ROWS[:100])), idempotency_key=KEY)
 
     assert_error(lost, 504, "upstream_timeout")
     assert_error(other, 422, "idempotency_key_reused")
-    assert len(fake.datasets) == 1
+    assert len(upstream.datasets.datasets) == 1
