@@ -44,6 +44,8 @@ KEYS = (
     "redis_outage_failed_polls",
     "hit_rps_redis_vs_local",
     "reload_stall_ms_10k_callers",
+    "upload_vs_direct",
+    "upload_rss_growth_mb",
 )
 # key: (comparison, bound)
 TARGETS = {
@@ -63,6 +65,9 @@ TARGETS = {
     "hit_rps_redis_vs_local": (">=", 0.9),
     # A SIGHUP holds no connection longer than a slow answer: the reload is read and checked off the event loop.
     "reload_stall_ms_10k_callers": ("<=", 50.0),
+    # DESIGN §11: an upload through the gateway runs at 80% of the upload straight to the upstream, in bounded memory.
+    "upload_vs_direct": (">=", 0.8),
+    "upload_rss_growth_mb": ("<=", 64.0),
 }
 # The charts: the scenario each draws, its file name and its alt text in RESULTS.md.
 CHARTS = {

@@ -350,6 +350,26 @@ async def test_a_body_that_is_not_a_multipart_upload_or_a_bad_query_is_400_with_
     assert upstream.count() == 0
 
 
+async def test_a_keyed_upload_malformed_after_its_opening_is_400_and_never_reaches_the_upstream_whole(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    fake = sink(upstream)
+    gateway = await hostile_gateway(start, upstream)
+    content_type, body = multipart(b"m" * 100_000)
+    broken = body[: -len(b"--b0undary--\r\n")] + b"--b0undary\r\nno header line\r\n\r\nzz\r\n--b0undary--\r\n"
+    reader, writer = await connect(gateway)
+    try:
+        head = upload_head(content_type, ("Content-Length", str(len(broken))), ("Idempotency-Key", "malformed-1"))
+        writer.write(head)
+        await trickle(writer, broken)
+        answer = await read_answer(reader)
+    finally:
+        writer.close()
+
+    assert_error(answer, 400, "invalid_request")
+    assert await fake.ended() == ["cut"]
+
+
 # --- a flood -----------------------------------------------------------------------------
 
 

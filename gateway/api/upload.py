@@ -105,7 +105,7 @@ def upload_query(query: Any) -> tuple[tuple[str, str], ...]:
 async def _upload(request: web.Request, admitted: Admitted) -> web.Response:
     query = upload_query(request.query)
     key = inputs.idempotency_key(request.headers.getall("Idempotency-Key", []))
-    parts = PartsFingerprint(request.headers.get("Content-Type", ""), query)
+    parts = PartsFingerprint(request.headers.get("Content-Type", ""), query, whole=key is not None)
     config = admitted.snapshot.config
     counter = admitted.state.metrics.datasets.upload_bytes.labels(admitted.caller.name)
     body = CallerBody(
