@@ -38,6 +38,7 @@ from tests.upstream import Upstream, assert_error, create_body, http_answer
 TARGET = f"{UPLOAD_PATH}?name=nightly&type={EMBED}"
 LIMIT = 65536 * 4  # datasets.max_upload_bytes in these tests
 IDLE_S = 0.5  # datasets.upload_idle_timeout_s in these tests
+SMALL_LIMIT = 16384  # an upload limit below server.max_body_bytes
 
 
 @dataclass
@@ -128,11 +129,12 @@ async def connect(gateway: RunningGateway) -> tuple[asyncio.StreamReader, asynci
 async def test_a_content_length_past_the_upload_limit_is_413_at_once_with_no_upstream_call(
     upstream: Upstream, start: GatewayFactory
 ) -> None:
-    gateway = await hostile_gateway(start, upstream)
+    # An upload limit below server.max_body_bytes (65536), so that only the upload's own limit can refuse it.
+    gateway = await hostile_gateway(start, upstream, datasets={"max_upload_bytes": SMALL_LIMIT})
     content_type, _ = multipart()
     reader, writer = await connect(gateway)
     try:
-        writer.write(upload_head(content_type, ("Content-Length", str(LIMIT + 1))))  # and not one body byte
+        writer.write(upload_head(content_type, ("Content-Length", str(SMALL_LIMIT + 1))))  # and not one body byte
         answer = await read_answer(reader)
     finally:
         writer.close()
@@ -144,11 +146,11 @@ async def test_a_content_length_past_the_upload_limit_is_413_at_once_with_no_ups
 async def test_expect_100_continue_past_the_upload_limit_gets_413_and_never_a_100_continue(
     upstream: Upstream, start: GatewayFactory
 ) -> None:
-    gateway = await hostile_gateway(start, upstream)
+    gateway = await hostile_gateway(start, upstream, datasets={"max_upload_bytes": SMALL_LIMIT})
     content_type, _ = multipart()
     reader, writer = await connect(gateway)
     try:
-        writer.write(upload_head(content_type, ("Content-Length", str(LIMIT + 1)), ("Expect", "100-continue")))
+        writer.write(upload_head(content_type, ("Content-Length", str(SMALL_LIMIT + 1)), ("Expect", "100-continue")))
         raw = await asyncio.wait_for(reader.read(65536), EXCHANGE_TIMEOUT_S)
     finally:
         writer.close()
