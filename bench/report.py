@@ -46,6 +46,8 @@ KEYS = (
     "reload_stall_ms_10k_callers",
     "download_vs_direct",
     "download_rss_growth_mb",
+    "upload_vs_direct",
+    "upload_rss_growth_mb",
 )
 # key: (comparison, bound)
 TARGETS = {
@@ -68,6 +70,9 @@ TARGETS = {
     # DESIGN §11: a part downloaded through a gateway URL comes nearly as fast as from storage, and is never held.
     "download_vs_direct": (">=", 0.8),
     "download_rss_growth_mb": ("<=", 64.0),
+    # DESIGN §11: an upload through the gateway runs at 80% of the upload straight to the upstream, in bounded memory.
+    "upload_vs_direct": (">=", 0.8),
+    "upload_rss_growth_mb": ("<=", 64.0),
 }
 # The charts: the scenario each draws, its file name and its alt text in RESULTS.md.
 CHARTS = {

@@ -78,6 +78,7 @@ async def receive_body(request: web.Request, admitted: Admitted, operation: Oper
     never a server error.
     """
     server = admitted.snapshot.config.server
+    limit = rules.body_limit(admitted.snapshot.config, request.method, request.path)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -98,7 +99,7 @@ async def receive_body(request: web.Request, admitted: Admitted, operation: Oper
         if not chunk:
             return readmit(request, admitted, operation), b"".join(chunks)
         size += len(chunk)
-        if size > server.max_body_bytes:
+        if size > limit:
             raise errors.BodyTooLarge()
         chunks.append(chunk)
 

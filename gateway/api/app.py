@@ -18,7 +18,7 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDictProxy
 
 from gateway import errors
-from gateway.api import batches, create, datasets, downloads, retrieve, service
+from gateway.api import batches, create, datasets, downloads, retrieve, rules, service, upload
 from gateway.api.keys import CACHE_STATE, CALLER, REQUEST_ID, STATE, TRACE
 from gateway.api.state import GatewayState
 from gateway.upstream.client import RequestTrace
@@ -90,11 +90,14 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             # llhttp reads "GET /path" with no version as HTTP/0.9 and still parses
             # headers after it; a proxy in front would not. Refuse it.
             raise errors.MalformedRequest("The request line has no HTTP version.")
-        if (request.content_length or 0) > state.snapshot.config.server.max_body_bytes:
+        if (request.content_length or 0) > rules.body_limit(state.snapshot.config, request.method, request.path):
             raise errors.BodyTooLarge()
         response = await handler(request)
     except errors.GatewayError as error:
         response = error_response(error, request_id, state.redact.known)
+        if isinstance(error, errors.BodyTooLarge) and not request.content.is_eof():
+            # What is left of a body too large is not read (an upload's may be gigabytes): close.
+            response.force_close()
         if CACHE_STATE in request and "X-Cache" not in response.headers:
             # An upstream failure on the batch route: still a batch answer (docs/design.md §5),
             # but nothing was cached, so nothing may be reused.
@@ -223,6 +226,8 @@ def build_app(state: GatewayState) -> web.Application:
     handler, so the same key, permission, scope, cache and ETag rules, and
     aiohttp leaves out the body (RFC 9110 9.3.2).
     """
+    # client_max_size bounds aiohttp's request.read() and post(), which no route calls: bodies are
+    # read by receive_body and the upload, both bounded by rules.body_limit. It stays the JSON limit.
     app = web.Application(middlewares=[gateway_middleware], client_max_size=state.snapshot.config.server.max_body_bytes)
     app[STATE] = state
     app.on_response_prepare.append(_server_header)
@@ -238,6 +243,7 @@ def build_app(state: GatewayState) -> web.Application:
     app.router.add_get(DATASET_USAGE_ROUTE, datasets.dataset_usage)  # before {id}: a literal, not a dataset
     app.router.add_get(_DATASET_PATTERN, datasets.get_dataset)
     app.router.add_delete(_DATASET_PATTERN, datasets.delete_dataset)
+    app.router.add_post(rules.UPLOAD_PATH, upload.upload_dataset)
     app.router.add_get("/healthz", service.healthz)
     app.router.add_get("/readyz", service.readyz)
     if not state.snapshot.config.server.metrics_port:

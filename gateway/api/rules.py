@@ -1,5 +1,6 @@
 """The rules of the batch API as pure functions both answer paths call:
-permission, visibility, ETag, waiting (docs/design.md §8, §9).
+permission, visibility, ETag, waiting (docs/design.md §8, §9), and how large
+a request body may be (§7, §11).
 """
 
 from __future__ import annotations
@@ -7,7 +8,10 @@ from __future__ import annotations
 from gateway import errors
 from gateway.api.auth import Caller
 from gateway.cache.entry import CacheEntry
-from gateway.config import Operation
+from gateway.config import GatewayConfig, Operation
+
+# The upload route (docs/design.md §11): its body is a dataset, streamed, not a JSON document.
+UPLOAD_PATH = "/v1/datasets"
 
 BATCH_OPERATIONS = frozenset({"retrieve", "list", "create", "cancel"})
 
@@ -19,6 +23,20 @@ def authorize(caller: Caller, operation: Operation) -> None:
         raise errors.OperationNotAllowed(
             f"This caller may not {what}. Ops can allow it in the gateway's config (callers[].allow)."
         )
+
+
+def body_limit(config: GatewayConfig, method: str, path: str) -> int:
+    """The most bytes a request body may hold: ``datasets.max_upload_bytes`` for an upload, else
+    ``server.max_body_bytes``.
+
+    The one decision every place that looks at a body's size asks: the
+    middleware (``Content-Length``), the ``Expect: 100-continue`` check
+    (``gateway.edge.rejections``), ``receive_body`` and the upload's own count,
+    so that lifting the limit for uploads lifts it nowhere else.
+    """
+    if method == "POST" and path == UPLOAD_PATH:
+        return config.datasets.max_upload_bytes
+    return config.server.max_body_bytes
 
 
 def sees_every_batch(caller: Caller) -> bool:

@@ -11,6 +11,7 @@ from aiohttp import hdrs, web
 
 from gateway import errors
 from gateway._aiohttp import Handler, HttpProcessingError, LineTooLong
+from gateway.api import rules
 from gateway.api.app import error_response, record_request, request_id_for
 from gateway.api.state import GatewayState
 
@@ -66,7 +67,7 @@ class ExpectCheck:
         error = expect_error(
             request.headers.getall(hdrs.EXPECT),
             request.content_length,
-            self._state.snapshot.config.server.max_body_bytes,
+            rules.body_limit(self._state.snapshot.config, request.method, request.path),
         )
         if error is None:
             return await self._handler(request)
@@ -91,7 +92,11 @@ class ExpectCheck:
 
 
 def expect_error(expect: list[str], content_length: int | None, max_body_bytes: int) -> errors.GatewayError | None:
-    """The contract's error for a request's ``Expect`` headers, or None to answer it as usual."""
+    """The contract's error for a request's ``Expect`` headers, or None to answer it as usual.
+
+    ``max_body_bytes`` is ``rules.body_limit`` for the request: an upload past
+    ``datasets.max_upload_bytes`` is 413 before any ``100 Continue``.
+    """
     # An empty Expect asks for nothing (aiohttp ignores it too).
     if any(value.strip() and value.strip().lower() != "100-continue" for value in expect):
         return errors.ExpectationFailed()

@@ -105,7 +105,7 @@ class _Retryable(Exception):
         self.error = error
 
 
-def _headers(request: UpstreamRequest, settings: UpstreamSettings) -> dict[str, str]:
+def call_headers(request: UpstreamRequest, settings: UpstreamSettings) -> dict[str, str]:
     """The upstream call's headers: the token in force, who asks, and the SDK headers passed on."""
     headers = {
         "Authorization": f"Bearer {settings.token_value}",
@@ -152,6 +152,12 @@ class UpstreamClient:
         # aiohttp silently resends an idempotent request once when the connection
         # drops: retries stay ours alone (gateway/_aiohttp.py says how).
         turn_off_silent_resend(self._session)
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The one ``ClientSession``, for the streamed upload (``gateway.upstream.upload``)."""
+        assert self._session is not None, "UpstreamClient.start() was not awaited"
+        return self._session
 
     @property
     def started(self) -> bool:
@@ -285,7 +291,7 @@ class UpstreamClient:
                 f"{settings.base_url}{request.path}",
                 params=request.query or None,
                 data=request.body,
-                headers=_headers(request, settings),
+                headers=call_headers(request, settings),
                 allow_redirects=False,
             ) as response:
                 outcome = str(response.status)
