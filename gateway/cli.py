@@ -33,8 +33,8 @@ from gateway.config import (
 from gateway.demo.mode import DEMO_CALLERS, demo_overrides, set_aside_by_demo
 from gateway.demo.simulator import Simulator, start_simulator
 from gateway.edge.server import start_gateway
-from gateway.events import usage_report
 from gateway.errors import StoreUnavailable
+from gateway.events import usage_report
 from gateway.ops.logs import Redactor, configure_logging, log_event
 from gateway.ops.workers import follow_the_parent, report_serving, supervise
 from gateway.runtime import build_state, serve_until_signalled

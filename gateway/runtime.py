@@ -16,6 +16,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 from gateway.api.auth import CallerDirectory
@@ -29,14 +30,19 @@ from gateway.config import ConfigError, GatewayConfig
 from gateway.config.features import EventsSettings
 from gateway.edge.server import RunningGateway
 from gateway.events.base import EventLog
+from gateway.events.follower import Follower
 from gateway.events.sightings import Sightings
 from gateway.events.sqlite import SqliteEventLog
+from gateway.events.usage import CountingLog, Usage
+from gateway.events.usage_redis import RedisUsage
+from gateway.events.usage_sqlite import SqliteUsage
 from gateway.ops.logs import Redactor, log_event
 from gateway.ops.metrics import Metrics
 from gateway.ops.workers import pid_file
 from gateway.records.base import Records
 from gateway.records.redis import RedisRecords
 from gateway.records.sqlite import SqliteRecords
+from gateway.replicas.lease import Lease
 from gateway.replicas.link import EVICTED, PAUSED, STORED, RedisLink
 from gateway.replicas.shared_budget import SharedBudget, SharedCallerLimits
 from gateway.replicas.shared_cache import LOCK_MARGIN_S, SharedCache
@@ -75,15 +81,15 @@ def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Cl
     waiters, freshness = Waiters(), Freshness(clock)
     records = records_for(config, link)
     events = events_for(config, link, lambda: state_of[0].snapshot.config.events)
-    sightings = Sightings(events, records, metrics.events) if events is not None else None
+    usage = Usage(RedisUsage(link) if link is not None else SqliteUsage(config.store.path), metrics.usage)
+    # Usage counts each event as it is appended: the log the sightings record into counts it (§12, "Usage").
+    sightings = Sightings(CountingLog(events, usage), records, metrics.events) if events is not None else None
     hooks = CacheHooks(
         on_change=waiters.changed,
         on_regression=metrics.regressions.inc,
         on_active=freshness.note_active,
         on_terminal=freshness.forget,
-        stretch=lambda: freshness.stretch(
-            cache.settings.ttl_s, upstream.settings.rate_limit.requests_per_s, refresher.batches
-        ),
+        stretch=lambda: freshness.stretch(cache.settings.ttl_s, _refresh_rate(upstream, follower), refresher.batches),
         on_join=metrics.coalesced.inc,
         on_shared=(lambda role: link.metrics.flights.labels(role.value).inc()) if link is not None else _no_role,
         on_stored=sightings.stored if sightings is not None else _no_sighting,
@@ -93,6 +99,7 @@ def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Cl
         config.upstream, metrics, clock, shared=SharedBudget(link, clock) if link is not None else None
     )
     refresher = Refresher(cache, waiters, clock, upstream.budget.refresh_wait_s, upstream.flight_wait_s)
+    follower = _follower(events, cache, upstream, refresher, link, lambda: state_of[0].snapshot.config.events, clock)
     _watch(metrics, cache, waiters, freshness)
     state = GatewayState(
         snapshot=Snapshot(config, CallerDirectory(config.callers)),
@@ -109,12 +116,37 @@ def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Cl
         shared_caller_limits=SharedCallerLimits(link) if link is not None else None,
         events=events,
         sightings=sightings,
+        follower=follower,
+        usage=usage if events is not None else None,
     )
     state_of.append(state)
     state.redact.update(config.secrets)
     if link is not None and shared_cache is not None:
         _hear_other_processes(link, cache, shared_cache, upstream)
     return state
+
+
+def _follower(
+    events: EventLog | None,
+    cache: BatchCache,
+    upstream: UpstreamClient,
+    refresher: Refresher,
+    link: RedisLink | None,
+    settings: Callable[[], EventsSettings],
+    clock: Clock,
+) -> Follower | None:
+    """The follower (docs/design.md §12), when events.enabled: one process at a time holds its lease."""
+    if events is None:
+        return None
+    lease = partial(Lease, link, "follower")
+    return Follower(events, cache, upstream, refresher, lease, settings, upstream.metrics.usage, clock)
+
+
+def _refresh_rate(upstream: UpstreamClient, follower: Follower | None) -> float:
+    """The budget the §9 refreshes plan on: what following takes this interval is not theirs (§12)."""
+    rate = upstream.settings.rate_limit.requests_per_s
+    taken = follower.calls_per_s if follower is not None else 0.0
+    return max(rate / 4, rate - taken)
 
 
 def _no_role(_role: Role) -> None:

@@ -219,6 +219,20 @@ async def _event_log(app: web.Application) -> AsyncIterator[None]:
     await state.events.close()
 
 
+async def _following(app: web.Application) -> AsyncIterator[None]:
+    """The usage store and the follower (docs/design.md §12), when events.enabled; the lease is given up at the end."""
+    state = app[STATE]
+    if state.usage is not None:
+        await state.usage.store.start()
+    if state.follower is not None:
+        state.follower.start()
+    yield
+    if state.follower is not None:
+        await state.follower.close()
+    if state.usage is not None:
+        await state.usage.store.close()
+
+
 async def _server_header(_request: web.Request, response: web.StreamResponse) -> None:
     """Every answer the app makes, streamed ones included, names the server without its version."""
     response.headers["Server"] = SERVER
@@ -247,6 +261,7 @@ def build_app(state: GatewayState) -> web.Application:
     app.cleanup_ctx.append(_event_log)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_refresher)
+    app.cleanup_ctx.append(_following)
     app.on_shutdown.append(_answer_waiters)
     return app
 

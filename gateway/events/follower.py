@@ -49,7 +49,7 @@ from typing import Any
 from gateway import errors
 from gateway.cache.batch_cache import BatchCache
 from gateway.cache.refresher import Refresher, status_of
-from gateway.config import EventsSettings
+from gateway.config.features import EventsSettings
 from gateway.events.base import EventLog
 from gateway.ops.logs import log_event
 from gateway.ops.usage_metrics import UsageMetrics
@@ -96,7 +96,8 @@ class Follower:
         self._refresher = refresher
         self._settings = settings
         self._clock = clock
-        self._lease = lease(max(MIN_LEASE_S, LEASE_INTERVALS * settings().interval_s))
+        self._make_lease = lease
+        self._lease: Lease | None = None
         self.check_datasets: CheckDatasets | None = None
         self._task: asyncio.Task[None] | None = None
         self.calls_last_round = 0
@@ -107,9 +108,12 @@ class Follower:
     @property
     def calls_per_s(self) -> float:
         """The upstream calls following takes per second (the last round's, over the interval)."""
-        return self.calls_last_round / self._settings().interval_s
+        interval_s: float = self._settings().interval_s
+        return self.calls_last_round / interval_s
 
     def start(self) -> None:
+        # Its time to live is set at start: a reload's new interval_s does not move it.
+        self._lease = self._make_lease(max(MIN_LEASE_S, LEASE_INTERVALS * self._settings().interval_s))
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
@@ -118,7 +122,7 @@ class Follower:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self.leading:
+        if self.leading and self._lease is not None:
             await self._lease.release()
             self.leading = False
 
@@ -128,6 +132,7 @@ class Follower:
             settings = self._settings()
             if not settings.enabled:
                 continue
+            assert self._lease is not None  # set by start()
             self.leading = await self._lease.hold()
             if not self.leading:
                 continue  # another process follows, or Redis is lost: paused until it is back

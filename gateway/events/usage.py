@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from gateway import errors
-from gateway.events.base import Event
+from gateway.events.base import Event, EventLog, Kind, Sighting
 from gateway.ops.logs import log_event
 from gateway.ops.usage_metrics import UsageMetrics
 
@@ -155,3 +155,44 @@ class Usage:
             return
         if added:
             self._metrics.finished(tally.caller, tally.model, tally.status, tally.input_tokens, tally.output_tokens)
+
+
+class CountingLog:
+    """The event log as the sightings see it: every event appended through it is counted by ``usage`` too.
+
+    ``record`` is where events are appended (it returns the event it appended),
+    so usage needs no change to any log: the log is wrapped where it is handed to
+    what records sightings (``gateway.runtime``). Everything else is the log's own.
+    """
+
+    def __init__(self, log: EventLog, usage: Usage) -> None:
+        self._log = log
+        self._usage = usage
+
+    @property
+    def log_id(self) -> str:
+        return self._log.log_id
+
+    async def start(self) -> None:
+        await self._log.start()
+
+    async def close(self) -> None:
+        await self._log.close()
+
+    async def record(self, sighting: Sighting) -> Event | None:
+        event = await self._log.record(sighting)
+        if event is not None:
+            await self._usage.count(event)
+        return event
+
+    async def followed(self, kind: Kind, limit: int) -> list[str]:
+        return await self._log.followed(kind, limit)
+
+    async def bounds(self) -> tuple[int, int]:
+        return await self._log.bounds()
+
+    async def read_after(self, seq: int, limit: int) -> list[Event]:
+        return await self._log.read_after(seq, limit)
+
+    async def wait_beyond(self, seq: int, timeout_s: float) -> bool:
+        return await self._log.wait_beyond(seq, timeout_s)

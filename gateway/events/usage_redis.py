@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from datetime import date
+from functools import partial
 from typing import Any
 
 from gateway.events.usage import COUNTS, Tally, sum_rows
@@ -90,12 +91,23 @@ class RedisUsage:
 
     async def totals(self, since: str | None, until: str | None) -> list[dict[str, Any]]:
         low, high = ordinal_bounds(since, until)
-        days = await self._link.call("usage_days", lambda r: r.zrangebyscore(self._link.key("usage", "days"), low, high))
-        hashes = []
+        days_key = self._link.key("usage", "days")
+        days: list[Any] = await self._link.call("usage_days", partial(_days, days_key, low, high))
+        hashes: list[dict[bytes, bytes]] = []
         for ordinal in days:
-            day = date.fromordinal(int(ordinal)).isoformat()
-            hashes.append(await self._link.call("usage_day", lambda r, d=day: r.hgetall(self._link.key("usage", "day", d))))
+            key = self._link.key("usage", "day", date.fromordinal(int(ordinal)).isoformat())
+            hashes.append(await self._link.call("usage_day", partial(_hgetall, key)))
         return rows_from_hashes(hashes)
+
+
+async def _days(key: str, low: str, high: str, client: Any) -> list[Any]:
+    days: list[Any] = await client.zrangebyscore(key, low, high)
+    return days
+
+
+async def _hgetall(key: str, client: Any) -> dict[bytes, bytes]:
+    fields: dict[bytes, bytes] = await client.hgetall(key)
+    return fields
 
 
 def totals_from(client: Any, prefix: str, since: str | None, until: str | None) -> list[dict[str, Any]]:

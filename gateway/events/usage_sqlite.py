@@ -42,11 +42,22 @@ CREATE TABLE IF NOT EXISTS usage_days (
     PRIMARY KEY (day, caller, model)
 ) WITHOUT ROWID;
 """
-_ADD_DAY = (
-    f"INSERT INTO usage_days (day, caller, model, {', '.join(COUNTS)}) VALUES (?, ?, ?{', ?' * len(COUNTS)})"
-    " ON CONFLICT (day, caller, model) DO UPDATE SET "
-    + ", ".join(f"{c} = {c} + excluded.{c}" for c in COUNTS)
-)
+_ADD_DAY = """
+INSERT INTO usage_days (day, caller, model, batches_completed, batches_failed, batches_canceled, records,
+                        input_tokens, output_tokens)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (day, caller, model) DO UPDATE SET
+    batches_completed = batches_completed + excluded.batches_completed,
+    batches_failed = batches_failed + excluded.batches_failed,
+    batches_canceled = batches_canceled + excluded.batches_canceled,
+    records = records + excluded.records,
+    input_tokens = input_tokens + excluded.input_tokens,
+    output_tokens = output_tokens + excluded.output_tokens
+"""
+_READ = """
+SELECT caller, model, batches_completed, batches_failed, batches_canceled, records, input_tokens, output_tokens
+FROM usage_days WHERE day >= ? AND day <= ?
+"""
 BUSY_TIMEOUT_S = 2.0
 
 
@@ -70,10 +81,7 @@ def add_tally(connection: sqlite3.Connection, tally: Tally) -> bool:
 
 def read_totals(connection: sqlite3.Connection, since: str | None, until: str | None) -> list[dict[str, Any]]:
     """The rows of the report (``gateway.events.usage.COLUMNS``) for the days from ``since`` to ``until``."""
-    rows = connection.execute(
-        f"SELECT caller, model, {', '.join(COUNTS)} FROM usage_days WHERE day >= ? AND day <= ?",
-        (since or "0000-00-00", until or "9999-99-99"),
-    ).fetchall()
+    rows = connection.execute(_READ, (since or "0000-00-00", until or "9999-99-99")).fetchall()
     return sum_rows([(row[0], row[1], dict(zip(COUNTS, row[2:], strict=True))) for row in rows])
 
 

@@ -1,0 +1,163 @@
+"""The follower (docs/design.md §12, "Following"): changes become events with no caller asking, at a flat cost.
+
+Real gateways on 127.0.0.1 in front of the fake upstream, whose batches
+change under them (``Upstream.set_status``). The follower's own upstream
+calls are told apart by their ``X-Client-Name``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from gateway.edge.server import RunningGateway
+from gateway.events.base import Event
+from gateway.events.follower import CLIENT_NAME
+from tests.conftest import GatewayFactory
+from tests.support import fresh_store_path, http, make_config, sdk
+from tests.upstream import ACTIVE, Seen, Upstream
+
+COMPLETED = "BATCH_STATUS_COMPLETED"
+FAILED = "BATCH_STATUS_FAILED"
+WAIT_S = 15.0
+INTERVAL_S = 0.25
+
+
+def following(upstream: Upstream, store: str | None = None, **sections: Any) -> Any:
+    """A config whose follower checks every INTERVAL_S."""
+    return make_config(
+        upstream.url,
+        store={"path": store or fresh_store_path()},
+        events={"interval_s": INTERVAL_S, **sections.pop("events", {})},
+        **sections,
+    )
+
+
+def by_follower(upstream: Upstream, route: str = "*") -> list[Seen]:
+    return [s for s in upstream.calls(route) if s.headers.get("X-Client-Name") == CLIENT_NAME]  # type: ignore[arg-type]
+
+
+async def next_events(gateway: RunningGateway, after: int, count: int = 1) -> list[Event]:
+    """The ``count`` events after seq ``after``, awaited (bounded) as the gateway appends them."""
+    log = gateway.state.events
+    assert log is not None
+    deadline = time.monotonic() + WAIT_S
+    events: list[Event] = []
+    while len(events) < count:
+        left = deadline - time.monotonic()
+        assert left > 0, f"only {[e.type for e in events]} after {WAIT_S} s"
+        newest = events[-1].seq if events else after
+        await log.wait_beyond(newest, left)
+        events += await log.read_after(newest, count - len(events))
+    return events
+
+
+async def newest_seq(gateway: RunningGateway) -> int:
+    assert gateway.state.sightings is not None
+    assert gateway.state.events is not None
+    await gateway.state.sightings.drained()
+    return (await gateway.state.events.bounds())[1]
+
+
+async def follower_lists(upstream: Upstream, count: int) -> None:
+    """Until the follower has made ``count`` list calls in all."""
+    for n in range(1, 10_000):
+        await upstream.arrival("list", n, timeout_s=WAIT_S)
+        if len(by_follower(upstream, "list")) >= count:
+            return
+
+
+async def test_an_active_batch_seen_once_is_followed_and_its_completion_is_an_event_without_a_caller_asking(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    gateway = await start(following(upstream))
+    upstream.seed("batch-run", status=ACTIVE, input_tokens="1200", output_tokens="300")
+    await sdk(gateway.url).batches.retrieve("batch-run")
+    seen = await newest_seq(gateway)
+    upstream.set_status("batch-run", COMPLETED)
+    [event] = await next_events(gateway, seen)
+    assert (event.type, event.subject) == ("batch.completed", "batch-run")
+    assert json.loads(event.payload)["data"]["batch"]["status"] == COMPLETED
+    # Nobody retrieved it again: the follower's list call showed the whole new state.
+    assert upstream.count("retrieve") == 1
+    assert by_follower(upstream, "list")
+    answer = await sdk(gateway.url).batches.retrieve("batch-run")
+    assert answer.batch.status == COMPLETED
+    assert upstream.count("retrieve") == 1  # and the list entry now answers callers too
+
+
+async def follow_cost(upstream: Upstream, start: GatewayFactory, followed: int, rounds: int) -> tuple[int, int]:
+    """Upstream calls (lists, retrieves) the follower makes over ``rounds`` while the same 10 batches change."""
+    for n in range(followed):
+        upstream.seed(f"batch-{n:05d}", status=ACTIVE, age_s=3600 - n)
+    gateway = await start(following(upstream))
+    # One caller's list shows them all: each is followed from then on.
+    answer = await http(f"{gateway.url}/v2/batches?page_size=1000", key=None, headers=_billing())
+    assert answer.status == 200
+    assert gateway.state.events is not None
+    await newest_seq(gateway)
+    assert len(await gateway.state.events.followed("batch", 5000)) == followed
+    first = len(by_follower(upstream))
+    before = len(by_follower(upstream, "list"))
+    for round_number in range(rounds):
+        for n in range(10):
+            upstream.batches[f"batch-{n:05d}"]["num_successful_records"] = round_number + 1
+            upstream.set_status(f"batch-{n:05d}", ACTIVE)  # updated_at moves: a change to notice
+        await follower_lists(upstream, before + round_number + 1)
+    await follower_lists(upstream, before + rounds + 1)
+    calls = by_follower(upstream)[first:]
+    return sum(1 for s in calls if s.endpoint == "list"), sum(1 for s in calls if s.endpoint == "retrieve")
+
+
+def _billing() -> dict[str, str]:
+    from tests.support import BILLING_KEY
+
+    return {"Authorization": f"Bearer {BILLING_KEY}"}
+
+
+async def test_following_a_thousand_batches_costs_the_same_list_calls_as_following_ten(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    lists_10, retrieves_10 = await follow_cost(upstream, start, 10, rounds=4)
+    other = await upstream.another()
+    lists_1000, retrieves_1000 = await follow_cost(other, start, 1000, rounds=4)
+    assert retrieves_10 == retrieves_1000 == 0  # every change was read off the list page
+    assert lists_1000 <= lists_10 + 1
+    assert lists_1000 <= 8
+
+
+async def test_a_batch_the_follower_sees_unchanged_is_renewed_so_a_later_poll_is_a_hit(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    config = following(upstream, cache={"ttl_s": {"active": 1.0, "active_min": 1.0}})
+    gateway = await start(config)
+    upstream.seed("batch-slow", status=ACTIVE)
+    first = await http(f"{gateway.url}/v2/batches/batch-slow", key=None, headers=_billing())
+    assert first.header("X-Cache") == "MISS"
+    polled_at = time.monotonic()
+    # Wait, through the follower's own list calls, until the first answer's freshness is long gone.
+    for _ in range(100):
+        await follower_lists(upstream, len(by_follower(upstream, "list")) + 1)
+        if time.monotonic() - polled_at > 2.5:
+            break
+    again = await http(f"{gateway.url}/v2/batches/batch-slow", key=None, headers=_billing())
+    assert again.status == 200
+    assert again.header("X-Cache") == "HIT"
+    assert upstream.count("retrieve") == 1
+
+
+async def test_after_a_restart_a_change_made_while_the_gateway_was_down_becomes_an_event(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    store = fresh_store_path()
+    upstream.seed("batch-night", status=ACTIVE)
+    gateway = await start(following(upstream, store))
+    await sdk(gateway.url).batches.retrieve("batch-night")
+    seen = await newest_seq(gateway)
+    await gateway.stop()
+    upstream.set_status("batch-night", FAILED)
+    restarted = await start(following(upstream, store))
+    [event] = await next_events(restarted, seen)
+    assert (event.type, event.subject) == ("batch.failed", "batch-night")
+    assert upstream.count("retrieve") == 1  # nobody asked after the restart: the follower found it
