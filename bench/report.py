@@ -44,6 +44,7 @@ KEYS = (
     "redis_outage_failed_polls",
     "hit_rps_redis_vs_local",
     "reload_stall_ms_10k_callers",
+    "follow_calls_ratio_1000_vs_10",
 )
 # key: (comparison, bound)
 TARGETS = {
@@ -63,6 +64,8 @@ TARGETS = {
     "hit_rps_redis_vs_local": (">=", 0.9),
     # A SIGHUP holds no connection longer than a slow answer: the reload is read and checked off the event loop.
     "reload_stall_ms_10k_callers": ("<=", 50.0),
+    # DESIGN §12: following 1,000 batches costs about what following 10 does (one list call per interval).
+    "follow_calls_ratio_1000_vs_10": ("<=", 1.5),
 }
 # The charts: the scenario each draws, its file name and its alt text in RESULTS.md.
 CHARTS = {

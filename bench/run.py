@@ -60,6 +60,9 @@ def simulator_namespaces(mode: Mode) -> dict[str, float]:
         "notice-nginx": 3600,
         "notice-poll": 3600,
         "notice-wait": 3600,
+        # Scenario 10's batches are scheduled too.
+        "follow-10": 3600,
+        "follow-1000": 3600,
         # Scenario 8: the lifecycle workload again, once per set-up.
         **{run.ns: mode.lifetime_s for run in REPLICA_RUNS.values()},
     }
