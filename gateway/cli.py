@@ -86,9 +86,15 @@ def _usage_parser(commands: Any) -> None:
         description="Print the usage totals the gateway keeps in its store (SQLite, or Redis with redis.url).",
     )
     # Its own dest: a default here would replace a --config given before the command.
-    usage.add_argument("--config", dest="usage_config", type=Path, help="path of config.yaml (as above)")
-    usage.add_argument("--since", type=day, help="first day counted, YYYY-MM-DD (UTC; default: the first kept)")
-    usage.add_argument("--until", type=day, help="last day counted, YYYY-MM-DD (UTC, inclusive; default: today)")
+    usage.add_argument(
+        "--config", dest="usage_config", type=Path, metavar="PATH", help="path of config.yaml (as above)"
+    )
+    usage.add_argument(
+        "--since", type=day, metavar="YYYY-MM-DD", help="first day counted, YYYY-MM-DD (UTC; default: the first kept)"
+    )
+    usage.add_argument(
+        "--until", type=day, metavar="YYYY-MM-DD", help="last day counted, YYYY-MM-DD (UTC, inclusive; default: today)"
+    )
     usage.add_argument("--format", choices=usage_report.FORMATS, default="table", help="table (default), csv or json")
 
 

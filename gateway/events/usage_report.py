@@ -27,9 +27,9 @@ def parse_day(value: str) -> str:
     try:
         parsed = date.fromisoformat(value)
     except ValueError:
-        raise ValueError(f"{value!r} is not a date as YYYY-MM-DD") from None
+        raise ValueError(f"{value!r} is not a valid date (YYYY-MM-DD)") from None
     if len(value) != len("YYYY-MM-DD"):
-        raise ValueError(f"{value!r} is not a date as YYYY-MM-DD")
+        raise ValueError(f"{value!r} is not a valid date (YYYY-MM-DD)")
     return parsed.isoformat()
 
 
