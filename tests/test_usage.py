@@ -17,8 +17,10 @@ from typing import Any
 import cohere
 
 from gateway.events.usage import COLUMNS, Tally
+from gateway.events.usage_redis import RedisUsage
 from gateway.events.usage_sqlite import SqliteUsage
-from tests.conftest import GatewayFactory
+from tests.conftest import GatewayFactory, OpenLink
+from tests.redis_server import RedisServer
 from tests.support import PROCESS_WAIT_S, fresh_store_path, make_config, raw_config, scrape_metrics, sdk, write_config
 from tests.test_follower import INTERVAL_S, newest_seq, next_events
 from tests.upstream import ACTIVE, Upstream, write_callers
@@ -188,3 +190,34 @@ async def test_the_usage_report_refuses_a_bad_date_with_exit_code_2(tmp_path: Pa
 async def test_the_usage_report_of_a_gateway_that_never_ran_is_empty(tmp_path: Path) -> None:
     code, out, _ = await usage_command("--config", str(config_file(tmp_path, fresh_store_path())), "--format", "json")
     assert (code, json.loads(out)) == (0, [])
+
+
+async def test_usage_on_redis_counts_a_batch_once_for_every_replica_and_the_report_reads_it(
+    open_link: OpenLink, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    prefix = "usage-test:"
+    links = [await open_link(), await open_link()]  # two processes
+    stores = [RedisUsage(link) for link in links]
+    for link in links:
+        link.prefix = prefix
+    tally = Tally("b-redis", "2026-12-05", "billing-service", "command-a", "completed", 10, 1200, 300)
+    added = await asyncio.gather(*(store.add(tally) for store in stores))
+    assert sorted(added) == [False, True]
+    assert await stores[1].add(Tally("b-other", "2026-12-06", "-", "command-r", "canceled", 4, 40, 0))
+    assert await stores[0].totals("2026-12-06", None) == [
+        {
+            "caller": "-",
+            "model": "command-r",
+            "batches_completed": 0,
+            "batches_failed": 0,
+            "batches_canceled": 1,
+            "records": 4,
+            "input_tokens": 40,
+            "output_tokens": 0,
+        }
+    ]
+    raw = raw_config("http://127.0.0.1:9", redis={"url": redis_server.url, "key_prefix": prefix})
+    path = write_config(tmp_path / "redis.yaml", raw)
+    code, out, err = await usage_command("--config", str(path), "--until", "2026-12-05", "--format", "csv")
+    assert code == 0, err
+    assert out.splitlines()[1:] == ["billing-service,command-a,1,0,0,10,1200,300"]
