@@ -7,6 +7,7 @@ calls are told apart by their ``X-Client-Name``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -161,3 +162,36 @@ async def test_after_a_restart_a_change_made_while_the_gateway_was_down_becomes_
     [event] = await next_events(restarted, seen)
     assert (event.type, event.subject) == ("batch.failed", "batch-night")
     assert upstream.count("retrieve") == 1  # nobody asked after the restart: the follower found it
+
+
+async def test_while_waiters_keep_the_refresher_listing_the_follower_reads_its_pages_and_lists_nothing_itself(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    config = following(upstream, events={"interval_s": 1.5}, cache={"ttl_s": {"active_min": 1.0}})
+    gateway = await start(config)
+    ids = [f"batch-waited-{n}" for n in range(3)]
+    for batch_id in ids:
+        upstream.seed(batch_id, status=ACTIVE)
+        await http(f"{gateway.url}/v2/batches/{batch_id}", key=None, headers=_billing())  # held: a wait waits
+    headers = {**_billing(), "Prefer": "wait=20"}
+    waits = [asyncio.ensure_future(http(f"{gateway.url}/v2/batches/{b}", key=None, headers=headers)) for b in ids]
+    follower = gateway.state.follower
+    assert follower is not None
+    try:
+        for n in range(1, 200):  # the refresher's list calls, one a second, until the follower has had 3 rounds
+            await upstream.arrival("list", n, timeout_s=WAIT_S)
+            if follower.rounds >= 3:
+                break
+        assert follower.rounds >= 3
+        assert by_follower(upstream, "list") == []  # each round read the refresher's page instead
+        assert follower.calls_last_round == 0
+        seen = await newest_seq(gateway)
+        upstream.set_status(ids[0], COMPLETED)
+        [event] = await next_events(gateway, seen)
+        assert (event.type, event.subject) == ("batch.completed", ids[0])
+        done = await asyncio.wait_for(waits[0], WAIT_S)
+        assert json.loads(done.body)["batch"]["status"] == COMPLETED
+    finally:
+        for wait in waits:
+            wait.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
