@@ -29,6 +29,7 @@ from gateway.config import ConfigError, GatewayConfig
 from gateway.config.features import EventsSettings
 from gateway.edge.server import RunningGateway
 from gateway.events.base import EventLog
+from gateway.events.redis import RedisEventLog
 from gateway.events.sightings import Sightings
 from gateway.events.sqlite import SqliteEventLog
 from gateway.ops.logs import Redactor, log_event
@@ -132,7 +133,7 @@ def events_for(
     if not config.events.enabled:
         return None
     if link is not None:
-        return None  # on Redis: not yet
+        return RedisEventLog(link, settings)
     return SqliteEventLog(config.store.path, settings)
 
 

@@ -185,6 +185,11 @@ class Tail:
         start = seq + 1 - self._events[0].seq
         return list(itertools.islice(self._events, start, start + limit))
 
+    def reset(self) -> None:
+        """The store lost its events (a Redis without persistence, restarted): forget them here too."""
+        self._events.clear()
+        self.newest = 0
+
     def drop_before(self, seq: int) -> None:
         """Retention removed the events below ``seq``: memory forgets them too."""
         while self._events and self._events[0].seq < seq:
