@@ -16,6 +16,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 from gateway.api.auth import CallerDirectory
@@ -28,7 +29,7 @@ from gateway.cache.waiting import Waiters
 from gateway.config import ConfigError, GatewayConfig
 from gateway.config.features import EventsSettings
 from gateway.edge.server import RunningGateway
-from gateway.events.base import EventLog
+from gateway.events.base import EventLog, Kind
 from gateway.events.redis import RedisEventLog
 from gateway.events.sightings import Sightings
 from gateway.events.sqlite import SqliteEventLog
@@ -95,6 +96,9 @@ def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Cl
     )
     refresher = Refresher(cache, waiters, clock, upstream.budget.refresh_wait_s, upstream.flight_wait_s)
     _watch(metrics, cache, waiters, freshness)
+    if events is not None:
+        for kind in ("batch", "dataset"):
+            metrics.events.followed.labels(kind).set_function(partial(_followed, events, kind))
     state = GatewayState(
         snapshot=Snapshot(config, CallerDirectory(config.callers)),
         upstream=upstream,
@@ -116,6 +120,10 @@ def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Cl
     if link is not None and shared_cache is not None:
         _hear_other_processes(link, cache, shared_cache, upstream)
     return state
+
+
+def _followed(events: EventLog, kind: Kind) -> int:
+    return events.followed_count[kind]
 
 
 def _no_role(_role: Role) -> None:
