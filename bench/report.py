@@ -45,6 +45,12 @@ KEYS = (
     "hit_rps_redis_vs_local",
     "reload_stall_ms_10k_callers",
     "follow_calls_ratio_1000_vs_10",
+    "feed_notice_p50_s",
+    "feed_calls",
+    "feed_notice_p50_vs_nginx",
+    "feed_calls_vs_nginx",
+    "sse_fanout_p99_s",
+    "sse_rss_per_stream_kb",
 )
 # key: (comparison, bound)
 TARGETS = {
@@ -66,6 +72,12 @@ TARGETS = {
     "reload_stall_ms_10k_callers": ("<=", 50.0),
     # DESIGN §12: following 1,000 batches costs about what following 10 does (one list call per interval).
     "follow_calls_ratio_1000_vs_10": ("<=", 1.5),
+    # DESIGN §12: a consumer of the event stream notices a change in a third of nginx's time, at no more upstream
+    # calls; one event reaches 1,000 open streams within a second; an open stream costs little memory.
+    "feed_notice_p50_vs_nginx": ("<=", 0.35),
+    "feed_calls_vs_nginx": ("<=", 1.0),
+    "sse_fanout_p99_s": ("<=", 1.0),
+    "sse_rss_per_stream_kb": ("<=", 64.0),
 }
 # The charts: the scenario each draws, its file name and its alt text in RESULTS.md.
 CHARTS = {

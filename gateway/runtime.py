@@ -29,8 +29,9 @@ from gateway.cache.waiting import Waiters
 from gateway.config import ConfigError, GatewayConfig
 from gateway.config.features import EventsSettings
 from gateway.edge.server import RunningGateway
-from gateway.events.base import EventLog
+from gateway.events.base import EventLog, Kind
 from gateway.events.follower import Follower
+from gateway.events.redis import RedisEventLog
 from gateway.events.sightings import Sightings
 from gateway.events.sqlite import SqliteEventLog
 from gateway.events.usage import CountingLog, Usage
@@ -101,6 +102,9 @@ def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Cl
     refresher = Refresher(cache, waiters, clock, upstream.budget.refresh_wait_s, upstream.flight_wait_s)
     follower = _follower(events, cache, upstream, refresher, link, lambda: state_of[0].snapshot.config.events, clock)
     _watch(metrics, cache, waiters, freshness)
+    if events is not None:
+        for kind in ("batch", "dataset"):
+            metrics.events.followed.labels(kind).set_function(partial(_followed, events, kind))
     state = GatewayState(
         snapshot=Snapshot(config, CallerDirectory(config.callers)),
         upstream=upstream,
@@ -149,6 +153,10 @@ def _refresh_rate(upstream: UpstreamClient, follower: Follower | None) -> float:
     return max(rate / 4, rate - taken)
 
 
+def _followed(events: EventLog, kind: Kind) -> int:
+    return events.followed_count[kind]
+
+
 def _no_role(_role: Role) -> None:
     return None
 
@@ -164,7 +172,7 @@ def events_for(
     if not config.events.enabled:
         return None
     if link is not None:
-        return None  # on Redis: not yet
+        return RedisEventLog(link, settings)
     return SqliteEventLog(config.store.path, settings)
 
 

@@ -6,7 +6,7 @@ Each module has ``TITLE`` (for the log), ``measure(env)`` (its results, ``{}`` w
 
 from types import ModuleType
 
-from bench.scenarios import callers, config, follow, hits, memory, miss, notice, reload, replicas, upstream
+from bench.scenarios import callers, config, feed, follow, hits, memory, miss, notice, reload, replicas, upstream
 
 SCENARIOS: dict[str, ModuleType] = {
     "hits": hits,
@@ -19,4 +19,5 @@ SCENARIOS: dict[str, ModuleType] = {
     "replicas": replicas,
     "reload": reload,
     "follow": follow,
+    "feed": feed,
 }
