@@ -81,10 +81,7 @@ def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Cl
     )
     waiters, freshness = Waiters(), Freshness(clock)
     records = records_for(config, link)
-    events = events_for(config, link, lambda: state_of[0].snapshot.config.events)
-    usage = Usage(RedisUsage(link) if link is not None else SqliteUsage(config.store.path), metrics.usage)
-    # Usage counts each event as it is appended: the log the sightings record into counts it (§12, "Usage").
-    sightings = Sightings(CountingLog(events, usage), records, metrics.events) if events is not None else None
+    events, usage, sightings = _event_parts(config, link, records, metrics, lambda: state_of[0].snapshot.config.events)
     hooks = CacheHooks(
         on_change=waiters.changed,
         on_regression=metrics.regressions.inc,
@@ -121,13 +118,31 @@ def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Cl
         events=events,
         sightings=sightings,
         follower=follower,
-        usage=usage if events is not None else None,
+        usage=usage,
     )
     state_of.append(state)
     state.redact.update(config.secrets)
     if link is not None and shared_cache is not None:
         _hear_other_processes(link, cache, shared_cache, upstream)
     return state
+
+
+def _event_parts(
+    config: GatewayConfig,
+    link: RedisLink | None,
+    records: Records,
+    metrics: Metrics,
+    settings: Callable[[], EventsSettings],
+) -> tuple[EventLog | None, Usage | None, Sightings | None]:
+    """The event log, usage per caller and the sightings (docs/design.md §12), when events.enabled.
+
+    Usage counts each event as it is appended: the log the sightings record into counts it.
+    """
+    events = events_for(config, link, settings)
+    if events is None:
+        return None, None, None
+    usage = Usage(RedisUsage(link) if link is not None else SqliteUsage(config.store.path), metrics.usage)
+    return events, usage, Sightings(CountingLog(events, usage), records, metrics.events)
 
 
 def _follower(
