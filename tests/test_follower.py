@@ -9,14 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 from gateway.edge.server import RunningGateway
 from gateway.events.base import Event
 from gateway.events.follower import CLIENT_NAME
-from tests.conftest import GatewayFactory
-from tests.support import fresh_store_path, http, make_config, sdk
+from tests.conftest import GatewayFactory, ProcessFactory
+from tests.redis_server import RedisServer
+from tests.support import (
+    fresh_store_path,
+    http,
+    make_config,
+    raw_config,
+    sample_value,
+    scrape_metrics,
+    sdk,
+    write_config,
+)
+from tests.test_replicas import poll_until
 from tests.upstream import ACTIVE, Seen, Upstream
 
 COMPLETED = "BATCH_STATUS_COMPLETED"
@@ -195,3 +208,43 @@ async def test_while_waiters_keep_the_refresher_listing_the_follower_reads_its_p
         for wait in waits:
             wait.cancel()
         await asyncio.gather(*waits, return_exceptions=True)
+
+
+async def test_two_replicas_on_redis_follow_through_one_and_the_other_takes_over_when_it_is_killed(
+    gateway_process: ProcessFactory, redis_server: RedisServer, upstream: Upstream, tmp_path: Path
+) -> None:
+    shared = {
+        "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 5},
+        "logging": {"access_log": False},
+        "redis": {"url": redis_server.url, "key_prefix": f"follow-{secrets.token_hex(4)}:", "probe_interval_s": 0.2},
+        "events": {"interval_s": INTERVAL_S},
+    }
+    paths = [write_config(tmp_path / f"replica-{n}.yaml", raw_config(upstream.url, **shared)) for n in range(2)]
+    group = list(await asyncio.gather(*(gateway_process(path) for path in paths)))
+    for n, replica in enumerate(group):
+        upstream.seed(f"batch-{n}", status=ACTIVE, model="command-r")
+        await sdk(replica.url).batches.retrieve(f"batch-{n}")
+    await follower_lists(upstream, 8)
+    lists = [await metric(r.url, "gateway_follow_calls_total", kind="list") for r in group]
+    assert sorted(lists)[0] == 0, lists  # one process follows
+    assert sorted(lists)[1] >= 1, lists
+    leader, other = (group[0], group[1]) if lists[0] else (group[1], group[0])
+    leader.proc.kill()
+    await leader.proc.wait()
+    for n in range(2):
+        upstream.set_status(f"batch-{n}", COMPLETED)
+
+    async def both_events() -> bool:
+        return await metric(other.url, "gateway_events_total", type="batch.completed") >= 2
+
+    assert await poll_until(both_events, WAIT_S), "the survivor never took over"
+    assert await metric(other.url, "gateway_follow_calls_total", kind="list") >= 1
+    await sdk(other.url).batches.retrieve("batch-0")  # seen once more: no second event, no second count
+    finished = {"caller": "-", "model": "command-r", "status": "completed"}
+    assert await metric(other.url, "gateway_events_total", type="batch.completed") == 2
+    assert await metric(other.url, "gateway_batches_finished_total", **finished) == 2
+
+
+async def metric(url: str, name: str, **labels: str) -> float:
+    _text, samples = await scrape_metrics(url)
+    return sample_value(samples, name, **labels)
