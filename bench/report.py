@@ -51,6 +51,8 @@ KEYS = (
     "feed_calls_vs_nginx",
     "sse_fanout_p99_s",
     "sse_rss_per_stream_kb",
+    "download_vs_direct",
+    "download_rss_growth_mb",
 )
 # key: (comparison, bound)
 TARGETS = {
@@ -78,6 +80,9 @@ TARGETS = {
     "feed_calls_vs_nginx": ("<=", 1.0),
     "sse_fanout_p99_s": ("<=", 1.0),
     "sse_rss_per_stream_kb": ("<=", 64.0),
+    # DESIGN §11: a part downloaded through a gateway URL comes nearly as fast as from storage, and is never held.
+    "download_vs_direct": (">=", 0.8),
+    "download_rss_growth_mb": ("<=", 64.0),
 }
 # The charts: the scenario each draws, its file name and its alt text in RESULTS.md.
 CHARTS = {

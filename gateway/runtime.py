@@ -28,6 +28,8 @@ from gateway.cache.store import MemoryStore
 from gateway.cache.waiting import Waiters
 from gateway.config import ConfigError, GatewayConfig
 from gateway.config.features import EventsSettings
+from gateway.datasets.links import DirectLinks, PartLinks
+from gateway.datasets.signing import SignedLinks
 from gateway.edge.server import RunningGateway
 from gateway.events.base import EventLog, Kind
 from gateway.events.follower import Follower
@@ -65,6 +67,16 @@ def records_for(config: GatewayConfig, link: RedisLink | None) -> Records:
     return SqliteRecords(config.store.path, config.batches.idempotency_ttl_s, lease_s=lease_s)
 
 
+def links_for(config: GatewayConfig, link: RedisLink | None, current: Callable[[], GatewayConfig]) -> PartLinks:
+    """Part URLs in dataset answers (docs/design.md §11): signed gateway URLs, or the upstream's (``direct``).
+
+    The mode is read at start; the TTL and a configured key follow reloads (``current``).
+    """
+    if config.datasets.downloads == "direct":
+        return DirectLinks()
+    return SignedLinks(lambda: current().datasets, link)
+
+
 def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Clock = time.monotonic) -> GatewayState:
     """Everything a gateway serving ``config`` holds; with ``redis.url``, shared through Redis (§10)."""
     metrics = Metrics()
@@ -87,7 +99,7 @@ def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Cl
         on_regression=metrics.regressions.inc,
         on_active=freshness.note_active,
         on_terminal=freshness.forget,
-        stretch=lambda: freshness.stretch(cache.settings.ttl_s, _refresh_rate(upstream, follower), refresher.batches),
+        stretch=partial(_stretch, state_of),
         on_join=metrics.coalesced.inc,
         on_shared=(lambda role: link.metrics.flights.labels(role.value).inc()) if link is not None else _no_role,
         on_stored=sightings.stored if sightings is not None else _no_sighting,
@@ -97,7 +109,6 @@ def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Cl
         config.upstream, metrics, clock, shared=SharedBudget(link, clock) if link is not None else None
     )
     refresher = Refresher(cache, waiters, clock, upstream.budget.refresh_wait_s, upstream.flight_wait_s)
-    follower = _follower(events, cache, upstream, refresher, link, lambda: state_of[0].snapshot.config.events, clock)
     _watch(metrics, cache, waiters, freshness)
     if events is not None:
         for kind in ("batch", "dataset"):
@@ -117,10 +128,11 @@ def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Cl
         shared_caller_limits=SharedCallerLimits(link) if link is not None else None,
         events=events,
         sightings=sightings,
-        follower=follower,
         usage=usage,
+        links=links_for(config, link, lambda: state_of[0].snapshot.config),
     )
     state_of.append(state)
+    state.follower = _follower(events, cache, upstream, refresher, link, lambda: state.snapshot.config.events, clock)
     state.redact.update(config.secrets)
     if link is not None and shared_cache is not None:
         _hear_other_processes(link, cache, shared_cache, upstream)
@@ -161,11 +173,12 @@ def _follower(
     return Follower(events, cache, upstream, refresher, lease, settings, upstream.metrics.usage, clock)
 
 
-def _refresh_rate(upstream: UpstreamClient, follower: Follower | None) -> float:
-    """The budget the §9 refreshes plan on: what following takes this interval is not theirs (§12)."""
-    rate = upstream.settings.rate_limit.requests_per_s
-    taken = follower.calls_per_s if follower is not None else 0.0
-    return max(rate / 4, rate - taken)
+def _stretch(state_of: list[GatewayState]) -> float:
+    """How far active intervals stretch (§9), on the budget that following leaves to refreshes (§12)."""
+    state = state_of[0]
+    rate = state.upstream.settings.rate_limit.requests_per_s
+    taken = state.follower.calls_per_s if state.follower is not None else 0.0
+    return state.freshness.stretch(state.cache.settings.ttl_s, max(rate / 4, rate - taken), state.refresher.batches)
 
 
 def _followed(events: EventLog, kind: Kind) -> int:

@@ -207,8 +207,8 @@ async def test_head_of_every_other_get_route_answers_as_its_get_without_a_body(
         ("PUT", "/v2/batches", "GET, HEAD, POST"),
         ("POST", "/healthz", "GET, HEAD"),
         ("POST", "/metrics", "GET, HEAD"),
-        # ':cancel' ids are well formed for the router's {id} too: GET and HEAD reach it (as invalid ids).
-        ("PUT", "/v2/batches/batch-1:cancel", "GET, HEAD, POST"),
+        # '{id}:cancel' is the cancel resource alone (docs/design.md §8): POST, and no GET to add HEAD to.
+        ("PUT", "/v2/batches/batch-1:cancel", "POST"),
     ],
 )
 async def test_a_405_lists_head_wherever_get_is_allowed(

@@ -134,7 +134,8 @@ async def test_a_doubled_authorization_is_401_never_500(second: str, upstream: U
     assert upstream.count() == 0
 
 
-@pytest.mark.parametrize("batch_id", ["bad id", "-leading-dash", "a" * 129, "batch!", "b\u00e4tch", "a:cancel"])
+# "a:cancel" is not here: the SDK sends it as is, and '/v2/batches/a:cancel' is the cancel resource (405, §8).
+@pytest.mark.parametrize("batch_id", ["bad id", "-leading-dash", "a" * 129, "batch!", "b\u00e4tch", "a:b"])
 async def test_a_malformed_batch_id_is_400_invalid_batch_id(
     batch_id: str, upstream: Upstream, start: GatewayFactory
 ) -> None:

@@ -111,7 +111,8 @@ PATHS = [
     ("/V2/BATCHES/batch-1", 404, "route_not_found", None),
     ("/v2/batches/batch-1.css", 400, "invalid_batch_id", None),
     ("/v2/batches/batch-1.json", 400, "invalid_batch_id", None),
-    ("/v2/batches/batch-1:cancel", 400, "invalid_batch_id", None),
+    # The path of the cancel resource: POST alone is allowed there (docs/design.md §8).
+    ("/v2/batches/batch-1:cancel", 405, "method_not_allowed", None),
     ("/v2/batches/batch-1%3Acancel", 400, "invalid_batch_id", None),
     ("/v2/batches/batch-1;cancel", 400, "invalid_batch_id", None),
     ("/v2/batches/batch-1/cancel", 404, "route_not_found", None),
@@ -171,7 +172,7 @@ METHODS = [
     ("POST", "/healthz", 405, "method_not_allowed"),
 ]
 # The Allow header of each route's 405.
-ALLOWED = {"/v2/batches": "GET, HEAD, POST", "/v2/batches/batch-1:cancel": "GET, HEAD, POST"}
+ALLOWED = {"/v2/batches": "GET, HEAD, POST", "/v2/batches/batch-1:cancel": "POST"}
 
 
 @pytest.mark.parametrize(("method", "target", "status", "code"), METHODS)

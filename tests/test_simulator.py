@@ -320,9 +320,12 @@ def test_the_demo_callers_are_a_valid_config() -> None:
     billing, reporting = config.callers
     assert (billing.name, billing.allow, billing.batches) == (
         "demo-billing",
-        frozenset({"retrieve", "list", "create", "cancel"}),
+        frozenset({"retrieve", "list", "create", "cancel"})
+        | frozenset({"upload_dataset", "read_dataset", "delete_dataset", "dataset_usage"}),
         "own",
     )
+    # The simulator is the demo's storage host: its parts download through the gateway.
+    assert config.datasets.part_origins == ("http://127.0.0.1:1",)
     assert (reporting.name, reporting.allow, reporting.batches) == (
         "demo-reporting",
         frozenset({"retrieve", "list"}),

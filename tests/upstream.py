@@ -21,7 +21,18 @@ sets it CANCELING. A test changes what it answers:
   cannot produce (broken framing, interim answers, resets): ``respond``
   gets each request head with the connection's reader and writer;
 - ``seed(...)``: a batch that exists upstream and that no caller created
-  through the gateway.
+  through the gateway; ``seed_dataset(rows)`` a validated dataset.
+
+The dataset routes (docs/design.md §11) are the simulator's own
+(``gateway.demo.datasets``, in ``upstream.datasets``, validating at once):
+``upload`` (``POST /v1/datasets``), ``dataset``, ``datasets``,
+``delete_dataset``, ``dataset_usage``, and ``part``, the storage route the
+part URLs point at (no caller key: signed URLs). The faults above work on
+them by these names. An upload's body is never kept: its ``Seen`` has
+``body_size`` and ``upload`` (each part's name, size and SHA-256) instead.
+The storage route answers 400 to a request with an Authorization header,
+and the fixture fails the test if one ever reached it (a test that sends one
+on purpose sets ``upstream.datasets.authorized_storage_requests = 0``).
 
 Every request is recorded (``requests``: ``Seen``, with method, path, query,
 headers, body and the answer given); ``count(route)`` and ``calls(route)``
@@ -45,6 +56,10 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict, MultiDict
 
+from gateway.demo import rows
+from gateway.demo.datasets import UPLOAD_KEY, SimulatedDatasets, StoredDataset, route_of
+from gateway.demo.rows import Parsed
+from gateway.demo.uploads import Upload
 from tests.support import (
     BILLING_KEY,
     EXCHANGE_TIMEOUT_S,
@@ -55,8 +70,22 @@ from tests.support import (
     sha256_hex,
 )
 
-Endpoint = Literal["create", "list", "retrieve", "cancel"]
-Route = Literal["create", "list", "retrieve", "cancel", "*"]  # "*": every request, known route or not
+Endpoint = Literal[
+    "create", "list", "retrieve", "cancel", "upload", "dataset", "datasets", "delete_dataset", "dataset_usage", "part"
+]
+Route = Literal[  # "*": every request, known route or not
+    "create",
+    "list",
+    "retrieve",
+    "cancel",
+    "upload",
+    "dataset",
+    "datasets",
+    "delete_dataset",
+    "dataset_usage",
+    "part",
+    "*",
+]
 ENDPOINTS: tuple[Endpoint, ...] = ("create", "list", "retrieve", "cancel")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -87,6 +116,14 @@ class Seen:
     raw_path: str = ""  # the request target as it came, %-escapes and query included
     answer_status: int | None = None
     answer_body: bytes | None = None
+    body_size: int | None = None  # an upload's: the bytes of its body (which ``body`` does not keep)
+    upload: Upload | None = None  # an upload's parts (name, filename, size, SHA-256), once it has been read
+
+    @property
+    def data_sha256(self) -> str | None:
+        """The SHA-256 of an upload's ``data`` part."""
+        parts = self.upload.parts if self.upload is not None else ()
+        return next((part.sha256 for part in parts if part.name == "data"), None)
 
 
 @dataclass
@@ -107,7 +144,10 @@ def iso(moment: datetime) -> str:
 
 
 def endpoint_of(method: str, path: str) -> tuple[Endpoint | None, str | None]:
-    """The batch API endpoint a request is for, and the batch id in its path (None: not the batch API)."""
+    """The endpoint a request is for, and the batch or dataset id in its path (None: not the upstream's API)."""
+    dataset_route = route_of(method, path)
+    if dataset_route is not None:
+        return dataset_route[0], dataset_route[1].get("id")  # type: ignore[return-value]
     if path == "/v2/batches":
         return {"POST": "create", "GET": "list"}.get(method), None  # type: ignore[return-value]
     prefix = "/v2/batches/"
@@ -163,6 +203,7 @@ class Upstream:
         self._server: asyncio.Server | None = None
         self._raw_tasks: set[asyncio.Task[None]] = set()
         self._others: list[Upstream] = []
+        self.datasets = SimulatedDatasets(validation_s=0.0, rows_per_part=100)
 
     # --- what tests read -------------------------------------------------------------
 
@@ -217,6 +258,25 @@ class Upstream:
         batch = self._new_batch(batch_id, name, input_dataset_id, fields.pop("model", "command-r"), created)
         batch.update(status=status, **fields)
         return batch
+
+    def seed_dataset(
+        self,
+        rows_of: list[dict[str, Any]],
+        *,
+        dataset_id: str | None = None,
+        name: str = "seeded",
+        dataset_type: str = "batch-embed-v2-input",
+    ) -> str:
+        """A validated dataset that exists upstream (rows as its Avro schema has them); its id."""
+        known = StoredDataset(dataset_id or f"{name}-{next(self._ids):04d}", name, dataset_type, 0.0, 0)
+        writer = rows.PartWriter(self.datasets.directory, known.id, dataset_type, self.datasets.rows_per_part)
+        for row in rows_of:
+            writer.add(row)
+        known.parsed = Parsed(writer.close())
+        known.size_bytes = sum(part.size_bytes for part in known.parsed.parts)
+        known.created = self.datasets.now()
+        self.datasets.datasets[known.id] = known
+        return known.id
 
     def set_status(self, batch_id: str, status: str) -> None:
         self.batches[batch_id]["status"] = status
@@ -315,8 +375,9 @@ class Upstream:
         return fault
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
         endpoint, batch_id = endpoint_of(request.method, request.path)
+        # An upload streams to disk as the simulator reads it: never held here.
+        body = b"" if endpoint == "upload" else await request.read()
         seen = Seen(
             endpoint,
             request.method,
@@ -341,7 +402,7 @@ class Upstream:
             if handler is not None and fault.work:
                 await handler(request)
             elif handler is None:
-                made = self._api(endpoint, batch_id, seen)
+                made = await self._api(endpoint, batch_id, seen, request)
                 if not fault.work:
                     self._undo_create(made)
             if fault.kind == "drop":
@@ -354,13 +415,16 @@ class Upstream:
             if fault is not None:
                 await fault.release.wait()
             return self._answered(seen, await handler(request))
-        answer = self._api(endpoint, batch_id, seen)
+        answer = await self._api(endpoint, batch_id, seen, request)
         if fault is not None:
             await fault.release.wait()
-        return self._answered(seen, answer)
+        return self._answered(seen, answer, request)
 
     @staticmethod
-    def _answered(seen: Seen, answer: web.StreamResponse) -> web.StreamResponse:
+    def _answered(seen: Seen, answer: web.StreamResponse, request: web.Request | None = None) -> web.StreamResponse:
+        upload = request.get(UPLOAD_KEY) if request is not None else None
+        if upload is not None:
+            seen.upload, seen.body_size = upload, upload.body_size
         seen.answer_status = answer.status
         if isinstance(answer, web.Response) and isinstance(answer.body, bytes):
             seen.answer_body = answer.body
@@ -413,14 +477,21 @@ class Upstream:
         self.batches[batch_id] = batch
         return batch
 
-    def _undo_create(self, made: web.Response) -> None:
+    def _undo_create(self, made: web.StreamResponse) -> None:
+        if not isinstance(made, web.Response) or not isinstance(made.body, bytes):
+            return
         try:
-            created = json.loads(made.body)["batch"]["id"]  # type: ignore[arg-type]
+            created = json.loads(made.body)["batch"]["id"]
         except (ValueError, KeyError, TypeError):
             return
         self.batches.pop(created, None)
 
-    def _api(self, endpoint: Endpoint | None, batch_id: str | None, seen: Seen) -> web.Response:
+    async def _api(
+        self, endpoint: Endpoint | None, batch_id: str | None, seen: Seen, request: web.Request
+    ) -> web.StreamResponse:
+        dataset_route = route_of(request.method, request.path)
+        if dataset_route is not None:
+            return await self.datasets.answer(dataset_route[0], request, dataset_route[1])
         status, payload = self._answer(endpoint, batch_id, seen)
         return web.Response(status=status, body=payload, content_type="application/json")
 
@@ -464,6 +535,7 @@ async def upstream() -> AsyncIterator[Upstream]:
     started = await Upstream().start()
     yield started
     await started.stop()
+    assert started.datasets.authorized_storage_requests == 0, "an Authorization header reached the storage route"
 
 
 # ---------------------------------------------------------------------------

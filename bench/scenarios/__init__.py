@@ -6,7 +6,20 @@ Each module has ``TITLE`` (for the log), ``measure(env)`` (its results, ``{}`` w
 
 from types import ModuleType
 
-from bench.scenarios import callers, config, feed, follow, hits, memory, miss, notice, reload, replicas, upstream
+from bench.scenarios import (
+    callers,
+    config,
+    downloads,
+    feed,
+    follow,
+    hits,
+    memory,
+    miss,
+    notice,
+    reload,
+    replicas,
+    upstream,
+)
 
 SCENARIOS: dict[str, ModuleType] = {
     "hits": hits,
@@ -20,4 +33,5 @@ SCENARIOS: dict[str, ModuleType] = {
     "reload": reload,
     "follow": follow,
     "feed": feed,
+    "downloads": downloads,
 }

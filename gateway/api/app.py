@@ -18,7 +18,7 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDictProxy
 
 from gateway import errors
-from gateway.api import batches, create, events, retrieve, service
+from gateway.api import batches, create, datasets, downloads, events, retrieve, service
 from gateway.api.keys import CACHE_STATE, CALLER, REQUEST_ID, STATE, TRACE
 from gateway.api.state import GatewayState
 from gateway.upstream.client import RequestTrace
@@ -28,6 +28,13 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 BATCH_ROUTE = "/v2/batches/{id}"
 BATCHES_ROUTE = "/v2/batches"
 CANCEL_ROUTE = "/v2/batches/{id}:cancel"
+# The router's patterns: a path is one resource, so a 405's Allow lists that resource's methods
+# alone (docs/design.md §8): '{id}:cancel' is not a batch, 'usage' is not a dataset.
+_BATCH_PATTERN = "/v2/batches/{id:(?![^/]*:cancel$)[^{}/]+}"
+DATASETS_ROUTE = "/v1/datasets"
+DATASET_USAGE_ROUTE = "/v1/datasets/usage"
+DATASET_ROUTE = "/v1/datasets/{id}"
+_DATASET_PATTERN = "/v1/datasets/{id:(?!usage$)[^{}/]+}"
 METRICS_ROUTE = "/metrics"
 # The Server header of every answer: the product, never its version (that is in
 # --version and gateway_build_info), so a scan learns nothing to match against.
@@ -253,12 +260,20 @@ def build_app(state: GatewayState) -> web.Application:
     app = web.Application(middlewares=[gateway_middleware], client_max_size=state.snapshot.config.server.max_body_bytes)
     app[STATE] = state
     app.on_response_prepare.append(_server_header)
-    app.router.add_get(BATCH_ROUTE, retrieve.get_batch)
+    app[datasets.USAGE] = datasets.UsageCache()
+    app.router.add_get(_BATCH_PATTERN, retrieve.get_batch)
     app.router.add_get(BATCHES_ROUTE, batches.list_batches)
     app.router.add_post(BATCHES_ROUTE, create.create_batch)
     app.router.add_post(CANCEL_ROUTE, batches.cancel_batch)
     app[events.FEED] = events.Feed()
     app.router.add_get(events.EVENTS_ROUTE, events.get_events)
+    app.router.add_get(downloads.PART_ROUTE, downloads.download_part)
+    app.router.add_get(downloads.ORIGINAL_ROUTE, downloads.download_original)
+    app.router.add_route("*", CANCEL_ROUTE, batches.not_a_cancel)
+    app.router.add_get(DATASETS_ROUTE, datasets.list_datasets)
+    app.router.add_get(DATASET_USAGE_ROUTE, datasets.dataset_usage)  # before {id}: a literal, not a dataset
+    app.router.add_get(_DATASET_PATTERN, datasets.get_dataset)
+    app.router.add_delete(_DATASET_PATTERN, datasets.delete_dataset)
     app.router.add_get("/healthz", service.healthz)
     app.router.add_get("/readyz", service.readyz)
     if not state.snapshot.config.server.metrics_port:
@@ -269,6 +284,8 @@ def build_app(state: GatewayState) -> web.Application:
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_refresher)
     app.cleanup_ctx.append(_following)
+    app[downloads.DOWNLOADS] = downloads.Downloads(state)
+    app.cleanup_ctx.append(app[downloads.DOWNLOADS].lifecycle)
     app.on_shutdown.append(_answer_waiters)
     app.on_shutdown.append(_end_event_streams)
     return app

@@ -12,6 +12,7 @@ from gateway import errors
 from gateway.api import inputs, rules
 from gateway.api.admission import admit, check_scope, receive_body, upstream_request
 from gateway.api.answers import json_answer
+from gateway.api.dataset_scope import record_outputs
 from gateway.upstream import cohere
 from gateway.upstream.answers import accept_json_object
 from gateway.upstream.client import BATCHES_PATH, batch_path
@@ -25,21 +26,43 @@ async def list_batches(request: web.Request) -> web.Response:
     query = inputs.list_query(request.query)
     call = upstream_request(request, caller, BATCHES_PATH, query=query)
     page = await state.upstream.fetch(call, True, accept_json_object)
+    batches = cohere.batches_of(page.document)
+    # The outputs of finished batches are their owners' (docs/design.md §11).
+    await record_outputs(state, batches)
     if state.sightings is not None:
-        state.sightings.page(cohere.batches_of(page.document))  # every batch listed is a sighting (§12)
+        state.sightings.page(batches)  # every batch listed is a sighting (§12)
     if rules.sees_every_batch(caller):
         return json_answer(page.status, page.body)
-    batches = cohere.batches_of(page.document)
     owners = {batch_id: await state.records.owner_of(batch_id) for batch_id in cohere.ids_of(batches)}
     # A page may come back shorter or empty; next_page_token is kept, as the upstream allows.
     mine = [b for b in batches if isinstance(b, dict) and rules.may_see(caller, owners.get(b.get("id")))]  # type: ignore[arg-type]
     return json_answer(page.status, json.dumps({**page.document, "batches": mine}).encode())
 
 
+async def not_a_cancel(request: web.Request) -> web.Response:
+    """Any method but POST on ``/v2/batches/{id}:cancel``: 405 naming POST alone (docs/design.md §8).
+
+    A ':' sent percent-encoded is part of an id (see ``cancel_batch``): such a
+    path names a batch, whose id is then malformed.
+    """
+    if not _literal_cancel(request):
+        if request.method in ("GET", "HEAD"):
+            raise errors.InvalidBatchId()
+        raise errors.MethodNotAllowed(f"Method {request.method} is not allowed here; use GET, HEAD.", headers=_GET)
+    raise errors.MethodNotAllowed(f"Method {request.method} is not allowed here; use POST.", headers=_POST)
+
+
+_GET, _POST = {"Allow": "GET, HEAD"}, {"Allow": "POST"}
+
+
+def _literal_cancel(request: web.Request) -> bool:
+    return request.raw_path.partition("?")[0].endswith(":cancel")
+
+
 async def cancel_batch(request: web.Request) -> web.Response:
     """``POST /v2/batches/{id}:cancel``: cancel upstream, then evict the id's cache entry."""
     admitted = await admit(request, "cancel")
-    if not request.raw_path.partition("?")[0].endswith(":cancel"):
+    if not _literal_cancel(request):
         # The router matched a decoded path: '/v2/batches/a%3Acancel' names a batch
         # whose id is 'a:cancel' (a percent-encoded ':' is not a delimiter), not a cancel.
         raise errors.InvalidBatchId()

@@ -24,6 +24,7 @@ from gateway import errors
 from gateway.api import inputs
 from gateway.api.admission import Admitted, admit, receive_body, upstream_request
 from gateway.api.answers import json_answer
+from gateway.api.dataset_scope import check_input_dataset, record_outputs
 from gateway.api.keys import REQUEST_ID, TRACE
 from gateway.ops.logs import log_event
 from gateway.records.base import Claimed, InUse, Replay, Reused, body_fingerprint
@@ -51,6 +52,8 @@ async def create_batch(request: web.Request) -> web.Response:
     key = inputs.idempotency_key(request.headers.getall("Idempotency-Key", []))
     admitted, body = await receive_body(request, admitted, "create")
     document = inputs.create_document(request.content_type, body)
+    # An own caller may not name another caller's dataset (docs/design.md §11); checked before any key is claimed.
+    await check_input_dataset(admitted.state, admitted.caller, document["input_dataset_id"])
     if key is None:
         reply = await _create(request, admitted, body)
         return json_answer(reply.status, reply.body)
@@ -146,6 +149,7 @@ async def _keep(admitted: Admitted, reply: JsonAnswer) -> None:
         # The batch exists: the caller still gets it, and ops learn whose it is from the log.
         state.metrics.store_write_failures.inc()
         log_event(log, logging.ERROR, "could not record a new batch's owner", batch_id=batch_id, caller=caller)
+    await record_outputs(state, [batch], caller)
     cached = json.dumps({"batch": batch}).encode() if set(reply.document) != {"batch"} else reply.body
     reply_facts = UpstreamReply(
         200, cached, lifetime_of_status(batch.get("status")), parse_timestamp(batch.get("updated_at"))

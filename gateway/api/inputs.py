@@ -1,6 +1,6 @@
 """What a caller may send to the batch API (docs/design.md §8), checked as pure functions.
 
-The list query, the create body (valid Unicode throughout), the cancel body
+The list query (and the dataset list's, §11), the create body (valid Unicode throughout), the cancel body
 and the ``Idempotency-Key`` are checked before anything reaches the
 upstream, and every problem is named in one 400 ``invalid_request``. Also
 here: whether a listed batch matches every field a create sent (the
@@ -11,20 +11,30 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from multidict import MultiMapping
 
 from gateway import errors
+from gateway.datasets.facts import VALIDATION_STATUSES
 from gateway.upstream.cohere import UNPARSEABLE
 
 # 1 to 255 visible ASCII characters (docs/design.md §8).
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 _PAGE_TOKEN = re.compile(r"[A-Za-z0-9._~=-]{1,1024}")
-_PAGE_SIZE = re.compile(r"[0-9]{1,4}")
+# Any positive integer: above MAX_PAGE_SIZE it is forwarded as MAX_PAGE_SIZE, as the upstream coerces it.
+_PAGE_SIZE = re.compile(r"[0-9]{1,18}")
 MAX_PAGE_SIZE = 1000
 ORDERS = ("created_at", "updated_at")
 LIST_PARAMETERS = ("page_size", "page_token", "order_by")
+# GET /v1/datasets (docs/design.md §11): the SDK sends limit and offset as numbers ("10" or "10.0").
+_DATASET_TYPE = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+_NUMBER = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
 CREATE_FIELDS = ("name", "input_dataset_id", "model")
 # A listed batch must carry these, equal to the create's, to be taken for the batch a create made.
 IDENTIFYING_FIELDS = ("name", "input_dataset_id")
@@ -44,7 +54,10 @@ def list_query(query: MultiMapping[str]) -> tuple[tuple[str, str], ...]:
             problem = _list_parameter_problem(name, values[0])
             if problem:
                 problems.append(problem)
-            given.append((name, values[0]))
+            elif name == "page_size":
+                given.append((name, str(min(int(values[0]), MAX_PAGE_SIZE))))
+            else:
+                given.append((name, values[0]))
     if problems:
         raise errors.InvalidRequest("Bad list query: " + "; ".join(dict.fromkeys(problems)) + ".")
     return tuple(given)
@@ -52,14 +65,59 @@ def list_query(query: MultiMapping[str]) -> tuple[tuple[str, str], ...]:
 
 def _list_parameter_problem(name: str, value: str) -> str | None:
     if name == "page_size":
-        if not _PAGE_SIZE.fullmatch(value) or not 1 <= int(value) <= MAX_PAGE_SIZE:
-            return f"page_size must be an integer from 1 to {MAX_PAGE_SIZE}"
+        if not _PAGE_SIZE.fullmatch(value) or int(value) < 1:
+            return "page_size must be a positive integer"
     elif name == "page_token":
         if not _PAGE_TOKEN.fullmatch(value):
             return "page_token must be 1 to 1024 characters of letters, digits and '._~=-'"
     elif value not in ORDERS:
         return "order_by must be created_at or updated_at"
     return None
+
+
+def dataset_list_query(query: MultiMapping[str]) -> tuple[tuple[str, str], ...]:
+    """``GET /v1/datasets``'s query as it goes upstream: only its six parameters, each at most once and checked."""
+    problems = [f"unknown parameter '{_shown(name)}'" for name in query if name not in DATASET_LIST_PARAMETERS]
+    given: list[tuple[str, str]] = []
+    for name, check in DATASET_LIST_PARAMETERS.items():
+        values = query.getall(name, [])
+        if len(values) > 1:
+            problems.append(f"'{name}' given more than once")
+        elif values and not check(values[0]):
+            problems.append(f"'{name}' must be {DATASET_LIST_RULES[name]}")
+        elif values:
+            given.append((name, values[0]))
+    if problems:
+        raise errors.InvalidRequest("Bad list query: " + "; ".join(dict.fromkeys(problems)) + ".")
+    return tuple(given)
+
+
+def _rfc3339(value: str) -> bool:
+    if not _RFC3339.fullmatch(value):
+        return False
+    try:
+        datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
+
+
+DATASET_LIST_PARAMETERS: dict[str, Callable[[str], bool]] = {
+    "datasetType": lambda value: bool(_DATASET_TYPE.fullmatch(value)),
+    "before": _rfc3339,
+    "after": _rfc3339,
+    "limit": lambda value: bool(_NUMBER.fullmatch(value)),
+    "offset": lambda value: bool(_NUMBER.fullmatch(value)),
+    "validationStatus": lambda value: value in VALIDATION_STATUSES,
+}
+DATASET_LIST_RULES = {
+    "datasetType": "a dataset type such as batch-embed-v2-input",
+    "before": "an RFC 3339 date-time",
+    "after": "an RFC 3339 date-time",
+    "limit": "a number of at least 0",
+    "offset": "a number of at least 0",
+    "validationStatus": "one of " + ", ".join(VALIDATION_STATUSES),
+}
 
 
 def _shown(text: str) -> str:

@@ -9,12 +9,15 @@ from gateway.api.auth import Caller
 from gateway.cache.entry import CacheEntry
 from gateway.config import Operation
 
+BATCH_OPERATIONS = frozenset({"retrieve", "list", "create", "cancel"})
+
 
 def authorize(caller: Caller, operation: Operation) -> None:
     """Raise 403 ``operation_not_allowed`` unless ``callers[].allow`` lists ``operation``."""
     if operation not in caller.allow:
+        what = f"{operation} batches" if operation in BATCH_OPERATIONS else f"use '{operation}'"
         raise errors.OperationNotAllowed(
-            f"This caller may not {operation} batches. Ops can allow it in the gateway's config (callers[].allow)."
+            f"This caller may not {what}. Ops can allow it in the gateway's config (callers[].allow)."
         )
 
 

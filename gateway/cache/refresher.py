@@ -133,6 +133,8 @@ class Refresher:
         # When each waited batch was last seen unchanged on a list page.
         self._listed_at: dict[str, float] = {}
         self._in_flight: set[str] = set()
+        # The waited keys that are batches (the list's change detection can see them).
+        self._listed_keys: set[str] = set()
         self._woken = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._list_page: ListPage | None = None
@@ -150,13 +152,16 @@ class Refresher:
         listed = sum(1 for b in self._fetchers if self._covered(b))
         return len(self._fetchers) - listed + (1 if self._detector_on() else 0)
 
-    def follow(self, batch_id: str, fetch: Callable[[], Fetch], list_page: ListPage) -> None:
+    def follow(self, batch_id: str, fetch: Callable[[], Fetch], list_page: ListPage | None) -> None:
         """Refresh ``batch_id`` while it has waiters; ``fetch()`` makes each refresh's upstream call.
 
         Both are kept across reloads: they must read the upstream settings when they call, not hold them.
+        ``list_page`` is None for a key that is not a batch (a dataset's): no batch list shows it.
         """
         self._fetchers.setdefault(batch_id, fetch)
-        self._list_page = list_page
+        if list_page is not None:
+            self._listed_keys.add(batch_id)
+            self._list_page = list_page
         self._woken.set()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._schedule())
@@ -165,7 +170,7 @@ class Refresher:
         return self._cache.active_interval_s(self._cache.settings.ttl_s.active_min)
 
     def _detector_on(self) -> bool:
-        return self.detecting and len(self._fetchers) >= DETECT_FROM and self._list_page is not None
+        return self.detecting and len(self._listed_keys) >= DETECT_FROM and self._list_page is not None
 
     def _covered(self, batch_id: str) -> bool:
         """Seen unchanged on the latest list page: the list looks after it."""
@@ -177,6 +182,7 @@ class Refresher:
             del self._fetchers[batch_id]
             self._tried_at.pop(batch_id, None)
             self._listed_at.pop(batch_id, None)
+            self._listed_keys.discard(batch_id)
         candidates = [b for b in self._fetchers if b not in self._in_flight]
         if not candidates:
             return None
@@ -234,7 +240,7 @@ class Refresher:
         assert self._list_page is not None
         self._listing = True
         self._last_list = self._clock()
-        page_size = min(MAX_LIST_PAGE, max(MIN_LIST_PAGE, 4 * len(self._fetchers)))
+        page_size = min(MAX_LIST_PAGE, max(MIN_LIST_PAGE, 4 * len(self._listed_keys)))
         call = asyncio.ensure_future(self._list_page(page_size))
         call.add_done_callback(partial(self._listed, self._last_list))
 

@@ -1,4 +1,7 @@
-"""The simulated upstream's list paging: order, page size and opaque page tokens, as upstream reads them."""
+"""The simulated upstream's list paging: order, page size and opaque page tokens, as upstream reads them.
+
+And the dataset list's query (``limit`` and ``offset``, with filters).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import binascii
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 # List paging, as upstream: the default and the largest page.
 DEFAULT_PAGE_SIZE = 50
@@ -56,3 +60,24 @@ def _read_token(token: str, order_by: str) -> tuple[str, str] | None:
     if decoded[0] != order_by:
         return None
     return decoded[1], decoded[2]
+
+
+ListQuery = tuple[str | None, str | None, datetime | None, datetime | None, int, int | None]
+
+
+def read_dataset_list_query(query: Mapping[str, str]) -> ListQuery | str:
+    """``GET /v1/datasets``'s query (camelCase, as Cohere's), or why it is 400."""
+    try:
+        before, after = (_moment(query[n]) if query.get(n) else None for n in ("before", "after"))
+        offset = int(query.get("offset") or 0)
+        limit = int(query["limit"]) if query.get("limit") else None
+    except ValueError:
+        return "before and after must be RFC 3339 times, limit and offset integers"
+    if offset < 0 or (limit is not None and limit < 0):
+        return "limit and offset must not be negative"
+    return query.get("datasetType") or None, query.get("validationStatus") or None, before, after, offset, limit
+
+
+def _moment(text: str) -> datetime:
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

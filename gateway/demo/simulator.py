@@ -30,6 +30,10 @@ Two controls for the tests and the benchmark (docs/design.md §9):
   IN_PROGRESS from its start, with steady counters, until the clock time
   ``complete_at``, and COMPLETED (FAILED for ids with ``fail``) from then on,
   with ``updated_at`` at exactly that moment; ``changed_at(id)`` reads it back.
+
+It serves the dataset routes too (``gateway.demo.datasets``): a batch on a
+dataset uploaded here counts its rows and, once COMPLETED, names its output
+dataset (a batch on an unknown dataset names ``{id}-output`` all along).
 """
 
 from __future__ import annotations
@@ -42,13 +46,13 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 from cachetools import LRUCache
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.demo.datasets import SimulatedDatasets, rfc3339
 from gateway.demo.pages import page_token, read_page_query
 from gateway.upstream.guards import Clock
 
@@ -99,11 +103,6 @@ def _fraction(batch_id: str, salt: str) -> float:
     return int.from_bytes(digest[:4], "big") / 2**32
 
 
-def rfc3339(epoch_s: float) -> str:
-    """``2026-12-01T22:40:03.123456Z``: UTC with microseconds, as upstream writes its timestamps."""
-    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 class Simulator:
     """The simulated upstream's state; ``app()`` serves it."""
 
@@ -115,6 +114,7 @@ class Simulator:
         cancel_s: float = 1.0,
         lag_s: float = 0.0,
         lag_every: int = 0,
+        validation_s: float = 2.0,
     ) -> None:
         if lag_s < 0 or lag_every < 0:
             raise ValueError("lag_s and lag_every must not be negative")
@@ -134,6 +134,7 @@ class Simulator:
         self.calls = 0
         self.calls_by_id: LRUCache[str, int] = LRUCache(MAX_TRACKED_IDS)
         self.seen: deque[SeenRequest] = deque(maxlen=MAX_RECORDED_REQUESTS)
+        self.datasets = SimulatedDatasets(self._authorized, clock, validation_s, on_request=self._note)
 
     # --- state ---------------------------------------------------------------------------------------------------
 
@@ -237,12 +238,14 @@ class Simulator:
 
     def _render(self, known: SimulatedBatch, lag_s: float = 0.0) -> dict[str, Any]:
         batch_id = known.id
-        records = 1000 + int(9000 * _fraction(batch_id, "size"))
+        records = self.datasets.rows_of(known.input_dataset_id) or 1000 + int(9000 * _fraction(batch_id, "size"))
         # A lagging answer never reaches back before the batch existed.
         progress = self._progress(known, records, max(known.started, self._clock() - lag_s))
         done = progress.done
         failed = done // 50 if "fail" in batch_id else 0
         created = known.started + self._epoch_offset
+        completed = known.started + progress.changed if progress.status == "BATCH_STATUS_COMPLETED" else None
+        output_id = self.datasets.batch_output(batch_id, known.input_dataset_id, completed)
         return {
             "id": batch_id,
             "name": known.name,
@@ -252,7 +255,7 @@ class Simulator:
             "created_at": rfc3339(created),
             "updated_at": rfc3339(created + progress.changed),
             "input_dataset_id": known.input_dataset_id,
-            "output_dataset_id": f"{batch_id}-output",
+            **({"output_dataset_id": output_id} if output_id is not None else {}),
             "input_tokens": str(done * 120),
             "output_tokens": str(done * 80),
             "model": known.model,
@@ -295,14 +298,18 @@ class Simulator:
         return hmac.compare_digest(given, f"Bearer {self.token}".encode())
 
     async def _record(self, request: web.Request) -> bytes:
-        self.calls += 1
         body = await request.read()
+        self._note(request, body)
+        return body
+
+    def _note(self, request: web.Request, body: bytes = b"") -> None:
+        """Count and keep a request (a dataset route's body is never kept: it may be an upload)."""
+        self.calls += 1
         headers = CIMultiDictProxy(CIMultiDict(request.headers))
         self.seen.append(SeenRequest(request.method, request.path, request.query_string, headers, body))
         batch_id = request.match_info.get("id")
         if batch_id is not None:
             self.calls_by_id[batch_id] = self.calls_by_id.get(batch_id, 0) + 1
-        return body
 
     async def get_batch(self, request: web.Request) -> web.Response:
         await self._record(request)
@@ -326,6 +333,9 @@ class Simulator:
         bad = [name for name in CREATE_FIELDS if not (isinstance(document.get(name), str) and document[name])]
         if bad:
             return _error(400, f"invalid or missing field(s): {', '.join(bad)} (each must be a non-empty string)")
+        unusable = await self.datasets.unusable_input(document["input_dataset_id"])
+        if unusable is not None:
+            return _error(400, unusable)
         return web.json_response({"batch": self.create(*(document[name] for name in CREATE_FIELDS))})
 
     async def list_batches(self, request: web.Request) -> web.Response:
@@ -357,6 +367,7 @@ class Simulator:
         router.add_get(prefix + "/v2/batches/{id}", self.get_batch)
         router.add_get(prefix + "/v2/batches", self.list_batches)
         router.add_post(prefix + "/v2/batches", self.create_batch)
+        self.datasets.add_routes(router, prefix)
 
     def app(self) -> web.Application:
         app = web.Application()
