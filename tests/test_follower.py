@@ -20,6 +20,7 @@ from gateway.events.follower import CLIENT_NAME
 from tests.conftest import GatewayFactory, ProcessFactory
 from tests.redis_server import RedisServer
 from tests.support import (
+    BILLING_KEY,
     fresh_store_path,
     http,
     make_config,
@@ -125,8 +126,6 @@ async def follow_cost(upstream: Upstream, start: GatewayFactory, followed: int, 
 
 
 def _billing() -> dict[str, str]:
-    from tests.support import BILLING_KEY
-
     return {"Authorization": f"Bearer {BILLING_KEY}"}
 
 
@@ -248,3 +247,23 @@ async def test_two_replicas_on_redis_follow_through_one_and_the_other_takes_over
 async def metric(url: str, name: str, **labels: str) -> float:
     _text, samples = await scrape_metrics(url)
     return sample_value(samples, name, **labels)
+
+
+async def test_a_dataset_seen_while_validating_becomes_an_event_when_its_validation_ends_without_a_caller_asking(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    allow = ["retrieve", "read_dataset"]
+    callers = [{"name": "billing-service", "key": BILLING_KEY, "allow": allow}]
+    gateway = await start(following(upstream, callers=callers))
+    upstream.datasets.validation_s = 2.0
+    dataset_id = upstream.seed_dataset([{"custom_id": "0", "body": "{}"}], name="nightly")
+    first = await http(f"{gateway.url}/v1/datasets/{dataset_id}", key=None, headers=_billing())
+    assert first.status == 200
+    assert first.document["dataset"]["validation_status"] in ("queued", "processing")
+    seen = await newest_seq(gateway)
+    events = await next_events(gateway, seen)
+    if events[0].type != "dataset.validated":  # queued, then processing: the next one
+        events = await next_events(gateway, events[0].seq)
+    assert (events[0].type, events[0].subject) == ("dataset.validated", dataset_id)
+    assert [s for s in by_follower(upstream, "dataset") if s.path.endswith(dataset_id)]
+    assert upstream.count("dataset") == len(by_follower(upstream, "dataset")) + 1  # the caller asked once

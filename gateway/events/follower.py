@@ -30,9 +30,11 @@ and the follower's page stands in for the refresher's next list
 (``Refresher.listed_elsewhere``). ``calls_per_s`` is what following costs,
 subtracted from the budget the refresher stretches intervals to fit.
 
-Datasets being validated are followed too: ``check_datasets`` is handed
-the followed dataset ids each round (none is set until the dataset routes
-are there to retrieve them).
+Datasets being validated are followed too (no list call shows them): each
+round retrieves the followed datasets (``GET /v1/datasets/{id}``) through
+the cache, least recently checked first, at most ``MAX_RETRIEVES`` a round;
+one whose cached answer is still fresh costs nothing. The answer stored
+makes its event, as a caller's would.
 """
 
 from __future__ import annotations
@@ -50,9 +52,11 @@ from gateway import errors
 from gateway.cache.batch_cache import BatchCache
 from gateway.cache.refresher import Refresher, status_of
 from gateway.config.features import EventsSettings
+from gateway.datasets.facts import accept_dataset, dataset_path
 from gateway.events.base import EventLog
 from gateway.ops.logs import log_event
 from gateway.ops.usage_metrics import UsageMetrics
+from gateway.records.base import dataset_key
 from gateway.replicas.lease import Lease
 from gateway.upstream.answers import UpstreamReply, accept_batch, accept_json_object
 from gateway.upstream.client import BATCHES_PATH, UpstreamClient, UpstreamRequest, batch_path
@@ -98,7 +102,7 @@ class Follower:
         self._clock = clock
         self._make_lease = lease
         self._lease: Lease | None = None
-        self.check_datasets: CheckDatasets | None = None
+        self.check_datasets: CheckDatasets = self._check_datasets
         self._task: asyncio.Task[None] | None = None
         self.calls_last_round = 0
         self._calls = 0
@@ -153,10 +157,9 @@ class Follower:
             ids = await self._events.followed("batch", MAX_FOLLOWED)
             if ids:
                 await self._check(set(ids))
-            if self.check_datasets is not None:
-                datasets = await self._events.followed("dataset", MAX_FOLLOWED)
-                if datasets:
-                    await self.check_datasets(datasets)
+            datasets = await self._events.followed("dataset", MAX_RETRIEVES)
+            if datasets:
+                await self.check_datasets(datasets)
         finally:
             self.calls_last_round = self._calls
 
@@ -249,6 +252,23 @@ class Follower:
         """The list entry is the new state: stored as the batch's answer, as a retrieve's would be."""
         body = json.dumps({"batch": batch}, separators=(",", ":")).encode()
         await self._cache.put(batch_id, UpstreamReply(200, body, lifetime_of_status(batch.get("status")), stamp))
+
+    async def _check_datasets(self, dataset_ids: list[str]) -> None:
+        """Each dataset being validated, through the cache: a fresh answer is a hit, else one retrieve."""
+        for dataset_id in dataset_ids:
+            call = UpstreamRequest(dataset_path(dataset_id), CLIENT_NAME, new_request_id())
+            key = dataset_key(dataset_id)
+            if self._cache.fresh(key) is None:
+                self._calls += 1
+                self._metrics.follow_calls.labels("retrieve").inc()
+            try:
+                await self._cache.get(key, partial(self._fetch_dataset, call), self._upstream.flight_wait_s())
+            except errors.GatewayError as exc:
+                log_event(log, logging.DEBUG, "follower dataset retrieve failed", dataset_id=dataset_id, code=exc.code)
+
+    async def _fetch_dataset(self, call: UpstreamRequest, _may_wait: bool) -> UpstreamReply:
+        # Never waits for a budget token, as every call of the follower.
+        return await self._upstream.fetch(call, False, accept_dataset)
 
     async def _retrieve(self, batch_id: str) -> None:
         call = UpstreamRequest(batch_path(batch_id), CLIENT_NAME, new_request_id())
