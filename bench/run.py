@@ -61,7 +61,7 @@ def simulator_namespaces(mode: Mode) -> dict[str, float]:
         "notice-nginx": 3600,
         "notice-poll": 3600,
         "notice-wait": 3600,
-        # Scenario 10's batches are scheduled too.
+        # Scenario 12's batches are scheduled too.
         "follow-10": 3600,
         "follow-1000": 3600,
         # Scenario 11: the feed's time to notice (scheduled, as scenario 7's) and its fan-out (active all along).

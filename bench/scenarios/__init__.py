@@ -31,7 +31,7 @@ SCENARIOS: dict[str, ModuleType] = {
     "notice": notice,
     "replicas": replicas,
     "reload": reload,
-    "follow": follow,
-    "feed": feed,
     "downloads": downloads,
+    "feed": feed,
+    "follow": follow,
 }

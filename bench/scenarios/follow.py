@@ -1,4 +1,4 @@
-"""Scenario 10: the cost of following (docs/design.md §12, "Following"): upstream calls to follow 1,000 batches
+"""Scenario 12: the cost of following (docs/design.md §12, "Following"): upstream calls to follow 1,000 batches
 against 10, with the same 10 changing in both.
 
 Each contender is a gateway alone on a simulator namespace of its own. Its batches are scheduled
@@ -18,7 +18,7 @@ import uvloop
 
 from bench.harness import Env, log
 
-TITLE = "scenario 10: the cost of following"
+TITLE = "scenario 12: the cost of following"
 CHANGING = 10
 FOLLOWED = (10, 1000)
 NAMESPACES = {count: f"follow-{count}" for count in FOLLOWED}
@@ -98,7 +98,7 @@ def keys(follow: dict[str, Any]) -> dict[str, Any]:
 
 
 def lines(env: Env, follow: dict[str, Any]) -> list[str]:
-    lines = ["", "### 10. The cost of following (1,000 batches against 10)", ""]
+    lines = ["", "### 12. The cost of following (1,000 batches against 10)", ""]
     if not follow:
         return [*lines, "Skipped (not asked for)."]
     lines += [
