@@ -267,3 +267,34 @@ async def test_a_dataset_seen_while_validating_becomes_an_event_when_its_validat
     assert (events[0].type, events[0].subject) == ("dataset.validated", dataset_id)
     assert [s for s in by_follower(upstream, "dataset") if s.path.endswith(dataset_id)]
     assert upstream.count("dataset") == len(by_follower(upstream, "dataset")) + 1  # the caller asked once
+
+
+async def test_after_its_first_round_the_follower_asks_for_more_pages_only_while_they_hold_changes_since_its_last(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    for n in range(2500):  # finished batches, not followed, that fill the pages
+        upstream.seed(f"batch-done-{n:04d}", status=COMPLETED, age_s=600 + n / 100)
+    upstream.seed("batch-old", status=ACTIVE, age_s=7200)  # followed, and on the third page
+    upstream.seed("batch-new", status=ACTIVE, age_s=1)
+    gateway = await start(following(upstream))
+    for batch_id in ("batch-old", "batch-new"):
+        await sdk(gateway.url).batches.retrieve(batch_id)
+    follower = gateway.state.follower
+    assert follower is not None
+    await newest_seq(gateway)
+    await follower_lists(upstream, 1)
+    first = len(by_follower(upstream, "list"))
+    for n in range(100):  # past the first round, whatever it took
+        await follower_lists(upstream, first + n + 1)
+        if follower.rounds >= 2 and follower.calls_last_round == 1:
+            break
+    rounds, lists = follower.rounds, len(by_follower(upstream, "list"))
+    await follower_lists(upstream, lists + 3)
+    assert len(by_follower(upstream, "list")) - lists == follower.rounds - rounds  # one page a round
+    assert not [s for s in by_follower(upstream, "list")[lists:] if s.query.get("page_token")]
+    assert [s for s in by_follower(upstream, "list")[:lists] if s.query.get("page_token")]  # the first round paged
+    seen = await newest_seq(gateway)
+    upstream.set_status("batch-old", COMPLETED)  # its change puts it on the first page
+    [event] = await next_events(gateway, seen)
+    assert (event.type, event.subject) == ("batch.completed", "batch-old")
+    assert upstream.count("retrieve") == 2

@@ -72,6 +72,8 @@ MAX_RETRIEVES = 20
 CLIENT_NAME = "cohere-gateway-follower"
 # What a list entry holds when it is a batch's whole state, as a retrieve answers it (Cohere's Batch).
 COMPLETE = ("id", "status", "updated_at", "name", "input_dataset_id", "model")
+# Pages stop once past the last round's newest entry, less this (a late write shows up with an earlier stamp).
+HORIZON_MARGIN_S = 60.0
 # The lease lapses after this many intervals without a round: another process takes over.
 LEASE_INTERVALS = 3.0
 MIN_LEASE_S = 1.0
@@ -107,6 +109,8 @@ class Follower:
         self.calls_last_round = 0
         self._calls = 0
         self.rounds = 0  # rounds made by this process, for tests and metrics
+        # The last round's newest updated_at, less HORIZON_MARGIN_S (None: no round yet, as after a start).
+        self._horizon: float | None = None
         self.leading = False
 
     @property
@@ -174,7 +178,7 @@ class Follower:
                 await self._leftovers(left, oldest)
                 return
         token: str | None = None
-        oldest = None
+        oldest = newest = None
         for _ in range(MAX_PAGES):
             listed_at = self._clock()
             document = await self._list(token)
@@ -183,10 +187,15 @@ class Follower:
             if token is None:
                 # After this page's changes are stored: the refresher then finds its waited batches current.
                 self._refresher.listed_elsewhere(document, listed_at)
+                newest = max(
+                    (t for b in batches if (t := parse_timestamp(b.get("updated_at"))) is not None), default=None
+                )
             token = document.get("next_page_token") or None
             if not isinstance(token, str) or not batches or not self._must_look_further(pending, oldest):
                 break
         await self._leftovers(pending, oldest)
+        if newest is not None:
+            self._horizon = newest - HORIZON_MARGIN_S
 
     async def _list(self, token: str | None) -> dict[str, Any]:
         query = [("order_by", "updated_at"), ("page_size", str(PAGE_SIZE))]
@@ -223,16 +232,27 @@ class Follower:
             return False
         return stamp <= held.updated_at and listed.get("status") == status_of(held.body)
 
+    def _past_horizon(self, oldest: float | None) -> bool:
+        """The pages reach back past the last round's newest entry: what changed since then is on them."""
+        return self._horizon is not None and oldest is not None and oldest < self._horizon
+
     def _may_have_changed(self, batch_id: str, oldest: float | None) -> bool:
         """A followed batch the pages did not show: could it have changed unseen, past their oldest entry?"""
         held = self._cache.store.get(batch_id)
         if held is None or held.status != 200 or held.updated_at is None or oldest is None:
             return True
-        # A change would have given it an updated_at above the held one, so the pages would show it.
-        return held.updated_at < oldest
+        # A change since the last round, or since its held answer, would put it on the pages read.
+        return held.updated_at < oldest and not self._past_horizon(oldest)
 
     def _must_look_further(self, pending: set[str], oldest: float | None) -> bool:
-        return any(self._may_have_changed(batch_id, oldest) for batch_id in pending)
+        """Whether a next page may show a followed batch not yet seen. One held as a 404 (gone
+        upstream) never does: it is left to the retrieves of ``_leftovers``, which are bounded."""
+
+        def worth_a_page(batch_id: str) -> bool:
+            held = self._cache.store.get(batch_id)
+            return (held is None or held.status == 200) and self._may_have_changed(batch_id, oldest)
+
+        return any(worth_a_page(batch_id) for batch_id in pending)
 
     async def _leftovers(self, pending: set[str], oldest: float | None) -> None:
         """Renew what the pages prove unchanged; retrieve (a few a round) what they cannot vouch for."""
