@@ -29,7 +29,7 @@ from gateway.cache.waiting import Waiters
 from gateway.config import ConfigError, GatewayConfig
 from gateway.config.features import EventsSettings
 from gateway.edge.server import RunningGateway
-from gateway.events.base import EventLog, Kind
+from gateway.events.base import Kind
 from gateway.events.redis import RedisEventLog
 from gateway.events.sightings import Sightings
 from gateway.events.sqlite import SqliteEventLog
@@ -122,7 +122,7 @@ def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Cl
     return state
 
 
-def _followed(events: EventLog, kind: Kind) -> int:
+def _followed(events: SqliteEventLog | RedisEventLog, kind: Kind) -> int:
     return events.followed_count[kind]
 
 
@@ -136,7 +136,7 @@ def _no_sighting(_key: str, _entry: CacheEntry) -> None:
 
 def events_for(
     config: GatewayConfig, link: RedisLink | None, settings: Callable[[], EventsSettings]
-) -> EventLog | None:
+) -> SqliteEventLog | RedisEventLog | None:
     """The event log (docs/design.md §12), when events.enabled: on Redis with the replicas, else in ``store.path``."""
     if not config.events.enabled:
         return None
