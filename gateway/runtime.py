@@ -145,7 +145,7 @@ def _event_parts(
     records: Records,
     metrics: Metrics,
     settings: Callable[[], EventsSettings],
-) -> tuple[EventLog | None, Usage | None, Sightings | None]:
+) -> tuple[SqliteEventLog | RedisEventLog | None, Usage | None, Sightings | None]:
     """The event log, usage per caller and the sightings (docs/design.md §12), when events.enabled.
 
     Usage counts each event as it is appended: the log the sightings record into counts it.
@@ -181,7 +181,7 @@ def _stretch(state_of: list[GatewayState]) -> float:
     return state.freshness.stretch(state.cache.settings.ttl_s, max(rate / 4, rate - taken), state.refresher.batches)
 
 
-def _followed(events: EventLog, kind: Kind) -> int:
+def _followed(events: SqliteEventLog | RedisEventLog, kind: Kind) -> int:
     return events.followed_count[kind]
 
 
@@ -195,7 +195,7 @@ def _no_sighting(_key: str, _entry: CacheEntry) -> None:
 
 def events_for(
     config: GatewayConfig, link: RedisLink | None, settings: Callable[[], EventsSettings]
-) -> EventLog | None:
+) -> SqliteEventLog | RedisEventLog | None:
     """The event log (docs/design.md §12), when events.enabled: on Redis with the replicas, else in ``store.path``."""
     if not config.events.enabled:
         return None

@@ -168,8 +168,6 @@ class CountingLog:
     def __init__(self, log: EventLog, usage: Usage) -> None:
         self._log = log
         self._usage = usage
-        # The log's own counts (the gauge reads them from the log itself).
-        self.followed_count: dict[Kind, int] = log.followed_count
 
     @property
     def log_id(self) -> str:
