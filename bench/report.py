@@ -44,6 +44,13 @@ KEYS = (
     "redis_outage_failed_polls",
     "hit_rps_redis_vs_local",
     "reload_stall_ms_10k_callers",
+    "follow_calls_ratio_1000_vs_10",
+    "feed_notice_p50_s",
+    "feed_calls",
+    "feed_notice_p50_vs_nginx",
+    "feed_calls_vs_nginx",
+    "sse_fanout_p99_s",
+    "sse_rss_per_stream_kb",
     "download_vs_direct",
     "download_rss_growth_mb",
     "upload_vs_direct",
@@ -67,6 +74,14 @@ TARGETS = {
     "hit_rps_redis_vs_local": (">=", 0.9),
     # A SIGHUP holds no connection longer than a slow answer: the reload is read and checked off the event loop.
     "reload_stall_ms_10k_callers": ("<=", 50.0),
+    # DESIGN §12: following 1,000 batches costs about what following 10 does (one list call per interval).
+    "follow_calls_ratio_1000_vs_10": ("<=", 1.5),
+    # DESIGN §12: a consumer of the event stream notices a change in a third of nginx's time, at no more upstream
+    # calls; one event reaches 1,000 open streams within a second; an open stream costs little memory.
+    "feed_notice_p50_vs_nginx": ("<=", 0.35),
+    "feed_calls_vs_nginx": ("<=", 1.0),
+    "sse_fanout_p99_s": ("<=", 1.0),
+    "sse_rss_per_stream_kb": ("<=", 64.0),
     # DESIGN §11: a part downloaded through a gateway URL comes nearly as fast as from storage, and is never held.
     "download_vs_direct": (">=", 0.8),
     "download_rss_growth_mb": ("<=", 64.0),

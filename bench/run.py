@@ -7,6 +7,7 @@
     python bench/run.py --quick --only notice           # time to notice a change (docs/design.md §9)
     python bench/run.py --quick --only replicas         # replicas sharing one Redis (docs/design.md §10)
     python bench/run.py --quick --only reload           # a SIGHUP under a busy connection
+    python bench/run.py --quick --only feed             # the event feed: notice on a stream, fan-out (§12)
 
 Every server runs in its own process on 127.0.0.1: the simulated upstream
 (bench/sim_server.py, the gateway's own ``gateway.demo.simulator.Simulator``), the
@@ -60,6 +61,12 @@ def simulator_namespaces(mode: Mode) -> dict[str, float]:
         "notice-nginx": 3600,
         "notice-poll": 3600,
         "notice-wait": 3600,
+        # Scenario 12's batches are scheduled too.
+        "follow-10": 3600,
+        "follow-1000": 3600,
+        # Scenario 11: the feed's time to notice (scheduled, as scenario 7's) and its fan-out (active all along).
+        "feed-wait": 3600,
+        "feed-fanout": 3600,
         # Scenario 8: the lifecycle workload again, once per set-up.
         **{run.ns: mode.lifetime_s for run in REPLICA_RUNS.values()},
     }

@@ -34,6 +34,7 @@ from gateway.demo.mode import DEMO_CALLERS, demo_overrides, set_aside_by_demo
 from gateway.demo.simulator import Simulator, start_simulator
 from gateway.edge.server import start_gateway
 from gateway.errors import StoreUnavailable
+from gateway.events import usage_report
 from gateway.ops.logs import Redactor, configure_logging, log_event
 from gateway.ops.workers import follow_the_parent, report_serving, supervise
 from gateway.runtime import build_state, serve_until_signalled
@@ -74,7 +75,55 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Print a fresh random caller key, its sha256, and the lines to paste under callers:.",
     )
     new_caller.add_argument("name", metavar="NAME", type=caller_name, help="the caller's name (sent as X-Client-Name)")
+    _usage_parser(commands)
     return parser.parse_args(argv)
+
+
+def _usage_parser(commands: Any) -> None:
+    usage = commands.add_parser(
+        "usage",
+        help="print the tokens and records of finished batches per caller and model",
+        description="Print the usage totals the gateway keeps in its store (SQLite, or Redis with redis.url).",
+    )
+    # Its own dest: a default here would replace a --config given before the command.
+    usage.add_argument(
+        "--config", dest="usage_config", type=Path, metavar="PATH", help="path of config.yaml (as above)"
+    )
+    usage.add_argument(
+        "--since", type=day, metavar="YYYY-MM-DD", help="first day counted, YYYY-MM-DD (UTC; default: the first kept)"
+    )
+    usage.add_argument(
+        "--until", type=day, metavar="YYYY-MM-DD", help="last day counted, YYYY-MM-DD (UTC, inclusive; default: today)"
+    )
+    usage.add_argument("--format", choices=usage_report.FORMATS, default="table", help="table (default), csv or json")
+
+
+def day(value: str) -> str:
+    """A ``--since``/``--until`` date; argparse's error (exit 2) if it is not YYYY-MM-DD."""
+    try:
+        return usage_report.parse_day(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def usage(args: argparse.Namespace) -> int:
+    """``cohere-gateway usage``: read the store the config names, print the report."""
+    if args.since and args.until and args.since > args.until:
+        print(f"cohere-gateway usage: --since {args.since} is after --until {args.until}", file=sys.stderr)
+        return 2
+    path = args.usage_config or args.config
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        report(exc.problems)
+        return 2
+    try:
+        rows = usage_report.read_usage(config, args.since, args.until)
+    except Exception as exc:  # the store cannot be read: said in one line, never a traceback
+        print(f"cohere-gateway usage: cannot read the store: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(usage_report.render(rows, args.format), end="", flush=True)
+    return 0
 
 
 # A caller key: 32 random bytes, URL-safe base64 (43 characters, well past MIN_CALLER_KEY_LENGTH).
@@ -217,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging("INFO", redact)
     if args.command == "new-caller":
         return new_caller(args.name)
+    if args.command == "usage":
+        return usage(args)
     if args.check_config:
         try:
             load_config(args.config)

@@ -16,25 +16,36 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 from gateway.api.auth import CallerDirectory
 from gateway.api.state import GatewayState, Snapshot
 from gateway.cache.batch_cache import BatchCache, CacheHooks
-from gateway.cache.entry import Role
+from gateway.cache.entry import CacheEntry, Role
 from gateway.cache.refresher import Freshness, Refresher
 from gateway.cache.store import MemoryStore
 from gateway.cache.waiting import Waiters
 from gateway.config import ConfigError, GatewayConfig
+from gateway.config.features import EventsSettings
 from gateway.datasets.links import DirectLinks, PartLinks
 from gateway.datasets.signing import SignedLinks
 from gateway.edge.server import RunningGateway
+from gateway.events.base import EventLog, Kind
+from gateway.events.follower import Follower
+from gateway.events.redis import RedisEventLog
+from gateway.events.sightings import Sightings
+from gateway.events.sqlite import SqliteEventLog
+from gateway.events.usage import CountingLog, Usage
+from gateway.events.usage_redis import RedisUsage
+from gateway.events.usage_sqlite import SqliteUsage
 from gateway.ops.logs import Redactor, log_event
 from gateway.ops.metrics import Metrics
 from gateway.ops.workers import pid_file
 from gateway.records.base import Records
 from gateway.records.redis import RedisRecords
 from gateway.records.sqlite import SqliteRecords
+from gateway.replicas.lease import Lease
 from gateway.replicas.link import EVICTED, PAUSED, STORED, RedisLink
 from gateway.replicas.shared_budget import SharedBudget, SharedCallerLimits
 from gateway.replicas.shared_cache import LOCK_MARGIN_S, SharedCache
@@ -81,16 +92,17 @@ def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Cl
         else None
     )
     waiters, freshness = Waiters(), Freshness(clock)
+    records = records_for(config, link)
+    events, usage, sightings = _event_parts(config, link, records, metrics, lambda: state_of[0].snapshot.config.events)
     hooks = CacheHooks(
         on_change=waiters.changed,
         on_regression=metrics.regressions.inc,
         on_active=freshness.note_active,
         on_terminal=freshness.forget,
-        stretch=lambda: freshness.stretch(
-            cache.settings.ttl_s, upstream.settings.rate_limit.requests_per_s, refresher.batches
-        ),
+        stretch=partial(_stretch, state_of),
         on_join=metrics.coalesced.inc,
         on_shared=(lambda role: link.metrics.flights.labels(role.value).inc()) if link is not None else _no_role,
+        on_stored=sightings.stored if sightings is not None else _no_sighting,
     )
     cache = BatchCache(store, config.cache, clock, hooks=hooks, shared=shared_cache)
     upstream = UpstreamClient(
@@ -98,30 +110,98 @@ def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Cl
     )
     refresher = Refresher(cache, waiters, clock, upstream.budget.refresh_wait_s, upstream.flight_wait_s)
     _watch(metrics, cache, waiters, freshness)
+    if events is not None:
+        for kind in ("batch", "dataset"):
+            metrics.events.followed.labels(kind).set_function(partial(_followed, events, kind))
     state = GatewayState(
         snapshot=Snapshot(config, CallerDirectory(config.callers)),
         upstream=upstream,
         cache=cache,
         metrics=metrics,
         redact=redact or Redactor(),
-        records=records_for(config, link),
+        records=records,
         waiters=waiters,
         freshness=freshness,
         refresher=refresher,
         clock=clock,
         redis=link,
         shared_caller_limits=SharedCallerLimits(link) if link is not None else None,
+        events=events,
+        sightings=sightings,
+        usage=usage,
         links=links_for(config, link, lambda: state_of[0].snapshot.config),
     )
     state_of.append(state)
+    state.follower = _follower(events, cache, upstream, refresher, link, lambda: state.snapshot.config.events, clock)
     state.redact.update(config.secrets)
     if link is not None and shared_cache is not None:
         _hear_other_processes(link, cache, shared_cache, upstream)
     return state
 
 
+def _event_parts(
+    config: GatewayConfig,
+    link: RedisLink | None,
+    records: Records,
+    metrics: Metrics,
+    settings: Callable[[], EventsSettings],
+) -> tuple[SqliteEventLog | RedisEventLog | None, Usage | None, Sightings | None]:
+    """The event log, usage per caller and the sightings (docs/design.md §12), when events.enabled.
+
+    Usage counts each event as it is appended: the log the sightings record into counts it.
+    """
+    events = events_for(config, link, settings)
+    if events is None:
+        return None, None, None
+    usage = Usage(RedisUsage(link) if link is not None else SqliteUsage(config.store.path), metrics.usage)
+    return events, usage, Sightings(CountingLog(events, usage), records, metrics.events)
+
+
+def _follower(
+    events: EventLog | None,
+    cache: BatchCache,
+    upstream: UpstreamClient,
+    refresher: Refresher,
+    link: RedisLink | None,
+    settings: Callable[[], EventsSettings],
+    clock: Clock,
+) -> Follower | None:
+    """The follower (docs/design.md §12), when events.enabled: one process at a time holds its lease."""
+    if events is None:
+        return None
+    lease = partial(Lease, link, "follower")
+    return Follower(events, cache, upstream, refresher, lease, settings, upstream.metrics.usage, clock)
+
+
+def _stretch(state_of: list[GatewayState]) -> float:
+    """How far active intervals stretch (§9), on the budget that following leaves to refreshes (§12)."""
+    state = state_of[0]
+    rate = state.upstream.settings.rate_limit.requests_per_s
+    taken = state.follower.calls_per_s if state.follower is not None else 0.0
+    return state.freshness.stretch(state.cache.settings.ttl_s, max(rate / 4, rate - taken), state.refresher.batches)
+
+
+def _followed(events: SqliteEventLog | RedisEventLog, kind: Kind) -> int:
+    return events.followed_count[kind]
+
+
 def _no_role(_role: Role) -> None:
     return None
+
+
+def _no_sighting(_key: str, _entry: CacheEntry) -> None:
+    return None
+
+
+def events_for(
+    config: GatewayConfig, link: RedisLink | None, settings: Callable[[], EventsSettings]
+) -> SqliteEventLog | RedisEventLog | None:
+    """The event log (docs/design.md §12), when events.enabled: on Redis with the replicas, else in ``store.path``."""
+    if not config.events.enabled:
+        return None
+    if link is not None:
+        return RedisEventLog(link, settings)
+    return SqliteEventLog(config.store.path, settings)
 
 
 def _watch(metrics: Metrics, cache: BatchCache, waiters: Waiters, freshness: Freshness) -> None:

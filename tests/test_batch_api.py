@@ -831,7 +831,8 @@ async def test_with_redis_lost_an_own_callers_unknown_owner_fails_closed_after_a
 ) -> None:
     """docs/design.md §10: the owner this process knows still answers inline; one only Redis knew is 503,
     never a guess."""
-    shared = {"redis": {"url": redis_server.url, "probe_interval_s": 30}}
+    # Without the event log, whose sightings would read (and so teach this process) the owner of what it sees.
+    shared = {"redis": {"url": redis_server.url, "probe_interval_s": 30}, "events": {"enabled": False}}
     here = await writer_gateway(start, upstream, billing="own", reporting="all", **shared)
     there = await writer_gateway(start, upstream, billing="own", reporting="all", **shared)
     mine = await create(here, BILLING_KEY, "mine")

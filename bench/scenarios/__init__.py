@@ -6,7 +6,21 @@ Each module has ``TITLE`` (for the log), ``measure(env)`` (its results, ``{}`` w
 
 from types import ModuleType
 
-from bench.scenarios import callers, config, downloads, hits, memory, miss, notice, reload, replicas, uploads, upstream
+from bench.scenarios import (
+    callers,
+    config,
+    downloads,
+    feed,
+    follow,
+    hits,
+    memory,
+    miss,
+    notice,
+    reload,
+    replicas,
+    uploads,
+    upstream,
+)
 
 SCENARIOS: dict[str, ModuleType] = {
     "hits": hits,
@@ -20,4 +34,6 @@ SCENARIOS: dict[str, ModuleType] = {
     "reload": reload,
     "downloads": downloads,
     "uploads": uploads,
+    "feed": feed,
+    "follow": follow,
 }

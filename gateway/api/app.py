@@ -18,7 +18,7 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDictProxy
 
 from gateway import errors
-from gateway.api import batches, create, datasets, downloads, retrieve, rules, service, upload
+from gateway.api import batches, create, datasets, downloads, events, retrieve, rules, service, upload
 from gateway.api.keys import CACHE_STATE, CALLER, REQUEST_ID, STATE, TRACE
 from gateway.api.state import GatewayState
 from gateway.upstream.client import RequestTrace
@@ -191,6 +191,11 @@ async def _answer_waiters(app: web.Application) -> None:
     app[STATE].waiters.release_all()
 
 
+async def _end_event_streams(app: web.Application) -> None:
+    """On SIGTERM held feed requests answer and event streams end at once (docs/design.md §12)."""
+    events.end_streams(app)
+
+
 async def _refresher(app: web.Application) -> AsyncIterator[None]:
     yield
     await app[STATE].refresher.close()
@@ -212,6 +217,35 @@ async def _record_store(app: web.Application) -> AsyncIterator[None]:
     await records.start()
     yield
     await records.close()
+
+
+async def _event_log(app: web.Application) -> AsyncIterator[None]:
+    """The event log (docs/design.md §12), when events.enabled: open as long as the app, fed by its sightings."""
+    state = app[STATE]
+    if state.events is None:
+        yield
+        return
+    await state.events.start()
+    if state.sightings is not None:
+        state.sightings.start()
+    yield
+    if state.sightings is not None:
+        await state.sightings.close()
+    await state.events.close()
+
+
+async def _following(app: web.Application) -> AsyncIterator[None]:
+    """The usage store and the follower (docs/design.md §12), when events.enabled; the lease is given up at the end."""
+    state = app[STATE]
+    if state.usage is not None:
+        await state.usage.store.start()
+    if state.follower is not None:
+        state.follower.start()
+    yield
+    if state.follower is not None:
+        await state.follower.close()
+    if state.usage is not None:
+        await state.usage.store.close()
 
 
 async def _server_header(_request: web.Request, response: web.StreamResponse) -> None:
@@ -236,6 +270,8 @@ def build_app(state: GatewayState) -> web.Application:
     app.router.add_get(BATCHES_ROUTE, batches.list_batches)
     app.router.add_post(BATCHES_ROUTE, create.create_batch)
     app.router.add_post(CANCEL_ROUTE, batches.cancel_batch)
+    app[events.FEED] = events.Feed()
+    app.router.add_get(events.EVENTS_ROUTE, events.get_events)
     app.router.add_get(downloads.PART_ROUTE, downloads.download_part)
     app.router.add_get(downloads.ORIGINAL_ROUTE, downloads.download_original)
     app.router.add_route("*", CANCEL_ROUTE, batches.not_a_cancel)
@@ -250,11 +286,14 @@ def build_app(state: GatewayState) -> web.Application:
         app.router.add_get(METRICS_ROUTE, service.metrics)
     app.cleanup_ctx.append(_redis_link)
     app.cleanup_ctx.append(_record_store)
+    app.cleanup_ctx.append(_event_log)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_refresher)
+    app.cleanup_ctx.append(_following)
     app[downloads.DOWNLOADS] = downloads.Downloads(state)
     app.cleanup_ctx.append(app[downloads.DOWNLOADS].lifecycle)
     app.on_shutdown.append(_answer_waiters)
+    app.on_shutdown.append(_end_event_streams)
     return app
 
 

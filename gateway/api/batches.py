@@ -29,6 +29,8 @@ async def list_batches(request: web.Request) -> web.Response:
     batches = cohere.batches_of(page.document)
     # The outputs of finished batches are their owners' (docs/design.md §11).
     await record_outputs(state, batches)
+    if state.sightings is not None:
+        state.sightings.page(batches)  # every batch listed is a sighting (§12)
     if rules.sees_every_batch(caller):
         return json_answer(page.status, page.body)
     owners = {batch_id: await state.records.owner_of(batch_id) for batch_id in cohere.ids_of(batches)}

@@ -25,6 +25,9 @@ from gateway.config import GatewayConfig, RateLimit
 from gateway.datasets.links import DirectLinks, PartLinks
 from gateway.errors import RedisDown
 from gateway.events.base import EventLog
+from gateway.events.follower import Follower
+from gateway.events.sightings import Sightings
+from gateway.events.usage import Usage
 from gateway.ops.logs import AccessLog, RedactionForms, Redactor, set_level
 from gateway.ops.metrics import Metrics
 from gateway.records.base import Records
@@ -70,6 +73,11 @@ class GatewayState:
     links: PartLinks = field(default_factory=DirectLinks)
     # The event log (docs/design.md §12), when events.enabled.
     events: EventLog | None = None
+    # What answers show, on its way to the event log (gateway.events.sightings), when events.enabled.
+    sightings: Sightings | None = None
+    # The follower and usage per caller (gateway.events.follower, gateway.events.usage), when events.enabled.
+    follower: Follower | None = None
+    usage: Usage | None = None
     # Prometheus children by label values (bounded: callers x routes x statuses x cache states).
     metric_children: dict[object, Any] = field(default_factory=dict)
 

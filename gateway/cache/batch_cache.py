@@ -93,6 +93,9 @@ class CacheHooks:
     # A caller joined a call already out; a miss was settled through the shared tier, in this role.
     on_join: Callable[[], None] = _nothing
     on_shared: Callable[[Role], None] = _nothing
+    # An answer different from the one held was stored, by key (a batch id, or records.base.dataset_key):
+    # what it shows of its subject becomes a sighting for the event log (gateway.events.sightings).
+    on_stored: Callable[[str, CacheEntry], None] = _nothing
 
 
 # Two readings of one answer's fetch time, through Redis and back, may differ by this much.
@@ -200,6 +203,7 @@ class BatchCache:
         self.store.put(batch_id, entry)
         if held is None or held.etag != entry.etag:
             self.hooks.on_change(batch_id)
+            self.hooks.on_stored(batch_id, entry)
         return entry
 
     async def put(self, batch_id: str, reply: UpstreamReply) -> None:
@@ -209,6 +213,27 @@ class BatchCache:
         if self.shared is not None:
             with contextlib.suppress(RedisDown):
                 await self.shared.save(batch_id, entry)
+
+    async def renew(self, batch_id: str, seen_at: float) -> bool:
+        """A list made at ``seen_at`` showed the held answer unchanged: fresh again, as a new answer then would be.
+
+        In this process and in the shared tier. Only an answer fetched within
+        ``ttl_s.active_max`` is renewed: a change that left ``updated_at`` and
+        status alone still reaches pollers that often. False if nothing was renewed.
+        """
+        held = self.store.get(batch_id)
+        if held is None or held.status != 200 or seen_at - held.fetched_at > self.settings.ttl_s.active_max:
+            return False
+        fresh_until = seen_at + self.ttl_s(Lifetime.TERMINAL if held.terminal else Lifetime.ACTIVE)
+        if fresh_until <= held.fresh_until:
+            return False
+        keep_until = max(held.keep_until, fresh_until + self.settings.stale_if_error_s)
+        entry = replace(held, fresh_until=fresh_until, keep_until=keep_until)
+        self.store.put(batch_id, entry)
+        if self.shared is not None and self.shared.usable:
+            with contextlib.suppress(RedisDown):
+                await self.shared.save(batch_id, entry)
+        return True
 
     async def evict(self, batch_id: str) -> None:
         """Drop the id's entry in every process; a call out for it stores nothing (see the module's docstring)."""

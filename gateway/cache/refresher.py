@@ -143,6 +143,8 @@ class Refresher:
         self._latest_page = float("-inf")
         self._listing = False
         self.detecting = True  # False once the list came back oldest first
+        # The latest page listed and when: the follower reads it rather than list again (gateway.events.follower).
+        self.latest_page: tuple[float, list[dict[str, Any]]] | None = None
 
     @property
     def batches(self) -> int:
@@ -251,8 +253,18 @@ class Refresher:
             code = error.code if isinstance(error, errors.GatewayError) else type(error).__name__
             log_event(log, logging.DEBUG, "change detection by list failed", code=code)
             return
+        self._read_page(call.result(), listed_at)
+
+    def listed_elsewhere(self, document: dict[str, Any], listed_at: float) -> None:
+        """The follower listed (gateway.events.follower): its page stands in for this interval's own list."""
+        self._last_list = max(self._last_list, listed_at)
+        if self._detector_on() and not self._listing:
+            self._read_page(document, listed_at)
+
+    def _read_page(self, document: dict[str, Any], listed_at: float) -> None:
         self._latest_page = listed_at
-        batches = [b for b in batches_of(call.result()) if isinstance(b, dict) and isinstance(b.get("id"), str)]
+        batches = [b for b in batches_of(document) if isinstance(b, dict) and isinstance(b.get("id"), str)]
+        self.latest_page = (listed_at, batches)  # the follower's too, while it is recent
         stamps = [parse_timestamp(b.get("updated_at")) for b in batches]
         known = [t for t in stamps if t is not None]
         if len(known) >= 2 and known[0] < known[-1]:

@@ -18,7 +18,9 @@ from prometheus_client.exposition import generate_latest
 from gateway import __version__
 from gateway.ops.dataset_metrics import DatasetMetrics
 from gateway.ops.download_metrics import DownloadMetrics
+from gateway.ops.event_metrics import EventMetrics
 from gateway.ops.logs import FlushAtTurnEnd
+from gateway.ops.usage_metrics import UsageMetrics
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -37,7 +39,9 @@ class Metrics:
         self._process(self.registry)
         self.downloads = DownloadMetrics(self.registry)
         self.datasets = DatasetMetrics(self.registry)
+        self.events = EventMetrics(self.registry)
         self.redis: RedisMetrics | None = None
+        self.usage = UsageMetrics(self.registry)
         self.tally = Tally()
 
     def _requests(self, r: CollectorRegistry) -> None:
