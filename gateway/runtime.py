@@ -27,6 +27,8 @@ from gateway.cache.store import MemoryStore
 from gateway.cache.waiting import Waiters
 from gateway.config import ConfigError, GatewayConfig
 from gateway.edge.server import RunningGateway
+from gateway.events.positions import Positions, RedisPositions, SqlitePositions
+from gateway.events.webhooks import Shared, Webhooks
 from gateway.ops.logs import Redactor, log_event
 from gateway.ops.metrics import Metrics
 from gateway.ops.workers import pid_file
@@ -101,10 +103,21 @@ def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Cl
         shared_caller_limits=SharedCallerLimits(link) if link is not None else None,
     )
     state_of.append(state)
+    state.webhooks = webhooks_for(config, state)
     state.redact.update(config.secrets)
     if link is not None and shared_cache is not None:
         _hear_other_processes(link, cache, shared_cache, upstream)
     return state
+
+
+def webhooks_for(config: GatewayConfig, state: GatewayState) -> Webhooks | None:
+    """Webhook deliveries (docs/design.md §12) over the event log; positions where the records are."""
+    if state.events is None or not config.events.enabled:
+        return None
+    positions: Positions = (
+        RedisPositions(state.redis) if state.redis is not None else SqlitePositions(config.store.path)
+    )
+    return Webhooks(Shared(config, state.events, positions, state.metrics.webhooks, state.redis))
 
 
 def _no_role(_role: Role) -> None:

@@ -204,6 +204,16 @@ async def _record_store(app: web.Application) -> AsyncIterator[None]:
     await records.close()
 
 
+async def _webhooks(app: web.Application) -> AsyncIterator[None]:
+    """Webhook deliveries run as long as the app, after the store and the event log are open (docs/design.md §12)."""
+    webhooks = app[STATE].webhooks
+    if webhooks is not None:
+        await webhooks.start()
+    yield
+    if webhooks is not None:
+        await webhooks.close()
+
+
 async def _server_header(_request: web.Request, response: web.StreamResponse) -> None:
     """Every answer the app makes, streamed ones included, names the server without its version."""
     response.headers["Server"] = SERVER
@@ -231,6 +241,7 @@ def build_app(state: GatewayState) -> web.Application:
     app.cleanup_ctx.append(_record_store)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_refresher)
+    app.cleanup_ctx.append(_webhooks)
     app.on_shutdown.append(_answer_waiters)
     return app
 

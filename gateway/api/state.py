@@ -25,6 +25,7 @@ from gateway.config import GatewayConfig, RateLimit
 from gateway.datasets.links import DirectLinks, PartLinks
 from gateway.errors import RedisDown
 from gateway.events.base import EventLog
+from gateway.events.webhooks import Webhooks
 from gateway.ops.logs import AccessLog, RedactionForms, Redactor, set_level
 from gateway.ops.metrics import Metrics
 from gateway.records.base import Records
@@ -70,6 +71,8 @@ class GatewayState:
     links: PartLinks = field(default_factory=DirectLinks)
     # The event log (docs/design.md §12), when events.enabled.
     events: EventLog | None = None
+    # Webhook deliveries (docs/design.md §12), when events are on and some caller has a webhook to be.
+    webhooks: Webhooks | None = None
     # Prometheus children by label values (bounded: callers x routes x statuses x cache states).
     metric_children: dict[object, Any] = field(default_factory=dict)
 
@@ -101,6 +104,8 @@ class GatewayState:
             if name not in limited:
                 del self.caller_buckets[name]
         self.snapshot = prepared.snapshot
+        if self.webhooks is not None:
+            self.webhooks.reconfigure(new)
 
     def caller_bucket(self, name: str, limit: RateLimit, shares: int = 1) -> TokenBucket:
         """The caller's bucket in this process: its whole limit, or its share of it (``shares`` processes)."""

@@ -17,6 +17,7 @@ from prometheus_client.exposition import generate_latest
 
 from gateway import __version__
 from gateway.ops.logs import FlushAtTurnEnd
+from gateway.ops.webhook_metrics import WebhookMetrics
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -33,6 +34,7 @@ class Metrics:
         self._records(self.registry)
         self._waiting(self.registry)
         self._process(self.registry)
+        self.webhooks = WebhookMetrics(self.registry)
         self.redis: RedisMetrics | None = None
         self.tally = Tally()
 
