@@ -21,13 +21,17 @@ from typing import Any
 from gateway.api.auth import CallerDirectory
 from gateway.api.state import GatewayState, Snapshot
 from gateway.cache.batch_cache import BatchCache, CacheHooks
-from gateway.cache.entry import Role
+from gateway.cache.entry import CacheEntry, Role
 from gateway.cache.refresher import Freshness, Refresher
 from gateway.cache.store import MemoryStore
 from gateway.cache.waiting import Waiters
 from gateway.config import ConfigError, GatewayConfig
+from gateway.config.features import EventsSettings
 from gateway.edge.server import RunningGateway
+from gateway.events.base import EventLog
 from gateway.events.positions import Positions, RedisPositions, SqlitePositions
+from gateway.events.sightings import Sightings
+from gateway.events.sqlite import SqliteEventLog
 from gateway.events.webhooks import Shared, Webhooks
 from gateway.ops.logs import Redactor, log_event
 from gateway.ops.metrics import Metrics
@@ -71,6 +75,9 @@ def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Cl
         else None
     )
     waiters, freshness = Waiters(), Freshness(clock)
+    records = records_for(config, link)
+    events = events_for(config, link, lambda: state_of[0].snapshot.config.events)
+    sightings = Sightings(events, records, metrics.events) if events is not None else None
     hooks = CacheHooks(
         on_change=waiters.changed,
         on_regression=metrics.regressions.inc,
@@ -81,6 +88,7 @@ def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Cl
         ),
         on_join=metrics.coalesced.inc,
         on_shared=(lambda role: link.metrics.flights.labels(role.value).inc()) if link is not None else _no_role,
+        on_stored=sightings.stored if sightings is not None else _no_sighting,
     )
     cache = BatchCache(store, config.cache, clock, hooks=hooks, shared=shared_cache)
     upstream = UpstreamClient(
@@ -94,13 +102,15 @@ def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Cl
         cache=cache,
         metrics=metrics,
         redact=redact or Redactor(),
-        records=records_for(config, link),
+        records=records,
         waiters=waiters,
         freshness=freshness,
         refresher=refresher,
         clock=clock,
         redis=link,
         shared_caller_limits=SharedCallerLimits(link) if link is not None else None,
+        events=events,
+        sightings=sightings,
     )
     state_of.append(state)
     state.webhooks = webhooks_for(config, state)
@@ -122,6 +132,21 @@ def webhooks_for(config: GatewayConfig, state: GatewayState) -> Webhooks | None:
 
 def _no_role(_role: Role) -> None:
     return None
+
+
+def _no_sighting(_key: str, _entry: CacheEntry) -> None:
+    return None
+
+
+def events_for(
+    config: GatewayConfig, link: RedisLink | None, settings: Callable[[], EventsSettings]
+) -> EventLog | None:
+    """The event log (docs/design.md §12), when events.enabled: on Redis with the replicas, else in ``store.path``."""
+    if not config.events.enabled:
+        return None
+    if link is not None:
+        return None  # on Redis: not yet
+    return SqliteEventLog(config.store.path, settings)
 
 
 def _watch(metrics: Metrics, cache: BatchCache, waiters: Waiters, freshness: Freshness) -> None:

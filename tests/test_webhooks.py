@@ -19,12 +19,11 @@ from gateway.config import GatewayConfig
 from gateway.edge.server import RunningGateway, start_gateway
 from gateway.events.base import EventLog
 from gateway.ops.logs import Redactor
-from gateway.runtime import build_state, reload_config, webhooks_for
+from gateway.runtime import build_state, reload_config
 from tests.support import UPSTREAM_TOKEN, LogCapture, eventually, make_config, registry_value
 from tests.webhook_kit import (
     RECEIVE_WITHIN_S,
     Delivery,
-    MemoryLog,
     Receiver,
     batch_sighting,
     dataset_sighting,
@@ -62,9 +61,6 @@ async def gateways(logs: LogCapture, redactor: Redactor) -> AsyncIterator[Gatewa
 
     async def _start(config: GatewayConfig, ready: bool = True) -> RunningGateway:
         state = build_state(config, redactor)
-        if state.events is None:
-            state.events = MemoryLog()
-            state.webhooks = webhooks_for(config, state)
         gateway = await start_gateway(state, "127.0.0.1", 0)
         running.append(gateway)
         if ready:
@@ -160,28 +156,23 @@ async def test_a_caller_gets_only_the_events_it_may_see(receiver_factory: Receiv
     assert len(own.got) == 2
 
 
-async def test_a_new_webhook_starts_at_the_newest_event_not_the_oldest(
+async def test_a_webhook_added_by_a_reload_starts_at_the_newest_event_not_the_oldest(
     receiver_factory: Receivers, gateways: Gateways
 ) -> None:
     secret = new_secret()
     receiver = await receiver_factory([secret])
-    config = config_with("http://127.0.0.1:9", {"name": BILLING, "url": receiver.url, "secrets": [secret]})
-    log = MemoryLog()
-    await new_batches(log, 5, prefix="before")
-    state = build_state(config)
-    state.events = state.events or log
-    if isinstance(state.events, MemoryLog):
-        state.webhooks = webhooks_for(config, state)
-    # Seen before the webhook existed: not sent.
-    gateway = await start_gateway(state, "127.0.0.1", 0)
-    try:
-        await until_delivering(gateway)
-        await new_batches(event_log(gateway), 2, prefix="after")
-        got = await receiver.wait_delivered(2)
-        assert all(s.startswith("after") for s in subjects(got))
-        assert len(receiver.got) == 2
-    finally:
-        await gateway.stop()
+    gateway = await gateways(make_config("http://127.0.0.1:9", events=QUICK_EVENTS))
+    log = event_log(gateway)
+    await new_batches(log, 5, prefix="before")  # seen before the webhook existed: not sent
+
+    with_webhook = config_with("http://127.0.0.1:9", {"name": BILLING, "url": receiver.url, "secrets": [secret]})
+    assert await reload_config(gateway.state, lambda: with_webhook)
+    await until_delivering(gateway)
+    await new_batches(log, 2, prefix="after")
+    got = await receiver.wait_delivered(2)
+
+    assert all(s.startswith("after") for s in subjects(got))
+    assert len(receiver.got) == 2
 
 
 async def test_a_refused_delivery_is_retried_on_the_schedule_and_later_events_wait_behind_it(

@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from gateway.events.base import Event, EventLog, Kind, Sighting, encode_cursor, event_type
+from gateway.events.base import EventLog, Sighting
 
 RECEIVE_WITHIN_S = 20.0  # bound on every wait for deliveries (2 shared cores)
 
@@ -137,58 +137,3 @@ async def new_batches(log: EventLog, count: int, owner: str | None = None, prefi
 
 def subjects(deliveries: list[Delivery]) -> list[str]:
     return [d.event["data"]["batch"]["id"] for d in deliveries]
-
-
-class MemoryLog:
-    """An ``EventLog`` in memory: each sighting of a subject in a new status appends one event."""
-
-    def __init__(self) -> None:
-        self.log_id = "memlog" + random_secrets.token_hex(4)
-        self.events: list[Event] = []
-        self._status: dict[str, str] = {}
-        self._appended = asyncio.Condition()
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-    async def record(self, sighting: Sighting) -> Event | None:
-        if self._status.get(sighting.subject) == sighting.status:
-            return None
-        self._status[sighting.subject] = sighting.status
-        seq = len(self.events) + 1
-        kind_type = event_type(sighting.kind, sighting.status)
-        created_at = time.time()
-        payload = json.dumps(
-            {
-                "id": encode_cursor(self.log_id, seq),
-                "type": kind_type,
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created_at)),
-                "owner": sighting.owner,
-                "data": {sighting.kind: json.loads(sighting.data)},
-            }
-        ).encode()
-        event = Event(seq, kind_type, sighting.subject, sighting.owner, created_at, payload)
-        async with self._appended:
-            self.events.append(event)
-            self._appended.notify_all()
-        return event
-
-    async def followed(self, kind: Kind, limit: int) -> list[str]:
-        return []
-
-    async def bounds(self) -> tuple[int, int]:
-        return (1, len(self.events))
-
-    async def read_after(self, seq: int, limit: int) -> list[Event]:
-        return self.events[seq : seq + limit]
-
-    async def wait_beyond(self, seq: int, timeout_s: float) -> bool:
-        async with self._appended:
-            try:
-                await asyncio.wait_for(self._appended.wait_for(lambda: len(self.events) > seq), timeout_s)
-            except TimeoutError:
-                return False
-        return True

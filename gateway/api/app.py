@@ -204,6 +204,21 @@ async def _record_store(app: web.Application) -> AsyncIterator[None]:
     await records.close()
 
 
+async def _event_log(app: web.Application) -> AsyncIterator[None]:
+    """The event log (docs/design.md §12), when events.enabled: open as long as the app, fed by its sightings."""
+    state = app[STATE]
+    if state.events is None:
+        yield
+        return
+    await state.events.start()
+    if state.sightings is not None:
+        state.sightings.start()
+    yield
+    if state.sightings is not None:
+        await state.sightings.close()
+    await state.events.close()
+
+
 async def _webhooks(app: web.Application) -> AsyncIterator[None]:
     """Webhook deliveries run as long as the app, after the store and the event log are open (docs/design.md §12)."""
     webhooks = app[STATE].webhooks
@@ -239,6 +254,7 @@ def build_app(state: GatewayState) -> web.Application:
         app.router.add_get(METRICS_ROUTE, service.metrics)
     app.cleanup_ctx.append(_redis_link)
     app.cleanup_ctx.append(_record_store)
+    app.cleanup_ctx.append(_event_log)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_refresher)
     app.cleanup_ctx.append(_webhooks)

@@ -25,6 +25,8 @@ async def list_batches(request: web.Request) -> web.Response:
     query = inputs.list_query(request.query)
     call = upstream_request(request, caller, BATCHES_PATH, query=query)
     page = await state.upstream.fetch(call, True, accept_json_object)
+    if state.sightings is not None:
+        state.sightings.page(cohere.batches_of(page.document))  # every batch listed is a sighting (§12)
     if rules.sees_every_batch(caller):
         return json_answer(page.status, page.body)
     batches = cohere.batches_of(page.document)

@@ -25,6 +25,7 @@ from gateway.config import GatewayConfig, RateLimit
 from gateway.datasets.links import DirectLinks, PartLinks
 from gateway.errors import RedisDown
 from gateway.events.base import EventLog
+from gateway.events.sightings import Sightings
 from gateway.events.webhooks import Webhooks
 from gateway.ops.logs import AccessLog, RedactionForms, Redactor, set_level
 from gateway.ops.metrics import Metrics
@@ -71,6 +72,8 @@ class GatewayState:
     links: PartLinks = field(default_factory=DirectLinks)
     # The event log (docs/design.md §12), when events.enabled.
     events: EventLog | None = None
+    # What answers show, on its way to the event log (gateway.events.sightings), when events.enabled.
+    sightings: Sightings | None = None
     # Webhook deliveries (docs/design.md §12), when events are on and some caller has a webhook to be.
     webhooks: Webhooks | None = None
     # Prometheus children by label values (bounded: callers x routes x statuses x cache states).

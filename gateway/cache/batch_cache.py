@@ -93,6 +93,9 @@ class CacheHooks:
     # A caller joined a call already out; a miss was settled through the shared tier, in this role.
     on_join: Callable[[], None] = _nothing
     on_shared: Callable[[Role], None] = _nothing
+    # An answer different from the one held was stored, by key (a batch id, or records.base.dataset_key):
+    # what it shows of its subject becomes a sighting for the event log (gateway.events.sightings).
+    on_stored: Callable[[str, CacheEntry], None] = _nothing
 
 
 # Two readings of one answer's fetch time, through Redis and back, may differ by this much.
@@ -200,6 +203,7 @@ class BatchCache:
         self.store.put(batch_id, entry)
         if held is None or held.etag != entry.etag:
             self.hooks.on_change(batch_id)
+            self.hooks.on_stored(batch_id, entry)
         return entry
 
     async def put(self, batch_id: str, reply: UpstreamReply) -> None:

@@ -22,10 +22,15 @@ Each event's JSON is rendered once, when it is appended, and every reader
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import itertools
+import json
 import re
+from collections import deque
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Literal, Protocol
 
 from gateway import errors
@@ -69,6 +74,23 @@ def event_type(kind: Kind, status: str) -> str:
     if kind == "batch":
         return "batch." + status.removeprefix(_BATCH_PREFIX).lower()
     return "dataset." + status.lower()
+
+
+def rfc3339(epoch_s: float) -> str:
+    """``2026-12-06T10:00:00Z``: whole seconds, UTC."""
+    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def render_event(log_id: str, seq: int, sighting: Sighting, created_at: float) -> bytes:
+    """The event's JSON, once, at append: the object's bytes are put in as the gateway saw them."""
+    head = {
+        "id": encode_cursor(log_id, seq),
+        "type": event_type(sighting.kind, sighting.status),
+        "created_at": rfc3339(created_at),
+        "owner": sighting.owner,
+    }
+    opening = json.dumps(head, separators=(",", ":")).encode()[:-1]
+    return opening + b',"data":{"' + sighting.kind.encode() + b'":' + sighting.data + b"}}"
 
 
 def encode_cursor(log_id: str, seq: int) -> str:
@@ -122,3 +144,60 @@ class EventLog(Protocol):
     async def wait_beyond(self, seq: int, timeout_s: float) -> bool:
         """Return True as soon as an event above ``seq`` exists (appended by any process), False after ``timeout_s``."""
         ...
+
+
+class Tail:
+    """The newest events of a log, in memory, for every reader of this process.
+
+    Streams and long-polls that keep up read from here: one copy of each
+    event however many readers there are, and no store call per reader.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self._events: deque[Event] = deque(maxlen=size)
+        self.newest = 0  # the newest seq this process knows of (appended here or read from the store)
+        self._grew = asyncio.Event()
+
+    def add(self, events: list[Event]) -> None:
+        """Events read or appended in order; only those right after the newest kept one are kept."""
+        for event in events:
+            if self._events and event.seq <= self._events[-1].seq:
+                continue
+            if self._events and event.seq != self._events[-1].seq + 1:
+                self._events.clear()  # a gap (events read past): start again from here
+            self._events.append(event)
+        if events:
+            self.heard(events[-1].seq)
+
+    def heard(self, seq: int) -> None:
+        """An event up to ``seq`` exists (appended here, or by another process): wake every waiter."""
+        if seq > self.newest:
+            self.newest = seq
+            grew, self._grew = self._grew, asyncio.Event()
+            grew.set()
+
+    def after(self, seq: int, limit: int) -> list[Event] | None:
+        """Up to ``limit`` events above ``seq`` from memory; None when memory does not hold them all."""
+        if seq >= self.newest:
+            return []
+        if not self._events or self._events[0].seq > seq + 1 or self._events[-1].seq < self.newest:
+            return None
+        start = seq + 1 - self._events[0].seq
+        return list(itertools.islice(self._events, start, start + limit))
+
+    def drop_before(self, seq: int) -> None:
+        """Retention removed the events below ``seq``: memory forgets them too."""
+        while self._events and self._events[0].seq < seq:
+            self._events.popleft()
+
+    async def wait_beyond(self, seq: int, timeout_s: float) -> bool:
+        """True once an event above ``seq`` is known here, False after ``timeout_s`` (no polling)."""
+        if self.newest > seq:
+            return True
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self.newest <= seq:
+                    await self._grew.wait()
+        except TimeoutError:
+            return False
+        return True

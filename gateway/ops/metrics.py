@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
 from gateway import __version__
+from gateway.ops.event_metrics import EventMetrics
 from gateway.ops.logs import FlushAtTurnEnd
 from gateway.ops.webhook_metrics import WebhookMetrics
 
@@ -34,6 +35,7 @@ class Metrics:
         self._records(self.registry)
         self._waiting(self.registry)
         self._process(self.registry)
+        self.events = EventMetrics(self.registry)
         self.webhooks = WebhookMetrics(self.registry)
         self.redis: RedisMetrics | None = None
         self.tally = Tally()
