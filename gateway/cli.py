@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -30,6 +32,7 @@ from gateway.config import (
     load_config,
     read_yaml,
 )
+from gateway.config.features import WEBHOOK_SECRET_BYTES, WEBHOOK_SECRET_PREFIX, WebhookSettings
 from gateway.demo.mode import DEMO_CALLERS, demo_overrides, set_aside_by_demo
 from gateway.demo.simulator import Simulator, start_simulator
 from gateway.edge.server import start_gateway
@@ -74,11 +77,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Print a fresh random caller key, its sha256, and the lines to paste under callers:.",
     )
     new_caller.add_argument("name", metavar="NAME", type=caller_name, help="the caller's name (sent as X-Client-Name)")
+    new_caller.add_argument(
+        "--webhook",
+        metavar="URL",
+        type=webhook_url,
+        help="also print a fresh whsec_ secret and the webhook lines: the caller's events are POSTed to URL",
+    )
     return parser.parse_args(argv)
 
 
 # A caller key: 32 random bytes, URL-safe base64 (43 characters, well past MIN_CALLER_KEY_LENGTH).
 NEW_CALLER_KEY_BYTES = 32
+# A webhook secret: the Standard Webhooks specification's smallest (24 random bytes), base64 after whsec_.
+NEW_WEBHOOK_SECRET_BYTES = WEBHOOK_SECRET_BYTES[0]
+
+
+def webhook_url(value: str) -> str:
+    """``value`` if config.yaml would accept it as ``callers[].webhook.url``; argparse's error (exit 2) if not."""
+    try:
+        WebhookSettings(url=value, secrets=(new_webhook_secret(),))
+    except ValidationError as exc:
+        reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors() if e["loc"] == ("url",))
+        raise argparse.ArgumentTypeError(f"{value!r} is not a valid webhook URL: {reasons}") from None
+    return value
+
+
+def new_webhook_secret() -> str:
+    return WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(NEW_WEBHOOK_SECRET_BYTES)).decode()
 
 
 def caller_name(value: str) -> str:
@@ -92,30 +117,47 @@ def caller_name(value: str) -> str:
     return value
 
 
-def new_caller_text(name: str, key: str) -> str:
-    """What ``new-caller`` prints: the key, once, and the config lines that hold only its sha256."""
+def new_caller_text(name: str, key: str, webhook: tuple[str, str] | None = None) -> str:
+    """What ``new-caller`` prints: the key, once, and the config lines that hold only its sha256.
+
+    ``webhook``: its URL and a fresh secret; the secret is printed in the lines, as the config holds it.
+    """
     digest = hashlib.sha256(key.encode()).hexdigest()
     others = ", ".join(OPERATIONS)
-    return "\n".join(
-        [
-            f"Caller key for {name} (give it to the service as its Bearer token; it is shown only this once):",
+    lines = [
+        f"Caller key for {name} (give it to the service as its Bearer token; it is shown only this once):",
+        "",
+        f"    {key}",
+        "",
+    ]
+    if webhook is not None:
+        lines += [
+            "Webhook secret (give it to the receiver, which verifies each delivery with it; docs/webhooks.md):",
             "",
-            f"    {key}",
-            "",
-            "Paste under callers: in config.yaml (only the key's sha256 is kept there):",
-            "",
-            f"  - name: {name}",
-            f"    key_sha256: {digest}",
-            f"    # allow: [retrieve, list]   # the default; any of: {others}",
-            "    # batches: all              # the default; own: only the batches this caller creates",
+            f"    {webhook[1]}",
             "",
         ]
-    )
+    lines += [
+        "Paste under callers: in config.yaml (only the key's sha256 is kept there):",
+        "",
+        f"  - name: {name}",
+        f"    key_sha256: {digest}",
+        f"    # allow: [retrieve, list]   # the default; any of: {others}",
+        "    # batches: all              # the default; own: only the batches this caller creates",
+    ]
+    if webhook is not None:
+        lines += [
+            "    webhook:",
+            f"      url: {json.dumps(webhook[0])}",
+            f"      secrets: [{json.dumps(webhook[1])}]   # a second one rotates (both sign)",
+        ]
+    return "\n".join([*lines, ""])
 
 
-def new_caller(name: str) -> int:
+def new_caller(name: str, webhook: str | None = None) -> int:
     key = secrets.token_urlsafe(NEW_CALLER_KEY_BYTES)
-    print(new_caller_text(name, key), end="", flush=True)
+    hook = None if webhook is None else (webhook, new_webhook_secret())
+    print(new_caller_text(name, key, hook), end="", flush=True)
     return 0
 
 
@@ -216,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     redact = Redactor()
     configure_logging("INFO", redact)
     if args.command == "new-caller":
-        return new_caller(args.name)
+        return new_caller(args.name, args.webhook)
     if args.check_config:
         try:
             load_config(args.config)

@@ -1,0 +1,186 @@
+"""Webhooks through faults (docs/design.md §12, "Webhooks"): the gateway killed mid-delivery, its config checked.
+
+The gateway runs as ``python -m gateway`` in a child process; its events
+come from what it relays (each new batch a caller retrieves while it is
+active is one event), and a receiver in this process verifies every
+signature with the ``standardwebhooks`` library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.events.base import decode_cursor
+from tests.conftest import ProcessFactory
+from tests.support import (
+    BILLING_KEY,
+    PROCESS_WAIT_S,
+    GatewayProcess,
+    http,
+    process_config,
+    scrape_metrics,
+    write_config,
+)
+from tests.test_config import run_cli
+from tests.test_new_caller import printed_key
+from tests.upstream import Upstream, json_handler
+from tests.webhook_kit import Delivery, Receiver, new_secret, subjects
+
+# The gateway under test runs in child processes (on uvloop whatever the test's loop): one loop is enough.
+pytestmark = pytest.mark.one_loop
+
+Receivers = Callable[..., Awaitable[Receiver]]
+
+
+@pytest.fixture
+async def receiver_factory() -> AsyncIterator[Receivers]:
+    made: list[Receiver] = []
+
+    async def _make(secrets: list[str], behaviour: Any = None) -> Receiver:
+        receiver = Receiver(list(secrets)) if behaviour is None else Receiver(list(secrets), behaviour)
+        made.append(await receiver.start())
+        return receiver
+
+    yield _make
+    for receiver in made:
+        await receiver.close()
+
+
+async def see_batches(gateway: GatewayProcess, ids: list[str], key: str = BILLING_KEY) -> None:
+    """Retrieve each batch through the gateway: each, new and active, becomes one event."""
+    for batch_id in ids:
+        assert (await http(f"{gateway.url}/v2/batches/{batch_id}", key=key)).status == 200
+
+
+async def appended(gateway: GatewayProcess, count: int) -> bool:
+    """Whether the gateway's log has ``count`` events (sightings are recorded off the request path)."""
+
+    async def total() -> float:
+        _, samples = await scrape_metrics(gateway.url)
+        return sum(v for (name, _labels), v in samples.items() if name == "gateway_events_total")
+
+    give_up = asyncio.get_running_loop().time() + PROCESS_WAIT_S
+    while await total() < count:
+        if asyncio.get_running_loop().time() > give_up:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def seqs(deliveries: list[Delivery]) -> list[int]:
+    return [decode_cursor(d.id, log_id_of(d.id)) for d in deliveries]
+
+
+def log_id_of(cursor: str) -> str:
+    return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().rpartition(".")[0]
+
+
+def webhook_config(upstream_url: str, receiver_url: str, secret: str, **events: Any) -> dict[str, Any]:
+    return process_config(
+        upstream_url,
+        callers=[
+            {"name": "billing-service", "key": BILLING_KEY, "webhook": {"url": receiver_url, "secrets": [secret]}}
+        ],
+        events={"webhook_timeout_s": 5, "webhook_retry_s": [0.2], **events},
+    )
+
+
+async def test_a_gateway_killed_mid_delivery_resends_only_the_event_in_flight_after_a_restart(
+    tmp_path: Path, upstream: Upstream, gateway_process: ProcessFactory, receiver_factory: Receivers
+) -> None:
+    upstream.script(json_handler())
+    secret = new_secret()
+    answer: dict[str, int | None] = {"next": 204}
+
+    def until_told(delivery: Delivery) -> int | None:
+        # The fifth request hangs: it is in flight when the gateway is killed.
+        return None if len(receiver.got) == 4 and answer["next"] == 204 and "killed" not in answer else answer["next"]
+
+    receiver = await receiver_factory([secret], until_told)
+    path = write_config(tmp_path / "config.yaml", webhook_config(upstream.url, receiver.url, secret))
+    first = await gateway_process(path)
+    await first.wait_for_event("webhook delivering")
+    ids = [f"batch-{n}" for n in range(10)]
+    await see_batches(first, ids)
+    assert await appended(first, 10)  # every event is in the store before the kill
+    await receiver.wait_for(lambda got: len(got) == 5)
+
+    first.proc.send_signal(signal.SIGKILL)
+    await first.exit_code(15)
+    answer["killed"] = 1
+    second = await gateway_process(path)
+    got = await receiver.wait_delivered(10)
+
+    assert sorted(subjects(got)) == sorted(ids)  # nothing lost
+    assert seqs(got) == sorted(seqs(got))  # in order
+    assert len(receiver.got) - len({d.id for d in receiver.got}) <= 1  # at most the one in flight, twice
+    assert all(d.verified_by == [secret] for d in receiver.got)
+    assert second.proc.returncode is None
+
+
+async def test_new_caller_with_a_webhook_prints_a_secret_that_the_receiver_verifies(
+    tmp_path: Path, upstream: Upstream, gateway_process: ProcessFactory, receiver_factory: Receivers
+) -> None:
+    upstream.script(json_handler())
+    receiver = await receiver_factory([])
+    made = run_cli("new-caller", "nightly-jobs", "--webhook", receiver.url)
+    assert made.returncode == 0, made.stderr
+    secret = next(line.strip() for line in made.stdout.splitlines() if line.strip().startswith("whsec_"))
+    receiver.secrets.append(secret)
+    key = printed_key(made.stdout)
+    pasted = made.stdout[made.stdout.index("  - name: ") :]
+    raw = process_config(upstream.url, events={"webhook_retry_s": [0.2]})
+    raw.pop("callers")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw) + "callers:\n" + pasted, encoding="utf-8")
+    assert yaml.safe_load(path.read_text())["callers"][0]["webhook"] == {"url": receiver.url, "secrets": [secret]}
+    checked = run_cli("--check-config", "--config", str(path))
+    assert checked.returncode == 0, checked.stderr
+
+    gateway = await gateway_process(path)
+    await gateway.wait_for_event("webhook delivering")
+    await see_batches(gateway, ["batch-a"], key=key)
+    got = await receiver.wait_delivered(1)
+    assert got[0].verified_by == [secret]
+    assert got[0].event["type"] == "batch.in_progress"
+    assert secret not in gateway.text  # the secret is never logged
+
+
+def test_check_config_names_each_bad_webhook_url_and_secret_by_its_place(tmp_path: Path) -> None:
+    good, short = new_secret(), "whsec_c2hvcnQ="
+    raw = process_config(
+        "http://127.0.0.1:9",
+        callers=[
+            {"name": "a", "key_sha256": "ab" * 32, "webhook": {"url": "ftp://x/y", "secrets": [good, short]}},
+            {"name": "b", "key_sha256": "cd" * 32, "webhook": {"url": "https://u:p@x/y", "secrets": ["plain"]}},
+            {"name": "c", "key_sha256": "ef" * 32, "webhook": {"url": "https://ok.example/y", "secrets": []}},
+            {"name": "d", "key_sha256": "fa" * 32, "webhook": {"url": "https://ok.example/y", "secrets": [good]}},
+        ],
+        events={"webhook_retry_s": [], "webhook_max_in_flight": 0},
+    )
+    result = run_cli("--check-config", "--config", str(write_config(tmp_path / "config.yaml", raw)))
+
+    assert result.returncode == 2
+    problems = [line.strip() for line in result.stderr.splitlines()[1:]]
+    assert [p.split(":")[0] for p in problems] == [
+        "events.webhook_retry_s",
+        "events.webhook_max_in_flight",
+        "callers.0.webhook.url",
+        "callers.0.webhook.secrets.1",
+        "callers.1.webhook.url",
+        "callers.1.webhook.secrets.0",
+        "callers.2.webhook.secrets",
+    ]
+    assert "24 to 64 bytes" in result.stderr
+    assert "starts with whsec_" in result.stderr
+    assert "Traceback" not in result.stderr
+    for secret in (good, short, "u:p"):
+        assert secret not in result.stderr + result.stdout
