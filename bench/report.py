@@ -44,6 +44,9 @@ KEYS = (
     "redis_outage_failed_polls",
     "hit_rps_redis_vs_local",
     "reload_stall_ms_10k_callers",
+    "webhook_events_per_s",
+    "webhook_lost_after_outage",
+    "webhook_duplicates_after_outage",
 )
 # key: (comparison, bound)
 TARGETS = {
@@ -63,6 +66,10 @@ TARGETS = {
     "hit_rps_redis_vs_local": (">=", 0.9),
     # A SIGHUP holds no connection longer than a slow answer: the reload is read and checked off the event loop.
     "reload_stall_ms_10k_callers": ("<=", 50.0),
+    # DESIGN §12: webhooks keep up with a backlog, and an outage with a crash in it loses nothing.
+    "webhook_events_per_s": (">=", 500.0),
+    "webhook_lost_after_outage": ("<=", 0),
+    "webhook_duplicates_after_outage": ("<=", 1),
 }
 # The charts: the scenario each draws, its file name and its alt text in RESULTS.md.
 CHARTS = {

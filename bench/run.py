@@ -60,6 +60,7 @@ def simulator_namespaces(mode: Mode) -> dict[str, float]:
         "notice-nginx": 3600,
         "notice-poll": 3600,
         "notice-wait": 3600,
+        "webhooks": 3600,  # scenario 10: each batch retrieved is new and active, so one event
         # Scenario 8: the lifecycle workload again, once per set-up.
         **{run.ns: mode.lifetime_s for run in REPLICA_RUNS.values()},
     }

@@ -6,7 +6,7 @@ Each module has ``TITLE`` (for the log), ``measure(env)`` (its results, ``{}`` w
 
 from types import ModuleType
 
-from bench.scenarios import callers, config, hits, memory, miss, notice, reload, replicas, upstream
+from bench.scenarios import callers, config, hits, memory, miss, notice, reload, replicas, upstream, webhooks
 
 SCENARIOS: dict[str, ModuleType] = {
     "hits": hits,
@@ -18,4 +18,5 @@ SCENARIOS: dict[str, ModuleType] = {
     "notice": notice,
     "replicas": replicas,
     "reload": reload,
+    "webhooks": webhooks,
 }

@@ -76,8 +76,10 @@ class SqlitePositions:
     def _open(self) -> None:
         db = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False)
         try:
-            # The journal mode is the file's (the records set it); this connection only says how hard to sync.
-            db.execute("PRAGMA synchronous = FULL")
+            # The journal mode is the file's (the event log makes it WAL). NORMAL: a commit survives this process's
+            # crash (it is in the WAL, in the OS's cache) without an fsync per delivery; a power cut may take the
+            # last positions back, which resends events (duplicates, never losses).
+            db.execute("PRAGMA synchronous = NORMAL")
             db.executescript(_SCHEMA)
         except BaseException:
             db.close()
