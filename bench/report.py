@@ -47,6 +47,12 @@ KEYS = (
     "webhook_events_per_s",
     "webhook_lost_after_outage",
     "webhook_duplicates_after_outage",
+    "feed_notice_p50_s",
+    "feed_calls",
+    "feed_notice_p50_vs_nginx",
+    "feed_calls_vs_nginx",
+    "sse_fanout_p99_s",
+    "sse_rss_per_stream_kb",
 )
 # key: (comparison, bound)
 TARGETS = {
@@ -70,6 +76,12 @@ TARGETS = {
     "webhook_events_per_s": (">=", 500.0),
     "webhook_lost_after_outage": ("<=", 0),
     "webhook_duplicates_after_outage": ("<=", 1),
+    # DESIGN §12: a consumer of the event stream notices a change in a third of nginx's time, at no more upstream
+    # calls; one event reaches 1,000 open streams within a second; an open stream costs little memory.
+    "feed_notice_p50_vs_nginx": ("<=", 0.35),
+    "feed_calls_vs_nginx": ("<=", 1.0),
+    "sse_fanout_p99_s": ("<=", 1.0),
+    "sse_rss_per_stream_kb": ("<=", 64.0),
 }
 # The charts: the scenario each draws, its file name and its alt text in RESULTS.md.
 CHARTS = {

@@ -7,6 +7,7 @@
     python bench/run.py --quick --only notice           # time to notice a change (docs/design.md §9)
     python bench/run.py --quick --only replicas         # replicas sharing one Redis (docs/design.md §10)
     python bench/run.py --quick --only reload           # a SIGHUP under a busy connection
+    python bench/run.py --quick --only feed             # the event feed: notice on a stream, fan-out (§12)
 
 Every server runs in its own process on 127.0.0.1: the simulated upstream
 (bench/sim_server.py, the gateway's own ``gateway.demo.simulator.Simulator``), the
@@ -61,6 +62,9 @@ def simulator_namespaces(mode: Mode) -> dict[str, float]:
         "notice-poll": 3600,
         "notice-wait": 3600,
         "webhooks": 3600,  # scenario 10: each batch retrieved is new and active, so one event
+        # Scenario 11: the feed's time to notice (scheduled, as scenario 7's) and its fan-out (active all along).
+        "feed-wait": 3600,
+        "feed-fanout": 3600,
         # Scenario 8: the lifecycle workload again, once per set-up.
         **{run.ns: mode.lifetime_s for run in REPLICA_RUNS.values()},
     }

@@ -16,6 +16,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 from gateway.api.auth import CallerDirectory
@@ -28,8 +29,9 @@ from gateway.cache.waiting import Waiters
 from gateway.config import ConfigError, GatewayConfig
 from gateway.config.features import EventsSettings
 from gateway.edge.server import RunningGateway
-from gateway.events.base import EventLog
+from gateway.events.base import EventLog, Kind
 from gateway.events.positions import Positions, RedisPositions, SqlitePositions
+from gateway.events.redis import RedisEventLog
 from gateway.events.sightings import Sightings
 from gateway.events.sqlite import SqliteEventLog
 from gateway.events.webhooks import Shared, Webhooks
@@ -96,6 +98,7 @@ def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Cl
     )
     refresher = Refresher(cache, waiters, clock, upstream.budget.refresh_wait_s, upstream.flight_wait_s)
     _watch(metrics, cache, waiters, freshness)
+    _watch_events(metrics, events)
     state = GatewayState(
         snapshot=Snapshot(config, CallerDirectory(config.callers)),
         upstream=upstream,
@@ -130,6 +133,17 @@ def webhooks_for(config: GatewayConfig, state: GatewayState) -> Webhooks | None:
     return Webhooks(Shared(config, state.events, positions, state.metrics.webhooks, state.redis))
 
 
+def _watch_events(metrics: Metrics, events: EventLog | None) -> None:
+    """The event log's gauges read at each scrape: what it follows, by kind."""
+    if events is not None:
+        for kind in ("batch", "dataset"):
+            metrics.events.followed.labels(kind).set_function(partial(_followed, events, kind))
+
+
+def _followed(events: EventLog, kind: Kind) -> int:
+    return events.followed_count[kind]
+
+
 def _no_role(_role: Role) -> None:
     return None
 
@@ -145,7 +159,7 @@ def events_for(
     if not config.events.enabled:
         return None
     if link is not None:
-        return None  # on Redis: not yet
+        return RedisEventLog(link, settings)
     return SqliteEventLog(config.store.path, settings)
 
 

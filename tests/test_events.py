@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from gateway.config.features import EventsSettings
 from gateway.edge.server import RunningGateway
-from gateway.events.base import Event, Sighting
+from gateway.events.base import Event, Sighting, encode_cursor
 from gateway.events.sqlite import SqliteEventLog
 from tests.conftest import GatewayFactory
-from tests.support import FakeClock, fresh_store_path, make_config, sdk
-from tests.upstream import ACTIVE, QUEUED, Upstream
+from tests.support import (
+    BILLING_KEY,
+    REPORTING_KEY,
+    Answer,
+    FakeClock,
+    eventually,
+    fresh_store_path,
+    http,
+    make_config,
+    sdk,
+)
+from tests.upstream import ACTIVE, QUEUED, Upstream, assert_error, caller, write_callers
 
 COMPLETED = "BATCH_STATUS_COMPLETED"
 
@@ -73,3 +84,197 @@ async def test_a_retrieve_of_an_active_batch_makes_one_event_and_a_finished_one_
     await client.batches.retrieve("batch-active")
     events = await logged(gateway)
     assert [(e.type, e.subject) for e in events] == [("batch.in_progress", "batch-active")]
+
+
+# --- the feed, through a real gateway ---------------------------------------------------------------------------
+
+FEED = "/gateway/v1/events"
+LISTER_KEY = "lister-caller-key-0b7f3e"
+
+
+async def feed(
+    gateway: RunningGateway, query: str = "", *, key: str = BILLING_KEY, wait_s: int | None = None
+) -> Answer:
+    headers = {"Prefer": f"wait={wait_s}"} if wait_s is not None else {}
+    return await http(f"{gateway.url}{FEED}?{query}", key=key, headers=headers)
+
+
+async def events_after(gateway: RunningGateway, cursor: str | None, count: int, key: str = BILLING_KEY) -> list[Any]:
+    """The next ``count`` events after ``cursor`` as the feed gives them, held with Prefer: wait (bounded)."""
+    found: list[Any] = []
+    query = "" if cursor is None else f"after={cursor}"
+    for _ in range(count + 10):
+        page = await feed(gateway, query, key=key, wait_s=10)
+        assert page.status == 200, page.body
+        found += page.document["events"]
+        query = f"after={page.document['next_after']}"
+        if len(found) >= count:
+            return found
+    raise AssertionError(f"only {len(found)} of {count} events came")
+
+
+async def latest(gateway: RunningGateway) -> str:
+    cursor: str = (await feed(gateway, "after=latest")).document["next_after"]
+    return cursor
+
+
+async def test_a_create_a_list_a_retrieve_and_a_refresh_each_give_their_event_once(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    gateway = await start(make_config(upstream.url, callers=write_callers()))
+    client = sdk(gateway.url)
+    created = await client.batches.create(request={"name": "n", "input_dataset_id": "dataset-1", "model": "m"})
+    batch_id = created.batch.id
+    listed = upstream.seed("batch-listed", status=ACTIVE)
+    upstream.seed("batch-finished-long-ago", status=COMPLETED)
+    await client.batches.list()
+    await client.batches.list()
+    upstream.seed("batch-retrieved", status=ACTIVE)
+    await client.batches.retrieve("batch-retrieved")
+    # A held retrieve: the refresher sees the batch complete, not the caller.
+    await client.batches.retrieve(listed["id"])
+    waiting = asyncio.ensure_future(
+        client.batches.retrieve(
+            listed["id"], request_options={"additional_headers": {"Prefer": "wait=20"}, "timeout_in_seconds": 40}
+        )
+    )
+    assert await eventually(lambda: gateway.state.waiters.total == 1)
+    upstream.set_status(listed["id"], COMPLETED)
+    assert (await waiting).batch.status == COMPLETED
+    events = await events_after(gateway, None, 4)
+    await client.batches.list()
+    await client.batches.retrieve(listed["id"])
+    await client.batches.retrieve("batch-retrieved")
+    page = await feed(gateway, f"after={events[-1]['id']}", wait_s=1)
+    assert page.document["events"] == []
+    seen = [(e["type"], e["data"]["batch"]["id"]) for e in events]
+    assert sorted(seen) == sorted(
+        [
+            ("batch.queued", batch_id),
+            ("batch.in_progress", "batch-listed"),
+            ("batch.in_progress", "batch-retrieved"),
+            ("batch.completed", "batch-listed"),
+        ]
+    )
+    assert next(e for e in events if e["type"] == "batch.queued")["owner"] == "billing-service"
+    assert next(e for e in events if e["data"]["batch"]["id"] == "batch-listed")["owner"] is None
+
+
+async def test_an_own_caller_sees_only_its_batches_events_and_a_caller_without_retrieve_none(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    callers = [*write_callers(billing="own", reporting="all"), caller("lister", LISTER_KEY, ["list"])]
+    gateway = await start(make_config(upstream.url, callers=callers))
+    mine = await sdk(gateway.url).batches.create(request={"name": "n", "input_dataset_id": "d", "model": "m"})
+    upstream.seed("batch-not-mine", status=ACTIVE)
+    await sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-not-mine")
+    assert len(await events_after(gateway, None, 2, key=REPORTING_KEY)) == 2
+    own = await feed(gateway)
+    assert [e["data"]["batch"]["id"] for e in own.document["events"]] == [mine.batch.id]
+    again = await feed(gateway, f"after={own.document['next_after']}")
+    assert again.document["events"] == []
+    refused = await feed(gateway, key=LISTER_KEY)
+    assert_error(refused, 403, "operation_not_allowed")
+
+
+async def test_after_latest_starts_after_the_newest_and_prefer_wait_holds_until_an_event(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    gateway = await start(make_config(upstream.url))
+    upstream.seed("batch-1", status=ACTIVE)
+    await sdk(gateway.url).batches.retrieve("batch-1")
+    await events_after(gateway, None, 1)
+    cursor = await latest(gateway)
+    empty = await feed(gateway, f"after={cursor}", wait_s=1)
+    assert empty.document == {"events": [], "next_after": cursor}
+    assert empty.header("Preference-Applied") == "wait=1"
+    held = asyncio.ensure_future(feed(gateway, f"after={cursor}", wait_s=30))
+    upstream.seed("batch-2", status=QUEUED)
+    started = asyncio.get_running_loop().time()
+    await sdk(gateway.url).batches.retrieve("batch-2")
+    page = await held
+    assert asyncio.get_running_loop().time() - started < 10
+    assert [e["type"] for e in page.document["events"]] == ["batch.queued"]
+    assert page.header("Preference-Applied") == "wait=30"
+
+
+async def test_events_and_cursors_outlive_a_restart_and_a_change_while_down_becomes_an_event(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    config = make_config(upstream.url)
+    first = await start(config)
+    upstream.seed("batch-1", status=ACTIVE)
+    await sdk(first.url).batches.retrieve("batch-1")
+    before = await events_after(first, None, 1)
+    await first.stop()
+    upstream.set_status("batch-1", COMPLETED)
+    second = await start(config)
+    assert second.state.events is not None
+    assert await second.state.events.followed("batch", 10) == ["batch-1"]
+    again = await feed(second)
+    assert again.document["events"] == before
+    await sdk(second.url).batches.retrieve("batch-1")
+    after = await events_after(second, before[-1]["id"], 1)
+    assert [e["type"] for e in after] == ["batch.completed"]
+
+
+async def test_a_cursor_from_another_gateway_a_forged_one_or_one_past_the_newest_is_400(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    one, other = await start(make_config(upstream.url)), await start(make_config(upstream.url))
+    foreign = await latest(other)
+    assert_error(await feed(one, f"after={foreign}"), 400, "invalid_request")
+    assert one.state.events is not None
+    log_id = one.state.events.log_id
+    for forged in (encode_cursor(log_id, 5), encode_cursor("x" + log_id, 0), "AAAA", "latest2", "%00", "é"):
+        assert_error(await feed(one, f"after={forged}"), 400, "invalid_request")
+    assert (await feed(one, f"after={encode_cursor(log_id, 0)}")).status == 200
+    assert upstream.count() == 0
+
+
+async def test_a_huge_negative_or_non_numeric_limit_is_400_and_never_reaches_the_upstream(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    gateway = await start(make_config(upstream.url))
+    for limit in ("1001", "99999999999999999999", "-1", "0", "1e3", "ten", "", "1&limit=2", "٣", "+5", " 5"):
+        assert_error(await feed(gateway, f"limit={limit}"), 400, "invalid_request")
+    assert (await feed(gateway, "limit=1000")).status == 200
+    assert_error(await feed(gateway, "after=latest&after=latest"), 400, "invalid_request")
+    assert upstream.count() == 0
+
+
+async def test_a_cursor_older_than_the_events_kept_is_410_and_latest_resumes(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    gateway = await start(make_config(upstream.url, events={"max_events": 2}))
+    first_cursor = await latest(gateway)
+    for n in range(4):
+        upstream.seed(f"batch-{n}", status=ACTIVE)
+        await sdk(gateway.url).batches.retrieve(f"batch-{n}")
+    kept = await events_after(gateway, None, 2)
+    assert [e["data"]["batch"]["id"] for e in kept] == ["batch-2", "batch-3"]
+    expired = await feed(gateway, f"after={first_cursor}")
+    assert_error(expired, 410, "cursor_expired")
+    assert (await feed(gateway, "after=latest")).status == 200
+
+
+async def test_ten_thousand_events_page_through_with_no_gap_and_no_duplicate(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    gateway = await start(make_config(upstream.url))
+    log = gateway.state.events
+    assert log is not None
+    for n in range(10_000):
+        await log.record(seen(f"b{n}", QUEUED))
+    ids: list[str] = []
+    subjects: list[str] = []
+    query = "limit=1000"
+    for _ in range(20):
+        page = (await feed(gateway, query)).document
+        ids += [e["id"] for e in page["events"]]
+        subjects += [e["data"]["batch"]["id"] for e in page["events"]]
+        if not page["events"]:
+            break
+        query = f"limit=1000&after={page['next_after']}"
+    assert subjects == [f"b{n}" for n in range(10_000)]
+    assert len(set(ids)) == 10_000

@@ -6,7 +6,7 @@ Each module has ``TITLE`` (for the log), ``measure(env)`` (its results, ``{}`` w
 
 from types import ModuleType
 
-from bench.scenarios import callers, config, hits, memory, miss, notice, reload, replicas, upstream, webhooks
+from bench.scenarios import callers, config, feed, hits, memory, miss, notice, reload, replicas, upstream, webhooks
 
 SCENARIOS: dict[str, ModuleType] = {
     "hits": hits,
@@ -19,4 +19,5 @@ SCENARIOS: dict[str, ModuleType] = {
     "replicas": replicas,
     "reload": reload,
     "webhooks": webhooks,
+    "feed": feed,
 }

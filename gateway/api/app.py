@@ -18,7 +18,7 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDictProxy
 
 from gateway import errors
-from gateway.api import batches, create, retrieve, service
+from gateway.api import batches, create, events, retrieve, service
 from gateway.api.keys import CACHE_STATE, CALLER, REQUEST_ID, STATE, TRACE
 from gateway.api.state import GatewayState
 from gateway.upstream.client import RequestTrace
@@ -181,6 +181,11 @@ async def _answer_waiters(app: web.Application) -> None:
     app[STATE].waiters.release_all()
 
 
+async def _end_event_streams(app: web.Application) -> None:
+    """On SIGTERM held feed requests answer and event streams end at once (docs/design.md §12)."""
+    events.end_streams(app)
+
+
 async def _refresher(app: web.Application) -> AsyncIterator[None]:
     yield
     await app[STATE].refresher.close()
@@ -248,6 +253,8 @@ def build_app(state: GatewayState) -> web.Application:
     app.router.add_get(BATCHES_ROUTE, batches.list_batches)
     app.router.add_post(BATCHES_ROUTE, create.create_batch)
     app.router.add_post(CANCEL_ROUTE, batches.cancel_batch)
+    app[events.FEED] = events.Feed()
+    app.router.add_get(events.EVENTS_ROUTE, events.get_events)
     app.router.add_get("/healthz", service.healthz)
     app.router.add_get("/readyz", service.readyz)
     if not state.snapshot.config.server.metrics_port:
@@ -259,6 +266,7 @@ def build_app(state: GatewayState) -> web.Application:
     app.cleanup_ctx.append(_refresher)
     app.cleanup_ctx.append(_webhooks)
     app.on_shutdown.append(_answer_waiters)
+    app.on_shutdown.append(_end_event_streams)
     return app
 
 

@@ -116,6 +116,9 @@ def decode_cursor(cursor: str, log_id: str) -> int:
 class EventLog(Protocol):
     """Sightings in, events out: one interface, any backend (``gateway.events`` stores)."""
 
+    # Subjects followed now, by kind, as last counted (the gauge of gateway.ops.event_metrics).
+    followed_count: dict[Kind, int]
+
     @property
     def log_id(self) -> str:
         """This log's identity, kept in the store (so it survives restarts): cursors name it."""
@@ -184,6 +187,11 @@ class Tail:
             return None
         start = seq + 1 - self._events[0].seq
         return list(itertools.islice(self._events, start, start + limit))
+
+    def reset(self) -> None:
+        """The store lost its events (a Redis without persistence, restarted): forget them here too."""
+        self._events.clear()
+        self.newest = 0
 
     def drop_before(self, seq: int) -> None:
         """Retention removed the events below ``seq``: memory forgets them too."""
