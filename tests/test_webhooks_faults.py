@@ -20,6 +20,7 @@ import yaml
 
 from gateway.events.base import decode_cursor
 from tests.conftest import ProcessFactory
+from tests.redis_server import RedisServer
 from tests.support import (
     BILLING_KEY,
     PROCESS_WAIT_S,
@@ -117,7 +118,7 @@ async def test_a_gateway_killed_mid_delivery_resends_only_the_event_in_flight_af
     await first.exit_code(15)
     answer["killed"] = 1
     second = await gateway_process(path)
-    got = await receiver.wait_delivered(10)
+    got = await receiver.wait_distinct(10)
 
     assert sorted(subjects(got)) == sorted(ids)  # nothing lost
     assert seqs(got) == sorted(seqs(got))  # in order
@@ -184,3 +185,55 @@ def test_check_config_names_each_bad_webhook_url_and_secret_by_its_place(tmp_pat
     assert "Traceback" not in result.stderr
     for secret in (good, short, "u:p"):
         assert secret not in result.stderr + result.stdout
+
+
+async def first_holder(gateways: list[GatewayProcess]) -> GatewayProcess:
+    """The replica that logs ``webhook delivering`` first: it holds the caller's lease."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + PROCESS_WAIT_S
+    while loop.time() < give_up:
+        for gateway in gateways:
+            if any(e["event"] == "webhook delivering" for e in gateway.events):
+                return gateway
+        await asyncio.sleep(0.05)
+    raise AssertionError("no replica started delivering")
+
+
+async def test_two_replicas_on_redis_deliver_each_event_once_and_the_lease_moves_when_its_holder_dies(
+    tmp_path: Path,
+    upstream: Upstream,
+    gateway_process: ProcessFactory,
+    receiver_factory: Receivers,
+    redis_server: RedisServer,
+) -> None:
+    upstream.script(json_handler())
+    secret = new_secret()
+    receiver = await receiver_factory([secret])
+    replicas = []
+    for number in range(2):
+        raw = webhook_config(upstream.url, receiver.url, secret, webhook_timeout_s=1)
+        raw["redis"] = {"url": redis_server.url, "timeout_s": 1, "probe_interval_s": 0.1}
+        replicas.append(await gateway_process(write_config(tmp_path / f"replica-{number}.yaml", raw)))
+    holder = await first_holder(replicas)
+    other = next(r for r in replicas if r is not holder)
+
+    ids = [f"batch-{n}" for n in range(10)]
+    for number, batch_id in enumerate(ids):  # seen through either replica: one event each, in one log
+        await see_batches(replicas[number % 2], [batch_id])
+    got = await receiver.wait_delivered(10)
+    assert sorted(subjects(got)) == sorted(ids)
+    assert len(receiver.got) == 10  # each once, by one replica
+    assert not any(e["event"] == "webhook delivering" for e in other.events)
+
+    holder.proc.send_signal(signal.SIGKILL)
+    await holder.exit_code(15)
+    later = [f"batch-later-{n}" for n in range(5)]
+    await see_batches(other, later)
+    await other.wait_for_event("webhook delivering")  # the lease lapsed (3 x webhook_timeout_s + 1) and moved
+    # The last event before the kill may come again (its 2xx can beat the position's write): once at most.
+    got = await receiver.wait_distinct(15)
+
+    assert set(subjects(got)) == set(ids + later)
+    assert seqs(got) == sorted(seqs(got))
+    assert len(receiver.got) - len({d.id for d in receiver.got}) <= 1
+    assert all(d.verified_by == [secret] for d in receiver.got)

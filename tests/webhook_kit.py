@@ -115,6 +115,14 @@ class Receiver:
         await self.wait_for(lambda _got: len(self.delivered) >= count, within_s)
         return self.delivered
 
+    async def wait_distinct(self, count: int, within_s: float = RECEIVE_WITHIN_S) -> list[Delivery]:
+        """Until ``count`` different events were answered 2xx; the first 2xx delivery of each, in order."""
+        await self.wait_for(lambda _got: len({d.id for d in self.delivered}) >= count, within_s)
+        firsts: dict[str, Delivery] = {}
+        for delivery in self.delivered:
+            firsts.setdefault(delivery.id, delivery)
+        return list(firsts.values())
+
 
 def batch_sighting(batch_id: str, status: str = "BATCH_STATUS_QUEUED", owner: str | None = None) -> Sighting:
     final = status in ("BATCH_STATUS_COMPLETED", "BATCH_STATUS_FAILED", "BATCH_STATUS_CANCELED")
