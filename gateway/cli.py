@@ -63,6 +63,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--demo", action="store_true", help="run against an in-process simulated upstream (no Cohere account needed)"
     )
+    parser.add_argument(
+        "--demo-webhook",
+        metavar="URL",
+        type=webhook_url,
+        help="with --demo: POST every event to URL, signed with a fresh secret the banner prints (docs/webhooks.md)",
+    )
     # Set by the parent of server.workers for each worker it starts (gateway/ops/workers.py): the worker's
     # number, and the pipe on which it says that it serves. Not for operators.
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
@@ -167,7 +173,7 @@ def report(problems: list[str]) -> None:
         print(f"  {problem}", file=sys.stderr)
 
 
-def print_demo_banner(listening: str) -> None:
+def print_demo_banner(listening: str, webhook: tuple[str, str] | None = None) -> None:
     """The demo's keys and first steps; ``listening`` is the URL of where it really listens."""
     # A wildcard address is served on every interface; this machine reaches it on loopback.
     url = listening.replace("//0.0.0.0:", "//127.0.0.1:").replace("//[::]:", "//[::1]:")
@@ -184,6 +190,10 @@ def print_demo_banner(listening: str) -> None:
     print(f"  co = cohere.ClientV2(api_key={writer['key']!r}, base_url={url!r})")
     print('  batch = co.batches.create(request=cohere.Batch(name="n", input_dataset_id="ds", model="m")).batch')
     print("  co.batches.retrieve(batch.id); co.batches.list(); co.batches.cancel(batch.id)", flush=True)
+    if webhook is not None:
+        print(
+            f"Webhooks: every event is POSTed to {webhook[0]}, signed with {webhook[1]} (docs/webhooks.md)", flush=True
+        )
 
 
 def log_demo_set_aside(path: Path) -> None:
@@ -211,12 +221,18 @@ async def run(args: argparse.Namespace, redact: Redactor) -> int:
 async def _serve(args: argparse.Namespace, redact: Redactor, stack: contextlib.ExitStack) -> int:
     overrides: dict[str, Any] | None = None
     simulator_runner = None
+    demo_webhook: tuple[str, str] | None = None
     if args.demo:
         simulator = Simulator()
         simulator_runner, simulator_url = await start_simulator(simulator)
         # The demo's batches are not the organisation's: a store of its own, removed at exit.
         demo_store = stack.enter_context(tempfile.TemporaryDirectory(prefix="cohere-gateway-demo-"))
         overrides = demo_overrides(simulator_url, simulator.token, str(Path(demo_store) / "records.db"))
+        if args.demo_webhook:
+            demo_webhook = (args.demo_webhook, new_webhook_secret())
+            # The reading caller sees every batch: one webhook, so a receiver gets each event once.
+            reader = next(c for c in overrides["callers"] if c.get("batches", "all") == "all")
+            reader["webhook"] = {"url": demo_webhook[0], "secrets": [demo_webhook[1]]}
     load: Callable[[], GatewayConfig] = partial(load_config, args.config, None, overrides, demo=args.demo)
     try:
         config = load()
@@ -242,7 +258,7 @@ async def _serve(args: argparse.Namespace, redact: Redactor, stack: contextlib.E
         return 1
     if args.demo:
         # Once the signal handlers are in place (as report_serving below): Ctrl-C after the banner stops it cleanly.
-        asyncio.get_running_loop().call_soon(print_demo_banner, running.url)
+        asyncio.get_running_loop().call_soon(print_demo_banner, running.url, demo_webhook)
     if args.ready_fd is not None:
         # Runs once serve_until_signalled has put its signal handlers in place.
         asyncio.get_running_loop().call_soon(report_serving, args.ready_fd)
@@ -259,6 +275,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging("INFO", redact)
     if args.command == "new-caller":
         return new_caller(args.name, args.webhook)
+    if args.demo_webhook and not args.demo:
+        print(
+            "cohere-gateway: --demo-webhook goes with --demo (otherwise: callers[].webhook in the config)",
+            file=sys.stderr,
+        )
+        return 2
     if args.check_config:
         try:
             load_config(args.config)

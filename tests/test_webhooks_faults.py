@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import os
+import re
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -31,6 +34,7 @@ from tests.support import (
     write_config,
 )
 from tests.test_config import run_cli
+from tests.test_demo_isolation import start_demo
 from tests.test_new_caller import printed_key
 from tests.upstream import Upstream, json_handler
 from tests.webhook_kit import Delivery, Receiver, new_secret, subjects
@@ -237,3 +241,44 @@ async def test_two_replicas_on_redis_deliver_each_event_once_and_the_lease_moves
     assert seqs(got) == sorted(seqs(got))
     assert len(receiver.got) - len({d.id for d in receiver.got}) <= 1
     assert all(d.verified_by == [secret] for d in receiver.got)
+
+
+async def test_the_demo_sends_webhooks_to_a_local_receiver_signed_with_the_secret_its_banner_prints(
+    tmp_path: Path, receiver_factory: Receivers
+) -> None:
+    receiver = await receiver_factory([])
+    config = write_config(tmp_path / "config.yaml", {"upstream": {"token": "unused-in-the-demo"}, "callers": []})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "COHERE_"))}
+    demo = await start_demo(config, env, "--port", "0", "--demo-webhook", receiver.url)
+    try:
+        assert demo.process.stdout is not None
+        line = (await asyncio.wait_for(demo.process.stdout.readline(), PROCESS_WAIT_S)).decode()
+        while not line.startswith("Webhooks:"):
+            line = (await asyncio.wait_for(demo.process.stdout.readline(), PROCESS_WAIT_S)).decode()
+            assert line, "the demo printed no webhook line"
+        secret = re.search(r"signed with (whsec_\S+)", line)
+        assert secret is not None
+        assert receiver.url in line
+        receiver.secrets.append(secret.group(1))
+        # The webhook took its position when the demo started, before the banner: this batch is after it.
+        created = await http(
+            f"{demo.url}/v2/batches",
+            method="POST",
+            key=demo.keys["demo-billing"],
+            headers={"Content-Type": "application/json"},
+            data=json.dumps({"name": "nightly", "input_dataset_id": "ds", "model": "m"}).encode(),
+        )
+        assert created.status == 200
+        got = await receiver.wait_distinct(1)
+        assert got[0].verified_by == [secret.group(1)]
+        assert got[0].event["data"]["batch"]["id"] == created.document["batch"]["id"]
+    finally:
+        code, logged_text = await demo.stop()
+    assert code == 0
+    assert secret.group(1) not in logged_text
+
+
+def test_demo_webhook_without_demo_is_refused(tmp_path: Path) -> None:
+    result = run_cli("--demo-webhook", "http://127.0.0.1:9/hooks", "--config", str(tmp_path / "none.yaml"))
+    assert result.returncode == 2
+    assert "--demo-webhook goes with --demo" in result.stderr

@@ -42,6 +42,8 @@ log = logging.getLogger("gateway.webhooks")
 
 # Events read from the log at once (each is still sent alone, in order).
 READ_BATCH = 100
+# The start waits at most this long for every webhook's position (a slow store must not hold the start up).
+START_WAIT_S = 5.0
 # After the store or Redis fails, a caller's task waits this long before it reads its position again.
 PAUSE_S = 1.0
 
@@ -89,6 +91,8 @@ class CallerDeliveries:
         self.lease = Lease(shared.link, f"webhook:{self.name}", self.ttl_s)
         self._held_at = float("-inf")
         self._wake = asyncio.Event()
+        # Set once this process knows where it stands: a position read, or another process holds the lease.
+        self.ready = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         shared.metrics.lag.labels(self.name).set_function(self.lag_s)
         shared.metrics.off.labels(self.name).set(0)
@@ -131,6 +135,7 @@ class CallerDeliveries:
                 await self._round()
             except StoreUnavailable:
                 self.position = None  # read again once the store answers
+                self.ready.set()  # the start does not wait for a store that fails
                 await self._sleep(PAUSE_S)
             except Exception:
                 log.exception("webhook deliveries failed; trying again", extra={"fields": {"caller": self.name}})
@@ -161,10 +166,12 @@ class CallerDeliveries:
 
     async def _round(self) -> None:
         if not await self._holding() or self.off:
+            self.ready.set()
             await self._sleep(self.ttl_s / 3)
             return
         if self.position is None:
             self.position = await self._load_position()
+            self.ready.set()
         events = await self.shared.events.read_after(self.position, READ_BATCH)
         if not events:
             self.oldest_undelivered = None
@@ -254,9 +261,14 @@ class Webhooks:
         self._stopping: set[asyncio.Task[None]] = set()  # removed webhooks being stopped (held: not collected)
 
     async def start(self) -> None:
+        """Start every webhook; return once each knows its position, so that what the gateway relays from its
+        first request on is delivered (a new webhook starts after the newest event *before* it serves)."""
         await self.shared.positions.start()
         self.shared.session = new_session(self.shared.config.events.webhook_max_in_flight)
         self.reconfigure(self.shared.config)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(START_WAIT_S):
+                await asyncio.gather(*(deliveries.ready.wait() for deliveries in self.callers.values()))
 
     async def close(self) -> None:
         callers, self.callers = self.callers, {}
