@@ -273,8 +273,9 @@ class Webhooks:
     async def close(self) -> None:
         callers, self.callers = self.callers, {}
         await asyncio.gather(*(deliveries.stop(forget=False) for deliveries in callers.values()), *self._stopping)
-        if self.shared.session is not None:
-            await self.shared.session.close()
+        session, self.shared.session = self.shared.session, None
+        if session is not None:
+            await session.close()
         await self.shared.positions.close()
 
     def reconfigure(self, config: GatewayConfig) -> None:
@@ -284,6 +285,8 @@ class Webhooks:
             # Tries in flight finish on the old limit; the next ones take the new.
             shared.in_flight = asyncio.Semaphore(config.events.webhook_max_in_flight)
         shared.config = config
+        if shared.session is None:
+            return  # not started yet (or stopped): start() reads the config it is given by then
         wanted = {c.name: c for c in config.callers if c.webhook is not None}
         for name in [n for n in self.callers if n not in wanted]:
             deliveries = self.callers.pop(name)
