@@ -29,7 +29,7 @@ from gateway.cache.waiting import Waiters
 from gateway.config import ConfigError, GatewayConfig
 from gateway.config.features import EventsSettings
 from gateway.edge.server import RunningGateway
-from gateway.events.base import EventLog, Kind
+from gateway.events.base import Kind
 from gateway.events.positions import Positions, RedisPositions, SqlitePositions
 from gateway.events.redis import RedisEventLog
 from gateway.events.sightings import Sightings
@@ -133,14 +133,14 @@ def webhooks_for(config: GatewayConfig, state: GatewayState) -> Webhooks | None:
     return Webhooks(Shared(config, state.events, positions, state.metrics.webhooks, state.redis))
 
 
-def _watch_events(metrics: Metrics, events: EventLog | None) -> None:
+def _watch_events(metrics: Metrics, events: SqliteEventLog | RedisEventLog | None) -> None:
     """The event log's gauges read at each scrape: what it follows, by kind."""
     if events is not None:
         for kind in ("batch", "dataset"):
             metrics.events.followed.labels(kind).set_function(partial(_followed, events, kind))
 
 
-def _followed(events: EventLog, kind: Kind) -> int:
+def _followed(events: SqliteEventLog | RedisEventLog, kind: Kind) -> int:
     return events.followed_count[kind]
 
 
@@ -154,7 +154,7 @@ def _no_sighting(_key: str, _entry: CacheEntry) -> None:
 
 def events_for(
     config: GatewayConfig, link: RedisLink | None, settings: Callable[[], EventsSettings]
-) -> EventLog | None:
+) -> SqliteEventLog | RedisEventLog | None:
     """The event log (docs/design.md §12), when events.enabled: on Redis with the replicas, else in ``store.path``."""
     if not config.events.enabled:
         return None

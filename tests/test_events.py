@@ -20,6 +20,7 @@ from tests.support import (
     fresh_store_path,
     http,
     make_config,
+    registry_value,
     sdk,
 )
 from tests.upstream import ACTIVE, QUEUED, Upstream, assert_error, caller, write_callers
@@ -158,6 +159,9 @@ async def test_a_create_a_list_a_retrieve_and_a_refresh_each_give_their_event_on
     )
     assert next(e for e in events if e["type"] == "batch.queued")["owner"] == "billing-service"
     assert next(e for e in events if e["data"]["batch"]["id"] == "batch-listed")["owner"] is None
+    assert registry_value(gateway, "gateway_events_total", type="batch.in_progress") == 2
+    assert registry_value(gateway, "gateway_events_total", type="batch.completed") == 1
+    assert registry_value(gateway, "gateway_events_followed", kind="batch") == 2  # the created and the retrieved
 
 
 async def test_an_own_caller_sees_only_its_batches_events_and_a_caller_without_retrieve_none(

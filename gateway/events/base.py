@@ -116,9 +116,6 @@ def decode_cursor(cursor: str, log_id: str) -> int:
 class EventLog(Protocol):
     """Sightings in, events out: one interface, any backend (``gateway.events`` stores)."""
 
-    # Subjects followed now, by kind, as last counted (the gauge of gateway.ops.event_metrics).
-    followed_count: dict[Kind, int]
-
     @property
     def log_id(self) -> str:
         """This log's identity, kept in the store (so it survives restarts): cursors name it."""
