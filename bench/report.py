@@ -45,6 +45,9 @@ KEYS = (
     "hit_rps_redis_vs_local",
     "reload_stall_ms_10k_callers",
     "follow_calls_ratio_1000_vs_10",
+    "webhook_events_per_s",
+    "webhook_lost_after_outage",
+    "webhook_duplicates_after_outage",
     "feed_notice_p50_s",
     "feed_calls",
     "feed_notice_p50_vs_nginx",
@@ -76,6 +79,10 @@ TARGETS = {
     "reload_stall_ms_10k_callers": ("<=", 50.0),
     # DESIGN §12: following 1,000 batches costs about what following 10 does (one list call per interval).
     "follow_calls_ratio_1000_vs_10": ("<=", 1.5),
+    # DESIGN §12: webhooks keep up with a backlog, and an outage with a crash in it loses nothing.
+    "webhook_events_per_s": (">=", 500.0),
+    "webhook_lost_after_outage": ("<=", 0),
+    "webhook_duplicates_after_outage": ("<=", 1),
     # DESIGN §12: a consumer of the event stream notices a change in a third of nginx's time, at no more upstream
     # calls; one event reaches 1,000 open streams within a second; an open stream costs little memory.
     "feed_notice_p50_vs_nginx": ("<=", 0.35),

@@ -64,6 +64,7 @@ def simulator_namespaces(mode: Mode) -> dict[str, float]:
         # Scenario 12's batches are scheduled too.
         "follow-10": 3600,
         "follow-1000": 3600,
+        "webhooks": 3600,  # scenario 10: each batch retrieved is new and active, so one event
         # Scenario 11: the feed's time to notice (scheduled, as scenario 7's) and its fan-out (active all along).
         "feed-wait": 3600,
         "feed-fanout": 3600,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -30,6 +32,7 @@ from gateway.config import (
     load_config,
     read_yaml,
 )
+from gateway.config.features import WEBHOOK_SECRET_BYTES, WEBHOOK_SECRET_PREFIX, WebhookSettings
 from gateway.demo.mode import DEMO_CALLERS, demo_overrides, set_aside_by_demo
 from gateway.demo.simulator import Simulator, start_simulator
 from gateway.edge.server import start_gateway
@@ -61,6 +64,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--demo", action="store_true", help="run against an in-process simulated upstream (no Cohere account needed)"
     )
+    parser.add_argument(
+        "--demo-webhook",
+        metavar="URL",
+        type=webhook_url,
+        help="with --demo: POST every event to URL, signed with a fresh secret the banner prints (docs/webhooks.md)",
+    )
     # Set by the parent of server.workers for each worker it starts (gateway/ops/workers.py): the worker's
     # number, and the pipe on which it says that it serves. Not for operators.
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
@@ -76,6 +85,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     new_caller.add_argument("name", metavar="NAME", type=caller_name, help="the caller's name (sent as X-Client-Name)")
     _usage_parser(commands)
+    new_caller.add_argument(
+        "--webhook",
+        metavar="URL",
+        type=webhook_url,
+        help="also print a fresh whsec_ secret and the webhook lines: the caller's events are POSTed to URL",
+    )
     return parser.parse_args(argv)
 
 
@@ -128,6 +143,22 @@ def usage(args: argparse.Namespace) -> int:
 
 # A caller key: 32 random bytes, URL-safe base64 (43 characters, well past MIN_CALLER_KEY_LENGTH).
 NEW_CALLER_KEY_BYTES = 32
+# A webhook secret: the Standard Webhooks specification's smallest (24 random bytes), base64 after whsec_.
+NEW_WEBHOOK_SECRET_BYTES = WEBHOOK_SECRET_BYTES[0]
+
+
+def webhook_url(value: str) -> str:
+    """``value`` if config.yaml would accept it as ``callers[].webhook.url``; argparse's error (exit 2) if not."""
+    try:
+        WebhookSettings(url=value, secrets=(new_webhook_secret(),))
+    except ValidationError as exc:
+        reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors() if e["loc"] == ("url",))
+        raise argparse.ArgumentTypeError(f"{value!r} is not a valid webhook URL: {reasons}") from None
+    return value
+
+
+def new_webhook_secret() -> str:
+    return WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(NEW_WEBHOOK_SECRET_BYTES)).decode()
 
 
 def caller_name(value: str) -> str:
@@ -141,30 +172,47 @@ def caller_name(value: str) -> str:
     return value
 
 
-def new_caller_text(name: str, key: str) -> str:
-    """What ``new-caller`` prints: the key, once, and the config lines that hold only its sha256."""
+def new_caller_text(name: str, key: str, webhook: tuple[str, str] | None = None) -> str:
+    """What ``new-caller`` prints: the key, once, and the config lines that hold only its sha256.
+
+    ``webhook``: its URL and a fresh secret; the secret is printed in the lines, as the config holds it.
+    """
     digest = hashlib.sha256(key.encode()).hexdigest()
     others = ", ".join(OPERATIONS)
-    return "\n".join(
-        [
-            f"Caller key for {name} (give it to the service as its Bearer token; it is shown only this once):",
+    lines = [
+        f"Caller key for {name} (give it to the service as its Bearer token; it is shown only this once):",
+        "",
+        f"    {key}",
+        "",
+    ]
+    if webhook is not None:
+        lines += [
+            "Webhook secret (give it to the receiver, which verifies each delivery with it; docs/webhooks.md):",
             "",
-            f"    {key}",
-            "",
-            "Paste under callers: in config.yaml (only the key's sha256 is kept there):",
-            "",
-            f"  - name: {name}",
-            f"    key_sha256: {digest}",
-            f"    # allow: [retrieve, list]   # the default; any of: {others}",
-            "    # batches: all              # the default; own: only the batches this caller creates",
+            f"    {webhook[1]}",
             "",
         ]
-    )
+    lines += [
+        "Paste under callers: in config.yaml (only the key's sha256 is kept there):",
+        "",
+        f"  - name: {name}",
+        f"    key_sha256: {digest}",
+        f"    # allow: [retrieve, list]   # the default; any of: {others}",
+        "    # batches: all              # the default; own: only the batches this caller creates",
+    ]
+    if webhook is not None:
+        lines += [
+            "    webhook:",
+            f"      url: {json.dumps(webhook[0])}",
+            f"      secrets: [{json.dumps(webhook[1])}]   # a second one rotates (both sign)",
+        ]
+    return "\n".join([*lines, ""])
 
 
-def new_caller(name: str) -> int:
+def new_caller(name: str, webhook: str | None = None) -> int:
     key = secrets.token_urlsafe(NEW_CALLER_KEY_BYTES)
-    print(new_caller_text(name, key), end="", flush=True)
+    hook = None if webhook is None else (webhook, new_webhook_secret())
+    print(new_caller_text(name, key, hook), end="", flush=True)
     return 0
 
 
@@ -174,7 +222,7 @@ def report(problems: list[str]) -> None:
         print(f"  {problem}", file=sys.stderr)
 
 
-def print_demo_banner(listening: str) -> None:
+def print_demo_banner(listening: str, webhook: tuple[str, str] | None = None) -> None:
     """The demo's keys and first steps; ``listening`` is the URL of where it really listens."""
     # A wildcard address is served on every interface; this machine reaches it on loopback.
     url = listening.replace("//0.0.0.0:", "//127.0.0.1:").replace("//[::]:", "//[::1]:")
@@ -191,6 +239,10 @@ def print_demo_banner(listening: str) -> None:
     print(f"  co = cohere.ClientV2(api_key={writer['key']!r}, base_url={url!r})")
     print('  batch = co.batches.create(request=cohere.Batch(name="n", input_dataset_id="ds", model="m")).batch')
     print("  co.batches.retrieve(batch.id); co.batches.list(); co.batches.cancel(batch.id)", flush=True)
+    if webhook is not None:
+        print(
+            f"Webhooks: every event is POSTed to {webhook[0]}, signed with {webhook[1]} (docs/webhooks.md)", flush=True
+        )
 
 
 def log_demo_set_aside(path: Path) -> None:
@@ -218,12 +270,18 @@ async def run(args: argparse.Namespace, redact: Redactor) -> int:
 async def _serve(args: argparse.Namespace, redact: Redactor, stack: contextlib.ExitStack) -> int:
     overrides: dict[str, Any] | None = None
     simulator_runner = None
+    demo_webhook: tuple[str, str] | None = None
     if args.demo:
         simulator = Simulator()
         simulator_runner, simulator_url = await start_simulator(simulator)
         # The demo's batches are not the organisation's: a store of its own, removed at exit.
         demo_store = stack.enter_context(tempfile.TemporaryDirectory(prefix="cohere-gateway-demo-"))
         overrides = demo_overrides(simulator_url, simulator.token, str(Path(demo_store) / "records.db"))
+        if args.demo_webhook:
+            demo_webhook = (args.demo_webhook, new_webhook_secret())
+            # The reading caller sees every batch: one webhook, so a receiver gets each event once.
+            reader = next(c for c in overrides["callers"] if c.get("batches", "all") == "all")
+            reader["webhook"] = {"url": demo_webhook[0], "secrets": [demo_webhook[1]]}
     load: Callable[[], GatewayConfig] = partial(load_config, args.config, None, overrides, demo=args.demo)
     try:
         config = load()
@@ -249,7 +307,7 @@ async def _serve(args: argparse.Namespace, redact: Redactor, stack: contextlib.E
         return 1
     if args.demo:
         # Once the signal handlers are in place (as report_serving below): Ctrl-C after the banner stops it cleanly.
-        asyncio.get_running_loop().call_soon(print_demo_banner, running.url)
+        asyncio.get_running_loop().call_soon(print_demo_banner, running.url, demo_webhook)
     if args.ready_fd is not None:
         # Runs once serve_until_signalled has put its signal handlers in place.
         asyncio.get_running_loop().call_soon(report_serving, args.ready_fd)
@@ -265,9 +323,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     redact = Redactor()
     configure_logging("INFO", redact)
     if args.command == "new-caller":
-        return new_caller(args.name)
+        return new_caller(args.name, args.webhook)
     if args.command == "usage":
         return usage(args)
+    if args.demo_webhook and not args.demo:
+        print(
+            "cohere-gateway: --demo-webhook goes with --demo (otherwise: callers[].webhook in the config)",
+            file=sys.stderr,
+        )
+        return 2
     if args.check_config:
         try:
             load_config(args.config)

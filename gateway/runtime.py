@@ -33,12 +33,14 @@ from gateway.datasets.signing import SignedLinks
 from gateway.edge.server import RunningGateway
 from gateway.events.base import EventLog, Kind
 from gateway.events.follower import Follower
+from gateway.events.positions import Positions, RedisPositions, SqlitePositions
 from gateway.events.redis import RedisEventLog
 from gateway.events.sightings import Sightings
 from gateway.events.sqlite import SqliteEventLog
 from gateway.events.usage import CountingLog, Usage
 from gateway.events.usage_redis import RedisUsage
 from gateway.events.usage_sqlite import SqliteUsage
+from gateway.events.webhooks import Shared, Webhooks
 from gateway.ops.logs import Redactor, log_event
 from gateway.ops.metrics import Metrics
 from gateway.ops.workers import pid_file
@@ -110,9 +112,7 @@ def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Cl
     )
     refresher = Refresher(cache, waiters, clock, upstream.budget.refresh_wait_s, upstream.flight_wait_s)
     _watch(metrics, cache, waiters, freshness)
-    if events is not None:
-        for kind in ("batch", "dataset"):
-            metrics.events.followed.labels(kind).set_function(partial(_followed, events, kind))
+    _watch_events(metrics, events)
     state = GatewayState(
         snapshot=Snapshot(config, CallerDirectory(config.callers)),
         upstream=upstream,
@@ -133,6 +133,7 @@ def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Cl
     )
     state_of.append(state)
     state.follower = _follower(events, cache, upstream, refresher, link, lambda: state.snapshot.config.events, clock)
+    state.webhooks = webhooks_for(config, state)
     state.redact.update(config.secrets)
     if link is not None and shared_cache is not None:
         _hear_other_processes(link, cache, shared_cache, upstream)
@@ -179,6 +180,23 @@ def _stretch(state_of: list[GatewayState]) -> float:
     rate = state.upstream.settings.rate_limit.requests_per_s
     taken = state.follower.calls_per_s if state.follower is not None else 0.0
     return state.freshness.stretch(state.cache.settings.ttl_s, max(rate / 4, rate - taken), state.refresher.batches)
+
+
+def webhooks_for(config: GatewayConfig, state: GatewayState) -> Webhooks | None:
+    """Webhook deliveries (docs/design.md §12) over the event log; positions where the records are."""
+    if state.events is None or not config.events.enabled:
+        return None
+    positions: Positions = (
+        RedisPositions(state.redis) if state.redis is not None else SqlitePositions(config.store.path)
+    )
+    return Webhooks(Shared(config, state.events, positions, state.metrics.webhooks, state.redis))
+
+
+def _watch_events(metrics: Metrics, events: SqliteEventLog | RedisEventLog | None) -> None:
+    """The event log's gauges read at each scrape: what it follows, by kind."""
+    if events is not None:
+        for kind in ("batch", "dataset"):
+            metrics.events.followed.labels(kind).set_function(partial(_followed, events, kind))
 
 
 def _followed(events: SqliteEventLog | RedisEventLog, kind: Kind) -> int:

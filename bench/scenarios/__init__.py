@@ -20,6 +20,7 @@ from bench.scenarios import (
     replicas,
     uploads,
     upstream,
+    webhooks,
 )
 
 SCENARIOS: dict[str, ModuleType] = {
@@ -34,6 +35,7 @@ SCENARIOS: dict[str, ModuleType] = {
     "reload": reload,
     "downloads": downloads,
     "uploads": uploads,
+    "webhooks": webhooks,
     "feed": feed,
     "follow": follow,
 }

@@ -248,6 +248,16 @@ async def _following(app: web.Application) -> AsyncIterator[None]:
         await state.usage.store.close()
 
 
+async def _webhooks(app: web.Application) -> AsyncIterator[None]:
+    """Webhook deliveries run as long as the app, after the store and the event log are open (docs/design.md §12)."""
+    webhooks = app[STATE].webhooks
+    if webhooks is not None:
+        await webhooks.start()
+    yield
+    if webhooks is not None:
+        await webhooks.close()
+
+
 async def _server_header(_request: web.Request, response: web.StreamResponse) -> None:
     """Every answer the app makes, streamed ones included, names the server without its version."""
     response.headers["Server"] = SERVER
@@ -292,6 +302,7 @@ def build_app(state: GatewayState) -> web.Application:
     app.cleanup_ctx.append(_following)
     app[downloads.DOWNLOADS] = downloads.Downloads(state)
     app.cleanup_ctx.append(app[downloads.DOWNLOADS].lifecycle)
+    app.cleanup_ctx.append(_webhooks)
     app.on_shutdown.append(_answer_waiters)
     app.on_shutdown.append(_end_event_streams)
     return app

@@ -28,6 +28,7 @@ from gateway.events.base import EventLog
 from gateway.events.follower import Follower
 from gateway.events.sightings import Sightings
 from gateway.events.usage import Usage
+from gateway.events.webhooks import Webhooks
 from gateway.ops.logs import AccessLog, RedactionForms, Redactor, set_level
 from gateway.ops.metrics import Metrics
 from gateway.records.base import Records
@@ -78,6 +79,8 @@ class GatewayState:
     # The follower and usage per caller (gateway.events.follower, gateway.events.usage), when events.enabled.
     follower: Follower | None = None
     usage: Usage | None = None
+    # Webhook deliveries (docs/design.md §12), when events are on and some caller has a webhook to be.
+    webhooks: Webhooks | None = None
     # Prometheus children by label values (bounded: callers x routes x statuses x cache states).
     metric_children: dict[object, Any] = field(default_factory=dict)
 
@@ -109,6 +112,8 @@ class GatewayState:
             if name not in limited:
                 del self.caller_buckets[name]
         self.snapshot = prepared.snapshot
+        if self.webhooks is not None:
+            self.webhooks.reconfigure(new)
 
     def caller_bucket(self, name: str, limit: RateLimit, shares: int = 1) -> TokenBucket:
         """The caller's bucket in this process: its whole limit, or its share of it (``shares`` processes)."""

@@ -7,7 +7,7 @@ import binascii
 import re
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AfterValidator, Field, SecretStr, field_validator
 
 from gateway.config.section import PositiveSeconds, Section
 
@@ -82,7 +82,8 @@ class EventsSettings(Section):
     webhook_max_in_flight: Annotated[int, Field(ge=1)] = 16
 
 
-def _webhook_secret(value: str) -> str:
+def _webhook_secret(secret: SecretStr) -> SecretStr:
+    value = secret.get_secret_value()
     if not value.startswith(WEBHOOK_SECRET_PREFIX):
         raise ValueError(f"a webhook secret starts with {WEBHOOK_SECRET_PREFIX} (cohere-gateway new-caller makes one)")
     try:
@@ -92,14 +93,18 @@ def _webhook_secret(value: str) -> str:
     low, high = WEBHOOK_SECRET_BYTES
     if not low <= len(raw) <= high:
         raise ValueError(f"a webhook secret holds {low} to {high} bytes (it holds {len(raw)})")
-    return value
+    return secret
+
+
+# Checked one by one, so that a problem names the secret's place: callers.2.webhook.secrets.1.
+WebhookSecret = Annotated[SecretStr, AfterValidator(_webhook_secret)]
 
 
 class WebhookSettings(Section):
     """Where a caller's events are POSTed, and the secrets that sign them (docs/design.md §12)."""
 
     url: str
-    secrets: Annotated[tuple[SecretStr, ...], Field(min_length=1, max_length=4)]
+    secrets: tuple[WebhookSecret, ...]
 
     @field_validator("url")
     @classmethod
@@ -110,9 +115,10 @@ class WebhookSettings(Section):
 
     @field_validator("secrets")
     @classmethod
-    def _whsec(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
-        for secret in value:
-            _webhook_secret(secret.get_secret_value())
+    def _one_to_four(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        # Here rather than Field(min_length=...): a bad secret is then reported once, at its own place.
+        if not 1 <= len(value) <= 4:
+            raise ValueError("must hold one to four secrets (two at once rotate with overlap)")
         return value
 
     @property

@@ -21,6 +21,7 @@ from gateway.ops.download_metrics import DownloadMetrics
 from gateway.ops.event_metrics import EventMetrics
 from gateway.ops.logs import FlushAtTurnEnd
 from gateway.ops.usage_metrics import UsageMetrics
+from gateway.ops.webhook_metrics import WebhookMetrics
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -40,6 +41,7 @@ class Metrics:
         self.downloads = DownloadMetrics(self.registry)
         self.datasets = DatasetMetrics(self.registry)
         self.events = EventMetrics(self.registry)
+        self.webhooks = WebhookMetrics(self.registry)
         self.redis: RedisMetrics | None = None
         self.usage = UsageMetrics(self.registry)
         self.tally = Tally()
