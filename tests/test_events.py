@@ -193,6 +193,7 @@ async def test_after_latest_starts_after_the_newest_and_prefer_wait_holds_until_
     assert empty.document == {"events": [], "next_after": cursor}
     assert empty.header("Preference-Applied") == "wait=1"
     held = asyncio.ensure_future(feed(gateway, f"after={cursor}", wait_s=30))
+    assert await eventually(lambda: registry_value(gateway, "gateway_event_feed_waits") == 1)
     upstream.seed("batch-2", status=QUEUED)
     started = asyncio.get_running_loop().time()
     await sdk(gateway.url).batches.retrieve("batch-2")
@@ -255,6 +256,8 @@ async def test_a_cursor_older_than_the_events_kept_is_410_and_latest_resumes(
     for n in range(4):
         upstream.seed(f"batch-{n}", status=ACTIVE)
         await sdk(gateway.url).batches.retrieve(f"batch-{n}")
+    assert gateway.state.sightings is not None
+    await gateway.state.sightings.drained()
     kept = await events_after(gateway, None, 2)
     assert [e["data"]["batch"]["id"] for e in kept] == ["batch-2", "batch-3"]
     expired = await feed(gateway, f"after={first_cursor}")
@@ -268,8 +271,8 @@ async def test_ten_thousand_events_page_through_with_no_gap_and_no_duplicate(
     gateway = await start(make_config(upstream.url))
     log = gateway.state.events
     assert log is not None
-    for n in range(10_000):
-        await log.record(seen(f"b{n}", QUEUED))
+    for first in range(0, 10_000, 1000):  # as a list page's sightings come: many at once
+        await asyncio.gather(*(log.record(seen(f"b{n}", QUEUED)) for n in range(first, first + 1000)))
     ids: list[str] = []
     subjects: list[str] = []
     query = "limit=1000"

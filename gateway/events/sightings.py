@@ -21,7 +21,7 @@ from typing import Any
 
 from gateway.cache.entry import CacheEntry
 from gateway.errors import StoreUnavailable
-from gateway.events.base import EventLog, Kind, Sighting
+from gateway.events.base import Event, EventLog, Kind, Sighting
 from gateway.ops.event_metrics import EventMetrics
 from gateway.ops.logs import log_event
 from gateway.records.base import Records, dataset_key
@@ -36,6 +36,8 @@ FINAL_VALIDATION = frozenset({"validated", "failed", "skipped"})
 MAX_QUEUED = 10_000
 # The last status recorded per subject, to skip repeats without a store call; cleared when this full.
 MAX_REMEMBERED = 100_000
+# Sightings recorded together at most (one store transaction on SQLite).
+BATCH = 1000
 # A failing store is logged at most this often.
 LOG_EVERY_S = 60.0
 
@@ -135,33 +137,55 @@ class Sightings:
         queue = self._queue
         assert queue is not None
         while True:
-            item = await queue.get()
+            items = [await queue.get()]
+            while len(items) < BATCH and not queue.empty():
+                items.append(queue.get_nowait())
             try:
-                await self._record(item)
+                await self._record(items)
             except Exception:  # one bad answer must not stop the recording of the others
-                log.exception("recording a sighting failed")
+                log.exception("recording sightings failed")
             finally:
-                queue.task_done()
+                for _ in items:
+                    queue.task_done()
 
-    async def _record(self, item: _Item) -> None:
-        try:
-            sighting = await self._sighting(item)
-            if sighting is None:
-                return
-            remembered = (sighting.kind, sighting.subject)
-            if self._last.get(remembered) == sighting.status:
-                return  # recorded already: the same status again makes no event
-            event = await self.events.record(sighting)
-        except StoreUnavailable:
-            # The owner or the log could not be read: an event with a guessed owner would be hidden
-            # from its own caller for good, so nothing is recorded; the next answer tries again.
+    async def _record(self, items: list[_Item]) -> None:
+        """What is queued, recorded together (a list page: one store transaction, not one per batch).
+
+        The sightings of one subject go in turn, in the order they were seen; different subjects at once.
+        """
+        rounds: list[list[Sighting]] = []
+        turns: dict[tuple[Kind, str], int] = {}
+        for item in items:
+            try:
+                sighting = await self._sighting(item)
+            except StoreUnavailable:
+                # The owner could not be read: an event with a guessed owner would be hidden from its own
+                # caller for good, so nothing is recorded; the next answer tries again.
+                self._lost()
+                continue
+            if sighting is None or self._last.get((sighting.kind, sighting.subject)) == sighting.status:
+                continue  # recorded already: the same status again makes no event
+            turn = turns[(sighting.kind, sighting.subject)] = turns.get((sighting.kind, sighting.subject), -1) + 1
+            if turn == len(rounds):
+                rounds.append([])
+            rounds[turn].append(sighting)
+        for batch in rounds:
+            results = await asyncio.gather(*(self.events.record(s) for s in batch), return_exceptions=True)
+            for sighting, result in zip(batch, results, strict=True):
+                self._recorded(sighting, result)
+
+    def _recorded(self, sighting: Sighting, result: Event | BaseException | None) -> None:
+        if isinstance(result, StoreUnavailable):
             self._lost()
+            return
+        if isinstance(result, BaseException):
+            log.error("recording a sighting failed", exc_info=result)
             return
         if len(self._last) >= MAX_REMEMBERED:
             self._last.clear()
-        self._last[remembered] = sighting.status
-        if event is not None:
-            self.metrics.events.labels(event.type).inc()
+        self._last[(sighting.kind, sighting.subject)] = sighting.status
+        if result is not None:
+            self.metrics.events.labels(result.type).inc()
 
     async def _sighting(self, item: _Item) -> Sighting | None:
         if isinstance(item, dict):

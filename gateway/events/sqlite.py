@@ -1,8 +1,9 @@
 """The event log in the SQLite file at ``store.path`` (docs/design.md §12, "Events").
 
 Tables of its own beside the records' (``gateway.records.sqlite``), on a
-connection of its own, in WAL mode so that feed readers never wait for a
-writer:
+connection of its own, in the file's rollback-journal mode (the records'):
+readers of this process read the newest events from memory (``Tail``), so
+few reads reach the file:
 
 - ``event_log``: this log's id (cursors name it) and the last ``seq`` given,
   so a seq is never reused even when retention has removed every event;
@@ -91,6 +92,8 @@ class SqliteEventLog:
         self._executor: ThreadPoolExecutor | None = None
         self._connection: sqlite3.Connection | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._pending: list[tuple[Sighting, float, asyncio.Future[Event | None]]] = []
+        self._flushes: set[asyncio.Task[None]] = set()
 
     @property
     def log_id(self) -> str:
@@ -116,8 +119,9 @@ class SqliteEventLog:
     def _open(self) -> tuple[str, int, int]:
         connection = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
         try:
-            connection.execute("PRAGMA journal_mode = WAL")
-            connection.execute("PRAGMA synchronous = NORMAL")
+            # The file's journal mode is the records' (gateway.records.sqlite: a rollback journal); WAL here
+            # would change it under them (their reads would no longer wait for another process's lock).
+            connection.execute("PRAGMA synchronous = FULL")
             connection.executescript(_SCHEMA)
             connection.execute("BEGIN IMMEDIATE")
             connection.execute(
@@ -178,23 +182,43 @@ class SqliteEventLog:
     # --- sightings --------------------------------------------------------------------------------------------
 
     async def record(self, sighting: Sighting) -> Event | None:
-        now = self._clock()
-        event = await self._run("record", lambda: self._record(sighting, now))
-        if event is not None:
-            self.tail.add([event])
-        return event
+        """Joins the sightings recorded at the same moment: one transaction (one sync to disk) for them all."""
+        future: asyncio.Future[Event | None] = asyncio.get_running_loop().create_future()
+        self._pending.append((sighting, self._clock(), future))
+        if len(self._pending) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+        return await future
 
-    def _record(self, sighting: Sighting, now: float) -> Event | None:
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._record_batch(batch))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _record_batch(self, batch: list[tuple[Sighting, float, asyncio.Future[Event | None]]]) -> None:
+        try:
+            events = await self._run("record", lambda: self._record_all([(s, now) for s, now, _ in batch]))
+        except StoreUnavailable as exc:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(StoreUnavailable(str(exc)))
+            return
+        self.tail.add([event for event in events if event is not None])
+        for (_, _, future), event in zip(batch, events, strict=True):
+            if not future.done():
+                future.set_result(event)
+
+    def _record_all(self, batch: list[tuple[Sighting, float]]) -> list[Event | None]:
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
-            event = self._decide(db, sighting, now)
+            events = [self._decide(db, sighting, now) for sighting, now in batch]
             db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise
-        return event
+        return events
 
     def _decide(self, db: sqlite3.Connection, s: Sighting, now: float) -> Event | None:
         """The rules of ``gateway.events.base``, inside the transaction."""
