@@ -231,6 +231,9 @@ async def _relay(request: web.Request, reply: aiohttp.ClientResponse, tally: _Ta
         return response
     try:
         # Each write waits while the caller's connection is full: a slow caller slows the read.
+        # iter_any (one turn per buffered batch) measured cheaper than iter_chunks (one per socket read); larger
+        # write-buffer limits or socket buffers changed nothing: the cost per byte is in the kernel's copies and
+        # aiohttp's and uvloop's, not in this loop (bench/scenarios/downloads.py, docs/benchmark.md).
         async for chunk in reply.content.iter_any():
             await response.write(chunk)
             tally.sent += len(chunk)
