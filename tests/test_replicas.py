@@ -475,6 +475,15 @@ class RedisWatch:
         assert where is not None
         return where
 
+    async def until_count(self, found: Callable[[dict[str, Any]], bool], count: int, after: int = 0) -> None:
+        """Wait until ``count`` commands from the ``after``-th on satisfy ``found``."""
+
+        def enough() -> bool:
+            return sum(1 for n in range(after, len(self.seen)) if found(self.seen[n])) >= count
+
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(enough), 10)
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -498,6 +507,9 @@ async def test_fresh_hits_on_every_replica_send_no_command_to_redis(
         async with asyncio.timeout(BOUND_S):
             begin_warm = await watch.mark("warm-up")
             warm = [await replica.retrieve("batch-warm") for replica in group]
+            # Each replica records what its cache took in (docs/design.md §12) off the request path, a moment
+            # later: those writes belong to the warm-up, so the hits are counted only once all three are seen.
+            await watch.until_count(lambda c: "batch:batch-warm" in c["command"], REPLICAS, after=begin_warm)
             start = await watch.mark("hits")
             hits = await asyncio.gather(*(group[n % REPLICAS].retrieve("batch-warm") for n in range(HITS)))
             end = await watch.mark("hits-done")
