@@ -155,6 +155,8 @@ class Sightings:
         """
         rounds: list[list[Sighting]] = []
         turns: dict[tuple[Kind, str], int] = {}
+        # Each subject's status as this batch will leave it (a cache and a list may show the same answer twice).
+        pending: dict[tuple[Kind, str], str] = {}
         for item in items:
             try:
                 sighting = await self._sighting(item)
@@ -163,9 +165,13 @@ class Sightings:
                 # caller for good, so nothing is recorded; the next answer tries again.
                 self._lost()
                 continue
-            if sighting is None or self._last.get((sighting.kind, sighting.subject)) == sighting.status:
-                continue  # recorded already: the same status again makes no event
-            turn = turns[(sighting.kind, sighting.subject)] = turns.get((sighting.kind, sighting.subject), -1) + 1
+            if sighting is None:
+                continue
+            subject = (sighting.kind, sighting.subject)
+            if pending.get(subject, self._last.get(subject)) == sighting.status:
+                continue  # recorded already, or about to be: the same status again makes no event
+            pending[subject] = sighting.status
+            turn = turns[subject] = turns.get(subject, -1) + 1
             if turn == len(rounds):
                 rounds.append([])
             rounds[turn].append(sighting)
