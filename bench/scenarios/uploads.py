@@ -24,7 +24,7 @@ import uvloop
 
 from bench.harness import Env, Proc, free_port, log
 
-TITLE = "scenario 10: dataset uploads"
+TITLE = "scenario 13: dataset uploads"
 UPLOAD_BYTES = {"full": 1 << 30, "quick": 256 << 20, "smoke": 16 << 20}
 ROUNDS = {"full": 3, "quick": 3, "smoke": 1}
 BLOCK = b'{"custom_id": "row", "body": {"texts": ["the quick brown fox jumps over the lazy dog"]}}\n' * 11_650

@@ -30,7 +30,7 @@ from standardwebhooks.webhooks import Webhook
 from bench.harness import Env, Proc, log
 from gateway.cli import new_webhook_secret
 
-TITLE = "scenario 10: webhook deliveries"
+TITLE = "scenario 14: webhook deliveries"
 NS = "webhooks"  # the simulator's namespace: batches stay active for an hour
 EVENTS = {"full": 10_000, "quick": 2_000, "smoke": 200}
 OUTAGE_S = {"full": 30.0, "quick": 10.0, "smoke": 4.0}
