@@ -89,7 +89,7 @@ def batch_path(batch_id: str) -> str:
 
 
 @dataclass(slots=True)
-class _Tally:
+class CallTally:
     """What one fetch has done so far: its deadline (loop time), HTTP calls made, and
     whether the last answer showed a healthy upstream (``None``: no answer yet)."""
 
@@ -196,20 +196,20 @@ class UpstreamClient:
             raise errors.UpstreamUnavailable(
                 "The upstream is failing; the gateway is failing fast.", retry_after_s=admission.wait_s
             )
-        tally = _Tally(deadline=asyncio.get_running_loop().time() + settings.timeout_s)
+        tally = CallTally(deadline=asyncio.get_running_loop().time() + settings.timeout_s)
         try:
             async with asyncio.timeout_at(tally.deadline):
                 reply = await self._attempts(request, may_wait, accept, tally)
         except TimeoutError:
-            self._judge(admission, tally, timed_out=True)
+            self.judge(admission, tally, timed_out=True)
             raise errors.UpstreamTimeout(f"The upstream did not answer within {settings.timeout_s:g} s.") from None
         except BaseException:
-            self._judge(admission, tally)
+            self.judge(admission, tally)
             raise
-        self._judge(admission, tally)
+        self.judge(admission, tally)
         return reply
 
-    def _judge(self, admission: Admission, tally: _Tally, timed_out: bool = False) -> None:
+    def judge(self, admission: Admission, tally: CallTally, timed_out: bool = False) -> None:
         """Tell the breaker what this fetch learnt of the upstream's health.
 
         The last HTTP answer decides. A fetch that learnt nothing (refused for
@@ -224,18 +224,18 @@ class UpstreamClient:
         else:
             self.breaker.record_failure()
 
-    def _backoff_s(self, settings: UpstreamSettings, retry: int) -> float:
+    def backoff_s(self, settings: UpstreamSettings, retry: int) -> float:
         """Full jitter: a random wait up to an exponential cap (``retry`` counts from 1)."""
         return self.jitter(0.0, settings.retry_backoff_s * 2 ** (retry - 1))
 
-    async def _attempts(self, request: UpstreamRequest, may_wait: bool, accept: Accept[R], tally: _Tally) -> R:
+    async def _attempts(self, request: UpstreamRequest, may_wait: bool, accept: Accept[R], tally: CallTally) -> R:
         loop = asyncio.get_running_loop()
         last: errors.GatewayError | None = None
         for attempt in itertools.count():
             if last is not None:
                 if attempt > self.settings.retries:  # the retries allowed now: a reload may have changed them
                     raise last
-                backoff = self._backoff_s(self.settings, attempt)
+                backoff = self.backoff_s(self.settings, attempt)
                 if loop.time() + backoff >= tally.deadline:
                     raise last  # no time left for another try: report the real failure
                 await asyncio.sleep(backoff)
@@ -274,7 +274,7 @@ class UpstreamClient:
     ) -> R:
         """One HTTP call and what its answer means; ``_Retryable`` if another call may fix a failure."""
         status, body, retry_after = await self._send(request, settings, deadline)
-        return self._interpret(request, status, body, retry_after, settings, accept)
+        return self.interpret(request, status, body, retry_after, settings, accept)
 
     async def _send(
         self, request: UpstreamRequest, settings: UpstreamSettings, deadline: float
@@ -295,7 +295,7 @@ class UpstreamClient:
                 allow_redirects=False,
             ) as response:
                 outcome = str(response.status)
-                body = await self._read_capped(response, settings.max_body_bytes)
+                body = await self.read_capped(response, settings.max_body_bytes)
                 retry_after = response.headers.get("Retry-After")
             trace.outcome_unknown = False
         except errors.GatewayError as error:
@@ -335,7 +335,7 @@ class UpstreamClient:
             trace.upstream_status = int(outcome) if outcome.isdigit() else None
         return response.status, body, retry_after
 
-    def _interpret(
+    def interpret(
         self,
         request: UpstreamRequest,
         status: int,
@@ -364,7 +364,7 @@ class UpstreamClient:
         raise error
 
     @staticmethod
-    async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
         """Read the (decompressed) body, refusing it once it passes ``limit``."""
         chunks: list[bytes] = []
         size = 0

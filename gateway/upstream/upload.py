@@ -28,7 +28,7 @@ import aiohttp
 
 from gateway import errors
 from gateway.config import UpstreamSettings
-from gateway.upstream.client import Accept, UpstreamClient, UpstreamRequest, _Tally, call_headers
+from gateway.upstream.client import Accept, CallTally, UpstreamClient, UpstreamRequest, call_headers
 
 R = TypeVar("R")
 
@@ -73,11 +73,11 @@ async def send_upload(
         raise errors.UpstreamUnavailable(
             "The upstream is failing; the gateway is failing fast.", retry_after_s=admission.wait_s
         )
-    tally = _Tally(deadline=asyncio.get_running_loop().time() + settings.timeout_s)
+    tally = CallTally(deadline=asyncio.get_running_loop().time() + settings.timeout_s)
     try:
         return await _attempts(client, request, headers, source, accept, tally)
     finally:
-        client._judge(admission, tally)
+        client.judge(admission, tally)
 
 
 class _ConnectFailed(Exception):
@@ -93,7 +93,7 @@ async def _attempts(
     headers: dict[str, str],
     source: AsyncIterator[bytes],
     accept: Accept[R],
-    tally: _Tally,
+    tally: CallTally,
 ) -> R:
     """Tries while the connect fails (nothing of the body has left), within the retries and the budget."""
     attempt = 0
@@ -109,7 +109,7 @@ async def _attempts(
         except _ConnectFailed as failed:
             tally.healthy = False
             attempt += 1
-            backoff = client._backoff_s(client.settings, attempt)
+            backoff = client.backoff_s(client.settings, attempt)
             if attempt > client.settings.retries or asyncio.get_running_loop().time() + backoff >= tally.deadline:
                 raise failed.error from None
             await asyncio.sleep(backoff)
@@ -120,7 +120,7 @@ async def _attempts(
         # A caller's failure (idle, gone, too much) leaves ``healthy`` unknown: the breaker learns nothing.
         tally.healthy = True
         try:
-            return client._interpret(request, status, body, retry_after, settings, accept)
+            return client.interpret(request, status, body, retry_after, settings, accept)
         except errors.UpstreamFailure as error:
             # A 429 is a healthy upstream saying "slow down"; any other failure is not.
             tally.healthy = error.upstream_status == 429
@@ -205,5 +205,5 @@ async def _exchange(
         headers={**call_headers(request, settings), **headers},
         allow_redirects=False,
     ) as response:
-        answer = await client._read_capped(response, settings.max_body_bytes)
+        answer = await client.read_capped(response, settings.max_body_bytes)
         return response.status, answer, response.headers.get("Retry-After")
