@@ -34,7 +34,7 @@ DATASET_PREFIX = dataset_key("")
 FINAL_VALIDATION = frozenset({"validated", "failed", "skipped"})
 # Sightings waiting to be recorded; past this, new ones are dropped (and counted).
 MAX_QUEUED = 10_000
-# The last status recorded per subject, to skip repeats without a store call; cleared when this full.
+# The last active status recorded per subject, to skip repeats without a store call; cleared when this full.
 MAX_REMEMBERED = 100_000
 # Sightings recorded together at most (one store transaction on SQLite).
 BATCH = 1000
@@ -187,9 +187,15 @@ class Sightings:
         if isinstance(result, BaseException):
             log.error("recording a sighting failed", exc_info=result)
             return
-        if len(self._last) >= MAX_REMEMBERED:
-            self._last.clear()
-        self._last[(sighting.kind, sighting.subject)] = sighting.status
+        subject = (sighting.kind, sighting.subject)
+        if sighting.final:
+            # A final status is remembered by the log itself (it makes no event again), and the cache stores
+            # a final answer about once a day: keeping it here too would cost memory for every cached entry.
+            self._last.pop(subject, None)
+        else:
+            if len(self._last) >= MAX_REMEMBERED:
+                self._last.clear()
+            self._last[subject] = sighting.status
         if result is not None:
             self.metrics.events.labels(result.type).inc()
 

@@ -122,6 +122,9 @@ class SqliteEventLog:
             # The file's journal mode is the records' (gateway.records.sqlite: a rollback journal); WAL here
             # would change it under them (their reads would no longer wait for another process's lock).
             connection.execute("PRAGMA synchronous = FULL")
+            # Appends and cursor reads touch the newest pages: a small page cache serves them, and the
+            # gateway's memory does not grow with the log (SQLite's default is 2 MiB per connection).
+            connection.execute("PRAGMA cache_size = -256")
             connection.executescript(_SCHEMA)
             connection.execute("BEGIN IMMEDIATE")
             connection.execute(
