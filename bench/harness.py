@@ -247,6 +247,8 @@ class Env:
             "cache": {"max_entries": max_entries, "ttl_s": {**ttl, **extra.pop("ttl_s", {})}, **extra},
             "logging": {"level": "INFO", "access_log": access_log},
             "callers": callers if callers is not None else [{"name": n, "key": k} for n, k in self.keys.items()],
+            # A store of its own: what one gateway followed or recorded must not reach the next scenario's.
+            "store": {"path": str(self.workdir / f"{name}.db")},
             **(sections or {}),
         }
         path = self.workdir / f"{name}.yaml"
