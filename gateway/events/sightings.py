@@ -36,6 +36,8 @@ FINAL_VALIDATION = frozenset({"validated", "failed", "skipped"})
 MAX_QUEUED = 10_000
 # The last active status recorded per subject, to skip repeats without a store call; cleared when this full.
 MAX_REMEMBERED = 100_000
+# How long the first sighting of a batch waits for others (events are seconds apart; this is not noticed).
+GATHER_S = 0.05
 # Sightings recorded together at most (one store transaction on SQLite).
 BATCH = 1000
 # A failing store is logged at most this often.
@@ -138,6 +140,9 @@ class Sightings:
         assert queue is not None
         while True:
             items = [await queue.get()]
+            # Sightings come in bursts (a miss, its refreshes, a list page): recorded a moment later and together,
+            # they cost one store transaction, and no request waits behind a transaction per answer.
+            await asyncio.sleep(GATHER_S)
             while len(items) < BATCH and not queue.empty():
                 items.append(queue.get_nowait())
             try:
