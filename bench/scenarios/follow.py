@@ -28,7 +28,7 @@ SETTLE_S = 2.0  # after the list that shows the batches: the gateway records the
 
 
 def window_s(env: Env) -> float:
-    return 60.0 if env.mode.name == "full" else 15.0 if env.mode.name == "quick" else 4.0
+    return 60.0 if env.mode.name == "full" else 10.0 if env.mode.name == "quick" else 4.0
 
 
 def interval_s(env: Env) -> float:

@@ -153,7 +153,7 @@ class Tail:
     event however many readers there are, and no store call per reader.
     """
 
-    def __init__(self, size: int = 4096) -> None:
+    def __init__(self, size: int = 1024) -> None:
         self._events: deque[Event] = deque(maxlen=size)
         self.newest = 0  # the newest seq this process knows of (appended here or read from the store)
         self._grew = asyncio.Event()
