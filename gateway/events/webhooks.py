@@ -206,7 +206,10 @@ class CallerDeliveries:
         event_id = encode_cursor(shared.events.log_id, event.seq)
         failures = 0
         while True:
-            outcome, status = await self._try(event, event_id)
+            tried = await self._try(event, event_id)
+            if tried is None:
+                return False  # the lease passed to another process while this one waited for a slot
+            outcome, status = tried
             shared.metrics.deliveries.labels(self.name, outcome).inc()
             if outcome == DELIVERED:
                 break
@@ -232,12 +235,17 @@ class CallerDeliveries:
         self.oldest_undelivered = None
         return True
 
-    async def _try(self, event: Event, event_id: str) -> tuple[str, int | None]:
+    async def _try(self, event: Event, event_id: str) -> tuple[str, int | None] | None:
+        """One POST of ``event``; None if this process no longer holds the caller's lease when its turn comes."""
         shared, webhook = self.shared, self.webhook
         session = shared.session
         assert session is not None
-        headers = signed_headers(event_id, int(shared.wall()), event.payload, webhook.secret_values)
         async with shared.in_flight:
+            # The wait for a slot may outlast the lease: another process may be delivering this caller's
+            # events by now, and a late send from here would go out twice and out of order.
+            if not await self._holding():
+                return None
+            headers = signed_headers(event_id, int(shared.wall()), event.payload, webhook.secret_values)
             return await post(session, webhook.url, event.payload, headers, shared.config.events.webhook_timeout_s)
 
     async def _wait_holding(self, seconds: float) -> bool:
