@@ -20,7 +20,7 @@ from multidict import MultiMapping
 
 from gateway import errors
 from gateway.api import rules
-from gateway.api.admission import admit
+from gateway.api.admission import Admitted, admit, readmit
 from gateway.api.auth import Caller
 from gateway.api.keys import REQUEST_ID, client_gone
 from gateway.api.state import GatewayState
@@ -163,14 +163,14 @@ async def get_events(request: web.Request) -> web.StreamResponse:
         cursor, name = last_event_id[0].strip(), "Last-Event-ID"
     start = start_of(cursor, log.log_id, await log.bounds(), name)
     if streaming:
-        return await stream(request, state, caller, log, start)
+        return await stream(request, admitted, log, start)
     events, position = await read_page(log, caller, start, limit)
     wants_wait = rules.requested_wait(request.headers.getall("Prefer", []))
     applied: int | None = None
     if not events and wants_wait:
         applied = _wait_allowed(state, request.app[FEED], caller, wants_wait)
         if applied is not None:
-            events, position = await _held(request, state, caller, log, position, limit, applied)
+            events, position = await _held(request, admitted, log, position, limit, applied)
     response = page_response(events, encode_cursor(log.log_id, position))
     if applied is not None:
         response.headers["Preference-Applied"] = f"wait={applied}"
@@ -211,10 +211,16 @@ def _wait_allowed(state: GatewayState, feed: Feed, caller: Caller, wants_s: int)
 
 
 async def _held(
-    request: web.Request, state: GatewayState, caller: Caller, log: EventLog, seq: int, limit: int, applied_s: int
+    request: web.Request, admitted: Admitted, log: EventLog, seq: int, limit: int, applied_s: int
 ) -> tuple[list[Event], int]:
-    """Hold an empty page until the caller has an event after ``seq``, or the wait (jittered by N/16) ends."""
+    """Hold an empty page until the caller has an event after ``seq``, or the wait (jittered by N/16) ends.
+
+    Each wake reads under the config in force then: a caller a reload removed
+    or took ``retrieve`` from gets the contract's 401 or 403 (its page is
+    still empty), and one made ``own`` sees only its own events from then on.
+    """
     feed = request.app[FEED]
+    state, caller = admitted.state, admitted.caller
     loop = asyncio.get_running_loop()
     end = loop.time() + applied_s * (1 - state.cache.jitter() / 16)
     feed.held += 1
@@ -224,7 +230,8 @@ async def _held(
         while (left := end - loop.time()) > 0:
             if not await feed.hold(log.wait_beyond(seq, left), request):
                 break  # the wait ended, the client left, or the gateway is stopping
-            events, seq = await read_page(log, caller, seq, limit)
+            admitted = readmit(request, admitted, "retrieve")
+            events, seq = await read_page(log, admitted.caller, seq, limit)
             if events:
                 return events, seq
         return [], seq
@@ -235,9 +242,7 @@ async def _held(
         state.metrics.events.feed_waits.dec()
 
 
-async def stream(
-    request: web.Request, state: GatewayState, caller: Caller, log: EventLog, seq: int
-) -> web.StreamResponse:
+async def stream(request: web.Request, admitted: Admitted, log: EventLog, seq: int) -> web.StreamResponse:
     """``text/event-stream``: the events after ``seq`` as they come, until ``events.max_stream_s`` or SIGTERM."""
     feed = request.app[FEED]
     response = web.StreamResponse(
@@ -248,12 +253,13 @@ async def stream(
             "X-Request-ID": request[REQUEST_ID],
         }
     )
+    state = admitted.state
     await response.prepare(request)
     feed.streams += 1
     state.metrics.events.streams.inc()
     try:
         await response.write(b"retry: %d\n\n" % RECONNECT_MS)
-        await _pump(request, response, state, caller, log, seq)
+        await _pump(request, response, admitted, log, seq)
     except (ConnectionError, errors.StoreUnavailable):
         pass  # the client left, or the store did: the client resumes from the last id it has
     finally:
@@ -263,18 +269,25 @@ async def stream(
 
 
 async def _pump(
-    request: web.Request, response: web.StreamResponse, state: GatewayState, caller: Caller, log: EventLog, seq: int
+    request: web.Request, response: web.StreamResponse, admitted: Admitted, log: EventLog, seq: int
 ) -> None:
     feed = request.app[FEED]
+    state = admitted.state
     settings = state.snapshot.config.events
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.max_stream_s
     written_at = loop.time()
     while not feed.stopping.done():
         events = await log.read_after(seq, STREAM_READ)
+        # A reload since the last read reaches this stream: its caller is looked up
+        # again, and one removed or without ``retrieve`` now has its stream ended.
+        try:
+            admitted = readmit(request, admitted, "retrieve")
+        except errors.CallerError:
+            return
         for event in events:
             seq = event.seq
-            if visible(caller, event):
+            if visible(admitted.caller, event):
                 await response.write(feed.frames.of(log.log_id, event))
                 written_at = loop.time()
         if events:
