@@ -12,11 +12,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tests.conftest import GatewayFactory, ProcessFactory
-from tests.support import BILLING_KEY, REPORTING_KEY, eventually, make_config, raw_config, sdk, write_config
+from tests.support import BILLING_KEY, REPORTING_KEY, eventually, http, make_config, raw_config, sdk, write_config
 from tests.test_events import COMPLETED, feed, latest
 from tests.upstream import ACTIVE, QUEUED, Upstream, write_callers
 
 READ_S = 10.0  # bound on every read from a stream
+SSE = {"Accept": "text/event-stream"}
 
 
 @dataclass
@@ -227,3 +228,28 @@ async def test_a_held_page_of_a_caller_removed_by_a_reload_is_refused_not_filled
     await sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-2")
     answer = await held
     assert answer.status == 401, answer.document
+
+
+async def test_streams_past_max_waiters_per_caller_or_max_waiters_are_answered_at_once_as_a_page(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    gateway = await start(
+        make_config(upstream.url, callers=write_callers(), cache={"max_waiters": 3, "max_waiters_per_caller": 2})
+    )
+    mine = [await open_stream(gateway.url, "after=latest") for _ in range(2)]
+    refused = await http(f"{gateway.url}/gateway/v1/events?after=latest", headers=SSE)
+    assert refused.status == 200, refused.body
+    assert refused.document["events"] == []
+    assert "Preference-Applied" not in refused.headers
+    theirs = await open_stream(gateway.url, "after=latest", key=REPORTING_KEY)
+    assert "text/event-stream" in theirs.head
+    full = await http(f"{gateway.url}/gateway/v1/events?after=latest", key=REPORTING_KEY, headers=SSE)
+    assert full.status == 200, full.body
+    assert "next_after" in full.document
+    assert gateway.state.metrics.events.streams._value.get() == 3
+    for stream in (*mine, theirs):
+        stream.close()
+    assert await eventually(lambda: gateway.state.metrics.events.streams._value.get() == 0)
+    again = await open_stream(gateway.url, "after=latest")
+    assert "text/event-stream" in again.head
+    again.close()

@@ -44,6 +44,7 @@ class Feed:
         self.held = 0
         self.held_by: dict[str, int] = {}
         self.streams = 0
+        self.streams_by: dict[str, int] = {}
         self._stopping: asyncio.Future[None] | None = None
         self.frames = Frames()
 
@@ -162,12 +163,13 @@ async def get_events(request: web.Request) -> web.StreamResponse:
     if streaming and last_event_id:
         cursor, name = last_event_id[0].strip(), "Last-Event-ID"
     start = start_of(cursor, log.log_id, await log.bounds(), name)
-    if streaming:
+    if streaming and _room(state, request.app[FEED], caller):
         return await stream(request, admitted, log, start)
+    # A page, or past the limits on what is held a stream's first page at once (as a held request is).
     events, position = await read_page(log, caller, start, limit)
     wants_wait = rules.requested_wait(request.headers.getall("Prefer", []))
     applied: int | None = None
-    if not events and wants_wait:
+    if not events and wants_wait and not streaming:
         applied = _wait_allowed(state, request.app[FEED], caller, wants_wait)
         if applied is not None:
             events, position = await _held(request, admitted, log, position, limit, applied)
@@ -200,14 +202,20 @@ def page_response(events: list[Event], next_after: str) -> web.Response:
     return web.Response(body=body + b"}", content_type="application/json", headers={"Cache-Control": "no-store"})
 
 
+def _room(state: GatewayState, feed: Feed, caller: Caller) -> bool:
+    """Whether one more request may be held or stream: held requests and open streams count alike."""
+    settings = state.snapshot.config.cache
+    if state.waiters.total + feed.held + feed.streams >= settings.max_waiters:
+        return False
+    mine = state.waiters.held_by(caller.name) + feed.held_by.get(caller.name, 0) + feed.streams_by.get(caller.name, 0)
+    return mine < settings.max_waiters_per_caller
+
+
 def _wait_allowed(state: GatewayState, feed: Feed, caller: Caller, wants_s: int) -> int | None:
     """The seconds a page may be held (capped as §9 caps waits), or None past the limits on held requests."""
-    settings = state.snapshot.config.cache
-    if state.waiters.total + feed.held >= settings.max_waiters:
+    if not _room(state, feed, caller):
         return None
-    if state.waiters.held_by(caller.name) + feed.held_by.get(caller.name, 0) >= settings.max_waiters_per_caller:
-        return None
-    return min(wants_s, int(settings.max_wait_s))
+    return min(wants_s, int(state.snapshot.config.cache.max_wait_s))
 
 
 async def _held(
@@ -253,17 +261,21 @@ async def stream(request: web.Request, admitted: Admitted, log: EventLog, seq: i
             "X-Request-ID": request[REQUEST_ID],
         }
     )
-    state = admitted.state
-    await response.prepare(request)
+    state, name = admitted.state, admitted.caller.name
+    # Counted before the first await, so that streams opened together cannot all pass ``_room``.
     feed.streams += 1
+    feed.streams_by[name] = feed.streams_by.get(name, 0) + 1
     state.metrics.events.streams.inc()
     try:
+        await response.prepare(request)
         await response.write(b"retry: %d\n\n" % RECONNECT_MS)
         await _pump(request, response, admitted, log, seq)
     except (ConnectionError, errors.StoreUnavailable):
         pass  # the client left, or the store did: the client resumes from the last id it has
     finally:
         feed.streams -= 1
+        if (left_open := feed.streams_by.pop(name) - 1) > 0:
+            feed.streams_by[name] = left_open
         state.metrics.events.streams.dec()
     return response
 
