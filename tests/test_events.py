@@ -285,3 +285,28 @@ async def test_ten_thousand_events_page_through_with_no_gap_and_no_duplicate(
         query = f"limit=1000&after={page['next_after']}"
     assert subjects == [f"b{n}" for n in range(10_000)]
     assert len(set(ids)) == 10_000
+
+
+async def test_an_own_callers_page_of_one_reads_the_store_in_a_few_chunks_not_once_per_event(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    gateway = await start(make_config(upstream.url, callers=write_callers(billing="own")))
+    log = gateway.state.events
+    assert log is not None
+    for n in range(600):
+        data = json.dumps({"id": f"theirs-{n}", "status": QUEUED}).encode()
+        await log.record(Sighting("batch", f"theirs-{n}", QUEUED, False, 1.0, "reporting", data))
+    mine = json.dumps({"id": "mine", "status": QUEUED}).encode()
+    await log.record(Sighting("batch", "mine", QUEUED, False, 1.0, "billing-service", mine))
+    reads = 0
+    read_after = log.read_after
+
+    async def counted(seq: int, limit: int) -> list[Event]:
+        nonlocal reads
+        reads += 1
+        return await read_after(seq, limit)
+
+    log.read_after = counted  # type: ignore[method-assign]
+    page = await feed(gateway, "limit=1")
+    assert [e["data"]["batch"]["id"] for e in page.document["events"]] == ["mine"]
+    assert reads <= 4, reads

@@ -31,6 +31,8 @@ MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
 # Events looked at for one page at most: a caller that may see few of them still gets an answer soon.
 SCAN_MAX = 10_000
+# Events read from the log at a time by a page, at least (a page of more reads its limit at a time).
+PAGE_READ = 256
 # Events read from the log at a time by a stream.
 STREAM_READ = 256
 # How long a client waits before reconnecting to a stream that ended (the SSE ``retry`` field).
@@ -184,7 +186,8 @@ async def read_page(log: EventLog, caller: Caller, seq: int, limit: int) -> tupl
     found: list[Event] = []
     scanned = 0
     while len(found) < limit and scanned < SCAN_MAX:
-        chunk = await log.read_after(seq, limit)
+        # Read in chunks of at least PAGE_READ: an own caller asking limit=1 must not cost one read per event.
+        chunk = await log.read_after(seq, min(max(limit, PAGE_READ), SCAN_MAX - scanned))
         if not chunk:
             break
         for event in chunk:
