@@ -164,7 +164,9 @@ async def get_events(request: web.Request) -> web.StreamResponse:
     last_event_id = request.headers.getall("Last-Event-ID", [])
     if streaming and last_event_id:
         cursor, name = last_event_id[0].strip(), "Last-Event-ID"
-    start = start_of(cursor, log.log_id, await log.bounds(), name)
+    bounds = await log.bounds()  # first: it learns the log's id anew if Redis lost the log
+    log_id = log.log_id  # the page's cursor names this log, even if Redis loses it meanwhile
+    start = start_of(cursor, log_id, bounds, name)
     if streaming and _room(state, request.app[FEED], caller):
         return await stream(request, admitted, log, start)
     # A page, or past the limits on what is held a stream's first page at once (as a held request is).
@@ -175,7 +177,7 @@ async def get_events(request: web.Request) -> web.StreamResponse:
         applied = _wait_allowed(state, request.app[FEED], caller, wants_wait)
         if applied is not None:
             events, position = await _held(request, admitted, log, position, limit, applied)
-    response = page_response(events, encode_cursor(log.log_id, position))
+    response = page_response(events, encode_cursor(log_id, position))
     if applied is not None:
         response.headers["Preference-Applied"] = f"wait={applied}"
     return response
@@ -231,7 +233,7 @@ async def _held(
     still empty), and one made ``own`` sees only its own events from then on.
     """
     feed = request.app[FEED]
-    state, caller = admitted.state, admitted.caller
+    state, caller, log_id = admitted.state, admitted.caller, log.log_id
     loop = asyncio.get_running_loop()
     end = loop.time() + applied_s * (1 - state.cache.jitter() / 16)
     feed.held += 1
@@ -241,6 +243,8 @@ async def _held(
         while (left := end - loop.time()) > 0:
             if not await feed.hold(log.wait_beyond(seq, left), request):
                 break  # the wait ended, the client left, or the gateway is stopping
+            if log.log_id != log_id:
+                break  # Redis lost the log: this page's cursor is refused next, and the client lists afresh
             admitted = readmit(request, admitted, "retrieve")
             events, seq = await read_page(log, admitted.caller, seq, limit)
             if events:
@@ -292,8 +296,11 @@ async def _pump(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.max_stream_s
     written_at = loop.time()
+    log_id = log.log_id
     while not feed.stopping.done():
         events = await log.read_after(seq, STREAM_READ)
+        if log.log_id != log_id:
+            return  # Redis lost the log: the client's Last-Event-ID is refused, and it starts afresh
         # A reload since the last read reaches this stream: its caller is looked up
         # again, and one removed or without ``retrieve`` now has its stream ended.
         try:
