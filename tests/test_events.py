@@ -310,3 +310,31 @@ async def test_an_own_callers_page_of_one_reads_the_store_in_a_few_chunks_not_on
     page = await feed(gateway, "limit=1")
     assert [e["data"]["batch"]["id"] for e in page.document["events"]] == ["mine"]
     assert reads <= 4, reads
+
+
+async def checked_then_unfollowed(log: Any) -> None:
+    """What the follower relies on: the least recently checked come first, and an unfollowed subject is gone."""
+    for n in range(25):
+        await log.record(Sighting("dataset", f"d{n:02d}", "processing", False, 1.0, None, b"{}"))
+    await log.checked("dataset", [f"d{n:02d}" for n in range(20)])
+    assert sorted(await log.followed("dataset", 5)) == [f"d{n:02d}" for n in range(20, 25)]
+    await log.unfollow("dataset", "d20")
+    assert "d20" not in await log.followed("dataset", 100)
+    assert await log.record(Sighting("dataset", "d20", "validated", True, 2.0, None, b"{}")) is None
+    assert await log.record(Sighting("dataset", "d21", "validated", True, 2.0, None, b"{}")) is not None
+
+
+async def test_the_sqlite_log_puts_checked_subjects_last_and_forgets_unfollowed_ones() -> None:
+    clock = FakeClock()
+    log = await open_log(fresh_store_path(), clock)
+    try:
+        original = log.checked
+
+        async def later(kind: Any, subjects: list[str]) -> None:
+            clock.advance(1.0)
+            await original(kind, subjects)
+
+        log.checked = later  # type: ignore[method-assign]
+        await checked_then_unfollowed(log)
+    finally:
+        await log.close()

@@ -12,7 +12,7 @@ from gateway.events.base import Sighting
 from tests.conftest import GatewayFactory
 from tests.redis_server import RedisServer
 from tests.support import make_config, sdk
-from tests.test_events import COMPLETED, events_after, feed, latest
+from tests.test_events import COMPLETED, checked_then_unfollowed, events_after, feed, latest
 from tests.upstream import ACTIVE, Upstream, assert_error
 
 
@@ -112,3 +112,12 @@ async def test_after_redis_loses_its_data_an_old_cursor_is_refused_and_new_event
     fresh = await events_after(gateway, None, 1)
     assert [e["data"]["batch"]["id"] for e in fresh] == ["batch-new"]
     assert fresh[0]["id"] not in {e["id"] for e in old}
+
+
+async def test_the_redis_log_puts_checked_subjects_last_and_forgets_unfollowed_ones(
+    upstream: Upstream, redis_server: RedisServer, start: GatewayFactory
+) -> None:
+    (gateway,) = (await two_replicas(upstream, redis_server, start))[:1]
+    log = gateway.state.events
+    assert log is not None
+    await checked_then_unfollowed(log)

@@ -143,6 +143,19 @@ return {member, log_id}
 """
 )
 
+# KEYS: followed hash, finals, followed set of the kind; ARGV: now, kind:subject, subject. Marked final, as a
+# finished subject is: kept until events.retention_s, and a late sighting of it makes no event.
+_UNFOLLOW = """
+local removed = redis.call('ZREM', KEYS[3], ARGV[3])
+local previous = redis.call('HGET', KEYS[1], ARGV[2])
+if previous then
+    local was, _, was_updated = string.match(previous, '^(.-)\\t(.-)\\t(.*)$')
+    redis.call('HSET', KEYS[1], ARGV[2], was .. '\\t1\\t' .. was_updated)
+    redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
+end
+return removed
+"""
+
 _SWEEP = (
     _PRUNE
     + """
@@ -183,6 +196,7 @@ class RedisEventLog:
         self._record = link.client.register_script(_RECORD)
         self._sweep_script = link.client.register_script(_SWEEP)
         self._bounds = link.client.register_script(_BOUNDS)
+        self._unfollow = link.client.register_script(_UNFOLLOW)
         link.subscribe(self._heard)
 
     def _key(self, *parts: str) -> str:
@@ -309,6 +323,18 @@ class RedisEventLog:
         key = self._key("followed", kind)
         found = cast(list[bytes], await self._call("events_followed", lambda r: r.zrange(key, 0, limit - 1)))
         return [item.decode() for item in found]
+
+    async def checked(self, kind: Kind, subjects: list[str]) -> None:
+        if not subjects:
+            return
+        key, now = self._key("followed", kind), self._clock()
+        # XX: only what is still followed (a subject finished meanwhile stays out).
+        await self._call("events_checked", lambda r: r.zadd(key, dict.fromkeys(subjects, now), xx=True))
+
+    async def unfollow(self, kind: Kind, subject: str) -> None:
+        keys = [self._key("followed"), self._key("finals"), self._key("followed", kind)]
+        args = [repr(self._clock()), f"{kind}:{subject}", subject]
+        await self._call("events_unfollow", lambda r: self._unfollow(keys=keys, args=args, client=r))
 
     async def bounds(self) -> tuple[int, int]:
         keys = [self._key("seq"), self._key("log_id"), self._key("log")]
