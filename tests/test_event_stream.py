@@ -12,11 +12,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tests.conftest import GatewayFactory, ProcessFactory
-from tests.support import BILLING_KEY, REPORTING_KEY, eventually, make_config, raw_config, sdk, write_config
+from tests.support import BILLING_KEY, REPORTING_KEY, eventually, http, make_config, raw_config, sdk, write_config
 from tests.test_events import COMPLETED, feed, latest
 from tests.upstream import ACTIVE, QUEUED, Upstream, write_callers
 
 READ_S = 10.0  # bound on every read from a stream
+SSE = {"Accept": "text/event-stream"}
 
 
 @dataclass
@@ -192,3 +193,63 @@ async def test_sigterm_ends_every_stream_at_once_and_the_gateway_exits_0(
     assert await process.exit_code(10) == 0
     assert asyncio.get_running_loop().time() - started < 5
     upstream.set_status("batch-1", COMPLETED)
+
+
+async def test_a_reload_reaches_an_open_stream_narrowed_to_own_then_ended_when_its_caller_is_removed(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    gateway = await start(make_config(upstream.url, callers=write_callers()))
+    stream = await open_stream(gateway.url, "after=latest")
+    gateway.state.apply(make_config(upstream.url, callers=write_callers(billing="own")))
+    upstream.seed("batch-not-mine", status=ACTIVE)
+    await sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-not-mine")
+    mine = await sdk(gateway.url).batches.create(request={"name": "n", "input_dataset_id": "d", "model": "m"})
+    (event,) = await stream.events(1)
+    assert json.loads(event["data"])["data"]["batch"]["id"] == mine.batch.id
+    reporting_only = [c for c in write_callers() if c["name"] == "reporting"]
+    gateway.state.apply(make_config(upstream.url, callers=reporting_only))
+    upstream.seed("batch-2", status=ACTIVE)
+    await sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-2")
+    while (frame := await stream.next_frame()) is not None:
+        assert "event" not in frame, "a removed caller's stream carried an event"
+    stream.close()
+
+
+async def test_a_held_page_of_a_caller_removed_by_a_reload_is_refused_not_filled(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    gateway = await start(make_config(upstream.url, callers=write_callers()))
+    after = await latest(gateway)
+    held = asyncio.ensure_future(feed(gateway, f"after={after}", wait_s=20))
+    assert await eventually(lambda: gateway.state.metrics.events.feed_waits._value.get() == 1)
+    reporting_only = [c for c in write_callers() if c["name"] == "reporting"]
+    gateway.state.apply(make_config(upstream.url, callers=reporting_only))
+    upstream.seed("batch-2", status=ACTIVE)
+    await sdk(gateway.url, REPORTING_KEY).batches.retrieve("batch-2")
+    answer = await held
+    assert answer.status == 401, answer.document
+
+
+async def test_streams_past_max_waiters_per_caller_or_max_waiters_are_answered_at_once_as_a_page(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    gateway = await start(
+        make_config(upstream.url, callers=write_callers(), cache={"max_waiters": 3, "max_waiters_per_caller": 2})
+    )
+    mine = [await open_stream(gateway.url, "after=latest") for _ in range(2)]
+    refused = await http(f"{gateway.url}/gateway/v1/events?after=latest", headers=SSE)
+    assert refused.status == 200, refused.body
+    assert refused.document["events"] == []
+    assert "Preference-Applied" not in refused.headers
+    theirs = await open_stream(gateway.url, "after=latest", key=REPORTING_KEY)
+    assert "text/event-stream" in theirs.head
+    full = await http(f"{gateway.url}/gateway/v1/events?after=latest", key=REPORTING_KEY, headers=SSE)
+    assert full.status == 200, full.body
+    assert "next_after" in full.document
+    assert gateway.state.metrics.events.streams._value.get() == 3
+    for stream in (*mine, theirs):
+        stream.close()
+    assert await eventually(lambda: gateway.state.metrics.events.streams._value.get() == 0)
+    again = await open_stream(gateway.url, "after=latest")
+    assert "text/event-stream" in again.head
+    again.close()

@@ -285,3 +285,56 @@ async def test_ten_thousand_events_page_through_with_no_gap_and_no_duplicate(
         query = f"limit=1000&after={page['next_after']}"
     assert subjects == [f"b{n}" for n in range(10_000)]
     assert len(set(ids)) == 10_000
+
+
+async def test_an_own_callers_page_of_one_reads_the_store_in_a_few_chunks_not_once_per_event(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    gateway = await start(make_config(upstream.url, callers=write_callers(billing="own")))
+    log = gateway.state.events
+    assert log is not None
+    for n in range(600):
+        data = json.dumps({"id": f"theirs-{n}", "status": QUEUED}).encode()
+        await log.record(Sighting("batch", f"theirs-{n}", QUEUED, False, 1.0, "reporting", data))
+    mine = json.dumps({"id": "mine", "status": QUEUED}).encode()
+    await log.record(Sighting("batch", "mine", QUEUED, False, 1.0, "billing-service", mine))
+    reads = 0
+    read_after = log.read_after
+
+    async def counted(seq: int, limit: int) -> list[Event]:
+        nonlocal reads
+        reads += 1
+        return await read_after(seq, limit)
+
+    log.read_after = counted  # type: ignore[method-assign]
+    page = await feed(gateway, "limit=1")
+    assert [e["data"]["batch"]["id"] for e in page.document["events"]] == ["mine"]
+    assert reads <= 4, reads
+
+
+async def checked_then_unfollowed(log: Any) -> None:
+    """What the follower relies on: the least recently checked come first, and an unfollowed subject is gone."""
+    for n in range(25):
+        await log.record(Sighting("dataset", f"d{n:02d}", "processing", False, 1.0, None, b"{}"))
+    await log.checked("dataset", [f"d{n:02d}" for n in range(20)])
+    assert sorted(await log.followed("dataset", 5)) == [f"d{n:02d}" for n in range(20, 25)]
+    await log.unfollow("dataset", "d20")
+    assert "d20" not in await log.followed("dataset", 100)
+    assert await log.record(Sighting("dataset", "d20", "validated", True, 2.0, None, b"{}")) is None
+    assert await log.record(Sighting("dataset", "d21", "validated", True, 2.0, None, b"{}")) is not None
+
+
+async def test_the_sqlite_log_puts_checked_subjects_last_and_forgets_unfollowed_ones() -> None:
+    clock = FakeClock()
+    log = await open_log(fresh_store_path(), clock)
+    try:
+        original = log.checked
+
+        async def later(kind: Any, subjects: list[str]) -> None:
+            clock.advance(1.0)
+            await original(kind, subjects)
+
+        log.checked = later  # type: ignore[method-assign]
+        await checked_then_unfollowed(log)
+    finally:
+        await log.close()

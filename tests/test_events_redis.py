@@ -12,7 +12,7 @@ from gateway.events.base import Sighting
 from tests.conftest import GatewayFactory
 from tests.redis_server import RedisServer
 from tests.support import make_config, sdk
-from tests.test_events import COMPLETED, events_after, feed, latest
+from tests.test_events import COMPLETED, checked_then_unfollowed, events_after, feed, latest
 from tests.upstream import ACTIVE, Upstream, assert_error
 
 
@@ -87,3 +87,37 @@ async def test_while_redis_is_lost_the_feed_answers_503_store_unavailable_and_th
     again = await feed(gateway)
     assert again.status == 200
     assert again.document["events"] == []  # a fresh Redis holds none: the gateway says so, never a guess
+
+
+async def test_after_redis_loses_its_data_an_old_cursor_is_refused_and_new_events_flow(
+    upstream: Upstream, redis_server: RedisServer, start: GatewayFactory
+) -> None:
+    (gateway,) = (await two_replicas(upstream, redis_server, start))[:1]
+    for n in range(3):
+        upstream.seed(f"batch-{n}", status=ACTIVE)
+        await sdk(gateway.url).batches.retrieve(f"batch-{n}")
+    old = await events_after(gateway, None, 3)
+    first_cursor = old[0]["id"]
+    client = redis_server.client()
+    try:
+        await client.flushall()
+    finally:
+        await client.aclose()
+    upstream.seed("batch-new", status=ACTIVE)
+    await sdk(gateway.url).batches.retrieve("batch-new")
+    assert gateway.state.sightings is not None
+    await gateway.state.sightings.drained()
+    for cursor in (first_cursor, old[-1]["id"]):
+        assert_error(await feed(gateway, f"after={cursor}"), 400, "invalid_request")
+    fresh = await events_after(gateway, None, 1)
+    assert [e["data"]["batch"]["id"] for e in fresh] == ["batch-new"]
+    assert fresh[0]["id"] not in {e["id"] for e in old}
+
+
+async def test_the_redis_log_puts_checked_subjects_last_and_forgets_unfollowed_ones(
+    upstream: Upstream, redis_server: RedisServer, start: GatewayFactory
+) -> None:
+    (gateway,) = (await two_replicas(upstream, redis_server, start))[:1]
+    log = gateway.state.events
+    assert log is not None
+    await checked_then_unfollowed(log)

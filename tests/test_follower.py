@@ -298,3 +298,31 @@ async def test_after_its_first_round_the_follower_asks_for_more_pages_only_while
     [event] = await next_events(gateway, seen)
     assert (event.type, event.subject) == ("batch.completed", "batch-old")
     assert upstream.count("retrieve") == 2
+
+
+async def test_datasets_deleted_while_validating_do_not_stall_following_of_the_others(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    allow = ["retrieve", "read_dataset"]
+    callers = [{"name": "billing-service", "key": BILLING_KEY, "allow": allow}]
+    gateway = await start(following(upstream, callers=callers))
+    upstream.datasets.validation_s = 1.0
+    ids = [upstream.seed_dataset([{"custom_id": "0", "body": "{}"}], name=f"d{n:02d}") for n in range(25)]
+    for dataset_id in ids:  # seen in this order: the 20 to be deleted are the least recently seen
+        first = await http(f"{gateway.url}/v1/datasets/{dataset_id}", key=None, headers=_billing())
+        assert first.document["dataset"]["validation_status"] in ("queued", "processing")
+    deleted, kept = ids[:20], ids[20:]
+    for dataset_id in deleted:
+        del upstream.datasets.datasets[dataset_id]
+    seq = await newest_seq(gateway)
+    validated: set[str] = set()
+    for _ in range(100):  # each wait bounded by WAIT_S; a few events per dataset at most
+        if validated == set(kept):
+            break
+        (event,) = await next_events(gateway, seq)
+        seq = event.seq
+        if event.type == "dataset.validated":
+            validated.add(event.subject)
+    assert validated == set(kept)
+    assert gateway.state.events is not None
+    assert not set(deleted) & set(await gateway.state.events.followed("dataset", 100))

@@ -20,7 +20,7 @@ from multidict import MultiMapping
 
 from gateway import errors
 from gateway.api import rules
-from gateway.api.admission import admit
+from gateway.api.admission import Admitted, admit, readmit
 from gateway.api.auth import Caller
 from gateway.api.keys import REQUEST_ID, client_gone
 from gateway.api.state import GatewayState
@@ -31,6 +31,8 @@ MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
 # Events looked at for one page at most: a caller that may see few of them still gets an answer soon.
 SCAN_MAX = 10_000
+# Events read from the log at a time by a page, at least (a page of more reads its limit at a time).
+PAGE_READ = 256
 # Events read from the log at a time by a stream.
 STREAM_READ = 256
 # How long a client waits before reconnecting to a stream that ended (the SSE ``retry`` field).
@@ -44,6 +46,7 @@ class Feed:
         self.held = 0
         self.held_by: dict[str, int] = {}
         self.streams = 0
+        self.streams_by: dict[str, int] = {}
         self._stopping: asyncio.Future[None] | None = None
         self.frames = Frames()
 
@@ -161,17 +164,20 @@ async def get_events(request: web.Request) -> web.StreamResponse:
     last_event_id = request.headers.getall("Last-Event-ID", [])
     if streaming and last_event_id:
         cursor, name = last_event_id[0].strip(), "Last-Event-ID"
-    start = start_of(cursor, log.log_id, await log.bounds(), name)
-    if streaming:
-        return await stream(request, state, caller, log, start)
+    bounds = await log.bounds()  # first: it learns the log's id anew if Redis lost the log
+    log_id = log.log_id  # the page's cursor names this log, even if Redis loses it meanwhile
+    start = start_of(cursor, log_id, bounds, name)
+    if streaming and _room(state, request.app[FEED], caller):
+        return await stream(request, admitted, log, start)
+    # A page, or past the limits on what is held a stream's first page at once (as a held request is).
     events, position = await read_page(log, caller, start, limit)
     wants_wait = rules.requested_wait(request.headers.getall("Prefer", []))
     applied: int | None = None
-    if not events and wants_wait:
+    if not events and wants_wait and not streaming:
         applied = _wait_allowed(state, request.app[FEED], caller, wants_wait)
         if applied is not None:
-            events, position = await _held(request, state, caller, log, position, limit, applied)
-    response = page_response(events, encode_cursor(log.log_id, position))
+            events, position = await _held(request, admitted, log, position, limit, applied)
+    response = page_response(events, encode_cursor(log_id, position))
     if applied is not None:
         response.headers["Preference-Applied"] = f"wait={applied}"
     return response
@@ -182,7 +188,8 @@ async def read_page(log: EventLog, caller: Caller, seq: int, limit: int) -> tupl
     found: list[Event] = []
     scanned = 0
     while len(found) < limit and scanned < SCAN_MAX:
-        chunk = await log.read_after(seq, limit)
+        # Read in chunks of at least PAGE_READ: an own caller asking limit=1 must not cost one read per event.
+        chunk = await log.read_after(seq, min(max(limit, PAGE_READ), SCAN_MAX - scanned))
         if not chunk:
             break
         for event in chunk:
@@ -200,21 +207,33 @@ def page_response(events: list[Event], next_after: str) -> web.Response:
     return web.Response(body=body + b"}", content_type="application/json", headers={"Cache-Control": "no-store"})
 
 
+def _room(state: GatewayState, feed: Feed, caller: Caller) -> bool:
+    """Whether one more request may be held or stream: held requests and open streams count alike."""
+    settings = state.snapshot.config.cache
+    if state.waiters.total + feed.held + feed.streams >= settings.max_waiters:
+        return False
+    mine = state.waiters.held_by(caller.name) + feed.held_by.get(caller.name, 0) + feed.streams_by.get(caller.name, 0)
+    return mine < settings.max_waiters_per_caller
+
+
 def _wait_allowed(state: GatewayState, feed: Feed, caller: Caller, wants_s: int) -> int | None:
     """The seconds a page may be held (capped as §9 caps waits), or None past the limits on held requests."""
-    settings = state.snapshot.config.cache
-    if state.waiters.total + feed.held >= settings.max_waiters:
+    if not _room(state, feed, caller):
         return None
-    if state.waiters.held_by(caller.name) + feed.held_by.get(caller.name, 0) >= settings.max_waiters_per_caller:
-        return None
-    return min(wants_s, int(settings.max_wait_s))
+    return min(wants_s, int(state.snapshot.config.cache.max_wait_s))
 
 
 async def _held(
-    request: web.Request, state: GatewayState, caller: Caller, log: EventLog, seq: int, limit: int, applied_s: int
+    request: web.Request, admitted: Admitted, log: EventLog, seq: int, limit: int, applied_s: int
 ) -> tuple[list[Event], int]:
-    """Hold an empty page until the caller has an event after ``seq``, or the wait (jittered by N/16) ends."""
+    """Hold an empty page until the caller has an event after ``seq``, or the wait (jittered by N/16) ends.
+
+    Each wake reads under the config in force then: a caller a reload removed
+    or took ``retrieve`` from gets the contract's 401 or 403 (its page is
+    still empty), and one made ``own`` sees only its own events from then on.
+    """
     feed = request.app[FEED]
+    state, caller, log_id = admitted.state, admitted.caller, log.log_id
     loop = asyncio.get_running_loop()
     end = loop.time() + applied_s * (1 - state.cache.jitter() / 16)
     feed.held += 1
@@ -224,7 +243,10 @@ async def _held(
         while (left := end - loop.time()) > 0:
             if not await feed.hold(log.wait_beyond(seq, left), request):
                 break  # the wait ended, the client left, or the gateway is stopping
-            events, seq = await read_page(log, caller, seq, limit)
+            if log.log_id != log_id:
+                break  # Redis lost the log: this page's cursor is refused next, and the client lists afresh
+            admitted = readmit(request, admitted, "retrieve")
+            events, seq = await read_page(log, admitted.caller, seq, limit)
             if events:
                 return events, seq
         return [], seq
@@ -235,9 +257,7 @@ async def _held(
         state.metrics.events.feed_waits.dec()
 
 
-async def stream(
-    request: web.Request, state: GatewayState, caller: Caller, log: EventLog, seq: int
-) -> web.StreamResponse:
+async def stream(request: web.Request, admitted: Admitted, log: EventLog, seq: int) -> web.StreamResponse:
     """``text/event-stream``: the events after ``seq`` as they come, until ``events.max_stream_s`` or SIGTERM."""
     feed = request.app[FEED]
     response = web.StreamResponse(
@@ -248,33 +268,48 @@ async def stream(
             "X-Request-ID": request[REQUEST_ID],
         }
     )
-    await response.prepare(request)
+    state, name = admitted.state, admitted.caller.name
+    # Counted before the first await, so that streams opened together cannot all pass ``_room``.
     feed.streams += 1
+    feed.streams_by[name] = feed.streams_by.get(name, 0) + 1
     state.metrics.events.streams.inc()
     try:
+        await response.prepare(request)
         await response.write(b"retry: %d\n\n" % RECONNECT_MS)
-        await _pump(request, response, state, caller, log, seq)
+        await _pump(request, response, admitted, log, seq)
     except (ConnectionError, errors.StoreUnavailable):
         pass  # the client left, or the store did: the client resumes from the last id it has
     finally:
         feed.streams -= 1
+        if (left_open := feed.streams_by.pop(name) - 1) > 0:
+            feed.streams_by[name] = left_open
         state.metrics.events.streams.dec()
     return response
 
 
 async def _pump(
-    request: web.Request, response: web.StreamResponse, state: GatewayState, caller: Caller, log: EventLog, seq: int
+    request: web.Request, response: web.StreamResponse, admitted: Admitted, log: EventLog, seq: int
 ) -> None:
     feed = request.app[FEED]
+    state = admitted.state
     settings = state.snapshot.config.events
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.max_stream_s
     written_at = loop.time()
+    log_id = log.log_id
     while not feed.stopping.done():
         events = await log.read_after(seq, STREAM_READ)
+        if log.log_id != log_id:
+            return  # Redis lost the log: the client's Last-Event-ID is refused, and it starts afresh
+        # A reload since the last read reaches this stream: its caller is looked up
+        # again, and one removed or without ``retrieve`` now has its stream ended.
+        try:
+            admitted = readmit(request, admitted, "retrieve")
+        except errors.CallerError:
+            return
         for event in events:
             seq = event.seq
-            if visible(caller, event):
+            if visible(admitted.caller, event):
                 await response.write(feed.frames.of(log.log_id, event))
                 written_at = loop.time()
         if events:

@@ -133,6 +133,14 @@ class EventLog(Protocol):
         """Ids of ``kind`` still followed (active when last seen), at most ``limit``, least recently checked first."""
         ...
 
+    async def checked(self, kind: Kind, subjects: list[str]) -> None:
+        """The follower checked ``subjects`` just now: they go to the back of ``followed``'s order."""
+        ...
+
+    async def unfollow(self, kind: Kind, subject: str) -> None:
+        """``subject`` answered 404 (gone upstream): no longer followed, and nothing more is recorded for it."""
+        ...
+
     async def bounds(self) -> tuple[int, int]:
         """``(oldest kept seq, newest seq)``: ``(newest + 1, newest)`` when none is kept, ``(1, 0)`` when new."""
         ...

@@ -32,9 +32,11 @@ subtracted from the budget the refresher stretches intervals to fit.
 
 Datasets being validated are followed too (no list call shows them): each
 round retrieves the followed datasets (``GET /v1/datasets/{id}``) through
-the cache, least recently checked first, at most ``MAX_RETRIEVES`` a round;
-one whose cached answer is still fresh costs nothing. The answer stored
-makes its event, as a caller's would.
+the cache, least recently checked first (each check is noted in the log,
+``EventLog.checked``), at most ``MAX_RETRIEVES`` a round; one whose cached
+answer is still fresh costs nothing. The answer stored makes its event, as
+a caller's would. A dataset or batch that answers 404 (deleted, gone
+upstream) is no longer followed (``EventLog.unfollow``).
 """
 
 from __future__ import annotations
@@ -164,6 +166,8 @@ class Follower:
             datasets = await self._events.followed("dataset", MAX_RETRIEVES)
             if datasets:
                 await self.check_datasets(datasets)
+                # Checked, changed or not: the next round takes the next least recently checked ones.
+                await self._events.checked("dataset", datasets)
         finally:
             self.calls_last_round = self._calls
 
@@ -282,9 +286,12 @@ class Follower:
                 self._calls += 1
                 self._metrics.follow_calls.labels("retrieve").inc()
             try:
-                await self._cache.get(key, partial(self._fetch_dataset, call), self._upstream.flight_wait_s())
+                found = await self._cache.get(key, partial(self._fetch_dataset, call), self._upstream.flight_wait_s())
             except errors.GatewayError as exc:
                 log_event(log, logging.DEBUG, "follower dataset retrieve failed", dataset_id=dataset_id, code=exc.code)
+                continue
+            if found.entry.status == 404:
+                await self._events.unfollow("dataset", dataset_id)  # deleted: it will never be validated
 
     async def _fetch_dataset(self, call: UpstreamRequest, _may_wait: bool) -> UpstreamReply:
         # Never waits for a budget token, as every call of the follower.
@@ -296,7 +303,10 @@ class Follower:
         self._metrics.follow_calls.labels("retrieve").inc()
         fetch = partial(self._upstream.fetch, call, accept=accept_batch)
         try:
-            await self._cache.refresh(batch_id, fetch, self._upstream.flight_wait_s())
+            entry = await self._cache.refresh(batch_id, fetch, self._upstream.flight_wait_s())
         except errors.GatewayError as exc:
             # Refused for budget, or the upstream failed: tried again next round.
             log_event(log, logging.DEBUG, "follower retrieve failed", batch_id=batch_id, code=exc.code)
+            return
+        if entry.status == 404:
+            await self._events.unfollow("batch", batch_id)  # gone upstream: retrieving it each round is waste

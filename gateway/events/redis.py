@@ -2,7 +2,8 @@
 
 Keys, under ``redis.key_prefix``:
 
-- ``events:log_id``: this log's id (set once; cursors name it);
+- ``events:log_id``: this log's id (set once; cursors name it; a Redis that lost it or ``events:seq``
+  starts a new log under a new id, so that old cursors are refused rather than pointing at new events);
 - ``events:seq``: the last seq given (``INCR``: never reused);
 - ``events:log``: a sorted set, one member per event scored by its seq:
   ``seq \\n created_at \\n type \\n owner \\n subject \\n JSON`` (the owner
@@ -83,13 +84,36 @@ local function prune(log_key, finals_key, followed_key, now, max_events, retenti
 end
 """
 
+# KEYS: seq, log_id; a fresh id. A Redis that lost its seq or the log's id starts a new log, under a new
+# id: the seq starts again at 1, so the old cursors must be refused (400), never point at new events.
+_ENSURE_LOG = """
+local function ensure_log(seq_key, id_key, fresh)
+    local log_id = redis.call('GET', id_key)
+    if log_id and redis.call('EXISTS', seq_key) == 1 then return log_id end
+    redis.call('SET', id_key, fresh)
+    redis.call('SET', seq_key, 0, 'NX')
+    return fresh
+end
+"""
+
+# KEYS: seq, log_id, log; ARGV: a fresh id. The log's id, newest seq and oldest kept seq (or '').
+_BOUNDS = (
+    _ENSURE_LOG
+    + """
+local log_id = ensure_log(KEYS[1], KEYS[2], ARGV[1])
+local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+return {log_id, redis.call('GET', KEYS[1]), oldest[2] or ''}
+"""
+)
+
 # KEYS: log, finals, followed hash, seq, log_id, followed set of the kind.
 # ARGV: now, max_events, retention_s, kind:subject, subject, status, final (0/1), updated_at (or ''),
 #       the member's head after seq and created_at (type \n owner \n subject), the JSON after its id,
-#       and the log id this process knows (set again by a Redis that lost it).
+#       and a fresh log id (used only by a Redis that lost its log: see _ENSURE_LOG).
 _RECORD = (
     _B64URL
     + _PRUNE
+    + _ENSURE_LOG
     + """
 local now = tonumber(ARGV[1])
 local name, subject, status, final, updated = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
@@ -109,19 +133,28 @@ else
     redis.call('ZADD', KEYS[6], now, subject)
 end
 if previous == status or (not previous and final == '1') then return 0 end
+local log_id = ensure_log(KEYS[4], KEYS[5], ARGV[11])
 local seq = redis.call('INCR', KEYS[4])
-local log_id = redis.call('GET', KEYS[5])
-if not log_id then
-    log_id = ARGV[11]  -- a Redis that lost everything: the log keeps its name, and its old cursors are refused
-    redis.call('SET', KEYS[5], log_id)
-end
 local cursor = b64url(log_id .. '.' .. seq)
 local member = seq .. '\\n' .. ARGV[1] .. '\\n' .. ARGV[9] .. '\\n{"id":"' .. cursor .. '"' .. ARGV[10]
 redis.call('ZADD', KEYS[1], seq, member)
 prune(KEYS[1], KEYS[2], KEYS[3], now, tonumber(ARGV[2]), tonumber(ARGV[3]))
-return member
+return {member, log_id}
 """
 )
+
+# KEYS: followed hash, finals, followed set of the kind; ARGV: now, kind:subject, subject. Marked final, as a
+# finished subject is: kept until events.retention_s, and a late sighting of it makes no event.
+_UNFOLLOW = """
+local removed = redis.call('ZREM', KEYS[3], ARGV[3])
+local previous = redis.call('HGET', KEYS[1], ARGV[2])
+if previous then
+    local was, _, was_updated = string.match(previous, '^(.-)\\t(.-)\\t(.*)$')
+    redis.call('HSET', KEYS[1], ARGV[2], was .. '\\t1\\t' .. was_updated)
+    redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
+end
+return removed
+"""
 
 _SWEEP = (
     _PRUNE
@@ -162,6 +195,8 @@ class RedisEventLog:
         self._sweeper: asyncio.Task[None] | None = None
         self._record = link.client.register_script(_RECORD)
         self._sweep_script = link.client.register_script(_SWEEP)
+        self._bounds = link.client.register_script(_BOUNDS)
+        self._unfollow = link.client.register_script(_UNFOLLOW)
         link.subscribe(self._heard)
 
     def _key(self, *parts: str) -> str:
@@ -180,11 +215,16 @@ class RedisEventLog:
     async def _ensure_id(self) -> str:
         """The log's id, read (or set, by whichever process is first) once Redis answers."""
         if not self._log_id:
-            key = self._key("log_id")
-            await self._call("events_id", lambda r: r.set(key, secrets.token_hex(6), nx=True))
-            value = await self._call("events_id", lambda r: r.get(key))
-            self._log_id = value.decode() if isinstance(value, bytes) else str(value)
+            await self.bounds()
         return self._log_id
+
+    def _named(self, log_id: bytes | str) -> None:
+        """The log's id as Redis has it now: a new one means Redis lost the log, and memory must not answer."""
+        name = log_id.decode() if isinstance(log_id, bytes) else log_id
+        if name != self._log_id:
+            if self._log_id:
+                self.tail.reset()
+            self._log_id = name
 
     async def start(self) -> None:
         with contextlib.suppress(StoreUnavailable):
@@ -235,11 +275,13 @@ class RedisEventLog:
             "" if s.updated_at is None else repr(s.updated_at),
             f"{kind_type}\n{owner}\n{s.subject}",
             after_id,
-            self._log_id,
+            secrets.token_hex(6),
         ]
-        member = await self._call("events_record", lambda r: self._record(keys=self._keys(s.kind), args=args, client=r))
-        if not isinstance(member, bytes):
+        made = await self._call("events_record", lambda r: self._record(keys=self._keys(s.kind), args=args, client=r))
+        if not isinstance(made, list):
             return None
+        member, log_id = made
+        self._named(log_id)
         event = parse_member(member)
         self.tail.add([event])
         await self.link.publish(APPENDED, "-", str(event.seq).encode())
@@ -282,23 +324,29 @@ class RedisEventLog:
         found = cast(list[bytes], await self._call("events_followed", lambda r: r.zrange(key, 0, limit - 1)))
         return [item.decode() for item in found]
 
+    async def checked(self, kind: Kind, subjects: list[str]) -> None:
+        if not subjects:
+            return
+        key, now = self._key("followed", kind), self._clock()
+        # XX: only what is still followed (a subject finished meanwhile stays out).
+        await self._call("events_checked", lambda r: r.zadd(key, dict.fromkeys(subjects, now), xx=True))
+
+    async def unfollow(self, kind: Kind, subject: str) -> None:
+        keys = [self._key("followed"), self._key("finals"), self._key("followed", kind)]
+        args = [repr(self._clock()), f"{kind}:{subject}", subject]
+        await self._call("events_unfollow", lambda r: self._unfollow(keys=keys, args=args, client=r))
+
     async def bounds(self) -> tuple[int, int]:
-        await self._ensure_id()
-        log_key, seq_key = self._key("log"), self._key("seq")
-
-        async def read(r: aioredis.Redis) -> list[Any]:
-            async with r.pipeline(transaction=True) as pipe:
-                pipe.get(seq_key)
-                pipe.zrange(log_key, 0, 0, withscores=True)
-                result: list[Any] = await pipe.execute()
-                return result
-
-        newest_raw, oldest_raw = await self._call("events_bounds", read)
+        keys = [self._key("seq"), self._key("log_id"), self._key("log")]
+        fresh = secrets.token_hex(6)
+        found: list[Any] = await self._call("events_bounds", lambda r: self._bounds(keys=keys, args=[fresh], client=r))
+        log_id, newest_raw, oldest_raw = found
+        self._named(log_id)
         newest = int(newest_raw or 0)
         if newest < self.tail.newest:
             self.tail.reset()  # Redis lost what it held: memory must not answer for it
         self.tail.heard(newest)
-        oldest = int(oldest_raw[0][1]) if oldest_raw else newest + 1
+        oldest = int(float(oldest_raw)) if oldest_raw else newest + 1
         self.tail.drop_before(oldest)
         return oldest, newest
 

@@ -327,6 +327,33 @@ class SqliteEventLog:
         )
         return [str(row[0]) for row in rows]
 
+    async def checked(self, kind: Kind, subjects: list[str]) -> None:
+        now = self._clock()
+        await self._run(
+            "checked",
+            lambda: self._db().executemany(
+                "UPDATE followed SET seen_at = ? WHERE kind = ? AND subject = ? AND final = 0",
+                [(now, kind, subject) for subject in subjects],
+            ),
+        )
+
+    async def unfollow(self, kind: Kind, subject: str) -> None:
+        # Marked final: kept (and then dropped) as finished subjects are, so a late sighting makes no event.
+        now = self._clock()
+        dropped = await self._run(
+            "unfollow",
+            lambda: (
+                self._db()
+                .execute(
+                    "UPDATE followed SET final = 1, seen_at = ? WHERE kind = ? AND subject = ? AND final = 0",
+                    (now, kind, subject),
+                )
+                .rowcount
+            ),
+        )
+        if dropped:
+            self.followed_count[kind] -= 1
+
     async def bounds(self) -> tuple[int, int]:
         oldest, newest = await self._run("bounds", self._read_bounds)
         self._oldest = oldest

@@ -188,6 +188,12 @@ class CountingLog:
     async def followed(self, kind: Kind, limit: int) -> list[str]:
         return await self._log.followed(kind, limit)
 
+    async def checked(self, kind: Kind, subjects: list[str]) -> None:
+        await self._log.checked(kind, subjects)
+
+    async def unfollow(self, kind: Kind, subject: str) -> None:
+        await self._log.unfollow(kind, subject)
+
     async def bounds(self) -> tuple[int, int]:
         return await self._log.bounds()
 
