@@ -146,7 +146,12 @@ async def _send(
     if request.content_length is not None:
         headers["Content-Length"] = str(request.content_length)
     reply = await send_upload(
-        admitted.state.upstream, call, headers, body.stream(held, before_last), accept_json_object
+        admitted.state.upstream,
+        call,
+        headers,
+        body.stream(held, before_last),
+        accept_json_object,
+        admitted.snapshot.config.datasets.upload_idle_timeout_s,
     )
     await _keep(admitted, reply)
     return reply
