@@ -227,12 +227,14 @@ async def _upload_claimed(
             check = None if since is None else (lambda fingerprint: _same_file(admitted, key, fingerprint))
             reply = await _send(request, admitted, query, body, check)
     except errors.GatewayError as error:
-        if error.upstream_status in DEFINITE_ERRORS:
+        if error.upstream_status in DEFINITE_ERRORS and body.fingerprint is not None:
             await _settle(admitted, key, error.status, error.body(request[REQUEST_ID], state.redact.known), body)
         elif request[TRACE].outcome_unknown or _answered_2xx(error):
             await _keep_fingerprint(admitted, key, body.fingerprint)
             await _unless_store_fails(state.records.mark_ambiguous(caller, f"upload:{key}"))
         else:
+            # Also a definite refusal that came before the body had all passed: with no fingerprint to compare,
+            # a retry with the same file could only be 422; freed, it is refused again by the upstream itself.
             await _unless_store_fails(state.records.release_key(caller, f"upload:{key}"))
         raise
     except BaseException:
