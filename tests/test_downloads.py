@@ -83,6 +83,7 @@ class Storage:
     streamed: dict[str, int] = field(default_factory=dict)
     written: int = 0
     cut_after: int | None = None  # a streamed file's connection is cut once this many bytes are written
+    ended: int = 0  # streamed answers whose handler has returned (sent whole, or its connection gone)
     url: str = ""
     _runner: web.AppRunner | None = None
 
@@ -137,6 +138,12 @@ class Storage:
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
         response.content_length = size
         await response.prepare(request)
+        try:
+            return await self._stream_body(request, response, size)
+        finally:
+            self.ended += 1
+
+    async def _stream_body(self, request: web.Request, response: web.StreamResponse, size: int) -> web.StreamResponse:
         chunk = b"x" * STREAM_CHUNK
         while self.written < size:
             if self.cut_after is not None and self.written >= self.cut_after:
@@ -581,3 +588,30 @@ async def test_a_caller_that_hangs_up_mid_part_ends_the_read_from_storage_with_n
     gateway.state.access_log.flush()
     [line] = [e for e in logs.events("gateway.access") if "/parts/" in (e.get("path") or "")]
     assert line["status"] == 200
+
+
+async def test_a_caller_that_stops_reading_is_cut_off_and_the_storage_connection_is_let_go(
+    start: GatewayFactory, upstream: Upstream, storage: Storage
+) -> None:
+    storage.streamed[f"{DATASET_ID}.avro"] = BIG
+    serve_datasets(upstream, storage)
+    gateway = await start(download_config(upstream, storage, datasets={"upload_idle_timeout_s": 0.5}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        path = signed(gateway, storage).removeprefix(gateway.url)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: gateway\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200")
+        # ...and reads nothing more: the socket buffers fill, and the gateway's writes wait.
+
+        # The storage host sees its answer end (the gateway let its connection go), well before the part is sent.
+        assert await eventually(lambda: storage.ended == 1)
+        assert storage.written < BIG
+        assert registry_value(gateway, "gateway_downloads_total", caller="billing-service", outcome="client_gone") == 1
+    finally:
+        writer.transport.abort()
+    # Another download still works.
+    storage.files[f"{DATASET_ID}.avro"] = avro_bytes(ROWS)
+    del storage.streamed[f"{DATASET_ID}.avro"]
+    answer = await http(signed(gateway, storage), key=None)
+    assert (answer.status, answer.body) == (200, storage.files[f"{DATASET_ID}.avro"])

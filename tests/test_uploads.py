@@ -246,3 +246,23 @@ async def test_after_an_ambiguous_upload_a_retry_with_another_file_is_refused(
     assert_error(lost, 504, "upstream_timeout")
     assert_error(other, 422, "idempotency_key_reused")
     assert len(upstream.datasets.datasets) == 1
+
+
+async def test_after_an_ambiguous_upload_a_same_named_dataset_made_before_the_first_try_is_not_taken_for_it(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    gateway = await upload_gateway(start, upstream, upstream={"timeout_s": 1})
+    # Someone else's upload of the same name and type a minute ago, through no gateway (no owner recorded).
+    earlier = upstream.seed_dataset([], name="nightly", dataset_type=EMBED)
+    upstream.datasets.datasets[earlier].created -= 60
+    upstream.hang("upload")  # the first try makes the dataset, then is never answered
+
+    lost = await post_upload(gateway, *reversed(multipart()), idempotency_key=KEY)
+    retried = await post_upload(gateway, *reversed(multipart()), idempotency_key=KEY)
+
+    assert_error(lost, 504, "upstream_timeout")
+    [made] = [d for d in upstream.datasets.datasets if d != earlier]
+    # The retry finds the one dataset made since the first try began: replayed, not uploaded a second time.
+    assert (retried.status, retried.document, retried.header("Idempotent-Replayed")) == (200, {"id": made}, "true")
+    assert len(uploads_seen(upstream)) == 1
+    assert await gateway.state.records.owner_of(dataset_key(earlier)) is None

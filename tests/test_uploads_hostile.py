@@ -24,6 +24,7 @@ from tests.conftest import GatewayFactory, ProcessFactory
 from tests.support import (
     EXCHANGE_TIMEOUT_S,
     PROCESS_WAIT_S,
+    Answer,
     parse_response,
     process_config,
     raw_request,
@@ -423,3 +424,97 @@ async def test_a_flood_of_concurrent_uploads_keeps_the_gateways_memory_bounded(
     assert statuses == [200] * uploads
     assert fake.outcomes == ["whole"] * uploads
     assert peak - before < 64, f"RSS grew {peak - before:.1f} MB for {uploads * size >> 20} MiB uploaded"
+
+
+async def test_an_upstream_that_stops_reading_an_upload_ends_it_with_504_and_the_caller_is_answered(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    read_some = asyncio.Event()
+    done = asyncio.Event()
+
+    async def stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes) -> None:
+        await reader.readexactly(65536)  # a little of the body...
+        read_some.set()
+        await done.wait()  # ...then nothing more, while the test runs
+        writer.close()
+
+    upstream.raw(stalls)
+    size = 32 * 1024 * 1024  # more than every socket buffer between the gateway and the upstream
+    gateway = await hostile_gateway(start, upstream, datasets={"max_upload_bytes": 2 * size})
+    content_type, body = multipart(b"u" * size)
+    reader, writer = await connect(gateway)
+
+    async def send() -> None:
+        headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        writer.write(request_bytes(TARGET, headers, method="POST", close=True))
+        for i in range(0, len(body), 1 << 20):
+            writer.write(body[i : i + (1 << 20)])
+            await writer.drain()
+
+    sending = asyncio.create_task(send())
+    try:
+        await asyncio.wait_for(read_some.wait(), EXCHANGE_TIMEOUT_S)
+        answer = await read_answer(reader)
+        # The gateway reads what is left of the caller's body (aiohttp's lingering read), then closes as asked.
+        for _ in range(10_000):
+            if not await asyncio.wait_for(reader.read(1 << 16), EXCHANGE_TIMEOUT_S):
+                break
+    finally:
+        done.set()
+        sending.cancel()
+        writer.transport.abort()
+
+    assert_error(answer, 504, "upstream_timeout")
+    assert await _outcome_counted(gateway, "upstream_timeout")
+
+
+async def _upload_while_sending(gateway: RunningGateway, content_type: str, body: bytes, key: str) -> Answer:
+    """A keyed upload on a raw socket, its answer read while it is sent (it may come before the body ends)."""
+    reader, writer = await connect(gateway)
+    headers = [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Idempotency-Key", key)]
+
+    async def send() -> None:
+        writer.write(request_bytes(TARGET, headers, method="POST", close=True))
+        for i in range(0, len(body), 1 << 20):
+            writer.write(body[i : i + (1 << 20)])
+            await writer.drain()
+
+    sending = asyncio.create_task(send())
+    try:
+        answer = await read_answer(reader)
+        for _ in range(10_000):  # the gateway reads the rest of the body, then closes as asked
+            if not await asyncio.wait_for(reader.read(1 << 16), EXCHANGE_TIMEOUT_S):
+                break
+        return answer
+    finally:
+        sending.cancel()
+        writer.transport.abort()
+
+
+async def test_a_keyed_upload_refused_by_the_upstream_before_its_body_ended_is_refused_again_on_retry_not_422(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    heads: list[bytes] = []
+    done = asyncio.Event()
+
+    async def refuses_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes) -> None:
+        heads.append(head)
+        writer.write(http_answer(400, json.dumps({"message": "invalid dataset type"}).encode()))
+        await writer.drain()
+        await done.wait()  # the body is never read
+        writer.close()
+
+    upstream.raw(refuses_at_once)
+    size = 32 * 1024 * 1024  # more than every socket buffer: the answer comes long before the body's end
+    gateway = await hostile_gateway(start, upstream, datasets={"max_upload_bytes": 2 * size})
+    content_type, body = multipart(b"r" * size)
+    try:
+        first = await _upload_while_sending(gateway, content_type, body, "refused-early")
+        again = await _upload_while_sending(gateway, content_type, body, "refused-early")
+    finally:
+        done.set()
+
+    assert first.status == 400
+    # The same key and the same file: the upstream's refusal again, not "this key was used for another file".
+    assert (again.status, again.json["code"]) == (first.status, first.json["code"])
+    assert len(heads) == 2

@@ -11,6 +11,7 @@ no redirects, allowed origins only) and streamed to the caller as it comes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -229,17 +230,26 @@ async def _relay(request: web.Request, reply: aiohttp.ClientResponse, tally: _Ta
     await response.prepare(request)
     if request.method == "HEAD":
         return response
+    # A caller that stops reading would hold the storage connection (one of a shared pool) for ever: each write
+    # may wait this long. The caller-side idle bound of the dataset routes (an upload's caller that stops sending
+    # is cut after as long), not upstream.timeout_s, which is how long an upstream may take to answer.
+    idle_s = request.app[STATE].snapshot.config.datasets.upload_idle_timeout_s
     try:
         # Each write waits while the caller's connection is full: a slow caller slows the read.
         # iter_any (one turn per buffered batch) measured cheaper than iter_chunks (one per socket read); larger
         # write-buffer limits or socket buffers changed nothing: the cost per byte is in the kernel's copies and
         # aiohttp's and uvloop's, not in this loop (bench/scenarios/downloads.py, docs/benchmark.md).
         async for chunk in reply.content.iter_any():
-            await response.write(chunk)
+            await _write(response, chunk, idle_s)
             tally.sent += len(chunk)
         await response.write_eof()
     except ConnectionError:  # the caller hung up ("Connection lost", or a reset)
         tally.outcome = "client_gone"
+    except _CallerStalled:
+        # Counted as gone: it took nothing for ``idle_s``. Cut, so that the storage answer is released with it.
+        tally.outcome = "client_gone"
+        log_event(log, logging.INFO, "a download's caller stopped reading; its connection was cut", idle_s=idle_s)
+        _cut(request)
     except (errors.GatewayError, aiohttp.ClientError, TimeoutError) as exc:
         # The head is sent: the only way left to say the body is short is to cut the connection.
         tally.outcome = "storage_failed"
@@ -251,6 +261,18 @@ async def _relay(request: web.Request, reply: aiohttp.ClientResponse, tally: _Ta
         log.exception("a download failed mid-part")
         _cut(request)
     return response
+
+
+class _CallerStalled(Exception):
+    """The caller took none of a chunk within the idle bound."""
+
+
+async def _write(response: web.StreamResponse, chunk: bytes, idle_s: float) -> None:
+    try:
+        async with asyncio.timeout(idle_s):
+            await response.write(chunk)
+    except TimeoutError:
+        raise _CallerStalled from None
 
 
 def _cut(request: web.Request) -> None:

@@ -19,7 +19,7 @@ After an ambiguous failure (the whole body left, and no answer came), the
 fingerprint is kept in a second record (``upload-fingerprint:<key>``,
 claimed and settled at once, so that a claim of it compares), and a retry
 first looks for the dataset in the upstream's list (same name and type,
-created since the first try, no other caller's): one found is replayed if
+created between the first try's start and the retry's, no other caller's): one found is replayed if
 the retry's body is the same file; none found, the upload is made anew.
 """
 
@@ -62,8 +62,6 @@ UPLOADING = "upload"
 DEFINITE_ERRORS = frozenset({400, 404, 422})
 # Looking for a dataset an ambiguous try may have made: one page of this size.
 SEARCH_LIMIT = 100
-# The upstream's clock and ours may disagree: a dataset created this long before the first try still counts.
-CLOCK_SKEW_S = 120.0
 
 
 async def upload_dataset(request: web.Request) -> web.Response:
@@ -146,7 +144,12 @@ async def _send(
     if request.content_length is not None:
         headers["Content-Length"] = str(request.content_length)
     reply = await send_upload(
-        admitted.state.upstream, call, headers, body.stream(held, before_last), accept_json_object
+        admitted.state.upstream,
+        call,
+        headers,
+        body.stream(held, before_last),
+        accept_json_object,
+        admitted.snapshot.config.datasets.upload_idle_timeout_s,
     )
     await _keep(admitted, reply)
     return reply
@@ -222,12 +225,14 @@ async def _upload_claimed(
             check = None if since is None else (lambda fingerprint: _same_file(admitted, key, fingerprint))
             reply = await _send(request, admitted, query, body, check)
     except errors.GatewayError as error:
-        if error.upstream_status in DEFINITE_ERRORS:
+        if error.upstream_status in DEFINITE_ERRORS and body.fingerprint is not None:
             await _settle(admitted, key, error.status, error.body(request[REQUEST_ID], state.redact.known), body)
         elif request[TRACE].outcome_unknown or _answered_2xx(error):
             await _keep_fingerprint(admitted, key, body.fingerprint)
             await _unless_store_fails(state.records.mark_ambiguous(caller, f"upload:{key}"))
         else:
+            # Also a definite refusal that came before the body had all passed: with no fingerprint to compare,
+            # a retry with the same file could only be 422; freed, it is refused again by the upstream itself.
             await _unless_store_fails(state.records.release_key(caller, f"upload:{key}"))
         raise
     except BaseException:
@@ -288,10 +293,12 @@ async def _find_uploaded(
     request: web.Request, admitted: Admitted, query: Sequence[tuple[str, str]], since: float
 ) -> JsonAnswer | None:
     """The dataset an earlier, ambiguous try made, if exactly one can be it: the same name and type,
-    created since the first try (less ``CLOCK_SKEW_S``), and no other caller's."""
+    created between the first try's start and this retry's, and no other caller's. No slack before the first
+    try: a dataset of the same name made earlier (another caller's through no gateway, or an older upload of
+    this caller's) is not taken for this one."""
     sent = dict(query)
-    earliest = since - CLOCK_SKEW_S
-    after = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(earliest))
+    earliest, latest = since, time.time()
+    after = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(earliest))  # whole seconds: filtered exactly below
     listing = (("datasetType", sent["type"]), ("after", after), ("limit", str(SEARCH_LIMIT)))
     call = upstream_request(request, admitted.caller, rules.UPLOAD_PATH, query=listing)
     page = await admitted.state.upstream.fetch(call, True, accept_json_object)
@@ -301,7 +308,9 @@ async def _find_uploaded(
         if not isinstance(dataset, dict) or dataset.get("name") != sent["name"]:
             continue
         dataset_id, when = dataset.get("id"), parse_timestamp(dataset.get("created_at"))
-        if not isinstance(dataset_id, str) or not BATCH_ID.fullmatch(dataset_id) or when is None or when < earliest:
+        if not isinstance(dataset_id, str) or not BATCH_ID.fullmatch(dataset_id):
+            continue
+        if when is None or not earliest <= when <= latest:
             continue
         if dataset.get("dataset_type", sent["type"]) != sent["type"]:
             continue

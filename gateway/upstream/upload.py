@@ -6,7 +6,8 @@ redirects, the same guards (the pause, the breaker, one token of the budget
 as a write) and the same mapping of the answer to the contract's errors.
 What differs is time and retries: the body takes as long as the caller
 keeps sending (its idle timeout is the caller side's, in the body it
-hands over), the answer is awaited for ``upstream.timeout_s`` from the last
+hands over) and the upstream keeps reading (each chunk must leave within
+``datasets.upload_idle_timeout_s``), the answer is awaited for ``upstream.timeout_s`` from the last
 byte, and a failed connect is the only failure tried again, since nothing
 of the body has left then.
 
@@ -36,19 +37,28 @@ R = TypeVar("R")
 class _Body:
     """The caller's chunks on their way upstream: whether any has left, whether all have, what failed."""
 
-    def __init__(self, source: AsyncIterator[bytes], deadline: asyncio.Timeout, timeout_s: float) -> None:
+    def __init__(
+        self, source: AsyncIterator[bytes], deadline: asyncio.Timeout, timeout_s: float, idle_s: float
+    ) -> None:
         self._source = source
         self._deadline = deadline
         self._timeout_s = timeout_s
+        self._idle_s = idle_s
         self.started = False
         self.finished = False
         self.failure: errors.GatewayError | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         self.started = True
+        loop = asyncio.get_running_loop()
         try:
             async for chunk in self._source:
+                # The upstream must take each chunk within the idle bound: one that stops reading ends the upload
+                # (504), rather than holding it and the caller for ever. Once taken, it is the caller's turn, which
+                # the caller's own idle bound covers (the source raises 408).
+                self._deadline.reschedule(loop.time() + self._idle_s)
                 yield chunk
+                self._deadline.reschedule(None)
         except errors.GatewayError as failure:
             self.failure = failure
             raise
@@ -63,8 +73,13 @@ async def send_upload(
     headers: dict[str, str],
     source: AsyncIterator[bytes],
     accept: Accept[R],
+    idle_s: float,
 ) -> R:
-    """POST ``source`` to ``request.path`` with ``headers`` added; ``accept`` reads the answer."""
+    """POST ``source`` to ``request.path`` with ``headers`` added; ``accept`` reads the answer.
+
+    The upstream must take each chunk of the body within ``idle_s``
+    (``datasets.upload_idle_timeout_s``), else the upload ends with 504.
+    """
     settings = client.settings
     client.budget.check_paused()
     admission = client.breaker.admit()
@@ -75,7 +90,7 @@ async def send_upload(
         )
     tally = CallTally(deadline=asyncio.get_running_loop().time() + settings.timeout_s)
     try:
-        return await _attempts(client, request, headers, source, accept, tally)
+        return await _attempts(client, request, headers, source, accept, tally, idle_s)
     finally:
         client.judge(admission, tally)
 
@@ -94,6 +109,7 @@ async def _attempts(
     source: AsyncIterator[bytes],
     accept: Accept[R],
     tally: CallTally,
+    idle_s: float,
 ) -> R:
     """Tries while the connect fails (nothing of the body has left), within the retries and the budget."""
     attempt = 0
@@ -105,7 +121,7 @@ async def _attempts(
             client.metrics.upstream_retries.inc()
         tally.calls += 1
         try:
-            status, body, retry_after = await _send(client, request, headers, source, settings)
+            status, body, retry_after = await _send(client, request, headers, source, settings, idle_s)
         except _ConnectFailed as failed:
             tally.healthy = False
             attempt += 1
@@ -133,6 +149,7 @@ async def _send(
     headers: dict[str, str],
     source: AsyncIterator[bytes],
     settings: UpstreamSettings,
+    idle_s: float,
 ) -> tuple[int, bytes, str | None]:
     """The HTTP call (counted, timed and traced): status, capped body, ``Retry-After``; or an error."""
     started = time.perf_counter()
@@ -141,7 +158,7 @@ async def _send(
     body: _Body | None = None
     try:
         async with asyncio.timeout(None) as deadline:
-            body = _Body(source, deadline, settings.timeout_s)
+            body = _Body(source, deadline, settings.timeout_s, idle_s)
             try:
                 status, answer, retry_after = await _exchange(client, request, headers, body, settings)
             except aiohttp.ClientError:
@@ -157,8 +174,10 @@ async def _send(
         raise
     except TimeoutError:
         outcome = "upstream_timeout"
-        trace.outcome_unknown = True  # the deadline runs only once the whole body has left
-        raise errors.UpstreamTimeout(f"The upstream did not answer within {settings.timeout_s:g} s.") from None
+        # Until the whole body has left, the upstream cannot have made the dataset.
+        trace.outcome_unknown = body is not None and body.finished
+        late = f"did not answer within {settings.timeout_s:g} s" if trace.outcome_unknown else "stopped reading"
+        raise errors.UpstreamTimeout(f"The upstream {late}.") from None
     except aiohttp.ClientConnectorError as exc:
         outcome = "upstream_unreachable"
         trace.outcome_unknown = False
