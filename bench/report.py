@@ -67,32 +67,32 @@ TARGETS = {
     "bytes_per_entry": ("<=", 2048.0),
     "hit_rps_many_callers_ratio": (">=", 0.9),
     "config_load_s_10k_callers": ("<=", 0.5),
-    # DESIGN §9: long-poll callers notice a change in half nginx's time (p50), at no more upstream calls.
+    # docs/design.md §9: long-poll callers notice a change in half nginx's time (p50), at no more upstream calls.
     "notice_p50_vs_nginx": ("<=", 0.5),
     "notice_calls_vs_nginx": ("<=", 1.0),
-    # DESIGN §10: 3 replicas on one Redis make the upstream calls of one process, survive Redis going away
+    # docs/design.md §10: 3 replicas on one Redis make the upstream calls of one process, survive Redis going away
     # with no failed poll, and a process with redis.url serves hits as fast as one without.
     "replica_amplification": ("<=", 1.1),
     "redis_outage_failed_polls": ("<=", 0),
     "hit_rps_redis_vs_local": (">=", 0.9),
     # A SIGHUP holds no connection longer than a slow answer: the reload is read and checked off the event loop.
     "reload_stall_ms_10k_callers": ("<=", 50.0),
-    # DESIGN §12: following 1,000 batches costs about what following 10 does (one list call per interval).
+    # docs/design.md §12: following 1,000 batches costs about what following 10 does (one list call per interval).
     "follow_calls_ratio_1000_vs_10": ("<=", 1.5),
-    # DESIGN §12: webhooks keep up with a backlog, and an outage with a crash in it loses nothing.
+    # docs/design.md §12: webhooks keep up with a backlog, and an outage with a crash in it loses nothing.
     "webhook_events_per_s": (">=", 500.0),
     "webhook_lost_after_outage": ("<=", 0),
     "webhook_duplicates_after_outage": ("<=", 1),
-    # DESIGN §12: a consumer of the event stream notices a change in a third of nginx's time, at no more upstream
+    # docs/design.md §12: a consumer of the event stream notices a change in a third of nginx's time, at no more upstream
     # calls; one event reaches 1,000 open streams within a second; an open stream costs little memory.
     "feed_notice_p50_vs_nginx": ("<=", 0.35),
     "feed_calls_vs_nginx": ("<=", 1.0),
     "sse_fanout_p99_s": ("<=", 1.0),
     "sse_rss_per_stream_kb": ("<=", 64.0),
-    # DESIGN §11: a part downloaded through a gateway URL comes nearly as fast as from storage, and is never held.
+    # docs/design.md §11: a part downloaded through a gateway URL comes nearly as fast as from storage, and is never held.
     "download_vs_direct": (">=", 0.8),
     "download_rss_growth_mb": ("<=", 64.0),
-    # DESIGN §11: an upload through the gateway runs at 80% of the upload straight to the upstream, in bounded memory.
+    # docs/design.md §11: an upload through the gateway runs at 80% of the upload straight to the upstream, in bounded memory.
     "upload_vs_direct": (">=", 0.8),
     "upload_rss_growth_mb": ("<=", 64.0),
 }
