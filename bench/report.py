@@ -83,16 +83,16 @@ TARGETS = {
     "webhook_events_per_s": (">=", 500.0),
     "webhook_lost_after_outage": ("<=", 0),
     "webhook_duplicates_after_outage": ("<=", 1),
-    # docs/design.md §12: a consumer of the event stream notices a change in a third of nginx's time, at no more upstream
-    # calls; one event reaches 1,000 open streams within a second; an open stream costs little memory.
+    # docs/design.md §12: a consumer of the event stream notices a change in a third of nginx's time, at no more
+    # upstream calls; one event reaches 1,000 open streams within a second; an open stream costs little memory.
     "feed_notice_p50_vs_nginx": ("<=", 0.35),
     "feed_calls_vs_nginx": ("<=", 1.0),
     "sse_fanout_p99_s": ("<=", 1.0),
     "sse_rss_per_stream_kb": ("<=", 64.0),
-    # docs/design.md §11: a part downloaded through a gateway URL comes nearly as fast as from storage, and is never held.
+    # docs/design.md §11: a part downloaded through a gateway URL comes nearly as fast as from storage, never held.
     "download_vs_direct": (">=", 0.8),
     "download_rss_growth_mb": ("<=", 64.0),
-    # docs/design.md §11: an upload through the gateway runs at 80% of the upload straight to the upstream, in bounded memory.
+    # docs/design.md §11: an upload through the gateway runs at 80% of one straight to the upstream, in bounded memory.
     "upload_vs_direct": (">=", 0.8),
     "upload_rss_growth_mb": ("<=", 64.0),
 }
