@@ -189,13 +189,7 @@ class UpstreamClient:
         one in force when the fetch began.
         """
         settings = self.settings
-        self.budget.check_paused()
-        admission = self.breaker.admit()
-        if not admission.admitted:
-            self.metrics.upstream_rejected.labels("breaker_open").inc()
-            raise errors.UpstreamUnavailable(
-                "The upstream is failing; the gateway is failing fast.", retry_after_s=admission.wait_s
-            )
+        admission = self.admit()
         tally = CallTally(deadline=asyncio.get_running_loop().time() + settings.timeout_s)
         try:
             async with asyncio.timeout_at(tally.deadline):
@@ -208,6 +202,17 @@ class UpstreamClient:
             raise
         self.judge(admission, tally)
         return reply
+
+    def admit(self) -> Admission:
+        """Before any call: refused during the 429 pause, or while the breaker is open (failing fast)."""
+        self.budget.check_paused()
+        admission = self.breaker.admit()
+        if not admission.admitted:
+            self.metrics.upstream_rejected.labels("breaker_open").inc()
+            raise errors.UpstreamUnavailable(
+                "The upstream is failing; the gateway is failing fast.", retry_after_s=admission.wait_s
+            )
+        return admission
 
     def judge(self, admission: Admission, tally: CallTally, timed_out: bool = False) -> None:
         """Tell the breaker what this fetch learnt of the upstream's health.

@@ -81,13 +81,7 @@ async def send_upload(
     (``datasets.upload_idle_timeout_s``), else the upload ends with 504.
     """
     settings = client.settings
-    client.budget.check_paused()
-    admission = client.breaker.admit()
-    if not admission.admitted:
-        client.metrics.upstream_rejected.labels("breaker_open").inc()
-        raise errors.UpstreamUnavailable(
-            "The upstream is failing; the gateway is failing fast.", retry_after_s=admission.wait_s
-        )
+    admission = client.admit()
     tally = CallTally(deadline=asyncio.get_running_loop().time() + settings.timeout_s)
     try:
         return await _attempts(client, request, headers, source, accept, tally, idle_s)
