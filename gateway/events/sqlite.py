@@ -161,13 +161,23 @@ class SqliteEventLog:
         if self._executor is None:
             raise StoreUnavailable("the event log is not open")
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, operation)
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._rolled_back_on_error, operation
+            )
         except sqlite3.Error as exc:
             log_event(log, logging.WARNING, "event log failed", operation=name, reason=str(exc))
+            raise StoreUnavailable() from exc
+
+    def _rolled_back_on_error(self, operation: Callable[[], T]) -> T:
+        # Worker thread, the connection's own (sqlite3 refuses it from any other): a failed operation's open
+        # transaction is ended here, or every later BEGIN would fail.
+        try:
+            return operation()
+        except sqlite3.Error:
             if self._connection is not None and self._connection.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     self._connection.execute("ROLLBACK")
-            raise StoreUnavailable() from exc
+            raise
 
     def _db(self) -> sqlite3.Connection:
         if self._connection is None:
