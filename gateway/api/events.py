@@ -24,7 +24,7 @@ from gateway.api.admission import Admitted, admit, readmit
 from gateway.api.auth import Caller
 from gateway.api.keys import REQUEST_ID, client_gone
 from gateway.api.state import GatewayState
-from gateway.events.base import Event, EventLog, decode_cursor, encode_cursor
+from gateway.events.base import Event, EventLog, decode_cursor, encode_cursor, visible_to
 
 EVENTS_ROUTE = "/gateway/v1/events"
 MAX_LIMIT = 1000
@@ -98,13 +98,6 @@ class Frames:
 
 
 FEED: web.AppKey[Feed] = web.AppKey("event_feed", Feed)
-
-
-def visible(caller: Caller, event: Event) -> bool:
-    """An ``own`` caller sees its own batches' and datasets' events; a dataset's event needs ``read_dataset``."""
-    if event.kind == "dataset" and "read_dataset" not in caller.allow:
-        return False
-    return rules.may_see(caller, event.owner)
 
 
 def parse_limit(query: MultiMapping[str]) -> int:
@@ -195,7 +188,7 @@ async def read_page(log: EventLog, caller: Caller, seq: int, limit: int) -> tupl
         for event in chunk:
             seq = event.seq
             scanned += 1
-            if visible(caller, event):
+            if visible_to(caller, event):
                 found.append(event)
                 if len(found) == limit:
                     break
@@ -309,7 +302,7 @@ async def _pump(
             return
         for event in events:
             seq = event.seq
-            if visible(admitted.caller, event):
+            if visible_to(admitted.caller, event):
                 await response.write(feed.frames.of(log.log_id, event))
                 written_at = loop.time()
         if events:

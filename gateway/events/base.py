@@ -69,6 +69,31 @@ class Event:
         return "dataset" if self.type.startswith("dataset.") else "batch"
 
 
+class Viewer(Protocol):
+    """Who reads events (a caller of the feed, or a caller's webhook), as configured."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def allow(self) -> frozenset[str]: ...
+
+    @property
+    def batches(self) -> str: ...
+
+
+def visible_to(viewer: Viewer, event: Event) -> bool:
+    """The one rule of who sees an event, for the feed, the stream and webhooks (docs/design.md §12).
+
+    It needs ``retrieve``, a dataset's event ``read_dataset`` too; an ``own`` viewer sees only what it created.
+    """
+    if "retrieve" not in viewer.allow:
+        return False
+    if event.kind == "dataset" and "read_dataset" not in viewer.allow:
+        return False
+    return viewer.batches == "all" or event.owner == viewer.name
+
+
 def event_type(kind: Kind, status: str) -> str:
     """``batch.`` and the status without its prefix in lower case, or ``dataset.`` and the validation status."""
     if kind == "batch":

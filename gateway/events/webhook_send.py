@@ -22,8 +22,6 @@ from datetime import UTC, datetime
 import aiohttp
 from standardwebhooks.webhooks import Webhook
 
-from gateway.config import CallerSettings
-from gateway.events.base import Event
 from gateway.ops.webhook_metrics import DELIVERED, GONE, REFUSED, TIMEOUT, UNREACHABLE
 
 # Read from an answer at most this much, and drop it: a longer body only costs its connection.
@@ -31,15 +29,6 @@ DISCARD_BYTES = 4096
 # Each wait of the retry schedule is jittered by this much either way, so retries of many webhooks spread out.
 JITTER = 0.2
 USER_AGENT = "cohere-gateway-webhooks"
-
-
-def visible(caller: CallerSettings, event: Event) -> bool:
-    """Whether the caller may see ``event`` (the feed's rule): ``retrieve`` (and ``read_dataset``), its scope."""
-    if "retrieve" not in caller.allow:
-        return False
-    if event.kind == "dataset" and "read_dataset" not in caller.allow:
-        return False
-    return caller.batches == "all" or event.owner == caller.name
 
 
 def signature(event_id: str, timestamp: int, body: bytes, secrets: Sequence[str]) -> str:

@@ -30,9 +30,9 @@ import aiohttp
 from gateway.config import CallerSettings, GatewayConfig
 from gateway.config.features import WebhookSettings
 from gateway.errors import StoreUnavailable
-from gateway.events.base import Event, EventLog, encode_cursor
+from gateway.events.base import Event, EventLog, encode_cursor, visible_to
 from gateway.events.positions import Positions
-from gateway.events.webhook_send import new_session, post, retry_wait, signed_headers, visible
+from gateway.events.webhook_send import new_session, post, retry_wait, signed_headers
 from gateway.ops.logs import log_event
 from gateway.ops.webhook_metrics import DELIVERED, DROPPED, GONE, WebhookMetrics
 from gateway.replicas.lease import Lease
@@ -181,7 +181,7 @@ class CallerDeliveries:
         for event in events:
             if not await self._holding():
                 return
-            if not visible(self.caller, event):
+            if not visible_to(self.caller, event):
                 passed = self.position = event.seq
                 continue
             if not await self._deliver(event):
