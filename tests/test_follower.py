@@ -305,7 +305,9 @@ async def test_datasets_deleted_while_validating_do_not_stall_following_of_the_o
 ) -> None:
     allow = ["retrieve", "read_dataset"]
     callers = [{"name": "billing-service", "key": BILLING_KEY, "allow": allow}]
-    gateway = await start(following(upstream, callers=callers))
+    # No jitter: every answer stays fresh as long, so the deleted ones (seen first) are stale before the kept
+    # ones are, and the last round below retrieves them; with it, a deleted one could still be fresh then.
+    gateway = await start(following(upstream, callers=callers, cache={"active_jitter": 0}))
     upstream.datasets.validation_s = 1.0
     ids = [upstream.seed_dataset([{"custom_id": "0", "body": "{}"}], name=f"d{n:02d}") for n in range(25)]
     for dataset_id in ids:  # seen in this order: the 20 to be deleted are the least recently seen
