@@ -39,6 +39,7 @@ from tests.support import (
     LogCapture,
     Samples,
     assert_no_secrets,
+    eventually,
     free_port,
     http,
     make_config,
@@ -307,6 +308,21 @@ async def test_the_access_log_has_one_line_per_request_with_every_field(
     assert (second["upstream_status"], second["upstream_ms"]) == (None, None)
     assert third["request_id"] == denied.headers["X-Request-ID"]
     assert (third["caller"], third["status"]) == ("-", 401)
+
+
+async def test_an_access_line_is_written_soon_after_its_answer_with_no_more_traffic_to_push_it(
+    simulator: Simulator, start: GatewayFactory, logs: LogCapture
+) -> None:
+    gateway = await start(make_config(simulator.url))
+    await http(f"{gateway.url}/v2/batches/batch-1")  # a miss, through the app
+
+    hit = await http(f"{gateway.url}/v2/batches/batch-1")  # a fresh hit, answered inline
+
+    # Lines are written in batches (gateway.ops.logs.BATCH_WITHIN_S); the last one must not wait for another
+    # request, nor for the gateway to stop. logs.text reads what was written, asking no flush.
+    request_id = hit.header("X-Request-ID")
+    assert request_id is not None
+    assert await eventually(lambda: request_id in logs.text, PROCESS_WAIT_S)
 
 
 async def test_a_request_aiohttp_cannot_parse_gets_an_access_log_line_and_is_counted(

@@ -39,6 +39,15 @@ class _CountingTLRU(TLRUCache[str, CacheEntry]):
         self._on_remove("evicted", 1)
         return item
 
+    def get(self, key: str, default: CacheEntry | None = None) -> CacheEntry | None:  # type: ignore[override]
+        # One __getitem__ (it reads the timer once and checks the expiry) in place of TLRUCache.get's
+        # timer context, __contains__ and __getitem__: a fresh hit's lookup in a third of the time (a miss,
+        # rare and followed by an upstream call, takes a fifth longer).
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
     def expire(self, time: float | None = None) -> Any:
         expired = super().expire(time)
         if expired:

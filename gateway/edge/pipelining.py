@@ -27,6 +27,10 @@ from gateway._aiohttp import (
 class InlineAnswering(Protocol):
     """What the parser asks of its connection (``gateway.edge.connection.GatewayConnection``)."""
 
+    @property
+    def queued(self) -> int: ...
+    @property
+    def queue_limit(self) -> int: ...
     def answer_inline(self, message: RawRequestMessage, payload: StreamReader) -> bool: ...
     def stop_answering_inline(self) -> None: ...
     def close_when_answered(self) -> None: ...
@@ -116,6 +120,7 @@ class HitAnsweringParser:
         # Requests the parser gave when asked whether it held any: the next feed's.
         self._stash: list[Parsed] = []
         self._failed = False
+        self._bodies_seen = False
 
     def feed_data(self, data: bytes) -> tuple[Sequence[Parsed], bool, bytes]:
         if self._failed:
@@ -136,9 +141,15 @@ class HitAnsweringParser:
             answered += 1
         rest = messages[answered:] if answered else messages
         if messages and not upgraded and not self._failed:
-            # Ask the parser whether it holds requests back (it stops at its queue
-            # limit, with the rest buffered, until someone feeds it again).
-            held = self._parse(b"")[0]
+            # Ask the parser whether it holds requests back: it stops, with the rest
+            # buffered until someone feeds it again, once the requests it handed out
+            # and nobody took (those queued, and these before any was answered) reach
+            # its queue limit. Below that it holds none, and asking costs a feed.
+            # A request with a body may have cost the parser a slot for good (see the
+            # class docstring): from the first one on, it is always asked.
+            self._note_bodies(rest)
+            may_hold = self._bodies_seen or connection.queued + len(messages) >= connection.queue_limit
+            held = self._parse(b"")[0] if may_hold else ()
             if held and not rest and not self._failed:
                 # All were answered here, so nothing reached start() to resume the parser.
                 # Answer the rest at the loop's next turn, as start() would: one long
@@ -155,7 +166,13 @@ class HitAnsweringParser:
                 self._unsettled.clear()
                 self._unsettled_known = True
                 self._handed_out = 0
+        self._note_bodies(rest)
         return rest, upgraded, tail
+
+    def _note_bodies(self, handed_on: Sequence[Parsed]) -> None:
+        """Whether any request handed on to the app so far came with a body (never one answered inline)."""
+        if handed_on and not self._bodies_seen:
+            self._bodies_seen = any(payload is not EMPTY_PAYLOAD for _, payload in handed_on)
 
     def _parse(self, data: bytes) -> tuple[Sequence[Parsed], bool, bytes]:
         """Feed the parser; what it hands out, with what it lost put back."""

@@ -72,6 +72,7 @@ class RunningGateway:
         if self.metrics_runner is not None:
             await self.metrics_runner.cleanup()
         self.state.access_log.flush()
+        self.state.metrics.tally.flush()
 
 
 async def start_gateway(

@@ -17,6 +17,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -233,6 +234,64 @@ class FlushAtTurnEnd:
         self._loop = None
 
 
+# Access lines and request counts are handed on at most this long after the first of a batch, or sooner once
+# ACCESS_BATCH lines wait: a busy gateway that keeps up answers about one request per loop turn, so handing
+# them on at each turn's end cost a log record and a write per request (bench/RESULTS.md, hit_vs_ceiling).
+BATCH_WITHIN_S = 0.05
+ACCESS_BATCH = 256
+# Every FlushWithin with a flush pending, for flush_pending.
+_PENDING: weakref.WeakSet[FlushWithin] = weakref.WeakSet()
+
+
+class FlushWithin:
+    """Calls ``flush`` once, ``within_s`` after the first request since the last flush; at once outside a loop.
+
+    For what is cheap to collect and dear to hand on one at a time: access
+    lines and request counts. As with ``FlushAtTurnEnd``, the loop a flush is
+    scheduled on is remembered, so a loop closed before running it does not
+    keep later flushes from being scheduled. ``flush`` calls ``done`` first,
+    whoever called it (early: a scrape, a full batch, a stop).
+    """
+
+    def __init__(self, flush: Callable[[], None], within_s: float) -> None:
+        self._flush = flush
+        self._within_s = within_s
+        self._handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0  # the thread running that loop
+
+    def request(self) -> None:
+        # Known without asyncio.get_running_loop(), which costs a getpid() a call (once per request).
+        loop = self._loop
+        if (
+            self._handle is not None
+            and loop is not None
+            and self._thread == threading.get_ident()
+            and loop.is_running()
+        ):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._flush()
+            return
+        self._loop, self._thread = loop, threading.get_ident()
+        self._handle = loop.call_later(self._within_s, self._flush)
+        _PENDING.add(self)
+
+    def done(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        _PENDING.discard(self)
+
+
+def flush_pending() -> None:
+    """Hand on every batch still waiting for its time (a stop; a test reading what was logged)."""
+    for waiting in list(_PENDING):
+        waiting._flush()
+
+
 class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A stream handler that writes lines in batches, and whose failure report holds no part of the record.
 
@@ -289,8 +348,9 @@ class AccessLog:
     """The access log (logger ``gateway.access``): one line per request, logged in batches.
 
     A LogRecord and the trip through the handlers cost more than answering
-    a cache hit (bench/RESULTS.md), so the lines added during one turn of
-    the event loop are logged as one record at the turn's end; the
+    a cache hit (bench/RESULTS.md), so lines are logged as one record
+    ``BATCH_WITHIN_S`` after the first of a batch, or once ``ACCESS_BATCH``
+    wait (nginx's ``access_log ... buffer= flush=`` does the same); the
     formatter renders each as its own line, each with the time it was
     added. Outside a running loop, a line is logged at once.
     """
@@ -298,7 +358,7 @@ class AccessLog:
     def __init__(self) -> None:
         self._logger = logging.getLogger(ACCESS_LOGGER)
         self._pending: list[AccessEntry] = []
-        self._flush_soon = FlushAtTurnEnd(self.flush)
+        self._flush_soon = FlushWithin(self.flush, BATCH_WITHIN_S)
 
     def add(
         self,
@@ -317,7 +377,8 @@ class AccessLog:
         """One line (the fields of ``ACCESS_FIELDS``): kept as a tuple, rendered and redacted at the turn's end."""
         if not self._logger.isEnabledFor(logging.INFO):
             return
-        self._pending.append(
+        pending = self._pending
+        pending.append(
             (
                 time.time(),
                 request_id,
@@ -332,7 +393,10 @@ class AccessLog:
                 total_ms,
             )
         )
-        self._flush_soon.request()
+        if len(pending) < ACCESS_BATCH:
+            self._flush_soon.request()
+        else:
+            self.flush()
 
     def flush(self) -> None:
         """Log the lines added so far."""

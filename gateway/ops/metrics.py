@@ -19,7 +19,7 @@ from gateway import __version__
 from gateway.ops.dataset_metrics import DatasetMetrics
 from gateway.ops.download_metrics import DownloadMetrics
 from gateway.ops.event_metrics import EventMetrics
-from gateway.ops.logs import FlushAtTurnEnd
+from gateway.ops.logs import BATCH_WITHIN_S, FlushWithin
 from gateway.ops.usage_metrics import UsageMetrics
 from gateway.ops.webhook_metrics import WebhookMetrics
 
@@ -188,12 +188,12 @@ class Metrics:
 
 
 class Tally:
-    """Requests counted and timed during one turn of the event loop, added to their collectors at its end.
+    """Requests counted and timed as they are answered, added to their collectors together within ``BATCH_WITHIN_S``.
 
     prometheus_client takes a lock for each ``inc`` and ``observe`` (three a
     request: the count, the histogram's sum and its bucket), which cost as
-    much as the rest of a cache hit's bookkeeping. The requests of a turn
-    are added at its end instead: a count, a sum and each bucket once.
+    much as the rest of a cache hit's bookkeeping. The requests of a batch
+    are added at once instead: a count, a sum and each bucket once.
     ``Metrics.render`` adds what is pending first, so a scrape holds every
     request answered before it. Outside a running loop they are added at once.
     """
@@ -201,7 +201,7 @@ class Tally:
     def __init__(self) -> None:
         self._counts: dict[Any, int] = {}  # a Counter child -> requests
         self._times: dict[Any, list[float]] = {}  # a Histogram child -> the seconds observed
-        self._flush_soon = FlushAtTurnEnd(self.flush)
+        self._flush_soon = FlushWithin(self.flush, BATCH_WITHIN_S)
 
     def add(self, counter: Any, histogram: Any, seconds: float | None) -> None:
         """One request: ``counter`` (a Counter child) counts it; ``histogram`` times it unless ``seconds`` is None."""
