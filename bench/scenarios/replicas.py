@@ -122,6 +122,7 @@ def measure(env: Env) -> dict[str, Any]:
     targets = {key: (REPLICA_RUNS[key].ns, tuple(p.url for p in procs), headers) for key, procs in groups.items()}
     log(f"replicas: {mode.pollers} pollers x {len(targets)} set-ups for {mode.window_s:g} s")
     rows = replica_rows(uvloop.run(lifecycle(env, targets)), REPLICA_RUNS)
+    kinds = {key: [uvloop.run(calls_by_kind(p.url)) for p in procs] for key, procs in groups.items()}
     env.procs.stop_together(groups["no_redis"])
     before = [uvloop.run(redis_transitions(p.url)) for p in groups["redis"]]
 
@@ -130,6 +131,10 @@ def measure(env: Env) -> dict[str, Any]:
     again = {"outage": targets["redis"]}
     rows |= replica_rows(uvloop.run(lifecycle(env, again, fault=outage, prefix="again")), {"outage": OUTAGE_RUN})
     after = [uvloop.run(redis_transitions(p.url)) for p in groups["redis"]]
+    since = [uvloop.run(calls_by_kind(p.url)) for p in groups["redis"]]
+    kinds["outage"] = [{k: n[k] - b[k] for k in n} for n, b in zip(since, kinds["redis"], strict=True)]
+    for key, row in rows.items():
+        row["kinds"] = kinds[key]
     seen = [{event: a[event] - b[event] for event in a} for a, b in zip(after, before, strict=True)]
     calls = ", ".join(f"{row['label']} {row['calls']}" for row in rows.values())
     log(f"replicas: upstream calls: {calls}; failed polls with Redis killed: {rows['outage']['failures']}")
@@ -148,6 +153,33 @@ async def redis_transitions(url: str) -> dict[str, int]:
         text = await r.text()
     found = re.findall(r'^gateway_redis_transitions_total\{event="(\w+)"\}\s+([\d.e+]+)$', text, re.MULTILINE)
     return {"lost": 0, "regained": 0} | {event: int(float(n)) for event, n in found}
+
+
+# What each process's /metrics says of its upstream calls: the follower's list and retrieve calls, and the rest
+# (its callers' misses: retrieves).
+KINDS = ("follower_list", "follower_retrieve", "callers")
+
+
+async def calls_by_kind(url: str) -> dict[str, int]:
+    """One process's upstream calls so far, by kind (``KINDS``), from its /metrics."""
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as r:
+        text = await r.text()
+
+    def total(name: str, labels: str = "") -> int:
+        found = re.findall(rf"^{name}\{{{labels}[^}}]*\}}\s+([\d.e+]+)$", text, re.MULTILINE)
+        return int(sum(float(n) for n in found))
+
+    follower = {kind: total("gateway_follow_calls_total", f'kind="{kind}"') for kind in ("list", "retrieve")}
+    everything = total("gateway_upstream_calls_total")
+    rest = everything - sum(follower.values())
+    return {"follower_list": follower["list"], "follower_retrieve": follower["retrieve"], "callers": rest}
+
+
+def kinds_cell(kinds: list[dict[str, int]]) -> str:
+    """``lists / follower retrieves / callers' calls (per process)``, summed over a set-up's processes."""
+    sums = [sum(k[kind] for k in kinds) for kind in KINDS]
+    per_process = ", ".join(str(sum(k.values())) for k in kinds)
+    return " / ".join(map(str, sums)) + (f" ({per_process})" if len(kinds) > 1 else "")
 
 
 def replica_hits(env: Env, redis: Proc) -> dict[str, Any]:
@@ -204,14 +236,18 @@ def lines(env: Env, replicas: dict[str, Any]) -> list[str]:
         f"{counts(outage['seen'], 'regained')} (in the first run, Redis up all along: lost "
         f"{counts(outage['seen_before'], 'lost')}). A failed poll: any answer but 2xx or 304, or none within 10 s.",
         "",
-        "| set-up | processes | upstream calls | vs 1 process | vs ideal | polls served | failed polls |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "The calls by kind, from the processes' own /metrics (they count each try, as the simulator does): the "
+        "follower's list calls / the follower's retrieves / the callers' misses, and in brackets each process's calls.",
+        "",
+        "| set-up | processes | upstream calls | by kind | vs 1 process | vs ideal | polls served | failed polls |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     one = rows["one"]["calls"]
     for row in rows.values():
         kinds = ", ".join(f"{kind}: {n}" for kind, n in sorted(row["failure_kinds"].items()))
         lines.append(
-            f"| {row['label']} | {row['processes']} | {row['calls']} | {fmt(row['calls'] / one if one else None, 3)} | "
+            f"| {row['label']} | {row['processes']} | {row['calls']} | {kinds_cell(row['kinds'])} | "
+            f"{fmt(row['calls'] / one if one else None, 3)} | "
             f"{fmt(row['calls'] / row['ideal'] if row['ideal'] else None, 3)} | {row['polls']} | "
             f"{row['failures']}{f' ({kinds})' if kinds else ''} |"
         )

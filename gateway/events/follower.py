@@ -137,8 +137,15 @@ class Follower:
             self.leading = False
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
         while True:  # until the app stops (close); each round is bounded (pages, retrieves, timeouts)
-            await asyncio.sleep(self._settings().interval_s)
+            # Rounds start every interval_s, however long each takes: were the next one to wait a whole interval
+            # after this one ends, each round would list later than the last, past the active TTL of the answers
+            # the last one stored, and pollers would retrieve those first. A round on Redis takes longest (each
+            # answer it stores is a Redis save), so replicas paid most. One that overran starts at once.
+            next_at = max(next_at + self._settings().interval_s, loop.time())
+            await asyncio.sleep(next_at - loop.time())
             settings = self._settings()
             if not settings.enabled:
                 continue
