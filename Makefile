@@ -42,7 +42,7 @@ check: $(VENV)/.installed-test redis-server
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	GATEWAY_TEST_LOOPS=uvloop $(BIN)/python -m pytest -n 2 -q -x -m "not one_loop" \
-		--ignore=tests/test_replicas.py --ignore=tests/test_workers.py --ignore=tests/test_resources.py
+		--ignore=tests/test_replicas.py --ignore=tests/test_replicas_following.py --ignore=tests/test_workers.py --ignore=tests/test_resources.py
 
 ## kit: the operator's kit checks alone: docs links, keys and codes; deploy/ against its schemas, --check-config, promtool, metric names
 kit: $(VENV)/.installed-test promtool
