@@ -34,7 +34,8 @@ from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import GatewayConfig, deep_merge, validate
-from gateway.ops.logs import JsonFormatter, Redactor, flush_pending
+from gateway.ops.batching import flush_pending
+from gateway.ops.logs import JsonFormatter, Redactor
 
 if TYPE_CHECKING:
     from gateway.edge.server import RunningGateway
@@ -115,7 +116,7 @@ class LogCapture:
         return self.stream.getvalue()
 
     def events(self, logger: str | None = None) -> list[dict[str, Any]]:
-        flush_pending()  # access lines wait up to gateway.ops.logs.BATCH_WITHIN_S to be written
+        flush_pending()  # access lines wait up to gateway.ops.batching.BATCH_WITHIN_S to be written
         lines = [json.loads(line) for line in self.text.splitlines() if line.strip()]
         return [line for line in lines if logger is None or line["logger"] == logger]
 
@@ -353,7 +354,7 @@ def sample_value(samples: Samples, name: str, **labels: str) -> float:
 
 def registry_value(gateway: RunningGateway, name: str, **labels: str) -> float:
     """A sample read from an in-process gateway's registry (0 when it was never recorded)."""
-    gateway.state.metrics.tally.flush()  # request counts wait up to gateway.ops.logs.BATCH_WITHIN_S
+    gateway.state.metrics.tally.flush()  # request counts wait up to gateway.ops.batching.BATCH_WITHIN_S
     return gateway.state.metrics.registry.get_sample_value(name, labels) or 0.0
 
 

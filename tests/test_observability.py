@@ -318,7 +318,7 @@ async def test_an_access_line_is_written_soon_after_its_answer_with_no_more_traf
 
     hit = await http(f"{gateway.url}/v2/batches/batch-1")  # a fresh hit, answered inline
 
-    # Lines are written in batches (gateway.ops.logs.BATCH_WITHIN_S); the last one must not wait for another
+    # Lines are written in batches (gateway.ops.batching.BATCH_WITHIN_S); the last one must not wait for another
     # request, nor for the gateway to stop. logs.text reads what was written, asking no flush.
     request_id = hit.header("X-Request-ID")
     assert request_id is not None

@@ -9,21 +9,18 @@ in batches (``AccessLog``) but are rendered and redacted the same way.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import re
 import sys
-import threading
 import time
-import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import ahocorasick_rs
 
+from gateway.ops.batching import BATCH_WITHIN_S, FlushAtTurnEnd, FlushWithin
 from gateway.ops.lines import (
     ACCESS_FIELDS,
     FALLBACK_ENCODER,
@@ -203,95 +200,6 @@ class JsonFormatter(logging.Formatter):
         return payloads
 
 
-class FlushAtTurnEnd:
-    """Calls ``flush`` once at the end of the running event loop's turn, however often asked; at once outside a loop.
-
-    The loop a flush is scheduled on is remembered, not a flag: a loop
-    closed before running it does not keep later flushes from being scheduled.
-    ``flush`` calls ``done`` first, whoever called it.
-    """
-
-    def __init__(self, flush: Callable[[], None]) -> None:
-        self._flush = flush
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = 0  # the thread running that loop
-
-    def request(self) -> None:
-        # Asked again on the loop that runs the flush: nothing to do. Known without
-        # asyncio.get_running_loop(), which costs a getpid() a call (once per request).
-        if self._loop is not None and self._thread == threading.get_ident() and self._loop.is_running():
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._flush()
-            return
-        if self._loop is not loop:
-            self._loop, self._thread = loop, threading.get_ident()
-            loop.call_soon(self._flush)
-
-    def done(self) -> None:
-        self._loop = None
-
-
-# Access lines and request counts are handed on at most this long after the first of a batch, or sooner once
-# ACCESS_BATCH lines wait: a busy gateway that keeps up answers about one request per loop turn, so handing
-# them on at each turn's end cost a log record and a write per request (bench/RESULTS.md, hit_vs_ceiling).
-BATCH_WITHIN_S = 0.05
-ACCESS_BATCH = 256
-# Every FlushWithin with a flush pending, for flush_pending.
-_PENDING: weakref.WeakSet[FlushWithin] = weakref.WeakSet()
-
-
-class FlushWithin:
-    """Calls ``flush`` once, ``within_s`` after the first request since the last flush; at once outside a loop.
-
-    For what is cheap to collect and dear to hand on one at a time: access
-    lines and request counts. As with ``FlushAtTurnEnd``, the loop a flush is
-    scheduled on is remembered, so a loop closed before running it does not
-    keep later flushes from being scheduled. ``flush`` calls ``done`` first,
-    whoever called it (early: a scrape, a full batch, a stop).
-    """
-
-    def __init__(self, flush: Callable[[], None], within_s: float) -> None:
-        self._flush = flush
-        self._within_s = within_s
-        self._handle: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = 0  # the thread running that loop
-
-    def request(self) -> None:
-        # Known without asyncio.get_running_loop(), which costs a getpid() a call (once per request).
-        loop = self._loop
-        if (
-            self._handle is not None
-            and loop is not None
-            and self._thread == threading.get_ident()
-            and loop.is_running()
-        ):
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._flush()
-            return
-        self._loop, self._thread = loop, threading.get_ident()
-        self._handle = loop.call_later(self._within_s, self._flush)
-        _PENDING.add(self)
-
-    def done(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        _PENDING.discard(self)
-
-
-def flush_pending() -> None:
-    """Hand on every batch still waiting for its time (a stop; a test reading what was logged)."""
-    for waiting in list(_PENDING):
-        waiting._flush()
-
-
 class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A stream handler that writes lines in batches, and whose failure report holds no part of the record.
 
@@ -342,6 +250,10 @@ class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
         notice = {"level": "error", "logger": "gateway.logs", "event": "a log line could not be written"}
         with contextlib.suppress(Exception):  # nothing is left to report it to
             self.stream.write(json.dumps(notice) + self.terminator)
+
+
+# Access lines waiting past this many are logged at once: a flush stalls the loop for their rendering alone.
+ACCESS_BATCH = 256
 
 
 class AccessLog:

@@ -16,10 +16,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
 from gateway import __version__
+from gateway.ops.batching import BATCH_WITHIN_S, FlushWithin
 from gateway.ops.dataset_metrics import DatasetMetrics
 from gateway.ops.download_metrics import DownloadMetrics
 from gateway.ops.event_metrics import EventMetrics
-from gateway.ops.logs import BATCH_WITHIN_S, FlushWithin
 from gateway.ops.usage_metrics import UsageMetrics
 from gateway.ops.webhook_metrics import WebhookMetrics
 
