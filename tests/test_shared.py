@@ -156,7 +156,8 @@ async def test_followers_wait_for_the_leaders_answer_and_one_upstream_call_is_ma
     ]
     async with asyncio.timeout(10):
         await called.wait()
-        await until(lambda: sum(len(c._following.get("b", ())) for c in caches) == 2)
+        # All three listen for the flight's word: the leader (until it is done) and the two that wait for it.
+        await until(lambda: all(len(c._following.get("b", ())) == 1 for c in caches))
         release.set()
         results = await asyncio.gather(*settled)
     assert len(calls) == 1
