@@ -27,7 +27,7 @@ from gateway._aiohttp import (
 )
 from gateway.api.app import error_response
 from gateway.api.state import GatewayState
-from gateway.edge.inline import answer_fresh_hit
+from gateway.edge.inline import TurnWrites, answer_fresh_hit
 from gateway.edge.pipelining import HitAnsweringParser
 from gateway.edge.rejections import ExpectCheck, account_unparsed, protocol_error
 from gateway.ops.logs import log_event
@@ -57,6 +57,8 @@ class GatewayConnection(Connection):
     header_timeout_s: float = 10.0
     state: GatewayState | None = None
     parser_options: dict[str, Any] = {}  # noqa: RUF012 (set per connection by GatewayServer)
+    # Where answers given inline go, to be written at the loop turn's end (the server's, shared by its connections).
+    writes: TurnWrites
     _head_timer: asyncio.TimerHandle | None = None
     _heads_at_arming = 0
     _read_ends_mid_request = False
@@ -224,7 +226,7 @@ class GatewayConnection(Connection):
             return False
         if response is None:
             return False
-        self.transport.write(response)
+        self.writes.add(self.transport, response)
         self.count_answered()
         return True
 
@@ -278,6 +280,7 @@ class GatewayServer(web.Server):
     header_timeout_s = 10.0
     state: GatewayState | None = None
     inline_hits = True
+    _writes: TurnWrites | None = None
 
     def __call__(self) -> GatewayConnection:
         connection = build_connection(self, GatewayConnection)
@@ -286,6 +289,9 @@ class GatewayServer(web.Server):
         connection.header_timeout_s = self.header_timeout_s
         connection.parser_options = {k: options[k] for k in _PARSER_OPTIONS if k in options}
         connection.state = self.state
+        if self._writes is None:  # made here: the runner swaps this class in after aiohttp's __init__ ran
+            self._writes = TurnWrites()
+        connection.writes = self._writes
         if not self.inline_hits:
             connection.stop_answering_inline()
         return connection
