@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gateway.edge.server import RunningGateway
 from gateway.events.base import Event
-from gateway.events.follower import CLIENT_NAME
+from gateway.events.follower import CLIENT_NAME, next_beat
 from tests.conftest import GatewayFactory, ProcessFactory
 from tests.redis_server import RedisServer
 from tests.support import (
@@ -331,3 +333,19 @@ async def test_datasets_deleted_while_validating_do_not_stall_following_of_the_o
     await gateway.state.follower.round()
     assert gateway.state.events is not None
     assert not set(deleted) & set(await gateway.state.events.followed("dataset", 100))
+
+
+@pytest.mark.parametrize(
+    ("now", "starts_at"),
+    [
+        (10.2, 15.0),  # a quick round: the next starts on the beat, however long this one took
+        (14.9, 15.0),
+        (15.0, 15.0),
+        (15.1, 20.0),  # overran its beat: the next beat, not at once (rounds never run back to back)
+        (27.0, 30.0),  # overran three beats: they are skipped
+    ],
+)
+def test_a_round_starts_on_the_next_beat_of_the_interval_and_one_that_overran_waits_for_the_next(
+    now: float, starts_at: float
+) -> None:
+    assert next_beat(10.0, 5.0, now) == pytest.approx(starts_at)

@@ -45,6 +45,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -81,6 +82,14 @@ LEASE_INTERVALS = 3.0
 MIN_LEASE_S = 1.0
 
 CheckDatasets = Callable[[list[str]], Awaitable[None]]
+
+
+def next_beat(last: float, interval_s: float, now: float) -> float:
+    """When the round after the one due at ``last`` starts: the first beat of ``interval_s`` not yet past."""
+    beat = last + interval_s
+    if beat < now:  # the round overran: the beats it missed are skipped
+        beat += math.ceil((now - beat) / interval_s) * interval_s
+    return beat
 
 
 class Follower:
@@ -143,9 +152,12 @@ class Follower:
             # Rounds start every interval_s, however long each takes: were the next one to wait a whole interval
             # after this one ends, each round would list later than the last, past the active TTL of the answers
             # the last one stored, and pollers would retrieve those first. A round on Redis takes longest (each
-            # answer it stores is a Redis save), so replicas paid most. One that overran starts at once.
-            next_at = max(next_at + self._settings().interval_s, loop.time())
-            await asyncio.sleep(next_at - loop.time())
+            # answer it stores is a Redis save), so replicas paid most. One that overran waits for the next beat:
+            # started at once, rounds would follow each other without a pause (100,000 followed batches, ten
+            # pages a round, kept the upstream and the gateway listing all the time).
+            now = loop.time()
+            next_at = next_beat(next_at, self._settings().interval_s, now)
+            await asyncio.sleep(next_at - now)
             settings = self._settings()
             if not settings.enabled:
                 continue
