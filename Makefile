@@ -17,11 +17,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet -c $(LOCK) pip setuptools
 
-$(VENV)/.installed-run: pyproject.toml $(LOCK) | $(BIN)/python
+# gateway/__init__.py too: the package version is read from it at install, so a version bump reinstalls.
+$(VENV)/.installed-run: pyproject.toml $(LOCK) gateway/__init__.py | $(BIN)/python
 	$(PIP) install --quiet --no-build-isolation -c $(LOCK) -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml $(LOCK) | $(BIN)/python
+$(VENV)/.installed-test: pyproject.toml $(LOCK) gateway/__init__.py | $(BIN)/python
 	$(PIP) install --quiet --no-build-isolation -c $(LOCK) -e '.[test,bench]'
 	touch $@ $(VENV)/.installed-run
 
