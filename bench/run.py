@@ -1,6 +1,6 @@
 """The benchmark: the gateway side by side with what users would run instead.
 
-    python bench/run.py            # full run (about 10 minutes): writes bench/RESULTS.md and its two charts
+    python bench/run.py            # full run (about 20 minutes): writes bench/RESULTS.md and its two charts
     python bench/run.py --quick    # about 5 minutes; results go to a temporary folder
     python bench/run.py --smoke    # under a minute: every scenario once, minimally (CI)
     python bench/run.py --quick --only callers,config   # just some scenarios (see --help)
