@@ -20,6 +20,7 @@ from functools import partial
 from typing import Any
 
 from gateway.api.auth import CallerDirectory
+from gateway.api.dataset_scope import record_outputs
 from gateway.api.state import GatewayState, Snapshot
 from gateway.cache.batch_cache import BatchCache, CacheHooks
 from gateway.cache.entry import CacheEntry, Role
@@ -31,7 +32,7 @@ from gateway.config.features import EventsSettings
 from gateway.datasets.links import DirectLinks, PartLinks
 from gateway.datasets.signing import SignedLinks
 from gateway.edge.server import RunningGateway
-from gateway.events.base import EventLog, Kind
+from gateway.events.base import Kind
 from gateway.events.follower import Follower
 from gateway.events.positions import Positions, RedisPositions, SqlitePositions
 from gateway.events.redis import RedisEventLog
@@ -132,7 +133,7 @@ def build_state(config: GatewayConfig, redact: Redactor | None = None, clock: Cl
         links=links_for(config, link, lambda: state_of[0].snapshot.config),
     )
     state_of.append(state)
-    state.follower = _follower(events, cache, upstream, refresher, link, lambda: state.snapshot.config.events, clock)
+    state.follower = _follower(state, link)
     state.webhooks = webhooks_for(config, state)
     state.redact.update(config.secrets)
     if link is not None and shared_cache is not None:
@@ -158,20 +159,25 @@ def _event_parts(
     return events, usage, Sightings(CountingLog(events, usage), records, metrics.events)
 
 
-def _follower(
-    events: EventLog | None,
-    cache: BatchCache,
-    upstream: UpstreamClient,
-    refresher: Refresher,
-    link: RedisLink | None,
-    settings: Callable[[], EventsSettings],
-    clock: Clock,
-) -> Follower | None:
-    """The follower (docs/design.md §12), when events.enabled: one process at a time holds its lease."""
-    if events is None:
+def _follower(state: GatewayState, link: RedisLink | None) -> Follower | None:
+    """The follower (docs/design.md §12), when events.enabled: one process at a time holds its lease.
+
+    What it stores of a finished batch records the batch's output dataset as its owner's first, as a
+    caller's retrieve does (docs/design.md §11): a caller may then read the answer from the cache.
+    """
+    if state.events is None:
         return None
-    lease = partial(Lease, link, "follower")
-    return Follower(events, cache, upstream, refresher, lease, settings, upstream.metrics.usage, clock)
+    return Follower(
+        state.events,
+        state.cache,
+        state.upstream,
+        state.refresher,
+        partial(Lease, link, "follower"),
+        lambda: state.snapshot.config.events,
+        state.upstream.metrics.usage,
+        state.clock,
+        partial(record_outputs, state),
+    )
 
 
 def _stretch(state_of: list[GatewayState]) -> float:

@@ -22,7 +22,7 @@ from gateway.records.base import dataset_key
 from tests.conftest import GatewayFactory
 from tests.dataset_kit import FakeDatasets
 from tests.redis_server import RedisServer
-from tests.support import BILLING_KEY, BUSY_S, REPORTING_KEY, Answer, FakeClock, http, sdk, store_locked
+from tests.support import BILLING_KEY, BUSY_S, REPORTING_KEY, Answer, FakeClock, eventually, http, sdk, store_locked
 from tests.test_dataset_routes import dataset_config
 from tests.upstream import Upstream, assert_error, create_body, post_json
 
@@ -150,6 +150,30 @@ async def test_the_output_of_an_own_callers_batch_is_its_own_however_the_batch_a
         assert_error(await as_reporting(f"{gateway.url}/v1/datasets/ds-out-{n}"), 404, "not_found")
     listed = await co.datasets.list()
     assert sorted(d.id for d in listed.datasets or []) == ["ds-out-0", "ds-out-1", "ds-out-2"]
+
+
+async def test_the_output_of_an_own_callers_batch_is_its_own_when_the_follower_saw_it_finish_first(
+    upstream: Upstream, start: GatewayFactory
+) -> None:
+    fake = FakeDatasets(upstream)
+    gateway = await start(dataset_config(upstream.url, "own"))
+    events, follower = gateway.state.events, gateway.state.follower
+    assert events is not None
+    assert follower is not None
+    co = sdk(gateway.url)
+    created = (await co.batches.create(request=Batch(name="b", input_dataset_id="ds-in", model="m"))).batch
+    assert await eventually(lambda: events.followed_count["batch"] == 1, BOUND_S)
+    await finish(upstream, created.id, "ds-out")
+    fake.add("ds-out", "validated")
+
+    await follower.round()  # its list shows the batch finished: stored before any caller asked for it
+    seen = await co.batches.retrieve(created.id)  # a hit on what the follower stored
+
+    assert seen.batch.status == COMPLETED
+    assert seen.batch.output_dataset_id == "ds-out"
+    mine = await co.datasets.get("ds-out")
+    assert mine.dataset.id == "ds-out"
+    assert_error(await as_reporting(f"{gateway.url}/v1/datasets/ds-out"), 404, "not_found")
 
 
 async def test_an_output_is_recorded_once_however_often_its_batch_is_seen(

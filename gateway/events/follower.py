@@ -82,6 +82,13 @@ LEASE_INTERVALS = 3.0
 MIN_LEASE_S = 1.0
 
 CheckDatasets = Callable[[list[str]], Awaitable[None]]
+# What the gateway must note of batch objects before their answer is stored (gateway.api.dataset_scope's
+# record_outputs: a finished batch's output dataset is its owner's, before any caller can read it from the cache).
+BeforeStore = Callable[[list[Any]], Awaitable[None]]
+
+
+async def _nothing_to_note(_batches: list[Any]) -> None:
+    return None
 
 
 def next_beat(last: float, interval_s: float, now: float) -> float:
@@ -105,8 +112,10 @@ class Follower:
         settings: Callable[[], EventsSettings],
         metrics: UsageMetrics,
         clock: Callable[[], float] = time.monotonic,
+        before_store: BeforeStore = _nothing_to_note,
     ) -> None:
         self._events = events
+        self._before_store = before_store
         self._metrics = metrics
         self._cache = cache
         self._upstream = upstream
@@ -294,6 +303,7 @@ class Follower:
     async def _store(self, batch_id: str, batch: dict[str, Any], stamp: float | None) -> None:
         """The list entry is the new state: stored as the batch's answer, as a retrieve's would be."""
         body = json.dumps({"batch": batch}, separators=(",", ":")).encode()
+        await self._before_store([batch])
         await self._cache.put(batch_id, UpstreamReply(200, body, lifetime_of_status(batch.get("status")), stamp))
 
     async def _check_datasets(self, dataset_ids: list[str]) -> None:
@@ -312,6 +322,12 @@ class Follower:
             if found.entry.status == 404:
                 await self._events.unfollow("dataset", dataset_id)  # deleted: it will never be validated
 
+    async def _fetch_batch(self, call: UpstreamRequest, may_wait: bool) -> UpstreamReply:
+        reply = await self._upstream.fetch(call, may_wait, accept_batch)
+        if reply.status == 200 and b'"output_dataset_id"' in reply.body:
+            await self._before_store([json.loads(reply.body).get("batch")])
+        return reply
+
     async def _fetch_dataset(self, call: UpstreamRequest, _may_wait: bool) -> UpstreamReply:
         # Never waits for a budget token, as every call of the follower.
         return await self._upstream.fetch(call, False, accept_dataset)
@@ -320,9 +336,10 @@ class Follower:
         call = UpstreamRequest(batch_path(batch_id), CLIENT_NAME, new_request_id())
         self._calls += 1
         self._metrics.follow_calls.labels("retrieve").inc()
-        fetch = partial(self._upstream.fetch, call, accept=accept_batch)
         try:
-            entry = await self._cache.refresh(batch_id, fetch, self._upstream.flight_wait_s())
+            entry = await self._cache.refresh(
+                batch_id, partial(self._fetch_batch, call), self._upstream.flight_wait_s()
+            )
         except errors.GatewayError as exc:
             # Refused for budget, or the upstream failed: tried again next round.
             log_event(log, logging.DEBUG, "follower retrieve failed", batch_id=batch_id, code=exc.code)
