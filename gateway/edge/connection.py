@@ -138,6 +138,10 @@ class GatewayConnection(Connection):
         if response.status == errors.RequestTimeout.status and not request.content.is_eof():
             # The body stopped arriving (docs/design.md §7): close now, where aiohttp would linger for it once more.
             self.force_close()
+        elif isinstance(request_handler, ExpectCheck) and request_handler.refused and not request.content.is_eof():
+            # An Expect refused (413, 417) before any 100 Continue: the client sends its body only after one, so
+            # none is coming. Close now, where aiohttp would linger 10 s for it (its lingering_time).
+            self.force_close()
         return response, reset
 
     def _after_overdue_head(self, request: web.BaseRequest) -> None:

@@ -62,6 +62,7 @@ class ExpectCheck:
     def __init__(self, state: GatewayState, handler: Handler) -> None:
         self._state = state
         self._handler = handler
+        self.refused = False  # answered here, before any 100 Continue: the body was never asked for
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         error = expect_error(
@@ -71,6 +72,7 @@ class ExpectCheck:
         )
         if error is None:
             return await self._handler(request)
+        self.refused = True
         request_id = request_id_for(request.headers)
         response = error_response(error, request_id)
         if request.content_length or request.headers.get(hdrs.TRANSFER_ENCODING):
