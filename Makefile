@@ -36,13 +36,13 @@ run: $(VENV)/.installed-run
 test: $(VENV)/.installed-test lint promtool redis-server soak bench-smoke
 	GATEWAY_REQUIRE_PROMTOOL=1 $(BIN)/python -m pytest -n 2
 
-## check: the inner loop, in under two minutes: ruff, mypy, the layers, and the tests that start no gateway process, on uvloop alone
+## check: the inner loop, in under two minutes: ruff, mypy, the layers, and the tests that start no gateway process (heavy ones left out), on uvloop alone
 check: $(VENV)/.installed-test redis-server
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	GATEWAY_TEST_LOOPS=uvloop $(BIN)/python -m pytest -n 2 -q -x -m "not one_loop" \
+	GATEWAY_TEST_LOOPS=uvloop $(BIN)/python -m pytest -n 2 -q -x -m "not one_loop and not heavy" \
 		--ignore=tests/test_replicas.py --ignore=tests/test_replicas_following.py --ignore=tests/test_workers.py --ignore=tests/test_resources.py
 
 ## kit: the operator's kit checks alone: docs links, keys and codes; deploy/ against its schemas, --check-config, promtool, metric names

@@ -57,6 +57,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "one_loop: run on the first loop of LOOPS only: the gateway under test runs in child processes"
         " (on uvloop whatever the test's loop), so a second loop would only repeat the same test",
     )
+    config.addinivalue_line(
+        "markers",
+        "heavy: several seconds of work (100,000 ids, 10,000 events, rounds of the follower):"
+        " make test runs it, make check leaves it out to stay the inner loop",
+    )
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:

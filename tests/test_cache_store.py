@@ -179,6 +179,7 @@ def test_the_least_recently_used_entry_is_evicted_for_room() -> None:
     assert removed == {"evicted": 1}
 
 
+@pytest.mark.heavy
 def test_a_hundred_thousand_distinct_ids_never_grow_the_cache_past_max_entries() -> None:
     clock = FakeClock()
     removed: Counter[str] = Counter()
@@ -207,6 +208,7 @@ def _put_distinct(store: MemoryStore, first: int, count: int) -> None:
         store.put(f"batch-{i}", CacheEntry(200, body, 1000.0, 1005.0, 1605.0))
 
 
+@pytest.mark.heavy
 def test_memory_stays_within_what_max_entries_entries_need_across_a_hundred_thousand_ids() -> None:
     store = MemoryStore(1000, FakeClock())
     gc.collect()

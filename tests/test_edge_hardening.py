@@ -72,6 +72,7 @@ def assert_names_only_the_product(answer: Answer) -> None:
     assert gateway.__version__ not in answer.header("Server")  # type: ignore[operator]
 
 
+@pytest.mark.heavy
 async def test_every_kind_of_answer_names_the_server_as_cohere_gateway_without_a_version(
     simulator: Simulator, start: GatewayFactory, inline_answers: list[bytes]
 ) -> None:

@@ -6,6 +6,8 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
+
 from gateway.config.features import EventsSettings
 from gateway.edge.server import RunningGateway
 from gateway.events.base import Event, Sighting, encode_cursor
@@ -265,6 +267,7 @@ async def test_a_cursor_older_than_the_events_kept_is_410_and_latest_resumes(
     assert (await feed(gateway, "after=latest")).status == 200
 
 
+@pytest.mark.heavy
 async def test_ten_thousand_events_page_through_with_no_gap_and_no_duplicate(
     upstream: Upstream, start: GatewayFactory
 ) -> None:

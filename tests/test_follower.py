@@ -178,6 +178,7 @@ async def test_after_a_restart_a_change_made_while_the_gateway_was_down_becomes_
     assert upstream.count("retrieve") == 1  # nobody asked after the restart: the follower found it
 
 
+@pytest.mark.heavy
 async def test_while_waiters_keep_the_refresher_listing_the_follower_reads_its_pages_and_lists_nothing_itself(
     upstream: Upstream, start: GatewayFactory
 ) -> None:
@@ -211,6 +212,7 @@ async def test_while_waiters_keep_the_refresher_listing_the_follower_reads_its_p
         await asyncio.gather(*waits, return_exceptions=True)
 
 
+@pytest.mark.heavy
 async def test_two_replicas_on_redis_follow_through_one_and_the_other_takes_over_when_it_is_killed(
     gateway_process: ProcessFactory, redis_server: RedisServer, upstream: Upstream, tmp_path: Path
 ) -> None:
@@ -251,6 +253,7 @@ async def metric(url: str, name: str, **labels: str) -> float:
     return sample_value(samples, name, **labels)
 
 
+@pytest.mark.heavy
 async def test_a_dataset_seen_while_validating_becomes_an_event_when_its_validation_ends_without_a_caller_asking(
     upstream: Upstream, start: GatewayFactory
 ) -> None:
@@ -302,6 +305,7 @@ async def test_after_its_first_round_the_follower_asks_for_more_pages_only_while
     assert upstream.count("retrieve") == 2
 
 
+@pytest.mark.heavy
 async def test_datasets_deleted_while_validating_do_not_stall_following_of_the_others(
     upstream: Upstream, start: GatewayFactory
 ) -> None:
