@@ -6,7 +6,6 @@ too (``gateway.api.datasets``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -37,6 +36,7 @@ from gateway.api.state import GatewayState
 from gateway.cache.entry import CacheResult, CacheState
 from gateway.cache.waiting import WaitEnd
 from gateway.config import CacheSettings
+from gateway.datasets.facts import batch_naming_an_output
 from gateway.upstream.answers import UpstreamReply, accept_batch, accept_json_object
 from gateway.upstream.client import BATCHES_PATH, Accept, UpstreamRequest, batch_path
 from gateway.upstream.cohere import new_request_id, upstream_message
@@ -101,8 +101,8 @@ async def _from_cache(request: web.Request, admitted: Admitted, batch_id: str) -
 
     async def seen(reply: UpstreamReply) -> None:
         # A finished batch names its output dataset: it is its owner's (docs/design.md §11).
-        if reply.status == 200 and b'"output_dataset_id"' in reply.body:
-            await record_outputs(state, [json.loads(reply.body).get("batch")])
+        if reply.status == 200 and (batch := batch_naming_an_output(reply.body)) is not None:
+            await record_outputs(state, [batch])
 
     held = await cached_answer(request, admitted, Cached(batch_id, batch_path(batch_id), accept_batch, seen=seen))
     response = _render(held.result, state.clock(), held.if_none_match)

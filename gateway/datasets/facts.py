@@ -76,6 +76,16 @@ def datasets_of(page: dict[str, Any]) -> list[Any]:
     return datasets if isinstance(datasets, list) else []
 
 
+def batch_naming_an_output(body: bytes) -> object:
+    """The batch object of a 200 batch answer's ``body`` if it may name an output dataset, else None.
+
+    A substring test first: most answers (every active batch's) name none, and need no parsing.
+    """
+    if b'"output_dataset_id"' not in body:
+        return None
+    return json.loads(body).get("batch")
+
+
 def output_dataset_id(batch: object) -> str | None:
     """The well-formed ``output_dataset_id`` of a batch object, if it names one."""
     if not isinstance(batch, dict):

@@ -29,7 +29,7 @@ from gateway.api.app import BATCH_ROUTE, SERVER, record_request, request_id_for
 from gateway.api.decide import Answer, Head, Rendered, decide, take_token, token_available
 from gateway.api.state import GatewayState
 from gateway.cache.entry import CacheEntry, CacheState
-from gateway.ops.batching import FlushAtTurnEnd
+from gateway.ops.batching import FlushSoon
 
 BATCH_PATH_PREFIX = BATCH_ROUTE.removesuffix("{id}")
 STATUS_LINES = {200: "HTTP/1.1 200 OK\r\n", 304: "HTTP/1.1 304 Not Modified\r\n"}
@@ -156,7 +156,7 @@ class TurnWrites:
 
     def __init__(self) -> None:
         self._pending: dict[asyncio.Transport, list[bytes]] = {}
-        self._flush_soon = FlushAtTurnEnd(self.flush)
+        self._flush_soon = FlushSoon(self.flush)
 
     def add(self, transport: asyncio.Transport, answer: bytes) -> None:
         queued = self._pending.get(transport)

@@ -160,13 +160,13 @@ class HitAnsweringParser:
                 # They queue behind requests for the app; start() resumes the parser
                 # as it takes them, once reading is paused as for a full queue.
                 rest = [*rest, *held]
+                self._note_bodies(held)
                 connection.hold_reading_until_drained()
             elif self._last_payload is EMPTY_PAYLOAD and self._unsettled.endswith(b"\r\n\r\n"):
                 # At rest: nothing fed so far needs re-reading.
                 self._unsettled.clear()
                 self._unsettled_known = True
                 self._handed_out = 0
-        self._note_bodies(rest)
         return rest, upgraded, tail
 
     def _note_bodies(self, handed_on: Sequence[Parsed]) -> None:

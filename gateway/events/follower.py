@@ -55,7 +55,7 @@ from gateway import errors
 from gateway.cache.batch_cache import BatchCache
 from gateway.cache.refresher import Refresher, status_of
 from gateway.config.features import EventsSettings
-from gateway.datasets.facts import accept_dataset, dataset_path
+from gateway.datasets.facts import accept_dataset, batch_naming_an_output, dataset_path
 from gateway.events.base import EventLog
 from gateway.ops.logs import log_event
 from gateway.ops.usage_metrics import UsageMetrics
@@ -324,8 +324,8 @@ class Follower:
 
     async def _fetch_batch(self, call: UpstreamRequest, may_wait: bool) -> UpstreamReply:
         reply = await self._upstream.fetch(call, may_wait, accept_batch)
-        if reply.status == 200 and b'"output_dataset_id"' in reply.body:
-            await self._before_store([json.loads(reply.body).get("batch")])
+        if reply.status == 200 and (batch := batch_naming_an_output(reply.body)) is not None:
+            await self._before_store([batch])
         return reply
 
     async def _fetch_dataset(self, call: UpstreamRequest, _may_wait: bool) -> UpstreamReply:

@@ -1,8 +1,8 @@
-"""Work handed on in batches: at the end of the event loop's turn (``FlushAtTurnEnd``), or within a moment
-(``FlushWithin``, with ``flush_pending`` for a stop or a test that reads what was handed on).
+"""Work handed on in batches (``FlushSoon``): at the end of the event loop's turn, or within a moment; with
+``flush_pending`` for a stop or a test that reads what was handed on.
 
-Used by the log handler and the access log (``gateway.ops.logs``) and by the request counts
-(``gateway.ops.metrics``).
+Used by the log handler and the access log (``gateway.ops.logs``), the request counts
+(``gateway.ops.metrics``) and the answers given inline (``gateway.edge.inline``).
 """
 
 from __future__ import annotations
@@ -12,66 +12,35 @@ import threading
 import weakref
 from collections.abc import Callable
 
+# Access lines and request counts are handed on at most this long after the first of a batch (access lines
+# sooner once gateway.ops.logs.ACCESS_BATCH wait): a busy gateway that keeps up answers about one request per
+# loop turn, so handing them on at each turn's end cost a log record, a write and a metrics flush per request
+# (docs/benchmark.md, "Cache hits").
+BATCH_WITHIN_S = 0.05
+# Every FlushSoon with a flush pending, for flush_pending.
+_PENDING: weakref.WeakSet[FlushSoon] = weakref.WeakSet()
 
-class FlushAtTurnEnd:
-    """Calls ``flush`` once at the end of the running event loop's turn, however often asked; at once outside a loop.
+
+class FlushSoon:
+    """Calls ``flush`` once, however often asked: at the end of the running loop's turn, or ``within_s`` after
+    the first request since the last flush; at once outside a loop.
 
     The loop a flush is scheduled on is remembered, not a flag: a loop
-    closed before running it does not keep later flushes from being scheduled.
-    ``flush`` calls ``done`` first, whoever called it.
+    closed before running it does not keep later flushes from being
+    scheduled. ``flush`` calls ``done`` first, whoever called it (early: a
+    scrape, a full batch, a stop).
     """
 
-    def __init__(self, flush: Callable[[], None]) -> None:
+    def __init__(self, flush: Callable[[], None], within_s: float = 0.0) -> None:
         self._flush = flush
+        self._within_s = within_s
+        self._handle: asyncio.Handle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = 0  # the thread running that loop
 
     def request(self) -> None:
         # Asked again on the loop that runs the flush: nothing to do. Known without
         # asyncio.get_running_loop(), which costs a getpid() a call (once per request).
-        if self._loop is not None and self._thread == threading.get_ident() and self._loop.is_running():
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._flush()
-            return
-        if self._loop is not loop:
-            self._loop, self._thread = loop, threading.get_ident()
-            loop.call_soon(self._flush)
-
-    def done(self) -> None:
-        self._loop = None
-
-
-# Access lines and request counts are handed on at most this long after the first of a batch (access lines
-# sooner once gateway.ops.logs.ACCESS_BATCH wait): a busy gateway that keeps up answers about one request per
-# loop turn, so handing them on at each turn's end cost a log record, a write and a metrics flush per request
-# (docs/benchmark.md, "Cache hits").
-BATCH_WITHIN_S = 0.05
-# Every FlushWithin with a flush pending, for flush_pending.
-_PENDING: weakref.WeakSet[FlushWithin] = weakref.WeakSet()
-
-
-class FlushWithin:
-    """Calls ``flush`` once, ``within_s`` after the first request since the last flush; at once outside a loop.
-
-    For what is cheap to collect and dear to hand on one at a time: access
-    lines and request counts. As with ``FlushAtTurnEnd``, the loop a flush is
-    scheduled on is remembered, so a loop closed before running it does not
-    keep later flushes from being scheduled. ``flush`` calls ``done`` first,
-    whoever called it (early: a scrape, a full batch, a stop).
-    """
-
-    def __init__(self, flush: Callable[[], None], within_s: float) -> None:
-        self._flush = flush
-        self._within_s = within_s
-        self._handle: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = 0  # the thread running that loop
-
-    def request(self) -> None:
-        # Known without asyncio.get_running_loop(), which costs a getpid() a call (once per request).
         loop = self._loop
         if (
             self._handle is not None
@@ -86,7 +55,10 @@ class FlushWithin:
             self._flush()
             return
         self._loop, self._thread = loop, threading.get_ident()
-        self._handle = loop.call_later(self._within_s, self._flush)
+        if self._within_s:
+            self._handle = loop.call_later(self._within_s, self._flush)
+        else:
+            self._handle = loop.call_soon(self._flush)
         _PENDING.add(self)
 
     def done(self) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import ahocorasick_rs
 
-from gateway.ops.batching import BATCH_WITHIN_S, FlushAtTurnEnd, FlushWithin
+from gateway.ops.batching import BATCH_WITHIN_S, FlushSoon
 from gateway.ops.lines import (
     ACCESS_FIELDS,
     FALLBACK_ENCODER,
@@ -217,7 +217,7 @@ class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self._pending: list[str] = []
-        self._flush_soon = FlushAtTurnEnd(self.flush)
+        self._flush_soon = FlushSoon(self.flush)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -270,7 +270,7 @@ class AccessLog:
     def __init__(self) -> None:
         self._logger = logging.getLogger(ACCESS_LOGGER)
         self._pending: list[AccessEntry] = []
-        self._flush_soon = FlushWithin(self.flush, BATCH_WITHIN_S)
+        self._flush_soon = FlushSoon(self.flush, BATCH_WITHIN_S)
 
     def add(
         self,

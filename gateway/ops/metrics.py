@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
 from gateway import __version__
-from gateway.ops.batching import BATCH_WITHIN_S, FlushWithin
+from gateway.ops.batching import BATCH_WITHIN_S, FlushSoon
 from gateway.ops.dataset_metrics import DatasetMetrics
 from gateway.ops.download_metrics import DownloadMetrics
 from gateway.ops.event_metrics import EventMetrics
@@ -201,7 +201,7 @@ class Tally:
     def __init__(self) -> None:
         self._counts: dict[Any, int] = {}  # a Counter child -> requests
         self._times: dict[Any, list[float]] = {}  # a Histogram child -> the seconds observed
-        self._flush_soon = FlushWithin(self.flush, BATCH_WITHIN_S)
+        self._flush_soon = FlushSoon(self.flush, BATCH_WITHIN_S)
 
     def add(self, counter: Any, histogram: Any, seconds: float | None) -> None:
         """One request: ``counter`` (a Counter child) counts it; ``histogram`` times it unless ``seconds`` is None."""
