@@ -41,6 +41,10 @@ WAIT_S = 15.0
 INTERVAL_S = 0.25
 
 
+# billing-service, allowed to read batches and datasets: the dataset half of following.
+DATASET_READER = [{"name": "billing-service", "key": BILLING_KEY, "allow": ["retrieve", "read_dataset"]}]
+
+
 def following(upstream: Upstream, store: str | None = None, **sections: Any) -> Any:
     """A config whose follower checks every INTERVAL_S."""
     return make_config(
@@ -257,9 +261,7 @@ async def metric(url: str, name: str, **labels: str) -> float:
 async def test_a_dataset_seen_while_validating_becomes_an_event_when_its_validation_ends_without_a_caller_asking(
     upstream: Upstream, start: GatewayFactory
 ) -> None:
-    allow = ["retrieve", "read_dataset"]
-    callers = [{"name": "billing-service", "key": BILLING_KEY, "allow": allow}]
-    gateway = await start(following(upstream, callers=callers))
+    gateway = await start(following(upstream, callers=DATASET_READER))
     upstream.datasets.validation_s = 2.0
     dataset_id = upstream.seed_dataset([{"custom_id": "0", "body": "{}"}], name="nightly")
     first = await http(f"{gateway.url}/v1/datasets/{dataset_id}", key=None, headers=_billing())
@@ -309,11 +311,9 @@ async def test_after_its_first_round_the_follower_asks_for_more_pages_only_while
 async def test_datasets_deleted_while_validating_do_not_stall_following_of_the_others(
     upstream: Upstream, start: GatewayFactory
 ) -> None:
-    allow = ["retrieve", "read_dataset"]
-    callers = [{"name": "billing-service", "key": BILLING_KEY, "allow": allow}]
     # No jitter: every answer stays fresh as long, so the deleted ones (seen first) are stale before the kept
     # ones are, and the last round below retrieves them; with it, a deleted one could still be fresh then.
-    gateway = await start(following(upstream, callers=callers, cache={"active_jitter": 0}))
+    gateway = await start(following(upstream, callers=DATASET_READER, cache={"active_jitter": 0}))
     upstream.datasets.validation_s = 1.0
     ids = [upstream.seed_dataset([{"custom_id": "0", "body": "{}"}], name=f"d{n:02d}") for n in range(25)]
     for dataset_id in ids:  # seen in this order: the 20 to be deleted are the least recently seen

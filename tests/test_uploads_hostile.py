@@ -442,36 +442,24 @@ async def test_an_upstream_that_stops_reading_an_upload_ends_it_with_504_and_the
     size = 32 * 1024 * 1024  # more than every socket buffer between the gateway and the upstream
     gateway = await hostile_gateway(start, upstream, datasets={"max_upload_bytes": 2 * size})
     content_type, body = multipart(b"u" * size)
-    reader, writer = await connect(gateway)
-
-    async def send() -> None:
-        headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
-        writer.write(request_bytes(TARGET, headers, method="POST", close=True))
-        for i in range(0, len(body), 1 << 20):
-            writer.write(body[i : i + (1 << 20)])
-            await writer.drain()
-
-    sending = asyncio.create_task(send())
     try:
-        await asyncio.wait_for(read_some.wait(), EXCHANGE_TIMEOUT_S)
-        answer = await read_answer(reader)
-        # The gateway reads what is left of the caller's body (aiohttp's lingering read), then closes as asked.
-        for _ in range(10_000):
-            if not await asyncio.wait_for(reader.read(1 << 16), EXCHANGE_TIMEOUT_S):
-                break
+        answer = await _upload_while_sending(gateway, content_type, body, after=read_some)
     finally:
         done.set()
-        sending.cancel()
-        writer.transport.abort()
 
     assert_error(answer, 504, "upstream_timeout")
     assert await _outcome_counted(gateway, "upstream_timeout")
 
 
-async def _upload_while_sending(gateway: RunningGateway, content_type: str, body: bytes, key: str) -> Answer:
-    """A keyed upload on a raw socket, its answer read while it is sent (it may come before the body ends)."""
+async def _upload_while_sending(
+    gateway: RunningGateway, content_type: str, body: bytes, key: str | None = None, after: asyncio.Event | None = None
+) -> Answer:
+    """An upload on a raw socket (keyed if ``key``), its answer read while it is sent (it may come before the body
+    ends), once ``after`` is set if given."""
     reader, writer = await connect(gateway)
-    headers = [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Idempotency-Key", key)]
+    headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+    if key is not None:
+        headers.append(("Idempotency-Key", key))
 
     async def send() -> None:
         writer.write(request_bytes(TARGET, headers, method="POST", close=True))
@@ -481,8 +469,11 @@ async def _upload_while_sending(gateway: RunningGateway, content_type: str, body
 
     sending = asyncio.create_task(send())
     try:
+        if after is not None:
+            await asyncio.wait_for(after.wait(), EXCHANGE_TIMEOUT_S)
         answer = await read_answer(reader)
-        for _ in range(10_000):  # the gateway reads the rest of the body, then closes as asked
+        # The gateway reads the rest of the body (aiohttp's lingering read), then closes as asked.
+        for _ in range(10_000):
             if not await asyncio.wait_for(reader.read(1 << 16), EXCHANGE_TIMEOUT_S):
                 break
         return answer
