@@ -21,7 +21,16 @@ from gateway.events.usage_redis import RedisUsage
 from gateway.events.usage_sqlite import SqliteUsage
 from tests.conftest import GatewayFactory, OpenLink
 from tests.redis_server import RedisServer
-from tests.support import PROCESS_WAIT_S, fresh_store_path, make_config, raw_config, scrape_metrics, sdk, write_config
+from tests.support import (
+    PROCESS_WAIT_S,
+    FakeClock,
+    fresh_store_path,
+    make_config,
+    raw_config,
+    scrape_metrics,
+    sdk,
+    write_config,
+)
 from tests.test_follower import INTERVAL_S, newest_seq, next_events
 from tests.upstream import ACTIVE, Upstream, write_callers
 
@@ -115,6 +124,28 @@ async def test_a_finished_batch_counts_for_its_owner_and_model_once_across_a_res
             "output_tokens": 300,
         },
     ]
+
+
+async def test_a_batch_seen_finishing_just_before_a_stop_is_still_counted(
+    upstream: Upstream, start: GatewayFactory, tmp_path: Path
+) -> None:
+    store = fresh_store_path()
+    config = make_config(upstream.url, store={"path": store}, callers=write_callers())
+    upstream.seed("batch-last-minute", status=ACTIVE, model="command-a", num_records=3, input_tokens="30")
+    clock = FakeClock()
+    gateway = await start(config, clock=clock)
+    await sdk(gateway.url).batches.retrieve("batch-last-minute")
+    assert gateway.state.sightings is not None
+    await gateway.state.sightings.drained()
+    upstream.set_status("batch-last-minute", COMPLETED)
+    clock.advance(3600)  # the active answer is stale: the next retrieve asks the upstream and sees the finish
+    await sdk(gateway.url).batches.retrieve("batch-last-minute")
+    # Stopped at once: the sighting of the finish is still queued (recorded a moment after it is seen).
+    await gateway.stop()
+
+    code, out, err = await usage_command("--config", str(config_file(tmp_path, store)), "--format", "json")
+    assert code == 0, err
+    assert [(row["caller"], row["batches_completed"], row["input_tokens"]) for row in json.loads(out)] == [("-", 1, 30)]
 
 
 async def kept_usage(store: str) -> None:

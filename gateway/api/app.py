@@ -220,32 +220,34 @@ async def _record_store(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _event_log(app: web.Application) -> AsyncIterator[None]:
-    """The event log (docs/design.md §12), when events.enabled: open as long as the app, fed by its sightings."""
+    """The event log and the usage store (docs/design.md §12), when events.enabled: open as long as the app."""
     state = app[STATE]
     if state.events is None:
         yield
         return
     await state.events.start()
+    # Usage is counted as the sightings append events: its store opens before them and closes after the last
+    # queued sighting is recorded, so that a batch seen finishing while the gateway stops is still counted.
+    if state.usage is not None:
+        await state.usage.store.start()
     if state.sightings is not None:
         state.sightings.start()
     yield
     if state.sightings is not None:
         await state.sightings.close()
+    if state.usage is not None:
+        await state.usage.store.close()
     await state.events.close()
 
 
 async def _following(app: web.Application) -> AsyncIterator[None]:
-    """The usage store and the follower (docs/design.md §12), when events.enabled; the lease is given up at the end."""
+    """The follower (docs/design.md §12), when events.enabled; the lease is given up at the end."""
     state = app[STATE]
-    if state.usage is not None:
-        await state.usage.store.start()
     if state.follower is not None:
         state.follower.start()
     yield
     if state.follower is not None:
         await state.follower.close()
-    if state.usage is not None:
-        await state.usage.store.close()
 
 
 async def _webhooks(app: web.Application) -> AsyncIterator[None]:
