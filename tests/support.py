@@ -19,6 +19,7 @@ import shutil
 import socket
 import sqlite3
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.config import GatewayConfig, deep_merge, validate
 from gateway.ops.batching import flush_pending
 from gateway.ops.logs import JsonFormatter, Redactor
+from gateway.records.base import Records
+from gateway.records.sqlite import SqliteRecords
 
 if TYPE_CHECKING:
     from gateway.edge.server import RunningGateway
@@ -472,17 +475,13 @@ BUSY_S = 0.05  # a store's busy timeout in tests that make it fail: failures com
 
 
 @contextmanager
-def store_locked(path: str | Path, *, reads: bool = True) -> Iterator[None]:
-    """Make the store at ``path`` fail, for real, while the ``with`` block runs.
+def store_locked(path: str | Path) -> Iterator[None]:
+    """Make every write of the store at ``path`` fail, for real, while the ``with`` block runs.
 
-    Another connection takes a lock on the database file, as another process
-    would (the store keeps a rollback journal, so locks are whole-file):
-
-    - ``reads=True``: ``BEGIN EXCLUSIVE``. Nobody else can read or write:
-      ``owner_of`` (past its cache), ``claim_key`` and every write raise
-      ``StoreUnavailable`` once their busy timeout has passed.
-    - ``reads=False``: ``BEGIN IMMEDIATE`` (a RESERVED lock). Reads still
-      work; every write raises ``StoreUnavailable`` after its retries.
+    Another connection holds the file's write lock (``BEGIN EXCLUSIVE``), as
+    another process would: every write raises ``StoreUnavailable`` after its
+    retries. Reads still work: the file is in WAL mode, where a reader never
+    waits for a writer (``store_stalled`` makes reads fail).
 
     The file must exist already (start the store, or the gateway, first). It
     works for a store in this process (the gateway started in-process with
@@ -491,8 +490,29 @@ def store_locked(path: str | Path, *, reads: bool = True) -> Iterator[None]:
     """
     connection = sqlite3.connect(str(path), isolation_level=None, timeout=5)
     try:
-        connection.execute("BEGIN EXCLUSIVE" if reads else "BEGIN IMMEDIATE")
+        connection.execute("BEGIN EXCLUSIVE")
         yield
         connection.execute("ROLLBACK")
     finally:
         connection.close()
+
+
+@contextmanager
+def store_stalled(records: Records) -> Iterator[None]:
+    """Make every read and write of ``records`` (a ``SqliteRecords``) fail while the ``with`` block runs.
+
+    Its one worker thread is held, as by a disk that stopped answering: every
+    operation asked meanwhile raises ``StoreUnavailable`` once its busy timeout
+    (``BUSY_S``) has passed ("did not answer in time"); the memory cache of
+    known owners still answers. No lock can do this to a file in WAL mode.
+    """
+    assert isinstance(records, SqliteRecords)
+    records.busy_timeout_s = BUSY_S
+    worker = records._executor
+    assert worker is not None
+    released = threading.Event()
+    worker.submit(released.wait, 60)  # bounded: the worker is back within a minute whatever the test does
+    try:
+        yield
+    finally:
+        released.set()

@@ -22,7 +22,7 @@ from gateway.records.base import dataset_key
 from tests.conftest import GatewayFactory
 from tests.dataset_kit import FakeDatasets
 from tests.redis_server import RedisServer
-from tests.support import BILLING_KEY, BUSY_S, REPORTING_KEY, Answer, FakeClock, eventually, http, sdk, store_locked
+from tests.support import BILLING_KEY, REPORTING_KEY, Answer, FakeClock, eventually, http, sdk, store_stalled
 from tests.test_dataset_routes import dataset_config
 from tests.upstream import Upstream, assert_error, create_body, post_json
 
@@ -249,9 +249,7 @@ async def test_a_store_that_cannot_answer_is_503_on_an_own_callers_dataset_route
     fake = FakeDatasets(upstream)
     fake.add("ds-1", "validated")
     gateway = await start(dataset_config(upstream.url, "own"))
-    gateway.state.records.busy_timeout_s = BUSY_S  # type: ignore[attr-defined]
-
-    with store_locked(gateway.state.snapshot.config.store.path, reads=True):
+    with store_stalled(gateway.state.records):
         got = await asyncio.wait_for(http(f"{gateway.url}/v1/datasets/ds-1"), BOUND_S)
         deleted = await asyncio.wait_for(http(f"{gateway.url}/v1/datasets/ds-1", method="DELETE"), BOUND_S)
         listed = await asyncio.wait_for(http(f"{gateway.url}/v1/datasets"), BOUND_S)

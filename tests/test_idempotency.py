@@ -35,6 +35,7 @@ from tests.support import (
     request_bytes,
     sdk,
     store_locked,
+    store_stalled,
 )
 from tests.upstream import Upstream, assert_error, create_body, post_json, write_callers
 
@@ -44,15 +45,14 @@ KEY = "create-nightly-2026-12-01"
 
 # The store's failures are made at merge, where the store's interface is known.
 def break_store_reads(gateway: RunningGateway) -> AbstractContextManager[None]:
-    """While the block runs, every read and write of ``gateway``'s records fails (another process's lock)."""
-    gateway.state.records.busy_timeout_s = BUSY_S  # type: ignore[attr-defined]
-    return store_locked(gateway.state.snapshot.config.store.path, reads=True)
+    """While the block runs, every read and write of ``gateway``'s records fails (its store stalled)."""
+    return store_stalled(gateway.state.records)
 
 
 def break_store_writes(gateway: RunningGateway) -> AbstractContextManager[None]:
     """While the block runs, every write of ``gateway``'s records fails, retries included; reads still work."""
     gateway.state.records.busy_timeout_s = BUSY_S  # type: ignore[attr-defined]
-    return store_locked(gateway.state.snapshot.config.store.path, reads=False)
+    return store_locked(gateway.state.snapshot.config.store.path)
 
 
 async def writer_gateway(

@@ -76,7 +76,7 @@ class SqlitePositions:
     def _open(self) -> None:
         db = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False)
         try:
-            # The journal mode is the file's (the event log makes it WAL). NORMAL: a commit survives this process's
+            # The file is in WAL mode (gateway.records.sqlite sets it). NORMAL: a commit survives this process's
             # crash (it is in the WAL, in the OS's cache) without an fsync per delivery; a power cut may take the
             # last positions back, which resends events (duplicates, never losses).
             db.execute("PRAGMA synchronous = NORMAL")

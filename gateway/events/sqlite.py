@@ -1,7 +1,7 @@
 """The event log in the SQLite file at ``store.path`` (docs/design.md §12, "Events").
 
 Tables of its own beside the records' (``gateway.records.sqlite``), on a
-connection of its own, in the file's rollback-journal mode (the records'):
+connection of its own, in the file's WAL mode (the records set it):
 readers of this process read the newest events from memory (``Tail``), so
 few reads reach the file:
 
@@ -119,8 +119,8 @@ class SqliteEventLog:
     def _open(self) -> tuple[str, int, int]:
         connection = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
         try:
-            # The file's journal mode is the records' (gateway.records.sqlite: a rollback journal); WAL here
-            # would change it under them (their reads would no longer wait for another process's lock).
+            # The file is in WAL mode (gateway.records.sqlite sets it): the records' reads never wait for these
+            # commits. FULL: an appended event is on disk before anyone is told of it.
             connection.execute("PRAGMA synchronous = FULL")
             # Appends and cursor reads touch the newest pages: a small page cache serves them, and the
             # gateway's memory does not grow with the log (SQLite's default is 2 MiB per connection).

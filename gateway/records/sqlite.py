@@ -7,11 +7,12 @@ import contextlib
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway.errors import StoreUnavailable
 from gateway.ops.logs import log_event
@@ -58,8 +59,8 @@ PRIVATE_FILE_MODE = 0o600
 def _make_private(path: str) -> None:
     """Create the store file with PRIVATE_FILE_MODE before SQLite opens it, or tighten an existing one.
 
-    SQLite creates the journal, -wal and -shm files with the database file's
-    own mode, so they follow it. Runs before any record is written.
+    SQLite creates the -wal and -shm files with the database file's own
+    mode, so they follow it. Runs before any record is written.
     """
     if path == ":memory:":
         return
@@ -82,13 +83,17 @@ class SqliteRecords:
     would be a new dependency doing the same thing) owns the connection, so
     the event loop never blocks on the disk and every operation is serialised
     in this process; ``BEGIN IMMEDIATE`` serialises it against other processes
-    on the same file. Rollback journal with ``synchronous=FULL``: a commit is
-    on disk before the call returns, and writes are rare (about one per create).
+    on the same file. The file is in WAL mode (set here, for every module on
+    the file: the event log, usage, webhook positions): a read never waits
+    for a writer, so the event log's frequent commits never hold up an owner
+    lookup, and a reader elsewhere (a backup) never holds up a commit.
+    ``synchronous=FULL``: a commit is on disk before the call returns.
 
     Each operation may take at most ``busy_timeout_s`` from the moment it is
     asked for, queueing behind others included: when another connection
-    holds a lock, operations fail in bounded time rather than piling up
-    behind one another's busy waits.
+    holds the write lock, or the worker is stuck on a disk that stopped
+    answering, operations fail in bounded time rather than piling up behind
+    one another's waits.
     """
 
     def __init__(
@@ -133,7 +138,8 @@ class SqliteRecords:
         # isolation_level=None: no implicit transactions; each method says BEGIN itself.
         connection = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
         try:
-            connection.execute("PRAGMA journal_mode = DELETE")
+            # Kept in the file: every later connection to it (each module's, another process's) is WAL too.
+            connection.execute("PRAGMA journal_mode = WAL")
             connection.execute("PRAGMA synchronous = FULL")
             connection.executescript(_SCHEMA)
         except BaseException:
@@ -164,20 +170,29 @@ class SqliteRecords:
         if self._executor is None:
             raise StoreUnavailable("the record store is not open")
         deadline = time.monotonic() + (self.busy_timeout_s if budget_s is None else budget_s)
-        loop = asyncio.get_running_loop()
+        ticket = _Ticket()
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._within, deadline, ticket, operation)
+        future.add_done_callback(_seen)  # one given up, or whose caller was cancelled, ends unseen: never unraisable
         try:
-            return await loop.run_in_executor(self._executor, self._within, deadline, operation)
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                # Still queued behind a worker that is stuck: given up, so that it never runs. Once started it
+                # runs whole (a write commits or rolls back) and its outcome is the answer.
+                if ticket.give_up():
+                    raise sqlite3.OperationalError("the record store did not answer in time") from None
+                return await future
         except sqlite3.Error as exc:
             # Only SQLite's own words (locked, I/O error, not a database): the
             # callers see the contract's generic message, ops see the reason.
             log_event(log, logging.WARNING, "record store failed", operation=name, reason=str(exc))
             raise StoreUnavailable() from exc
 
-    def _within(self, deadline: float, operation: Callable[[], T]) -> T:
+    def _within(self, deadline: float, ticket: _Ticket, operation: Callable[[], T]) -> T:
         # Worker thread. The time spent queued counts against the operation's
         # budget: what is left becomes SQLite's busy timeout for this call.
         left_ms = int((deadline - time.monotonic()) * 1000)
-        if left_ms <= 0:
+        if not ticket.take() or left_ms <= 0:
             raise sqlite3.OperationalError("the record store did not answer in time")
         connection = self._connection
         if connection is not None:
@@ -211,9 +226,7 @@ class SqliteRecords:
         connection.execute("BEGIN IMMEDIATE")
         try:
             result = body(connection)
-            # COMMIT itself can fail: in rollback-journal mode it must wait
-            # for readers (other processes' SHARED locks) to finish.
-            connection.execute("COMMIT")
+            connection.execute("COMMIT")  # it can fail too (a full disk): then nothing of it is kept
         except BaseException:
             _roll_back(connection)
             raise
@@ -327,6 +340,29 @@ class SqliteRecords:
             )
 
         await self._write("release_key", lambda: self._transaction(release))
+
+
+class _Ticket:
+    """An operation handed to the worker: either the worker takes it or its caller gives it up, never both."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._taken = self._given_up = False
+
+    def take(self) -> bool:
+        with self._lock:
+            self._taken = not self._given_up
+            return self._taken
+
+    def give_up(self) -> bool:
+        with self._lock:
+            self._given_up = not self._taken
+            return self._given_up
+
+
+def _seen(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _roll_back(connection: sqlite3.Connection) -> None:
