@@ -22,7 +22,12 @@ each in bench/scenarios/: 1 hits, 2 upstream (calls on a lifecycle workload),
 notice a change, docs/design.md §9: nginx, the gateway polled, the gateway waited on),
 8 replicas (docs/design.md §10: 3 processes on one redis-server, Debian's, then
 Redis killed mid-run, then hits with redis.url), 9 reload (the longest gap
-between answers on a busy connection while SIGHUP reloads 10,000 callers).
+between answers on a busy connection while SIGHUP reloads 10,000 callers),
+10 downloads (a dataset part through the gateway against storage directly),
+11 feed (the event feed's time to notice, and a stream's fan-out), 12 follow
+(the calls of following 1,000 batches against 10), 13 uploads (a dataset
+upload through the gateway against straight to storage), 14 webhooks
+(deliveries per second, and what an outage and a SIGKILL cost).
 
 The last line on stdout is one JSON object (see ``bench.report.KEYS``).
 """
@@ -64,7 +69,7 @@ def simulator_namespaces(mode: Mode) -> dict[str, float]:
         # Scenario 12's batches are scheduled too.
         "follow-10": 3600,
         "follow-1000": 3600,
-        "webhooks": 3600,  # scenario 10: each batch retrieved is new and active, so one event
+        "webhooks": 3600,  # scenario 14: each batch retrieved is new and active, so one event
         # Scenario 11: the feed's time to notice (scheduled, as scenario 7's) and its fan-out (active all along).
         "feed-wait": 3600,
         "feed-fanout": 3600,

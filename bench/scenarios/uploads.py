@@ -1,4 +1,4 @@
-"""Scenario 10: a dataset upload through the gateway against the same upload straight to the simulator.
+"""Scenario 13: a dataset upload through the gateway against the same upload straight to the simulator.
 
 A simulator of its own (``gateway.demo.simulator.Simulator``, whose dataset routes stream an upload to disk) runs in
 its own process. One upload of ``UPLOAD_BYTES[mode]`` (1 GiB full, 256 MiB quick), generated on the fly (the same
@@ -171,7 +171,7 @@ def keys(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def lines(env: Env, result: dict[str, Any]) -> list[str]:
-    lines = ["", "### 10. Dataset uploads (through the gateway against straight to the simulator)", ""]
+    lines = ["", "### 13. Dataset uploads (through the gateway against straight to the simulator)", ""]
     if not result:
         return [*lines, "Skipped (not asked for)."]
     return [

@@ -1,4 +1,4 @@
-"""Scenario 10: webhook deliveries (docs/design.md §12, "Webhooks"): how fast, and what an outage costs.
+"""Scenario 14: webhook deliveries (docs/design.md §12, "Webhooks"): how fast, and what an outage costs.
 
 The receiver is an aiohttp server in this process; its answers are 204 at once (each signature is checked with the
 ``standardwebhooks`` library for one request in VERIFY_EVERY). Events come from what the gateway relays: each new,
@@ -248,7 +248,7 @@ def keys(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def lines(env: Env, result: dict[str, Any]) -> list[str]:
-    lines = ["", "### 10. Webhook deliveries (one caller, a local receiver)", ""]
+    lines = ["", "### 14. Webhook deliveries (one caller, a local receiver)", ""]
     if not result:
         return [*lines, "Skipped (not asked for)."]
     r, o = result["rate"], result["outage"]
