@@ -17,6 +17,7 @@ import pytest
 
 from gateway.config import GatewayConfig
 from gateway.edge.server import RunningGateway, start_gateway
+from gateway.events import webhook_send
 from gateway.events.base import EventLog
 from gateway.ops.logs import Redactor
 from gateway.runtime import build_state, reload_config
@@ -27,6 +28,7 @@ from tests.webhook_kit import (
     Receiver,
     batch_sighting,
     dataset_sighting,
+    never_accepting,
     new_batches,
     new_secret,
     subjects,
@@ -435,3 +437,50 @@ async def test_a_reload_adds_and_removes_webhooks_and_a_moved_url_gets_the_next_
     await asyncio.sleep(0.3)
     assert len(added.got) == 2  # removed: nothing more
     assert len(first.got) == 2
+
+
+async def test_a_2xx_whose_body_never_ends_is_a_delivery_and_the_event_is_not_sent_again(
+    receiver_factory: Receivers, gateways: Gateways
+) -> None:
+    secret = new_secret()
+    receiver = await receiver_factory([secret], lambda _d: 200)
+    receiver.stalled_bodies = True  # the status comes at once; the rest never does
+    gateway = await gateways(
+        config_with(
+            "http://127.0.0.1:9",
+            {"name": BILLING, "url": receiver.url, "secrets": [secret]},
+            events={"webhook_timeout_s": 0.3, "webhook_retry_s": [0.2]},
+        )
+    )
+    ids = await new_batches(event_log(gateway), 3)
+    await receiver.wait_for(lambda got: len(got) >= 3)
+
+    assert subjects(receiver.got[:3]) == ids  # each once, in order: the 2xx came within the timeout
+    delivered = {"caller": BILLING, "outcome": "delivered"}
+    assert await eventually(lambda: registry_value(gateway, "gateway_webhook_deliveries_total", **delivered) == 3)
+    await asyncio.sleep(0.5)  # longer than a timeout and a retry wait: nothing is sent again
+    assert len(receiver.got) == 3
+    assert registry_value(gateway, "gateway_webhook_deliveries_total", caller=BILLING, outcome="timeout") == 0
+
+
+async def test_a_receiver_whose_connection_never_completes_is_given_up_at_the_connect_timeout(
+    gateways: Gateways, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The connect timeout, short here, is its own: far below the whole delivery's 10 s.
+    monkeypatch.setattr(webhook_send, "CONNECT_TIMEOUT_S", 0.3, raising=False)
+    with never_accepting() as url:
+        gateway = await gateways(
+            config_with(
+                "http://127.0.0.1:9",
+                {"name": BILLING, "url": url, "secrets": [new_secret()]},
+                events={"webhook_timeout_s": 10, "webhook_retry_s": [30]},
+            )
+        )
+        started = time.monotonic()
+        await new_batches(event_log(gateway), 1)
+        unreachable = {"caller": BILLING, "outcome": "unreachable"}
+        assert await eventually(
+            lambda: registry_value(gateway, "gateway_webhook_deliveries_total", **unreachable) == 1, 3
+        )
+        assert time.monotonic() - started < 3
+        assert registry_value(gateway, "gateway_webhook_deliveries_total", caller=BILLING, outcome="timeout") == 0
