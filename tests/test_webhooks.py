@@ -484,3 +484,33 @@ async def test_a_receiver_whose_connection_never_completes_is_given_up_at_the_co
         )
         assert time.monotonic() - started < 3
         assert registry_value(gateway, "gateway_webhook_deliveries_total", caller=BILLING, outcome="timeout") == 0
+
+
+async def test_a_reload_that_leaves_a_webhook_unchanged_does_not_cut_its_retry_wait_short(
+    receiver_factory: Receivers, gateways: Gateways
+) -> None:
+    secret, rotated = new_secret(), new_secret()
+    receiver = await receiver_factory([secret, rotated], lambda _d: 503)
+    other = await receiver_factory([secret])
+    billing = {"name": BILLING, "url": receiver.url, "secrets": [secret]}
+    reporting = {"name": "reporting", "url": other.url, "secrets": [secret]}
+    slow = {"webhook_retry_s": [30]}
+    gateway = await gateways(config_with("http://127.0.0.1:9", billing, events=slow))
+    await new_batches(event_log(gateway), 1)
+    await receiver.wait_for(lambda got: len(got) == 1)
+
+    # Another caller's webhook added: billing's 30 s wait goes on (no retry storm on every SIGHUP).
+    assert await reload_config(
+        gateway.state, lambda: config_with("http://127.0.0.1:9", billing, reporting, events=slow)
+    )
+    await until_delivering(gateway)
+    await asyncio.sleep(0.5)
+    assert len(receiver.got) == 1
+
+    # Billing's own secrets changed: its waiting event is tried again at once, with them.
+    changed = {**billing, "secrets": [secret, rotated]}
+    assert await reload_config(
+        gateway.state, lambda: config_with("http://127.0.0.1:9", changed, reporting, events=slow)
+    )
+    await receiver.wait_for(lambda got: len(got) == 2, within_s=5)
+    assert receiver.got[1].verified_by == [secret, rotated]

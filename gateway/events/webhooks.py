@@ -105,14 +105,21 @@ class CallerDeliveries:
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"webhook:{self.name}")
 
     def update(self, caller: CallerSettings) -> None:
-        """A reload: the new settings apply from the next try; a webhook off after a 410 is on again."""
+        """A reload: the new settings apply from the next try; a webhook off after a 410 is on again.
+
+        A retry wait is cut short only if the webhook's URL or secrets changed (or it was off): a reload
+        that leaves it as it was (another caller's change) must not send every failing webhook's retry at once.
+        """
         assert caller.webhook is not None
+        changed = caller.webhook != self.webhook
         self.caller, self.webhook = caller, caller.webhook
         if self.off:
             log_event(log, logging.INFO, "webhook on again after a reload", caller=self.name)
+            changed = True
         self.off = False
         self.shared.metrics.off.labels(self.name).set(0)
-        self._wake.set()  # a long retry wait is cut short: the new settings are tried now
+        if changed:
+            self._wake.set()  # a long retry wait is cut short: the new settings are tried now
 
     async def stop(self, forget: bool) -> None:
         if self.task is not None:
