@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from gateway.config import GatewayConfig
+from gateway.config.features import EventsSettings
 from gateway.edge.server import RunningGateway, start_gateway
 from gateway.events import webhook_send
 from gateway.events.base import EventLog
@@ -255,19 +257,22 @@ async def test_a_410_turns_the_webhook_off_until_a_reload_which_resumes_where_it
     await asyncio.sleep(1.0)  # several retry waits: nothing more is sent while it is off
     assert len(receiver.got) == 1
     assert any(e["event"].startswith("webhook off") for e in logs.events("gateway.webhooks"))
+    # While off, its lag is still the age of the event that got the 410 (the alert sees it).
+    assert registry_value(gateway, "gateway_webhook_lag_seconds", caller=BILLING) >= 1.0
 
     answer["status"] = 200
     assert await reload_config(gateway.state, lambda: config)
     got = await receiver.wait_delivered(3)
     assert subjects(got) == ids  # from the event that got the 410, in order
     assert registry_value(gateway, "gateway_webhook_off", caller=BILLING) == 0
+    assert await eventually(lambda: registry_value(gateway, "gateway_webhook_lag_seconds", caller=BILLING) == 0)
 
 
 async def test_a_redirect_is_never_followed_and_the_event_is_retried(
     receiver_factory: Receivers, gateways: Gateways
 ) -> None:
     secret = new_secret()
-    answers = iter([302, 307, 204])
+    answers = iter([301, 302, 307, 308, 204])
     receiver = await receiver_factory([secret], lambda _d: next(answers))
     gateway = await gateways(
         config_with("http://127.0.0.1:9", {"name": BILLING, "url": receiver.url, "secrets": [secret]})
@@ -275,10 +280,11 @@ async def test_a_redirect_is_never_followed_and_the_event_is_retried(
     await new_batches(event_log(gateway), 1)
     await receiver.wait_delivered(1)
 
-    assert [d.status for d in receiver.got] == [302, 307, 204]
+    assert [d.status for d in receiver.got] == [301, 302, 307, 308, 204]
     assert len({d.id for d in receiver.got}) == 1
-    # Only the configured URL was ever asked, never the Location.
-    assert registry_value(gateway, "gateway_webhook_deliveries_total", caller=BILLING, outcome="refused") == 2
+    # Only the configured URL was ever asked, never the Location (the receiver's own /hooks/elsewhere).
+    assert {d.path for d in receiver.got} == {"/hooks"}
+    assert registry_value(gateway, "gateway_webhook_deliveries_total", caller=BILLING, outcome="refused") == 4
 
 
 async def test_a_receiver_that_hangs_is_given_up_after_the_timeout_and_tried_again(
@@ -514,3 +520,35 @@ async def test_a_reload_that_leaves_a_webhook_unchanged_does_not_cut_its_retry_w
     )
     await receiver.wait_for(lambda got: len(got) == 2, within_s=5)
     assert receiver.got[1].verified_by == [secret, rotated]
+
+
+def test_retry_waits_follow_the_schedule_the_last_repeating_each_jittered_by_up_to_a_fifth() -> None:
+    # The default: about 5 s, 30 s, 2 min, 10 min, 30 min, 1 h, then every 2 h.
+    assert EventsSettings().webhook_retry_s == (5, 30, 120, 600, 1800, 3600, 7200)
+    rng = random.Random(23)
+    schedule = [5.0, 30.0, 120.0]
+    for failures, base in [(1, 5.0), (2, 30.0), (3, 120.0), (4, 120.0), (40, 120.0)]:
+        waits = [webhook_send.retry_wait(schedule, failures, rng) for _ in range(200)]
+        assert base * 0.8 <= min(waits)
+        assert max(waits) <= base * 1.2
+        assert max(waits) - min(waits) > base * 0.3  # spread out: never the bare schedule
+
+
+async def test_a_reload_that_adds_the_receivers_new_secret_delivers_the_waiting_events_in_order(
+    receiver_factory: Receivers, gateways: Gateways
+) -> None:
+    old, new = new_secret(), new_secret()
+    # The receiver moved to the new secret first: it refuses what it cannot verify.
+    receiver = await receiver_factory([new], lambda d: 204 if d.verified_by else 401)
+    spec = {"name": BILLING, "url": receiver.url}
+    slow = {"webhook_retry_s": [30]}
+    gateway = await gateways(config_with("http://127.0.0.1:9", {**spec, "secrets": [old]}, events=slow))
+    ids = await new_batches(event_log(gateway), 3)
+    await receiver.wait_for(lambda got: len(got) == 1)
+
+    rotated = config_with("http://127.0.0.1:9", {**spec, "secrets": [old, new]}, events=slow)
+    assert await reload_config(gateway.state, lambda: rotated)
+    got = await receiver.wait_delivered(3, within_s=5)  # at once, not after the 30 s wait
+
+    assert subjects(got) == ids  # the position was kept: none lost, none skipped, in order
+    assert [d.status for d in receiver.got] == [401, 204, 204, 204]
