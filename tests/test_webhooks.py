@@ -22,6 +22,7 @@ from gateway.edge.server import RunningGateway, start_gateway
 from gateway.events import webhook_send
 from gateway.events.base import EventLog
 from gateway.ops.logs import Redactor
+from gateway.replicas.lease import Lease
 from gateway.runtime import build_state, reload_config
 from tests.support import UPSTREAM_TOKEN, LogCapture, eventually, make_config, registry_value
 from tests.webhook_kit import (
@@ -552,3 +553,48 @@ async def test_a_reload_that_adds_the_receivers_new_secret_delivers_the_waiting_
 
     assert subjects(got) == ids  # the position was kept: none lost, none skipped, in order
     assert [d.status for d in receiver.got] == [401, 204, 204, 204]
+
+
+async def test_a_webhook_removed_by_a_reload_stops_even_if_a_lease_call_loses_the_cancellation(
+    receiver_factory: Receivers, gateways: Gateways, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = new_secret()
+    receiver = await receiver_factory([secret])
+    billing = {"name": BILLING, "url": receiver.url, "secrets": [secret]}
+    quick = {"webhook_timeout_s": 0.1}  # the lease renewed every (3 x 0.1 + 1) / 3 s
+    gateway = await gateways(config_with("http://127.0.0.1:9", billing, events=quick))
+    webhooks = gateway.state.webhooks
+    assert webhooks is not None
+    deliveries = webhooks.callers[BILLING]
+
+    # A renewal whose Redis call swallows the cancellation once, as redis-py's writes do on Python 3.11
+    # (asyncio.wait_for returns the finished write and drops a cancellation that came at that moment).
+    renewing, lost = asyncio.Event(), asyncio.Event()
+    hold = Lease.hold
+
+    async def hold_losing_one_cancellation(lease: Lease) -> bool:
+        if lost.is_set():
+            return await hold(lease)
+        renewing.set()
+        try:
+            await asyncio.sleep(RECEIVE_WITHIN_S)
+        except asyncio.CancelledError:
+            lost.set()
+        return True
+
+    monkeypatch.setattr(Lease, "hold", hold_losing_one_cancellation)
+    await asyncio.wait_for(renewing.wait(), RECEIVE_WITHIN_S)
+    assert await reload_config(gateway.state, lambda: make_config("http://127.0.0.1:9", events=QUICK_EVENTS))
+    await asyncio.wait_for(lost.wait(), RECEIVE_WITHIN_S)
+
+    task = deliveries.task
+    assert task is not None
+    try:
+        assert await eventually(task.done, 5)  # stopped, not delivering on for a removed webhook
+    finally:
+        while not task.done():  # so that the gateway can stop when the test failed
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
+    await new_batches(event_log(gateway), 1)
+    await asyncio.sleep(0.3)
+    assert receiver.got == []

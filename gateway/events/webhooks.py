@@ -46,6 +46,8 @@ READ_BATCH = 100
 START_WAIT_S = 5.0
 # After the store or Redis fails, a caller's task waits this long before it reads its position again.
 PAUSE_S = 1.0
+# A stopping caller's task is cancelled again this often until it has ended (a cancellation can be lost).
+STOP_AGAIN_S = 0.1
 
 
 def lease_ttl_s(config: GatewayConfig) -> float:
@@ -86,6 +88,7 @@ class CallerDeliveries:
         self.webhook: WebhookSettings = caller.webhook
         self.position: int | None = None  # None: read it from the store before going on
         self.off = False
+        self.stopping = False
         self.oldest_undelivered: float | None = None  # created_at of the event being tried, if any
         self.ttl_s = lease_ttl_s(shared.config)
         self.lease = Lease(shared.link, f"webhook:{self.name}", self.ttl_s)
@@ -122,10 +125,16 @@ class CallerDeliveries:
             self._wake.set()  # a long retry wait is cut short: the new settings are tried now
 
     async def stop(self, forget: bool) -> None:
-        if self.task is not None:
-            self.task.cancel()
+        self.stopping = True
+        task = self.task
+        if task is not None:
+            # A cancellation can be lost in a Redis call (redis-py bounds its writes with asyncio.wait_for, which
+            # on Python 3.11 drops a cancellation that comes as the write completes): cancel until it has ended.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=STOP_AGAIN_S)
             with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+                await task
         with contextlib.suppress(Exception):
             await self.lease.release()
             if forget:  # removed from the config: a webhook added later starts at the newest event
@@ -137,7 +146,7 @@ class CallerDeliveries:
     # --- the task -------------------------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while True:
+        while not self.stopping:
             try:
                 await self._round()
             except StoreUnavailable:
@@ -151,6 +160,8 @@ class CallerDeliveries:
 
     async def _holding(self) -> bool:
         """Whether this process may deliver for the caller now (renewing the lease when it is a third gone)."""
+        if self.stopping:
+            return False
         now = time.monotonic()
         if now - self._held_at < self.ttl_s / 3:
             return True
