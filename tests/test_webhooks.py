@@ -24,6 +24,7 @@ from gateway.events.base import EventLog
 from gateway.ops.logs import Redactor
 from gateway.replicas.lease import Lease
 from gateway.runtime import build_state, reload_config
+from tests.redis_server import RedisServer
 from tests.support import UPSTREAM_TOKEN, LogCapture, eventually, make_config, registry_value
 from tests.webhook_kit import (
     RECEIVE_WITHIN_S,
@@ -89,7 +90,9 @@ def event_log(gateway: RunningGateway) -> EventLog:
     return gateway.state.events
 
 
-def config_with(upstream_url: str, *webhooks: dict[str, Any], events: dict[str, Any] | None = None) -> GatewayConfig:
+def config_with(
+    upstream_url: str, *webhooks: dict[str, Any], events: dict[str, Any] | None = None, **sections: Any
+) -> GatewayConfig:
     """Callers named in ``webhooks`` (each {"name", "url", "secrets", and caller keys}); ``billing-service`` first."""
     callers = []
     for number, spec in enumerate(webhooks):
@@ -97,7 +100,7 @@ def config_with(upstream_url: str, *webhooks: dict[str, Any], events: dict[str, 
         caller.setdefault("key", f"caller-key-{number}-{'x' * 24}")
         caller["webhook"] = {"url": spec["url"], "secrets": spec["secrets"]}
         callers.append(caller)
-    return make_config(upstream_url, callers=callers, events={**QUICK_EVENTS, **(events or {})})
+    return make_config(upstream_url, callers=callers, events={**QUICK_EVENTS, **(events or {})}, **sections)
 
 
 async def test_each_event_reaches_the_receiver_once_in_order_signed_with_its_id(
@@ -553,6 +556,44 @@ async def test_a_reload_that_adds_the_receivers_new_secret_delivers_the_waiting_
 
     assert subjects(got) == ids  # the position was kept: none lost, none skipped, in order
     assert [d.status for d in receiver.got] == [401, 204, 204, 204]
+
+
+async def test_a_replica_whose_lease_lapsed_while_it_waited_goes_on_from_where_the_other_replica_stopped(
+    receiver_factory: Receivers, gateways: Gateways, redis_server: RedisServer
+) -> None:
+    secret = new_secret()
+    receiver = await receiver_factory([secret])
+    config = config_with(
+        "http://127.0.0.1:9",
+        {"name": BILLING, "url": receiver.url, "secrets": [secret]},
+        events={"webhook_timeout_s": 0.3, "webhook_max_in_flight": 1},  # the lease: 3 x 0.3 + 1 = 1.9 s
+        redis={"url": redis_server.url, "key_prefix": f"lapse-{random.getrandbits(32)}:", "probe_interval_s": 0.1},
+    )
+    first = await gateways(config)  # it takes billing's lease
+    second = await gateways(config, ready=False)
+    first_webhooks, second_webhooks = first.state.webhooks, second.state.webhooks
+    assert first_webhooks is not None
+    assert second_webhooks is not None
+    log = event_log(first)
+    ids = await new_batches(log, 2)
+    await receiver.wait_delivered(2)
+
+    # The first replica's one slot is taken (as by other callers' slow receivers): its next try waits, and
+    # its lease lapses meanwhile; the second takes the lease over, delivers, and stops (its lease given up).
+    await first_webhooks.shared.in_flight.acquire()
+    ids += await new_batches(log, 1)
+    await asyncio.sleep(0.1)  # the first replica's task now waits for the slot, holding the third event
+    ids += await new_batches(log, 2)
+    assert subjects(await receiver.wait_delivered(5)) == ids
+    await asyncio.wait_for(second_webhooks.callers[BILLING].stop(forget=False), 5)
+
+    # The first gets its slot back and the lease again: it goes on from the stored position, resending nothing.
+    first_webhooks.shared.in_flight.release()
+    ids += await new_batches(log, 1)
+    got = await receiver.wait_delivered(6)
+    assert subjects(got) == ids
+    await asyncio.sleep(0.3)
+    assert len(receiver.got) == 6
 
 
 async def test_a_webhook_removed_by_a_reload_stops_even_if_a_lease_call_loses_the_cancellation(

@@ -159,17 +159,34 @@ class CallerDeliveries:
                 await self._sleep(PAUSE_S)
 
     async def _holding(self) -> bool:
-        """Whether this process may deliver for the caller now (renewing the lease when it is a third gone)."""
+        """Whether this process may deliver for the caller now (renewing the lease when it is a third gone).
+
+        A lease not renewed for its whole TTL (a long wait for a slot) may have lapsed, and another process
+        may have delivered meanwhile: held again, it goes on from the stored position, not from its own.
+        """
         if self.stopping:
             return False
         now = time.monotonic()
-        if now - self._held_at < self.ttl_s / 3:
+        since = now - self._held_at
+        if since < self.ttl_s / 3:
             return True
         if await self.lease.hold():
             self._held_at = now
+            if since >= self.ttl_s and self.position is not None:
+                return await self._not_overtaken(self.position)
             return True
         self._held_at = float("-inf")
         self.position = None  # another process delivers: its position, not ours, when the lease comes back
+        self.oldest_undelivered = None
+        return False
+
+    async def _not_overtaken(self, position: int) -> bool:
+        """False (the position to be read again) if another process moved the stored position past ``position``."""
+        stored = await self.shared.positions.get(self.name, self.shared.events.log_id)
+        if stored is None or stored <= position:
+            return True
+        log_event(log, logging.INFO, "webhook lease taken back; going on from the stored position", caller=self.name)
+        self.position = None
         self.oldest_undelivered = None
         return False
 
