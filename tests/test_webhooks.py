@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -16,10 +17,14 @@ from typing import Any
 import pytest
 
 from gateway.config import GatewayConfig
+from gateway.config.features import EventsSettings
 from gateway.edge.server import RunningGateway, start_gateway
+from gateway.events import webhook_send
 from gateway.events.base import EventLog
 from gateway.ops.logs import Redactor
+from gateway.replicas.lease import Lease
 from gateway.runtime import build_state, reload_config
+from tests.redis_server import RedisServer
 from tests.support import UPSTREAM_TOKEN, LogCapture, eventually, make_config, registry_value
 from tests.webhook_kit import (
     RECEIVE_WITHIN_S,
@@ -27,6 +32,7 @@ from tests.webhook_kit import (
     Receiver,
     batch_sighting,
     dataset_sighting,
+    never_accepting,
     new_batches,
     new_secret,
     subjects,
@@ -84,7 +90,9 @@ def event_log(gateway: RunningGateway) -> EventLog:
     return gateway.state.events
 
 
-def config_with(upstream_url: str, *webhooks: dict[str, Any], events: dict[str, Any] | None = None) -> GatewayConfig:
+def config_with(
+    upstream_url: str, *webhooks: dict[str, Any], events: dict[str, Any] | None = None, **sections: Any
+) -> GatewayConfig:
     """Callers named in ``webhooks`` (each {"name", "url", "secrets", and caller keys}); ``billing-service`` first."""
     callers = []
     for number, spec in enumerate(webhooks):
@@ -92,7 +100,7 @@ def config_with(upstream_url: str, *webhooks: dict[str, Any], events: dict[str, 
         caller.setdefault("key", f"caller-key-{number}-{'x' * 24}")
         caller["webhook"] = {"url": spec["url"], "secrets": spec["secrets"]}
         callers.append(caller)
-    return make_config(upstream_url, callers=callers, events={**QUICK_EVENTS, **(events or {})})
+    return make_config(upstream_url, callers=callers, events={**QUICK_EVENTS, **(events or {})}, **sections)
 
 
 async def test_each_event_reaches_the_receiver_once_in_order_signed_with_its_id(
@@ -253,19 +261,22 @@ async def test_a_410_turns_the_webhook_off_until_a_reload_which_resumes_where_it
     await asyncio.sleep(1.0)  # several retry waits: nothing more is sent while it is off
     assert len(receiver.got) == 1
     assert any(e["event"].startswith("webhook off") for e in logs.events("gateway.webhooks"))
+    # While off, its lag is still the age of the event that got the 410 (the alert sees it).
+    assert registry_value(gateway, "gateway_webhook_lag_seconds", caller=BILLING) >= 1.0
 
     answer["status"] = 200
     assert await reload_config(gateway.state, lambda: config)
     got = await receiver.wait_delivered(3)
     assert subjects(got) == ids  # from the event that got the 410, in order
     assert registry_value(gateway, "gateway_webhook_off", caller=BILLING) == 0
+    assert await eventually(lambda: registry_value(gateway, "gateway_webhook_lag_seconds", caller=BILLING) == 0)
 
 
 async def test_a_redirect_is_never_followed_and_the_event_is_retried(
     receiver_factory: Receivers, gateways: Gateways
 ) -> None:
     secret = new_secret()
-    answers = iter([302, 307, 204])
+    answers = iter([301, 302, 307, 308, 204])
     receiver = await receiver_factory([secret], lambda _d: next(answers))
     gateway = await gateways(
         config_with("http://127.0.0.1:9", {"name": BILLING, "url": receiver.url, "secrets": [secret]})
@@ -273,10 +284,11 @@ async def test_a_redirect_is_never_followed_and_the_event_is_retried(
     await new_batches(event_log(gateway), 1)
     await receiver.wait_delivered(1)
 
-    assert [d.status for d in receiver.got] == [302, 307, 204]
+    assert [d.status for d in receiver.got] == [301, 302, 307, 308, 204]
     assert len({d.id for d in receiver.got}) == 1
-    # Only the configured URL was ever asked, never the Location.
-    assert registry_value(gateway, "gateway_webhook_deliveries_total", caller=BILLING, outcome="refused") == 2
+    # Only the configured URL was ever asked, never the Location (the receiver's own /hooks/elsewhere).
+    assert {d.path for d in receiver.got} == {"/hooks"}
+    assert registry_value(gateway, "gateway_webhook_deliveries_total", caller=BILLING, outcome="refused") == 4
 
 
 async def test_a_receiver_that_hangs_is_given_up_after_the_timeout_and_tried_again(
@@ -435,3 +447,195 @@ async def test_a_reload_adds_and_removes_webhooks_and_a_moved_url_gets_the_next_
     await asyncio.sleep(0.3)
     assert len(added.got) == 2  # removed: nothing more
     assert len(first.got) == 2
+
+
+async def test_a_2xx_whose_body_never_ends_is_a_delivery_and_the_event_is_not_sent_again(
+    receiver_factory: Receivers, gateways: Gateways
+) -> None:
+    secret = new_secret()
+    receiver = await receiver_factory([secret], lambda _d: 200)
+    receiver.stalled_bodies = True  # the status comes at once; the rest never does
+    gateway = await gateways(
+        config_with(
+            "http://127.0.0.1:9",
+            {"name": BILLING, "url": receiver.url, "secrets": [secret]},
+            events={"webhook_timeout_s": 0.3, "webhook_retry_s": [0.2]},
+        )
+    )
+    ids = await new_batches(event_log(gateway), 3)
+    await receiver.wait_for(lambda got: len(got) >= 3)
+
+    assert subjects(receiver.got[:3]) == ids  # each once, in order: the 2xx came within the timeout
+    delivered = {"caller": BILLING, "outcome": "delivered"}
+    assert await eventually(lambda: registry_value(gateway, "gateway_webhook_deliveries_total", **delivered) == 3)
+    await asyncio.sleep(0.5)  # longer than a timeout and a retry wait: nothing is sent again
+    assert len(receiver.got) == 3
+    assert registry_value(gateway, "gateway_webhook_deliveries_total", caller=BILLING, outcome="timeout") == 0
+
+
+async def test_a_receiver_whose_connection_never_completes_is_given_up_at_the_connect_timeout(
+    gateways: Gateways, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The connect timeout, short here, is its own: far below the whole delivery's 10 s.
+    monkeypatch.setattr(webhook_send, "CONNECT_TIMEOUT_S", 0.3, raising=False)
+    with never_accepting() as url:
+        gateway = await gateways(
+            config_with(
+                "http://127.0.0.1:9",
+                {"name": BILLING, "url": url, "secrets": [new_secret()]},
+                events={"webhook_timeout_s": 10, "webhook_retry_s": [30]},
+            )
+        )
+        started = time.monotonic()
+        await new_batches(event_log(gateway), 1)
+        unreachable = {"caller": BILLING, "outcome": "unreachable"}
+        assert await eventually(
+            lambda: registry_value(gateway, "gateway_webhook_deliveries_total", **unreachable) == 1, 3
+        )
+        assert time.monotonic() - started < 3
+        assert registry_value(gateway, "gateway_webhook_deliveries_total", caller=BILLING, outcome="timeout") == 0
+
+
+async def test_a_reload_that_leaves_a_webhook_unchanged_does_not_cut_its_retry_wait_short(
+    receiver_factory: Receivers, gateways: Gateways
+) -> None:
+    secret, rotated = new_secret(), new_secret()
+    receiver = await receiver_factory([secret, rotated], lambda _d: 503)
+    other = await receiver_factory([secret])
+    billing = {"name": BILLING, "url": receiver.url, "secrets": [secret]}
+    reporting = {"name": "reporting", "url": other.url, "secrets": [secret]}
+    slow = {"webhook_retry_s": [30]}
+    gateway = await gateways(config_with("http://127.0.0.1:9", billing, events=slow))
+    await new_batches(event_log(gateway), 1)
+    await receiver.wait_for(lambda got: len(got) == 1)
+
+    # Another caller's webhook added: billing's 30 s wait goes on (no retry storm on every SIGHUP).
+    assert await reload_config(
+        gateway.state, lambda: config_with("http://127.0.0.1:9", billing, reporting, events=slow)
+    )
+    await until_delivering(gateway)
+    await asyncio.sleep(0.5)
+    assert len(receiver.got) == 1
+
+    # Billing's own secrets changed: its waiting event is tried again at once, with them.
+    changed = {**billing, "secrets": [secret, rotated]}
+    assert await reload_config(
+        gateway.state, lambda: config_with("http://127.0.0.1:9", changed, reporting, events=slow)
+    )
+    await receiver.wait_for(lambda got: len(got) == 2, within_s=5)
+    assert receiver.got[1].verified_by == [secret, rotated]
+
+
+def test_retry_waits_follow_the_schedule_the_last_repeating_each_jittered_by_up_to_a_fifth() -> None:
+    # The default: about 5 s, 30 s, 2 min, 10 min, 30 min, 1 h, then every 2 h.
+    assert EventsSettings().webhook_retry_s == (5, 30, 120, 600, 1800, 3600, 7200)
+    rng = random.Random(23)
+    schedule = [5.0, 30.0, 120.0]
+    for failures, base in [(1, 5.0), (2, 30.0), (3, 120.0), (4, 120.0), (40, 120.0)]:
+        waits = [webhook_send.retry_wait(schedule, failures, rng) for _ in range(200)]
+        assert base * 0.8 <= min(waits)
+        assert max(waits) <= base * 1.2
+        assert max(waits) - min(waits) > base * 0.3  # spread out: never the bare schedule
+
+
+async def test_a_reload_that_adds_the_receivers_new_secret_delivers_the_waiting_events_in_order(
+    receiver_factory: Receivers, gateways: Gateways
+) -> None:
+    old, new = new_secret(), new_secret()
+    # The receiver moved to the new secret first: it refuses what it cannot verify.
+    receiver = await receiver_factory([new], lambda d: 204 if d.verified_by else 401)
+    spec = {"name": BILLING, "url": receiver.url}
+    slow = {"webhook_retry_s": [30]}
+    gateway = await gateways(config_with("http://127.0.0.1:9", {**spec, "secrets": [old]}, events=slow))
+    ids = await new_batches(event_log(gateway), 3)
+    await receiver.wait_for(lambda got: len(got) == 1)
+
+    rotated = config_with("http://127.0.0.1:9", {**spec, "secrets": [old, new]}, events=slow)
+    assert await reload_config(gateway.state, lambda: rotated)
+    got = await receiver.wait_delivered(3, within_s=5)  # at once, not after the 30 s wait
+
+    assert subjects(got) == ids  # the position was kept: none lost, none skipped, in order
+    assert [d.status for d in receiver.got] == [401, 204, 204, 204]
+
+
+async def test_a_replica_whose_lease_lapsed_while_it_waited_goes_on_from_where_the_other_replica_stopped(
+    receiver_factory: Receivers, gateways: Gateways, redis_server: RedisServer
+) -> None:
+    secret = new_secret()
+    receiver = await receiver_factory([secret])
+    config = config_with(
+        "http://127.0.0.1:9",
+        {"name": BILLING, "url": receiver.url, "secrets": [secret]},
+        events={"webhook_timeout_s": 0.3, "webhook_max_in_flight": 1},  # the lease: 3 x 0.3 + 1 = 1.9 s
+        redis={"url": redis_server.url, "key_prefix": f"lapse-{random.getrandbits(32)}:", "probe_interval_s": 0.1},
+    )
+    first = await gateways(config)  # it takes billing's lease
+    second = await gateways(config, ready=False)
+    first_webhooks, second_webhooks = first.state.webhooks, second.state.webhooks
+    assert first_webhooks is not None
+    assert second_webhooks is not None
+    log = event_log(first)
+    ids = await new_batches(log, 2)
+    await receiver.wait_delivered(2)
+
+    # The first replica's one slot is taken (as by other callers' slow receivers): its next try waits, and
+    # its lease lapses meanwhile; the second takes the lease over, delivers, and stops (its lease given up).
+    await first_webhooks.shared.in_flight.acquire()
+    ids += await new_batches(log, 1)
+    await asyncio.sleep(0.1)  # the first replica's task now waits for the slot, holding the third event
+    ids += await new_batches(log, 2)
+    assert subjects(await receiver.wait_delivered(5)) == ids
+    await asyncio.wait_for(second_webhooks.callers[BILLING].stop(forget=False), 5)
+
+    # The first gets its slot back and the lease again: it goes on from the stored position, resending nothing.
+    first_webhooks.shared.in_flight.release()
+    ids += await new_batches(log, 1)
+    got = await receiver.wait_delivered(6)
+    assert subjects(got) == ids
+    await asyncio.sleep(0.3)
+    assert len(receiver.got) == 6
+
+
+async def test_a_webhook_removed_by_a_reload_stops_even_if_a_lease_call_loses_the_cancellation(
+    receiver_factory: Receivers, gateways: Gateways, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = new_secret()
+    receiver = await receiver_factory([secret])
+    billing = {"name": BILLING, "url": receiver.url, "secrets": [secret]}
+    quick = {"webhook_timeout_s": 0.1}  # the lease renewed every (3 x 0.1 + 1) / 3 s
+    gateway = await gateways(config_with("http://127.0.0.1:9", billing, events=quick))
+    webhooks = gateway.state.webhooks
+    assert webhooks is not None
+    deliveries = webhooks.callers[BILLING]
+
+    # A renewal whose Redis call swallows the cancellation once, as redis-py's writes do on Python 3.11
+    # (asyncio.wait_for returns the finished write and drops a cancellation that came at that moment).
+    renewing, lost = asyncio.Event(), asyncio.Event()
+    hold = Lease.hold
+
+    async def hold_losing_one_cancellation(lease: Lease) -> bool:
+        if lost.is_set():
+            return await hold(lease)
+        renewing.set()
+        try:
+            await asyncio.sleep(RECEIVE_WITHIN_S)
+        except asyncio.CancelledError:
+            lost.set()
+        return True
+
+    monkeypatch.setattr(Lease, "hold", hold_losing_one_cancellation)
+    await asyncio.wait_for(renewing.wait(), RECEIVE_WITHIN_S)
+    assert await reload_config(gateway.state, lambda: make_config("http://127.0.0.1:9", events=QUICK_EVENTS))
+    await asyncio.wait_for(lost.wait(), RECEIVE_WITHIN_S)
+
+    task = deliveries.task
+    assert task is not None
+    try:
+        assert await eventually(task.done, 5)  # stopped, not delivering on for a removed webhook
+    finally:
+        while not task.done():  # so that the gateway can stop when the test failed
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
+    await new_batches(event_log(gateway), 1)
+    await asyncio.sleep(0.3)
+    assert receiver.got == []

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import secrets as random_secrets
+import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +34,7 @@ class Delivery:
     at: float
     verified_by: list[str]
     status: int
+    path: str = ""
 
     @property
     def id(self) -> str:
@@ -57,6 +60,8 @@ class Receiver:
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     url: str = ""
     runner: web.AppRunner | None = None
+    # True: a 2xx answer sends its status and headers, then never the rest (its body stalls).
+    stalled_bodies: bool = False
 
     async def start(self, path: str = "/hooks", port: int = 0) -> Receiver:
         app = web.Application()
@@ -88,7 +93,7 @@ class Receiver:
             except WebhookVerificationError:
                 continue
             verified_by.append(secret)
-        delivery = Delivery(headers, body, time.monotonic(), verified_by, 0)
+        delivery = Delivery(headers, body, time.monotonic(), verified_by, 0, request.path)
         status = self.behaviour(delivery)
         if asyncio.iscoroutine(status):
             status = await status
@@ -98,6 +103,10 @@ class Receiver:
             self.changed.notify_all()
         if status is None:
             await asyncio.sleep(3600)  # hangs: the gateway must give up by itself
+        if self.stalled_bodies and isinstance(status, int) and 200 <= status < 300:
+            started = web.StreamResponse(status=status)
+            await started.prepare(request)  # the status is sent; the body never ends
+            await asyncio.sleep(3600)
         if status in (301, 302, 307, 308):
             return web.Response(status=status, headers={"Location": self.url + "/elsewhere"})
         return web.Response(status=int(status or 500), text="a receiver's own words, never to be logged")
@@ -145,3 +154,21 @@ async def new_batches(log: EventLog, count: int, owner: str | None = None, prefi
 
 def subjects(deliveries: list[Delivery]) -> list[str]:
     return [d.event["data"]["batch"]["id"] for d in deliveries]
+
+
+@contextlib.contextmanager
+def never_accepting() -> Iterator[str]:
+    """A webhook URL on 127.0.0.1 whose connections never complete: its one-place accept queue is kept full."""
+    listener = socket.socket()
+    fillers = [socket.socket() for _ in range(2)]
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        for filler in fillers:  # the first fills the queue; the kernel drops every SYN after it
+            filler.setblocking(False)
+            filler.connect_ex(listener.getsockname())
+        host, port = listener.getsockname()
+        yield f"http://{host}:{port}/hooks"
+    finally:
+        for sock in (*fillers, listener):
+            sock.close()

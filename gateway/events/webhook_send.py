@@ -7,9 +7,12 @@ rotation a receiver holding either secret verifies it.
 
 A try is one POST on the webhook session (no upstream token, no cookies,
 no proxy from the environment), redirects never followed, bounded by
-``events.webhook_timeout_s`` from connecting to the answer's status. The
-receiver's answer body is never kept: a few bytes are read and thrown away
-(so that a short answer leaves the connection reusable), then released.
+``events.webhook_timeout_s`` from connecting to the answer's status, and
+its connection by ``CONNECT_TIMEOUT_S`` of its own (a receiver whose host
+drops connections costs seconds, not the whole timeout). A 2xx status in
+time is a delivery. The receiver's answer body is never kept: a few bytes
+are read and thrown away (so that a short answer leaves the connection
+reusable), then released; a body that stalls or breaks changes nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from gateway.ops.webhook_metrics import DELIVERED, GONE, REFUSED, TIMEOUT, UNREA
 DISCARD_BYTES = 4096
 # Each wait of the retry schedule is jittered by this much either way, so retries of many webhooks spread out.
 JITTER = 0.2
+# A new connection to a receiver (TCP, and TLS for https) is given up after this, or the whole timeout if shorter.
+CONNECT_TIMEOUT_S = 5.0
 USER_AGENT = "cohere-gateway-webhooks"
 
 
@@ -65,7 +70,8 @@ async def post(
     session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], timeout_s: float
 ) -> tuple[str, int | None]:
     """POST once; the outcome (``gateway.ops.webhook_metrics``) and the answer's status if there was one."""
-    timeout = aiohttp.ClientTimeout(total=timeout_s, connect=timeout_s)
+    timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, CONNECT_TIMEOUT_S))
+    status: int | None = None
     try:
         async with asyncio.timeout(timeout_s):
             async with session.post(url, data=body, headers=headers, allow_redirects=False, timeout=timeout) as answer:
@@ -73,10 +79,13 @@ async def post(
                 if 200 <= status < 300:
                     # Read a little of it (never kept) so that a short answer frees its connection for reuse.
                     await answer.content.read(DISCARD_BYTES)
-    except TimeoutError:
-        return TIMEOUT, None
-    except (aiohttp.ClientError, OSError, ValueError):
-        # ValueError: aiohttp's own for what it cannot send to (a URL it cannot parse).
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+        if status is not None and 200 <= status < 300:
+            return DELIVERED, status  # the 2xx came in time: what its body does after is no failure
+        if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return TIMEOUT, None
+        # No connection (refused, or not made within CONNECT_TIMEOUT_S), or it broke; ValueError: aiohttp's
+        # own for what it cannot send to (a URL it cannot parse).
         return UNREACHABLE, None
     if 200 <= status < 300:
         return DELIVERED, status

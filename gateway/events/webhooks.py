@@ -46,6 +46,8 @@ READ_BATCH = 100
 START_WAIT_S = 5.0
 # After the store or Redis fails, a caller's task waits this long before it reads its position again.
 PAUSE_S = 1.0
+# A stopping caller's task is cancelled again this often until it has ended (a cancellation can be lost).
+STOP_AGAIN_S = 0.1
 
 
 def lease_ttl_s(config: GatewayConfig) -> float:
@@ -86,6 +88,7 @@ class CallerDeliveries:
         self.webhook: WebhookSettings = caller.webhook
         self.position: int | None = None  # None: read it from the store before going on
         self.off = False
+        self.stopping = False
         self.oldest_undelivered: float | None = None  # created_at of the event being tried, if any
         self.ttl_s = lease_ttl_s(shared.config)
         self.lease = Lease(shared.link, f"webhook:{self.name}", self.ttl_s)
@@ -105,20 +108,33 @@ class CallerDeliveries:
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"webhook:{self.name}")
 
     def update(self, caller: CallerSettings) -> None:
-        """A reload: the new settings apply from the next try; a webhook off after a 410 is on again."""
+        """A reload: the new settings apply from the next try; a webhook off after a 410 is on again.
+
+        A retry wait is cut short only if the webhook's URL or secrets changed (or it was off): a reload
+        that leaves it as it was (another caller's change) must not send every failing webhook's retry at once.
+        """
         assert caller.webhook is not None
+        changed = caller.webhook != self.webhook
         self.caller, self.webhook = caller, caller.webhook
         if self.off:
             log_event(log, logging.INFO, "webhook on again after a reload", caller=self.name)
+            changed = True
         self.off = False
         self.shared.metrics.off.labels(self.name).set(0)
-        self._wake.set()  # a long retry wait is cut short: the new settings are tried now
+        if changed:
+            self._wake.set()  # a long retry wait is cut short: the new settings are tried now
 
     async def stop(self, forget: bool) -> None:
-        if self.task is not None:
-            self.task.cancel()
+        self.stopping = True
+        task = self.task
+        if task is not None:
+            # A cancellation can be lost in a Redis call (redis-py bounds its writes with asyncio.wait_for, which
+            # on Python 3.11 drops a cancellation that comes as the write completes): cancel until it has ended.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=STOP_AGAIN_S)
             with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+                await task
         with contextlib.suppress(Exception):
             await self.lease.release()
             if forget:  # removed from the config: a webhook added later starts at the newest event
@@ -130,7 +146,7 @@ class CallerDeliveries:
     # --- the task -------------------------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while True:
+        while not self.stopping:
             try:
                 await self._round()
             except StoreUnavailable:
@@ -143,15 +159,34 @@ class CallerDeliveries:
                 await self._sleep(PAUSE_S)
 
     async def _holding(self) -> bool:
-        """Whether this process may deliver for the caller now (renewing the lease when it is a third gone)."""
+        """Whether this process may deliver for the caller now (renewing the lease when it is a third gone).
+
+        A lease not renewed for its whole TTL (a long wait for a slot) may have lapsed, and another process
+        may have delivered meanwhile: held again, it goes on from the stored position, not from its own.
+        """
+        if self.stopping:
+            return False
         now = time.monotonic()
-        if now - self._held_at < self.ttl_s / 3:
+        since = now - self._held_at
+        if since < self.ttl_s / 3:
             return True
         if await self.lease.hold():
             self._held_at = now
+            if since >= self.ttl_s and self.position is not None:
+                return await self._not_overtaken(self.position)
             return True
         self._held_at = float("-inf")
         self.position = None  # another process delivers: its position, not ours, when the lease comes back
+        self.oldest_undelivered = None
+        return False
+
+    async def _not_overtaken(self, position: int) -> bool:
+        """False (the position to be read again) if another process moved the stored position past ``position``."""
+        stored = await self.shared.positions.get(self.name, self.shared.events.log_id)
+        if stored is None or stored <= position:
+            return True
+        log_event(log, logging.INFO, "webhook lease taken back; going on from the stored position", caller=self.name)
+        self.position = None
         self.oldest_undelivered = None
         return False
 

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 DELIVERED = "delivered"  # a 2xx in time
 REFUSED = "refused"  # any other answer, redirects included (never followed)
 TIMEOUT = "timeout"  # no answer within events.webhook_timeout_s
-UNREACHABLE = "unreachable"  # no connection, or it broke
+UNREACHABLE = "unreachable"  # no connection (refused, or not made within the connect timeout), or it broke
 GONE = "gone"  # 410: the webhook is off until the next reload
 DROPPED = "dropped"  # an event that reached events.webhook_max_age_s undelivered (not a try)
 
