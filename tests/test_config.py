@@ -88,6 +88,11 @@ PROBLEMS: list[tuple[str, Case, list[str]]] = [
     ("zero burst", doc(raw_config(BASE, upstream={"rate_limit": {"burst": 0}})), ["upstream.rate_limit.burst:"]),
     ("port out of range", doc(raw_config(BASE, server={"port": 70000})), ["server.port:"]),
     (
+        "a part origin with no host",
+        doc(raw_config(BASE, datasets={"part_origins": ["https://:443"]})),
+        ["datasets.part_origins:"],
+    ),
+    (
         "duplicate caller name",
         doc(callers(BILLING, {"name": "billing-service", "key": REPORTING_KEY})),
         ["callers.1.name: duplicate of callers.0.name"],

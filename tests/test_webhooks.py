@@ -25,7 +25,7 @@ from gateway.ops.logs import Redactor
 from gateway.replicas.lease import Lease
 from gateway.runtime import build_state, reload_config
 from tests.redis_server import RedisServer
-from tests.support import UPSTREAM_TOKEN, LogCapture, eventually, make_config, registry_value
+from tests.support import UPSTREAM_TOKEN, LogCapture, eventually, fresh_store_path, make_config, registry_value
 from tests.webhook_kit import (
     RECEIVE_WITHIN_S,
     Delivery,
@@ -580,7 +580,7 @@ async def test_a_replica_whose_lease_lapsed_while_it_waited_goes_on_from_where_t
 
     # The first replica's one slot is taken (as by other callers' slow receivers): its next try waits, and
     # its lease lapses meanwhile; the second takes the lease over, delivers, and stops (its lease given up).
-    await first_webhooks.shared.in_flight.acquire()
+    await first_webhooks.shared.slots.acquire()
     ids += await new_batches(log, 1)
     await asyncio.sleep(0.1)  # the first replica's task now waits for the slot, holding the third event
     ids += await new_batches(log, 2)
@@ -588,7 +588,7 @@ async def test_a_replica_whose_lease_lapsed_while_it_waited_goes_on_from_where_t
     await asyncio.wait_for(second_webhooks.callers[BILLING].stop(forget=False), 5)
 
     # The first gets its slot back and the lease again: it goes on from the stored position, resending nothing.
-    first_webhooks.shared.in_flight.release()
+    first_webhooks.shared.slots.release()
     ids += await new_batches(log, 1)
     got = await receiver.wait_delivered(6)
     assert subjects(got) == ids
@@ -639,3 +639,104 @@ async def test_a_webhook_removed_by_a_reload_stops_even_if_a_lease_call_loses_th
     await new_batches(event_log(gateway), 1)
     await asyncio.sleep(0.3)
     assert receiver.got == []
+
+
+async def test_events_removed_from_the_log_before_delivery_are_logged_and_counted_as_dropped(
+    receiver_factory: Receivers, gateways: Gateways, logs: LogCapture
+) -> None:
+    secret = new_secret()
+    answer = {"status": 410}
+    receiver = await receiver_factory([secret], lambda _d: answer["status"])
+    config = config_with(
+        "http://127.0.0.1:9",
+        {"name": BILLING, "url": receiver.url, "secrets": [secret]},
+        events={"max_events": 3},
+        store={"path": fresh_store_path()},
+    )
+    gateway = await gateways(config)
+    log = event_log(gateway)
+    first = await new_batches(log, 1)
+    await receiver.wait_for(lambda got: len(got) == 1)  # off after the 410: the event waits
+    later = await new_batches(log, 5)  # the log keeps the newest 3: the waiting one and 2 after it are gone
+    await gateway.stop()
+
+    answer["status"] = 200
+    restarted = await gateways(config)  # on again, from its stored position: before the waiting event
+    got = await receiver.wait_delivered(3)
+    assert subjects(got) == later[2:]
+    assert first[0] not in subjects(got)
+    (line,) = [e for e in logs.events("gateway.webhooks") if e["event"].startswith("webhook events removed")]
+    assert (line["caller"], line["up_to"]) == (BILLING, 3)
+    assert registry_value(restarted, "gateway_webhook_deliveries_total", caller=BILLING, outcome="dropped") == 3
+
+
+async def test_a_webhook_removed_and_added_again_at_once_keeps_its_metrics_and_delivers_what_comes_next(
+    receiver_factory: Receivers, gateways: Gateways
+) -> None:
+    secret = new_secret()
+    receiver = await receiver_factory([secret])
+    config = config_with("http://127.0.0.1:9", {"name": BILLING, "url": receiver.url, "secrets": [secret]})
+    gateway = await gateways(config)
+    webhooks = gateway.state.webhooks
+    assert webhooks is not None
+
+    # Two reloads in one breath: the first's stop of the old webhook is still under way when the second adds it.
+    without = config_with("http://127.0.0.1:9", {"name": "reporting", "url": receiver.url, "secrets": [secret]})
+    assert await reload_config(gateway.state, lambda: without)
+    assert await reload_config(gateway.state, lambda: config)
+    await until_delivering(gateway)
+    ids = await new_batches(event_log(gateway), 2, owner=BILLING)
+
+    got = await receiver.wait_delivered(2)
+    assert subjects(got) == ids
+    assert await eventually(lambda: not webhooks._stopping)  # the old webhook's stop has ended
+    registry = gateway.state.metrics.registry
+    assert registry.get_sample_value("gateway_webhook_off", {"caller": BILLING}) == 0  # still there, not removed
+    assert registry.get_sample_value("gateway_webhook_lag_seconds", {"caller": BILLING}) is not None
+
+
+async def test_receivers_that_hang_never_take_every_slot_from_a_caller_whose_receiver_answers(
+    receiver_factory: Receivers, gateways: Gateways
+) -> None:
+    secret = new_secret()
+    hanging = [await receiver_factory([secret], lambda _d: None) for _ in range(4)]
+    healthy = await receiver_factory([secret])
+    gateway = await gateways(
+        config_with(
+            "http://127.0.0.1:9",
+            *({"name": f"hangs-{n}", "url": r.url, "secrets": [secret]} for n, r in enumerate(hanging)),
+            {"name": BILLING, "url": healthy.url, "secrets": [secret]},
+            events={"webhook_timeout_s": 2, "webhook_retry_s": [0.05], "webhook_max_in_flight": 4},
+        )
+    )
+    log = event_log(gateway)
+    await new_batches(log, 1)
+    await healthy.wait_delivered(1)
+    for receiver in hanging:  # each has timed out once: its receiver fails, and it retries every 0.05 s
+        await receiver.wait_for(lambda got: len(got) >= 2)
+
+    started = time.monotonic()
+    ids = await new_batches(log, 10)
+    got = await healthy.wait_delivered(11)
+    assert subjects(got)[1:] == ids
+    # Each of the 4 retries a try that hangs 2 s, 0.05 s after the last: were they to take all 4 slots,
+    # the 10 events would wait for them about 2 s each.
+    assert time.monotonic() - started < 2
+
+
+async def test_a_reload_that_lengthens_the_webhook_timeout_lengthens_the_lease_on_redis(
+    receiver_factory: Receivers, gateways: Gateways, redis_server: RedisServer
+) -> None:
+    secret = new_secret()
+    receiver = await receiver_factory([secret])
+    billing = {"name": BILLING, "url": receiver.url, "secrets": [secret]}
+    redis = {"url": redis_server.url, "key_prefix": f"ttl-{random.getrandbits(32)}:"}
+    gateway = await gateways(config_with("http://127.0.0.1:9", billing, events={"webhook_timeout_s": 1}, redis=redis))
+    key = gateway.state.redis.key("lease", f"webhook:{BILLING}")  # type: ignore[union-attr]
+    assert 0 < await redis_server.client().pttl(key) <= 4000  # 3 x 1 + 1 s: a try in flight never outlives it
+
+    longer = config_with("http://127.0.0.1:9", billing, events={"webhook_timeout_s": 20}, redis=redis)
+    assert await reload_config(gateway.state, lambda: longer)
+    await new_batches(event_log(gateway), 1)
+    await receiver.wait_delivered(1)
+    assert await redis_server.client().pttl(key) > 4000  # renewed with 3 x 20 + 1 s

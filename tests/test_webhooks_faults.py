@@ -168,6 +168,10 @@ def test_check_config_names_each_bad_webhook_url_and_secret_by_its_place(tmp_pat
             {"name": "b", "key_sha256": "cd" * 32, "webhook": {"url": "https://u:p@x/y", "secrets": ["plain"]}},
             {"name": "c", "key_sha256": "ef" * 32, "webhook": {"url": "https://ok.example/y", "secrets": []}},
             {"name": "d", "key_sha256": "fa" * 32, "webhook": {"url": "https://ok.example/y", "secrets": [good]}},
+            {"name": "e", "key_sha256": "12" * 32, "webhook": {"url": "http://:8080/hooks", "secrets": [good]}},
+            {"name": "f", "key_sha256": "34" * 32, "webhook": {"url": "https://-/hooks", "secrets": [good]}},
+            {"name": "g", "key_sha256": "56" * 32, "webhook": {"url": "https://ok.example:99999/", "secrets": [good]}},
+            {"name": "h", "key_sha256": "78" * 32, "webhook": {"url": "http://[::1]:8080/h", "secrets": [good]}},
         ],
         events={"webhook_retry_s": [], "webhook_max_in_flight": 0},
     )
@@ -183,7 +187,11 @@ def test_check_config_names_each_bad_webhook_url_and_secret_by_its_place(tmp_pat
         "callers.1.webhook.url",
         "callers.1.webhook.secrets.0",
         "callers.2.webhook.secrets",
+        "callers.4.webhook.url",
+        "callers.5.webhook.url",
+        "callers.6.webhook.url",
     ]
+    assert "must name a host" in result.stderr
     assert "24 to 64 bytes" in result.stderr
     assert "starts with whsec_" in result.stderr
     assert "Traceback" not in result.stderr

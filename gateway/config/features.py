@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import re
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, SecretStr, field_validator
+from yarl import URL
 
 from gateway.config.section import PositiveSeconds, Section
 
@@ -16,6 +18,24 @@ _WEBHOOK_URL = re.compile(r"^https?://[^/?#\s@]+(/[^#\s]*)?$")
 WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105 (a prefix, not a secret)
 # The Standard Webhooks specification: a secret is 24 to 64 random bytes, base64, after "whsec_".
 WEBHOOK_SECRET_BYTES = (24, 64)
+# One label of a host name: letters, digits, inner hyphens (RFC 1123), and underscores (container names have them).
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+
+
+def _has_a_host(url: str) -> bool:
+    """Whether ``url`` names a host (a DNS name or an IP address) and, if any, a port that exists."""
+    try:
+        parsed = URL(url)
+        parsed.port  # noqa: B018 (raises on a port out of range)
+    except ValueError:
+        return False
+    host = parsed.raw_host or ""  # IDNA-encoded, an IPv6 address without its brackets
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        labels = host.removesuffix(".").split(".")
+        return len(host) <= 253 and all(_LABEL.match(label) for label in labels)
 
 
 class DatasetsSettings(Section):
@@ -52,7 +72,7 @@ class DatasetsSettings(Section):
     @classmethod
     def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for origin in value:
-            if not _ORIGIN.match(origin):
+            if not _ORIGIN.match(origin) or not _has_a_host(origin):
                 raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], no path)")
         return tuple(origin.lower() for origin in value)
 
@@ -111,6 +131,8 @@ class WebhookSettings(Section):
     def _http_url(cls, value: str) -> str:
         if not _WEBHOOK_URL.match(value):
             raise ValueError("must be an http:// or https:// URL with no credentials or fragment")
+        if not _has_a_host(value):
+            raise ValueError("must name a host (a DNS name or an IP address) and a valid port, if any")
         return value
 
     @field_validator("secrets")

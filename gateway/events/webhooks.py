@@ -24,6 +24,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 
 import aiohttp
 
@@ -73,8 +74,19 @@ class Shared:
         self.metrics = metrics
         self.link = link
         self.wall = wall
-        self.in_flight = asyncio.Semaphore(config.events.webhook_max_in_flight)
+        self.slots, self.failing_slots = slots(config.events.webhook_max_in_flight)
         self.session: aiohttp.ClientSession | None = None
+
+
+def slots(limit: int) -> tuple[asyncio.Semaphore, asyncio.Semaphore]:
+    """Every try takes one of ``limit`` slots; a try to a receiver whose last try failed first takes one of half.
+
+    A receiver that hangs holds its slot for ``webhook_timeout_s`` on every
+    try, and is retried until the event's max age: however many such
+    receivers there are, they hold at most half the slots, and callers whose
+    receivers answer always find one.
+    """
+    return asyncio.Semaphore(limit), asyncio.Semaphore(max(1, limit // 2))
 
 
 class CallerDeliveries:
@@ -88,6 +100,7 @@ class CallerDeliveries:
         self.webhook: WebhookSettings = caller.webhook
         self.position: int | None = None  # None: read it from the store before going on
         self.off = False
+        self.failing = False  # its last try failed: its next ones take a failing slot too
         self.stopping = False
         self.oldest_undelivered: float | None = None  # created_at of the event being tried, if any
         self.ttl_s = lease_ttl_s(shared.config)
@@ -97,15 +110,19 @@ class CallerDeliveries:
         # Set once this process knows where it stands: a position read, or another process holds the lease.
         self.ready = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
-        shared.metrics.lag.labels(self.name).set_function(self.lag_s)
-        shared.metrics.off.labels(self.name).set(0)
+        self._gauges()
+
+    def _gauges(self) -> None:
+        self.shared.metrics.lag.labels(self.name).set_function(self.lag_s)
+        self.shared.metrics.off.labels(self.name).set(1 if self.off else 0)
 
     def lag_s(self) -> float:
         oldest = self.oldest_undelivered
         return 0.0 if oldest is None else max(0.0, self.shared.wall() - oldest)
 
-    def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._run(), name=f"webhook:{self.name}")
+    def start(self, after: asyncio.Task[None] | None = None) -> None:
+        """Start delivering; ``after``: the stop of this caller's previous webhook (removed, then added again)."""
+        self.task = asyncio.get_running_loop().create_task(self._run(after), name=f"webhook:{self.name}")
 
     def update(self, caller: CallerSettings) -> None:
         """A reload: the new settings apply from the next try; a webhook off after a 410 is on again.
@@ -116,6 +133,12 @@ class CallerDeliveries:
         assert caller.webhook is not None
         changed = caller.webhook != self.webhook
         self.caller, self.webhook = caller, caller.webhook
+        # A longer webhook_timeout_s needs a longer lease, so that a try never outlives the lease that allowed it:
+        # renewed with the new TTL at the next check.
+        ttl_s = lease_ttl_s(self.shared.config)
+        if ttl_s != self.ttl_s:
+            self.ttl_s = self.lease.ttl_s = ttl_s
+            self._held_at = min(self._held_at, time.monotonic() - ttl_s / 3)
         if self.off:
             log_event(log, logging.INFO, "webhook on again after a reload", caller=self.name)
             changed = True
@@ -145,7 +168,10 @@ class CallerDeliveries:
 
     # --- the task -------------------------------------------------------------------------------------------------
 
-    async def _run(self) -> None:
+    async def _run(self, after: asyncio.Task[None] | None) -> None:
+        if after is not None:
+            await after  # its stop forgets the stored position and the gauges: not this webhook's
+            self._gauges()
         while not self.stopping:
             try:
                 await self._round()
@@ -212,6 +238,8 @@ class CallerDeliveries:
             self.oldest_undelivered = None
             await self.shared.events.wait_beyond(self.position, self.ttl_s / 3)
             return
+        if events[0].seq > self.position + 1:
+            self._pruned(self.position, events[0].seq)
         passed = None
         for event in events:
             if not await self._holding():
@@ -224,6 +252,17 @@ class CallerDeliveries:
             passed = None
         if passed is not None:  # saves reading past them again after a restart
             await self.shared.positions.put(self.name, self.shared.events.log_id, passed)
+
+    def _pruned(self, position: int, first: int) -> None:
+        """Events after ``position`` were removed from the log (retention, max_events) before they were delivered."""
+        log_id = self.shared.events.log_id
+        gap = first - position - 1
+        # Counted as dropped; some of them may have been events this caller may not see: "up to".
+        self.shared.metrics.deliveries.labels(self.name, DROPPED).inc(gap)
+        log_event(
+            log, logging.WARNING, "webhook events removed from the log before they were delivered",
+            caller=self.name, after=encode_cursor(log_id, position), up_to=gap, next=encode_cursor(log_id, first),
+        )  # fmt: skip
 
     async def _load_position(self) -> int:
         log_id = self.shared.events.log_id
@@ -245,6 +284,7 @@ class CallerDeliveries:
             if tried is None:
                 return False  # the lease passed to another process while this one waited for a slot
             outcome, status = tried
+            self.failing = outcome not in (DELIVERED, GONE)
             shared.metrics.deliveries.labels(self.name, outcome).inc()
             if outcome == DELIVERED:
                 break
@@ -275,7 +315,10 @@ class CallerDeliveries:
         shared, webhook = self.shared, self.webhook
         session = shared.session
         assert session is not None
-        async with shared.in_flight:
+        async with contextlib.AsyncExitStack() as held:
+            if self.failing:
+                await held.enter_async_context(shared.failing_slots)
+            await held.enter_async_context(shared.slots)
             # The wait for a slot may outlast the lease: another process may be delivering this caller's
             # events by now, and a late send from here would go out twice and out of order.
             if not await self._holding():
@@ -301,7 +344,8 @@ class Webhooks:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
         self.callers: dict[str, CallerDeliveries] = {}
-        self._stopping: set[asyncio.Task[None]] = set()  # removed webhooks being stopped (held: not collected)
+        # Removed webhooks being stopped, by caller (held: not collected; a caller added again waits for its stop).
+        self._stopping: dict[str, asyncio.Task[None]] = {}
 
     async def start(self) -> None:
         """Start every webhook; return once each knows its position, so that what the gateway relays from its
@@ -315,7 +359,8 @@ class Webhooks:
 
     async def close(self) -> None:
         callers, self.callers = self.callers, {}
-        await asyncio.gather(*(deliveries.stop(forget=False) for deliveries in callers.values()), *self._stopping)
+        stopping = list(self._stopping.values())
+        await asyncio.gather(*(deliveries.stop(forget=False) for deliveries in callers.values()), *stopping)
         session, self.shared.session = self.shared.session, None
         if session is not None:
             await session.close()
@@ -326,7 +371,7 @@ class Webhooks:
         shared = self.shared
         if config.events.webhook_max_in_flight != shared.config.events.webhook_max_in_flight:
             # Tries in flight finish on the old limit; the next ones take the new.
-            shared.in_flight = asyncio.Semaphore(config.events.webhook_max_in_flight)
+            shared.slots, shared.failing_slots = slots(config.events.webhook_max_in_flight)
         shared.config = config
         if shared.session is None:
             return  # not started yet (or stopped): start() reads the config it is given by then
@@ -334,13 +379,16 @@ class Webhooks:
         for name in [n for n in self.callers if n not in wanted]:
             deliveries = self.callers.pop(name)
             log_event(log, logging.INFO, "webhook removed", caller=name)
-            task = asyncio.get_running_loop().create_task(deliveries.stop(forget=True))
-            self._stopping.add(task)
-            task.add_done_callback(self._stopping.discard)
+            task = self._stopping[name] = asyncio.get_running_loop().create_task(deliveries.stop(forget=True))
+            task.add_done_callback(partial(self._stopped, name))
         for name, caller in wanted.items():
             known = self.callers.get(name)
             if known is not None:
                 known.update(caller)
                 continue
             added = self.callers[name] = CallerDeliveries(shared, caller)
-            added.start()
+            added.start(after=self._stopping.get(name))
+
+    def _stopped(self, name: str, task: asyncio.Task[None]) -> None:
+        if self._stopping.get(name) is task:
+            del self._stopping[name]

@@ -40,7 +40,7 @@ class Lease:
         self._link = link
         self._key = link.key("lease", name) if link is not None else name
         self._token = secrets.token_hex(16)
-        self._ttl_ms = max(1, int(ttl_s * 1000))
+        self.ttl_s = ttl_s  # may change (a reload): the next hold() renews with the new one
 
     async def hold(self) -> bool:
         """True if this process holds the lease now (taken or renewed); False if another does or Redis is lost."""
@@ -50,7 +50,9 @@ class Lease:
         if not link.usable:
             return False
         try:
-            held = await link.call("lease", lambda r: r.eval(_HOLD, 1, self._key, self._token, self._ttl_ms))
+            held = await link.call(
+                "lease", lambda r: r.eval(_HOLD, 1, self._key, self._token, max(1, int(self.ttl_s * 1000)))
+            )
         except RedisDown:
             return False
         return bool(held)
