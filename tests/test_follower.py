@@ -19,6 +19,7 @@ import pytest
 from gateway.edge.server import RunningGateway
 from gateway.events.base import Event
 from gateway.events.follower import CLIENT_NAME, next_beat
+from gateway.replicas.lease import Lease
 from tests.conftest import GatewayFactory, ProcessFactory
 from tests.redis_server import RedisServer
 from tests.support import (
@@ -353,3 +354,32 @@ def test_a_round_starts_on_the_next_beat_of_the_interval_and_one_that_overran_wa
     now: float, starts_at: float
 ) -> None:
     assert next_beat(10.0, 5.0, now) == pytest.approx(starts_at)
+
+
+async def test_the_gateway_stops_even_when_the_followers_lease_call_loses_the_cancellation(
+    upstream: Upstream, start: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway = await start(following(upstream))
+    # A lease renewal whose Redis call swallows the stop's cancellation, as redis-py's writes can on Python 3.11
+    # (asyncio.wait_for returns the finished write and drops a cancellation that came at that moment).
+    renewing, lost = asyncio.Event(), asyncio.Event()
+    hold = Lease.hold
+
+    async def hold_losing_one_cancellation(lease: Lease) -> bool:
+        if lost.is_set():
+            return await hold(lease)
+        renewing.set()
+        try:
+            await asyncio.sleep(WAIT_S)
+        except asyncio.CancelledError:
+            lost.set()
+        return True
+
+    monkeypatch.setattr(Lease, "hold", hold_losing_one_cancellation)
+    await asyncio.wait_for(renewing.wait(), WAIT_S)  # the follower's next round is renewing its lease
+
+    started = time.monotonic()
+    await asyncio.wait_for(gateway.stop(), WAIT_S)
+    # At once, not when the wait gives up on it (a stop's cleanup swallows the cancellation of its own wait).
+    assert time.monotonic() - started < WAIT_S / 3
+    assert lost.is_set()

@@ -10,7 +10,6 @@ cursor, so a caller never reads the same events twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections import OrderedDict
 from collections.abc import Awaitable
@@ -25,6 +24,7 @@ from gateway.api.auth import Caller
 from gateway.api.keys import REQUEST_ID, client_gone
 from gateway.api.state import GatewayState
 from gateway.events.base import Event, EventLog, decode_cursor, encode_cursor, visible_to
+from gateway.ops.tasks import cancel_and_wait
 
 EVENTS_ROUTE = "/gateway/v1/events"
 MAX_LIMIT = 1000
@@ -71,10 +71,7 @@ class Feed:
         try:
             await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(task)
         return task.result() if task.done() and not task.cancelled() else None
 
 

@@ -40,6 +40,7 @@ from gateway.cache.entry import CacheEntry
 from gateway.cache.waiting import Waiters
 from gateway.config import TtlSettings
 from gateway.ops.logs import log_event
+from gateway.ops.tasks import cancel_and_wait
 from gateway.upstream.cohere import batches_of, parse_timestamp
 from gateway.upstream.guards import Clock
 
@@ -288,10 +289,7 @@ class Refresher:
         return stamp <= held.updated_at and listed.get("status") == status_of(held.body)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
 
 def status_of(body: bytes) -> object:

@@ -42,7 +42,6 @@ upstream) is no longer followed (``EventLog.unfollow``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -58,6 +57,7 @@ from gateway.config.features import EventsSettings
 from gateway.datasets.facts import accept_dataset, batch_naming_an_output, dataset_path
 from gateway.events.base import EventLog
 from gateway.ops.logs import log_event
+from gateway.ops.tasks import cancel_and_wait
 from gateway.ops.usage_metrics import UsageMetrics
 from gateway.records.base import dataset_key
 from gateway.replicas.lease import Lease
@@ -146,10 +146,7 @@ class Follower:
 
     async def close(self) -> None:
         """Stop following and give the lease up, so that another process takes over at once."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         if self.leading and self._lease is not None:
             await self._lease.release()
             self.leading = False

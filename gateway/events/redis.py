@@ -41,6 +41,7 @@ import redis.asyncio as aioredis
 from gateway.config.features import EventsSettings
 from gateway.errors import RedisDown, StoreUnavailable
 from gateway.events.base import Event, EventLog, Kind, Sighting, Tail, event_type, rfc3339
+from gateway.ops.tasks import cancel_and_wait
 from gateway.replicas.link import RedisLink
 
 T = TypeVar("T")
@@ -233,11 +234,8 @@ class RedisEventLog:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        await cancel_and_wait(self._sweeper)
+        self._sweeper = None
 
     def _heard(self, kind: str, _subject: str, payload: bytes) -> None:
         if kind == APPENDED:

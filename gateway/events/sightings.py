@@ -24,6 +24,7 @@ from gateway.errors import StoreUnavailable
 from gateway.events.base import Event, EventLog, Kind, Sighting
 from gateway.ops.event_metrics import EventMetrics
 from gateway.ops.logs import log_event
+from gateway.ops.tasks import cancel_and_wait
 from gateway.records.base import Records, dataset_key
 from gateway.upstream.cohere import TERMINAL_STATUSES, UNPARSEABLE, parse_timestamp
 
@@ -126,9 +127,7 @@ class Sightings:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2.0):
                 await queue.join()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
     async def drained(self) -> None:
         """Until every sighting queued so far is recorded (tests and the benchmark)."""

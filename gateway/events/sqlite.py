@@ -34,6 +34,7 @@ from gateway.config.features import EventsSettings
 from gateway.errors import StoreUnavailable
 from gateway.events.base import Event, EventLog, Kind, Sighting, Tail, event_type, render_event
 from gateway.ops.logs import log_event
+from gateway.ops.tasks import cancel_and_wait
 
 log = logging.getLogger("gateway.events")
 T = TypeVar("T")
@@ -140,11 +141,8 @@ class SqliteEventLog:
         return self._meta("log_id"), oldest, newest
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        await cancel_and_wait(self._sweeper)
+        self._sweeper = None
         executor, self._executor = self._executor, None
         if executor is None:
             return

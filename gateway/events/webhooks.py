@@ -35,6 +35,7 @@ from gateway.events.base import Event, EventLog, encode_cursor, visible_to
 from gateway.events.positions import Positions
 from gateway.events.webhook_send import new_session, post, retry_wait, signed_headers
 from gateway.ops.logs import log_event
+from gateway.ops.tasks import cancel_and_wait
 from gateway.ops.webhook_metrics import DELIVERED, DROPPED, GONE, WebhookMetrics
 from gateway.replicas.lease import Lease
 from gateway.replicas.link import RedisLink
@@ -47,8 +48,6 @@ READ_BATCH = 100
 START_WAIT_S = 5.0
 # After the store or Redis fails, a caller's task waits this long before it reads its position again.
 PAUSE_S = 1.0
-# A stopping caller's task is cancelled again this often until it has ended (a cancellation can be lost).
-STOP_AGAIN_S = 0.1
 
 
 def lease_ttl_s(config: GatewayConfig) -> float:
@@ -149,15 +148,7 @@ class CallerDeliveries:
 
     async def stop(self, forget: bool) -> None:
         self.stopping = True
-        task = self.task
-        if task is not None:
-            # A cancellation can be lost in a Redis call (redis-py bounds its writes with asyncio.wait_for, which
-            # on Python 3.11 drops a cancellation that comes as the write completes): cancel until it has ended.
-            while not task.done():
-                task.cancel()
-                await asyncio.wait({task}, timeout=STOP_AGAIN_S)
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self.task)  # until it has ended: a cancellation can be lost in a Redis call
         with contextlib.suppress(Exception):
             await self.lease.release()
             if forget:  # removed from the config: a webhook added later starts at the newest event

@@ -43,6 +43,7 @@ from gateway.config import RedisSettings
 from gateway.errors import RedisDown
 from gateway.ops.logs import log_event
 from gateway.ops.metrics import Metrics, RedisMetrics
+from gateway.ops.tasks import cancel_and_wait
 
 T = TypeVar("T")
 log = logging.getLogger("gateway.redis")
@@ -72,8 +73,6 @@ EventHandler = Callable[[str, str, bytes], None]
 # stored (payload: its ETag), an id evicted, a leader's failure (payload: the error), a leader gone with nothing
 # stored, a 429 pause (payload: its seconds).
 STORED, EVICTED, FAILED, RELEASED, PAUSED = "stored", "evicted", "failed", "released", "paused"
-# How long close() waits for a cancelled task before cancelling it again (see _until_cancelled).
-_CANCEL_AGAIN_S = 0.05
 
 
 def new_process_id() -> str:
@@ -157,7 +156,7 @@ class RedisLink:
         for task in tasks:
             task.cancel()
         for task in tasks:
-            await _until_cancelled(task)
+            await cancel_and_wait(task)
         with contextlib.suppress(*_LINK_ERRORS):
             # Leave the alive set now rather than in ALIVE_HORIZON_S: the others' shares grow at once.
             async with asyncio.timeout(self.settings.timeout_s):
@@ -357,18 +356,3 @@ def _closer(pubsub: aioredis.client.PubSub) -> Callable[[], Awaitable[None]]:
     (8.2 does, earlier releases did not), so that mypy passes on both."""
     close: Callable[[], Awaitable[None]] = pubsub.aclose
     return close
-
-
-async def _until_cancelled(task: asyncio.Task[None]) -> None:
-    """Wait for a cancelled ``task`` to end, cancelling it again while it runs.
-
-    On Python 3.11, ``asyncio.wait_for`` (which redis-py sends each command
-    through when a socket timeout is set) swallows a cancellation that arrives
-    as the send completes: the task then carries on, and a loop such as the
-    heartbeats would never end, nor would ``close()``.
-    """
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=_CANCEL_AGAIN_S)
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
