@@ -65,6 +65,8 @@ def measure(env: Env) -> dict[str, Any]:
     cached = uvloop.run(cache_entries(gateway.url))
     body = uvloop.run(fetch_any(gateway.url, env.key, "mem-0000000"))
     env.procs.stop(gateway)
+    # Each new batch is also an event and an owner lookup in the store: what the store could not answer in time.
+    store_failures = gateway.log_path.read_text(errors="replace").count('"record store failed"')
     if errors or cached != entries + warm:
         raise RuntimeError(f"memory fill: {errors} errors, {cached} entries cached, {entries + warm} expected")
     return {
@@ -74,6 +76,7 @@ def measure(env: Env) -> dict[str, Any]:
         "bytes_per_entry": (after - before) / entries,
         "body_bytes": len(body),
         "fill_rps": entries / took,
+        "store_failures": store_failures,
     }
 
 
@@ -87,8 +90,9 @@ def lines(env: Env, mem: dict[str, Any]) -> list[str]:
         return [*lines, "Skipped (not asked for)."]
     return [
         *lines,
-        "| entries added | body bytes | RSS before MiB | RSS after MiB | bytes per entry | fill req/s |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| entries added | body bytes | RSS before MiB | RSS after MiB | bytes per entry | fill req/s "
+        "| store failures |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
         f"| {mem['entries']} | {mem['body_bytes']} | {mem['rss_before_mb']:.1f} | {mem['rss_after_mb']:.1f} | "
-        f"{mem['bytes_per_entry']:.0f} | {mem['fill_rps']:.0f} |",
+        f"{mem['bytes_per_entry']:.0f} | {mem['fill_rps']:.0f} | {mem['store_failures']} |",
     ]
