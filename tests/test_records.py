@@ -370,3 +370,23 @@ async def test_an_existing_store_file_readable_by_others_is_made_private(
     create_readable_by_others(Path(db_path))
     await open_records()
     assert mode(Path(db_path)) == 0o600
+
+
+async def test_a_store_that_cannot_turn_to_wal_mode_still_opens_and_says_so(
+    open_records: OpenRecords, db_path: str, logs: LogCapture
+) -> None:
+    first = await open_records()
+    await first.record_owner("batch-1", "billing-service")
+    await first.close()
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        # A store file of 0.5.1 (a rollback journal), which another process is reading as the gateway starts.
+        assert other.execute("PRAGMA journal_mode = DELETE").fetchone() == ("delete",)
+        other.execute("BEGIN")
+        other.execute("SELECT count(*) FROM owners").fetchone()
+        records = await open_records()
+        assert await records.owner_of("batch-1") == "billing-service"
+    finally:
+        other.close()
+    (line,) = [e for e in logs.events("gateway.records") if e["event"].startswith("store not in WAL mode")]
+    assert line["mode"] == "delete"

@@ -138,8 +138,7 @@ class SqliteRecords:
         # isolation_level=None: no implicit transactions; each method says BEGIN itself.
         connection = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
         try:
-            # Kept in the file: every later connection to it (each module's, another process's) is WAL too.
-            connection.execute("PRAGMA journal_mode = WAL")
+            _to_wal(connection)
             connection.execute("PRAGMA synchronous = FULL")
             connection.executescript(_SCHEMA)
         except BaseException:
@@ -340,6 +339,22 @@ class SqliteRecords:
             )
 
         await self._write("release_key", lambda: self._transaction(release))
+
+
+def _to_wal(connection: sqlite3.Connection) -> None:
+    """Put the file in WAL mode (kept in the file: every later connection to it, each module's, is WAL too).
+
+    The switch needs the file to itself for a moment: while another process
+    reads a rollback-journal file (a 0.5.1 store being backed up, say), the
+    store opens as it is, works more slowly, and says so; the next start
+    tries again.
+    """
+    try:
+        (mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
+    except sqlite3.OperationalError:
+        (mode,) = connection.execute("PRAGMA journal_mode").fetchone()
+    if mode != "wal":
+        log_event(log, logging.WARNING, "store not in WAL mode: reads wait for writes", mode=mode)
 
 
 class _Ticket:
