@@ -112,12 +112,12 @@ def test_an_error_code_missing_from_the_api_doc_fails_the_code_check(tmp_path: P
 
 def test_a_link_that_leaves_the_repository_fails_the_link_check(tmp_path: Path) -> None:
     root = copy_of_the_docs(tmp_path)
-    (tmp_path / "shared").mkdir()
-    (tmp_path / "shared" / "DESIGN.md").write_text("# A contract outside the repository\n", encoding="utf-8")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "DESIGN.md").write_text("# A contract outside the repository\n", encoding="utf-8")
     readme = root / "README.md"
     readme.write_text(
         readme.read_text(encoding="utf-8")
-        + "\nThe contract: [DESIGN.md](../shared/DESIGN.md), [here](/work/shared/DESIGN.md),"
+        + "\nThe contract: [DESIGN.md](../outside/DESIGN.md), [here](/work/outside/DESIGN.md),"
         " [the demo](http://127.0.0.1:8080/healthz), [hooks](https://billing.internal/hooks),"
         " [mail](mailto:ops@example.com); but [RFC 7240](https://www.rfc-editor.org/rfc/rfc7240) is fine.\n",
         encoding="utf-8",
@@ -125,8 +125,8 @@ def test_a_link_that_leaves_the_repository_fails_the_link_check(tmp_path: Path) 
     line = len(readme.read_text(encoding="utf-8").splitlines())
     # Only that line: the copy leaves out files the README links to (.ci/, the Makefile).
     assert [p for p in link_problems(root) if p.startswith(f"README.md:{line}:")] == [
-        f"README.md:{line}: ../shared/DESIGN.md: leaves the repository",
-        f"README.md:{line}: /work/shared/DESIGN.md: leaves the repository",
+        f"README.md:{line}: ../outside/DESIGN.md: leaves the repository",
+        f"README.md:{line}: /work/outside/DESIGN.md: leaves the repository",
         f"README.md:{line}: http://127.0.0.1:8080/healthz: only https:// links may leave the repository",
         f"README.md:{line}: https://billing.internal/hooks: billing.internal is not a public host",
         f"README.md:{line}: mailto:ops@example.com: only https:// links may leave the repository",
@@ -141,7 +141,7 @@ def test_a_link_that_leaves_the_repository_fails_the_link_check(tmp_path: Path) 
         ("https://www.rfc-editor.org/rfc/rfc9110#section-9.3.2", None),
         ("https://docs.cohere.com/reference/get-batch", None),
         ("http://semver.org/", "only https:// links may leave the repository"),
-        ("file:///work/shared/DESIGN.md", "only https:// links may leave the repository"),
+        ("file:///work/outside/DESIGN.md", "only https:// links may leave the repository"),
         ("https://localhost:8080/", "localhost is not a public host"),
         ("https://10.0.0.7/metrics", "10.0.0.7 is not a public host"),
         ("https://cohere-gateway:8080/v2/batches", "cohere-gateway is not a public host"),
