@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -169,29 +168,30 @@ class SqliteRecords:
         if self._executor is None:
             raise StoreUnavailable("the record store is not open")
         deadline = time.monotonic() + (self.busy_timeout_s if budget_s is None else budget_s)
-        ticket = _Ticket()
-        future = asyncio.get_running_loop().run_in_executor(self._executor, self._within, deadline, ticket, operation)
-        future.add_done_callback(_seen)  # one given up, or whose caller was cancelled, ends unseen: never unraisable
+        work = self._executor.submit(self._within, deadline, operation)
+        done = asyncio.wrap_future(work)
+        done.add_done_callback(_seen)  # one whose caller was cancelled ends unseen: never unraisable
         try:
             try:
-                return await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - time.monotonic()))
+                return await asyncio.wait_for(asyncio.shield(done), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                # Still queued behind a worker that is stuck: given up, so that it never runs. Once started it
-                # runs whole (a write commits or rolls back) and its outcome is the answer.
-                if ticket.give_up():
+                # Still queued behind a worker that is stuck: cancelled, so that it never runs (a Future cancels
+                # only before it starts). Once started it runs whole (a write commits or rolls back) and its
+                # outcome is the answer.
+                if work.cancel():
                     raise sqlite3.OperationalError("the record store did not answer in time") from None
-                return await future
+                return await done
         except sqlite3.Error as exc:
             # Only SQLite's own words (locked, I/O error, not a database): the
             # callers see the contract's generic message, ops see the reason.
             log_event(log, logging.WARNING, "record store failed", operation=name, reason=str(exc))
             raise StoreUnavailable() from exc
 
-    def _within(self, deadline: float, ticket: _Ticket, operation: Callable[[], T]) -> T:
+    def _within(self, deadline: float, operation: Callable[[], T]) -> T:
         # Worker thread. The time spent queued counts against the operation's
         # budget: what is left becomes SQLite's busy timeout for this call.
         left_ms = int((deadline - time.monotonic()) * 1000)
-        if not ticket.take() or left_ms <= 0:
+        if left_ms <= 0:
             raise sqlite3.OperationalError("the record store did not answer in time")
         connection = self._connection
         if connection is not None:
@@ -355,24 +355,6 @@ def _to_wal(connection: sqlite3.Connection) -> None:
         (mode,) = connection.execute("PRAGMA journal_mode").fetchone()
     if mode != "wal":
         log_event(log, logging.WARNING, "store not in WAL mode: reads wait for writes", mode=mode)
-
-
-class _Ticket:
-    """An operation handed to the worker: either the worker takes it or its caller gives it up, never both."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._taken = self._given_up = False
-
-    def take(self) -> bool:
-        with self._lock:
-            self._taken = not self._given_up
-            return self._taken
-
-    def give_up(self) -> bool:
-        with self._lock:
-            self._given_up = not self._taken
-            return self._given_up
 
 
 def _seen(future: asyncio.Future[Any]) -> None:
