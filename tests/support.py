@@ -39,6 +39,7 @@ from gateway.ops.batching import flush_pending
 from gateway.ops.logs import JsonFormatter, Redactor
 from gateway.records.base import Records
 from gateway.records.sqlite import SqliteRecords
+from gateway.replicas.lease import Lease
 
 if TYPE_CHECKING:
     from gateway.edge.server import RunningGateway
@@ -516,3 +517,27 @@ def store_stalled(records: Records) -> Iterator[None]:
         yield
     finally:
         released.set()
+
+
+def lease_losing_one_cancellation(monkeypatch: Any, within_s: float) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the next ``Lease.hold`` swallow one cancellation, as redis-py's writes can on Python 3.11
+    (``asyncio.wait_for`` returns the finished write and drops a cancellation that came at that moment).
+
+    Returns ``(renewing, lost)``: set when that hold has begun (it then waits up to ``within_s``), and when it
+    has swallowed the cancellation and returned as if held. Later holds are the real ones.
+    """
+    renewing, lost = asyncio.Event(), asyncio.Event()
+    hold = Lease.hold
+
+    async def hold_losing_one_cancellation(lease: Lease) -> bool:
+        if lost.is_set():
+            return await hold(lease)
+        renewing.set()
+        try:
+            await asyncio.sleep(within_s)
+        except asyncio.CancelledError:
+            lost.set()
+        return True
+
+    monkeypatch.setattr(Lease, "hold", hold_losing_one_cancellation)
+    return renewing, lost

@@ -19,13 +19,13 @@ import pytest
 from gateway.edge.server import RunningGateway
 from gateway.events.base import Event
 from gateway.events.follower import CLIENT_NAME, next_beat
-from gateway.replicas.lease import Lease
 from tests.conftest import GatewayFactory, ProcessFactory
 from tests.redis_server import RedisServer
 from tests.support import (
     BILLING_KEY,
     fresh_store_path,
     http,
+    lease_losing_one_cancellation,
     make_config,
     raw_config,
     sample_value,
@@ -360,22 +360,8 @@ async def test_the_gateway_stops_even_when_the_followers_lease_call_loses_the_ca
     upstream: Upstream, start: GatewayFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gateway = await start(following(upstream))
-    # A lease renewal whose Redis call swallows the stop's cancellation, as redis-py's writes can on Python 3.11
-    # (asyncio.wait_for returns the finished write and drops a cancellation that came at that moment).
-    renewing, lost = asyncio.Event(), asyncio.Event()
-    hold = Lease.hold
-
-    async def hold_losing_one_cancellation(lease: Lease) -> bool:
-        if lost.is_set():
-            return await hold(lease)
-        renewing.set()
-        try:
-            await asyncio.sleep(WAIT_S)
-        except asyncio.CancelledError:
-            lost.set()
-        return True
-
-    monkeypatch.setattr(Lease, "hold", hold_losing_one_cancellation)
+    # A lease renewal whose Redis call swallows the stop's cancellation.
+    renewing, lost = lease_losing_one_cancellation(monkeypatch, WAIT_S)
     await asyncio.wait_for(renewing.wait(), WAIT_S)  # the follower's next round is renewing its lease
 
     started = time.monotonic()

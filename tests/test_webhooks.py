@@ -22,10 +22,18 @@ from gateway.edge.server import RunningGateway, start_gateway
 from gateway.events import webhook_send
 from gateway.events.base import EventLog
 from gateway.ops.logs import Redactor
-from gateway.replicas.lease import Lease
+from gateway.ops.tasks import cancel_and_wait
 from gateway.runtime import build_state, reload_config
 from tests.redis_server import RedisServer
-from tests.support import UPSTREAM_TOKEN, LogCapture, eventually, fresh_store_path, make_config, registry_value
+from tests.support import (
+    UPSTREAM_TOKEN,
+    LogCapture,
+    eventually,
+    fresh_store_path,
+    lease_losing_one_cancellation,
+    make_config,
+    registry_value,
+)
 from tests.webhook_kit import (
     RECEIVE_WITHIN_S,
     Delivery,
@@ -608,22 +616,8 @@ async def test_a_webhook_removed_by_a_reload_stops_even_if_a_lease_call_loses_th
     assert webhooks is not None
     deliveries = webhooks.callers[BILLING]
 
-    # A renewal whose Redis call swallows the cancellation once, as redis-py's writes do on Python 3.11
-    # (asyncio.wait_for returns the finished write and drops a cancellation that came at that moment).
-    renewing, lost = asyncio.Event(), asyncio.Event()
-    hold = Lease.hold
-
-    async def hold_losing_one_cancellation(lease: Lease) -> bool:
-        if lost.is_set():
-            return await hold(lease)
-        renewing.set()
-        try:
-            await asyncio.sleep(RECEIVE_WITHIN_S)
-        except asyncio.CancelledError:
-            lost.set()
-        return True
-
-    monkeypatch.setattr(Lease, "hold", hold_losing_one_cancellation)
+    # A renewal whose Redis call swallows the cancellation once.
+    renewing, lost = lease_losing_one_cancellation(monkeypatch, RECEIVE_WITHIN_S)
     await asyncio.wait_for(renewing.wait(), RECEIVE_WITHIN_S)
     assert await reload_config(gateway.state, lambda: make_config("http://127.0.0.1:9", events=QUICK_EVENTS))
     await asyncio.wait_for(lost.wait(), RECEIVE_WITHIN_S)
@@ -633,9 +627,7 @@ async def test_a_webhook_removed_by_a_reload_stops_even_if_a_lease_call_loses_th
     try:
         assert await eventually(task.done, 5)  # stopped, not delivering on for a removed webhook
     finally:
-        while not task.done():  # so that the gateway can stop when the test failed
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.1)
+        await cancel_and_wait(task)  # so that the gateway can stop when the test failed
     await new_batches(event_log(gateway), 1)
     await asyncio.sleep(0.3)
     assert receiver.got == []
